@@ -1,0 +1,65 @@
+"""The `refsim` command line.
+
+Each subcommand lives in one module that defines `add_arguments(parser)` and
+`main(args) -> int`; this file only lists them. A user mistake (a RefsimError or an
+unreadable file) prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import RefsimError
+
+# name -> (module, one-line help). Modules are imported only when their command runs,
+# except for their argument definitions, which every module keeps import-light.
+COMMANDS = {
+    "run": ("refsim.commands.run", "run a .intq model on inputs and print its outputs"),
+    "inspect": ("refsim.commands.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refsim",
+        description="Bit-exact integer reference simulator for quantized transformers.",
+    )
+    parser.add_argument("--version", action="version", version=f"refsim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_module=module)
+    return parser
+
+
+def error(message: str) -> int:
+    print(f"refsim: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._module.main(args) or 0)
+    except RefsimError as e:
+        return error(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return error(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # pragma: no cover - e.g. `refsim run ... | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

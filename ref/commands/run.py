@@ -1,0 +1,99 @@
+"""`refsim run MODEL.intq INPUTS`: run a model on every sample of an input file."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import numpy as np
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help=".intq model file")
+    p.add_argument("inputs", help="input file: text lines (numbers, or raw text with an embedded tokenizer), .npy or .npz; '-' reads stdin")
+    p.add_argument("--out", metavar="FILE.npz", help="also save every output to an .npz file")
+    p.add_argument("--json", action="store_true", help="print outputs as JSON")
+    p.add_argument("--outputs", metavar="NAMES", help="comma-separated tensors to return instead of the graph outputs")
+
+
+def load_samples(model, path):
+    """Samples for `model` from `path`, through the embedded tokenizer if there is one."""
+    from ..inputs import read_samples
+
+    text_reader = None
+    if "tokenizer" in model.metadata:
+        from ..text import text_reader_for
+
+        text_reader = text_reader_for(model)
+    return read_samples(path, model.inputs, text_reader)
+
+
+def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One array per output: samples joined along axis 0 when their shapes allow."""
+    if len(results) == 1:
+        return dict(results[0])
+    merged = {}
+    for name in results[0]:
+        arrays = [r[name] for r in results]
+        if all(a.ndim and a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+            merged[name] = np.concatenate(arrays, axis=0)
+        else:
+            for i, a in enumerate(arrays):
+                merged[f"{name}.{i}"] = a
+    return merged
+
+
+def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    from ..intq import atomic_write
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path, buffer.getvalue())
+
+
+def _prediction(model, name: str, array: np.ndarray) -> str | None:
+    labels = model.metadata.get("labels")
+    if not labels or array.ndim == 0 or array.shape[-1] != len(labels):
+        return None
+    index = np.argmax(array.reshape(-1, array.shape[-1]), axis=-1)
+    return ", ".join(str(labels[i]) for i in index)
+
+
+def main(args) -> int:
+    from ..engine import load
+
+    model = load(args.model)
+    samples = load_samples(model, args.inputs)
+    wanted = args.outputs.split(",") if args.outputs else None
+    results = []
+    for sample in samples:
+        results.append(model.run(sample.feeds, outputs=wanted))
+    if args.json:
+        doc = {
+            "model": args.model,
+            "samples": [
+                {
+                    "source": s.source,
+                    **({"text": s.text} if s.text is not None else {}),
+                    "outputs": {
+                        name: {"dtype": model.graph.tensors[name].dtype.name, "shape": list(a.shape), "values": a.tolist()}
+                        for name, a in r.items()
+                    },
+                }
+                for s, r in zip(samples, results)
+            ],
+        }
+        json.dump(doc, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        for s, r in zip(samples, results):
+            print(f"# {s.source}" + (f": {s.text}" if s.text is not None else ""))
+            for name, a in r.items():
+                t = model.graph.tensors[name]
+                label = _prediction(model, name, a)
+                values = np.array2string(a, threshold=64, max_line_width=100, separator=" ")
+                print(f"{name} {t.dtype}{list(a.shape)} = {values}" + (f"  -> {label}" if label else ""))
+    if args.out:
+        save_npz(args.out, stack_outputs(results))
+    return 0

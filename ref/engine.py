@@ -1,0 +1,219 @@
+"""Running an integer graph: a thin loop over nodes in execution order.
+
+The engine knows no op by name. For each node it calls the op's function (or the kernel
+the op prepared for its constant inputs), checks that the result has the declared storage
+type and shape, hands it to the trace callback, and frees intermediates after their last
+use. Symbolic dimensions ("batch", "seq") are bound from the feeds and must stay
+consistent through the whole run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from .dtypes import check_fits
+from .errors import InputError, OpError, RefsimError
+from .ir import Graph, Node, Tensor, validate
+from .ops import registry
+
+TraceFn = Callable[[Node, str, np.ndarray], None]
+
+
+@dataclass
+class _Step:
+    node: Node
+    kernel: Callable
+    inputs: list[str]
+    outputs: list[Tensor]
+    release: list[str]  # values no later node needs
+
+
+class _Shapes:
+    """Binds symbolic dimensions to sizes during one run."""
+
+    def __init__(self):
+        self.bound: dict[str, int] = {}
+
+    def match(self, declared: tuple, actual: tuple) -> str | None:
+        """None if `actual` fits `declared` (binding new symbols), else a reason."""
+        if len(declared) != len(actual):
+            return f"rank {len(actual)} instead of {len(declared)}"
+        for axis, (d, a) in enumerate(zip(declared, actual)):
+            if d is None:
+                continue
+            if isinstance(d, str):
+                if self.bound.setdefault(d, a) != a:
+                    return f"dimension {axis} ({d!r}) is {a} but {d!r} = {self.bound[d]} elsewhere"
+            elif d != a:
+                return f"dimension {axis} is {a} instead of {d}"
+        return None
+
+
+class Model:
+    """A loaded integer graph, ready to run: `outputs = model.run({"x": array})`."""
+
+    def __init__(self, graph: Graph, path: str | None = None):
+        self.graph = graph
+        self.path = path
+        self.order = validate(graph)
+        self._steps = self._plan()
+
+    # --- description -------------------------------------------------------------------
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return [self.graph.tensors[n] for n in self.graph.inputs]
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return [self.graph.tensors[n] for n in self.graph.outputs]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.graph.metadata
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in self.inputs)
+        outs = ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in self.outputs)
+        return f"<refsim.Model {self.graph.name!r} ({ins}) -> ({outs}), {len(self.order)} nodes>"
+
+    # --- preparation -------------------------------------------------------------------
+
+    def _plan(self) -> list[_Step]:
+        tensors = self.graph.tensors
+        last_use: dict[str, int] = {}
+        for index, node in enumerate(self.order):
+            for name in node.inputs:
+                if name:
+                    last_use[name] = index
+        keep = set(self.graph.outputs)
+        releases: dict[int, list[str]] = {}
+        for name, index in last_use.items():
+            if name not in keep and not tensors[name].is_const:
+                releases.setdefault(index, []).append(name)
+        steps = []
+        for index, node in enumerate(self.order):
+            schema = registry.lookup(node.op, node)
+            attrs = schema.full_attrs(node.attrs)
+            kernel = None
+            if schema.prepare is not None:
+                consts = {i: tensors[n].data for i, n in enumerate(node.inputs) if n and tensors[n].is_const}
+                declared = [tensors[n] if n else None for n in node.inputs]
+                kernel = schema.prepare(attrs, consts, declared)
+            if kernel is None:
+                kernel = _bind(schema.fn, attrs)
+            outputs = [tensors[n] for n in node.outputs]
+            steps.append(_Step(node, kernel, list(node.inputs), outputs, releases.get(index, [])))
+        return steps
+
+    # --- running -----------------------------------------------------------------------
+
+    def check_feeds(self, feeds: Mapping[str, Any], shapes: _Shapes) -> dict[str, np.ndarray]:
+        """Convert feeds to the declared storage types, or explain what is wrong."""
+        expected = set(self.graph.inputs)
+        unknown = sorted(set(feeds) - expected)
+        if unknown:
+            raise InputError(f"unknown input(s) {unknown}; the model's inputs are {sorted(expected)}")
+        missing = [n for n in self.graph.inputs if n not in feeds]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model's inputs are {self.graph.inputs}")
+        values = {}
+        for name in self.graph.inputs:
+            t = self.graph.tensors[name]
+            array = np.asarray(feeds[name])
+            if array.dtype.kind == "b":
+                array = array.astype(np.uint8)
+            if array.dtype.kind not in "iu":
+                if array.dtype.kind == "f" and array.size and np.all(np.mod(array, 1) == 0):
+                    array = array.astype(np.int64)
+                else:
+                    raise InputError(
+                        f"input {name!r} must hold integers ({t.dtype}), got {array.dtype} values"
+                    )
+            problem = shapes.match(t.shape, array.shape)
+            if problem:
+                raise InputError(
+                    f"input {name!r} has shape {list(array.shape)}, expected {list(t.shape)}: {problem}"
+                )
+            try:
+                check_fits(array, t.dtype, f"input {name!r}")
+            except RefsimError as e:
+                raise InputError(str(e)) from None
+            values[name] = np.ascontiguousarray(array.astype(t.dtype.storage, copy=False))
+        return values
+
+    def run(
+        self,
+        feeds: Mapping[str, Any],
+        trace: TraceFn | None = None,
+        outputs: Iterable[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the graph on `feeds` (input name -> integer array).
+
+        Returns the graph outputs (or the tensors named in `outputs`). `trace(node, name,
+        array)` is called for every tensor a node produces, in execution order.
+        """
+        shapes = _Shapes()
+        values: dict[str, np.ndarray] = {n: t.data for n, t in self.graph.tensors.items() if t.is_const}
+        values.update(self.check_feeds(feeds, shapes))
+        wanted = list(self.graph.outputs if outputs is None else outputs)
+        for name in wanted:
+            if name not in self.graph.tensors:
+                raise InputError(f"no tensor named {name!r} in the model")
+        keep = set(wanted)
+        for step in self._steps:
+            node = step.node
+            args = [values[n] if n else None for n in step.inputs]
+            try:
+                result = step.kernel(*args)
+            except RefsimError as e:
+                raise type(e)(f"{node.describe()}: {e}") from None
+            except (ValueError, IndexError) as e:  # numpy's complaints about shapes the feeds caused
+                raise OpError(f"{node.describe()}: {e}") from None
+            results = result if isinstance(result, tuple) else (result,)
+            for t, array in zip(step.outputs, results):
+                if array.dtype != t.dtype.storage:
+                    raise RuntimeError(
+                        f"refsim bug: {node.describe()} returned {array.dtype} for {t.name!r} "
+                        f"declared {t.dtype} (storage {t.dtype.storage})"
+                    )
+                problem = shapes.match(t.shape, array.shape)
+                if problem:
+                    raise OpError(
+                        f"{node.describe()}: output {t.name!r} has shape {list(array.shape)}, "
+                        f"declared {list(t.shape)}: {problem}"
+                    )
+                values[t.name] = array
+                if trace is not None:
+                    trace(node, t.name, array)
+            for name in step.release:
+                if name not in keep:
+                    values.pop(name, None)
+        return {name: values[name] for name in wanted}
+
+    def save(self, path: str | os.PathLike) -> None:
+        from .intq import save
+
+        save(self.graph, path)
+
+
+def _bind(fn: Callable, attrs: dict[str, Any]) -> Callable:
+    def kernel(*inputs):
+        return fn(*inputs, **attrs)
+
+    return kernel
+
+
+def load(path: str | os.PathLike, verify: bool = True) -> Model:
+    """Load an `.intq` file (memory-mapped) as a runnable Model.
+
+    `verify` checks every tensor's CRC-32 at load time; turn it off only for files you
+    produced yourself and trust.
+    """
+    from .intq import load_graph
+
+    return Model(load_graph(path, verify=verify), path=os.fspath(path))

@@ -1,0 +1,170 @@
+"""Elementwise integer ops: Add, Sub, Mul, Relu, Clip, Cast, Lut.
+
+Add, Sub and Mul compute exactly in int64. Without a `dtype` attribute their output type
+is the narrowest standard type that holds every result the input types allow (int8 + int8
+-> int16), so they can never overflow; with one, the result is fitted into it by the
+`overflow` policy. In a graph that type is worked out from the declared input types (an
+int4 + int4 sum is int8); called directly on arrays, from the arrays' dtypes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import IntType, int_type, type_for_range
+from ..errors import GraphError, OpError, RefsimError
+from .overflow import fit_range
+from .registry import OVERFLOW_POLICIES, Int, OneOf, TypeName, broadcast_shapes, op, same_as_input
+
+
+def _range_of(t) -> tuple[int, int]:
+    if isinstance(t, IntType):
+        return t.lo, t.hi
+    info = np.iinfo(t)
+    return int(info.min), int(info.max)
+
+
+_RESULT_RANGE = {
+    "Add": lambda a, b: (a[0] + b[0], a[1] + b[1]),
+    "Sub": lambda a, b: (a[0] - b[1], a[1] - b[0]),
+    "Mul": lambda a, b: (
+        min(x * y for x in a for y in b),
+        max(x * y for x in a for y in b),
+    ),
+}
+
+_COMPUTE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+
+
+def _arith_type(op_name: str, a_type, b_type, dtype: str | None) -> IntType:
+    if dtype is not None:
+        return int_type(dtype)
+    lo, hi = _RESULT_RANGE[op_name](_range_of(a_type), _range_of(b_type))
+    try:
+        return type_for_range(lo, hi)
+    except RefsimError:
+        raise OpError(
+            f"{op_name}: results span [{lo}, {hi}], beyond int64; give a narrower output dtype"
+        ) from None
+
+
+def _arith(op_name: str, a, b, dtype, overflow) -> np.ndarray:
+    a, b = np.asarray(a), np.asarray(b)
+    out = _arith_type(op_name, a.dtype, b.dtype, dtype)
+    lo, hi = _RESULT_RANGE[op_name](_range_of(a.dtype), _range_of(b.dtype))
+    if max(abs(lo), abs(hi)) > (1 << 63) - 1:
+        # The dtypes allow int64 overflow; the values may not. Decide from them.
+        lo, hi = _RESULT_RANGE[op_name](
+            (int(a.min()), int(a.max())) if a.size else (0, 0),
+            (int(b.min()), int(b.max())) if b.size else (0, 0),
+        )
+        if max(abs(lo), abs(hi)) > (1 << 63) - 1:
+            raise OpError(f"{op_name}: results may leave int64 ({lo}..{hi})")
+    exact = _COMPUTE[op_name](a.astype(np.int64), b.astype(np.int64))
+    return fit_range(exact, out.lo, out.hi, out.bits, overflow, op_name).astype(out.storage)
+
+
+def _infer_arith(op_name):
+    def infer(ins, attrs):
+        a, b = ins
+        try:
+            out = _arith_type(op_name, a.dtype, b.dtype, attrs["dtype"])
+        except OpError as e:
+            raise GraphError(str(e)) from None
+        return [(out, broadcast_shapes(a.shape, b.shape))]
+
+    return infer
+
+
+def _prepare_arith(op_name):
+    """In a graph, the output type follows the declared input types, not their storage."""
+
+    def prepare(attrs, consts, declared):
+        dtype = attrs["dtype"] or _arith_type(op_name, declared[0].dtype, declared[1].dtype, None).name
+        overflow = attrs["overflow"]
+        fn = _ARITH_FNS[op_name]
+        return lambda a, b: fn(a, b, dtype=dtype, overflow=overflow)
+
+    return prepare
+
+
+_ARITH_ATTRS = dict(dtype=TypeName(optional=True), overflow=OneOf(OVERFLOW_POLICIES))
+
+
+@op("Add", inputs=["a", "b"], attrs=_ARITH_ATTRS, infer=_infer_arith("Add"), prepare=_prepare_arith("Add"))
+def Add(a, b, *, dtype=None, overflow="error"):
+    """y = a + b (broadcasting), exact, fitted into dtype by the overflow policy."""
+    return _arith("Add", a, b, dtype, overflow)
+
+
+@op("Sub", inputs=["a", "b"], attrs=_ARITH_ATTRS, infer=_infer_arith("Sub"), prepare=_prepare_arith("Sub"))
+def Sub(a, b, *, dtype=None, overflow="error"):
+    """y = a - b (broadcasting), exact, fitted into dtype by the overflow policy."""
+    return _arith("Sub", a, b, dtype, overflow)
+
+
+@op("Mul", inputs=["a", "b"], attrs=_ARITH_ATTRS, infer=_infer_arith("Mul"), prepare=_prepare_arith("Mul"))
+def Mul(a, b, *, dtype=None, overflow="error"):
+    """y = a * b (broadcasting), exact, fitted into dtype by the overflow policy."""
+    return _arith("Mul", a, b, dtype, overflow)
+
+
+_ARITH_FNS = {"Add": Add, "Sub": Sub, "Mul": Mul}
+
+
+@op("Relu", inputs=["x"], infer=same_as_input)
+def Relu(x):
+    """y = max(x, 0)."""
+    x = np.asarray(x)
+    return np.maximum(x, x.dtype.type(0))
+
+
+@op("Clip", inputs=["x"], attrs=dict(lo=Int(optional=True), hi=Int(optional=True)), infer=same_as_input)
+def Clip(x, *, lo=None, hi=None):
+    """y = min(max(x, lo), hi); an omitted bound does not clip."""
+    x = np.asarray(x)
+    if lo is not None and hi is not None and lo > hi:
+        raise OpError(f"Clip: lo {lo} > hi {hi}")
+    info = np.iinfo(x.dtype)
+    lo = info.min if lo is None else max(lo, int(info.min))
+    hi = info.max if hi is None else min(hi, int(info.max))
+    return np.clip(x, lo, hi).astype(x.dtype, copy=False)
+
+
+def _infer_cast(ins, attrs):
+    return [(int_type(attrs["dtype"]), ins[0].shape)]
+
+
+@op("Cast", inputs=["x"], attrs=dict(dtype=TypeName(), overflow=OneOf(OVERFLOW_POLICIES)), infer=_infer_cast)
+def Cast(x, *, dtype, overflow="error"):
+    """y = x in another integer type, fitted by the overflow policy."""
+    t = int_type(dtype)
+    return fit_range(np.asarray(x).astype(np.int64), t.lo, t.hi, t.bits, overflow, "Cast").astype(t.storage)
+
+
+def _infer_lut(ins, attrs):
+    x, table = ins
+    if x.dtype.bits > 16:
+        raise GraphError(f"Lut indexes with at most 16-bit inputs, got {x.dtype}")
+    size = x.dtype.hi - x.dtype.lo + 1
+    if len(table.shape) != 1 or (isinstance(table.shape[0], int) and table.shape[0] != size):
+        raise GraphError(f"Lut on {x.dtype} needs a table of {size} entries, got shape {list(table.shape)}")
+    return [(table.dtype, x.shape)]
+
+
+@op("Lut", inputs=["x", "table"], infer=_infer_lut)
+def Lut(x, table):
+    """y = table[x + L//2] for signed x, table[x] for unsigned x (L = len(table)).
+
+    The table lists the function's value for every input, smallest input first: 256
+    entries for int8 (table[0] is f(-128)), 16 for int4, 3 for ternary.
+    """
+    x, table = np.asarray(x), np.asarray(table)
+    if x.dtype.itemsize > 2:
+        raise OpError(f"Lut: input must be at most 16 bits, got {x.dtype}")
+    if table.ndim != 1 or table.size == 0:
+        raise OpError(f"Lut: table must be a non-empty 1-D array, got shape {table.shape}")
+    index = x.astype(np.int64) + (table.size // 2 if x.dtype.kind == "i" else 0)
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= table.size):
+        raise OpError(f"Lut: input values fall outside the {table.size}-entry table")
+    return table[index]

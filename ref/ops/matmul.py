@@ -1,0 +1,200 @@
+"""Integer matrix products, exact, at BLAS speed where the bounds allow.
+
+acc = (a - a_zero_point) @ (b - b_zero_point) + bias, then the accumulator policy.
+
+Integer operands are multiplied in floating point only where that is provably exact: a
+product of integers below 2^24 in magnitude is exact in float32, and so is every partial
+sum as long as it stays at or below 2^24 (float64: 2^53). With P the largest possible
+|product| (from the operands' bounds) the reduction dimension K is cut into chunks of at
+most 2^24 // P, each chunk multiplied by float32 BLAS, and the exact chunk results summed
+in int64. Wider operands go to float64 chunks, then to NumPy's int64 matmul, and a
+product whose exact sum could leave int64 is refused. The NumPy backend always uses the
+int64 matmul, so both backends give the same integers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..dtypes import TYPES
+from ..errors import GraphError, OpError
+from .overflow import fit_signed_bits
+from .registry import OVERFLOW_POLICIES, Bool, Int, OneOf, broadcast_shapes, op
+
+FLOAT32_EXACT = 1 << 24
+FLOAT64_EXACT = 1 << 53
+INT64_LIMIT = (1 << 63) - 1
+
+
+def _bound(array: np.ndarray) -> int:
+    """Largest |value|, taken from the values (cheap next to the matmul itself)."""
+    if array.size == 0:
+        return 0
+    return max(abs(int(array.min())), abs(int(array.max())))
+
+
+def exact_matmul(a: np.ndarray, b: np.ndarray, a_bound: int, b_bound: int) -> np.ndarray:
+    """a @ b as exact int64, given |a| <= a_bound and |b| <= b_bound elementwise.
+
+    `b` may already be a float32/float64 array holding integers (prepared weights).
+    """
+    k = a.shape[-1]
+    product = a_bound * b_bound
+    if product == 0 or k == 0:
+        shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+        return np.zeros(shape, np.int64)
+    if not backend.use_numba():
+        return _int64_matmul(a, b, k, product)
+    if product <= FLOAT32_EXACT:
+        return _chunked(a, b, FLOAT32_EXACT // product, np.float32)
+    if product <= FLOAT64_EXACT:
+        return _chunked(a, b, FLOAT64_EXACT // product, np.float64)
+    return _int64_matmul(a, b, k, product)
+
+
+def _int64_matmul(a, b, k, product):
+    if k * product > INT64_LIMIT:
+        raise OpError(f"MatMul: a sum of {k} products up to {product} may exceed int64")
+    return np.matmul(np.asarray(a, np.int64), np.asarray(b, np.int64))
+
+
+def _chunked(a, b, chunk: int, ftype) -> np.ndarray:
+    k = a.shape[-1]
+    af = a.astype(ftype, copy=False)
+    bf = b.astype(ftype, copy=False)
+    if k <= chunk:
+        return np.matmul(af, bf).astype(np.int64)
+    total = None
+    for start in range(0, k, chunk):
+        part = np.matmul(af[..., start : start + chunk], bf[..., start : start + chunk, :]).astype(np.int64)
+        total = part if total is None else total + part
+    return total
+
+
+def _minus_zero_point(x, zp):
+    if zp is None:
+        return np.asarray(x)
+    zp = np.asarray(zp)
+    if zp.size and np.all(zp == 0):
+        return np.asarray(x)
+    return np.asarray(x).astype(np.int64) - zp.astype(np.int64)
+
+
+def _b_zero_point_view(zp):
+    """b_zero_point: scalar, or per output column (broadcast along the last axis)."""
+    if zp is None:
+        return None
+    zp = np.asarray(zp)
+    if zp.ndim > 1:
+        raise OpError("MatMul: b_zero_point must be a scalar or a per-column vector")
+    return zp
+
+
+def _operands(a, b, a_zero_point, b_zero_point, transA, transB):
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise OpError(f"MatMul: operands must have rank >= 2, got {a.shape} and {b.shape}")
+    if transA:
+        a = np.swapaxes(a, -1, -2)
+    if transB:
+        b = np.swapaxes(b, -1, -2)
+    if a.shape[-1] != b.shape[-2]:
+        raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b.shape}")
+    if a_zero_point is not None and np.asarray(a_zero_point).size > 1:
+        raise OpError("MatMul: a_zero_point must be a scalar")
+    a = _minus_zero_point(a, a_zero_point)
+    zp = _b_zero_point_view(b_zero_point)
+    if zp is not None and zp.size > 1 and zp.size != b.shape[-1]:
+        raise OpError(f"MatMul: b_zero_point has {zp.size} entries for {b.shape[-1]} columns")
+    b = _minus_zero_point(b, zp)
+    return a, b
+
+
+def _finish(acc, bias, acc_bits, overflow):
+    if bias is not None:
+        bias = np.asarray(bias, dtype=np.int64)
+        if bias.ndim > 1:
+            raise OpError("MatMul: bias must be a scalar or a per-column vector")
+        acc = acc + bias
+    acc = fit_signed_bits(acc, acc_bits, overflow, "MatMul: accumulator")
+    return acc.astype(np.int32 if acc_bits <= 32 else np.int64)
+
+
+def _infer(ins, attrs):
+    a, b = ins[0], ins[1]
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise GraphError(f"operands must have rank >= 2, got {list(a.shape)} and {list(b.shape)}")
+    sa = list(a.shape)
+    sb = list(b.shape)
+    if attrs["transA"]:
+        sa[-1], sa[-2] = sa[-2], sa[-1]
+    if attrs["transB"]:
+        sb[-1], sb[-2] = sb[-2], sb[-1]
+    if isinstance(sa[-1], int) and isinstance(sb[-2], int) and sa[-1] != sb[-2]:
+        raise GraphError(f"inner dimensions differ: {sa} @ {sb}")
+    batch = broadcast_shapes(tuple(sa[:-2]), tuple(sb[:-2]))
+    out = TYPES["int32"] if attrs["acc_bits"] <= 32 else TYPES["int64"]
+    return [(out, batch + (sa[-2], sb[-1]))]
+
+
+def _declared_bound(t, zp) -> int:
+    """Largest |x - zp| a tensor of declared type t can reach."""
+    zps = [0] if zp is None else [int(v) for v in np.asarray(zp).reshape(-1)] or [0]
+    return max(max(abs(t.lo - z), abs(t.hi - z)) for z in zps)
+
+
+def _prepare(attrs, consts, declared):
+    """With constant weights, convert (b - b_zero_point) once instead of every call."""
+    if 1 not in consts:
+        return None
+    transB, acc_bits, overflow = attrs["transB"], attrs["acc_bits"], attrs["overflow"]
+    b = np.asarray(consts[1])
+    if b.ndim < 2:
+        return None
+    if transB:
+        b = np.swapaxes(b, -1, -2)
+    b_zp = consts.get(3)
+    b_centered = _minus_zero_point(b, _b_zero_point_view(b_zp))
+    b_bound = _bound(b_centered)
+    a_type = declared[0].dtype
+    prepared = {}
+
+    def kernel(a, _b, a_zero_point=None, b_zero_point=None, bias=None):
+        if not backend.use_numba():
+            return MatMul(a, _b, a_zero_point, b_zero_point, bias, **attrs)
+        a = np.asarray(a)
+        if attrs["transA"]:
+            a = np.swapaxes(a, -1, -2)
+        if a.shape[-1] != b_centered.shape[-2]:
+            raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b_centered.shape}")
+        a_centered = _minus_zero_point(a, a_zero_point)
+        a_bound = _declared_bound(a_type, a_zero_point) if a_type is not None else _bound(a_centered)
+        product = a_bound * b_bound
+        ftype = np.float32 if product <= FLOAT32_EXACT else np.float64
+        if ftype not in prepared:
+            prepared[ftype] = b_centered.astype(ftype)
+        acc = exact_matmul(a_centered, prepared[ftype], a_bound, b_bound)
+        return _finish(acc, bias, acc_bits, overflow)
+
+    return kernel
+
+
+@op(
+    "MatMul",
+    inputs=["a", "b", "a_zero_point?", "b_zero_point?", "bias?"],
+    attrs=dict(
+        transA=Bool(),
+        transB=Bool(),
+        acc_bits=Int(min=2, max=64),
+        overflow=OneOf(OVERFLOW_POLICIES),
+    ),
+    infer=_infer,
+    prepare=_prepare,
+)
+def MatMul(a, b, a_zero_point=None, b_zero_point=None, bias=None, *, transA=False, transB=False, acc_bits=32, overflow="error"):
+    """acc = (a - a_zero_point) @ (b - b_zero_point) + bias, exact, into an acc_bits accumulator."""
+    a, b = _operands(a, b, a_zero_point, b_zero_point, transA, transB)
+    acc = exact_matmul(a, b, _bound(a), _bound(b))
+    return _finish(acc, bias, acc_bits, overflow)
