@@ -1,0 +1,1 @@
+"""refsim.hw_vectors: one module per hardware target layout of golden tensors."""
