@@ -549,8 +549,8 @@ def _generalize_batch_constants(g: OnnxGraph, run1: dict, run2: dict) -> None:
 # --- attention masks --------------------------------------------------------------------
 
 
-def _mask_derived(g: OnnxGraph) -> set[str]:
-    """Tensors computed only from mask inputs and constants."""
+def mask_derived(g: OnnxGraph) -> set[str]:
+    """Tensors computed only from mask inputs and constants (masks themselves included)."""
     derived = set(g.mask_inputs)
     for node in g.nodes:  # nodes are in the model's (topological) order
         data = [i for i in node.inputs if i and i not in g.consts]
@@ -562,7 +562,7 @@ def _mask_derived(g: OnnxGraph) -> set[str]:
 def _canonical_masks(g: OnnxGraph, run2: dict, feeds2: dict) -> None:
     if not g.mask_inputs:
         return
-    derived = _mask_derived(g)
+    derived = mask_derived(g)
     made: dict[tuple, str] = {}
 
     def token_mask(mask: str, node: Node) -> str:

@@ -19,6 +19,8 @@ from .errors import RefsimError
 COMMANDS = {
     "run": ("refsim.commands.run", "run a .intq model on inputs and print its outputs"),
     "inspect": ("refsim.commands.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
+    "export": ("refsim.exporters.export_command", "quantize a float ONNX model into a .intq integer model"),
+    "compare": ("refsim.exporters.compare_command", "compare float, fake-quant and integer models on data"),
 }
 
 
@@ -52,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.main(args) or 0)
     except RefsimError as e:
         return error(str(e))
+    except BrokenPipeError:  # pragma: no cover - e.g. `refsim run ... | head`
+        return 0
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return error(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # pragma: no cover - e.g. `refsim run ... | head`
-        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,717 @@
+"""From a canonical float graph and its calibration to an integer graph.
+
+One walk over the canonical graph (`exporters.onnx_graph`) in execution order builds the
+integer graph with `refsim.GraphBuilder` and, at the same time, records every point where
+it quantizes (a tensor requantized for a consumer, a result stored in fewer bits, a weight
+replaced by its quantized value). The fake-quant model (`exporters.fakequant`) replays those
+records on the float graph, so float, fake-quant and integer agree on where quantization
+happens and at which scales.
+
+Each float tensor has a *native* integer form, the one its producer makes:
+
+| producer | native form | scale |
+|---|---|---|
+| linear layer (MatMul + bias) | accumulator (int32, int64 when kept float) | s_x * s_w (per channel with `--per-channel`) |
+| MatMul of two activations | accumulator | s_a * s_b |
+| Add (residual, embedding sums), Concat | int16 (`residual_bits`) | calibrated |
+| Gather from an embedding table | the table's integers | the table's scale |
+| Reshape, Transpose, Gather/Slice of activations, Relu, Pad | the input's form moved | unchanged |
+| Mul by a positive constant | the input's integers | scale * c |
+| softmax, GELU, LayerNorm, tanh | what the integer op returns | set by the op |
+
+A consumer that needs b bits (a matrix product's activation input: `abits`; a table lookup:
+8) asks for the tensor at b bits and gets a `Requant` from the native form to the
+calibrated b-bit scale, made once and shared. Adds take their operands' native forms and
+rescale them exactly: `y = round((a*Ma + b*Mb) / 2^k)` with `Ma = round(s_a/s_y * 2^k)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from refsim import GraphBuilder
+from refsim.dtypes import TYPES, IntType
+from refsim.errors import RefsimError
+
+from .calibrate import Calibration, QuantizedWeight, qmax, quantize_weight
+from .config import ExportOptions
+from .dyadic import ExportError, dyadic
+from .onnx_graph import BATCH, Node, OnnxGraph
+
+# What the walker recognises, for the one-line error on anything else.
+SUPPORTED = (
+    "MatMul/Gemm with constant weights (+ bias Add), MatMul of two activations, Add (residual, bias, "
+    "embeddings, key-padding mask), Mul by a constant (scalar or per channel: NoNorm) or by a token mask, "
+    "Div by a token count (mean pooling), LayerNormalization, Gelu, Relu, Tanh, Softmax, Reshape, "
+    "Transpose, Squeeze/Unsqueeze/Flatten, Gather (embedding or index), Slice, Concat, Pad (zeros), "
+    "ReduceSum, ReduceMean, Conv (patch embedding)"
+)
+
+MOVEMENT = ("Reshape", "Transpose", "Gather", "Slice")
+
+
+def unsupported(node: Node, why: str = "") -> ExportError:
+    reason = f" ({why})" if why else ""
+    return ExportError(f"{node.describe()}: op {node.op} is not supported here{reason}; supported: {SUPPORTED}")
+
+
+@dataclass
+class Value:
+    """A float tensor in integer form: integer tensor `name`, real = scale * q."""
+
+    name: str
+    scale: Any  # float, or a 1-D array of per-channel scales along the last axis
+    kind: str = "int"  # "int": a quantized activation; "acc": an accumulator; "prob": softmax output
+
+    @property
+    def per_channel(self) -> bool:
+        return np.ndim(self.scale) > 0
+
+
+@dataclass
+class FakeQuantRecord:
+    """Where the fake-quant model quantizes, replayed by `exporters.fakequant`."""
+
+    edges: dict[tuple[str, int], tuple[float, int, bool]] = field(default_factory=dict)
+    tensors: dict[str, tuple[float, int, bool]] = field(default_factory=dict)
+    # (node, input index) -> (integer constant, scale): the input becomes q * scale
+    consts: dict[tuple[str, int], tuple[str, Any]] = field(default_factory=dict)
+
+
+class Walker:
+    """Builds the integer graph for one canonical graph (see the module docstring)."""
+
+    def __init__(self, g: OnnxGraph, options: ExportOptions, calibration: Calibration, modes):
+        self.g = g
+        self.options = options
+        self.calibration = calibration
+        self.modes = modes
+        self.b = GraphBuilder(g.name or "model")
+        self.native: dict[str, Value] = {}
+        self.at_bits: dict[tuple[str, int], Value] = {}
+        self.masked_scores: dict[str, tuple[Value, str]] = {}
+        self.record = FakeQuantRecord()
+        self.float_tensors: dict[str, str] = {}  # integer tensor -> float tensor it represents
+        self.layers: dict[str, str] = {}  # integer tensor -> layer name
+        self.mask_tensors: dict[tuple[str, str], str] = {}
+        self.done: set[str] = set()  # nodes handled as part of an earlier node
+        self.users = g.consumer_map()
+        self.producers = g.producers()
+        self.skipped = self._mask_only()
+        self._names: set[str] = set()
+
+    # --- naming and emitting ----------------------------------------------------------------
+
+    def unique(self, stem: str) -> str:
+        stem = stem.strip(".") or "t"
+        name, n = stem, 1
+        while name in self._names or name in self.b.tensors:
+            n += 1
+            name = f"{stem}_{n}"
+        self._names.add(name)
+        return name
+
+    def emit(self, op: str, inputs: list[str | None], stem: str, **attrs) -> str:
+        """Append an integer node; its output tensor has the node's name."""
+        name = self.unique(stem)
+        return self.b.node(op, inputs, outputs=name, name=name, **attrs)
+
+    def const(self, values, dtype: str, stem: str) -> str:
+        return self.b.const(np.asarray(values), dtype, name=self.unique(stem))
+
+    def dtype(self, name: str) -> IntType:
+        return self.b.tensors[name].dtype
+
+    def label(self, name: str, float_tensor: str | None, scale, layer: str = "") -> None:
+        """Record what an integer tensor stands for (scale metadata, float counterpart)."""
+        if np.ndim(scale) == 0:
+            self.b.set_quant(name, float(scale), 0)
+        else:
+            self.b.set_quant(name, [float(s) for s in np.asarray(scale)], [0] * np.size(scale), axis=-1)
+        if float_tensor is not None:
+            self.float_tensors[name] = float_tensor
+        if layer:
+            self.layers[name] = layer
+
+    def layer_name(self, node: Node) -> str:
+        return node.scope or node.name
+
+    # --- scales and requantization ------------------------------------------------------------
+
+    def scale_of(self, tensor: str, bits: int) -> float:
+        return self.calibration.scale(tensor, bits)
+
+    def requant(self, v: Value, to_scale: float, dtype: str, stem: str, layer: str, hardware: bool = False) -> str:
+        """Requant v's integers to `dtype` at `to_scale` (per-tensor result)."""
+        ratio = np.asarray(v.scale, np.float64) / to_scale
+        x_bits = self.dtype(v.name).bits
+        if hardware and self.options.ita:
+            if dtype != "int8":
+                raise ExportError(f"{layer}: ITA's requantizer produces int8, not {dtype}")
+            d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{layer}: ITA requantization")
+            if d.mul.size > 1:
+                raise ExportError(f"{layer}: ITA's requantizer takes one multiplier per layer; export without --per-channel")
+            mul = self.const(d.mul.reshape(()), "uint8", f"{stem}.mul")
+            shift = self.const(d.shift.reshape(()), "uint8", f"{stem}.shift")
+            add = self.const(0, "int8", f"{stem}.add")
+            return self.emit("Requant", [v.name, mul, shift, None, add], stem, rounding="half_up", dtype="int8")
+        mul_bits = max(8, min(31, 62 - x_bits))
+        d = dyadic(ratio, mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
+        mul = self.const(d.mul, "int32" if mul_bits <= 31 else "int64", f"{stem}.mul")
+        shift = self.const(d.shift, "int8" if int(d.shift.max(initial=0)) < 128 else "int16", f"{stem}.shift")
+        return self.emit("Requant", [v.name, mul, shift], stem, axis=-1, rounding=self.rounding, dtype=dtype)
+
+    @property
+    def rounding(self) -> str:
+        # I-BERT rounds half to even (torch.round); ITA's requantizer adds half and shifts.
+        return "half_up" if self.options.ita else "half_even"
+
+    def get(self, tensor: str, bits: int, consumer: Node | None = None, index: int = 0) -> Value:
+        """`tensor` quantized to a `bits`-bit signed integer at its calibrated scale."""
+        v = self.value(tensor)
+        key = (tensor, bits)
+        if key not in self.at_bits:
+            t = self.dtype(v.name)
+            scale = self.scale_of(tensor, bits)
+            if v.kind == "int" and not v.per_channel and t.signed and t.bits == bits and math.isclose(float(v.scale), scale, rel_tol=1e-9):
+                self.at_bits[key] = v
+            else:
+                layer = self.layers.get(v.name, "") or tensor
+                name = self.requant(v, scale, f"int{bits}", f"{v.name}.q{bits}", layer)
+                self.label(name, tensor, scale, layer)
+                self.at_bits[key] = Value(name, scale)
+        out = self.at_bits[key]
+        if consumer is not None and out.name != v.name:
+            self.record.edges[(consumer.name, index)] = (float(out.scale), bits, True)
+        return out
+
+    def value(self, tensor: str) -> Value:
+        if tensor not in self.native:
+            raise ExportError(f"internal: tensor {tensor!r} has no integer form yet")
+        return self.native[tensor]
+
+    def set_native(self, tensor: str, v: Value, layer: str = "", quantized_bits: int | None = None) -> None:
+        """Make `v` the native form of `tensor`; `quantized_bits` marks a stored result."""
+        self.native[tensor] = v
+        if layer:
+            self.layers.setdefault(v.name, layer)
+        if quantized_bits is not None:
+            self.record.tensors[tensor] = (float(v.scale), quantized_bits, self.dtype(v.name).signed)
+            self.label(v.name, tensor, v.scale, layer)
+
+    # --- graph analysis ----------------------------------------------------------------------------
+
+    def _mask_only(self) -> set[str]:
+        """Nodes computing from mask inputs only (their users handle the mask directly)."""
+        derived = set(self.g.mask_inputs)
+        skipped = set()
+        for node in self.g.nodes:
+            data = [i for i in node.inputs if i and not self.g.is_const(i)]
+            if data and all(i in derived for i in data):
+                derived.update(node.outputs)
+                skipped.add(node.name)
+        return skipped
+
+    def wanted_bits(self, tensor: str, seen=None) -> int:
+        """The largest bit width consumers ask of `tensor` (through data movement)."""
+        seen = set() if seen is None else seen
+        if tensor in seen:
+            return self.options.abits
+        seen.add(tensor)
+        bits = []
+        for user in self.users.get(tensor, []):
+            if user.op in MOVEMENT or (user.op == "Mul" and self._scalar_const(user) is not None) or user.op == "Relu":
+                bits.append(self.wanted_bits(user.outputs[0], seen))
+            elif user.op == "MatMul":
+                if self.g.is_const(user.inputs[1]):
+                    bits.append(self.options.layer(self.layer_name(user)).abits)
+                else:
+                    bits.append(self.options.abits)
+            elif user.op in ("Gelu", "Tanh"):
+                bits.append(self.modes.activation_input_bits(self, user))
+            else:
+                bits.append(self.options.residual_bits)
+        if tensor in self.g.outputs:
+            bits.append(self.options.output_bits)
+        return max(bits, default=self.options.abits)
+
+    def _scalar_const(self, node: Node) -> float | None:
+        for a, c in (node.inputs, node.inputs[::-1]):
+            if self.g.is_const(c) and not self.g.is_const(a) and self.g.const(c).size == 1:
+                return float(self.g.const(c).reshape(()))
+        return None
+
+    # --- the walk ------------------------------------------------------------------------------
+
+    def run(self) -> GraphBuilder:
+        for name in self.g.inputs:
+            self._graph_input(name)
+        for node in self.g.nodes:
+            if node.name in self.done or node.name in self.skipped:
+                continue
+            handler = getattr(self, f"_visit_{node.op}", None)
+            if handler is None:
+                raise unsupported(node)
+            handler(node)
+        for name in self.g.outputs:
+            self._graph_output(name)
+        return self.b
+
+    def _graph_input(self, name: str) -> None:
+        elem_dtype = self.g.dtypes.get(name, np.dtype(np.float32))
+        shape = self.g.shapes[name]
+        if name in self.g.mask_inputs:
+            self.b.input(name, "uint8", shape)
+            self.native[name] = Value(name, 1.0, "mask")
+        elif elem_dtype.kind in "iub":
+            self.b.input(name, "int32", shape)
+            self.native[name] = Value(name, 1.0, "index")
+        else:
+            bits = min(self.wanted_bits(name), 16)
+            scale = self.scale_of(name, bits)
+            self.b.input(name, f"int{bits}", shape, scale=scale, zero_point=0)
+            self.native[name] = Value(name, scale)
+            self.record.tensors[name] = (scale, bits, True)
+            self.float_tensors[name] = name
+
+    def _graph_output(self, name: str) -> None:
+        v = self.value(name)
+        bits = self.options.output_bits
+        scale = self.scale_of(name, bits)
+        if v.kind in ("prob",):
+            out = self.emit("Cast", [v.name], name, dtype=self.dtype(v.name).name)
+            self.label(out, name, v.scale)
+        else:
+            out = self.requant(v, scale, f"int{bits}", name, name)
+            self.label(out, name, scale)
+            self.record.tensors[name] = (scale, bits, True)
+        self.b.output(out)
+
+    # --- linear algebra ------------------------------------------------------------------------------
+
+    def _visit_MatMul(self, node: Node) -> None:
+        a, b = node.inputs[:2]
+        if self.g.is_const(b):
+            self._linear(node)
+        elif self.g.is_const(a):
+            raise unsupported(node, "a constant first operand")
+        else:
+            self._matmul(node)
+
+    def _bias_of(self, node: Node) -> tuple[Node, str] | None:
+        users = self.users.get(node.outputs[0], [])
+        if len(users) != 1 or users[0].op != "Add" or node.outputs[0] in self.g.outputs:
+            return None
+        add = users[0]
+        other = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
+        width = self.g.const(node.inputs[1]).shape[-1]
+        if self.g.is_const(other) and self.g.const(other).size in (1, width) and self.g.const(other).shape[-1:] in ((width,), (1,), ()):
+            return add, other
+        return None
+
+    def _linear(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        settings = self.options.layer(layer)
+        w = self.g.const(node.inputs[1]).astype(np.float64)
+        if w.ndim != 2:
+            raise unsupported(node, f"weights of rank {w.ndim}")
+        hardware = self.options.ita
+        if hardware and settings.per_channel:
+            raise ExportError(f"{layer}: ITA takes one requantization multiplier per layer; export without --per-channel")
+        x = self.get(node.inputs[0], settings.abits, node, 0)
+        wq = quantize_weight(w, settings.wbits, settings.per_channel, axis=-1)
+        acc_scale = float(x.scale) * (wq.scale if settings.per_channel else float(wq.scale))
+        bias = self._bias_of(node)
+        out_tensor = node.outputs[0]
+        inputs = [x.name, self.const(wq.q, wq.dtype, f"{layer}.weight"), None, None]
+        x_type = self.dtype(x.name)
+        k = w.shape[0]
+        worst = k * max(abs(x_type.lo), x_type.hi) * int(np.abs(wq.q).max(initial=0))
+        bias_q = None
+        if bias is not None:
+            add, bias_name = bias
+            self.done.add(add.name)
+            out_tensor = add.outputs[0]
+            b = np.broadcast_to(self.g.const(bias_name).astype(np.float64).reshape(-1), (w.shape[1],))
+            bias_q = np.rint(b / acc_scale).astype(np.int64)
+            worst += int(np.abs(bias_q).max(initial=0))
+            bias_index = add.inputs.index(bias_name)
+        acc_bits = self.modes.accumulator_bits(self, layer, worst, settings)
+        if bias_q is not None:
+            bias_bits = self.modes.bias_bits(acc_bits)
+            lim = 1 << (bias_bits - 1)
+            if int(np.abs(bias_q).max(initial=0)) >= lim:
+                raise ExportError(f"{layer}: the quantized bias needs more than {bias_bits} bits (largest {int(np.abs(bias_q).max())})")
+            inputs.append(self.const(bias_q, f"int{bias_bits}" if bias_bits in (8, 16, 32, 64) else "int32", f"{layer}.bias"))
+            self.record.consts[(add.name, bias_index)] = (inputs[-1], acc_scale)
+        acc = self.emit("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits)
+        self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
+        self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
+        self.layers[acc] = layer
+        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc"), layer)
+
+    def finish_matmul(self, tensor: str, acc: Value, layer: str) -> None:
+        """An accumulator becomes the tensor's native form; on ITA, the hardware requantizer
+        turns it into int8 at once, as ITA never hands out accumulators."""
+        if not self.options.ita:
+            self.set_native(tensor, acc, layer)
+            return
+        scale = self.scale_of(tensor, 8)
+        y = self.requant(acc, scale, "int8", f"{layer}.out", layer, hardware=True)
+        self.set_native(tensor, Value(y, scale), layer, quantized_bits=8)
+
+    def _matmul(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        operands = []
+        for k, t in enumerate(node.inputs[:2]):
+            v = self.value(t)
+            if v.kind == "prob":
+                operands.append(v)
+            else:
+                operands.append(self.get(t, self.options.abits, node, k))
+        a, b = operands
+        bound = 1
+        for v in operands:
+            ty = self.dtype(v.name)
+            bound *= max(abs(ty.lo), ty.hi)
+        k = self.g.shapes1[node.inputs[0]][-1]
+        acc_bits = self.modes.accumulator_bits(self, layer, k * bound, None)
+        acc = self.emit("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits)
+        self.layers[acc] = layer
+        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc"), layer)
+
+    # --- elementwise ----------------------------------------------------------------------------------
+
+    def _visit_Add(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        a, b = node.inputs
+        for x, m in ((a, b), (b, a)):
+            if m in self.g.key_padding_masks:
+                users = self.users.get(node.outputs[0], [])
+                if not users or any(u.op != "Softmax" for u in users):
+                    raise unsupported(node, "an attention mask added to something other than softmax scores")
+                self.masked_scores[node.outputs[0]] = (x, self.g.key_padding_masks[m])
+                return
+        self._add(node, [a, b], layer)
+
+    def _add(self, node: Node, terms: list[str], layer: str) -> None:
+        """y = sum of terms (activations or constants), exactly rescaled to y's scale."""
+        bits = self.options.residual_bits
+        out_scale = self.scale_of(node.outputs[0], bits)
+        ratios = []
+        for t in terms:
+            if not self.g.is_const(t):
+                ratios.append(np.max(np.asarray(self.value(t).scale, np.float64)) / out_scale)
+        biggest = max(ratios, default=1.0)
+        # k: as many fraction bits as keep every multiplier below 2^30.
+        k = int(np.clip(30 - math.ceil(math.log2(max(biggest, 1e-30))), 0, 62))
+        parts = []
+        for index, t in enumerate(terms):
+            if self.g.is_const(t):
+                c = self.g.const(t).astype(np.float64)
+                q = np.rint(c / out_scale * (1 << k)).astype(np.int64)
+                parts.append(self.const(q, "int64", f"{layer}.term{index}"))
+                self.record.consts[(node.name, index)] = (parts[-1], out_scale / float(1 << k))
+                continue
+            v = self.value(t)
+            m = np.rint(np.asarray(v.scale, np.float64) / out_scale * (1 << k)).astype(np.int64)
+            if v.kind in ("mask", "index"):
+                raise unsupported(node, "adding an integer input")
+            mul = self.const(m, "int32" if int(np.abs(m).max(initial=0)) < (1 << 31) else "int64", f"{layer}.term{index}.mul")
+            parts.append(self.emit("Mul", [v.name, mul], f"{layer}.term{index}", dtype="int64"))
+        total = parts[0]
+        for p in parts[1:]:
+            total = self.emit("Add", [total, p], f"{layer}.sum", dtype="int64")
+        one = self.const(1, "int32", f"{layer}.one")
+        shift = self.const(k, "int8", f"{layer}.shift")
+        y = self.emit("Requant", [total, one, shift], f"{layer}.out", rounding=self.rounding, dtype=f"int{bits}")
+        self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=bits)
+
+    def _visit_Mul(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        a, b = node.inputs
+        for x, m in ((a, b), (b, a)):
+            if m in self.g.token_masks:
+                v = self.value(x)
+                mask = self.mask_tensor(self.g.token_masks[m], "tokens", layer)
+                y = self.emit("Mul", [v.name, mask], f"{layer}.masked")
+                self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+                return
+        c = self._scalar_const(node)
+        if c is not None:
+            if c <= 0:
+                raise unsupported(node, "multiplying by a constant <= 0")
+            x = a if self.g.is_const(b) else b
+            v = self.value(x)
+            self.set_native(node.outputs[0], Value(v.name, np.asarray(v.scale) * c if v.per_channel else float(v.scale) * c, v.kind), layer)
+            return
+        for x, cname in ((a, b), (b, a)):
+            if self.g.is_const(cname) and not self.g.is_const(x):
+                gamma = self.g.const(cname).astype(np.float64)
+                width = self.g.shapes1[x][-1]
+                if gamma.size != width or gamma.shape[-1] != width:
+                    raise unsupported(node, "a constant factor that is neither a scalar nor one per channel")
+                # NoNorm's gamma, exactly: integers times sign(gamma), scale s_x * |gamma|.
+                gamma = gamma.reshape(-1)
+                v = self.value(x)
+                sign = self.const(np.sign(gamma).astype(np.int64), "int8", f"{layer}.sign")
+                y = self.emit("Mul", [v.name, sign], f"{layer}.scaled")
+                scale = np.asarray(v.scale, np.float64) * np.abs(gamma)
+                self.set_native(node.outputs[0], Value(y, scale, "acc" if v.kind == "acc" else "int"), layer)
+                self.layers[y] = layer
+                return
+        raise unsupported(node, "a product of two activations")
+
+    def _visit_Div(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        x, d = node.inputs
+        if d not in self.g.token_counts:
+            raise unsupported(node, "division by something other than a token count (mean pooling)")
+        v = self.value(x)
+        mask = self.mask_tensor(self.g.token_counts[d], "count", layer)
+        seq = self.g.shapes1[self.g.token_counts[d]][-1]
+        # 1/count by table lookup: recip[c] = round(2^K / max(c, 1)), then y = x*recip >> K.
+        k_bits = 24
+        count_type = "uint8" if seq < 256 else "uint16"
+        count = self.emit("Cast", [mask], f"{layer}.count", dtype=count_type)
+        size = 1 << TYPES[count_type].bits
+        table = np.array([round((1 << k_bits) / max(c, 1)) for c in range(size)], np.int64)
+        recip = self.emit("Lut", [count, self.const(table, "int32", f"{layer}.reciprocal")], f"{layer}.reciprocal")
+        rank = len(self.g.shapes1[x])
+        if rank != 2:
+            raise unsupported(node, f"mean pooling over a rank-{rank} sum")
+        product = self.emit("Mul", [v.name, recip], f"{layer}.times_reciprocal", dtype="int64")
+        one = self.const(1, "int32", f"{layer}.one")
+        shift = self.const(k_bits, "int8", f"{layer}.shift")
+        y = self.emit("Requant", [product, one, shift], f"{layer}.mean", rounding=self.rounding, dtype="int32")
+        self.set_native(node.outputs[0], Value(y, v.scale, "acc" if v.kind == "acc" else "int"), layer)
+
+    def _visit_Relu(self, node: Node) -> None:
+        v = self.value(node.inputs[0])
+        y = self.emit("Relu", [v.name], f"{self.layer_name(node)}.relu")
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
+
+    def _visit_Tanh(self, node: Node) -> None:
+        self.lookup_table(node, np.tanh)
+
+    def _visit_Gelu(self, node: Node) -> None:
+        self.modes.gelu(self, node)
+
+    def lookup_table(self, node: Node, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        """An elementwise function as a Lut on its 8-bit (16-bit when kept float) input:
+        exact, table[q] = round(f(q * s_in) / s_out)."""
+        layer = self.layer_name(node)
+        in_bits = self.modes.activation_input_bits(self, node)
+        x = self.get(node.inputs[0], in_bits, node, 0)
+        out_bits = min(max(self.wanted_bits(node.outputs[0]), in_bits), 16)
+        out_scale = self.scale_of(node.outputs[0], out_bits)
+        t = TYPES[f"int{in_bits}"]
+        grid = np.arange(t.lo, t.hi + 1, dtype=np.float64) * float(x.scale)
+        table = np.clip(np.rint(fn(grid) / out_scale), -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1).astype(np.int64)
+        y = self.emit("Lut", [x.name, self.const(table, f"int{out_bits}", f"{layer}.table")], f"{layer}.lut")
+        self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=out_bits)
+
+    def _visit_Softmax(self, node: Node) -> None:
+        axis = node.attrs.get("axis", -1)
+        rank = len(self.g.shapes1[node.inputs[0]])
+        if axis % rank != rank - 1:
+            raise unsupported(node, "softmax over an axis other than the last")
+        scores, mask_input = self.masked_scores.get(node.inputs[0], (node.inputs[0], None))
+        mask = self.mask_tensor(mask_input, "keys", self.layer_name(node)) if mask_input else None
+        self.modes.softmax(self, node, scores, mask)
+
+    def _visit_LayerNormalization(self, node: Node) -> None:
+        axis = node.attrs.get("axis", -1)
+        rank = len(self.g.shapes1[node.inputs[0]])
+        if axis % rank != rank - 1:
+            raise unsupported(node, "LayerNorm over axes other than the last")
+        self.modes.layernorm(self, node)
+
+    # --- data movement -----------------------------------------------------------------------------
+
+    def _moved_input(self, node: Node) -> Value:
+        """The input's native form, requantized first when per-channel scales would not follow."""
+        v = self.value(node.inputs[0])
+        if v.per_channel:
+            return self.get(node.inputs[0], self.wanted_bits(node.outputs[0]), node, 0)
+        return v
+
+    def _visit_Reshape(self, node: Node) -> None:
+        v = self._moved_input(node)
+        target = [int(d) for d in self.g.const(node.inputs[1]).reshape(-1)]
+        y = self.emit("Reshape", [v.name], f"{self.layer_name(node)}.reshape", shape=target)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
+
+    def _visit_Transpose(self, node: Node) -> None:
+        v = self._moved_input(node)
+        perm = node.attrs.get("perm")
+        attrs = {"perm": [int(p) for p in perm]} if perm is not None else {}
+        y = self.emit("Transpose", [v.name], f"{self.layer_name(node)}.transpose", **attrs)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
+
+    def _visit_Gather(self, node: Node) -> None:
+        data, indices = node.inputs
+        layer = self.layer_name(node)
+        axis = int(node.attrs.get("axis", 0))
+        if self.g.is_const(data):
+            self._embedding(node, layer, axis)
+            return
+        if not self.g.is_const(indices):
+            raise unsupported(node, "indices computed at run time from activations")
+        v = self._moved_input(node)
+        idx = self.g.const(indices).astype(np.int64)
+        y = self.emit("Gather", [v.name, self.const(idx, "int32", f"{layer}.indices")], f"{layer}.gather", axis=axis)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    def _embedding(self, node: Node, layer: str, axis: int) -> None:
+        table_name, indices = node.inputs
+        if axis != 0:
+            raise unsupported(node, "a lookup along an axis other than 0")
+        idx = self.value(indices)
+        if idx.kind != "index":
+            raise unsupported(node, "embedding indices that are not an integer model input")
+        settings = self.options.embedding(layer)
+        table = self.g.const(table_name).astype(np.float64)
+        wq = quantize_weight(table, settings.wbits, per_channel=False)
+        q = self.const(wq.q, wq.dtype, f"{layer}.table")
+        self.label(q, None, float(wq.scale), layer)
+        y = self.emit("Gather", [q, idx.name], f"{layer}.lookup", axis=0)
+        self.record.consts[(node.name, 0)] = (q, float(wq.scale))
+        self.set_native(node.outputs[0], Value(y, float(wq.scale)), layer)
+
+    def _visit_Slice(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        v = self._moved_input(node)
+        consts = []
+        for name in node.inputs[1:]:
+            if name and not self.g.is_const(name):
+                raise unsupported(node, "slice bounds computed at run time")
+            consts.append([int(x) for x in self.g.const(name).reshape(-1)] if name else None)
+        while len(consts) < 4:
+            consts.append(None)
+        starts, ends, axes, steps = consts
+        big = (1 << 62)
+        ends = [min(max(e, -big), big) for e in ends]
+        starts = [min(max(s, -big), big) for s in starts]
+        attrs = {"starts": starts, "ends": ends}
+        if axes is not None:
+            attrs["axes"] = axes
+        if steps is not None:
+            attrs["steps"] = steps
+        y = self.emit("Slice", [v.name], f"{layer}.slice", **attrs)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    def _visit_Pad(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        mode = node.attrs.get("mode", "constant")
+        value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+        if mode != "constant" or (value is not None and float(self.g.const(value).reshape(())) != 0.0) or (len(node.inputs) > 3 and node.inputs[3]):
+            raise unsupported(node, "padding other than zeros on every axis")
+        v = self._moved_input(node)
+        pads = [int(p) for p in self.g.const(node.inputs[1]).reshape(-1)]
+        rank = len(pads) // 2
+        y = v.name
+        for axis in range(rank):
+            before, after = pads[axis], pads[axis + rank]
+            if before < 0 or after < 0:
+                raise unsupported(node, "negative padding")
+            if before:
+                y = self.emit("Concat", [self._zeros_like(y, axis, before, layer), y], f"{layer}.pad", axis=axis)
+            if after:
+                y = self.emit("Concat", [y, self._zeros_like(y, axis, after, layer)], f"{layer}.pad", axis=axis)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    def _zeros_like(self, ref: str, axis: int, count: int, layer: str) -> str:
+        """Zeros shaped like `ref` but `count` long on `axis`, from ref itself (so the batch
+        dimension follows whatever the run feeds)."""
+        size = self.b.tensors[ref].shape[axis]
+        if not isinstance(size, int) or count > size:
+            raise ExportError(f"{layer}: cannot pad {count} entries on an axis of {size}")
+        part = self.emit("Slice", [ref], f"{layer}.zeros", starts=[0], ends=[count], axes=[axis])
+        zero = self.const(0, "int8", f"{layer}.zero")
+        zeros = self.emit("Mul", [part, zero], f"{layer}.zeros")
+        return self.emit("Cast", [zeros], f"{layer}.zeros", dtype=self.dtype(ref).name)
+
+    def _visit_Concat(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        axis = int(node.attrs["axis"])
+        bits = self.options.residual_bits
+        dtype = f"int{bits}"
+        scale = self.scale_of(node.outputs[0], bits)
+        reference = next((i for i in node.inputs if not self.g.is_const(i)), None)
+        if reference is None:
+            raise unsupported(node, "a concatenation of constants only")
+        parts = []
+        for index, t in enumerate(node.inputs):
+            if self.g.is_const(t):
+                c = self.g.const(t).astype(np.float64)
+                q = np.clip(np.rint(c / scale), TYPES[dtype].lo, TYPES[dtype].hi).astype(np.int64)
+                name = self.const(q, dtype, f"{layer}.const{index}")
+                self.record.consts[(node.name, index)] = (name, scale)
+                if t in self.g.batch_rows:
+                    name = self._per_sample(name, self.value(reference).name, layer, dtype)
+                parts.append(name)
+            else:
+                v = self.value(t)
+                if v.kind == "int" and not v.per_channel and self.dtype(v.name).name == dtype and math.isclose(float(v.scale), scale):
+                    parts.append(v.name)
+                else:
+                    r = self.requant(v, scale, dtype, f"{layer}.input{index}", layer)
+                    self.record.edges[(node.name, index)] = (scale, bits, True)
+                    parts.append(r)
+        y = self.emit("Concat", parts, f"{layer}.concat", axis=axis)
+        self.set_native(node.outputs[0], Value(y, scale), layer, quantized_bits=bits)
+
+    def _per_sample(self, const_name: str, reference: str, layer: str, dtype: str) -> str:
+        """A one-row constant repeated for every sample of `reference`'s batch: 0 * (a
+        one-element slice of the reference per sample) + constant, then cast back."""
+        rank = len(self.b.tensors[const_name].shape)
+        ref_rank = len(self.b.tensors[reference].shape)
+        if rank != ref_rank:
+            raise ExportError(f"{layer}: cannot repeat a rank-{rank} constant per sample of a rank-{ref_rank} tensor")
+        axes = list(range(1, rank))
+        part = self.emit("Slice", [reference], f"{layer}.per_sample", starts=[0] * len(axes), ends=[1] * len(axes), axes=axes)
+        zeros = self.emit("Mul", [part, self.const(0, "int8", f"{layer}.zero")], f"{layer}.per_sample")
+        rows = self.emit("Add", [zeros, const_name], f"{layer}.per_sample")
+        return self.emit("Cast", [rows], f"{layer}.per_sample", dtype=dtype)
+
+    def _visit_ReduceSum(self, node: Node) -> None:
+        self._reduce(node, "ReduceSum")
+
+    def _visit_ReduceMean(self, node: Node) -> None:
+        self._reduce(node, "ReduceMean")
+
+    def _reduce(self, node: Node, op: str) -> None:
+        layer = self.layer_name(node)
+        v = self._moved_input(node)
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+            axes = [int(a) for a in self.g.const(node.inputs[1]).reshape(-1)]
+        attrs = {"keepdims": bool(node.attrs.get("keepdims", 1))}
+        if axes is not None:
+            attrs["axes"] = [int(a) for a in axes]
+        if op == "ReduceMean":
+            attrs["rounding"] = "half_even"
+        y = self.emit(op, [v.name], f"{layer}.{op.lower()}", **attrs)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    # --- masks ---------------------------------------------------------------------------------------
+
+    def mask_tensor(self, mask_input: str, kind: str, layer: str) -> str:
+        """The integer form of a mask input: keys (batch, 1, 1, seq) for softmax, tokens
+        (batch, seq, 1) for pooling, or the count of kept tokens (batch, 1)."""
+        key = (mask_input, kind)
+        if key not in self.mask_tensors:
+            seq = self.g.shapes1[mask_input][-1]
+            if kind == "keys":
+                name = self.emit("Reshape", [mask_input], f"{mask_input}.keys", shape=[0, 1, 1, seq])
+            elif kind == "tokens":
+                name = self.emit("Reshape", [mask_input], f"{mask_input}.tokens", shape=[0, seq, 1])
+            else:
+                name = self.emit("ReduceSum", [mask_input], f"{mask_input}.count", axes=[1], keepdims=True)
+            self.mask_tensors[key] = name
+        return self.mask_tensors[key]
