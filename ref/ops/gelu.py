@@ -269,9 +269,9 @@ _INT16 = dict(min=-(1 << 15), max=(1 << 15) - 1)
 def ITAGelu(x, *, q_1, q_b, q_c, eps_mul=None, eps_shift=0, eps_add=0):
     """PyITA's i-GELU: q = max(x, -127); y = q * (L(q) + q_1), then (with eps_mul) ITA's half-up requant to int8."""
     what = "ITAGelu"
+    if np.asarray(x).dtype != np.int8:
+        raise OpError(f"{what}: PyITA's i-GELU takes int8 input, got {np.asarray(x).dtype}")
     flat = _flat(x, what, max_bits=8)
-    if flat.dtype != np.int8:
-        raise OpError(f"{what}: PyITA's i-GELU takes int8 input, got {flat.dtype}")
     t = _ita_gelu_type(eps_mul)
     requantize = eps_mul is not None
     if backend.use_numba():

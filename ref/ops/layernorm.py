@@ -138,7 +138,9 @@ def iLayerNorm(x, weight, bias, *, D, n_levels=256, overflow="saturate"):
 # --- I-BERT integer LayerNorm -----------------------------------------------------------------
 
 _VAR_LIMIT = 1 << 32  # I-BERT keeps the sum of squares below 2^32 (it raises `shift` until it does)
+_TERM_LIMIT = 1 << 16  # one (d >> shift) this large already puts the sum past 2^32
 _FACTOR_NUMERATOR = (1 << 31) - 1
+_BIAS_LIMIT = 1 << 62
 
 
 @njit(cache=True, parallel=True)
@@ -152,9 +154,11 @@ def _ibert_layernorm_kernel(x, bias, shift, out, var_too_big):
         var = np.int64(0)
         for j in range(n):
             d = (np.int64(x[r, j]) - mean) >> shift
-            var += d * d
-        if var >= _VAR_LIMIT:
-            var_too_big[r] = True
+            var += d * d if abs(d) < _TERM_LIMIT else _VAR_LIMIT
+            if var >= _VAR_LIMIT:
+                var_too_big[r] = True
+                break
+        if var_too_big[r]:
             continue
         std = isqrt_scalar(var) << shift
         factor = _FACTOR_NUMERATOR // max(std, 1)
@@ -167,9 +171,12 @@ def _np_ibert_layernorm(x, bias, shift, what):
     n = x.shape[1]
     mean = round_div(x.sum(axis=1, keepdims=True), n, "half_even")
     d = x - mean
-    var = ((d >> shift) ** 2).sum(axis=1, keepdims=True)
-    if np.any(var >= _VAR_LIMIT):
-        raise OpError(_var_message(what, int(np.argmax(var[:, 0] >= _VAR_LIMIT)), shift))
+    scaled = d >> shift
+    big = np.abs(scaled) >= _TERM_LIMIT
+    var = np.where(big, 0, scaled * scaled).sum(axis=1, keepdims=True)
+    too_big = big.any(axis=1) | (var[:, 0] >= _VAR_LIMIT)
+    if too_big.any():
+        raise OpError(_var_message(what, int(np.argmax(too_big)), shift))
     std = _np_isqrt(var) << shift
     factor = _FACTOR_NUMERATOR // np.maximum(std, 1)
     return ((d * factor) >> 1) + bias
@@ -184,15 +191,19 @@ def _infer_ibert_layernorm(ins, attrs):
     return [(TYPES["int64"], ins[0].shape)]
 
 
-@op("IBertLayerNorm", inputs=["x", "bias?"], attrs=dict(shift=Int(min=0, max=62)), infer=_infer_ibert_layernorm)
+@op("IBertLayerNorm", inputs=["x", "bias?"], attrs=dict(shift=Int(min=0, max=30)), infer=_infer_ibert_layernorm)
 def IBertLayerNorm(x, bias=None, *, shift=0):
     """I-BERT's integer LayerNorm over the last axis with an exact floor square root (IntLayerNorm)."""
     what = "IBertLayerNorm"
+    if not 0 <= shift <= 30:
+        raise OpError(f"{what}: shift must lie in [0, 30], got {shift}")
     x2 = _rows(x, what)
     n = x2.shape[1]
     b = _per_channel(bias, n, "bias", what)
-    if (_value_bound(x2) * 2 + 1) * _FACTOR_NUMERATOR + _value_bound(b) > INT64_MAX:
-        raise OpError(f"{what}: (x - mean) * factor can leave int64")
+    # |d * factor| < 2^62 for shift <= 30: if |d| >= 2^(shift+1), std >= |d| - 2^shift >= |d|/2 and
+    # factor <= 2^32/|d|; otherwise |d| * factor < 2^(shift+1) * 2^31. So a bias below 2^62 is safe.
+    if _value_bound(b) >= _BIAS_LIMIT:
+        raise OpError(f"{what}: bias must stay below 2^62 in magnitude")
     if n == 0:
         return np.zeros(np.shape(x), np.int64)
     if backend.use_numba():
