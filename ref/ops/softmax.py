@@ -96,6 +96,29 @@ def _check_range(values, t: IntType, what: str):
         raise OpError(f"{what}: row {int(bad[0])}: a result falls outside the output type {t.name} [{t.lo}, {t.hi}]")
 
 
+@njit(cache=True, inline="always")
+def _kept_max(x, keep, has_mask, r, start, stop):
+    """(max over the kept x[r, start:stop], whether any was kept)."""
+    if stop <= start:
+        return np.int64(0), False
+    if not has_mask:
+        m = np.int64(x[r, start])
+        for j in range(start + 1, stop):
+            v = np.int64(x[r, j])
+            if v > m:
+                m = v
+        return m, stop > start
+    m = np.int64(0)
+    seen = False
+    for j in range(start, stop):
+        if keep[r, j]:
+            v = np.int64(x[r, j])
+            if not seen or v > m:
+                m = v
+                seen = True
+    return m, seen
+
+
 def _zero_exp_message(what, row):
     return f"{what}: row {row}: every exponential is 0, the softmax divides by their sum"
 
@@ -146,15 +169,7 @@ def _np_rs(d, k: int):
 def _ita_max_kernel(x, keep, has_mask, k, numerator, offset, lo, hi, out, bad):
     rows, n = x.shape
     for r in prange(rows):
-        m = np.int64(0)
-        seen = False
-        for j in range(n):
-            if has_mask and not keep[r, j]:
-                continue
-            v = np.int64(x[r, j])
-            if not seen or v > m:
-                m = v
-                seen = True
+        m, seen = _kept_max(x, keep, has_mask, r, 0, n)
         if not seen:
             for j in range(n):
                 out[r, j] = offset
@@ -218,9 +233,20 @@ _OK, _OVERFLOW, _ZERO_SUM, _OUT_OF_RANGE = 0, 1, 2, 3
 _POLICY = {"error": 0, "wrap": 1, "saturate": 2}
 
 
+@functools.lru_cache(maxsize=64)
+def _ita_shift_tables(k: int, span: int):
+    """rs(d) and 256 >> rs(d) for every difference 0 <= d <= span."""
+    shifts = _np_rs(np.arange(span + 1, dtype=np.int64), k)
+    weights = np_shr(256, shifts)
+    shifts.setflags(write=False)
+    weights.setflags(write=False)
+    return shifts, weights
+
+
 @njit(cache=True, parallel=True)
 def _ita_partial_kernel(x, keep, has_mask, group_width, k, numerator, max_init, offset,
-                        acc_max, policy, lo, hi, out, status, where_group, where_value):
+                        acc_max, policy, lo, hi, out, status, where_group, where_value,
+                        shifts, weights, use_table):
     rows, n = x.shape
     for r in prange(rows):
         gmax = np.int64(max_init)
@@ -230,15 +256,7 @@ def _ita_partial_kernel(x, keep, has_mask, group_width, k, numerator, max_init, 
         group = 0
         while start < n:
             stop = min(start + group_width, n)
-            cmax = np.int64(0)
-            seen = False
-            for j in range(start, stop):
-                if has_mask and not keep[r, j]:
-                    continue
-                v = np.int64(x[r, j])
-                if not seen or v > cmax:
-                    cmax = v
-                    seen = True
+            cmax, seen = _kept_max(x, keep, has_mask, r, start, stop)
             s = np.int64(0)
             if seen:
                 any_kept = True
@@ -249,7 +267,8 @@ def _ita_partial_kernel(x, keep, has_mask, group_width, k, numerator, max_init, 
             for j in range(start, stop):
                 if has_mask and not keep[r, j]:
                     continue
-                group_sum += shr(np.int64(256), _rs(gmax - np.int64(x[r, j]), k))
+                d = gmax - np.int64(x[r, j])
+                group_sum += weights[d] if use_table else shr(np.int64(256), _rs(d, k))
             acc = shr(acc, s) + group_sum
             if acc > acc_max:
                 if policy == 0:
@@ -277,7 +296,8 @@ def _ita_partial_kernel(x, keep, has_mask, group_width, k, numerator, max_init, 
         for j in range(n):
             y = np.int64(offset)
             if not has_mask or keep[r, j]:
-                y += shr(inv, _rs(gmax - np.int64(x[r, j]), k))
+                d = gmax - np.int64(x[r, j])
+                y += shr(inv, shifts[d] if use_table else _rs(d, k))
             if y < lo or y > hi:
                 status[r] = _OUT_OF_RANGE
                 y = lo
@@ -356,8 +376,14 @@ def ITAPartialMax(x, mask=None, *, group_width=16, groups=None, n_levels=256, k=
         status = np.zeros(rows, np.int8)
         where_group = np.zeros(rows, np.int64)
         where_value = np.zeros(rows, np.int64)
+        # gmax - x lies in [0, max(max_init, x.max) - x.min]: tabulate rs for narrow inputs.
+        info = np.iinfo(x2.dtype)
+        span = max(max_init, int(info.max)) - int(info.min)
+        use_table = info.bits <= 16 and span <= 1 << 17
+        shifts, weights = _ita_shift_tables(k, span if use_table else 0)
         _ita_partial_kernel(x2, *_keep_args(keep), group_width, k, num, max_init, output_offset,
-                            (1 << acc_bits) - 1, _POLICY[overflow], t.lo, t.hi, out, status, where_group, where_value)
+                            (1 << acc_bits) - 1, _POLICY[overflow], t.lo, t.hi, out, status, where_group, where_value,
+                            shifts, weights, use_table)
         if np.any(status != _OK):
             row = int(np.argmax(status != _OK))
             code = int(status[row])
@@ -403,15 +429,7 @@ def _i_exp_table(span, coeffA, coeffB, coeffC, log2):
 def _i_softmax_kernel(x, keep, has_mask, table, use_table, coeffA, coeffB, coeffC, log2, levels_minus_one, out, zero_rows):
     rows, n = x.shape
     for r in prange(rows):
-        m = np.int64(0)
-        seen = False
-        for j in range(n):
-            if has_mask and not keep[r, j]:
-                continue
-            v = np.int64(x[r, j])
-            if not seen or v > m:
-                m = v
-                seen = True
+        m, seen = _kept_max(x, keep, has_mask, r, 0, n)
         if not seen:
             for j in range(n):
                 out[r, j] = 0
@@ -425,13 +443,22 @@ def _i_softmax_kernel(x, keep, has_mask, table, use_table, coeffA, coeffB, coeff
         if total == 0:
             zero_rows[r] = True
             continue
+        # The output depends on x only through d = x - max: for rows longer than the table
+        # of differences, divide once per d.
+        use_memo = use_table and n > table.size
+        memo = np.full(table.size if use_memo else 0, -1, np.int64)
         for j in range(n):
             if has_mask and not keep[r, j]:
                 out[r, j] = 0
                 continue
             d = np.int64(x[r, j]) - m
-            y = table[-d] if use_table else _i_exp(d, coeffA, coeffB, coeffC, log2)
-            out[r, j] = (y * levels_minus_one) // total
+            if use_memo:
+                if memo[-d] < 0:
+                    memo[-d] = (table[-d] * levels_minus_one) // total
+                out[r, j] = memo[-d]
+            else:
+                y = table[-d] if use_table else _i_exp(d, coeffA, coeffB, coeffC, log2)
+                out[r, j] = (y * levels_minus_one) // total
 
 
 def _check_i_softmax_bounds(dtype, coeffA, coeffB, coeffC, log2, n_levels, n, what):
@@ -538,15 +565,7 @@ def _ibert_softmax_kernel(x, keep, has_mask, table, use_table, x0_int, b_int, c_
                           exp_shift, exp_max, out_shift, out, zero_rows):
     rows, cols = x.shape
     for r in prange(rows):
-        m = np.int64(0)
-        seen = False
-        for j in range(cols):
-            if has_mask and not keep[r, j]:
-                continue
-            v = np.int64(x[r, j])
-            if not seen or v > m:
-                m = v
-                seen = True
+        m, seen = _kept_max(x, keep, has_mask, r, 0, cols)
         if not seen:
             for j in range(cols):
                 out[r, j] = 0
@@ -648,36 +667,28 @@ def _tflite_exp_table(span, multiplier, left_shift, diff_min):
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_tflite_exp_table(multiplier, left_shift, diff_min):
-    table = _tflite_exp_table(255, multiplier, left_shift, diff_min)
-    table.setflags(write=False)
-    return table
+def _cached_tflite_tables(multiplier, left_shift, diff_min):
+    """exp of each difference (Q0.31, -1 where skipped) and its Q12.19 term of the sum."""
+    exp = _tflite_exp_table(255, multiplier, left_shift, diff_min)
+    term = np.where(exp >= 0, np_rdbpot(np.maximum(exp, 0), _ACCUM_INTEGER_BITS), 0)
+    exp.setflags(write=False)
+    term.setflags(write=False)
+    return exp, term
 
 
 @njit(cache=True, parallel=True)
-def _tflite_softmax_kernel(x, keep, has_mask, table, out, overflow_rows):
+def _tflite_softmax_kernel(x, keep, has_mask, table, terms, out, overflow_rows):
     rows, n = x.shape
     for r in prange(rows):
-        m = np.int64(-128)
-        seen = False
-        for j in range(n):
-            if has_mask and not keep[r, j]:
-                continue
-            v = np.int64(x[r, j])
-            if not seen or v > m:
-                m = v
-                seen = True
+        m, seen = _kept_max(x, keep, has_mask, r, 0, n)
         if not seen:
             for j in range(n):
                 out[r, j] = -128
             continue
         total = np.int64(0)
         for j in range(n):
-            if has_mask and not keep[r, j]:
-                continue
-            e = table[m - np.int64(x[r, j])]
-            if e >= 0:
-                total += rdbpot(e, _ACCUM_INTEGER_BITS)
+            if not has_mask or keep[r, j]:
+                total += terms[m - np.int64(x[r, j])]
         if total > INT32_MAX:
             overflow_rows[r] = True
             continue
@@ -740,10 +751,10 @@ def TFLiteSoftmax(x, mask=None, *, input_multiplier, input_left_shift, diff_min)
     if max(diff_min, -255) * (1 << input_left_shift) < INT32_MIN:
         raise OpError(f"{what}: a difference of {max(diff_min, -255)} shifted left by {input_left_shift} leaves int32")
     if backend.use_numba():
-        table = _cached_tflite_exp_table(input_multiplier, input_left_shift, diff_min)
+        table, terms = _cached_tflite_tables(input_multiplier, input_left_shift, diff_min)
         out = np.empty(x2.shape, np.int8)
         overflow_rows = np.zeros(x2.shape[0], np.bool_)
-        _tflite_softmax_kernel(x2, *_keep_args(keep), table, out, overflow_rows)
+        _tflite_softmax_kernel(x2, *_keep_args(keep), table, terms, out, overflow_rows)
         if overflow_rows.any():
             raise OpError(_tflite_overflow_message(what, int(np.argmax(overflow_rows))))
         return out.reshape(np.shape(x))
