@@ -107,7 +107,7 @@ def _kept_max(x, keep, has_mask, r, start, stop):
             v = np.int64(x[r, j])
             if v > m:
                 m = v
-        return m, stop > start
+        return m, True
     m = np.int64(0)
     seen = False
     for j in range(start, stop):
