@@ -1,0 +1,80 @@
+"""Shared by the golden/hw_vectors tests: small random ITA attention graphs.
+
+Until the ITA softmax ops land from their own branch, `ensure_ita_softmax()` registers a
+stand-in `ITAPartialMax` written from the formula in shared/OPS_REFERENCE.md section 4
+(k = 5, numerator 255*256, initial max -128, groups of 16, uint8 output). The layout
+tests do not depend on what the softmax computes, only on the tensors the run produced.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refsim import GraphBuilder
+from refsim.dtypes import TYPES
+from refsim.ops import registry
+from refsim.hw_vectors.ita_graph import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
+
+
+def ensure_ita_softmax() -> None:
+    if "ITAPartialMax" in registry.OPS:
+        return
+
+    def infer(ins, attrs):
+        return [(TYPES["uint8"], ins[0].shape)]
+
+    @registry.op("ITAPartialMax", inputs=["x"], infer=infer)
+    def ITAPartialMax(x):
+        """Stand-in for tests: ITA streaming softmax, k=5, NUM=65280, MAX_INIT=-128."""
+        x = np.asarray(x).astype(np.int64)
+        k, num, group = 5, 255 * 256, 16
+
+        def rs(d):
+            return (d + (1 << (k - 1))) >> k
+
+        rows = x.reshape(-1, x.shape[-1])
+        out = np.zeros_like(rows)
+        for r, row in enumerate(rows):
+            gmax, acc = -128, 0
+            for g in range(0, row.size, group):
+                part = row[g : g + group]
+                c = int(part.max())
+                s = 0
+                if c > gmax:
+                    s, gmax = int(rs(c - gmax)), c
+                acc = (acc >> s) + int(np.sum(256 >> rs(gmax - part)))
+            out[r] = (num // acc) >> rs(gmax - row)
+        return out.reshape(x.shape).astype(np.uint8)
+
+
+def random_requant(rng, fan_in: int) -> ItaRequant:
+    mul = int(rng.integers(64, 128))
+    # Shift chosen, as PyITA does, so that typical accumulators land in int8.
+    shift = int(np.log2(mul * fan_in * 2**9)) - 8 + 2 - 4
+    return ItaRequant(mul, max(shift, 0), int(rng.integers(-3, 4)))
+
+
+def random_attention(rng, E: int, P: int, H: int, bias: bool = True) -> ItaAttention:
+    heads = []
+    for _ in range(H):
+        w = lambda *shape: rng.integers(-128, 128, shape)  # noqa: E731
+        b = (lambda n: rng.integers(-(1 << 12), 1 << 12, n)) if bias else (lambda n: None)  # noqa: E731
+        heads.append(ItaHead(
+            wq=w(E, P), wk=w(E, P), wv=w(E, P), wo=w(P, E),
+            bq=b(P), bk=b(P), bv=b(P), bo=b(E),
+            q=random_requant(rng, E), k=random_requant(rng, E), v=random_requant(rng, E),
+            qk=random_requant(rng, P), av=ItaRequant(int(rng.integers(64, 128)), 14, 0), ow=random_requant(rng, P),
+        ))
+    return ItaAttention(heads, ItaRequant(int(rng.integers(64, 128)), 7, 0), ItaSoftmax("ITAPartialMax"))
+
+
+def ita_model(S=64, E=64, P=64, H=2, seed=0, cross=False, bias=True):
+    """A graph that is one ITA attention block on int8 inputs q (and kv when `cross`)."""
+    ensure_ita_softmax()
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("ita_block")
+    q = b.input("q", "int8", [S, E])
+    kv = b.input("kv", "int8", [S, E]) if cross else q
+    out = add_attention_block(b, "enc0.attn", q, kv, random_attention(rng, E, P, H, bias))
+    b.output(out)
+    return b.model()
