@@ -47,25 +47,29 @@ def ensure_ita_softmax() -> None:
         return out.reshape(x.shape).astype(np.uint8)
 
 
-def random_requant(rng, fan_in: int) -> ItaRequant:
+def random_requant(rng, acc_std: float) -> ItaRequant:
+    """A random 7-bit multiplier with the shift that brings an accumulator of about
+    `acc_std` to about 32, so that tests see spread-out int8 values, not clipped ones."""
     mul = int(rng.integers(64, 128))
-    # Shift chosen, as PyITA does, so that typical accumulators land in int8.
-    shift = int(np.log2(mul * fan_in * 2**9)) - 8 + 2 - 4
-    return ItaRequant(mul, max(shift, 0), int(rng.integers(-3, 4)))
+    return ItaRequant(mul, max(int(round(np.log2(mul * acc_std / 32))), 0), int(rng.integers(-3, 4)))
 
 
 def random_attention(rng, E: int, P: int, H: int, bias: bool = True) -> ItaAttention:
     heads = []
+    int8_std = 74.0  # of uniform int8 values
     for _ in range(H):
         w = lambda *shape: rng.integers(-128, 128, shape)  # noqa: E731
         b = (lambda n: rng.integers(-(1 << 12), 1 << 12, n)) if bias else (lambda n: None)  # noqa: E731
+        projection = lambda: random_requant(rng, np.sqrt(E) * int8_std * int8_std)  # noqa: E731
         heads.append(ItaHead(
             wq=w(E, P), wk=w(E, P), wv=w(E, P), wo=w(P, E),
             bq=b(P), bk=b(P), bv=b(P), bo=b(E),
-            q=random_requant(rng, E), k=random_requant(rng, E), v=random_requant(rng, E),
-            qk=random_requant(rng, P), av=ItaRequant(int(rng.integers(64, 128)), 14, 0), ow=random_requant(rng, P),
+            q=projection(), k=projection(), v=projection(),
+            qk=random_requant(rng, np.sqrt(P) * 32 * 32 * 4),
+            av=random_requant(rng, 255 * 32 / 4),
+            ow=random_requant(rng, np.sqrt(P) * 32 * int8_std),
         ))
-    return ItaAttention(heads, ItaRequant(int(rng.integers(64, 128)), 7, 0), ItaSoftmax("ITAPartialMax"))
+    return ItaAttention(heads, random_requant(rng, 32 * np.sqrt(H)), ItaSoftmax("ITAPartialMax"))
 
 
 def ita_model(S=64, E=64, P=64, H=2, seed=0, cross=False, bias=True):
