@@ -25,7 +25,7 @@ def ensure_ita_softmax() -> None:
 
     @registry.op("ITAPartialMax", inputs=["x"], infer=infer)
     def ITAPartialMax(x):
-        """Stand-in for tests: ITA streaming softmax, k=5, NUM=65280, MAX_INIT=-128."""
+        """Stand-in for tests: ITA streaming softmax, k=5, NUM=65280, MAX_INIT=-128, G=16."""
         x = np.asarray(x).astype(np.int64)
         k, num, group = 5, 255 * 256, 16
 
@@ -33,17 +33,15 @@ def ensure_ita_softmax() -> None:
             return (d + (1 << (k - 1))) >> k
 
         rows = x.reshape(-1, x.shape[-1])
-        out = np.zeros_like(rows)
-        for r, row in enumerate(rows):
-            gmax, acc = -128, 0
-            for g in range(0, row.size, group):
-                part = row[g : g + group]
-                c = int(part.max())
-                s = 0
-                if c > gmax:
-                    s, gmax = int(rs(c - gmax)), c
-                acc = (acc >> s) + int(np.sum(256 >> rs(gmax - part)))
-            out[r] = (num // acc) >> rs(gmax - row)
+        gmax = np.full(rows.shape[0], -128, np.int64)
+        acc = np.zeros(rows.shape[0], np.int64)
+        for g in range(0, rows.shape[1], group):
+            part = rows[:, g : g + group]
+            c = part.max(axis=1)
+            s = np.where(c > gmax, rs(c - gmax), 0)
+            gmax = np.maximum(gmax, c)
+            acc = (acc >> s) + np.sum(256 >> rs(gmax[:, None] - part), axis=1)
+        out = (num // acc)[:, None] >> rs(gmax[:, None] - rows)
         return out.reshape(x.shape).astype(np.uint8)
 
 
