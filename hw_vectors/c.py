@@ -64,8 +64,8 @@ def c_literal(value: int, type_name: str) -> str:
 
 
 def comment_safe(text: str) -> str:
-    """Text for inside a /* */ comment: JSON-escaped, with no way to end the comment."""
-    return json.dumps(text).replace("*/", "*\\u002f")
+    """Text for inside a comment: JSON-escaped, '*' too, so it can neither end nor open one."""
+    return json.dumps(text).replace("*", "\\u002a")
 
 
 def _array(ident: str, type_name: str, values, comment: str | None = None) -> str:

@@ -112,7 +112,7 @@ def format_words(words: np.ndarray, word_bits: int) -> bytes:
 
 def _comment_safe(name: str) -> str:
     """The name as a JSON string, with no character that could end or open a comment."""
-    return json.dumps(name).replace("*", "\\u002a").replace("/", "\\u002f")
+    return json.dumps(name).replace("*", "\\u002a")
 
 
 def memh_text(values: np.ndarray, dtype_name: str, name: str, word_bits: int, addresses: bool = False) -> bytes:

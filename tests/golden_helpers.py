@@ -16,6 +16,23 @@ from refsim.ops import registry
 from refsim.hw_vectors.ita_graph import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
 
 
+# Tensor names that must never become paths outside the set (or clash, or break C).
+NASTY_NAMES = [
+    "../escape", "/etc/passwd", "a/../../b", "nul\x00byte", "x" * 5000, "Logits", "logits", "CON", ".hidden",
+    "", "..", "\u00fc:*?", "a/b", "a_b", "a:b", "*/ int evil; /*", "int", "FC1_OUT", "fc1.out", "9lives",
+]
+
+
+def nasty_graph():
+    """A chain of Relu nodes whose outputs carry the names above (an empty one gets a default)."""
+    b = GraphBuilder("nasty */ name")
+    x = b.input("in/../../x", "int8", [2])
+    for i, name in enumerate(NASTY_NAMES):
+        x = b.node("Relu", [x], outputs=name or None, name=f"n{i}")
+    b.output(x)
+    return b.model()
+
+
 def ensure_ita_softmax() -> None:
     if "ITAPartialMax" in registry.OPS:
         return

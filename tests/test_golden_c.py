@@ -6,6 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from golden_helpers import nasty_graph
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, pack
 from refsim.golden.vectorset import write_vector_set
@@ -95,3 +96,15 @@ def test_packed_sub_byte_arrays(tmp_path):
     # int2: element 0 (-2 = 0b10) in bits 0-1 of byte 0; element 9 (1) in bits 2-3 of byte 2, bits 4-7 zero.
     assert printed["in_int2_packed"][0] & 0x3 == 0b10 and printed["in_int2_packed"][2] >> 2 == 0b01
     assert printed["in_int8"] == feeds["in_int8"].reshape(-1).tolist()
+
+
+def test_unsafe_names_give_a_valid_header(tmp_path):
+    model = nasty_graph()
+    out = tmp_path / "set"
+    write_vector_set(model, [Sample({"in/../../x": np.array([3, -4], np.int8)}, "s */")], out, targets("c"))
+    header = out / "sample0000" / "golden_sample0000.h"
+    text = header.read_text()
+    assert "*/ int evil" not in text and "/*\"" not in text  # the name stays inside its comment
+    # Every identifier is distinct and valid: the header compiles (twice included: the guard works).
+    stdout = compile_and_run(tmp_path, header, '#include "golden_sample0000.h"\nprintf("%d\\n", (int)T_9LIVES_SIZE);')
+    assert stdout.strip() == "2"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import refsim
+from golden_helpers import NASTY_NAMES, nasty_graph
 from refsim import GraphBuilder
 from refsim.cli import main as cli
 from refsim.golden.vectorset import write_vector_set
@@ -143,23 +144,15 @@ def test_an_interrupted_run_leaves_no_partial_dir(tmp_path, exception):
     assert list(tmp_path.iterdir()) == []
 
 
-NASTY = ["../escape", "/etc/passwd", "a/../../b", "nul\x00byte", "x" * 5000, "Logits", "logits", "CON", ".hidden", "", "..", "ü:*?"]
-
-
 def test_unsafe_names_stay_inside_the_set(tmp_path):
-    b = GraphBuilder("nasty")
-    x = b.input("in/../../x", "int8", [2])
-    for i, name in enumerate(NASTY):
-        x = b.node("Relu", [x], outputs=name or "", name=f"n{i}") if name else b.node("Relu", [x], name=f"n{i}")
-    b.output(x)
-    model = b.model()
+    model = nasty_graph()
     out = tmp_path / "out"
     m = write_vector_set(model, [Sample({"in/../../x": np.array([1, -1], np.int8)}, "s")], out, targets("npy,memh,c"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert all(out.resolve() in p.resolve().parents for p in files)
     stems = [t["file"] for t in m["tensors"]]
-    assert len({s.casefold() for s in stems}) == len(stems) == len(NASTY) + 1
+    assert len({s.casefold() for s in stems}) == len(stems) == len(NASTY_NAMES) + 1
     assert all(len(s) <= 96 and not s.startswith(".") and s.split(".")[0].upper() != "CON" for s in stems)
     assert len(files) == 1 + 2 * len(stems) + 1  # manifest, npy + memh per tensor, one header
     for t in m["tensors"]:
