@@ -105,7 +105,14 @@ def output_stream(out: np.ndarray, m: int = ITA_M, n: int = ITA_N) -> np.ndarray
 
 def decimal_lines(values: np.ndarray) -> bytes:
     """One decimal value per line, no newline after the last (PyITA's write_matrix)."""
-    return "\n".join(np.asarray(values).reshape(-1).astype(np.int64).astype(str).tolist()).encode()
+    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    if flat.size == 0:
+        return b""
+    lo, hi = int(flat.min()), int(flat.max())
+    if hi - lo < 1 << 16:  # 8-bit data: format each distinct value once (streams reach 8M values)
+        table = np.array([str(v).encode() for v in range(lo, hi + 1)], dtype=object)
+        return b"\n".join(table[flat - lo].tolist())
+    return "\n".join(map(str, flat.tolist())).encode()
 
 
 def decimal_rows(matrix: np.ndarray) -> bytes:
