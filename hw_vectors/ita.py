@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from refsim.errors import GraphError
+from refsim.golden.names import FileNames
 
 from .ita_graph import ITA_TILE, attention_records, ita_constraints, read_block
 from .memh import encode_words, format_words
@@ -221,8 +222,6 @@ def block_files(graph, block, arrays: dict[str, np.ndarray]) -> dict[str, bytes]
 
 
 def write(ctx) -> None:
-    from refsim.golden.names import FileNames
-
     folder = FileNames()
     for record in attention_records(ctx.graph):
         block = read_block(ctx.graph, record)

@@ -9,7 +9,6 @@ import pytest
 
 import refsim
 from golden_helpers import NASTY_NAMES, nasty_graph
-from refsim import GraphBuilder
 from refsim.cli import main as cli
 from refsim.golden.vectorset import write_vector_set
 from refsim.hw_vectors import targets

@@ -226,3 +226,19 @@ def test_a_model_without_blocks_is_refused(tmp_path):
     b.output(b.node("Relu", [b.input("x", "int8", [4])], outputs="y"))
     with pytest.raises(RefsimError, match="records no ITA attention blocks"):
         write_vector_set(b.model(), [Sample({"x": np.zeros(4, np.int8)}, "s")], tmp_path / "set", targets("ita"))
+
+
+def test_cli_writes_ita_files_for_a_saved_model(tmp_path, capsys):
+    from refsim.cli import main as cli
+    from refsim.intq import save
+
+    model = ita_model(64, 64, 64, 2, seed=11)
+    save(model.graph, tmp_path / "block.intq")  # the record survives the file format
+    np.save(tmp_path / "q.npy", feeds(64, 64)["q"])
+    out = tmp_path / "vectors"
+    args = ["golden", str(tmp_path / "block.intq"), str(tmp_path / "q.npy"), "-o", str(out), "--targets", "ita,memh"]
+    assert cli(args) == 0
+    folder = out / "sample0000" / "ita" / "enc0.attn"
+    assert (folder / "hwpe" / "mem.txt").is_file() and (folder / "standalone" / "Out_soft_1.txt").is_file()
+    assert cli(["check", str(out), str(out), "--tensors", "enc0.attn.h1.*"]) == 0
+    assert "0 mismatch, 0 missing: OK" in capsys.readouterr().out
