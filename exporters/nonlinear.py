@@ -40,7 +40,8 @@ class OpParams:
     """What an exporter needs to emit one integer nonlinearity.
 
     op: the IR op name; attrs: its attributes (plain ints/bools); consts: its constant
-    inputs by input name (int arrays, already in the storage type the op expects);
+    inputs by input name, in the op's input order (int arrays in the storage type the op
+    expects);
     input_scale: the scale x must have; output_scale, output_zero_point: real(y) =
     (y - output_zero_point) * output_scale (output_scale may be a per-channel array, and is
     negative where the anchor's integers carry a negative scale: see each function).
@@ -75,9 +76,9 @@ def ita_softmax_params(input_scale=None, *, streaming: bool = False, preset: str
     The op approximates exp by powers of two: a difference of 2^k input steps halves the
     weight, so the input scale must be ln(2) / 2^k (quantlib's eps_in = eps_max / log2(e)
     with eps_max = 2^-k). `input_scale` is ignored beyond that: the returned input_scale is
-    the one the exporter must requantize x to. The output is p * numerator / 256, i.e.
-    output_scale = 256 / numerator, zero point -output_offset. `overrides` set any attribute
-    (k, numerator, max_init, output_offset, acc_bits, overflow).
+    the one the exporter must requantize x to. The output is p * numerator / 256 +
+    output_offset, i.e. output_scale = 256 / numerator and zero point output_offset.
+    `overrides` set any attribute (k, numerator, max_init, output_offset, acc_bits, overflow).
     """
     if preset not in ITA_PRESETS:
         raise ExportError(f"ITA softmax: unknown preset {preset!r}; choose from {', '.join(ITA_PRESETS)}")
@@ -94,7 +95,7 @@ def ita_softmax_params(input_scale=None, *, streaming: bool = False, preset: str
         attrs=attrs,
         input_scale=math.log(2) / 2**k,
         output_scale=256 / numerator,
-        output_zero_point=-attrs.get("output_offset", 0),
+        output_zero_point=attrs.get("output_offset", 0),
     )
 
 

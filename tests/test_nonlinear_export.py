@@ -85,7 +85,7 @@ def test_ita_presets_and_required_input_scale():
     assert p.attrs == dict(n_levels=256, k=0, numerator=65280, max_init=-128, group_width=16, acc_bits=19)
     assert p.input_scale == pytest.approx(math.log(2))
     p = nl.ita_softmax_params(preset="deeploy", output_offset=-128)
-    assert (p.op, p.attrs["k"], p.input_scale, p.output_scale, p.output_zero_point) == ("ITAMax", 5, pytest.approx(math.log(2) / 32), 1 / 255, 128)
+    assert (p.op, p.attrs["k"], p.input_scale, p.output_scale, p.output_zero_point) == ("ITAMax", 5, pytest.approx(math.log(2) / 32), 1 / 255, -128)
 
 
 def test_scales_the_anchors_cannot_represent_are_export_errors():
@@ -117,6 +117,7 @@ def attention_logits(scale, dtype=np.int8, shape=(64, 128), std=2.0, seed=0):
 SOFTMAX_BOUNDS = {  # variant -> (params, max |p - p_float| allowed); docs/OPS.md states these
     "ITAMax deeploy": (lambda: nl.ita_softmax_params(preset="deeploy"), 0.03),
     "ITAMax ita_rtl": (lambda: nl.ita_softmax_params(preset="ita_rtl"), 0.05),
+    "ITAMax deeploy, int8 output": (lambda: nl.ita_softmax_params(preset="deeploy", output_offset=-128), 0.03),
     "ITAPartialMax deeploy": (lambda: nl.ita_softmax_params(streaming=True, preset="deeploy"), 0.04),
     "ITAPartialMax ita_rtl": (lambda: nl.ita_softmax_params(streaming=True, preset="ita_rtl", acc_bits=19), 0.03),
     "ITAPartialMax quantlib": (lambda: nl.ita_softmax_params(streaming=True, preset="quantlib"), 0.035),
