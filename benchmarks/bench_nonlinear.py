@@ -7,7 +7,12 @@ scores, GELU over (128, 3072), LayerNorm over (128, 768). For each shape the flo
 version of the function runs on the dequantized data (float32), and every integer variant
 on the int8 data; the table gives each one's median time and its ratio to float NumPy
 (target: within 2x). The first call of each integer kernel (Numba compilation, or loading
-it from the on-disk cache) is reported separately and not counted.
+it from the on-disk cache) is reported separately and not counted. All kernels are timed in
+turn, round after round, with medians and best times.
+
+The integer kernels run on both cores (Numba `prange`). On a machine shared with other busy
+processes a descheduled worker thread stalls a kernel for a scheduler slice (several ms),
+which inflates medians: read the best times too, or compare with NUMBA_NUM_THREADS=1.
 """
 
 from __future__ import annotations
