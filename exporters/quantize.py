@@ -64,8 +64,9 @@ class Value:
     """A float tensor in integer form: integer tensor `name`, real = scale * q."""
 
     name: str
-    scale: Any  # float, or a 1-D array of per-channel scales along the last axis
+    scale: Any  # float, or a 1-D array of per-channel scales along the last axis (may be negative)
     kind: str = "int"  # "int": a quantized activation; "acc": an accumulator; "prob": softmax output
+    bound: int | None = None  # a known bound on |q| tighter than the declared type's
 
     @property
     def per_channel(self) -> bool:
@@ -145,13 +146,26 @@ class Walker:
     def scale_of(self, tensor: str, bits: int) -> float:
         return self.calibration.scale(tensor, bits)
 
+    def value_of(self, name: str, scale, kind: str = "int", bound: int | None = None) -> Value:
+        return Value(name, scale, kind, bound)
+
+    def bound_of(self, v: Value) -> int:
+        t = self.dtype(v.name)
+        return v.bound if v.bound is not None else max(abs(t.lo), t.hi)
+
     def requant(self, v: Value, to_scale: float, dtype: str, stem: str, layer: str, hardware: bool = False) -> str:
-        """Requant v's integers to `dtype` at `to_scale` (per-tensor result)."""
+        """Requant v's integers to `dtype` at `to_scale` (per-tensor result).
+
+        The multiplier is as wide as keeps |x * mul| below 2^62 (31 bits at most); a negative
+        scale ratio (I-BERT's GELU and LayerNorm outputs) gives a negative multiplier.
+        """
         ratio = np.asarray(v.scale, np.float64) / to_scale
-        x_bits = self.dtype(v.name).bits
+        sign = np.where(ratio < 0, -1, 1).astype(np.int64)
         if hardware and self.options.ita:
             if dtype != "int8":
                 raise ExportError(f"{layer}: ITA's requantizer produces int8, not {dtype}")
+            if np.any(ratio < 0):
+                raise ExportError(f"{layer}: ITA's requantizer takes an unsigned multiplier; the scale ratio is negative")
             d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{layer}: ITA requantization")
             if d.mul.size > 1:
                 raise ExportError(f"{layer}: ITA's requantizer takes one multiplier per layer; export without --per-channel")
@@ -159,9 +173,10 @@ class Walker:
             shift = self.const(d.shift.reshape(()), "uint8", f"{stem}.shift")
             add = self.const(0, "int8", f"{stem}.add")
             return self.emit("Requant", [v.name, mul, shift, None, add], stem, rounding="half_up", dtype="int8")
-        mul_bits = max(8, min(31, 62 - x_bits))
-        d = dyadic(ratio, mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
-        mul = self.const(d.mul, "int32" if mul_bits <= 31 else "int64", f"{stem}.mul")
+        bound_bits = self.bound_of(v).bit_length()
+        mul_bits = max(8, min(31, 62 - bound_bits))
+        d = dyadic(np.abs(ratio), mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
+        mul = self.const(d.mul * sign, "int32", f"{stem}.mul")
         shift = self.const(d.shift, "int8" if int(d.shift.max(initial=0)) < 128 else "int16", f"{stem}.shift")
         return self.emit("Requant", [v.name, mul, shift], stem, axis=-1, rounding=self.rounding, dtype=dtype)
 
@@ -187,6 +202,23 @@ class Walker:
         out = self.at_bits[key]
         if consumer is not None and out.name != v.name:
             self.record.edges[(consumer.name, index)] = (float(out.scale), bits, True)
+        return out
+
+    def at_scale(self, tensor: str, scale: float, bits: int, consumer: Node | None = None, index: int = 0) -> Value:
+        """`tensor` as a `bits`-bit integer at a given scale (an op that fixes its input scale)."""
+        v = self.value(tensor)
+        t = self.dtype(v.name)
+        if v.kind == "int" and not v.per_channel and t.signed and t.bits == bits and math.isclose(float(v.scale), scale, rel_tol=1e-9):
+            return v
+        key = (tensor, bits, scale)
+        if key not in self.at_bits:
+            layer = self.layers.get(v.name, "") or tensor
+            name = self.requant(v, scale, f"int{bits}", f"{v.name}.q{bits}", layer)
+            self.label(name, tensor, scale, layer)
+            self.at_bits[key] = Value(name, scale)
+        out = self.at_bits[key]
+        if consumer is not None:
+            self.record.edges[(consumer.name, index)] = (float(scale), bits, True)
         return out
 
     def value(self, tensor: str) -> Value:
@@ -238,6 +270,24 @@ class Walker:
         if tensor in self.g.outputs:
             bits.append(self.options.output_bits)
         return max(bits, default=self.options.abits)
+
+    def softmax_factor(self, tensor: str) -> float | None:
+        """If `tensor` reaches a Softmax only through positive scalar factors and a mask,
+        the product of those factors; else None."""
+        factor = 1.0
+        while True:
+            users = self.users.get(tensor, [])
+            if len(users) != 1 or tensor in self.g.outputs:
+                return None
+            user = users[0]
+            if user.op == "Softmax":
+                return factor
+            c = self._scalar_const(user) if user.op == "Mul" else None
+            if c is not None and c > 0:
+                factor *= c
+            elif not (user.op == "Add" and any(i in self.g.key_padding_masks for i in user.inputs)):
+                return None
+            tensor = user.outputs[0]
 
     def _scalar_const(self, node: Node) -> float | None:
         for a, c in (node.inputs, node.inputs[::-1]):
@@ -360,7 +410,7 @@ class Walker:
         if not self.options.ita:
             self.set_native(tensor, acc, layer)
             return
-        scale = self.scale_of(tensor, 8)
+        scale = self.modes.ita_output_scale(self, tensor)
         y = self.requant(acc, scale, "int8", f"{layer}.out", layer, hardware=True)
         self.set_native(tensor, Value(y, scale), layer, quantized_bits=8)
 
@@ -402,13 +452,20 @@ class Walker:
         """y = sum of terms (activations or constants), exactly rescaled to y's scale."""
         bits = self.options.residual_bits
         out_scale = self.scale_of(node.outputs[0], bits)
-        ratios = []
+        # k fraction bits: each |x * round(s_x / s_y * 2^k)| stays below 2^60 (so the sum of a
+        # few terms fits int64), and no multiplier needs more than 31 bits.
+        k = 62
         for t in terms:
-            if not self.g.is_const(t):
-                ratios.append(np.max(np.asarray(self.value(t).scale, np.float64)) / out_scale)
-        biggest = max(ratios, default=1.0)
-        # k: as many fraction bits as keep every multiplier below 2^30.
-        k = int(np.clip(30 - math.ceil(math.log2(max(biggest, 1e-30))), 0, 62))
+            if self.g.is_const(t):
+                continue
+            v = self.value(t)
+            if v.kind in ("mask", "index"):
+                raise unsupported(node, "adding an integer input")
+            ratio = float(np.max(np.abs(np.asarray(v.scale, np.float64)))) / out_scale
+            if ratio == 0:
+                continue
+            k = min(k, math.floor(60 - math.log2(self.bound_of(v) * ratio + 1)), math.floor(30 - math.log2(ratio)))
+        k = max(k, 0)
         parts = []
         for index, t in enumerate(terms):
             if self.g.is_const(t):
@@ -419,8 +476,6 @@ class Walker:
                 continue
             v = self.value(t)
             m = np.rint(np.asarray(v.scale, np.float64) / out_scale * (1 << k)).astype(np.int64)
-            if v.kind in ("mask", "index"):
-                raise unsupported(node, "adding an integer input")
             mul = self.const(m, "int32" if int(np.abs(m).max(initial=0)) < (1 << 31) else "int64", f"{layer}.term{index}.mul")
             parts.append(self.emit("Mul", [v.name, mul], f"{layer}.term{index}", dtype="int64"))
         total = parts[0]
@@ -451,18 +506,20 @@ class Walker:
             return
         for x, cname in ((a, b), (b, a)):
             if self.g.is_const(cname) and not self.g.is_const(x):
-                gamma = self.g.const(cname).astype(np.float64)
                 width = self.g.shapes1[x][-1]
+                gamma = self.g.const(cname).astype(np.float64)
                 if gamma.size != width or gamma.shape[-1] != width:
                     raise unsupported(node, "a constant factor that is neither a scalar nor one per channel")
-                # NoNorm's gamma, exactly: integers times sign(gamma), scale s_x * |gamma|.
                 gamma = gamma.reshape(-1)
-                v = self.value(x)
-                sign = self.const(np.sign(gamma).astype(np.int64), "int8", f"{layer}.sign")
-                y = self.emit("Mul", [v.name, sign], f"{layer}.scaled")
-                scale = np.asarray(v.scale, np.float64) * np.abs(gamma)
-                self.set_native(node.outputs[0], Value(y, scale, "acc" if v.kind == "acc" else "int"), layer)
-                self.layers[y] = layer
+                beta, out = np.zeros(width), node.outputs[0]
+                users = self.users.get(out, [])
+                if len(users) == 1 and users[0].op == "Add" and out not in self.g.outputs:
+                    add = users[0]
+                    other = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
+                    if self.g.is_const(other) and self.g.const(other).size == width:
+                        beta, out = self.g.const(other).astype(np.float64).reshape(-1), add.outputs[0]
+                        self.done.add(add.name)
+                self.modes.nonorm(self, node, x, gamma, beta, out)
                 return
         raise unsupported(node, "a product of two activations")
 
