@@ -207,6 +207,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     collected = {kind: {o: [] for o in outputs} for kind in ("float", "fake-quant", "integer")}
     sums = {n: [0.0, 0.0] for n in order}
     bar = Progress(progress)
+    if meta.get("attention_blocks"):
+        batch_size = 1  # ITA attention blocks are 2-D [S, E]: one sample at a time
     batches = dataset.batches(batch_size)
     for done, batch in enumerate(batches, 1):
         float_feeds = {k: v.astype(dtypes[k]) for k, v in batch.items()}

@@ -31,7 +31,7 @@ def record_to_json(record: FakeQuantRecord) -> dict:
     return {
         "edges": [[n, i, float(s), int(b), bool(sg)] for (n, i), (s, b, sg) in record.edges.items()],
         "tensors": [[t, float(s), int(b), bool(sg)] for t, (s, b, sg) in record.tensors.items()],
-        "consts": [[n, i, q, scale_json(s)] for (n, i), (q, s) in record.consts.items()],
+        "consts": [[n, i, q, scale_json(s)] for (n, i), (q, s) in record.consts.items()],  # q: name or {"concat": [...], "axis": a}
     }
 
 
@@ -65,15 +65,21 @@ def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.nd
                 return i + 1
         return 0
 
-    for node_name, index, int_name, scale in record.get("consts", []):
+    for node_name, index, int_spec, scale in record.get("consts", []):
         node = by_name.get(node_name)
-        if node is None or int_name not in integer_consts:
-            raise ExportError(f"the .intq's fake-quant record names node {node_name!r} or constant {int_name!r}, "
+        # A constant is one integer tensor, or several joined (an ITA block's per-head weights).
+        parts = int_spec["concat"] if isinstance(int_spec, dict) else [int_spec]
+        if node is None or any(part not in integer_consts for part in parts):
+            raise ExportError(f"the .intq's fake-quant record names node {node_name!r} or constant {int_spec!r}, "
                               f"which this ONNX model does not have: is it the model the .intq was exported from?")
         original = fg.consts[node.inputs[index]]
-        q = np.asarray(integer_consts[int_name], np.float64)
+        arrays = [np.asarray(integer_consts[part], np.float64) for part in parts]
+        q = np.concatenate(arrays, axis=int_spec.get("axis", 0)) if isinstance(int_spec, dict) else arrays[0]
         value = q * np.asarray(scale, np.float64)
-        node.inputs[index] = fg.add_const(value.reshape(original.shape).astype(np.float32), "fq.const")
+        replaced = fg.add_const(value.reshape(original.shape).astype(np.float32), "fq.const")
+        if node.inputs[index] in fg.batch_rows:
+            fg.batch_rows.add(replaced)
+        node.inputs[index] = replaced
 
     for tensor, scale, bits, signed in record.get("tensors", []):
         if tensor in fg.inputs:

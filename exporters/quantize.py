@@ -40,7 +40,7 @@ from refsim.errors import RefsimError
 from .calibrate import Calibration, QuantizedWeight, qmax, quantize_weight
 from .config import ExportOptions
 from .dyadic import ExportError, dyadic
-from .onnx_graph import BATCH, Node, OnnxGraph
+from .onnx_graph import BATCH, AttentionMatch, Node, OnnxGraph, match_attention
 
 # What the walker recognises, for the one-line error on anything else.
 SUPPORTED = (
@@ -300,7 +300,16 @@ class Walker:
     def run(self) -> GraphBuilder:
         for name in self.g.inputs:
             self._graph_input(name)
+        blocks = {}
+        if self.options.ita:
+            # Unmasked self-attention goes through ITA's attention-block graph form (docs/ITA.md).
+            for match in match_attention(self.g):
+                if match.mask is None:
+                    for n in match.nodes:
+                        blocks[n.name] = match
         for node in self.g.nodes:
+            if node.name in blocks and node.name not in self.done:
+                self._ita_attention(blocks[node.name])
             if node.name in self.done or node.name in self.skipped:
                 continue
             handler = getattr(self, f"_visit_{node.op}", None)
@@ -690,8 +699,7 @@ class Walker:
             raise ExportError(f"{layer}: cannot pad {count} entries on an axis of {size}")
         part = self.emit("Slice", [ref], f"{layer}.zeros", starts=[0], ends=[count], axes=[axis])
         zero = self.const(0, "int8", f"{layer}.zero")
-        zeros = self.emit("Mul", [part, zero], f"{layer}.zeros")
-        return self.emit("Cast", [zeros], f"{layer}.zeros", dtype=self.dtype(ref).name)
+        return self.emit("Mul", [part, zero], f"{layer}.zeros", dtype=self.dtype(ref).name)
 
     def _visit_Concat(self, node: Node) -> None:
         layer = self.layer_name(node)
@@ -725,16 +733,15 @@ class Walker:
 
     def _per_sample(self, const_name: str, reference: str, layer: str, dtype: str) -> str:
         """A one-row constant repeated for every sample of `reference`'s batch: 0 * (a
-        one-element slice of the reference per sample) + constant, then cast back."""
+        one-element slice of the reference per sample) + constant, in the constant's type."""
         rank = len(self.b.tensors[const_name].shape)
         ref_rank = len(self.b.tensors[reference].shape)
         if rank != ref_rank:
             raise ExportError(f"{layer}: cannot repeat a rank-{rank} constant per sample of a rank-{ref_rank} tensor")
         axes = list(range(1, rank))
         part = self.emit("Slice", [reference], f"{layer}.per_sample", starts=[0] * len(axes), ends=[1] * len(axes), axes=axes)
-        zeros = self.emit("Mul", [part, self.const(0, "int8", f"{layer}.zero")], f"{layer}.per_sample")
-        rows = self.emit("Add", [zeros, const_name], f"{layer}.per_sample")
-        return self.emit("Cast", [rows], f"{layer}.per_sample", dtype=dtype)
+        zeros = self.emit("Mul", [part, self.const(0, "int8", f"{layer}.zero")], f"{layer}.per_sample", dtype=dtype)
+        return self.emit("Add", [zeros, const_name], f"{layer}.per_sample", dtype=dtype)
 
     def _visit_ReduceSum(self, node: Node) -> None:
         self._reduce(node, "ReduceSum")
@@ -772,3 +779,91 @@ class Walker:
                 name = self.emit("ReduceSum", [mask_input], f"{mask_input}.count", axes=[1], keepdims=True)
             self.mask_tensors[key] = name
         return self.mask_tensors[key]
+
+    # --- ITA attention blocks ------------------------------------------------------------------
+
+    def _ita_attention(self, m: AttentionMatch) -> None:
+        """Emit one attention layer in ITA's graph form (hw_vectors.ita_graph), per head:
+        projections, QK, softmax, AV and output projection, each a 26-bit MatMul and ITA's
+        requantizer; the heads summed and requantized once more."""
+        from refsim.hw_vectors.ita_graph import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
+
+        name = self.unique(m.name)
+        self.done.update(n.name for n in m.nodes)
+        _, seq, width = self.g.shapes1[m.q.x]
+        heads, p = m.heads, m.head_dim
+
+        def requant(ratio: float, what: str) -> ItaRequant:
+            d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{name}: ITA requantization of {what}")
+            return ItaRequant(int(d.mul), int(d.shift), 0)
+
+        def as_2d(tensor: str, consumer: Node) -> Value:
+            v = self.get(tensor, 8, consumer, 0)
+            return Value(self.emit("Reshape", [v.name], f"{name}.{'q' if tensor == m.q.x else 'kv'}_2d", shape=[seq, width]), v.scale)
+
+        x_q = as_2d(m.q.x, m.q.nodes[0])
+        x_kv = x_q if m.k.x == m.q.x else as_2d(m.k.x, m.k.nodes[0])
+        self.record.edges[(m.k.nodes[0].name, 0)] = (float(x_kv.scale), 8, True)
+        self.record.edges[(m.v.nodes[0].name, 0)] = (float(x_kv.scale), 8, True)
+        settings = self.options.layer(m.q.nodes[0].scope or name)
+        softmax = self.modes.softmax_params()
+        scales = {}
+        quantized = {}
+        for key, lin, x in (("q", m.q, x_q), ("k", m.k, x_kv), ("v", m.v, x_kv), ("o", m.o, None)):
+            w = quantize_weight(self.g.const(lin.weight).astype(np.float64), settings.wbits, per_channel=False)
+            if w.dtype not in ("int8", "int4", "int2", "ternary"):
+                raise ExportError(f"{name}: ITA takes 8-bit weights at most, not {w.dtype}")
+            quantized[key] = w
+            scales[key] = float(w.scale)
+        s_q, s_k, s_v = (self.scale_of(lin.out, 8) for lin in (m.q, m.k, m.v))
+        s_in, s_a = softmax.input_scale, float(softmax.output_scale)
+        s_av, s_out = self.scale_of(m.context, 8), self.scale_of(m.o.out, 8)
+        acc_scale = {"q": float(x_q.scale) * scales["q"], "k": float(x_kv.scale) * scales["k"],
+                     "v": float(x_kv.scale) * scales["v"], "o": s_av * scales["o"]}
+
+        def bias(lin, key) -> np.ndarray | None:
+            if lin.bias is None:
+                return None
+            b = np.rint(self.g.const(lin.bias).astype(np.float64).reshape(-1) / acc_scale[key]).astype(np.int64)
+            if int(np.abs(b).max(initial=0)) >= 1 << 23:
+                raise ExportError(f"{name}: the {key.upper()} bias does not fit ITA's 24-bit biases")
+            return b
+
+        biases = {key: bias(lin, key) for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o))}
+        head_list = []
+        for h in range(heads):
+            cols = slice(h * p, (h + 1) * p)
+            head_list.append(ItaHead(
+                wq=quantized["q"].q[:, cols], wk=quantized["k"].q[:, cols], wv=quantized["v"].q[:, cols],
+                wo=quantized["o"].q[cols, :],
+                q=requant(acc_scale["q"] / s_q, "Q"), k=requant(acc_scale["k"] / s_k, "K"),
+                v=requant(acc_scale["v"] / s_v, "V"), qk=requant(s_q * s_k * m.factor / s_in, "QK"),
+                av=requant(s_a * s_v / s_av, "AV"), ow=requant(acc_scale["o"] / s_out, "OW"),
+                bq=None if biases["q"] is None else biases["q"][cols],
+                bk=None if biases["k"] is None else biases["k"][cols],
+                bv=None if biases["v"] is None else biases["v"][cols],
+                # the float model adds the output bias once; ITA adds Bo in every head: head 0 carries it
+                bo=None if biases["o"] is None else (biases["o"] if h == 0 else np.zeros_like(biases["o"])),
+            ))
+        params = ItaAttention(head_list, requant(1.0, "the head sum"), ItaSoftmax(softmax.op, dict(softmax.attrs)))
+        out = add_attention_block(self.b, name, x_q.name, x_kv.name, params)
+        y = self.emit("Reshape", [out], f"{name}.out_3d", shape=[1, seq, width])
+        self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8)
+        # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
+        per_head = {"q": "Wq", "k": "Wk", "v": "Wv", "o": "Wo"}
+        for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o)):
+            axis = 0 if key == "o" else 1
+            tensors = [f"{name}.h{h}.{per_head[key]}" for h in range(heads)]
+            self.record.consts[(lin.nodes[0].name, 1)] = ({"concat": tensors, "axis": axis}, scales[key])
+            if lin.bias is not None:
+                add = lin.nodes[-1]
+                index = add.inputs.index(lin.bias)
+                if key == "o":
+                    self.record.consts[(add.name, index)] = (f"{name}.h0.Bo", acc_scale[key])
+                else:
+                    letter = per_head[key][1]
+                    tensors = [f"{name}.h{h}.B{letter}" for h in range(heads)]
+                    self.record.consts[(add.name, index)] = ({"concat": tensors, "axis": 0}, acc_scale[key])
+        for tensor, scale, signed in ((m.q.out, s_q, True), (m.k.out, s_k, True), (m.v.out, s_v, True),
+                                      (m.scores, s_in, True), (m.probs, s_a, False), (m.context, s_av, True)):
+            self.record.tensors[tensor] = (float(scale), 8, signed)
