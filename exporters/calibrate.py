@@ -10,6 +10,10 @@ Activations are quantized symmetrically, `q = clip(round(x / s), -2^(b-1), 2^(b-
   distribution, `sum_{|x| > c} (|x| - c)^2 + N_inside * s^2 / 12` (clipping error plus
   uniform rounding noise), searched over 256 candidates up to max |x| for each bit width.
 
+Tensors quantized to 16 bits (residual stream, LayerNorm inputs, outputs) use twice the
+largest |x| seen, whatever the method: one bit of headroom for values beyond the
+calibration data's, at a resolution still far finer than 8-bit points.
+
 Observers run in two passes over the data: the first records each tensor's largest |x|,
 the second a histogram of x over [-max, max] (4096 bins), from which percentiles and the
 MSE search are computed. `minmax` needs only the first pass.
@@ -70,8 +74,12 @@ class TensorStats:
         """The largest |x| the quantized tensor represents (its scale is clip / qmax)."""
         if self.absmax == 0.0:
             return 1.0  # an all-zero tensor: any scale represents it exactly
-        if method == "minmax" or self.hist is None or bits >= 16:
-            # At 16 bits rounding noise is negligible next to any clipping.
+        if bits >= 16:
+            # A 16-bit grid has resolution to spare, and the tensors kept at 16 bits (the
+            # residual stream) are the ones whose outliers exceed the calibration data's:
+            # one bit of headroom.
+            return 2 * self.absmax
+        if method == "minmax" or self.hist is None:
             return self.absmax
         if method == "percentile":
             low, high = percentile or (0.01, 99.99)

@@ -14,8 +14,9 @@ reports:
   Spearman correlation, for each of the three models;
 - per quantization point of the integer graph: SQNR = 10 log10(sum f^2 / sum (f - s*q)^2)
   of the integer tensor (dequantized by its scale) against the float tensor it stands for,
-  over all samples, in graph order; the lowest SQNR and the largest drop from one point to
-  the next name the layers that lose accuracy;
+  over all samples (for text models, over the tokens the attention mask keeps), in graph
+  order; the lowest SQNR and the largest drop from one point to the next name the layers
+  that lose accuracy;
 - a warning when evaluation samples were also calibration samples.
 """
 
@@ -220,11 +221,14 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
             int_feeds[name] = value if value.dtype.kind == "f" else value.astype(storage)
         int_feeds = quantize_feeds(m, int_feeds)
 
-        def trace(node, name, array, f=f):
+        keep = _kept_tokens(batch, g.mask_inputs)
+
+        def trace(node, name, array, f=f, keep=keep):
             if name in sums:
                 ref = np.asarray(f[float_tensors[name]], np.float64)
                 deq = _dequantize(m.graph.tensors[name], array)
                 if deq.shape == ref.shape:
+                    ref, deq = _at_kept_tokens(ref, keep), _at_kept_tokens(deq, keep)
                     sums[name][0] += float(np.sum(ref ** 2))
                     sums[name][1] += float(np.sum((ref - deq) ** 2))
 
@@ -269,6 +273,31 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
         previous = row["sqnr_db"]
         sqnr.append(row)
     return CompareReport(len(dataset), out_metrics, task, sqnr, warnings)
+
+
+def _kept_tokens(batch: dict, mask_inputs) -> np.ndarray | None:
+    """(batch, seq) bool of the tokens a mask input keeps, if the model has one."""
+    for name in sorted(mask_inputs):
+        if name in batch and np.ndim(batch[name]) == 2:
+            return np.asarray(batch[name]) != 0
+    return None
+
+
+def _at_kept_tokens(a: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """The values of kept tokens only: padding's values are computed but never used, and
+    would otherwise dominate a layer's SQNR. (batch, seq, ...) and (batch, heads, seq, ...)
+    tensors are selected along their sequence axis; others are taken whole."""
+    if keep is None or a.ndim < 2 or a.shape[0] != keep.shape[0]:
+        return a
+    seq = keep.shape[1]
+    if a.ndim == 4 and a.shape[2] == seq and a.shape[3] == seq:  # attention scores: kept queries x kept keys
+        both = keep[:, None, :, None] & keep[:, None, None, :]
+        return a[np.broadcast_to(both, a.shape)]
+    if a.ndim >= 2 and a.shape[1] == keep.shape[1]:
+        return a[keep]
+    if a.ndim >= 3 and a.shape[2] == keep.shape[1]:
+        return np.moveaxis(a, 1, 2)[keep]
+    return a
 
 
 def _dequantize(tensor, array: np.ndarray) -> np.ndarray:

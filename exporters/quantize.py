@@ -173,9 +173,11 @@ class Walker:
             shift = self.const(d.shift.reshape(()), "uint8", f"{stem}.shift")
             add = self.const(0, "int8", f"{stem}.add")
             return self.emit("Requant", [v.name, mul, shift, None, add], stem, rounding="half_up", dtype="int8")
-        bound_bits = self.bound_of(v).bit_length()
-        mul_bits = max(8, min(31, 62 - bound_bits))
-        d = dyadic(np.abs(ratio), mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
+        bound = self.bound_of(v)
+        mul_bits = max(8, min(31, 62 - bound.bit_length()))
+        # A channel whose every value rounds to 0 (a LayerNorm gamma of ~0) gets multiplier 0.
+        magnitude = np.where(np.abs(ratio) * (bound + 1) < 0.25, 0.0, np.abs(ratio))
+        d = dyadic(magnitude, mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
         mul = self.const(d.mul * sign, "int32", f"{stem}.mul")
         shift = self.const(d.shift, "int8" if int(d.shift.max(initial=0)) < 128 else "int16", f"{stem}.shift")
         return self.emit("Requant", [v.name, mul, shift], stem, axis=-1, rounding=self.rounding, dtype=dtype)
@@ -411,7 +413,7 @@ class Walker:
         self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
         self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
         self.layers[acc] = layer
-        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc"), layer)
+        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer)
 
     def finish_matmul(self, tensor: str, acc: Value, layer: str) -> None:
         """An accumulator becomes the tensor's native form; on ITA, the hardware requantizer
@@ -441,7 +443,7 @@ class Walker:
         acc_bits = self.modes.accumulator_bits(self, layer, k * bound, None)
         acc = self.emit("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits)
         self.layers[acc] = layer
-        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc"), layer)
+        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc", bound=k * bound), layer)
 
     # --- elementwise ----------------------------------------------------------------------------------
 
@@ -500,7 +502,8 @@ class Walker:
         a, b = node.inputs
         for x, m in ((a, b), (b, a)):
             if m in self.g.token_masks:
-                v = self.value(x)
+                # Pooling keeps the residual stream's precision (16 bits), per-tensor.
+                v = self.get(x, self.options.residual_bits, node, node.inputs.index(x))
                 mask = self.mask_tensor(self.g.token_masks[m], "tokens", layer)
                 y = self.emit("Mul", [v.name, mask], f"{layer}.masked")
                 self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
