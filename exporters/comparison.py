@@ -35,7 +35,7 @@ from refsim.text import encoder_for
 
 from .data import load_dataset, read_labels
 from .dyadic import ExportError
-from .export import _file_sha256, onnx_feed_dtypes
+from .pipeline import _file_sha256, onnx_feed_dtypes
 from .fakequant import fake_quant_model
 from .onnx_graph import canonicalize, load_onnx
 from .progress import Progress
