@@ -865,10 +865,25 @@ def _tanh_gelu_input(g: OnnxGraph, node: Node, producers) -> tuple[str | None, l
         if term is None:
             continue
         cube = _scaled_input(g, term, 0.044715)
-        pow_node = producers.get(cube) if cube else None
-        if pow_node is not None and pow_node.op == "Pow" and pow_node.inputs[0] == x and _scalar(g, pow_node.inputs[1]) == 3.0:
-            return x, [node, add, term, pow_node]
+        cube_nodes = _cube_of(g, cube, x, producers) if cube else None
+        if cube_nodes is not None:
+            return x, [node, add, term, *cube_nodes]
     return None, []
+
+
+def _cube_of(g: OnnxGraph, name: str, x: str, producers) -> list[Node] | None:
+    """The nodes computing x^3 as `name` (Pow(x, 3), or x * (x * x) in either order)."""
+    node = producers.get(name)
+    if node is None:
+        return None
+    if node.op == "Pow" and node.inputs[0] == x and _scalar(g, node.inputs[1]) == 3.0:
+        return [node]
+    if node.op == "Mul" and x in node.inputs:
+        other = node.inputs[1] if node.inputs[0] == x else node.inputs[0]
+        square = producers.get(other)
+        if square is not None and square.op == "Mul" and square.inputs == [x, x]:
+            return [node, square]
+    return None
 
 
 def _is_half_of(g: OnnxGraph, node: Node | None, x: str) -> bool:

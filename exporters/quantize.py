@@ -54,6 +54,16 @@ SUPPORTED = (
 MOVEMENT = ("Reshape", "Transpose", "Gather", "Slice")
 
 
+def activation_type(bits: int) -> tuple[str, int | None, int | None]:
+    """The IR type holding a signed `bits`-bit activation, and the clip range when the type
+    is wider (5 to 7 bits live in int8, clipped to their range)."""
+    if bits in (2, 4, 8, 16, 32):
+        return f"int{bits}", None, None
+    if 2 < bits < 8:
+        return "int8", -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    raise ExportError(f"no integer type for {bits}-bit activations")
+
+
 def unsupported(node: Node, why: str = "") -> ExportError:
     reason = f" ({why})" if why else ""
     return ExportError(f"{node.describe()}: op {node.op} is not supported here{reason}; supported: {SUPPORTED}")
@@ -153,17 +163,18 @@ class Walker:
         t = self.dtype(v.name)
         return v.bound if v.bound is not None else max(abs(t.lo), t.hi)
 
-    def requant(self, v: Value, to_scale: float, dtype: str, stem: str, layer: str, hardware: bool = False) -> str:
-        """Requant v's integers to `dtype` at `to_scale` (per-tensor result).
+    def requant(self, v: Value, to_scale: float, bits: int, stem: str, layer: str, hardware: bool = False) -> str:
+        """Requant v's integers to `bits`-bit signed integers at `to_scale` (per-tensor result).
 
         The multiplier is as wide as keeps |x * mul| below 2^62 (31 bits at most); a negative
         scale ratio (I-BERT's GELU and LayerNorm outputs) gives a negative multiplier.
         """
         ratio = np.asarray(v.scale, np.float64) / to_scale
         sign = np.where(ratio < 0, -1, 1).astype(np.int64)
+        dtype, lo, hi = activation_type(bits)
         if hardware and self.options.ita:
-            if dtype != "int8":
-                raise ExportError(f"{layer}: ITA's requantizer produces int8, not {dtype}")
+            if bits != 8:
+                raise ExportError(f"{layer}: ITA's requantizer produces int8, not {bits}-bit values")
             if np.any(ratio < 0):
                 raise ExportError(f"{layer}: ITA's requantizer takes an unsigned multiplier; the scale ratio is negative")
             d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{layer}: ITA requantization")
@@ -180,7 +191,8 @@ class Walker:
         d = dyadic(magnitude, mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
         mul = self.const(d.mul * sign, "int32", f"{stem}.mul")
         shift = self.const(d.shift, "int8" if int(d.shift.max(initial=0)) < 128 else "int16", f"{stem}.shift")
-        return self.emit("Requant", [v.name, mul, shift], stem, axis=-1, rounding=self.rounding, dtype=dtype)
+        clip = {} if lo is None else {"lo": lo, "hi": hi}
+        return self.emit("Requant", [v.name, mul, shift], stem, axis=-1, rounding=self.rounding, dtype=dtype, **clip)
 
     @property
     def rounding(self) -> str:
@@ -198,7 +210,7 @@ class Walker:
                 self.at_bits[key] = v
             else:
                 layer = self.layers.get(v.name, "") or tensor
-                name = self.requant(v, scale, f"int{bits}", f"{v.name}.q{bits}", layer)
+                name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
                 self.label(name, tensor, scale, layer)
                 self.at_bits[key] = Value(name, scale)
         out = self.at_bits[key]
@@ -215,7 +227,7 @@ class Walker:
         key = (tensor, bits, scale)
         if key not in self.at_bits:
             layer = self.layers.get(v.name, "") or tensor
-            name = self.requant(v, scale, f"int{bits}", f"{v.name}.q{bits}", layer)
+            name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
             self.label(name, tensor, scale, layer)
             self.at_bits[key] = Value(name, scale)
         out = self.at_bits[key]
@@ -332,7 +344,7 @@ class Walker:
             self.b.input(name, "int32", shape)
             self.native[name] = Value(name, 1.0, "index")
         else:
-            bits = min(self.wanted_bits(name), 16)
+            bits = 16 if self.wanted_bits(name) > 8 else 8
             scale = self.scale_of(name, bits)
             self.b.input(name, f"int{bits}", shape, scale=scale, zero_point=0)
             self.native[name] = Value(name, scale)
@@ -347,7 +359,7 @@ class Walker:
             out = self.emit("Cast", [v.name], name, dtype=self.dtype(v.name).name)
             self.label(out, name, v.scale)
         else:
-            out = self.requant(v, scale, f"int{bits}", name, name)
+            out = self.requant(v, scale, bits, name, name)
             self.label(out, name, scale)
             self.record.tensors[name] = (scale, bits, True)
         self.b.output(out)
@@ -422,7 +434,7 @@ class Walker:
             self.set_native(tensor, acc, layer)
             return
         scale = self.modes.ita_output_scale(self, tensor)
-        y = self.requant(acc, scale, "int8", f"{layer}.out", layer, hardware=True)
+        y = self.requant(acc, scale, 8, f"{layer}.out", layer, hardware=True)
         self.set_native(tensor, Value(y, scale), layer, quantized_bits=8)
 
     def _matmul(self, node: Node) -> None:
@@ -633,7 +645,17 @@ class Walker:
             raise unsupported(node, "indices computed at run time from activations")
         v = self._moved_input(node)
         idx = self.g.const(indices).astype(np.int64)
-        y = self.emit("Gather", [v.name, self.const(idx, "int32", f"{layer}.indices")], f"{layer}.gather", axis=axis)
+        if idx.ndim == 0:
+            # One index (a CLS token): a one-wide Slice, then drop the axis. (A 0-d constant
+            # is stored with shape [1] by refsim.ir.const_tensor, which would keep the axis.)
+            i = int(idx)
+            part = self.emit("Slice", [v.name], f"{layer}.select", starts=[i], ends=[i + 1 if i != -1 else (1 << 62)], axes=[axis])
+            target = [0] * len(self.g.shapes1[data])
+            del target[axis % len(target)]
+            target = [d if k < axis % (len(target) + 1) else self.g.shapes1[node.outputs[0]][k] for k, d in enumerate(target)]
+            y = self.emit("Reshape", [part], f"{layer}.select", shape=target)
+        else:
+            y = self.emit("Gather", [v.name, self.const(idx, "int32", f"{layer}.indices")], f"{layer}.gather", axis=axis)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
 
     def _embedding(self, node: Node, layer: str, axis: int) -> None:
@@ -728,7 +750,7 @@ class Walker:
                 if v.kind == "int" and not v.per_channel and self.dtype(v.name).name == dtype and math.isclose(float(v.scale), scale):
                     parts.append(v.name)
                 else:
-                    r = self.requant(v, scale, dtype, f"{layer}.input{index}", layer)
+                    r = self.requant(v, scale, bits, f"{layer}.input{index}", layer)
                     self.record.edges[(node.name, index)] = (scale, bits, True)
                     parts.append(r)
         y = self.emit("Concat", parts, f"{layer}.concat", axis=axis)
