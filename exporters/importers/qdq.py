@@ -63,6 +63,10 @@ class QdqImporter(Importer):
         for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat"):
             h[(MICROSOFT, op)] = getattr(self, f"op_{op}")
 
+    def foldable(self, domain: str, op_type: str) -> bool:
+        # A dequantized constant stays integers with a scale: weights must reach MatMul/Conv as such.
+        return domain == "" and op_type != "DequantizeLinear"
+
     # --- quantization parameters ----------------------------------------------------------
 
     def quant_params(self, node, scale, zero_point, attrs, shape, default_dtype: str | None = None,

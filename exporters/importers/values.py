@@ -170,6 +170,8 @@ class Emitter:
         per_channel = ratio.size > 1
         if per_channel and axis is None:
             raise fail(onnx_node, "a per-channel requantization needs an axis")
+        if src_zp is not None and np.asarray(src_zp).size > 1 and np.unique(np.asarray(src_zp)).size == 1:
+            src_zp = np.asarray(src_zp).reshape(-1)[:1]
         if src_zp is not None and np.asarray(src_zp).size > 1:
             raise fail(onnx_node, "per-channel zero points on a tensor that is requantized are not supported")
         zp_in = 0 if src_zp is None else int(np.asarray(src_zp).reshape(-1)[0])
