@@ -124,11 +124,18 @@ def quantize_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, 
         if name not in specs:
             out[name] = value
             continue
+        spec = specs[name]
         t = model.graph.tensors[name].dtype
+        lo, hi = spec.get("clip", (t.lo, t.hi))
         x = np.asarray(value, np.float32)
-        scale, zero = _expand_scale(specs[name], x.shape)
-        q = np.rint(x / scale).astype(np.float64) + zero  # float32 division and ties-to-even, as ONNX
-        out[name] = np.clip(q, t.lo, t.hi).astype(t.storage)
+        scale, zero = _expand_scale(spec, x.shape)
+        rounding = spec.get("rounding", "half_even")
+        if rounding == "half_even":  # ONNX QuantizeLinear: float32 division, ties to even, then the zero point
+            q = np.rint(x / scale).astype(np.float64) + zero
+        else:  # QONNX Quant: round_mode(clip(x / scale + zeropt))
+            rounder = {"floor": np.floor, "trunc": np.trunc, "half_up": lambda v: np.floor(v + 0.5)}[rounding]
+            q = rounder(np.clip((x / scale + np.float32(0) + zero.astype(np.float32)), lo, hi)).astype(np.float64)
+        out[name] = np.clip(q, lo, hi).astype(t.storage)
     return out
 
 

@@ -240,6 +240,10 @@ class QdqImporter(Importer):
         node = helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], **attrs)
         return fold(node, [storage, np.asarray(q.scale, np.float32), zp], {"ai.onnx": 21})[0]
 
+    def quantize_values(self, x: np.ndarray, target: QTensor) -> np.ndarray:
+        """Float values (constants, table entries) onto target's grid, as the format quantizes."""
+        return self.onnx_quantize(x, target)
+
     def onnx_quantize(self, x: np.ndarray, target: QTensor) -> np.ndarray:
         t = target.dtype
         wide = np.uint8 if not t.signed and t.bits <= 8 else (np.int8 if t.bits <= 8 else t.storage)
@@ -496,13 +500,14 @@ class QdqImporter(Importer):
         leaves = self._runtime_leaves(expr)
         if not leaves:
             value = self.evaluate(expr, None, None)
-            return replace(target, data=self.onnx_quantize(value, target), shape=np.shape(value))
+            return replace(target, data=self.quantize_values(value, target), shape=np.shape(value))
         if len(leaves) == 1 and self._lut_eligible(expr):
             return self.lut(expr, next(iter(leaves.values())), target, out)
         op = expr.node.op_type
-        if op in ("Add", "Sub"):
-            return self.linear(expr, target, out)
-        if op in ("Mul", "Div"):
+        affine = self.affine(expr, target, out)
+        if affine is not None:
+            return affine
+        if op == "Mul" and len(leaves) == 2:
             return self.product(expr, target, out)
         if op == "Concat":
             parts = []
@@ -583,105 +588,134 @@ class QdqImporter(Importer):
         values = np.asarray(self.evaluate(expr, leaf, levels), np.float32)
         if values.shape != levels.shape:
             values = np.broadcast_to(values, levels.shape) if values.size == 1 else values.reshape(-1)
-        table = self.onnx_quantize(values, target)
+        table = self.quantize_values(values, target)
         result = self.em.node("Lut", [self.em.tensor(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
         return replace(target, name=result.name, shape=result.shape)
 
-    def _terms(self, expr: FloatOp):
-        """(sign, value) terms of an Add/Sub whose operands are quantized tensors or constants."""
-        signs = (1, 1) if expr.node.op_type == "Add" else (1, -1)
-        terms = []
-        for sign, v in zip(signs, expr.inputs):
-            if isinstance(v, FloatOp):
-                raise fail(expr.node, f"adds the float result of {node_label(v.node)}, which needs a QuantizeLinear first")
-            terms.append((sign, v))
-        return terms
+    # --- affine combinations: sum_i c_i * (q_i - z_i) + constant ----------------------------------
 
-    def linear(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
-        """y = round(sum_i s_i/s_y * (q_i - z_i) + c/s_y) + z_y with one dyadic shift."""
+    def affine_terms(self, v):
+        """({tensor: (q, coefficient)}, constant) with v = sum coefficient * (q - zero_point) + constant,
+        coefficients and the constant being float64 arrays that broadcast against v; None when v
+        is not affine in its quantized tensors."""
+        if isinstance(v, Dequantized) and not v.q.is_const:
+            q = v.q
+            coef = np.asarray(q.scale, np.float64)
+            if q.block_size:
+                return None
+            if coef.size > 1:
+                shape = [1] * len(q.shape)
+                shape[q.axis] = coef.size
+                coef = coef.reshape(shape)
+            return {q.name: (q, coef)}, np.float64(0.0)
+        if isinstance(v, (Const, Dequantized)):
+            return {}, np.asarray(self.evaluate(v, None, None), np.float64)
+        if not isinstance(v, FloatOp):
+            return None
+        op, ins = v.node.op_type, v.inputs
+        if op in ("Identity",):
+            return self.affine_terms(ins[0])
+        if op in ("Add", "Sub", "Neg"):
+            parts = [self.affine_terms(i) for i in ins]
+            if any(p is None for p in parts):
+                return None
+            signs = {"Add": (1, 1), "Sub": (1, -1), "Neg": (-1,)}[op]
+            terms, constant = {}, np.float64(0.0)
+            for sign, (t, c) in zip(signs, parts):
+                for name, (q, coef) in t.items():
+                    old = terms.get(name, (q, 0.0))[1]
+                    terms[name] = (q, old + sign * coef)
+                constant = constant + sign * c
+            return terms, constant
+        if op in ("Mul", "Div"):
+            parts = [self.affine_terms(i) for i in ins]
+            if any(p is None for p in parts):
+                return None
+            (ta, ca), (tb, cb) = parts
+            if op == "Div":
+                if tb:
+                    return None
+                cb = 1.0 / cb
+            if ta and tb:
+                return None
+            (t, c), k = ((ta, ca), cb) if not tb else ((tb, cb), ca)
+            return {n: (q, coef * k) for n, (q, coef) in t.items()}, c * k
+        if op == "BatchNormalization":
+            inner = self.affine_terms(ins[0])
+            if inner is None or any(self._runtime_leaves_of(i) for i in ins[1:]):
+                return None
+            gamma, beta, mean, var = (np.asarray(self.evaluate(i, None, None), np.float64) for i in ins[1:5])
+            eps = float(v.attrs.get("epsilon", 1e-5))
+            t, c = inner
+            rank = len(self.float_shape(v))
+            shape = [1] * rank
+            shape[1] = gamma.size
+            k = (gamma / np.sqrt(var + eps)).reshape(shape)
+            shift = (beta - mean * gamma / np.sqrt(var + eps)).reshape(shape)
+            return {n: (q, coef * k) for n, (q, coef) in t.items()}, c * k + shift
+        return None
+
+    def _runtime_leaves_of(self, v) -> bool:
+        return bool(self._runtime_leaves(v)) if isinstance(v, FloatOp) else (isinstance(v, Dequantized) and not v.q.is_const)
+
+    def affine(self, expr: FloatOp, target: QTensor, out: str) -> QTensor | None:
+        """y = round(sum_i c_i/s_y * (q_i - z_i) + k/s_y) + z_y: integer multiples on a common
+        dyadic grid, summed exactly, then one rounding shift (Requant)."""
+        analysed = self.affine_terms(expr)
+        if analysed is None or not analysed[0]:
+            return None
+        terms, constant = analysed
         sy = float(np.asarray(target.scale).reshape(-1)[0])
-        runtime, constant = [], 0.0
-        for sign, v in self._terms(expr):
-            if isinstance(v, Dequantized) and not v.q.is_const:
-                if not v.q.per_tensor:
-                    raise fail(expr.node, "adds a per-channel quantized tensor")
-                runtime.append((sign * float(np.asarray(v.q.scale).reshape(-1)[0]) / sy, v.q))
-            else:
-                constant = constant + sign * np.asarray(self.evaluate(v, None, None), np.float64)
-        widest = max(q.dtype.bits for _, q in runtime) + 1
-        mul_bits = min(30, 60 - widest - len(runtime).bit_length())
-        exponent = np.frexp(max(abs(r) for r, _ in runtime))[1]
-        shift = int(mul_bits - exponent)
+        ratios = {name: np.asarray(coef, np.float64) / sy for name, (q, coef) in terms.items()}
+        largest = max(float(np.max(np.abs(r))) for r in ratios.values())
+        if largest == 0.0:
+            return None
+        widest = max(q.dtype.bits for q, _ in terms.values()) + 1
+        mul_bits = min(30, 60 - widest - len(terms).bit_length())
+        shift = int(mul_bits - np.frexp(largest)[1])
         if shift < 0:
             raise fail(expr.node, "the output scale is too small for the operands' scales")
-        muls = [int(np.rint(r * 2.0**shift)) for r, _ in runtime]
-        offset_const = np.rint(np.asarray(constant, np.float64) / sy * 2.0**shift).astype(np.int64)
-        bias = -sum(m * q.zp_scalar() for m, (_, q) in zip(muls, runtime))
-        total = None
-        for i, (m, (_, q)) in enumerate(zip(muls, runtime)):
-            term = self.em.node("Mul", [self.em.tensor(q), self.em.const(np.asarray(m), stem=f"{out}.mul{i}")],
-                                f"{out}.term{i}", dtype="int64")
+        total, bias = None, np.asarray(np.rint(np.asarray(constant) / sy * 2.0**shift), np.int64)
+        for i, (name, (q, _)) in enumerate(terms.items()):
+            m = np.rint(ratios[name] * 2.0**shift).astype(np.int64)
+            m = m.reshape(m.shape[-len(q.shape):] if m.ndim > len(q.shape) else m.shape)
+            zp = np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64)
+            if zp.size > 1:
+                zp = zp.reshape(m.shape)
+            bias = bias - m * zp
+            term = self.em.node("Mul", [self.em.tensor(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
             total = term if total is None else self.em.node("Add", [total.name, term.name], f"{out}.sum", dtype="int64")
-        if offset_const.size > 1:
-            total = self.em.node("Add", [total.name, self.em.const(offset_const, stem=f"{out}.constant")], f"{out}.sum", dtype="int64")
+        scalar_bias = None
+        if bias.size == 1:
+            scalar_bias = int(bias.reshape(-1)[0])
         else:
-            bias += int(offset_const.reshape(-1)[0]) if offset_const.size else 0
+            total = self.em.node("Add", [total.name, self.em.const(bias, stem=f"{out}.constant")], f"{out}.sum", dtype="int64")
+        bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
         inputs = [total.name, self.em.const(np.asarray(1)), self.em.const(np.asarray(shift)),
-                  self.em.const(np.asarray(bias), stem=f"{out}.bias"),
+                  self.em.const(np.asarray(scalar_bias), stem=f"{out}.bias") if scalar_bias else None,
                   self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")]
-        result = self.em.node("Requant", inputs, out, rounding=self.em.rounding, dtype=target.dtype.name)
+        result = self.em.node("Requant", inputs, out, rounding=target.rounding or self.em.rounding,
+                              dtype=target.dtype.name, **bounds)
         return replace(target, name=result.name, shape=result.shape)
 
     def product(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        """Two quantized tensors multiplied: the exact integer product, requantized."""
         a, b = expr.inputs[0], expr.inputs[1]
-        divide = expr.node.op_type == "Div"
-        runtime = [v for v in (a, b) if isinstance(v, Dequantized) and not v.q.is_const]
-        if any(isinstance(v, FloatOp) for v in (a, b)):
-            inner = next(v for v in (a, b) if isinstance(v, FloatOp))
-            raise fail(expr.node, f"multiplies the float result of {node_label(inner.node)}, which needs a QuantizeLinear first")
-        if len(runtime) == 2:
-            if divide:
-                raise fail(expr.node, "divides two quantized tensors; refsim has no integer division for that")
-            qa, qb = a.q, b.q
-            for q in (qa, qb):
-                if not q.per_tensor:
-                    raise fail(expr.node, "multiplies a per-channel quantized tensor")
-            centered = []
-            for q in (qa, qb):
-                t = self.em.tensor(q)
-                if q.zp_scalar():
-                    t = self.em.node("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centered").name
-                centered.append(t)
-            p = self.em.node("Mul", centered, f"{out}.product")
-            p = self._accumulator(p, qa, qb, axis=0)
-            exact, ort = ratio_of(p, target)
-            return self.em.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
-        # One quantized tensor times (or over) a constant that may vary along one axis.
-        q_value = runtime[0]
-        const_value = b if q_value is a else a
-        if divide and q_value is b:
-            raise fail(expr.node, "divides a constant by a quantized tensor; refsim has no integer form for that")
-        q = q_value.q
-        c = np.asarray(self.evaluate(const_value, None, None), np.float64)
-        if divide:
-            c = 1.0 / c
-        out_shape = self.float_shape(expr)
-        rank = len(out_shape)
-        c_full = c.reshape((1,) * (rank - c.ndim) + c.shape) if c.ndim <= rank else c
-        varying = [i for i, d in enumerate(c_full.shape) if d != 1]
-        if len(varying) > 1:
-            raise fail(expr.node, "the constant varies along more than one axis")
-        if not q.per_tensor:
-            raise fail(expr.node, "scales a per-channel quantized tensor")
-        sq = float(np.asarray(q.scale).reshape(-1)[0])
-        sy = float(np.asarray(target.scale).reshape(-1)[0])
-        ratio = sq * c_full.reshape(-1) / sy
-        axis = varying[0] if varying else None
-        if q.shape != tuple(out_shape):
-            raise fail(expr.node, "broadcasts the quantized tensor itself")
-        ort = (np.float32(sq) * np.asarray(c_full.reshape(-1), np.float32)) / np.float32(sy)
-        return self.em.requantize(q, ratio if ratio.size > 1 else ratio.reshape(()), target, out, expr.node,
-                                  ort_ratio=ort if ort.size > 1 else ort.reshape(()), axis=axis)
+        if not all(isinstance(v, Dequantized) and not v.q.is_const for v in (a, b)) or expr.node.op_type != "Mul":
+            raise fail(expr.node, "float op between DequantizeLinear and QuantizeLinear cannot be computed in integers")
+        qa, qb = a.q, b.q
+        for q in (qa, qb):
+            if not q.per_tensor:
+                raise fail(expr.node, "multiplies a per-channel quantized tensor")
+        centered = []
+        for q in (qa, qb):
+            t = self.em.tensor(q)
+            if q.zp_scalar():
+                t = self.em.node("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centered").name
+            centered.append(t)
+        p = self._accumulator(self.em.node("Mul", centered, f"{out}.product"), qa, qb, axis=0)
+        exact, ort = ratio_of(p, target)
+        return self.em.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
 
 
 def _same(a: QTensor, b: QTensor) -> bool:

@@ -49,6 +49,8 @@ class QTensor:
     axis: int | None = None
     factors: tuple[np.ndarray, ...] | None = None  # float32 factors whose product is `scale`
     block_size: int = 0
+    clip: tuple[int, int] | None = None  # a range narrower than dtype's (narrow int8, 3-bit in int4)
+    rounding: str | None = None  # how values are rounded onto this grid (None: round half to even)
 
     @property
     def is_const(self) -> bool:
@@ -177,7 +179,9 @@ class Emitter:
         zp_in = 0 if src_zp is None else int(np.asarray(src_zp).reshape(-1)[0])
         offset = self.const(np.asarray(zp_out), stem=f"{out}.zero_point")
         kind_axis = -1 if axis is None else axis
-        if self.requant == "ort":
+        bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
+        rounding = target.rounding or self.rounding
+        if self.requant == "ort" and rounding == "half_even":
             f32 = np.asarray(ort_ratio if ort_ratio is not None else ratio, np.float32)
             if np.any(f32 < 0) or not np.all(np.isfinite(f32)):
                 raise fail(onnx_node, "scales must be positive and finite")
@@ -186,7 +190,7 @@ class Emitter:
                 x = self.node("Sub", [x, self.const(np.asarray(zp_in), stem=f"{out}.input_zero_point")], f"{out}.centered").name
             return self._finish(self.node("RequantF32", [x, self.const(mul, "int32", f"{out}.mul"),
                                                          self.const(exp, "int16", f"{out}.exp"), offset],
-                                          out, axis=kind_axis, dtype=target.dtype.name), target)
+                                          out, axis=kind_axis, dtype=target.dtype.name, **bounds), target)
         sign = np.where(ratio < 0, -1, 1)
         src_bits = src.dtype.bits + (1 if zp_in else 0)
         mul_bits = max(8, min(31, 61 - src_bits))
@@ -198,12 +202,13 @@ class Emitter:
         bias = -mul * zp_in if zp_in else None
         inputs = [x, self.const(mul, stem=f"{out}.mul"), self.const(d.shift, stem=f"{out}.shift"),
                   self.const(bias, stem=f"{out}.bias") if bias is not None else None, offset]
-        return self._finish(self.node("Requant", inputs, out, axis=kind_axis, rounding=self.rounding,
-                                      dtype=target.dtype.name), target)
+        return self._finish(self.node("Requant", inputs, out, axis=kind_axis, rounding=rounding,
+                                      dtype=target.dtype.name, **bounds), target)
 
     @staticmethod
     def _finish(q: QTensor, target: QTensor) -> QTensor:
-        return replace(q, scale=target.scale, zero_point=target.zero_point, axis=target.axis, factors=None)
+        return replace(q, scale=target.scale, zero_point=target.zero_point, axis=target.axis, factors=None,
+                       clip=target.clip, rounding=target.rounding)
 
 
 def ratio_of(src: QTensor, target: QTensor) -> tuple[np.ndarray, np.ndarray]:
