@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
                         "default) or ort (onnxruntime's float32 arithmetic, replayed exactly in integers)")
     p.add_argument("--shape", action="append", default=[], metavar="INPUT=D1,D2,...",
                    help="static shape for an input with symbolic dimensions (repeatable)")
+    p.add_argument("--input-type", action="append", default=[], metavar="INPUT=TYPE",
+                   help="integer type a float input of a quantlib/Deeploy graph holds (default int8; repeatable)")
 
 
 def main(args) -> int:
@@ -34,7 +36,14 @@ def main(args) -> int:
         except ValueError:
             raise RefsimError(f"--shape {text!r}: write it as INPUT=D1,D2,...") from None
         shapes[name] = dims
-    model = import_model(args.model, args.output, fmt=args.fmt, requant=args.requant, shapes=shapes)
+    input_types = {}
+    for text in args.input_type:
+        name, _, dtype = text.partition("=")
+        if not name or not dtype:
+            raise RefsimError(f"--input-type {text!r}: write it as INPUT=TYPE, for example x=uint8")
+        input_types[name] = dtype
+    model = import_model(args.model, args.output, fmt=args.fmt, requant=args.requant, shapes=shapes,
+                         input_types=input_types)
     info = model.metadata["import"]
     ops = sorted({n.op for n in model.graph.nodes})
     print(f"imported {args.model} ({info['format']}, requant {info['requant']}) -> {args.output}: "

@@ -59,6 +59,7 @@ def import_model(
     requant: str = "dyadic",
     shapes: Mapping[str, Iterable[int]] | None = None,
     constants: Mapping[str, object] | None = None,
+    input_types: Mapping[str, str] | None = None,
     name: str | None = None,
 ) -> Model:
     """Import a quantized ONNX model as a refsim Model (saved to `output` when given).
@@ -68,7 +69,8 @@ def import_model(
     requantization, replayed exactly with integers). shapes: static shapes for inputs
     with symbolic dimensions (shape subgraphs fold to constants at import). constants:
     values for graph inputs that are really fixed (scales, zero points, weights fed as
-    inputs), which then import as constants.
+    inputs), which then import as constants. input_types: the integer type each float input
+    of a quantlib/Deeploy graph holds (default int8).
     """
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
@@ -81,12 +83,18 @@ def import_model(
                                           if not isinstance(source, onnx.ModelProto) else "imported")
     emitter = Emitter(name, requant=requant)
     if fmt == "qdq":
-        from .qdq import QdqImporter as importer
+        from .qdq import QdqImporter
+
+        importer = QdqImporter(graph, emitter)
     elif fmt == "qonnx":
-        from .qonnx import QonnxImporter as importer
+        from .qonnx import QonnxImporter
+
+        importer = QonnxImporter(graph, emitter)
     else:
-        from .deeploy import DeeployImporter as importer
-    ir = importer(graph, emitter).run()
+        from .deeploy import DeeployImporter
+
+        importer = DeeployImporter(graph, emitter, dict(input_types or {}))
+    ir = importer.run()
     model = Model(ir)
     if output is not None:
         model.save(output)
