@@ -60,6 +60,7 @@ def import_model(
     shapes: Mapping[str, Iterable[int]] | None = None,
     constants: Mapping[str, object] | None = None,
     input_types: Mapping[str, str] | None = None,
+    mode: str = "ibert",
     name: str | None = None,
 ) -> Model:
     """Import a quantized ONNX model as a refsim Model (saved to `output` when given).
@@ -70,7 +71,9 @@ def import_model(
     with symbolic dimensions (shape subgraphs fold to constants at import). constants:
     values for graph inputs that are really fixed (scales, zero points, weights fed as
     inputs), which then import as constants. input_types: the integer type each float input
-    of a quantlib/Deeploy graph holds (default int8).
+    of a quantlib/Deeploy graph holds (default int8). mode: which integer variants stand
+    for float Softmax/LayerNormalization left between QDQ pairs ("ibert": IBertSoftmax and
+    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm).
     """
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
@@ -85,11 +88,11 @@ def import_model(
     if fmt == "qdq":
         from .qdq import QdqImporter
 
-        importer = QdqImporter(graph, emitter)
+        importer = QdqImporter(graph, emitter, mode)
     elif fmt == "qonnx":
         from .qonnx import QonnxImporter
 
-        importer = QonnxImporter(graph, emitter)
+        importer = QonnxImporter(graph, emitter, mode)
     else:
         from .deeploy import DeeployImporter
 

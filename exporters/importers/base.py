@@ -216,7 +216,7 @@ class Importer:
                 raise fail(node, f"moves a per-channel quantized tensor (axis {q.axis}) in a way refsim does not track")
         else:
             new_axis = q.axis
-        if q.is_const:
+        if q.is_const and all(e.is_const for e in extra_inputs):
             data = const_fn(q.data)
             out = replace(q, name=None, data=np.ascontiguousarray(data), shape=data.shape, axis=new_axis)
         else:

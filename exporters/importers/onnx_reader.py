@@ -168,9 +168,25 @@ class OnnxGraph:
         return list(self.model.graph.node)
 
 
+def _gather_elements(node, values):
+    # onnx's reference builds this on np.choose, which takes at most 64 choices.
+    data, indices = values[0], values[1].astype(np.int64)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    indices = np.where(indices < 0, indices + data.shape[axis], indices)
+    return [np.take_along_axis(data, indices, axis=axis)]
+
+
+# Ops whose reference implementation cannot take every valid input: the same ONNX semantics
+# in NumPy.
+_NUMPY_FOLDS = {"GatherElements": _gather_elements}
+
+
 def fold(node: onnx.NodeProto, values: list[np.ndarray | None], opsets: dict[str, int]) -> list[np.ndarray]:
     """Evaluate one node on constant inputs with onnx's reference implementation."""
     from onnx.reference import ReferenceEvaluator
+
+    if node.op_type in _NUMPY_FOLDS and node.domain in ("", "ai.onnx"):
+        return _NUMPY_FOLDS[node.op_type](node, values)
 
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
     inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)

@@ -46,13 +46,18 @@ ELEMENTWISE = {
 }
 LUT_MAX_BITS = 16
 MICROSOFT = "com.microsoft"
+# Integer variants standing for float Softmax / LayerNormalization between DQ and Q.
+MODES = ("ibert", "deeploy")
 
 
 class QdqImporter(Importer):
     format_name = "qdq"
 
-    def __init__(self, graph, emitter):
+    def __init__(self, graph, emitter, mode: str = "ibert"):
         super().__init__(graph, emitter)
+        if mode not in MODES:
+            raise fail(None, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        self.mode = mode
         self.initializer_types = graph.elem_types
         h = self.handlers
         for domain in ("", MICROSOFT):
@@ -509,6 +514,10 @@ class QdqImporter(Importer):
             return affine
         if op == "Mul" and len(leaves) == 2:
             return self.product(expr, target, out)
+        if op == "Softmax" and len(leaves) == 1:
+            return self.softmax(expr, target, out)
+        if op == "LayerNormalization" and len(leaves) == 1:
+            return self.layernorm(expr, target, out)
         if op == "Concat":
             parts = []
             for i, v in enumerate(expr.inputs):
@@ -591,6 +600,72 @@ class QdqImporter(Importer):
         table = self.quantize_values(values, target)
         result = self.em.node("Lut", [self.em.tensor(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
         return replace(target, name=result.name, shape=result.shape)
+
+    # --- Softmax and LayerNormalization: refsim's integer variants (mode) ---------------------------
+
+    def _row_input(self, expr: FloatOp, what: str) -> QTensor:
+        x = expr.inputs[0]
+        if not isinstance(x, Dequantized) or x.q.is_const or not x.q.per_tensor:
+            raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)")
+        rank = len(x.q.shape)
+        axis = expr.attrs.get("axis", -1)
+        if axis % rank != rank - 1:
+            raise fail(expr.node, f"{what} over axis {axis} is not supported; refsim normalises along the last axis")
+        return x.q
+
+    def softmax(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        from ..nonlinear import ibert_softmax_params, ita_softmax_params
+
+        q = self._row_input(expr, "Softmax")
+        scale = float(np.asarray(q.scale).reshape(-1)[0])
+        if self.mode == "ibert":
+            p = ibert_softmax_params(scale)
+            source = q
+        else:
+            p = ita_softmax_params(scale, preset="deeploy")
+            grid = QTensor(None, TYPES["int8"], q.shape, scale=np.asarray(p.input_scale, np.float64),
+                           zero_point=np.asarray(0, np.int64))
+            exact = np.asarray(scale / p.input_scale)
+            source = self.em.requantize(q, exact, grid, f"{out}.softmax_input", expr.node)
+        y = self.em.node(p.op, [self.em.tensor(source)], f"{out}.softmax", **p.attrs)
+        y = replace(y, scale=np.asarray(p.output_scale, np.float64), zero_point=np.asarray(p.output_zero_point, np.int64))
+        exact, ort = ratio_of(y, target)
+        return self.em.requantize(y, exact, target, out, expr.node, ort_ratio=ort, value_bits=17)
+
+    def layernorm(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        from ..nonlinear import ibert_layernorm_params, ilayernorm_params
+
+        q = self._row_input(expr, "LayerNormalization")
+        scale = float(np.asarray(q.scale).reshape(-1)[0])
+        n = q.shape[-1]
+        if not isinstance(n, int):
+            raise fail(expr.node, "needs a static normalised axis")
+        gamma = np.broadcast_to(np.asarray(self.evaluate(expr.inputs[1], None, None), np.float64).reshape(-1), (n,))
+        beta = (np.broadcast_to(np.asarray(self.evaluate(expr.inputs[2], None, None), np.float64).reshape(-1), (n,))
+                if len(expr.inputs) > 2 and expr.inputs[2] is not None else np.zeros(n))
+        if self.mode == "ibert":
+            # I-BERT divides the bias by the weight: a weight quantized to 0 becomes a tiny one,
+            # which leaves that channel's output at beta (its real value) as the float op does.
+            gamma = np.where(gamma == 0, np.max(np.abs(gamma)) * 2.0**-20 or 2.0**-20, gamma)
+            p = ibert_layernorm_params(scale, gamma, beta, input_bits=q.dtype.bits + (1 if q.zp_scalar() else 0))
+            bias = self.em.const(p.consts["bias"], stem=f"{out}.bias")
+            y = self.em.node("IBertLayerNorm", [self.em.tensor(q), bias], f"{out}.layernorm", **p.attrs)
+            channel_scale = np.asarray(p.output_scale, np.float64)
+            y = replace(y, scale=channel_scale, zero_point=np.zeros(n, np.int64), axis=len(q.shape) - 1)
+            sy = float(np.asarray(target.scale).reshape(-1)[0])
+            bound = int(2**30 * np.sqrt(n)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
+            return self.em.requantize(y, channel_scale / sy, target, out, expr.node,
+                                      ort_ratio=np.asarray(channel_scale / sy, np.float32), axis=len(q.shape) - 1,
+                                      value_bits=bound.bit_length() + 1)
+        sy = float(np.asarray(target.scale).reshape(-1)[0])
+        p = ilayernorm_params(scale, gamma, beta, sy, n_levels=256)
+        inputs = [self.em.tensor(q), self.em.const(p.consts["weight"], "int32", f"{out}.weight"),
+                  self.em.const(p.consts["bias"], "int32", f"{out}.bias")]
+        y = self.em.node("iLayerNorm", inputs, f"{out}.layernorm", **p.attrs)
+        if target.dtype.name == "int8" and target.zp_scalar() == 0 and y.dtype.name == "int8":
+            return replace(target, name=y.name, shape=y.shape)
+        y = replace(y, scale=np.asarray(sy, np.float64), zero_point=np.asarray(0, np.int64))
+        return self.em.requantize(y, np.asarray(1.0), target, out, expr.node)
 
     # --- affine combinations: sum_i c_i * (q_i - z_i) + constant ----------------------------------
 

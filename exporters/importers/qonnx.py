@@ -52,8 +52,8 @@ def type_for(lo: int, hi: int):
 class QonnxImporter(QdqImporter):
     format_name = "qonnx"
 
-    def __init__(self, graph, emitter):
-        super().__init__(graph, emitter)
+    def __init__(self, graph, emitter, mode: str = "ibert"):
+        super().__init__(graph, emitter, mode)
         for domain in DOMAINS:
             for op in ("Quant", "IntQuant"):
                 self.handlers[(domain, op)] = self.op_Quant

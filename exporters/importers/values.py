@@ -158,12 +158,13 @@ class Emitter:
     # --- requantization -----------------------------------------------------------------
 
     def requantize(self, src: QTensor, ratio: np.ndarray, target: QTensor, out: str, onnx_node=None,
-                   ort_ratio: np.ndarray | None = None, axis: int | None = None) -> QTensor:
+                   ort_ratio: np.ndarray | None = None, axis: int | None = None, value_bits: int | None = None) -> QTensor:
         """y = clip(round(ratio * (src - src.zero_point)) + target.zero_point) in target's type.
 
         `ratio` is the exact real multiplier (float64, scalar or per channel along `axis`).
         With requant='ort', `ort_ratio` is the float32 multiplier onnxruntime computes (its
-        operation order); without one, float32(ratio) is used.
+        operation order); without one, float32(ratio) is used. `value_bits` bounds |src|
+        when it is known to be narrower than its type (a wider multiplier then fits).
         """
         ratio = np.asarray(ratio, np.float64)
         zp_out = int(target.zp_scalar())
@@ -192,7 +193,7 @@ class Emitter:
                                                          self.const(exp, "int16", f"{out}.exp"), offset],
                                           out, axis=kind_axis, dtype=target.dtype.name, **bounds), target)
         sign = np.where(ratio < 0, -1, 1)
-        src_bits = src.dtype.bits + (1 if zp_in else 0)
+        src_bits = (value_bits or src.dtype.bits) + (1 if zp_in else 0)
         mul_bits = max(8, min(31, 61 - src_bits))
         try:
             d = dyadic(np.abs(ratio), mul_bits=mul_bits, what=f"{onnx_node.name if onnx_node is not None else out}: scale ratio")
