@@ -143,7 +143,7 @@ class Model:
                 check_fits(array, t.dtype, f"input {name!r}")
             except RefsimError as e:
                 raise InputError(str(e)) from None
-            values[name] = np.ascontiguousarray(array.astype(t.dtype.storage, copy=False))
+            values[name] = np.asarray(array.astype(t.dtype.storage, copy=False), order="C")
         return values
 
     def run(

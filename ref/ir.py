@@ -109,7 +109,7 @@ def const_tensor(name: str, values, dtype: str | IntType, **meta) -> Tensor:
             raise RefsimError(f"constant {name!r}: values are not integers")
     array = np.asarray(array)
     check_fits(array.astype(np.int64, copy=False), t, f"constant {name!r}")
-    array = np.ascontiguousarray(array.astype(t.storage, copy=False))
+    array = np.asarray(array.astype(t.storage, copy=False), order="C")
     return Tensor(name, t, array.shape, array, **meta)
 
 

@@ -119,16 +119,33 @@ def Relu(x):
     return np.maximum(x, x.dtype.type(0))
 
 
-@op("Clip", inputs=["x"], attrs=dict(lo=Int(optional=True), hi=Int(optional=True)), infer=same_as_input)
+def clip_bounds(type_lo: int, type_hi: int, lo, hi, type_name: str) -> tuple[int, int]:
+    """Clip's bounds within x's type; a result the type cannot hold is refused."""
+    if lo is not None and hi is not None and lo > hi:
+        raise OpError(f"Clip: lo {lo} > hi {hi}")
+    if lo is not None and lo > type_hi:
+        raise OpError(f"Clip: lo {lo} lies above the largest {type_name} value {type_hi}")
+    if hi is not None and hi < type_lo:
+        raise OpError(f"Clip: hi {hi} lies below the smallest {type_name} value {type_lo}")
+    return (type_lo if lo is None else max(lo, type_lo)), (type_hi if hi is None else min(hi, type_hi))
+
+
+def _infer_clip(ins, attrs):
+    t = ins[0].dtype
+    try:
+        clip_bounds(t.lo, t.hi, attrs["lo"], attrs["hi"], t.name)
+    except OpError as e:
+        raise GraphError(str(e)) from None
+    return same_as_input(ins, attrs)
+
+
+@op("Clip", inputs=["x"], attrs=dict(lo=Int(optional=True), hi=Int(optional=True)), infer=_infer_clip)
 def Clip(x, *, lo=None, hi=None):
     """y = min(max(x, lo), hi); an omitted bound does not clip."""
     x = np.asarray(x)
-    if lo is not None and hi is not None and lo > hi:
-        raise OpError(f"Clip: lo {lo} > hi {hi}")
     info = np.iinfo(x.dtype)
-    lo = info.min if lo is None else max(lo, int(info.min))
-    hi = info.max if hi is None else min(hi, int(info.max))
-    return np.clip(x, lo, hi).astype(x.dtype, copy=False)
+    lo, hi = clip_bounds(int(info.min), int(info.max), lo, hi, x.dtype.name)
+    return np.clip(x, x.dtype.type(lo), x.dtype.type(hi))
 
 
 def _infer_cast(ins, attrs):
