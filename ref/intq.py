@@ -127,11 +127,19 @@ def to_bytes(graph: Graph) -> bytes:
     return b"".join([preamble, header_bytes, padding, *chunks])
 
 
+def _new_file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and a rename: all or nothing."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

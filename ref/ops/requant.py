@@ -66,7 +66,10 @@ def _infer_requant(ins, attrs):
             raise GraphError("shift must be >= 0")
     if attrs["rounding"] == "double" and len(ins) > 3 and ins[3] is not None:
         raise GraphError("rounding 'double' (TFLite) takes no bias; add it to the accumulator")
-    output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "Requant")
+    try:
+        output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "clip range")
+    except OpError as e:
+        raise GraphError(str(e)) from None
     return [(int_type(attrs["dtype"]), x.shape)]
 
 
