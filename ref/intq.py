@@ -249,7 +249,7 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
     header, data_offset, data_len = r.preamble()
     if header.get("format") != "refsim.intq":
         r.fail("header format is not 'refsim.intq'")
-    if header.get("version") != VERSION:
+    if type(header.get("version")) is not int or header["version"] != VERSION:
         r.fail(f"header version {header.get('version')!r} differs from the preamble's {VERSION}")
     g = r.get(header, "graph", dict, "header")
     name = r.get(g, "name", str, "graph")
