@@ -318,6 +318,8 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
     blobs: dict[str, bytes] = {}
     for i, entry in enumerate(r.get(header, "blobs", list, "header", optional=True) or []):
         bname = r.get(entry, "name", str, f"blob #{i}")
+        if bname in blobs:
+            r.fail(f"blob {bname!r} is declared twice")
         offset, nbytes, crc = r.extent(entry, f"blob {bname!r}", data_len, None)
         view = memoryview(buffer)[data_offset + offset : data_offset + offset + nbytes]
         r.check_crc(view, crc, f"blob {bname!r}")

@@ -83,3 +83,13 @@ def test_relu_clip_cast_lut_hand_worked():
     table = np.arange(256, dtype=np.int16) * 2 - 256  # f(v) = 2v for v in -128..127
     assert Lut(np.array([-128, 0, 127], np.int8), table).tolist() == [-256, 0, 254]
     assert Lut(np.array([-1, 0, 1], np.int8), np.array([10, 20, 30], np.uint8)).tolist() == [10, 20, 30]  # ternary
+
+
+def test_shapes_that_do_not_broadcast_are_refused():
+    from refsim.ops import RequantShift
+
+    for fn in (Add, Sub, Mul):
+        with pytest.raises(RefsimError, match="do not broadcast"):
+            fn(np.zeros(3, np.int8), np.zeros(2, np.int8))
+    with pytest.raises(RefsimError, match="do not broadcast"):
+        RequantShift(np.zeros(3, np.int8), np.ones(2, np.int32), np.zeros(1, np.int32), div=2)

@@ -192,7 +192,7 @@ CORRUPTIONS = {
     "missing required input": (header_edit(lambda h: node(h, "fc1")["inputs"].__setitem__(1, "")), "required input"),
     "too many inputs": (header_edit(lambda h: node(h, "relu")["inputs"].append("x")), "takes inputs"),
     "blob outside the data": (header_edit(lambda h: h["blobs"][0].update(offset=1 << 30)), "outside the data section"),
-    "blob declared twice": (header_edit(lambda h: h["blobs"].append(dict(h["blobs"][0]))), "declared twice|overlap"),
+    "blob declared twice": (header_edit(lambda h: h["blobs"].append(dict(h["blobs"][0]))), "blob .notes.txt. is declared twice"),
     "metadata not an object": (header_edit(lambda h: h.update(metadata=[1])), "metadata should be dict"),
 }
 

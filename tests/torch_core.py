@@ -132,7 +132,8 @@ def _same_class_over_4(v: torch.Tensor, s: int) -> torch.Tensor:
     place as v/2^s: at -1, in (-1, -1/2), at -1/2, in (-1/2, 0), at 0, in (0, 1/2), at 1/2,
     in (1/2, 1).
     """
-    half = 1 << (s - 1)  # where v/2^s = 1/2
+    # where v/2^s = 1/2; from s = 65 on it lies beyond every int64 v, as it does for s = 65
+    half = 1 << (min(s, 65) - 1)
     c = torch.sign(v)
     c = torch.where(_compare(v, -half, "<"), -3, c)
     c = torch.where(_compare(v, -2 * half, "=="), -4, c)

@@ -48,8 +48,16 @@ def _arith_type(op_name: str, a_type, b_type, dtype: str | None) -> IntType:
         ) from None
 
 
+def broadcast_or_fail(what: str, *arrays) -> None:
+    try:
+        np.broadcast_shapes(*(np.shape(a) for a in arrays))
+    except ValueError:
+        raise OpError(f"{what}: shapes {[list(np.shape(a)) for a in arrays]} do not broadcast") from None
+
+
 def _arith(op_name: str, a, b, dtype, overflow) -> np.ndarray:
     a, b = np.asarray(a), np.asarray(b)
+    broadcast_or_fail(op_name, a, b)
     out = _arith_type(op_name, a.dtype, b.dtype, dtype)
     lo, hi = _RESULT_RANGE[op_name](_range_of(a.dtype), _range_of(b.dtype))
     if max(abs(lo), abs(hi)) > (1 << 63) - 1:

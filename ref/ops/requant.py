@@ -6,6 +6,7 @@ import numpy as np
 
 from ..dtypes import TYPES, IntType, int_type
 from ..errors import GraphError, OpError
+from .elementwise import broadcast_or_fail
 from .registry import Bool, Int, OneOf, TypeName, op
 from .rounding import (
     DOUBLE,
@@ -167,6 +168,7 @@ def RequantShift(x, mul, add, *, div, n_levels=256, signed=True):
     shift = _log2_exact(div, what)
     t = levels_type(n_levels, signed)
     lo, hi = (-(n_levels // 2), n_levels // 2 - 1) if signed else (0, n_levels - 1)
+    broadcast_or_fail(what, x, mul, add)
     check_product_fits(x, mul, add, what)
     y = requantize(x, mul, add, shift, 0, lo, hi, "half_up")
     return y.astype(t.storage)
