@@ -19,6 +19,8 @@ from .errors import RefsimError
 COMMANDS = {
     "run": ("refsim.commands.run", "run a .intq model on inputs and print its outputs"),
     "inspect": ("refsim.commands.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
+    "golden": ("refsim.golden.golden_command", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
+    "check": ("refsim.golden.check_command", "compare a hardware or simulator dump with a golden vector set"),
 }
 
 
