@@ -117,6 +117,8 @@ class Model:
 
     def check_feeds(self, feeds: Mapping[str, Any], shapes: _Shapes) -> dict[str, np.ndarray]:
         """Convert feeds to the declared storage types, or explain what is wrong."""
+        if not isinstance(feeds, Mapping):
+            raise InputError(f"feeds must map input names to arrays, got {type(feeds).__name__}")
         expected = set(self.graph.inputs)
         unknown = sorted(set(feeds) - expected)
         if unknown:

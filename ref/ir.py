@@ -105,10 +105,17 @@ def const_tensor(name: str, values, dtype: str | IntType, **meta) -> Tensor:
     """A constant tensor whose values are checked against the declared type."""
     t = int_type(dtype)
     array = np.asarray(values)
-    if array.dtype.kind not in "iub":
-        if array.size and not np.all(np.equal(np.mod(array, 1), 0)):
-            raise RefsimError(f"constant {name!r}: values are not integers")
-    array = np.asarray(array)
+    if array.dtype.kind == "O":  # Python ints beyond int64, or mixed objects
+        try:
+            array = array.astype(np.int64)
+        except (OverflowError, TypeError, ValueError):
+            raise RefsimError(f"constant {name!r}: values are not integers within int64") from None
+    if array.dtype.kind not in "iubf":
+        raise RefsimError(f"constant {name!r}: values are not integers (dtype {array.dtype})")
+    if array.dtype.kind == "f" and array.size and not (
+        np.all(np.mod(array, 1) == 0) and np.all(np.abs(array) < 2.0**63)
+    ):
+        raise RefsimError(f"constant {name!r}: values are not integers")
     check_fits(array.astype(np.int64, copy=False), t, f"constant {name!r}")
     array = np.asarray(array.astype(t.storage, copy=False), order="C")
     return Tensor(name, t, array.shape, array, **meta)

@@ -165,3 +165,16 @@ def test_none_attributes_mean_omitted_and_round_trip(tmp_path):
     model = refsim.load(path)
     assert model.graph.nodes[0].attrs == {"dtype": "int8"}
     assert model.run({"x": np.array([300, -5], np.int32)})[y].tolist() == [127, -5]
+
+
+def test_constants_and_feeds_of_the_wrong_kind_are_refused():
+    b = GraphBuilder("k")
+    with pytest.raises(RefsimError, match="not integers"):
+        b.const(["a", "b"], "int8")
+    with pytest.raises(RefsimError, match="within int64"):
+        b.const([1 << 70], "int64")
+    with pytest.raises(RefsimError, match="not integers"):
+        b.const([float("nan")], "int32")
+    assert b.const([2.0, -3.0], "int8")  # integral floats are fine
+    with pytest.raises(RefsimError, match="feeds must map"):
+        diamond(False).run([np.zeros((1, 4), np.int8)])
