@@ -47,10 +47,12 @@ def check_sum_fits(k: int, a_bound: int, b_bound: int, bias_bound: int) -> None:
 def exact_matmul(a: np.ndarray, b: np.ndarray, a_bound: int, b_bound: int) -> np.ndarray:
     """a @ b as exact int64, given |a| <= a_bound and |b| <= b_bound elementwise.
 
-    The caller has checked that k * a_bound * b_bound fits int64 (`check_sum_fits`).
-    `b` may already be a float32/float64 array holding integers (prepared weights).
+    Refused (OpError) when k * a_bound * b_bound could leave int64; a caller adding a bias
+    checks that sum too (`check_sum_fits`). `b` may already be a float32/float64 array
+    holding integers (prepared weights).
     """
     k = a.shape[-1]
+    check_sum_fits(k, a_bound, b_bound, 0)
     product = a_bound * b_bound
     if product == 0 or k == 0:
         shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])

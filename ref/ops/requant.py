@@ -30,9 +30,10 @@ def output_bounds(dtype: str | IntType, lo: int | None, hi: int | None, what: st
     return lo, hi
 
 
-def along_axis(param, shape: tuple, axis: int, name: str, what: str):
+def along_axis(param, shape, axis: int, name: str, what: str):
     """View a scalar or per-channel vector so that it broadcasts along `axis` of a tensor
-    of `shape`; a vector must have one entry per channel."""
+    of `shape`; a vector must have one entry per channel. (Given only the tensor's rank
+    instead of its shape, the channel count is left to broadcasting.)"""
     if param is None:
         return np.int64(0)
     p = np.asarray(param)
@@ -40,10 +41,11 @@ def along_axis(param, shape: tuple, axis: int, name: str, what: str):
         return p.reshape(()).astype(np.int64)
     if p.ndim != 1:
         raise OpError(f"{what}: {name} must be a scalar or a 1-D per-channel vector, got shape {p.shape}")
-    channels = shape[axis] if shape else 1
-    if p.size != channels:
+    ndim = shape if isinstance(shape, (int, np.integer)) else len(shape)
+    channels = p.size if isinstance(shape, (int, np.integer)) else (shape[axis] if ndim else 1)
+    if p.size != channels or ndim == 0:
         raise OpError(f"{what}: {name} has {p.size} entries, the input has {channels} channels along axis {axis}")
-    view = [1] * len(shape)
+    view = [1] * ndim
     view[axis] = p.size
     return p.astype(np.int64).reshape(view)
 
