@@ -67,12 +67,19 @@ class ItaHead:
     bo: Any = None
 
 
+def _ita_rtl_softmax() -> dict[str, Any]:
+    # The switches of today's ITA RTL, which PyITA's golden files reproduce (docs/OPS.md).
+    from refsim.ops.softmax import ITA_PRESETS
+
+    return dict(ITA_PRESETS["ita_rtl"])
+
+
 @dataclass
 class ItaSoftmax:
-    """The softmax op and its attributes, passed through unchanged."""
+    """The softmax op and its attributes, passed through unchanged (default: ITA RTL's)."""
 
     op: str = "ITAPartialMax"
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=_ita_rtl_softmax)
 
 
 @dataclass
