@@ -34,6 +34,7 @@ _RESULT_RANGE = {
 }
 
 _COMPUTE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _arith_type(op_name: str, a_type, b_type, dtype: str | None) -> IntType:
@@ -60,13 +61,13 @@ def _arith(op_name: str, a, b, dtype, overflow) -> np.ndarray:
     broadcast_or_fail(op_name, a, b)
     out = _arith_type(op_name, a.dtype, b.dtype, dtype)
     lo, hi = _RESULT_RANGE[op_name](_range_of(a.dtype), _range_of(b.dtype))
-    if max(abs(lo), abs(hi)) > (1 << 63) - 1:
+    if lo < INT64_MIN or hi > INT64_MAX:
         # The dtypes allow int64 overflow; the values may not. Decide from them.
         lo, hi = _RESULT_RANGE[op_name](
             (int(a.min()), int(a.max())) if a.size else (0, 0),
             (int(b.min()), int(b.max())) if b.size else (0, 0),
         )
-        if max(abs(lo), abs(hi)) > (1 << 63) - 1:
+        if lo < INT64_MIN or hi > INT64_MAX:
             raise OpError(f"{op_name}: results may leave int64 ({lo}..{hi})")
     exact = _COMPUTE[op_name](a.astype(np.int64), b.astype(np.int64))
     return fit_range(exact, out.lo, out.hi, out.bits, overflow, op_name).astype(out.storage)
