@@ -36,7 +36,7 @@ def kernel_for(schema, case, declared):
 
 @pytest.mark.parametrize("op", sorted(CORE_OPS))
 @given(data=st.data())
-def test_infer_agrees_with_the_kernel(op, data):
+def test_infer_agrees_with_the_kernel(each_backend, op, data):
     case = data.draw(CASES[op])
     schema = OPS[op]
     declared = [
