@@ -248,7 +248,7 @@ def requant(x, mul, shift, bias=None, offset=None, *, types=None, axis=-1, round
         right = torch.clamp(S - 31, min=0)
         a = X * torch.bitwise_left_shift(torch.ones_like(left), left)  # x << left, exact in int64
         _require(a.numel() == 0 or (int(a.min()) >= INT32_MIN and int(a.max()) <= INT32_MAX), "x << left beyond int32")
-        _require(_absmax(O) + (1 << 31) <= INT64_MAX, "offset beyond int64")
+        _require(X.numel() == 0 or _absmax(O) + (1 << 31) <= INT64_MAX, "offset beyond int64")
         v = rdbpot(srdhm(a, M), right)
     else:
         _require(_absmax(X) * _absmax(M) + _absmax(B) + _absmax(O) <= INT64_MAX, "x*mul + bias + offset beyond int64")
