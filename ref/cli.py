@@ -25,8 +25,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are reported like every other error: one line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"refsim: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refsim",
         description="Bit-exact integer reference simulator for quantized transformers.",
     )
