@@ -230,3 +230,41 @@ def test_ort_requant_reproduces_onnxruntime_near_ties_where_dyadic_does_not():
         np.testing.assert_array_equal(import_model(model, requant="ort").run({"a": a})["y"], want)
         dyadic_differences += int((import_model(model, requant="dyadic").run({"a": a})["y"] != want).sum())
     assert dyadic_differences > 0
+
+
+def test_torch_fake_quant_export_imports(tmp_path):
+    """torch.onnx.export of a fake-quantized conv net (QDQ with Constant zero points, per-channel
+    weights, Relu on the accumulator) imports and agrees with torch's fake-quant forward
+    within one output step (torch computes the products in float)."""
+    import warnings
+
+    import torch
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cw", torch.randn(4, 3, 3, 3))
+            self.register_buffer("fw", torch.randn(5, 64))
+
+        def forward(self, x):
+            x = torch.fake_quantize_per_tensor_affine(x, 0.05, 3, -128, 127)
+            w = torch.fake_quantize_per_channel_affine(self.cw, torch.full((4,), 0.02), torch.zeros(4, dtype=torch.int32), 0, -128, 127)
+            y = torch.fake_quantize_per_tensor_affine(torch.relu(torch.nn.functional.conv2d(x, w, None, padding=1)), 0.04, 0, 0, 255)
+            y = torch.nn.functional.max_pool2d(y, 2).flatten(1)
+            w2 = torch.fake_quantize_per_tensor_affine(self.fw, 0.01, 0, -128, 127)
+            return torch.fake_quantize_per_tensor_affine(y @ w2.t(), 0.1, -3, -128, 127)
+
+    net = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "fq.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+    imported = import_model(path)
+    assert {n.op for n in imported.graph.nodes} >= {"Conv", "Relu", "MaxPool", "MatMul", "Requant"}
+    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, {"x": x.numpy()})))["y"]
+    with torch.no_grad():
+        want = net(x).numpy()
+    assert np.abs(got - want).max() <= 0.1 + 1e-6

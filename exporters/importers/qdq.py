@@ -473,6 +473,11 @@ class QdqImporter(Importer):
     # --- float ops between DequantizeLinear and QuantizeLinear ----------------------------------
 
     def unhandled(self, node, ins, attrs):
+        if node.op_type == "Relu" and isinstance(ins[0], Dequantized) and not ins[0].q.is_const:
+            q = ins[0].q
+            if q.zero_point is None or not np.any(q.zero_point):
+                # max(s*q, 0) = s*max(q, 0) for positive scales: the integer Relu, scale kept.
+                return Dequantized(replace(q, name=self.em.node("Relu", [self.em.tensor(q)], node.output[0], node.name).name))
         if any(isinstance(v, (Dequantized, FloatOp)) for v in ins):
             if len(node.output) != 1:
                 raise fail(node, "a float op with several outputs between DequantizeLinear and QuantizeLinear is not supported")

@@ -235,10 +235,6 @@ class QonnxImporter(QdqImporter):
                                    zero_point=np.asarray(int(out_zp), np.int64), clip=(lo, hi)))
 
     def unhandled(self, node, ins, attrs):
-        if node.op_type == "Relu" and isinstance(ins[0], Dequantized) and not ins[0].q.is_const:
-            q = ins[0].q
-            if q.zp_scalar() == 0 and (q.zero_point is None or not np.any(q.zero_point)):
-                return Dequantized(replace(q, name=self.em.node("Relu", [self.em.tensor(q)], node.output[0], node.name).name))
         if node.op_type in ("GlobalAveragePool", "AveragePool"):
             raise fail(node, f"{node.op_type} is not supported yet; quantize its output with a Trunc after a sum")
         return super().unhandled(node, ins, attrs)
