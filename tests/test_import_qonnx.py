@@ -10,7 +10,6 @@ Every scale is a power of two, so the float reference is exact and the integer p
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper

@@ -25,7 +25,7 @@ import numpy as np
 from refsim.dtypes import TYPES
 
 from .base import FloatInput
-from .onnx_reader import fail, type_name
+from .onnx_reader import fail
 from .qdq import QdqImporter
 from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
 
@@ -246,4 +246,4 @@ def _same_grid(a: QTensor, b: QTensor) -> bool:
             and np.array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point)))
 
 
-__all__ = ["QonnxImporter", "int_range", "type_name"]
+__all__ = ["QonnxImporter", "int_range", "type_for"]

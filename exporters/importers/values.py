@@ -21,7 +21,6 @@ and `ort` (RequantF32, onnxruntime's float32 multiply replayed exactly with inte
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import onnx
 
 from refsim.builder import GraphBuilder
-from refsim.dtypes import TYPES, IntType, type_for_range
+from refsim.dtypes import TYPES, IntType
 from refsim.errors import RefsimError
 
 from ..dyadic import ExportError, dyadic
@@ -224,22 +223,3 @@ def ratio_of(src: QTensor, target: QTensor) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(all="ignore"):
             ort = np.asarray(src.scale, np.float32) / t
     return exact, np.asarray(ort, np.float32)
-
-
-def is_integer_valued(values: np.ndarray) -> bool:
-    values = np.asarray(values)
-    return values.dtype.kind in "iub" or bool(np.all(np.isfinite(values)) and np.all(np.mod(values, 1) == 0))
-
-
-def check_same_quant(a: QTensor, b: QTensor) -> bool:
-    if a.dtype is not b.dtype or (a.scale is None) != (b.scale is None):
-        return False
-    if a.scale is None:
-        return True
-    return (np.array_equal(np.asarray(a.scale, np.float32), np.asarray(b.scale, np.float32))
-            and np.array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point))
-            and a.axis == b.axis and a.block_size == b.block_size)
-
-
-def prod(shape) -> int:
-    return math.prod(shape)
