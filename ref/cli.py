@@ -19,11 +19,20 @@ from .errors import RefsimError
 COMMANDS = {
     "run": ("refsim.commands.run", "run a .intq model on inputs and print its outputs"),
     "inspect": ("refsim.commands.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
+    "golden": ("refsim.golden.golden_command", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
+    "check": ("refsim.golden.check_command", "compare a hardware or simulator dump with a golden vector set"),
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are reported like every other error: one line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"refsim: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refsim",
         description="Bit-exact integer reference simulator for quantized transformers.",
     )

@@ -181,20 +181,21 @@ def _value_bound(a: np.ndarray) -> int:
     return max(abs(int(a.min())), abs(int(a.max()))) if a.size else 0
 
 
-def check_product_fits(x, mul, bias, what: str) -> None:
-    """Raise unless |x*mul + bias| stays below 2^63 for every element.
+def check_product_fits(x, mul, bias, what: str, offset=None) -> None:
+    """Raise unless max|x|*max|mul| + max|bias| + max|offset| stays below 2^63.
 
-    Decided from the dtypes when they are narrow enough (no pass over the data), and
-    from the actual values otherwise.
+    That bound keeps x*mul + bias, and the rounded result plus offset, within int64 for
+    every element. It is decided from the dtypes when they are narrow enough (no pass over
+    the data), and from the actual values otherwise.
     """
-    arrays = [np.asarray(x), np.asarray(mul)] + ([np.asarray(bias)] if bias is not None else [])
+    arrays = [np.asarray(a) for a in (x, mul, bias, offset) if a is not None]
     bounds = [_dtype_bound(a) for a in arrays]
-    if bounds[0] * bounds[1] + (bounds[2] if bias is not None else 0) <= INT64_MAX:
+    if bounds[0] * bounds[1] + sum(bounds[2:]) <= INT64_MAX:
         return
     bounds = [_value_bound(a) for a in arrays]
-    exact = bounds[0] * bounds[1] + (bounds[2] if bias is not None else 0)
+    exact = bounds[0] * bounds[1] + sum(bounds[2:])
     if exact > INT64_MAX:
-        raise OpError(f"{what}: x*mul + bias can reach {exact}, beyond int64")
+        raise OpError(f"{what}: |x*mul + bias| + |offset| can reach {exact}, beyond int64")
 
 
 def round_div(num, den, mode: str) -> np.ndarray:

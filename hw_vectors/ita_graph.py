@@ -1,0 +1,384 @@
+"""The graph form of one ITA attention block, and the record that finds it again.
+
+docs/ITA.md is the contract; in short, per head h, with q [S, E] and kv [S, E] int8:
+
+    Q_acc = MatMul(q,  Wq, bias=Bq; acc_bits=26, overflow=saturate)    int32 [S, P]
+    Q     = Requant(Q_acc, mul, shift, -, add; rounding=half_up, dtype=int8)
+    K, V  likewise from kv
+    QK_acc = MatMul(Q, K; transB) -> QK = Requant(...)                int8  [S, S]
+    A      = ITAPartialMax(QK) (or ITAMax)                              uint8 [S, S]
+    AV_acc = MatMul(A, V) -> AV = Requant(...)                          int8  [S, P]
+    OW_acc = MatMul(AV, Wo, bias=Bo) -> OW = Requant(...)               int8  [S, E]
+
+then the heads are combined as ITA does: the per-head int8 outputs are stacked
+(`heads` [H, S, E]), summed over heads exactly (`sum`), and requantized once more with
+one shared (mul, shift, add) into the block output `out` [S, E] int8.
+
+`add_attention_block` builds that from integers and appends a record to
+`metadata["attention_blocks"]`; `read_block` checks a graph against a record and
+returns every tensor and parameter the `ita` target needs. Only integers here: the
+float work (scales -> mul/shift) belongs to the exporters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from refsim.errors import GraphError
+
+FORM = "ita-attention"
+FORM_VERSION = 1
+ACC_BITS = 26  # ITA's accumulator width (WO); PyITA saturates to it
+PROJECTIONS = ("Q", "K", "V")
+# PyITA's requantization steps, in the order of its RQS_* files.
+STEPS = ("Q", "K", "V", "QK", "AV", "OW", "SUM")
+SOFTMAX_OPS = ("ITAPartialMax", "ITAMax")
+
+
+@dataclass(frozen=True)
+class ItaRequant:
+    """ITA's requantizer: clip(round_half_up(x * mul / 2^shift) + add, -128, 127)."""
+
+    mul: int  # unsigned 8-bit eps_mult
+    shift: int  # 8-bit right_shift
+    add: int = 0  # signed 8-bit add
+
+
+@dataclass
+class ItaHead:
+    """One head's integer parameters. Weights are [in, out]; biases None for no bias."""
+
+    wq: Any
+    wk: Any
+    wv: Any
+    wo: Any
+    q: ItaRequant
+    k: ItaRequant
+    v: ItaRequant
+    qk: ItaRequant
+    av: ItaRequant
+    ow: ItaRequant
+    bq: Any = None
+    bk: Any = None
+    bv: Any = None
+    bo: Any = None
+
+
+def _ita_rtl_softmax() -> dict[str, Any]:
+    # The switches of today's ITA RTL, which PyITA's golden files reproduce (docs/OPS.md).
+    from refsim.ops.softmax import ITA_PRESETS
+
+    return dict(ITA_PRESETS["ita_rtl"])
+
+
+@dataclass
+class ItaSoftmax:
+    """The softmax op and its attributes, passed through unchanged (default: ITA RTL's)."""
+
+    op: str = "ITAPartialMax"
+    attrs: dict[str, Any] = field(default_factory=_ita_rtl_softmax)
+
+
+@dataclass
+class ItaAttention:
+    heads: list[ItaHead]
+    sum: ItaRequant
+    softmax: ItaSoftmax = field(default_factory=ItaSoftmax)
+
+
+def _dims(b, q: str, kv: str, head: ItaHead) -> tuple[Any, int, int]:
+    tq, tkv = b.tensors[q], b.tensors[kv]
+    if len(tq.shape) != 2 or len(tkv.shape) != 2:
+        raise GraphError(f"ITA attention inputs must be 2-D [S, E]; got {list(tq.shape)} and {list(tkv.shape)}")
+    if tq.shape != tkv.shape:
+        raise GraphError(f"ITA attention: q {list(tq.shape)} and kv {list(tkv.shape)} must have one shape [S, E]")
+    wq = np.asarray(head.wq)
+    if wq.ndim != 2:
+        raise GraphError(f"ITA attention: Wq must be [E, P], got shape {list(wq.shape)}")
+    return tq.shape[0], int(wq.shape[0]), int(wq.shape[1])
+
+
+def _requant_node(b, acc: str, rq: ItaRequant, out: str) -> str:
+    mul = b.const(rq.mul, "uint8", name=f"{out}.mul")
+    shift = b.const(rq.shift, "uint8", name=f"{out}.shift")
+    add = b.const(rq.add, "int8", name=f"{out}.add")
+    return b.node("Requant", [acc, mul, shift, None, add], outputs=out, name=out, rounding="half_up", dtype="int8")
+
+
+def _matmul(b, a: str, w: str, bias: str | None, out: str, **attrs) -> str:
+    return b.node("MatMul", [a, w, None, None, bias], outputs=out, name=out, acc_bits=ACC_BITS, overflow="saturate", **attrs)
+
+
+def _projection(b, prefix: str, x: str, step: str, letter: str, weight, bias, rq: ItaRequant) -> dict[str, Any]:
+    w = b.const(weight, "int8", name=f"{prefix}.W{letter}")
+    bias_name = None if bias is None else b.const(bias, "int32", name=f"{prefix}.B{letter}")
+    acc = _matmul(b, x, w, bias_name, f"{prefix}.{step}_acc")
+    out = _requant_node(b, acc, rq, f"{prefix}.{step}")
+    return {"weight": w, "bias": bias_name, "acc": acc, "out": out, "requant": out}
+
+
+def add_attention_block(b, name: str, q: str, kv: str, params: ItaAttention) -> str:
+    """Append one ITA attention block to GraphBuilder `b`; returns its output tensor.
+
+    `q` and `kv` are existing int8 [S, E] tensors (the same name for self-attention). Every
+    tensor and node the block adds is named `<name>.<...>`; the block is recorded in
+    `b.metadata["attention_blocks"]` (see docs/ITA.md).
+    """
+    if not params.heads:
+        raise GraphError(f"ITA attention block {name!r}: needs at least one head")
+    if params.softmax.op not in SOFTMAX_OPS:
+        raise GraphError(f"ITA attention block {name!r}: softmax must be one of {SOFTMAX_OPS}, got {params.softmax.op!r}")
+    S, E, P = _dims(b, q, kv, params.heads[0])
+    heads = []
+    reshaped = []
+    for h, head in enumerate(params.heads):
+        prefix = f"{name}.h{h}"
+        rec: dict[str, Any] = {
+            "Q": _projection(b, prefix, q, "Q", "q", head.wq, head.bq, head.q),
+            "K": _projection(b, prefix, kv, "K", "k", head.wk, head.bk, head.k),
+            "V": _projection(b, prefix, kv, "V", "v", head.wv, head.bv, head.v),
+        }
+        acc = _matmul(b, rec["Q"]["out"], rec["K"]["out"], None, f"{prefix}.QK_acc", transB=True)
+        rec["QK"] = {"acc": acc, "out": _requant_node(b, acc, head.qk, f"{prefix}.QK"), "requant": f"{prefix}.QK"}
+        a = b.node(params.softmax.op, [rec["QK"]["out"]], outputs=f"{prefix}.A", name=f"{prefix}.A", **params.softmax.attrs)
+        rec["A"] = {"out": a, "node": a}
+        acc = _matmul(b, a, rec["V"]["out"], None, f"{prefix}.AV_acc")
+        rec["AV"] = {"acc": acc, "out": _requant_node(b, acc, head.av, f"{prefix}.AV"), "requant": f"{prefix}.AV"}
+        rec["OW"] = _projection(b, prefix, rec["AV"]["out"], "OW", "o", head.wo, head.bo, head.ow)
+        heads.append(rec)
+        reshaped.append(b.node("Reshape", [rec["OW"]["out"]], outputs=f"{prefix}.OW_1SE", name=f"{prefix}.OW_1SE", shape=[1, -1, E]))
+    stack = b.node("Concat", reshaped, outputs=f"{name}.heads", name=f"{name}.heads", axis=0)
+    total = b.node("ReduceSum", [stack], outputs=f"{name}.sum", name=f"{name}.sum", axes=[0], keepdims=False)
+    out = _requant_node(b, total, params.sum, f"{name}.out")
+    record = {
+        "name": name,
+        "form": FORM,
+        "version": FORM_VERSION,
+        "S": S if isinstance(S, int) else None,
+        "E": E,
+        "P": P,
+        "H": len(params.heads),
+        "q": q,
+        "kv": kv,
+        "softmax": {"op": params.softmax.op, "attrs": dict(params.softmax.attrs)},
+        "heads": heads,
+        "heads_out": stack,
+        "sum": {"acc": total, "out": out, "requant": out},
+    }
+    b.metadata.setdefault("attention_blocks", []).append(record)
+    return out
+
+
+# --- reading a block back -----------------------------------------------------------------
+
+ITA_TILE = 64
+ITA_MAX_DIM = 512
+BIAS_BITS = 24
+
+
+@dataclass
+class RequantParams:
+    node: str
+    mul: int
+    shift: int
+    add: int
+
+
+@dataclass
+class ItaBlock:
+    """A recorded block, checked against its graph: names, constants and parameters."""
+
+    name: str
+    H: int
+    E: int
+    P: int
+    q: str
+    kv: str
+    softmax: dict[str, Any]
+    heads: list[dict[str, dict[str, Any]]]  # step -> {"out", "acc", "weight", "bias", "requant": RequantParams}
+    heads_out: str
+    sum: dict[str, Any]
+
+    def requant_table(self, field_name: str) -> list[list[int]]:
+        """[H][7] values of one requant field in PyITA's step order; SUM is shared by all heads."""
+        rows = []
+        for head in self.heads:
+            row = [getattr(head[step]["requant"], field_name) for step in STEPS[:-1]]
+            rows.append(row + [getattr(self.sum["requant"], field_name)])
+        return rows
+
+
+class _Problems:
+    def __init__(self, where: str):
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def raise_if_any(self, what: str) -> None:
+        if self.items:
+            raise GraphError(f"{self.where}: {what}: " + "; ".join(self.items))
+
+
+def _const_scalar(graph, name: str, what: str, problems: _Problems) -> int | None:
+    t = graph.tensors.get(name) if name else None
+    if t is None or not t.is_const:
+        problems.add(f"{what} is not a constant")
+        return None
+    if t.data.size != 1:
+        problems.add(f"{what} must be one value per tensor, got shape {list(t.data.shape)}")
+        return None
+    return int(t.data.reshape(-1)[0])
+
+
+def _producer(graph, producers, name: str, op: str | tuple, problems: _Problems):
+    if not name or name not in graph.tensors:
+        problems.add(f"tensor {name!r} is not in the graph")
+        return None
+    node = producers.get(name)
+    ops = (op,) if isinstance(op, str) else op
+    if node is None or node.op not in ops:
+        problems.add(f"{name!r} must be produced by {' or '.join(ops)}, found {node.op if node else 'no node'}")
+        return None
+    return node
+
+
+def _check_matmul(graph, producers, acc: str, a: str, b: str, bias: str | None, trans_b: bool, problems: _Problems):
+    node = _producer(graph, producers, acc, "MatMul", problems)
+    if node is None:
+        return
+    ins = list(node.inputs) + [""] * (5 - len(node.inputs))
+    if ins[0] != a or ins[1] != b:
+        problems.add(f"{node.describe()} must multiply {a!r} by {b!r}, not {ins[0]!r} by {ins[1]!r}")
+    if ins[2] or ins[3]:
+        problems.add(f"{node.describe()} must have no zero points")
+    if (ins[4] or None) != (bias or None):
+        problems.add(f"{node.describe()} must add bias {bias!r}, found {ins[4] or None!r}")
+    attrs = node.attrs
+    if bool(attrs.get("transA", False)) or bool(attrs.get("transB", False)) != trans_b:
+        problems.add(f"{node.describe()} must have transA=false, transB={str(trans_b).lower()}")
+    if attrs.get("acc_bits", 32) != ACC_BITS or attrs.get("overflow", "error") != "saturate":
+        problems.add(f"{node.describe()} must accumulate in {ACC_BITS} bits with overflow=saturate, as ITA does")
+
+
+def _check_requant(graph, producers, out: str, acc: str, problems: _Problems) -> RequantParams | None:
+    node = _producer(graph, producers, out, "Requant", problems)
+    if node is None:
+        return None
+    ins = list(node.inputs) + [""] * (5 - len(node.inputs))
+    if ins[0] != acc:
+        problems.add(f"{node.describe()} must requantize {acc!r}, not {ins[0]!r}")
+    if ins[3]:
+        problems.add(f"{node.describe()} must have no bias input (ITA adds biases in the MatMul)")
+    attrs = node.attrs
+    if attrs.get("rounding", "half_up") != "half_up" or attrs.get("dtype", "int8") != "int8":
+        problems.add(f"{node.describe()} must round half_up into int8")
+    if attrs.get("lo") not in (None, -128) or attrs.get("hi") not in (None, 127):
+        problems.add(f"{node.describe()} must clip to the full int8 range")
+    what = node.describe()
+    mul = _const_scalar(graph, ins[1], f"{what} mul", problems)
+    shift = _const_scalar(graph, ins[2], f"{what} shift", problems)
+    add = _const_scalar(graph, ins[4], f"{what} offset", problems) if ins[4] else 0
+    if None in (mul, shift, add):
+        return None
+    return RequantParams(node.name, mul, shift, add)
+
+
+def attention_records(graph) -> list[dict[str, Any]]:
+    records = graph.metadata.get("attention_blocks", [])
+    if not isinstance(records, list):
+        raise GraphError("metadata attention_blocks must be a list of block records")
+    return [r for r in records if isinstance(r, dict) and r.get("form") == FORM]
+
+
+def read_block(graph, record: dict[str, Any]) -> ItaBlock:
+    """Check that the graph computes the recorded block in the ITA form; resolve it."""
+    name = str(record.get("name", "?"))
+    problems = _Problems(f"attention block {name!r}")
+    if record.get("version") != FORM_VERSION:
+        raise GraphError(f"attention block {name!r}: form version {record.get('version')!r}, this refsim reads {FORM_VERSION}")
+    producers = graph.producers()
+    try:
+        q, kv, heads_rec = record["q"], record["kv"], record["heads"]
+        E, P, H = int(record["E"]), int(record["P"]), int(record["H"])
+        sum_rec, heads_out, softmax = record["sum"], record["heads_out"], record["softmax"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise GraphError(f"attention block {name!r}: malformed record ({e})") from None
+    if len(heads_rec) != H:
+        problems.add(f"H = {H} but {len(heads_rec)} heads are recorded")
+    heads = []
+    try:
+        for h, rec in enumerate(heads_rec):
+            head = {}
+            inputs = {"Q": q, "K": kv, "V": kv}
+            for step in PROJECTIONS + ("OW",):
+                r = rec[step]
+                x = inputs.get(step, rec["AV"]["out"])
+                _check_matmul(graph, producers, r["acc"], x, r["weight"], r.get("bias"), False, problems)
+                head[step] = {**r, "requant": _check_requant(graph, producers, r["out"], r["acc"], problems)}
+            r = rec["QK"]
+            _check_matmul(graph, producers, r["acc"], rec["Q"]["out"], rec["K"]["out"], None, True, problems)
+            head["QK"] = {**r, "requant": _check_requant(graph, producers, r["out"], r["acc"], problems)}
+            node = _producer(graph, producers, rec["A"]["out"], SOFTMAX_OPS, problems)
+            if node is not None and list(node.inputs) != [r["out"]]:
+                problems.add(f"{node.describe()} must take {r['out']!r} alone")
+            head["A"] = dict(rec["A"])
+            r = rec["AV"]
+            _check_matmul(graph, producers, r["acc"], rec["A"]["out"], rec["V"]["out"], None, False, problems)
+            head["AV"] = {**r, "requant": _check_requant(graph, producers, r["out"], r["acc"], problems)}
+            heads.append(head)
+        total = _producer(graph, producers, sum_rec["acc"], "ReduceSum", problems)
+        if total is not None and (list(total.inputs) != [heads_out] or total.attrs.get("axes") != [0]):
+            problems.add(f"{total.describe()} must sum {heads_out!r} over axis 0")
+        stack = _producer(graph, producers, heads_out, "Concat", problems)
+        if stack is not None:
+            sources = [producers.get(i) for i in stack.inputs]
+            outs = [s.inputs[0] if s is not None and s.op == "Reshape" else None for s in sources]
+            if outs != [head["OW"]["out"] for head in heads] or stack.attrs.get("axis") != 0:
+                problems.add(f"{stack.describe()} must stack the heads' OW outputs, in head order, along axis 0")
+        sum_requant = _check_requant(graph, producers, sum_rec["out"], sum_rec["acc"], problems)
+    except (KeyError, TypeError) as e:
+        raise GraphError(f"attention block {name!r}: malformed record (missing {e})") from None
+    problems.raise_if_any("not in the ITA attention form of docs/ITA.md")
+    return ItaBlock(name, H, E, P, q, kv, dict(softmax), heads, heads_out, {**sum_rec, "requant": sum_requant})
+
+
+def ita_constraints(graph, block: ItaBlock, S: int | None) -> list[str]:
+    """Every way the block does not fit ITA (empty if it fits)."""
+    out = []
+    for label, value in (("sequence length S", S), ("embedding size E", block.E), ("projection size P", block.P)):
+        if value is None:
+            continue
+        if value % ITA_TILE or value == 0:
+            out.append(f"{label} = {value} is not a positive multiple of {ITA_TILE}")
+        if value > ITA_MAX_DIM:
+            out.append(f"{label} = {value} exceeds {ITA_MAX_DIM}")
+    for name in (block.q, block.kv):
+        if graph.tensors[name].dtype.name != "int8":
+            out.append(f"input {name!r} is {graph.tensors[name].dtype.name}, ITA takes int8")
+    lo, hi = -(1 << (BIAS_BITS - 1)), (1 << (BIAS_BITS - 1)) - 1
+    for head in block.heads:
+        for step in PROJECTIONS + ("OW",):
+            w = graph.tensors[head[step]["weight"]]
+            if w.dtype.name != "int8":
+                out.append(f"weight {w.name!r} is {w.dtype.name}, ITA takes int8")
+            bias = head[step].get("bias")
+            if bias:
+                data = graph.tensors[bias].data
+                if data is None:
+                    out.append(f"bias {bias!r} is not a constant")
+                elif data.size and (int(data.min()) < lo or int(data.max()) > hi):
+                    out.append(f"bias {bias!r} spans [{int(data.min())}, {int(data.max())}], beyond {BIAS_BITS}-bit signed")
+    requants = [head[s]["requant"] for head in block.heads for s in STEPS[:-1]] + [block.sum["requant"]]
+    for rq in requants:
+        if not 0 <= rq.mul <= 255:
+            out.append(f"{rq.node}: multiplier {rq.mul} is not unsigned 8-bit")
+        if not 0 <= rq.shift <= 255:
+            out.append(f"{rq.node}: shift {rq.shift} is not 8-bit")
+        if not -128 <= rq.add <= 127:
+            out.append(f"{rq.node}: add {rq.add} is not signed 8-bit")
+    return out
