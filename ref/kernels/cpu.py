@@ -46,14 +46,13 @@ def _request_tile_permission() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _amx_available() -> bool:
+    return {"amx-int8", "amx-tile"} <= host_features() and _request_tile_permission()
+
+
 def amx_usable() -> bool:
     """AMX int8 is present, Numba targets it, and the kernel lets us use it.
 
-    REFSIM_GEMM=blas (or any value other than 'auto'/'amx') turns AMX off.
+    REFSIM_GEMM=blas (read when a model is loaded) turns AMX off, to compare kernels.
     """
-    choice = os.environ.get("REFSIM_GEMM", "auto")
-    if choice not in ("auto", "amx"):
-        return False
-    if not {"amx-int8", "amx-tile"} <= host_features():
-        return False
-    return _request_tile_permission()
+    return os.environ.get("REFSIM_GEMM", "auto") in ("auto", "amx") and _amx_available()
