@@ -201,7 +201,7 @@ def _prepare(attrs, consts, declared):
         bias_view = _bias_view(bias, b_centered.shape[-1])
         bias_bound = _bound(bias_view) if bias_view is not None else 0
         if amx_weight is not None:
-            zp = 0 if a_zero_point is None else int(np.asarray(a_zero_point))
+            zp = 0 if a_zero_point is None else int(np.asarray(a_zero_point).reshape(-1)[0])
             if amx_weight.fits_int32(a_type.lo, a_type.hi, zp, bias_bound):
                 acc = amx_weight.matmul(a, a_type.lo, zp, bias_view)
                 return _finish(acc, None, acc_bits, overflow)
