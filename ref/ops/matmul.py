@@ -19,6 +19,7 @@ import numpy as np
 from .. import backend
 from ..dtypes import TYPES
 from ..errors import GraphError, OpError
+from ..kernels.gemm import AmxWeight
 from .overflow import fit_signed_bits
 from .registry import OVERFLOW_POLICIES, Bool, Int, OneOf, broadcast_shapes, op
 
@@ -141,7 +142,7 @@ def _finish(acc, bias, acc_bits, overflow):
     if bias is not None:
         acc = acc + bias
     acc = fit_signed_bits(acc, acc_bits, overflow, "MatMul: accumulator")
-    return acc.astype(np.int32 if acc_bits <= 32 else np.int64)
+    return acc.astype(np.int32 if acc_bits <= 32 else np.int64, copy=False)
 
 
 def _infer(ins, attrs):
@@ -185,6 +186,7 @@ def _prepare(attrs, consts, declared):
     b_bound = _bound(b_centered)
     a_type = declared[0].dtype
     prepared = {}
+    amx_weight = AmxWeight.prepare(b_centered) if b_centered.ndim == 2 else None
 
     def kernel(a, _b, a_zero_point=None, b_zero_point=None, bias=None):
         if not backend.use_numba():
@@ -196,10 +198,15 @@ def _prepare(attrs, consts, declared):
             raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b_centered.shape}")
         if a_zero_point is not None and np.asarray(a_zero_point).size != 1:
             raise OpError("MatMul: a_zero_point must be a scalar")
-        a_centered = _minus_zero_point(a, a_zero_point, "a")
         bias_view = _bias_view(bias, b_centered.shape[-1])
-        k = a.shape[-1]
         bias_bound = _bound(bias_view) if bias_view is not None else 0
+        if amx_weight is not None:
+            zp = 0 if a_zero_point is None else int(np.asarray(a_zero_point).reshape(-1)[0])
+            if amx_weight.fits_int32(a_type.lo, a_type.hi, zp, bias_bound):
+                acc = amx_weight.matmul(a, a_type.lo, zp, bias_view)
+                return _finish(acc, None, acc_bits, overflow)
+        a_centered = _minus_zero_point(a, a_zero_point, "a")
+        k = a.shape[-1]
         # The declared type bounds a without a pass over it; the values decide when that
         # bound is too loose for the fast paths or for int64.
         a_bound = _declared_bound(a_type, a_zero_point)
