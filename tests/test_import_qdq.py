@@ -268,3 +268,21 @@ def test_torch_fake_quant_export_imports(tmp_path):
     with torch.no_grad():
         want = net(x).numpy()
     assert np.abs(got - want).max() <= 0.1 + 1e-6
+
+
+def test_qlinear_softmax_imports_as_the_integer_softmax():
+    """com.microsoft QLinearSoftmax becomes IBertSoftmax (mode ibert) plus a requantization; it is
+    refsim's integer variant, so it is compared with the float softmax, within a few steps."""
+    inits = [_init("sx", np.float32(0.05)), _init("zx", np.uint8(128)), _init("sy", np.float32(1 / 256)),
+             _init("zy", np.uint8(0))]
+    node = helper.make_node("QLinearSoftmax", ["x", "sx", "zx", "sy", "zy"], ["y"], domain="com.microsoft", axis=-1, opset=13)
+    model = _model([node], [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 16])],
+                   [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    imported = import_model(model)
+    assert "IBertSoftmax" in {n.op for n in imported.graph.nodes}
+    x = np.random.default_rng(1).integers(0, 256, size=(2, 16)).astype(np.uint8)
+    real = (x.astype(np.float64) - 128) * 0.05
+    expected = np.exp(real - real.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    got = imported.run({"x": x})["y"].astype(np.float64) / 256
+    assert np.abs(got - expected).max() < 0.02

@@ -65,7 +65,7 @@ class QdqImporter(Importer):
             h[(domain, "DequantizeLinear")] = self.op_DequantizeLinear
         for op in ("MatMul", "Gemm", "Conv", "QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger"):
             h[("", op)] = getattr(self, f"op_{op}")
-        for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat"):
+        for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax"):
             h[(MICROSOFT, op)] = getattr(self, f"op_{op}")
 
     def foldable(self, domain: str, op_type: str) -> bool:
@@ -457,6 +457,12 @@ class QdqImporter(Importer):
         x = Dequantized(self._qlinear_operand(node, 0, "X"))
         target = self._target(node, 3, (), x.q.dtype.name)
         op = self._float_op("LeakyRelu", node.output[0], [x], alpha=float(attrs.get("alpha", 0.01)))
+        return self.resolve(op, target, node.output[0], node)
+
+    def op_QLinearSoftmax(self, node, ins, attrs):
+        x = Dequantized(self._qlinear_operand(node, 0, "X"))
+        target = self._target(node, 3, x.q.shape, x.q.dtype.name)
+        op = self._float_op("Softmax", node.output[0], [x], axis=int(attrs.get("axis", -1)))
         return self.resolve(op, target, node.output[0], node)
 
     def op_QLinearConcat(self, node, ins, attrs):
