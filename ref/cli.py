@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": ("refsim.commands.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
     "golden": ("refsim.golden.golden_command", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
     "check": ("refsim.golden.check_command", "compare a hardware or simulator dump with a golden vector set"),
+    "import": ("refsim.exporters.import_command", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
 }
 
 
