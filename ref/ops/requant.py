@@ -17,6 +17,7 @@ from .rounding import (
     check_product_fits,
     mode_code,
     requantize,
+    requantize_last_axis,
 )
 
 
@@ -107,8 +108,10 @@ def Requant(x, mul, shift, bias=None, offset=None, *, axis=-1, rounding="half_up
         _check_double_operands(x, mul_b, shift_b, bias, offset_b)
     else:
         check_product_fits(x, mul_b, bias_b, what, offset=offset_b)
-    y = requantize(x, mul_b, bias_b, shift_b, offset_b, lo, hi, rounding)
-    return y.astype(int_type(dtype).storage)
+    storage = int_type(dtype).storage
+    if axis == x.ndim - 1 or all(p.ndim == 0 for p in (mul_b, shift_b, bias_b, offset_b)):
+        return requantize_last_axis(x, mul_b, bias_b, shift_b, offset_b, lo, hi, rounding, storage)
+    return requantize(x, mul_b, bias_b, shift_b, offset_b, lo, hi, rounding).astype(storage)
 
 
 def _check_double_operands(x, mul, shift, bias, offset) -> None:

@@ -172,6 +172,34 @@ def requantize(x, mul, bias, shift, offset, lo: int, hi: int, mode: str) -> np.n
     return _np_requant(x, mul, bias, shift, offset, lo, hi, code)
 
 
+@njit(cache=True)
+def _requant_last_axis(x, mul, bias, shift, offset, lo, hi, mode, out):
+    """out[i, j] = requant_scalar(x[i, j]) with channel j's parameters (int64, length C)."""
+    rows, cols = x.shape
+    for i in range(rows):
+        for j in range(cols):
+            out[i, j] = requant_scalar(np.int64(x[i, j]), mul[j], bias[j], shift[j], offset[j], lo, hi, mode)
+
+
+def requantize_last_axis(x, mul, bias, shift, offset, lo: int, hi: int, mode: str, storage) -> np.ndarray:
+    """`requantize` for parameters that are scalars or vectors along x's last axis,
+    written straight into the output's storage dtype in one pass (the Numba backend's
+    fast path; the caller has checked that nothing overflows int64)."""
+    code = mode_code(mode)
+    x = np.asarray(x)
+    if not backend.use_numba() or x.ndim == 0:
+        return _np_requant(x, mul, bias, shift, offset, lo, hi, code).astype(storage)
+    if x.size == 0:
+        return np.empty(x.shape, storage)
+    x = np.ascontiguousarray(x)
+    channels = x.shape[-1]
+    params = [np.ascontiguousarray(np.broadcast_to(np.asarray(p, np.int64).reshape(-1), channels)) for p in (mul, bias, shift, offset)]
+    flat = x.reshape(-1, channels)
+    out = np.empty(flat.shape, storage)
+    _requant_last_axis(flat, *params, lo, hi, code, out)
+    return out.reshape(x.shape)
+
+
 def _dtype_bound(a: np.ndarray) -> int:
     info = np.iinfo(a.dtype)
     return max(-int(info.min), int(info.max))
@@ -189,8 +217,10 @@ def check_product_fits(x, mul, bias, what: str, offset=None) -> None:
     the data), and from the actual values otherwise.
     """
     arrays = [np.asarray(a) for a in (x, mul, bias, offset) if a is not None]
-    bounds = [_dtype_bound(a) for a in arrays]
-    if bounds[0] * bounds[1] + sum(bounds[2:]) <= INT64_MAX:
+    # Parameters are small (scalars or one per channel): their values cost nothing to read.
+    # x is large: its dtype decides unless that bound is too loose.
+    params = [_value_bound(a) if a.size <= 4096 else _dtype_bound(a) for a in arrays[1:]]
+    if _dtype_bound(arrays[0]) * params[0] + sum(params[1:]) <= INT64_MAX:
         return
     bounds = [_value_bound(a) for a in arrays]
     exact = bounds[0] * bounds[1] + sum(bounds[2:])
