@@ -110,6 +110,10 @@ class _Writer:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkdtemp makes the folder private (0700); a vector set is meant to be shared.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
         old = None
         if self.final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".old", dir=self.final.parent))

@@ -35,12 +35,13 @@ class GraphBuilder:
         self.metadata: dict[str, Any] = {}
         self.blobs: dict[str, bytes] = {}
         self._counter = 0
+        self._node_names: set[str] = set()
 
     def _fresh(self, stem: str) -> str:
         while True:
             self._counter += 1
             name = f"{stem}_{self._counter}"
-            if name not in self.tensors and all(n.name != name for n in self.nodes):
+            if name not in self.tensors and name not in self._node_names:
                 return name
 
     def _add(self, tensor: Tensor) -> str:
@@ -51,8 +52,9 @@ class GraphBuilder:
 
     def input(self, name: str, dtype: str, shape: Sequence, **quant) -> str:
         """Declare a graph input; shape entries may be ints, symbols (str) or None."""
+        self._add(Tensor(name, int_type(dtype), make_shape(shape), **quant))
         self.inputs.append(name)
-        return self._add(Tensor(name, int_type(dtype), make_shape(shape), **quant))
+        return name
 
     def const(self, values, dtype: str, name: str | None = None, **quant) -> str:
         """Add a constant tensor; its values must fit `dtype`."""
@@ -68,7 +70,10 @@ class GraphBuilder:
     ) -> str | tuple[str, ...]:
         """Append `op(*inputs, **attrs)`; returns the output name (a tuple if several)."""
         schema = registry.lookup(op)
-        node = Node(op, [i or "" for i in inputs], [], dict(attrs), name or self._fresh(op))
+        # An attribute given as None is omitted: its default (None) applies, and the node
+        # stays serialisable.
+        attrs = {k: v for k, v in attrs.items() if not (v is None and schema.defaults.get(k) is None)}
+        node = Node(op, [i or "" for i in inputs], [], attrs, name or self._fresh(op))
         if isinstance(outputs, str):
             outputs = [outputs]
         outputs = list(outputs) if outputs else (
@@ -80,9 +85,15 @@ class GraphBuilder:
         for i in node.inputs:
             if i and i not in self.tensors:
                 raise GraphError(f"{node.describe()}: input {i!r} is not declared yet")
+        for out in outputs:
+            if out in self.tensors or outputs.count(out) > 1:
+                raise GraphError(f"{node.describe()}: output {out!r} is already declared")
+        if node.name in self._node_names:
+            raise GraphError(f"two nodes are named {node.name!r}")
         for out, (dtype, shape) in zip(outputs, schema.infer_node(node, self.tensors)):
             self._add(Tensor(out, dtype, tuple(shape)))
         self.nodes.append(node)
+        self._node_names.add(node.name)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def set_quant(self, name: str, scale=None, zero_point=None, axis: int | None = None) -> None:

@@ -21,13 +21,21 @@ COMMANDS = {
     "inspect": ("refsim.commands.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
     "golden": ("refsim.golden.golden_command", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
     "check": ("refsim.golden.check_command", "compare a hardware or simulator dump with a golden vector set"),
+    "import": ("refsim.exporters.import_command", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
     "export": ("refsim.exporters.export_command", "quantize a float ONNX model into a .intq integer model"),
     "compare": ("refsim.exporters.compare_command", "compare float, fake-quant and integer models on data"),
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are reported like every other error: one line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"refsim: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refsim",
         description="Bit-exact integer reference simulator for quantized transformers.",
     )

@@ -115,7 +115,7 @@ def check_fits(array: np.ndarray, t: IntType, what: str) -> None:
 
 def pack(values: np.ndarray, t: IntType) -> bytes:
     """Little-endian bytes of `values` as type `t`; sub-byte types packed LSB first."""
-    flat = np.ascontiguousarray(values).reshape(-1)
+    flat = np.asarray(values, order="C").reshape(-1)
     if not t.packed:
         return flat.astype(t.storage.newbyteorder("<"), copy=False).tobytes()
     per_byte = 8 // t.bits

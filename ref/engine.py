@@ -92,6 +92,9 @@ class Model:
                     last_use[name] = index
         keep = set(self.graph.outputs)
         releases: dict[int, list[str]] = {}
+        for index, node in enumerate(self.order):
+            for name in node.outputs:  # produced but never read: free it straight away
+                last_use.setdefault(name, index)
         for name, index in last_use.items():
             if name not in keep and not tensors[name].is_const:
                 releases.setdefault(index, []).append(name)
@@ -114,6 +117,8 @@ class Model:
 
     def check_feeds(self, feeds: Mapping[str, Any], shapes: _Shapes) -> dict[str, np.ndarray]:
         """Convert feeds to the declared storage types, or explain what is wrong."""
+        if not isinstance(feeds, Mapping):
+            raise InputError(f"feeds must map input names to arrays, got {type(feeds).__name__}")
         expected = set(self.graph.inputs)
         unknown = sorted(set(feeds) - expected)
         if unknown:
@@ -128,7 +133,11 @@ class Model:
             if array.dtype.kind == "b":
                 array = array.astype(np.uint8)
             if array.dtype.kind not in "iu":
-                if array.dtype.kind == "f" and array.size and np.all(np.mod(array, 1) == 0):
+                if (
+                    array.dtype.kind == "f"
+                    and np.all(np.mod(array, 1) == 0)
+                    and np.all(np.abs(array) < 2.0**63)  # exact integers that int64 holds
+                ):
                     array = array.astype(np.int64)
                 else:
                     raise InputError(
@@ -143,7 +152,7 @@ class Model:
                 check_fits(array, t.dtype, f"input {name!r}")
             except RefsimError as e:
                 raise InputError(str(e)) from None
-            values[name] = np.ascontiguousarray(array.astype(t.dtype.storage, copy=False))
+            values[name] = np.asarray(array.astype(t.dtype.storage, copy=False), order="C")
         return values
 
     def run(
@@ -175,6 +184,8 @@ class Model:
             except (ValueError, IndexError) as e:  # numpy's complaints about shapes the feeds caused
                 raise OpError(f"{node.describe()}: {e}") from None
             results = result if isinstance(result, tuple) else (result,)
+            if len(results) != len(step.outputs):
+                raise RuntimeError(f"refsim bug: {node.describe()} returned {len(results)} results for {len(step.outputs)} outputs")
             for t, array in zip(step.outputs, results):
                 if array.dtype != t.dtype.storage:
                     raise RuntimeError(

@@ -63,9 +63,12 @@ def _parse_numbers(line: str, where: str) -> np.ndarray:
     values = []
     for token in line.replace(",", " ").split():
         try:
-            values.append(int(token, 0))
+            values.append(int(token))  # decimal, leading zeros allowed
         except ValueError:
-            raise InputError(f"{where}: {token!r} is not an integer") from None
+            try:
+                values.append(int(token, 0))  # 0x.., 0b.., 0o..
+            except ValueError:
+                raise InputError(f"{where}: {token!r} is not an integer") from None
     return np.array(values, dtype=object).astype(np.int64) if values else np.zeros(0, np.int64)
 
 
@@ -109,6 +112,7 @@ def read_samples(path: str, inputs: list[Tensor], text_reader=None) -> list[Samp
         raise InputError(f"{path}: not UTF-8 text (give arrays as .npy or .npz)") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory") from None
-    if text_reader is not None:
-        return list(text_reader(path, lines))
-    return list(number_lines(path, inputs, lines))
+    samples = list(text_reader(path, lines)) if text_reader is not None else list(number_lines(path, inputs, lines))
+    if not samples:
+        raise InputError(f"{path}: no samples (every line is empty or a comment)")
+    return samples

@@ -127,11 +127,19 @@ def to_bytes(graph: Graph) -> bytes:
     return b"".join([preamble, header_bytes, padding, *chunks])
 
 
+def _new_file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and a rename: all or nothing."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -241,7 +249,7 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
     header, data_offset, data_len = r.preamble()
     if header.get("format") != "refsim.intq":
         r.fail("header format is not 'refsim.intq'")
-    if header.get("version") != VERSION:
+    if type(header.get("version")) is not int or header["version"] != VERSION:
         r.fail(f"header version {header.get('version')!r} differs from the preamble's {VERSION}")
     g = r.get(header, "graph", dict, "header")
     name = r.get(g, "name", str, "graph")
@@ -310,6 +318,8 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
     blobs: dict[str, bytes] = {}
     for i, entry in enumerate(r.get(header, "blobs", list, "header", optional=True) or []):
         bname = r.get(entry, "name", str, f"blob #{i}")
+        if bname in blobs:
+            r.fail(f"blob {bname!r} is declared twice")
         offset, nbytes, crc = r.extent(entry, f"blob {bname!r}", data_len, None)
         view = memoryview(buffer)[data_offset + offset : data_offset + offset + nbytes]
         r.check_crc(view, crc, f"blob {bname!r}")

@@ -11,6 +11,7 @@ never take part in computation.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,38 +105,55 @@ def const_tensor(name: str, values, dtype: str | IntType, **meta) -> Tensor:
     """A constant tensor whose values are checked against the declared type."""
     t = int_type(dtype)
     array = np.asarray(values)
-    if array.dtype.kind not in "iub":
-        if array.size and not np.all(np.equal(np.mod(array, 1), 0)):
-            raise RefsimError(f"constant {name!r}: values are not integers")
-    array = np.asarray(array)
+    if array.dtype.kind == "O":  # Python ints beyond int64, or mixed objects
+        try:
+            array = array.astype(np.int64)
+        except (OverflowError, TypeError, ValueError):
+            raise RefsimError(f"constant {name!r}: values are not integers within int64") from None
+    if array.dtype.kind not in "iubf":
+        raise RefsimError(f"constant {name!r}: values are not integers (dtype {array.dtype})")
+    if array.dtype.kind == "f" and array.size and not (
+        np.all(np.mod(array, 1) == 0) and np.all(np.abs(array) < 2.0**63)
+    ):
+        raise RefsimError(f"constant {name!r}: values are not integers")
     check_fits(array.astype(np.int64, copy=False), t, f"constant {name!r}")
-    array = np.ascontiguousarray(array.astype(t.storage, copy=False))
+    array = np.asarray(array.astype(t.storage, copy=False), order="C")
     return Tensor(name, t, array.shape, array, **meta)
 
 
 def toposort(graph: Graph) -> list[Node]:
-    """Nodes in an order where every input is produced before use; errors on cycles."""
+    """Nodes in an order where every input is produced before use; errors on cycles.
+
+    Kahn's algorithm, taking the ready node that comes first in the file each time, so a
+    graph already in order keeps its order. Linear in the size of the graph.
+    """
     available = set(graph.inputs) | {n for n, t in graph.tensors.items() if t.is_const}
     available.add("")
-    pending = list(graph.nodes)
+    waiting_on: list[int] = []
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.nodes):
+        missing = {name for name in node.inputs if name not in available}
+        waiting_on.append(len(missing))
+        for name in missing:
+            consumers.setdefault(name, []).append(index)
+    ready = [i for i, count in enumerate(waiting_on) if count == 0]
+    heapq.heapify(ready)
     ordered: list[Node] = []
-    while pending:
-        progressed = False
-        remaining = []
-        for node in pending:
-            if all(name in available for name in node.inputs):
-                ordered.append(node)
-                available.update(node.outputs)
-                progressed = True
-            else:
-                remaining.append(node)
-        if not progressed:
-            stuck = remaining[0]
-            missing = [n for n in stuck.inputs if n not in available]
-            raise GraphError(
-                f"{stuck.describe()}: inputs {missing} are never produced or form a cycle"
-            )
-        pending = remaining
+    while ready:
+        node = graph.nodes[heapq.heappop(ready)]
+        ordered.append(node)
+        for name in node.outputs:
+            for user in consumers.pop(name, ()):
+                waiting_on[user] -= 1
+                if waiting_on[user] == 0:
+                    heapq.heappush(ready, user)
+    if len(ordered) < len(graph.nodes):
+        done = {id(n) for n in ordered}
+        stuck = next(n for n in graph.nodes if id(n) not in done)
+        produced = {out for n in graph.nodes for out in n.outputs}
+        missing = [n for n in stuck.inputs if n not in available and not any(n in m.outputs for m in ordered)]
+        why = "form a cycle" if all(n in produced for n in missing) else "are never produced"
+        raise GraphError(f"{stuck.describe()}: inputs {missing} {why}")
     return ordered
 
 

@@ -8,7 +8,9 @@ settings.register_profile(
     "refsim",
     deadline=None,
     max_examples=int(os.environ.get("REFSIM_HYPOTHESIS_EXAMPLES", "60")),
-    suppress_health_check=[HealthCheck.too_slow],
+    # each_backend is function-scoped on purpose: it only selects the backend, which holds
+    # for every example of the test.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("refsim")
 

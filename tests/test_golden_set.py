@@ -169,3 +169,22 @@ def test_readme_example_commands(tmp_path, capsys, monkeypatch):
         argv = [str(tmp_path / a) if a.startswith("vectors") else a for a in argv]
         status = cli(argv)
         assert status == 0, command
+
+
+def test_vector_set_folder_gets_the_usual_permissions(tmp_path):
+    import os
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vectors"
+    subprocess.run(
+        [sys.executable, "-m", "refsim", "golden", str(root / "examples" / "tiny_mlp.intq"),
+         str(root / "examples" / "tiny_mlp_inputs.txt"), "-o", str(out), "--samples", "1"],
+        check=True, capture_output=True,
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

@@ -34,6 +34,7 @@ _RESULT_RANGE = {
 }
 
 _COMPUTE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _arith_type(op_name: str, a_type, b_type, dtype: str | None) -> IntType:
@@ -48,17 +49,25 @@ def _arith_type(op_name: str, a_type, b_type, dtype: str | None) -> IntType:
         ) from None
 
 
+def broadcast_or_fail(what: str, *arrays) -> None:
+    try:
+        np.broadcast_shapes(*(np.shape(a) for a in arrays))
+    except ValueError:
+        raise OpError(f"{what}: shapes {[list(np.shape(a)) for a in arrays]} do not broadcast") from None
+
+
 def _arith(op_name: str, a, b, dtype, overflow) -> np.ndarray:
     a, b = np.asarray(a), np.asarray(b)
+    broadcast_or_fail(op_name, a, b)
     out = _arith_type(op_name, a.dtype, b.dtype, dtype)
     lo, hi = _RESULT_RANGE[op_name](_range_of(a.dtype), _range_of(b.dtype))
-    if max(abs(lo), abs(hi)) > (1 << 63) - 1:
+    if lo < INT64_MIN or hi > INT64_MAX:
         # The dtypes allow int64 overflow; the values may not. Decide from them.
         lo, hi = _RESULT_RANGE[op_name](
             (int(a.min()), int(a.max())) if a.size else (0, 0),
             (int(b.min()), int(b.max())) if b.size else (0, 0),
         )
-        if max(abs(lo), abs(hi)) > (1 << 63) - 1:
+        if lo < INT64_MIN or hi > INT64_MAX:
             raise OpError(f"{op_name}: results may leave int64 ({lo}..{hi})")
     exact = _COMPUTE[op_name](a.astype(np.int64), b.astype(np.int64))
     return fit_range(exact, out.lo, out.hi, out.bits, overflow, op_name).astype(out.storage)
@@ -119,16 +128,33 @@ def Relu(x):
     return np.maximum(x, x.dtype.type(0))
 
 
-@op("Clip", inputs=["x"], attrs=dict(lo=Int(optional=True), hi=Int(optional=True)), infer=same_as_input)
+def clip_bounds(type_lo: int, type_hi: int, lo, hi, type_name: str) -> tuple[int, int]:
+    """Clip's bounds within x's type; a result the type cannot hold is refused."""
+    if lo is not None and hi is not None and lo > hi:
+        raise OpError(f"Clip: lo {lo} > hi {hi}")
+    if lo is not None and lo > type_hi:
+        raise OpError(f"Clip: lo {lo} lies above the largest {type_name} value {type_hi}")
+    if hi is not None and hi < type_lo:
+        raise OpError(f"Clip: hi {hi} lies below the smallest {type_name} value {type_lo}")
+    return (type_lo if lo is None else max(lo, type_lo)), (type_hi if hi is None else min(hi, type_hi))
+
+
+def _infer_clip(ins, attrs):
+    t = ins[0].dtype
+    try:
+        clip_bounds(t.lo, t.hi, attrs["lo"], attrs["hi"], t.name)
+    except OpError as e:
+        raise GraphError(str(e)) from None
+    return same_as_input(ins, attrs)
+
+
+@op("Clip", inputs=["x"], attrs=dict(lo=Int(optional=True), hi=Int(optional=True)), infer=_infer_clip)
 def Clip(x, *, lo=None, hi=None):
     """y = min(max(x, lo), hi); an omitted bound does not clip."""
     x = np.asarray(x)
-    if lo is not None and hi is not None and lo > hi:
-        raise OpError(f"Clip: lo {lo} > hi {hi}")
     info = np.iinfo(x.dtype)
-    lo = info.min if lo is None else max(lo, int(info.min))
-    hi = info.max if hi is None else min(hi, int(info.max))
-    return np.clip(x, lo, hi).astype(x.dtype, copy=False)
+    lo, hi = clip_bounds(int(info.min), int(info.max), lo, hi, x.dtype.name)
+    return np.clip(x, x.dtype.type(lo), x.dtype.type(hi))
 
 
 def _infer_cast(ins, attrs):

@@ -19,6 +19,7 @@ import numpy as np
 from .. import backend
 from ..dtypes import TYPES
 from ..errors import GraphError, OpError
+from ..kernels.gemm import AmxWeight
 from .overflow import fit_signed_bits
 from .registry import OVERFLOW_POLICIES, Bool, Int, OneOf, broadcast_shapes, op
 
@@ -27,35 +28,46 @@ FLOAT64_EXACT = 1 << 53
 INT64_LIMIT = (1 << 63) - 1
 
 
-def _bound(array: np.ndarray) -> int:
+def _bound(array) -> int:
     """Largest |value|, taken from the values (cheap next to the matmul itself)."""
+    array = np.asarray(array)
     if array.size == 0:
         return 0
     return max(abs(int(array.min())), abs(int(array.max())))
 
 
+def check_sum_fits(k: int, a_bound: int, b_bound: int, bias_bound: int) -> None:
+    """Every partial sum, and the sum plus bias, stays within int64."""
+    if k * a_bound * b_bound + bias_bound > INT64_LIMIT:
+        raise OpError(
+            f"MatMul: a sum of {k} products up to {a_bound * b_bound} plus a bias up to "
+            f"{bias_bound} may exceed int64"
+        )
+
+
 def exact_matmul(a: np.ndarray, b: np.ndarray, a_bound: int, b_bound: int) -> np.ndarray:
     """a @ b as exact int64, given |a| <= a_bound and |b| <= b_bound elementwise.
 
-    `b` may already be a float32/float64 array holding integers (prepared weights).
+    Refused (OpError) when k * a_bound * b_bound could leave int64; a caller adding a bias
+    checks that sum too (`check_sum_fits`). `b` may already be a float32/float64 array
+    holding integers (prepared weights).
     """
     k = a.shape[-1]
+    check_sum_fits(k, a_bound, b_bound, 0)
     product = a_bound * b_bound
     if product == 0 or k == 0:
         shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
         return np.zeros(shape, np.int64)
     if not backend.use_numba():
-        return _int64_matmul(a, b, k, product)
+        return _int64_matmul(a, b)
     if product <= FLOAT32_EXACT:
         return _chunked(a, b, FLOAT32_EXACT // product, np.float32)
     if product <= FLOAT64_EXACT:
         return _chunked(a, b, FLOAT64_EXACT // product, np.float64)
-    return _int64_matmul(a, b, k, product)
+    return _int64_matmul(a, b)
 
 
-def _int64_matmul(a, b, k, product):
-    if k * product > INT64_LIMIT:
-        raise OpError(f"MatMul: a sum of {k} products up to {product} may exceed int64")
+def _int64_matmul(a, b):
     return np.matmul(np.asarray(a, np.int64), np.asarray(b, np.int64))
 
 
@@ -72,23 +84,36 @@ def _chunked(a, b, chunk: int, ftype) -> np.ndarray:
     return total
 
 
-def _minus_zero_point(x, zp):
+def _minus_zero_point(x, zp, what: str):
+    """x - zp exactly; refused where int64 extremes would wrap."""
+    x = np.asarray(x)
     if zp is None:
-        return np.asarray(x)
+        return x
     zp = np.asarray(zp)
-    if zp.size and np.all(zp == 0):
-        return np.asarray(x)
-    return np.asarray(x).astype(np.int64) - zp.astype(np.int64)
+    if zp.size == 0 or not np.any(zp):
+        return x
+    if x.dtype.itemsize >= 8 and _bound(x) + _bound(zp) > INT64_LIMIT:
+        raise OpError(f"MatMul: {what} minus its zero point leaves int64")
+    return x.astype(np.int64) - zp.astype(np.int64)
 
 
-def _b_zero_point_view(zp):
-    """b_zero_point: scalar, or per output column (broadcast along the last axis)."""
+def _b_zero_point_view(zp, columns: int):
+    """b_zero_point: scalar, or one entry per output column (broadcast along the last axis)."""
     if zp is None:
         return None
     zp = np.asarray(zp)
-    if zp.ndim > 1:
-        raise OpError("MatMul: b_zero_point must be a scalar or a per-column vector")
-    return zp
+    if zp.ndim > 1 or (zp.size != 1 and zp.size != columns):
+        raise OpError(f"MatMul: b_zero_point must be a scalar or have one entry per column ({columns}), got shape {zp.shape}")
+    return zp.reshape(-1) if zp.ndim else zp
+
+
+def _bias_view(bias, columns: int):
+    if bias is None:
+        return None
+    bias = np.asarray(bias)
+    if bias.ndim > 1 or (bias.size != 1 and bias.size != columns):
+        raise OpError(f"MatMul: bias must be a scalar or have one entry per column ({columns}), got shape {bias.shape}")
+    return bias.astype(np.int64)
 
 
 def _operands(a, b, a_zero_point, b_zero_point, transA, transB):
@@ -102,24 +127,22 @@ def _operands(a, b, a_zero_point, b_zero_point, transA, transB):
         b = np.swapaxes(b, -1, -2)
     if a.shape[-1] != b.shape[-2]:
         raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b.shape}")
-    if a_zero_point is not None and np.asarray(a_zero_point).size > 1:
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise OpError(f"MatMul: batch dimensions do not broadcast: {a.shape} @ {b.shape}") from None
+    if a_zero_point is not None and np.asarray(a_zero_point).size != 1:
         raise OpError("MatMul: a_zero_point must be a scalar")
-    a = _minus_zero_point(a, a_zero_point)
-    zp = _b_zero_point_view(b_zero_point)
-    if zp is not None and zp.size > 1 and zp.size != b.shape[-1]:
-        raise OpError(f"MatMul: b_zero_point has {zp.size} entries for {b.shape[-1]} columns")
-    b = _minus_zero_point(b, zp)
+    a = _minus_zero_point(a, a_zero_point, "a")
+    b = _minus_zero_point(b, _b_zero_point_view(b_zero_point, b.shape[-1]), "b")
     return a, b
 
 
 def _finish(acc, bias, acc_bits, overflow):
     if bias is not None:
-        bias = np.asarray(bias, dtype=np.int64)
-        if bias.ndim > 1:
-            raise OpError("MatMul: bias must be a scalar or a per-column vector")
         acc = acc + bias
     acc = fit_signed_bits(acc, acc_bits, overflow, "MatMul: accumulator")
-    return acc.astype(np.int32 if acc_bits <= 32 else np.int64)
+    return acc.astype(np.int32 if acc_bits <= 32 else np.int64, copy=False)
 
 
 def _infer(ins, attrs):
@@ -146,8 +169,9 @@ def _declared_bound(t, zp) -> int:
 
 
 def _prepare(attrs, consts, declared):
-    """With constant weights, convert (b - b_zero_point) once instead of every call."""
-    if 1 not in consts:
+    """With constant weights (and weight zero point), convert (b - b_zero_point) once
+    instead of at every call."""
+    if 1 not in consts or (len(declared) > 3 and declared[3] is not None and 3 not in consts):
         return None
     transB, acc_bits, overflow = attrs["transB"], attrs["acc_bits"], attrs["overflow"]
     b = np.asarray(consts[1])
@@ -155,11 +179,14 @@ def _prepare(attrs, consts, declared):
         return None
     if transB:
         b = np.swapaxes(b, -1, -2)
-    b_zp = consts.get(3)
-    b_centered = _minus_zero_point(b, _b_zero_point_view(b_zp))
+    try:
+        b_centered = _minus_zero_point(b, _b_zero_point_view(consts.get(3), b.shape[-1]), "b")
+    except OpError:
+        return None  # let the plain op report it at run time, naming the node
     b_bound = _bound(b_centered)
     a_type = declared[0].dtype
     prepared = {}
+    amx_weight = AmxWeight.prepare(b_centered) if b_centered.ndim == 2 else None
 
     def kernel(a, _b, a_zero_point=None, b_zero_point=None, bias=None):
         if not backend.use_numba():
@@ -167,16 +194,36 @@ def _prepare(attrs, consts, declared):
         a = np.asarray(a)
         if attrs["transA"]:
             a = np.swapaxes(a, -1, -2)
-        if a.shape[-1] != b_centered.shape[-2]:
+        if a.ndim < 2 or a.shape[-1] != b_centered.shape[-2]:
             raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b_centered.shape}")
-        a_centered = _minus_zero_point(a, a_zero_point)
-        a_bound = _declared_bound(a_type, a_zero_point) if a_type is not None else _bound(a_centered)
+        if a_zero_point is not None and np.asarray(a_zero_point).size != 1:
+            raise OpError("MatMul: a_zero_point must be a scalar")
+        bias_view = _bias_view(bias, b_centered.shape[-1])
+        bias_bound = _bound(bias_view) if bias_view is not None else 0
+        if amx_weight is not None:
+            zp = 0 if a_zero_point is None else int(np.asarray(a_zero_point).reshape(-1)[0])
+            if amx_weight.fits_int32(a_type.lo, a_type.hi, zp, bias_bound):
+                acc = amx_weight.matmul(a, a_type.lo, zp, bias_view)
+                return _finish(acc, None, acc_bits, overflow)
+        a_centered = _minus_zero_point(a, a_zero_point, "a")
+        k = a.shape[-1]
+        # The declared type bounds a without a pass over it; the values decide when that
+        # bound is too loose for the fast paths or for int64.
+        a_bound = _declared_bound(a_type, a_zero_point)
+        if a_bound * b_bound > FLOAT64_EXACT or k * a_bound * b_bound + bias_bound > INT64_LIMIT:
+            a_bound = _bound(a_centered)
+        check_sum_fits(k, a_bound, b_bound, bias_bound)
         product = a_bound * b_bound
-        ftype = np.float32 if product <= FLOAT32_EXACT else np.float64
+        if product <= FLOAT32_EXACT:
+            ftype = np.float32
+        elif product <= FLOAT64_EXACT:
+            ftype = np.float64
+        else:
+            ftype = np.int64  # beyond float64's exact range: integer matmul
         if ftype not in prepared:
             prepared[ftype] = b_centered.astype(ftype)
         acc = exact_matmul(a_centered, prepared[ftype], a_bound, b_bound)
-        return _finish(acc, bias, acc_bits, overflow)
+        return _finish(acc, bias_view, acc_bits, overflow)
 
     return kernel
 
@@ -196,5 +243,8 @@ def _prepare(attrs, consts, declared):
 def MatMul(a, b, a_zero_point=None, b_zero_point=None, bias=None, *, transA=False, transB=False, acc_bits=32, overflow="error"):
     """acc = (a - a_zero_point) @ (b - b_zero_point) + bias, exact, into an acc_bits accumulator."""
     a, b = _operands(a, b, a_zero_point, b_zero_point, transA, transB)
-    acc = exact_matmul(a, b, _bound(a), _bound(b))
+    bias = _bias_view(bias, b.shape[-1])
+    a_bound, b_bound = _bound(a), _bound(b)
+    check_sum_fits(a.shape[-1], a_bound, b_bound, _bound(bias) if bias is not None else 0)
+    acc = exact_matmul(a, b, a_bound, b_bound)
     return _finish(acc, bias, acc_bits, overflow)

@@ -17,6 +17,10 @@ def fit_range(values: np.ndarray, lo: int, hi: int, bits: int, overflow: str, wh
     """values (int64) fitted into [lo, hi], a range of 2^bits values, by `overflow`."""
     if values.size == 0:
         return values
+    if values.dtype.kind in "iu":
+        info = np.iinfo(values.dtype)
+        if lo <= int(info.min) and int(info.max) <= hi:
+            return values  # the array's own type already guarantees the range
     low, high = int(values.min()), int(values.max())
     if lo <= low and high <= hi:
         return values

@@ -15,6 +15,8 @@ from .rounding import ROUNDINGS, round_div
 def _axes(rank: int, axes) -> tuple[int, ...]:
     if axes is None:
         return tuple(range(rank))
+    if len(axes) == 0:
+        raise GraphError("axes is empty; omit it to reduce over every axis")
     out = []
     for a in axes:
         if not -rank <= a < rank:
@@ -59,15 +61,22 @@ def _prepare_sum(attrs, consts, declared):
     return lambda x: _sum(x, attrs["axes"], attrs["keepdims"])[0].astype(out.storage)
 
 
-def _sum(x, axes, keepdims):
+def _sum(x, axes, keepdims, from_values: bool = False):
+    """Exact int64 sum over axes; refused when it could leave int64 (judged from the
+    dtype's range, or from the actual values with `from_values`)."""
     x = np.asarray(x)
     try:
         axes = _axes(x.ndim, axes)
     except GraphError as e:
         raise OpError(str(e)) from None
-    n = max(math.prod(x.shape[a] for a in axes), 1)
-    if n * max(abs(int(np.iinfo(x.dtype).min)), int(np.iinfo(x.dtype).max)) > (1 << 63) - 1:
-        raise OpError(f"a sum of {n} {x.dtype} values may exceed int64")
+    n = math.prod(x.shape[a] for a in axes)
+    if from_values:
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+    else:
+        info = np.iinfo(x.dtype)
+        lo, hi = int(info.min), int(info.max)
+    if n * lo < -(1 << 63) or n * hi > (1 << 63) - 1:
+        raise OpError(f"a sum of {n} values in [{lo}, {hi}] may exceed int64")
     return np.sum(x, axis=axes, dtype=np.int64, keepdims=keepdims), axes, n
 
 
@@ -97,7 +106,9 @@ def _infer_mean(ins, attrs):
 )
 def ReduceMean(x, *, axes=None, keepdims=True, rounding="trunc"):
     """y = round(sum(x over axes) / n) with the stated rounding (default trunc, C division)."""
-    total, _, n = _sum(x, axes, keepdims)
+    total, _, n = _sum(x, axes, keepdims, from_values=True)
+    if n == 0:
+        raise OpError("ReduceMean: the mean of no values is undefined")
     return round_div(total, n, rounding).astype(np.asarray(x).dtype)
 
 
@@ -116,6 +127,8 @@ def _infer_argmax(ins, attrs):
 def ArgMax(x, *, axis=-1, keepdims=True, select_last_index=False):
     """y = index of the largest value along axis; ties go to the first (or last) index."""
     x = np.asarray(x)
+    if not -x.ndim <= axis < x.ndim:
+        raise OpError(f"ArgMax: axis {axis} is out of range for a rank-{x.ndim} input")
     if x.shape[axis] == 0:
         raise OpError("ArgMax: empty axis")
     if select_last_index:

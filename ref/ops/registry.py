@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..dtypes import TYPES, IntType
-from ..errors import GraphError
+from ..errors import GraphError, RefsimError
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -90,7 +90,7 @@ class OneOf:
     def check(self, value) -> str | None:
         if value is None and self.optional:
             return None
-        if value not in self.choices:
+        if isinstance(value, (list, dict)) or value not in self.choices:
             return f"must be one of {', '.join(map(str, self.choices))}; got {value!r}"
         return None
 
@@ -104,7 +104,7 @@ class TypeName:
     def check(self, value) -> str | None:
         if value is None and self.optional:
             return None
-        if value not in TYPES:
+        if not isinstance(value, str) or value not in TYPES:
             return f"must be an integer type ({', '.join(TYPES)}); got {value!r}"
         return None
 
@@ -171,7 +171,7 @@ class OpSchema:
         ins = [tensors[n] if n else None for n in node.inputs]
         try:
             return self.infer(ins, self.full_attrs(node.attrs))
-        except GraphError as e:
+        except RefsimError as e:  # an op's infer may reuse checks that raise OpError
             raise GraphError(f"{node.describe()}: {e}") from None
 
     def check_types(self, node, tensors) -> None:

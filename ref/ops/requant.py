@@ -6,15 +6,18 @@ import numpy as np
 
 from ..dtypes import TYPES, IntType, int_type
 from ..errors import GraphError, OpError
+from .elementwise import broadcast_or_fail
 from .registry import Bool, Int, OneOf, TypeName, op
 from .rounding import (
     DOUBLE,
     INT32_MAX,
     INT32_MIN,
+    INT64_MAX,
     REQUANT_ROUNDINGS,
     check_product_fits,
     mode_code,
     requantize,
+    requantize_last_axis,
 )
 
 
@@ -28,9 +31,10 @@ def output_bounds(dtype: str | IntType, lo: int | None, hi: int | None, what: st
     return lo, hi
 
 
-def along_axis(param, ndim: int, axis: int, name: str, what: str):
-    """View a scalar or per-channel vector so that it broadcasts along `axis` of an
-    ndim-dimensional tensor."""
+def along_axis(param, shape, axis: int, name: str, what: str):
+    """View a scalar or per-channel vector so that it broadcasts along `axis` of a tensor
+    of `shape`; a vector must have one entry per channel. (Given only the tensor's rank
+    instead of its shape, the channel count is left to broadcasting.)"""
     if param is None:
         return np.int64(0)
     p = np.asarray(param)
@@ -38,9 +42,13 @@ def along_axis(param, ndim: int, axis: int, name: str, what: str):
         return p.reshape(()).astype(np.int64)
     if p.ndim != 1:
         raise OpError(f"{what}: {name} must be a scalar or a 1-D per-channel vector, got shape {p.shape}")
-    shape = [1] * ndim
-    shape[axis] = p.size
-    return p.astype(np.int64).reshape(shape)
+    ndim = shape if isinstance(shape, (int, np.integer)) else len(shape)
+    channels = p.size if isinstance(shape, (int, np.integer)) else (shape[axis] if ndim else 1)
+    if p.size != channels or ndim == 0:
+        raise OpError(f"{what}: {name} has {p.size} entries, the input has {channels} channels along axis {axis}")
+    view = [1] * ndim
+    view[axis] = p.size
+    return p.astype(np.int64).reshape(view)
 
 
 def _infer_requant(ins, attrs):
@@ -62,7 +70,10 @@ def _infer_requant(ins, attrs):
             raise GraphError("shift must be >= 0")
     if attrs["rounding"] == "double" and len(ins) > 3 and ins[3] is not None:
         raise GraphError("rounding 'double' (TFLite) takes no bias; add it to the accumulator")
-    output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "Requant")
+    try:
+        output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "clip range")
+    except OpError as e:
+        raise GraphError(str(e)) from None
     return [(int_type(attrs["dtype"]), x.shape)]
 
 
@@ -87,33 +98,40 @@ def Requant(x, mul, shift, bias=None, offset=None, *, axis=-1, rounding="half_up
         raise OpError(f"{what}: axis {axis} is out of range for a rank-{x.ndim} input")
     axis %= ndim
     mul_b, shift_b, bias_b, offset_b = (
-        along_axis(p, x.ndim, axis, name, what)
+        along_axis(p, x.shape, axis, name, what)
         for p, name in ((mul, "mul"), (shift, "shift"), (bias, "bias"), (offset, "offset"))
     )
     if np.any(shift_b < 0):
         raise OpError(f"{what}: shift must be >= 0")
     lo, hi = output_bounds(dtype, lo, hi, what)
     if mode_code(rounding) == DOUBLE:
-        _check_double_operands(x, mul_b, shift_b, bias)
+        _check_double_operands(x, mul_b, shift_b, bias, offset_b)
     else:
-        check_product_fits(x, mul_b, bias_b, what)
-    y = requantize(x, mul_b, bias_b, shift_b, offset_b, lo, hi, rounding)
-    return y.astype(int_type(dtype).storage)
+        check_product_fits(x, mul_b, bias_b, what, offset=offset_b)
+    storage = int_type(dtype).storage
+    if axis == x.ndim - 1 or all(p.ndim == 0 for p in (mul_b, shift_b, bias_b, offset_b)):
+        return requantize_last_axis(x, mul_b, bias_b, shift_b, offset_b, lo, hi, rounding, storage)
+    return requantize(x, mul_b, bias_b, shift_b, offset_b, lo, hi, rounding).astype(storage)
 
 
-def _check_double_operands(x, mul, shift, bias) -> None:
+def _check_double_operands(x, mul, shift, bias, offset) -> None:
     """TFLite computes `x << left` and the multiplier in int32: refuse what would overflow."""
-    if bias is not None and np.any(np.asarray(bias) != 0):
+    if bias is not None:
         raise OpError("Requant: rounding 'double' (TFLite) takes no bias; add it to the accumulator")
     if mul.size and (int(mul.min()) < INT32_MIN or int(mul.max()) > INT32_MAX):
         raise OpError("Requant: rounding 'double' needs int32 multipliers")
-    left = int(np.max(np.maximum(31 - shift, 0))) if shift.size else 0
-    if x.size:
-        lo, hi = int(x.min()), int(x.max())
-        if lo < INT32_MIN or hi > INT32_MAX or (lo << left) < INT32_MIN or (hi << left) > INT32_MAX:
-            raise OpError(
-                f"Requant: rounding 'double' shifts x left by {left} in int32, and x spans [{lo}, {hi}]"
-            )
+    if not x.size:
+        return
+    lo, hi = int(x.min()), int(x.max())
+    if lo < INT32_MIN or hi > INT32_MAX:
+        raise OpError(f"Requant: rounding 'double' needs int32 inputs, and x spans [{lo}, {hi}]")
+    # Each element with its own channel's shift: |x| <= 2^31 and left <= 31 fit int64.
+    shifted = x.astype(np.int64) << np.maximum(31 - shift, 0)
+    low, high = int(shifted.min()), int(shifted.max())
+    if low < INT32_MIN or high > INT32_MAX:
+        raise OpError(f"Requant: rounding 'double' shifts x left in int32, and x << left spans [{low}, {high}]")
+    if offset.size and max(abs(int(offset.min())), abs(int(offset.max()))) > INT64_MAX - (1 << 31):
+        raise OpError("Requant: offset is too large for int64")
 
 
 def levels_type(n_levels: int, signed: bool) -> IntType:
@@ -155,6 +173,7 @@ def RequantShift(x, mul, add, *, div, n_levels=256, signed=True):
     shift = _log2_exact(div, what)
     t = levels_type(n_levels, signed)
     lo, hi = (-(n_levels // 2), n_levels // 2 - 1) if signed else (0, n_levels - 1)
+    broadcast_or_fail(what, x, mul, add)
     check_product_fits(x, mul, add, what)
     y = requantize(x, mul, add, shift, 0, lo, hi, "half_up")
     return y.astype(t.storage)

@@ -172,6 +172,34 @@ def requantize(x, mul, bias, shift, offset, lo: int, hi: int, mode: str) -> np.n
     return _np_requant(x, mul, bias, shift, offset, lo, hi, code)
 
 
+@njit(cache=True)
+def _requant_last_axis(x, mul, bias, shift, offset, lo, hi, mode, out):
+    """out[i, j] = requant_scalar(x[i, j]) with channel j's parameters (int64, length C)."""
+    rows, cols = x.shape
+    for i in range(rows):
+        for j in range(cols):
+            out[i, j] = requant_scalar(np.int64(x[i, j]), mul[j], bias[j], shift[j], offset[j], lo, hi, mode)
+
+
+def requantize_last_axis(x, mul, bias, shift, offset, lo: int, hi: int, mode: str, storage) -> np.ndarray:
+    """`requantize` for parameters that are scalars or vectors along x's last axis,
+    written straight into the output's storage dtype in one pass (the Numba backend's
+    fast path; the caller has checked that nothing overflows int64)."""
+    code = mode_code(mode)
+    x = np.asarray(x)
+    if not backend.use_numba() or x.ndim == 0:
+        return _np_requant(x, mul, bias, shift, offset, lo, hi, code).astype(storage)
+    if x.size == 0:
+        return np.empty(x.shape, storage)
+    x = np.ascontiguousarray(x)
+    channels = x.shape[-1]
+    params = [np.ascontiguousarray(np.broadcast_to(np.asarray(p, np.int64).reshape(-1), channels)) for p in (mul, bias, shift, offset)]
+    flat = x.reshape(-1, channels)
+    out = np.empty(flat.shape, storage)
+    _requant_last_axis(flat, *params, lo, hi, code, out)
+    return out.reshape(x.shape)
+
+
 def _dtype_bound(a: np.ndarray) -> int:
     info = np.iinfo(a.dtype)
     return max(-int(info.min), int(info.max))
@@ -181,20 +209,23 @@ def _value_bound(a: np.ndarray) -> int:
     return max(abs(int(a.min())), abs(int(a.max()))) if a.size else 0
 
 
-def check_product_fits(x, mul, bias, what: str) -> None:
-    """Raise unless |x*mul + bias| stays below 2^63 for every element.
+def check_product_fits(x, mul, bias, what: str, offset=None) -> None:
+    """Raise unless max|x|*max|mul| + max|bias| + max|offset| stays below 2^63.
 
-    Decided from the dtypes when they are narrow enough (no pass over the data), and
-    from the actual values otherwise.
+    That bound keeps x*mul + bias, and the rounded result plus offset, within int64 for
+    every element. It is decided from the dtypes when they are narrow enough (no pass over
+    the data), and from the actual values otherwise.
     """
-    arrays = [np.asarray(x), np.asarray(mul)] + ([np.asarray(bias)] if bias is not None else [])
-    bounds = [_dtype_bound(a) for a in arrays]
-    if bounds[0] * bounds[1] + (bounds[2] if bias is not None else 0) <= INT64_MAX:
+    arrays = [np.asarray(a) for a in (x, mul, bias, offset) if a is not None]
+    # Parameters are small (scalars or one per channel): their values cost nothing to read.
+    # x is large: its dtype decides unless that bound is too loose.
+    params = [_value_bound(a) if a.size <= 4096 else _dtype_bound(a) for a in arrays[1:]]
+    if _dtype_bound(arrays[0]) * params[0] + sum(params[1:]) <= INT64_MAX:
         return
     bounds = [_value_bound(a) for a in arrays]
-    exact = bounds[0] * bounds[1] + (bounds[2] if bias is not None else 0)
+    exact = bounds[0] * bounds[1] + sum(bounds[2:])
     if exact > INT64_MAX:
-        raise OpError(f"{what}: x*mul + bias can reach {exact}, beyond int64")
+        raise OpError(f"{what}: |x*mul + bias| + |offset| can reach {exact}, beyond int64")
 
 
 def round_div(num, den, mode: str) -> np.ndarray:

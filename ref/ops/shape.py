@@ -71,9 +71,23 @@ def Transpose(x, *, perm=None):
     """y = x with axes permuted (default: reversed)."""
     x = np.asarray(x)
     try:
-        return np.ascontiguousarray(np.transpose(x, _perm(x.ndim, perm)))
+        return np.asarray(np.transpose(x, _perm(x.ndim, perm)), order="C")
     except GraphError as e:
         raise OpError(f"Transpose: {e}") from None
+
+
+def _onnx_bounds(dim: int, start: int, end: int, step: int) -> slice:
+    """ONNX's Slice bounds as a Python slice: negative indices count from the end, then
+    starts clamp to [0, dim] ([0, dim-1] when stepping backwards) and ends to [0, dim]
+    ([-1, dim-1] backwards). Python's own slice clamping differs for backward steps."""
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    if dim == 0:
+        return slice(0, 0)
+    if step > 0:
+        return slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
+    start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+    return slice(start, end if end >= 0 else None, step)  # end -1: before index 0
 
 
 def _slices(shape, starts, ends, axes, steps):
@@ -83,13 +97,17 @@ def _slices(shape, starts, ends, axes, steps):
     if not (len(starts) == len(ends) == len(axes) == len(steps)):
         raise GraphError("starts, ends, axes and steps must have the same length")
     index = [slice(None)] * rank
+    seen = set()
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if not -rank <= axis < rank:
             raise GraphError(f"axis {axis} is out of range for rank {rank}")
+        if axis % rank in seen:
+            raise GraphError(f"axis {axis} is sliced twice")
+        seen.add(axis % rank)
         if step == 0:
             raise GraphError("a step may not be 0")
-        # ONNX clamps out-of-range starts and ends, which is what Python slices do.
-        index[axis % rank] = slice(start, end, step)
+        dim = shape[axis % rank]
+        index[axis % rank] = _onnx_bounds(dim, start, end, step) if isinstance(dim, int) else (start, end, step)
     return tuple(index)
 
 
@@ -98,7 +116,10 @@ def _infer_slice(ins, attrs):
     index = _slices(shape, attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"])
     out = []
     for d, s in zip(shape, index):
-        out.append(len(range(*s.indices(d))) if isinstance(d, int) else (d if s == slice(None) else None))
+        if isinstance(s, slice):
+            out.append(len(range(*s.indices(d))) if isinstance(d, int) else d)
+        else:
+            out.append(None)  # a symbolic dimension sliced: its size is known at run time
     return [(ins[0].dtype, tuple(out))]
 
 
@@ -112,12 +133,14 @@ def Slice(x, *, starts, ends, axes=None, steps=None):
     """y = x[starts:ends:steps] along axes (ONNX semantics, out-of-range bounds clamped)."""
     x = np.asarray(x)
     try:
-        return np.ascontiguousarray(x[_slices(x.shape, starts, ends, axes, steps)])
+        return np.asarray(x[_slices(x.shape, starts, ends, axes, steps)], order="C")
     except GraphError as e:
         raise OpError(f"Slice: {e}") from None
 
 
 def _infer_concat(ins, attrs):
+    if not ins or any(t is None for t in ins):
+        raise GraphError("needs at least one input, and no input may be omitted")
     first = ins[0]
     rank = len(first.shape)
     axis = attrs["axis"]
@@ -125,14 +148,21 @@ def _infer_concat(ins, attrs):
         raise GraphError(f"axis {axis} is out of range for rank {rank}")
     axis %= rank
     total = 0
+    shape = list(first.shape)
     for t in ins:
         if t.dtype is not first.dtype:
             raise GraphError(f"all inputs must share one type; got {first.dtype} and {t.dtype}")
         if len(t.shape) != rank:
             raise GraphError("all inputs must have the same rank")
+        for i, d in enumerate(t.shape):
+            if i == axis:
+                continue
+            if isinstance(d, int) and isinstance(shape[i], int) and d != shape[i]:
+                raise GraphError(f"input shapes {list(first.shape)} and {list(t.shape)} differ off the axis {axis}")
+            if not isinstance(shape[i], int):
+                shape[i] = d if isinstance(d, int) else shape[i] if d == shape[i] else None
         d = t.shape[axis]
         total = total + d if isinstance(d, int) and total is not None else None
-    shape = list(first.shape)
     shape[axis] = total
     return [(first.dtype, tuple(shape))]
 
@@ -145,6 +175,12 @@ def Concat(*xs, axis):
     arrays = [np.asarray(x) for x in xs]
     if len({a.dtype for a in arrays}) != 1:
         raise OpError("Concat: all inputs must share one type")
+    rank = arrays[0].ndim
+    if any(a.ndim != rank for a in arrays) or not -rank <= axis < rank:
+        raise OpError(f"Concat: inputs of equal rank and an axis within it needed; got ranks {[a.ndim for a in arrays]}, axis {axis}")
+    off_axis = {a.shape[: axis % rank] + a.shape[axis % rank + 1 :] for a in arrays}
+    if len(off_axis) != 1:
+        raise OpError(f"Concat: input shapes {[list(a.shape) for a in arrays]} differ off the axis {axis}")
     return np.concatenate(arrays, axis=axis)
 
 
@@ -155,7 +191,7 @@ def _infer_gather(ins, attrs):
     if not -rank <= axis < rank:
         raise GraphError(f"axis {axis} is out of range for rank {rank}")
     axis %= rank
-    if indices.dtype.signed is False and indices.dtype.bits > 32 or indices.dtype.name == "ternary":
+    if indices.dtype.name == "ternary":
         raise GraphError(f"indices of type {indices.dtype} are not supported")
     shape = tuple(data.shape[:axis]) + tuple(indices.shape) + tuple(data.shape[axis + 1 :])
     return [(data.dtype, shape)]
@@ -165,6 +201,8 @@ def _infer_gather(ins, attrs):
 def Gather(data, indices, *, axis=0):
     """y = data[..., indices, ...] along axis (an embedding lookup); -n..n-1 as in ONNX."""
     data, indices = np.asarray(data), np.asarray(indices)
+    if not -data.ndim <= axis < data.ndim:
+        raise OpError(f"Gather: axis {axis} is out of range for a rank-{data.ndim} input")
     n = data.shape[axis]
     if indices.size:
         low, high = int(indices.min()), int(indices.max())

@@ -1,0 +1,54 @@
+"""`refsim import MODEL.onnx -o OUT.intq`: bring an already-quantized ONNX model into refsim."""
+
+from __future__ import annotations
+
+
+def _shape(text: str):
+    name, _, dims = text.partition("=")
+    if not name or not dims:
+        raise ValueError(text)
+    return name, [int(d) for d in dims.replace("x", ",").split(",") if d]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="quantized ONNX model (QDQ/QOperator, QONNX, or quantlib/Deeploy integer graph)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.intq", help="where to write the integer model")
+    p.add_argument("--from", dest="fmt", choices=("qdq", "qonnx", "deeploy"),
+                   help="the model's format (detected from its ops when omitted)")
+    p.add_argument("--requant", choices=("dyadic", "ort"), default="dyadic",
+                   help="QDQ requantization: dyadic (integer multiplier and shift, what integer hardware runs; "
+                        "default) or ort (onnxruntime's float32 arithmetic, replayed exactly in integers)")
+    p.add_argument("--mode", choices=("ibert", "deeploy"), default="ibert",
+                   help="integer variants for float Softmax/LayerNormalization between QDQ pairs: ibert "
+                        "(IBertSoftmax, IBertLayerNorm; default) or deeploy (ITAMax, iLayerNorm)")
+    p.add_argument("--shape", action="append", default=[], metavar="INPUT=D1,D2,...",
+                   help="static shape for an input with symbolic dimensions (repeatable)")
+    p.add_argument("--input-type", action="append", default=[], metavar="INPUT=TYPE",
+                   help="integer type a float input of a quantlib/Deeploy graph holds (default int8; repeatable)")
+
+
+def main(args) -> int:
+    from refsim.errors import RefsimError
+
+    from .importers import import_model
+
+    shapes = {}
+    for text in args.shape:
+        try:
+            name, dims = _shape(text)
+        except ValueError:
+            raise RefsimError(f"--shape {text!r}: write it as INPUT=D1,D2,...") from None
+        shapes[name] = dims
+    input_types = {}
+    for text in args.input_type:
+        name, _, dtype = text.partition("=")
+        if not name or not dtype:
+            raise RefsimError(f"--input-type {text!r}: write it as INPUT=TYPE, for example x=uint8")
+        input_types[name] = dtype
+    model = import_model(args.model, args.output, fmt=args.fmt, requant=args.requant, shapes=shapes,
+                         input_types=input_types, mode=args.mode)
+    info = model.metadata["import"]
+    ops = sorted({n.op for n in model.graph.nodes})
+    print(f"imported {args.model} ({info['format']}, requant {info['requant']}) -> {args.output}: "
+          f"{len(model.graph.nodes)} nodes ({', '.join(ops)})")
+    return 0

@@ -1,0 +1,508 @@
+"""The importer skeleton every format shares: inputs, the node loop, folding, data movement,
+graph outputs and metadata. A format subclasses `Importer` and adds handlers for its ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from refsim.dtypes import TYPES
+from refsim.errors import RefsimError
+from refsim.ir import Graph
+
+from .onnx_reader import (
+    FLOAT_TYPES,
+    INTEGER_TYPES,
+    GraphInput,
+    ImportFailure,
+    OnnxGraph,
+    attributes,
+    fail,
+    fold,
+    node_label,
+    type_name,
+)
+from .values import Const, Dequantized, Emitter, FloatOp, QTensor, narrowest_type
+
+
+class FloatInput:
+    """A float graph input, waiting for the QuantizeLinear that says how it is quantized."""
+
+    def __init__(self, info: GraphInput):
+        self.info = info
+        self.quantized: QTensor | None = None
+
+
+Handler = Callable[[onnx.NodeProto, list, dict], Any]
+
+
+class Importer:
+    format_name = "onnx"
+
+    def __init__(self, graph: OnnxGraph, emitter: Emitter):
+        self.g = graph
+        self.em = emitter
+        self.values: dict[str, Any] = {"": None}
+        self.handlers: dict[tuple[str, str], Handler] = {}
+        self.input_quantization: dict[str, dict] = {}
+        self.const_types: dict[str, int] = {}  # ONNX element type of folded sub-byte constants
+        for op in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Slice", "Concat",
+                   "Split", "Identity", "MaxPool", "Pad", "Shape", "Size"):
+            self.handlers[("", op)] = getattr(self, f"op_{op}")
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> Graph:
+        for name, array in self.g.constants.items():
+            self.values[name] = Const(array)
+        for info in self.g.inputs:
+            if info.elem_type in INTEGER_TYPES:
+                dtype = INTEGER_TYPES[info.elem_type]
+                name = self.em.builder.input(info.name, dtype, info.shape)
+                self.values[info.name] = QTensor(name, TYPES[dtype], tuple(info.shape))
+            elif info.elem_type in FLOAT_TYPES:
+                self.values[info.name] = FloatInput(info)
+            else:
+                raise ImportFailure(f"input {info.name!r} has type {type_name(info.elem_type)}, which refsim cannot take")
+        for node in self.g.nodes:
+            self.visit(node)
+        return self.finish()
+
+    def visit(self, node: onnx.NodeProto) -> None:
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        ins = []
+        for name in node.input:
+            if name not in self.values:
+                raise fail(node, f"input {name!r} is never produced (is the graph topologically sorted?)")
+            ins.append(self.values[name])
+        attrs = attributes(node)
+        if node.op_type == "Constant" and domain == "":
+            results = fold(node, [], self.g.opsets)
+        elif ins and all(isinstance(v, Const) or v is None for v in ins) and self.foldable(domain, node.op_type):
+            results = fold(node, [None if v is None else v.value for v in ins], self.g.opsets)
+        else:
+            handler = self.handlers.get((domain, node.op_type))
+            if handler is None:
+                result = self.unhandled(node, ins, attrs)
+            else:
+                try:
+                    result = handler(node, ins, attrs)
+                except ImportFailure:
+                    raise
+                except RefsimError as e:
+                    raise fail(node, str(e)) from None
+            results = list(result) if isinstance(result, (list, tuple)) else [result]
+            if len(results) != len(node.output):
+                raise fail(node, f"produces {len(node.output)} outputs, refsim maps {len(results)}")
+            for name, value in zip(node.output, results):
+                if name:
+                    self.values[name] = value
+            return
+        for name, value in zip(node.output, results):
+            if name:
+                self.values[name] = Const(self.keep_const_type(name, np.asarray(value)))
+
+    def keep_const_type(self, name: str, array: np.ndarray) -> np.ndarray:
+        """Folded sub-byte integers (ml_dtypes int4, ...) are stored unpacked; remember their type."""
+        if array.dtype.kind in "iubf" or array.dtype == object:
+            return array
+        try:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        except Exception:
+            return array
+        if elem in INTEGER_TYPES:
+            self.const_types[name] = elem
+            return array.astype(np.uint8 if INTEGER_TYPES[elem].startswith("uint") else np.int8)
+        return array
+
+    def foldable(self, domain: str, op_type: str) -> bool:
+        """Nodes on constants are evaluated at import time (onnx's own reference semantics)."""
+        return domain == ""
+
+    def unhandled(self, node, ins, attrs):
+        raise fail(node, f"op {node.op_type!r} is not supported by the {self.format_name} importer")
+
+    # --- graph outputs --------------------------------------------------------------------
+
+    def finish(self) -> Graph:
+        b = self.em.builder
+        outputs: dict[str, dict] = {}
+        for name in self.g.outputs:
+            value = self.values.get(name)
+            q = value.q if isinstance(value, Dequantized) else value
+            if isinstance(value, FloatOp):
+                raise fail(value.node, f"its float result is graph output {name!r}; refsim outputs integers, "
+                                       "so the output needs a QuantizeLinear/DequantizeLinear pair")
+            if isinstance(value, (Const, FloatInput)) or value is None:
+                raise ImportFailure(f"graph output {name!r} is a constant or a float input; nothing integer computes it")
+            tensor = self.em.tensor(q)
+            if tensor != name or name in b.inputs or b.tensors[tensor].is_const:
+                rank = len(q.shape)
+                q = replace(q, name=self.em.node("Reshape", [tensor], name, shape=[0] * rank).name)
+            b.output(q.name)
+            entry: dict[str, Any] = {"tensor": q.name, "dtype": q.dtype.name}
+            if q.scale is not None:
+                entry.update(quantization_entry(q))
+                entry["dequantize"] = isinstance(value, Dequantized)
+                t = b.tensors[q.name]
+                t.scale, t.zero_point, t.quant_axis = _display_quant(q)
+            outputs[name] = entry
+        for name, value in self.values.items():
+            if isinstance(value, FloatInput) and value.quantized is None:
+                raise ImportFailure(f"float input {name!r} is never quantized by a QuantizeLinear")
+        order = {info.name: i for i, info in enumerate(self.g.inputs)}
+        b.inputs.sort(key=lambda n: order.get(n, len(order)))
+        b.metadata["import"] = {
+            "format": self.format_name,
+            "requant": self.em.requant,
+            "producer": f"{self.g.model.producer_name} {self.g.model.producer_version}".strip(),
+            "inputs": self.input_quantization,
+            "outputs": outputs,
+        }
+        try:
+            return b.build()
+        except RefsimError as e:
+            raise ImportFailure(f"the imported graph is invalid: {e}") from None
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def const_value(self, node, value, what: str) -> np.ndarray:
+        if value is None:
+            return None
+        if isinstance(value, Const):
+            return value.value
+        if isinstance(value, QTensor) and value.is_const:
+            return value.data
+        raise fail(node, f"{what} must be a constant (known when importing)")
+
+    def ints(self, node, value, what: str) -> list[int] | None:
+        array = self.const_value(node, value, what)
+        return None if array is None else [int(v) for v in np.asarray(array).reshape(-1)]
+
+    def integer(self, node, value, what: str) -> QTensor:
+        """An integer operand: a tensor of the graph, or a constant with integer values."""
+        if isinstance(value, QTensor):
+            return value
+        if isinstance(value, Const):
+            array = np.asarray(value.value)
+            if array.dtype.kind not in "iub":
+                raise fail(node, f"{what} is a float constant; an integer is needed here")
+            t = narrowest_type(array) if array.dtype.kind != "u" else TYPES["uint8" if array.max(initial=0) < 256 else "int64"]
+            return QTensor(None, t, array.shape, data=array.astype(t.storage))
+        raise fail(node, f"{what} is a float value; refsim computes with integers here")
+
+    # --- data movement: the same op on the integers, the same scale ------------------------
+
+    def _unwrap(self, node, value):
+        if isinstance(value, Dequantized):
+            return value.q, True
+        if isinstance(value, QTensor):
+            return value, False
+        if isinstance(value, FloatInput):
+            raise fail(node, f"float input {value.info.name!r} must be quantized (QuantizeLinear) before this op")
+        if isinstance(value, FloatOp):
+            raise fail(node, f"takes the float result of {node_label(value.node)}; quantize it first")
+        raise fail(node, "takes a value refsim cannot represent")
+
+    def _move(self, node, value, op: str, params: dict, const_fn: Callable[[np.ndarray], np.ndarray],
+              axis_map: Callable[[int], int | None] | None = None, extra_inputs=()):
+        q, wrapped = self._unwrap(node, value)
+        if q.scale is not None and not q.per_tensor:
+            if axis_map is None or (new_axis := axis_map(q.axis)) is None:
+                raise fail(node, f"moves a per-channel quantized tensor (axis {q.axis}) in a way refsim does not track")
+        else:
+            new_axis = q.axis
+        if q.is_const and all(e.is_const for e in extra_inputs):
+            data = const_fn(q.data)
+            out = replace(q, name=None, data=np.ascontiguousarray(data), shape=data.shape, axis=new_axis)
+        else:
+            extra = [self.em.tensor(e) for e in extra_inputs]
+            result = self.em.node(op, [self.em.tensor(q), *extra], node.output[0], node.name, **params)
+            out = replace(q, name=result.name, shape=result.shape, data=None, axis=new_axis)
+        return Dequantized(out) if wrapped else out
+
+    def _shape_of(self, node, value) -> tuple:
+        q, _ = self._unwrap(node, value)
+        return tuple(q.shape)
+
+    def _reshape_attr(self, in_shape, out_shape) -> list[int]:
+        target, inferred = [], False
+        for i, d in enumerate(out_shape):
+            if isinstance(d, int):
+                target.append(d)
+            elif i < len(in_shape) and in_shape[i] == d:
+                target.append(0)
+            elif not inferred:
+                target.append(-1)
+                inferred = True
+            else:
+                raise ImportFailure(f"cannot express reshape {list(in_shape)} -> {list(out_shape)} with static sizes; give --shape")
+        return target
+
+    def _reshape_to(self, node, value, out_shape, axis_map=None):
+        in_shape = self._shape_of(node, value)
+        target = self._reshape_attr(in_shape, out_shape)
+        return self._move(node, value, "Reshape", {"shape": target},
+                          lambda a: a.reshape([d if isinstance(d, int) else -1 for d in out_shape]), axis_map)
+
+    def op_Identity(self, node, ins, attrs):
+        return ins[0]
+
+    def op_Shape(self, node, ins, attrs):
+        shape = self._shape_of(node, ins[0])
+        start, end = attrs.get("start", 0), attrs.get("end", None)
+        shape = shape[start:end]
+        if not all(isinstance(d, int) for d in shape):
+            raise fail(node, f"needs the static shape of a tensor shaped {list(shape)}; give the input shapes with --shape")
+        return Const(np.array(shape, np.int64))
+
+    def op_Size(self, node, ins, attrs):
+        shape = self._shape_of(node, ins[0])
+        if not all(isinstance(d, int) for d in shape):
+            raise fail(node, "needs static shapes; give the input shapes with --shape")
+        return Const(np.array(int(np.prod(shape)), np.int64))
+
+    def op_Reshape(self, node, ins, attrs):
+        shape = self.ints(node, ins[1], "the target shape")
+        if attrs.get("allowzero", 0) and 0 in shape:
+            raise fail(node, "allowzero with a 0 in the shape is not supported")
+        in_shape = self._shape_of(node, ins[0])
+        axis_map = (lambda axis: axis if axis < len(shape) and (shape[axis] == 0 or shape[axis] == in_shape[axis])
+                    and all(s == 0 or s == d for s, d in zip(shape[:axis], in_shape[:axis])) else None)
+        return self._move(node, ins[0], "Reshape", {"shape": shape}, lambda a: _onnx_reshape(a, shape), axis_map)
+
+    def op_Transpose(self, node, ins, attrs):
+        rank = len(self._shape_of(node, ins[0]))
+        perm = list(attrs.get("perm", range(rank - 1, -1, -1)))
+        return self._move(node, ins[0], "Transpose", {"perm": perm}, lambda a: np.transpose(a, perm),
+                          lambda axis: perm.index(axis))
+
+    def _axes(self, node, ins, attrs, rank):
+        axes = attrs.get("axes")
+        if axes is None and len(ins) > 1 and ins[1] is not None:
+            axes = self.ints(node, ins[1], "axes")
+        return None if axes is None else [a % rank for a in axes]
+
+    def op_Squeeze(self, node, ins, attrs):
+        shape = self._shape_of(node, ins[0])
+        axes = self._axes(node, ins, attrs, len(shape))
+        if axes is None:
+            if not all(isinstance(d, int) for d in shape):
+                raise fail(node, "squeezing unknown axes of a symbolic shape; give the axes or --shape")
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        out = [d for i, d in enumerate(shape) if i not in axes]
+        return self._reshape_to(node, ins[0], out, lambda a: None if a in axes else a - sum(x < a for x in axes))
+
+    def op_Unsqueeze(self, node, ins, attrs):
+        shape = list(self._shape_of(node, ins[0]))
+        raw = attrs["axes"] if "axes" in attrs else self.ints(node, ins[1], "axes")
+        rank = len(shape) + len(raw)
+        axes = sorted(a % rank for a in raw)
+        out = list(shape)
+        for a in axes:
+            out.insert(a, 1)
+        kept = [i for i in range(rank) if i not in axes]
+        return self._reshape_to(node, ins[0], out, lambda a: kept[a])
+
+    def op_Flatten(self, node, ins, attrs):
+        shape = self._shape_of(node, ins[0])
+        axis = attrs.get("axis", 1) % max(len(shape), 1) if shape else 0
+        def size(dims):
+            if not all(isinstance(d, int) for d in dims):
+                return None
+            return int(np.prod(dims))
+        out = [size(shape[:axis]), size(shape[axis:])]
+        if None in out:
+            if out.count(None) > 1:
+                raise fail(node, "flattens symbolic dimensions; give --shape")
+            out = [d if d is not None else -1 for d in out]
+            return self._move(node, ins[0], "Reshape", {"shape": out}, lambda a: a.reshape(out))
+        return self._reshape_to(node, ins[0], out)
+
+    def op_Gather(self, node, ins, attrs):
+        axis = attrs.get("axis", 0)
+        data, indices = ins
+        if isinstance(indices, Const) and isinstance(data, (QTensor, Dequantized)) and self._unwrap(node, data)[0].is_const:
+            idx = np.asarray(indices.value).astype(np.int64)
+            return self._move(node, data, "Gather", {}, lambda a: np.take(a, idx, axis=axis))
+        index = self.integer(node, indices, "the indices")
+        shape = self._shape_of(node, data)
+        rank = len(shape)
+        axis %= rank
+        axis_map = (lambda a: a if a < axis else (None if a == axis else a - 1 + len(index.shape)))
+        return self._move(node, data, "Gather", {"axis": axis}, lambda a: np.take(a, index.data, axis=axis),
+                          axis_map, extra_inputs=[index])
+
+    def op_Slice(self, node, ins, attrs):
+        if "starts" in attrs:  # opset < 10
+            starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs.get("axes"), None
+        else:
+            starts = self.ints(node, ins[1], "starts")
+            ends = self.ints(node, ins[2], "ends")
+            axes = self.ints(node, ins[3], "axes") if len(ins) > 3 else None
+            steps = self.ints(node, ins[4], "steps") if len(ins) > 4 else None
+        shape = self._shape_of(node, ins[0])
+        rank = len(shape)
+        axes_n = [a % rank for a in (axes if axes is not None else range(len(starts)))]
+        steps_n = steps or [1] * len(starts)
+        index = [slice(None)] * rank
+        for s, e, a, st in zip(starts, ends, axes_n, steps_n):
+            index[a] = slice(s, e, st)
+        params = {"starts": starts, "ends": ends, "axes": axes_n, "steps": steps_n}
+        return self._move(node, ins[0], "Slice", params, lambda arr: arr[tuple(index)],
+                          lambda a: a if index[a] == slice(None) else None)
+
+    def op_Concat(self, node, ins, attrs):
+        axis = attrs["axis"]
+        qs = [self._unwrap(node, v) for v in ins]
+        wrapped = {w for _, w in qs}
+        first = qs[0][0]
+        if len(wrapped) > 1 or any(not _same_meaning(first, q) for q, _ in qs):
+            return self.concat_mixed(node, ins, attrs)
+        if any(q.scale is not None and not q.per_tensor for q, _ in qs):
+            raise fail(node, "concatenates per-channel quantized tensors")
+        if all(q.is_const for q, _ in qs):
+            data = np.concatenate([q.data for q, _ in qs], axis=axis)
+            out = replace(first, name=None, data=data, shape=data.shape)
+        else:
+            dtypes = {q.dtype.name for q, _ in qs}
+            if len(dtypes) > 1:
+                raise fail(node, f"concatenates tensors of different types {sorted(dtypes)}")
+            result = self.em.node("Concat", [self.em.tensor(q) for q, _ in qs], node.output[0], node.name, axis=axis)
+            out = replace(first, name=result.name, shape=result.shape, data=None)
+        return Dequantized(out) if wrapped == {True} else out
+
+    def concat_mixed(self, node, ins, attrs):
+        raise fail(node, "concatenates tensors quantized differently")
+
+    def op_Split(self, node, ins, attrs):
+        shape = self._shape_of(node, ins[0])
+        axis = attrs.get("axis", 0) % len(shape)
+        size = shape[axis]
+        split = attrs.get("split")
+        if split is None and len(ins) > 1 and ins[1] is not None:
+            split = self.ints(node, ins[1], "split")
+        count = len(node.output)
+        if split is None:
+            if not isinstance(size, int):
+                raise fail(node, "splits a symbolic dimension; give --shape")
+            chunk = -(-size // count)
+            split = [min(chunk, size - i * chunk) for i in range(count)]
+        results, start = [], 0
+        for i, part in enumerate(split):
+            sub = onnx.helper.make_node("Slice", [], [node.output[i]], name=f"{node.name or node.output[0]}.{i}")
+            index = [slice(None)] * len(shape)
+            index[axis] = slice(start, start + part)
+            results.append(self._move(sub, ins[0], "Slice", {"starts": [start], "ends": [start + part], "axes": [axis]},
+                                      lambda a, index=tuple(index): a[index], lambda a: a if a != axis else None))
+            start += part
+        return results
+
+    def op_MaxPool(self, node, ins, attrs):
+        if len(node.output) > 1 and node.output[1]:
+            raise fail(node, "the Indices output is not supported")
+        q, _ = self._unwrap(node, ins[0])
+        if q.scale is not None and np.any(np.asarray(q.scale) <= 0):
+            raise fail(node, "needs positive scales")
+        params = self.window_params(node, attrs, q.shape, list(attrs["kernel_shape"]))
+        params.pop("group", None)
+        params["kernel_shape"] = list(attrs["kernel_shape"])
+        params["ceil_mode"] = bool(attrs.get("ceil_mode", 0))
+        result = self._move(node, ins[0], "MaxPool", params, lambda a: a)
+        return [result] + ([None] if len(node.output) > 1 else [])
+
+    def window_params(self, node, attrs, shape, kernel) -> dict:
+        spatial = len(kernel)
+        strides = list(attrs.get("strides", [1] * spatial))
+        dilations = list(attrs.get("dilations", [1] * spatial))
+        pads = list(attrs.get("pads", [0] * (2 * spatial)))
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = [0] * (2 * spatial)
+            for i in range(spatial):
+                size = shape[2 + i]
+                if not isinstance(size, int):
+                    raise fail(node, "auto_pad needs static spatial sizes; give --shape")
+                out = -(-size // strides[i])
+                total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
+                small, large = total // 2, total - total // 2
+                pads[i], pads[spatial + i] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+        elif auto_pad == "VALID":
+            pads = [0] * (2 * spatial)
+        return {"strides": strides, "pads": pads, "dilations": dilations, "group": attrs.get("group", 1)}
+
+    def op_Pad(self, node, ins, attrs):
+        mode = attrs.get("mode", "constant")
+        q, wrapped = self._unwrap(node, ins[0])
+        rank = len(q.shape)
+        if "pads" in attrs:  # opset < 11
+            pads = list(attrs["pads"])
+            value = attrs.get("value", 0.0)
+        else:
+            pads = self.ints(node, ins[1], "pads")
+            value = self.const_value(node, ins[2], "the pad value") if len(ins) > 2 and ins[2] is not None else 0
+            if len(ins) > 3 and ins[3] is not None:
+                axes = [a % rank for a in self.ints(node, ins[3], "axes")]
+                full = [0] * (2 * rank)
+                for i, a in enumerate(axes):
+                    full[a], full[rank + a] = pads[i], pads[len(axes) + i]
+                pads = full
+        value = float(np.asarray(value).reshape(-1)[0]) if np.asarray(value).size else 0.0
+        if wrapped and q.scale is not None:
+            if not q.per_tensor:
+                raise fail(node, "pads a per-channel quantized tensor")
+            level = value / float(np.asarray(q.scale).reshape(-1)[0]) + q.zp_scalar()
+        else:
+            level = value
+        if level != round(level) or not q.dtype.lo <= level <= q.dtype.hi:
+            raise fail(node, f"the pad value {value} is not exactly representable in the quantized tensor")
+        level = int(round(level))
+        modes = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+        if mode not in modes:
+            raise fail(node, f"pad mode {mode!r} is not supported")
+        def const_fn(a):
+            from refsim.ops import Pad
+            return Pad(a, pads=pads, mode=mode, value=level)
+        return self._move(node, ins[0], "Pad", {"pads": pads, "mode": mode, "value": level}, const_fn,
+                          lambda a: a if pads[a] == pads[rank + a] == 0 else None)
+
+
+def _onnx_reshape(array: np.ndarray, shape: list[int]) -> np.ndarray:
+    target = [array.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return array.reshape(target)
+
+
+def _same_meaning(a: QTensor, b: QTensor) -> bool:
+    if (a.scale is None) != (b.scale is None):
+        return False
+    if a.scale is None:
+        return True
+    return (np.array_equal(np.asarray(a.scale, np.float32), np.asarray(b.scale, np.float32))
+            and np.array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point)) and a.axis == b.axis)
+
+
+def quantization_entry(q: QTensor) -> dict:
+    entry = {
+        "scale": [float(v) for v in np.asarray(q.scale, np.float32).reshape(-1)],
+        "zero_point": [int(v) for v in np.asarray(q.zero_point if q.zero_point is not None else np.zeros_like(q.scale, np.int64)).reshape(-1)],
+    }
+    if q.axis is not None and not q.per_tensor:
+        entry["axis"] = int(q.axis)
+        entry["scale_shape"] = list(np.asarray(q.scale).shape)
+    if q.block_size:
+        entry["block_size"] = int(q.block_size)
+    return entry
+
+
+def _display_quant(q: QTensor):
+    scale = [float(v) for v in np.asarray(q.scale, np.float32).reshape(-1)]
+    zp = [int(v) for v in np.asarray(q.zero_point if q.zero_point is not None else 0).reshape(-1)]
+    if len(scale) == 1:
+        return scale[0], zp[0], None
+    if q.block_size:
+        return None, None, None
+    return scale, zp, q.axis

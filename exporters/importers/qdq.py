@@ -1,0 +1,812 @@
+"""QDQ and QOperator graphs (onnxruntime's quantizer, torch.onnx.export of fake-quant models).
+
+QuantizeLinear/DequantizeLinear pairs say which tensors are integers and at what scale;
+the ops between them are computed in integers:
+
+- MatMul, Gemm, Conv on dequantized operands: the exact integer product (zero points
+  subtracted) whose scale is a_scale * w_scale; the QuantizeLinear after it becomes a
+  requantization (`dyadic`: Requant; `ort`: RequantF32, onnxruntime's float32 arithmetic).
+  QLinearMatMul, QLinearConv, MatMulInteger and ConvInteger are the same products written
+  as single nodes.
+- Elementwise float ops whose only non-constant input is one quantized tensor of at most
+  16 bits (Erf, Sigmoid, Div by a constant, Relu, ...; chains of them too) become a lookup
+  table, computed with onnx's reference implementation of the same ops: exact with
+  respect to ONNX's float32 semantics.
+- Add/Sub of quantized tensors (and constants): an integer sum of the operands scaled by a
+  common dyadic multiplier, then one rounding shift. Mul: the integer product, requantized.
+- Data movement (Reshape, Transpose, Gather, Slice, Concat, MaxPool, Pad, ...) acts on the
+  integers and keeps the scale.
+
+Float graph inputs must go through a QuantizeLinear: the refsim model takes the quantized
+integers (`quantize_inputs` applies ONNX's QuantizeLinear on the host). Dequantized graph
+outputs stay integers with their scale recorded (`dequantize_outputs` on the host).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from refsim.dtypes import TYPES
+
+from .base import FloatInput, Importer
+from .onnx_reader import FLOAT_TYPES, INTEGER_TYPES, fail, fold, node_label, type_name
+from .values import Const, Dequantized, FloatOp, QTensor, narrowest_type, ratio_of
+
+# Elementwise float ops a lookup table can stand for (one quantized input, scalar constants).
+ELEMENTWISE = {
+    "Abs", "Acos", "Acosh", "Add", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Celu", "Clip",
+    "Cos", "Cosh", "Div", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity",
+    "LeakyRelu", "Log", "Max", "Min", "Mish", "Mul", "Neg", "Pow", "PRelu", "Reciprocal", "Relu", "Round",
+    "Selu", "Sigmoid", "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Sub", "Tan", "Tanh",
+    "ThresholdedRelu",
+}
+LUT_MAX_BITS = 16
+MICROSOFT = "com.microsoft"
+# Integer variants standing for float Softmax / LayerNormalization between DQ and Q.
+MODES = ("ibert", "deeploy")
+
+
+class QdqImporter(Importer):
+    format_name = "qdq"
+
+    def __init__(self, graph, emitter, mode: str = "ibert"):
+        super().__init__(graph, emitter)
+        if mode not in MODES:
+            raise fail(None, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        self.mode = mode
+        self.initializer_types = graph.elem_types
+        h = self.handlers
+        for domain in ("", MICROSOFT):
+            h[(domain, "QuantizeLinear")] = self.op_QuantizeLinear
+            h[(domain, "DequantizeLinear")] = self.op_DequantizeLinear
+        for op in ("MatMul", "Gemm", "Conv", "QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger"):
+            h[("", op)] = getattr(self, f"op_{op}")
+        for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax"):
+            h[(MICROSOFT, op)] = getattr(self, f"op_{op}")
+
+    def foldable(self, domain: str, op_type: str) -> bool:
+        # A dequantized constant stays integers with a scale: weights must reach MatMul/Conv as such.
+        return domain == "" and op_type != "DequantizeLinear"
+
+    # --- quantization parameters ----------------------------------------------------------
+
+    def quant_params(self, node, scale, zero_point, attrs, shape, default_dtype: str | None = None,
+                     zp_index: int | None = None) -> QTensor:
+        s = self.const_value(node, scale, "the scale")
+        if s is None or np.asarray(s).dtype.kind != "f":
+            raise fail(node, "the scale must be a float constant")
+        s = np.asarray(s).astype(np.float32)
+        if np.any(~np.isfinite(s)) or np.any(s <= 0):
+            raise fail(node, "scales must be positive and finite")
+        if zero_point is not None:
+            zp_array = self.const_value(node, zero_point, "the zero point")
+            elem = self.elem_type(node, zp_index) if zp_index is not None else None
+            if elem is None:
+                elem = helper.np_dtype_to_tensor_dtype(np.asarray(zp_array).dtype)
+        else:
+            zp_array, elem = None, None
+        out_type = attrs.get("output_dtype", 0)
+        if elem is None:
+            elem = out_type or (onnx.TensorProto.UINT8 if default_dtype is None else None)
+        if elem is None:
+            dtype = default_dtype
+        else:
+            if elem not in INTEGER_TYPES or elem == onnx.TensorProto.BOOL:
+                raise fail(node, f"quantizes to {type_name(elem)}, which is not an integer type refsim runs")
+            dtype = INTEGER_TYPES[elem]
+        t = TYPES[dtype]
+        zp = np.zeros(s.shape, np.int64) if zp_array is None else np.asarray(zp_array).astype(np.int64)
+        if zp.shape != s.shape and not (zp.size == 1 and s.size == 1):
+            raise fail(node, f"scale {list(s.shape)} and zero point {list(zp.shape)} shapes differ")
+        block = int(attrs.get("block_size", 0) or 0)
+        axis = None
+        if s.size > 1 or s.ndim == 1 and block:
+            rank = len(shape)
+            axis = attrs.get("axis", 1) % max(rank, 1)
+        if s.size == 1 and not block:
+            s, zp = s.reshape(()), zp.reshape(())
+        elif zp.size == 1 and s.size == 1:
+            zp = zp.reshape(s.shape)
+        if zp.size and (int(zp.min()) < t.lo or int(zp.max()) > t.hi):
+            raise fail(node, f"zero point outside {dtype}")
+        return QTensor(None, t, tuple(shape), scale=s.astype(np.float64), zero_point=zp, axis=axis, block_size=block)
+
+    def elem_type(self, node, index: int) -> int | None:
+        """The ONNX element type of input `index`: initializers keep theirs (int4 included)."""
+        name = node.input[index] if index < len(node.input) else ""
+        if not name:
+            return None
+        if name in self.initializer_types:
+            return self.initializer_types[name]
+        if name in self.const_types:
+            return self.const_types[name]
+        value = self.values.get(name)
+        if isinstance(value, QTensor):
+            return next(k for k, v in INTEGER_TYPES.items() if v == value.dtype.name and k != onnx.TensorProto.BOOL)
+        if isinstance(value, Const):
+            return helper.np_dtype_to_tensor_dtype(np.asarray(value.value).dtype)
+        return None
+
+    # --- QuantizeLinear / DequantizeLinear --------------------------------------------------
+
+    def op_QuantizeLinear(self, node, ins, attrs):
+        x = ins[0]
+        shape = self._value_shape(node, x)
+        target = self.quant_params(node, ins[1], ins[2] if len(ins) > 2 else None, attrs, shape, zp_index=2)
+        out = node.output[0]
+        if isinstance(x, FloatInput):
+            return self.quantized_input(node, x, target)
+        if isinstance(x, Const):
+            return replace(target, data=self.onnx_quantize(np.asarray(x.value, np.float32), target), shape=np.shape(x.value))
+        if isinstance(x, Dequantized):
+            q = x.q
+            if _same(q, target):
+                return q
+            if q.is_const:
+                return replace(target, data=self.onnx_quantize(self.onnx_dequantize(q.data, q), target), shape=q.shape)
+            self._per_tensor(node, target)
+            exact, ort = ratio_of(q, target)
+            return self.em.requantize(q, exact, target, out, node, ort_ratio=ort, axis=self._axis(q))
+        if isinstance(x, FloatOp):
+            self._per_tensor(node, target)
+            return self.resolve(x, target, out, node)
+        if isinstance(x, QTensor) and x.scale is None:
+            self._per_tensor(node, target)
+            one = replace(x, scale=np.float64(1.0), zero_point=np.int64(0))
+            exact, ort = ratio_of(one, target)
+            return self.em.requantize(one, exact, target, out, node, ort_ratio=ort)
+        raise fail(node, "quantizes a value refsim cannot represent")
+
+    def _value_shape(self, node, x):
+        if isinstance(x, FloatInput):
+            return x.info.shape
+        if isinstance(x, Const):
+            return np.shape(x.value)
+        if isinstance(x, Dequantized):
+            return x.q.shape
+        if isinstance(x, QTensor):
+            return x.shape
+        if isinstance(x, FloatOp):
+            return self.float_shape(x)
+        return ()
+
+    def float_shape(self, expr: FloatOp) -> tuple:
+        shapes = []
+        for v in expr.inputs:
+            if v is None:
+                continue
+            shapes.append(tuple(self._value_shape(expr.node, v)))
+        if expr.node.op_type in ELEMENTWISE | {"Softmax", "LayerNormalization"}:
+            from refsim.ops.registry import broadcast_shapes
+            return broadcast_shapes(*shapes) if shapes else ()
+        return shapes[0] if shapes else ()
+
+    @staticmethod
+    def _per_tensor(node, target: QTensor):
+        if not target.per_tensor:
+            raise fail(node, "per-axis or blocked quantization of a computed tensor is not supported")
+
+    @staticmethod
+    def _axis(q: QTensor):
+        return None if q.per_tensor else q.axis
+
+    def quantized_input(self, node, x: FloatInput, target: QTensor) -> QTensor:
+        info = x.info
+        if x.quantized is not None:
+            if not _same(x.quantized, target):
+                raise fail(node, f"quantizes float input {info.name!r} differently from another QuantizeLinear")
+            return x.quantized
+        name = self.em.builder.input(info.name, target.dtype.name, info.shape)
+        q = replace(target, name=name, shape=tuple(info.shape))
+        t = self.em.builder.tensors[name]
+        from .base import _display_quant, quantization_entry
+
+        t.scale, t.zero_point, t.quant_axis = _display_quant(q)
+        self.input_quantization[info.name] = {"onnx_dtype": type_name(info.elem_type).lower(), **quantization_entry(q)}
+        x.quantized = q
+        return q
+
+    def op_DequantizeLinear(self, node, ins, attrs):
+        x = ins[0]
+        if isinstance(x, Const):
+            elem = self.elem_type(node, 0)
+            array = np.asarray(x.value)
+            if array.dtype.kind not in "iu":
+                raise fail(node, f"dequantizes a {array.dtype} constant; integers expected")
+            dtype = INTEGER_TYPES.get(elem) if elem else narrowest_type(array).name
+            if array.dtype.kind == "u" and elem is None:
+                dtype = "uint8" if array.dtype.itemsize == 1 else "uint16"
+            q = QTensor(None, TYPES[dtype], array.shape, data=array)
+        elif isinstance(x, QTensor):
+            q = x
+        else:
+            raise fail(node, "dequantizes a value that is not an integer tensor")
+        params = self.quant_params(node, ins[1], ins[2] if len(ins) > 2 else None, attrs, q.shape,
+                                   default_dtype=q.dtype.name, zp_index=2)
+        if params.dtype is not q.dtype:
+            raise fail(node, f"zero point type {params.dtype} differs from the input type {q.dtype}")
+        return Dequantized(replace(q, scale=params.scale, zero_point=params.zero_point, axis=params.axis,
+                                   block_size=params.block_size, factors=None))
+
+    # --- ONNX's own Q/DQ arithmetic, for constants and tables ------------------------------
+
+    def onnx_dequantize(self, levels: np.ndarray, q: QTensor) -> np.ndarray:
+        storage = np.asarray(levels).astype(q.dtype.storage)
+        zp = np.asarray(q.zero_point if q.zero_point is not None else 0).astype(q.dtype.storage)
+        attrs = {}
+        if q.axis is not None:
+            attrs["axis"] = q.axis
+        if q.block_size:
+            attrs["block_size"] = q.block_size
+        node = helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], **attrs)
+        return fold(node, [storage, np.asarray(q.scale, np.float32), zp], {"ai.onnx": 21})[0]
+
+    def quantize_values(self, x: np.ndarray, target: QTensor) -> np.ndarray:
+        """Float values (constants, table entries) onto target's grid, as the format quantizes."""
+        return self.onnx_quantize(x, target)
+
+    def onnx_quantize(self, x: np.ndarray, target: QTensor) -> np.ndarray:
+        t = target.dtype
+        wide = np.uint8 if not t.signed and t.bits <= 8 else (np.int8 if t.bits <= 8 else t.storage)
+        zp = np.asarray(target.zero_point if target.zero_point is not None else 0).astype(wide)
+        attrs = {}
+        if target.axis is not None:
+            attrs["axis"] = target.axis
+        if target.block_size:
+            attrs["block_size"] = target.block_size
+        node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], **attrs)
+        y = fold(node, [np.asarray(x, np.float32), np.asarray(target.scale, np.float32), zp], {"ai.onnx": 21})[0]
+        # A sub-byte type saturates to its own, narrower range.
+        return np.clip(y.astype(np.int64), t.lo, t.hi).astype(t.storage)
+
+    # --- products ------------------------------------------------------------------------------
+
+    def _operand(self, node, value, what: str) -> QTensor:
+        if isinstance(value, Dequantized):
+            q = value.q
+            if q.block_size:
+                raise fail(node, f"{what} uses blocked quantization, which refsim does not support here")
+            return q
+        if isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
+            raise fail(node, f"{what} is a float constant; quantize it (QuantizeLinear/DequantizeLinear) first")
+        if isinstance(value, FloatOp):
+            raise fail(node, f"{what} is the float result of {node_label(value.node)}; it needs a QuantizeLinear first")
+        if isinstance(value, FloatInput):
+            raise fail(node, f"{what} is float input {value.info.name!r}; it needs a QuantizeLinear first")
+        return self.integer(node, value, what)
+
+    def _zero_point_input(self, q: QTensor, dtype=None, per_channel_ok=False, node=None, what=""):
+        if q.zero_point is None or not np.any(q.zero_point):
+            return None
+        zp = np.asarray(q.zero_point)
+        if zp.size > 1 and not per_channel_ok:
+            raise fail(node, f"{what} has per-channel zero points, which refsim supports only for weights")
+        return self.em.const(zp.reshape(-1) if zp.size > 1 else zp.reshape(()), q.dtype)
+
+    def matmul(self, node, a: QTensor, b: QTensor, out: str, transA=False, transB=False, bias: str | None = None) -> QTensor:
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise fail(node, "1-D MatMul operands are not supported; reshape them to 2-D")
+        if a.scale is not None and not a.per_tensor:
+            raise fail(node, "the first operand must be quantized per tensor")
+        col_axis = len(b.shape) - (2 if transB else 1)
+        if b.scale is not None and not b.per_tensor and (b.axis != col_axis or len(b.shape) != 2):
+            raise fail(node, f"per-channel weights must be 2-D and quantized along the output axis {col_axis}")
+        inputs = [self.em.tensor(a), self.em.tensor(b),
+                  self._zero_point_input(a, node=node, what="the first operand"),
+                  self._zero_point_input(b, per_channel_ok=True, node=node), bias]
+        acc = self.em.node("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB))
+        return self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
+
+    @staticmethod
+    def _accumulator(acc: QTensor, a: QTensor, b: QTensor, axis: int) -> QTensor:
+        if a.scale is None or b.scale is None:
+            if a.scale is not None or b.scale is not None:
+                return acc  # an integer operand without a scale: plain integers
+            return acc
+        scale = np.asarray(a.scale, np.float64) * np.asarray(b.scale, np.float64)  # exact: 24 + 24 bits
+        return replace(acc, scale=scale, zero_point=np.zeros(scale.shape, np.int64),
+                       axis=None if scale.size == 1 else axis,
+                       factors=(np.asarray(a.scale, np.float32), np.asarray(b.scale, np.float32)))
+
+    def _bias(self, node, value, a: QTensor, w: QTensor, channels: int) -> str | None:
+        """An int32 bias at scale a_scale * w_scale, as ONNX QDQ and QLinearConv write it."""
+        if value is None:
+            return None
+        if isinstance(value, Dequantized):
+            q = value.q
+            if not q.is_const:
+                raise fail(node, "the bias must be a constant")
+            expected = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
+            if np.any(np.asarray(q.zero_point)) or not np.allclose(np.broadcast_to(q.scale, expected.shape), expected, rtol=1e-6, atol=0):
+                raise fail(node, "the bias is not quantized at input scale x weight scale with zero point 0")
+            data = np.asarray(q.data, np.int64)
+        elif isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
+            scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
+            data = np.rint(np.asarray(value.value, np.float64) / scale).astype(np.int64)
+        else:
+            data = np.asarray(self.integer(node, value, "the bias").data, np.int64)
+        data = data.reshape(-1)
+        if data.size not in (1, channels):
+            raise fail(node, f"the bias has {data.size} entries for {channels} output channels")
+        return self.em.const(data, "int32" if np.abs(data).max(initial=0) < 2**31 else "int64", stem=f"{node.output[0]}.bias")
+
+    def op_MatMul(self, node, ins, attrs):
+        if all(isinstance(v, QTensor) and v.scale is None for v in ins):
+            return self.matmul(node, ins[0], ins[1], node.output[0])
+        a = self._operand(node, ins[0], "the first operand")
+        b = self._operand(node, ins[1], "the second operand")
+        return Dequantized(self.matmul(node, a, b, node.output[0]))
+
+    def op_Gemm(self, node, ins, attrs):
+        if attrs.get("alpha", 1.0) != 1.0 or (len(ins) > 2 and ins[2] is not None and attrs.get("beta", 1.0) != 1.0):
+            raise fail(node, "alpha and beta other than 1 are not supported")
+        a = self._operand(node, ins[0], "A")
+        b = self._operand(node, ins[1], "B")
+        transB = attrs.get("transB", 0)
+        channels = b.shape[0] if transB else b.shape[1]
+        bias = self._bias(node, ins[2] if len(ins) > 2 else None, a, b, channels) if a.scale is not None else (
+            self.em.tensor(self.integer(node, ins[2], "C")) if len(ins) > 2 and ins[2] is not None else None)
+        acc = self.matmul(node, a, b, node.output[0], attrs.get("transA", 0), transB, bias)
+        return Dequantized(acc) if acc.scale is not None else acc
+
+    def conv(self, node, x: QTensor, w: QTensor, attrs, out: str, bias=None) -> QTensor:
+        if x.scale is not None and not x.per_tensor:
+            raise fail(node, "the input must be quantized per tensor")
+        if w.scale is not None and not w.per_tensor and w.axis != 0:
+            raise fail(node, "per-channel weights must be quantized along the output-channel axis 0")
+        kernel = list(attrs.get("kernel_shape", w.shape[2:]))
+        params = self.window_params(node, attrs, x.shape, kernel)
+        inputs = [self.em.tensor(x), self.em.tensor(w), self._zero_point_input(x, node=node, what="the input"),
+                  self._zero_point_input(w, per_channel_ok=True, node=node), bias]
+        acc = self.em.node("Conv", inputs, out, node.name, **params)
+        return self._accumulator(acc, x, w, axis=1)
+
+    def op_Conv(self, node, ins, attrs):
+        x = self._operand(node, ins[0], "the input")
+        w = self._operand(node, ins[1], "the weights")
+        if not w.is_const:
+            raise fail(node, "the weights must be constant")
+        bias = self._bias(node, ins[2], x, w, w.shape[0]) if len(ins) > 2 and ins[2] is not None else None
+        acc = self.conv(node, x, w, attrs, node.output[0], bias)
+        return Dequantized(acc) if acc.scale is not None else acc
+
+    def _qlinear_operand(self, node, index, what, axis=None):
+        """Input `index` of a QLinear op with its scale and zero point (inputs index+1, index+2)."""
+        ins = [self.values[n] if n else None for n in node.input]
+        q = self.integer(node, ins[index], what)
+        zp = ins[index + 2] if index + 2 < len(ins) else None
+        params = self.quant_params(node, ins[index + 1], zp, {"axis": axis} if axis is not None else {}, q.shape,
+                                   default_dtype=q.dtype.name, zp_index=index + 2)
+        return replace(q, scale=params.scale, zero_point=params.zero_point, axis=params.axis, factors=None)
+
+    def _target(self, node, index, shape, default_dtype):
+        """The output quantization of a QLinear op: scale at input `index`, zero point after it."""
+        ins = [self.values[n] if n else None for n in node.input]
+        zp = ins[index + 1] if index + 1 < len(ins) else None
+        return self.quant_params(node, ins[index], zp, {}, shape, default_dtype=default_dtype, zp_index=index + 1)
+
+    def op_QLinearMatMul(self, node, ins, attrs):
+        a = self._qlinear_operand(node, 0, "a")
+        b = self._qlinear_operand(node, 3, "b", axis=len(self.integer(node, ins[3], "b").shape) - 1)
+        acc = self.matmul(node, a, b, node.output[0] + ".acc")
+        target = self._target(node, 6, acc.shape, a.dtype.name)
+        exact, ort = ratio_of(acc, target)
+        return self.em.requantize(acc, exact, target, node.output[0], node, ort_ratio=ort, axis=acc.axis)
+
+    def op_MatMulInteger(self, node, ins, attrs):
+        a = self.integer(node, ins[0], "A")
+        b = self.integer(node, ins[1], "B")
+        za = self.integer(node, ins[2], "a_zero_point") if len(ins) > 2 and ins[2] is not None else None
+        zb = self.integer(node, ins[3], "b_zero_point") if len(ins) > 3 and ins[3] is not None else None
+        if za is not None and np.asarray(za.data).size > 1:
+            raise fail(node, "a per-row a_zero_point is not supported")
+        a = replace(a, zero_point=None if za is None else np.asarray(za.data).reshape(()))
+        b = replace(b, zero_point=None if zb is None else np.asarray(zb.data).reshape(-1) if np.asarray(zb.data).size > 1 else np.asarray(zb.data).reshape(()))
+        return self.matmul(node, a, b, node.output[0])
+
+    def op_QLinearConv(self, node, ins, attrs):
+        x = self._qlinear_operand(node, 0, "x")
+        w = self._qlinear_operand(node, 3, "w", axis=0)
+        bias = None
+        if len(ins) > 8 and ins[8] is not None:
+            data = np.asarray(self.integer(node, ins[8], "B").data, np.int64).reshape(-1)
+            bias = self.em.const(data, "int32", stem=f"{node.output[0]}.bias")
+        acc = self.conv(node, x, w, attrs, node.output[0] + ".acc", bias)
+        target = self._target(node, 6, acc.shape, x.dtype.name)
+        exact, ort = ratio_of(acc, target)
+        return self.em.requantize(acc, exact, target, node.output[0], node, ort_ratio=ort, axis=acc.axis)
+
+    def op_ConvInteger(self, node, ins, attrs):
+        x = self.integer(node, ins[0], "x")
+        w = self.integer(node, ins[1], "w")
+        if len(ins) > 2 and ins[2] is not None:
+            x = replace(x, zero_point=np.asarray(self.integer(node, ins[2], "x_zero_point").data).reshape(()))
+        if len(ins) > 3 and ins[3] is not None:
+            zp = np.asarray(self.integer(node, ins[3], "w_zero_point").data)
+            w = replace(w, zero_point=zp.reshape(-1) if zp.size > 1 else zp.reshape(()))
+        return self.conv(node, x, w, attrs, node.output[0])
+
+    # --- com.microsoft QOperator ops -----------------------------------------------------------
+
+    def _float_op(self, op_type, name, inputs, **attrs):
+        node = helper.make_node(op_type, [f"in{i}" for i in range(len(inputs))], [name], name=name, **attrs)
+        return FloatOp(node, inputs, attrs)
+
+    def op_QLinearAdd(self, node, ins, attrs):
+        a = Dequantized(self._qlinear_operand(node, 0, "A"))
+        b = Dequantized(self._qlinear_operand(node, 3, "B"))
+        target = self._target(node, 6, (), a.q.dtype.name)
+        return self.resolve(self._float_op("Add", node.output[0], [a, b]), target, node.output[0], node)
+
+    def op_QLinearMul(self, node, ins, attrs):
+        a = Dequantized(self._qlinear_operand(node, 0, "A"))
+        b = Dequantized(self._qlinear_operand(node, 3, "B"))
+        target = self._target(node, 6, (), a.q.dtype.name)
+        return self.resolve(self._float_op("Mul", node.output[0], [a, b]), target, node.output[0], node)
+
+    def op_QLinearSigmoid(self, node, ins, attrs):
+        x = Dequantized(self._qlinear_operand(node, 0, "X"))
+        target = self._target(node, 3, (), x.q.dtype.name)
+        return self.resolve(self._float_op("Sigmoid", node.output[0], [x]), target, node.output[0], node)
+
+    def op_QLinearLeakyRelu(self, node, ins, attrs):
+        x = Dequantized(self._qlinear_operand(node, 0, "X"))
+        target = self._target(node, 3, (), x.q.dtype.name)
+        op = self._float_op("LeakyRelu", node.output[0], [x], alpha=float(attrs.get("alpha", 0.01)))
+        return self.resolve(op, target, node.output[0], node)
+
+    def op_QLinearSoftmax(self, node, ins, attrs):
+        x = Dequantized(self._qlinear_operand(node, 0, "X"))
+        target = self._target(node, 3, x.q.shape, x.q.dtype.name)
+        op = self._float_op("Softmax", node.output[0], [x], axis=int(attrs.get("axis", -1)))
+        return self.resolve(op, target, node.output[0], node)
+
+    def op_QLinearConcat(self, node, ins, attrs):
+        if (len(ins) - 2) % 3:
+            raise fail(node, "expects Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) triples")
+        parts = [Dequantized(self._qlinear_operand(node, i, f"input {i // 3}")) for i in range(2, len(ins), 3)]
+        target = self._target(node, 0, (), parts[0].q.dtype.name)
+        op = self._float_op("Concat", node.output[0], parts, axis=attrs["axis"])
+        return self.resolve(op, target, node.output[0], node)
+
+    def concat_mixed(self, node, ins, attrs):
+        return FloatOp(node, ins, attrs)
+
+    # --- float ops between DequantizeLinear and QuantizeLinear ----------------------------------
+
+    def unhandled(self, node, ins, attrs):
+        if node.op_type == "Relu" and isinstance(ins[0], Dequantized) and not ins[0].q.is_const:
+            q = ins[0].q
+            if q.zero_point is None or not np.any(q.zero_point):
+                # max(s*q, 0) = s*max(q, 0) for positive scales: the integer Relu, scale kept.
+                return Dequantized(replace(q, name=self.em.node("Relu", [self.em.tensor(q)], node.output[0], node.name).name))
+        if any(isinstance(v, (Dequantized, FloatOp)) for v in ins):
+            if len(node.output) != 1:
+                raise fail(node, "a float op with several outputs between DequantizeLinear and QuantizeLinear is not supported")
+            return FloatOp(node, ins, attrs)
+        if all(isinstance(v, (QTensor, Const)) or v is None for v in ins):
+            return self.integer_op(node, ins, attrs)
+        if any(isinstance(v, FloatInput) for v in ins):
+            raise fail(node, "takes a float graph input directly; refsim runs integers, so the input needs a QuantizeLinear")
+        return super().unhandled(node, ins, attrs)
+
+    def integer_op(self, node, ins, attrs):
+        op = node.op_type
+        if op in ("Add", "Sub", "Mul"):
+            a = self.integer(node, ins[0], "the first operand")
+            b = self.integer(node, ins[1], "the second operand")
+            return self.em.node(op, [self.em.tensor(a), self.em.tensor(b)], node.output[0], node.name)
+        if op == "Cast":
+            to = attrs["to"]
+            if to not in INTEGER_TYPES:
+                raise fail(node, f"casts integers to {type_name(to)}; refsim computes with integers")
+            x = self.integer(node, ins[0], "the input")
+            return self.em.node("Cast", [self.em.tensor(x)], node.output[0], node.name, dtype=INTEGER_TYPES[to])
+        if op == "Relu":
+            x = self.integer(node, ins[0], "the input")
+            return self.em.node("Relu", [self.em.tensor(x)], node.output[0], node.name)
+        raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
+
+    def resolve(self, expr: FloatOp, target: QTensor, out: str, qnode) -> QTensor:
+        """The integer ops that compute QuantizeLinear(expr) at `target`'s scale."""
+        leaves = self._runtime_leaves(expr)
+        if not leaves:
+            value = self.evaluate(expr, None, None)
+            return replace(target, data=self.quantize_values(value, target), shape=np.shape(value))
+        if len(leaves) == 1 and self._lut_eligible(expr):
+            return self.lut(expr, next(iter(leaves.values())), target, out)
+        op = expr.node.op_type
+        affine = self.affine(expr, target, out)
+        if affine is not None:
+            return affine
+        if op == "Mul" and len(leaves) == 2:
+            return self.product(expr, target, out)
+        if op == "Softmax" and len(leaves) == 1:
+            return self.softmax(expr, target, out)
+        if op == "LayerNormalization" and len(leaves) == 1:
+            return self.layernorm(expr, target, out)
+        if op == "Concat":
+            parts = []
+            for i, v in enumerate(expr.inputs):
+                q = self._operand(expr.node, v, f"input {i}")
+                exact, ort = ratio_of(q, target)
+                same = _same(q, replace(target, dtype=q.dtype))
+                parts.append(q if same and q.dtype is target.dtype else
+                             self.em.requantize(q, exact, target, f"{out}.{i}", expr.node, ort_ratio=ort))
+            result = self.em.node("Concat", [self.em.tensor(p) for p in parts], out, axis=expr.attrs["axis"])
+            return replace(target, name=result.name, shape=result.shape)
+        if len(leaves) == 1:
+            q = next(iter(leaves.values()))
+            why = (f"its input has {q.dtype.bits} bits (a lookup table covers at most {LUT_MAX_BITS})"
+                   if q.dtype.bits > LUT_MAX_BITS else "it is not elementwise with scalar constants")
+        else:
+            why = f"it combines {len(leaves)} quantized tensors in a way refsim has no integer form for"
+        raise fail(expr.node, f"float op between DequantizeLinear and QuantizeLinear cannot be computed in integers: {why}")
+
+    def _runtime_leaves(self, expr) -> dict[str, QTensor]:
+        found: dict[str, QTensor] = {}
+
+        def walk(v):
+            if isinstance(v, FloatOp):
+                for i in v.inputs:
+                    walk(i)
+            elif isinstance(v, Dequantized) and not v.q.is_const:
+                found[v.q.name] = v.q
+            elif isinstance(v, (QTensor, FloatInput)):
+                raise fail(expr.node, "mixes float values with plain integers or float inputs")
+
+        walk(expr)
+        return found
+
+    def _lut_eligible(self, expr) -> bool:
+        ok = True
+
+        def walk(v):
+            nonlocal ok
+            if isinstance(v, FloatOp):
+                if v.node.op_type not in ELEMENTWISE:
+                    ok = False
+                if v.node.op_type == "Cast" and v.attrs.get("to") not in FLOAT_TYPES:
+                    ok = False
+                for i in v.inputs:
+                    walk(i)
+            elif isinstance(v, Const) and np.size(v.value) != 1:
+                ok = False
+            elif isinstance(v, Dequantized):
+                q = v.q
+                if q.is_const and q.data.size != 1:
+                    ok = False
+                if not q.is_const and (not q.per_tensor or q.dtype.bits > LUT_MAX_BITS):
+                    ok = False
+
+        walk(expr)
+        return ok
+
+    def evaluate(self, v, leaf: QTensor | None, levels: np.ndarray | None):
+        """The float value of an expression, with `leaf` standing for all of its `levels`."""
+        if v is None:
+            return None
+        if isinstance(v, Const):
+            return np.asarray(v.value)
+        if isinstance(v, Dequantized):
+            q = v.q
+            if q.is_const:
+                return self.onnx_dequantize(q.data, q)
+            if leaf is not None and q.name == leaf.name:
+                return self.onnx_dequantize(levels, q)
+            raise fail(None, f"tensor {q.name!r} is not known at import time")
+        if isinstance(v, FloatOp):
+            return fold(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets)[0]
+        raise fail(None, "an expression holds a value refsim cannot evaluate")
+
+    def lut(self, expr: FloatOp, leaf: QTensor, target: QTensor, out: str) -> QTensor:
+        levels = np.arange(leaf.dtype.lo, leaf.dtype.hi + 1, dtype=np.int64)
+        values = np.asarray(self.evaluate(expr, leaf, levels), np.float32)
+        if values.shape != levels.shape:
+            values = np.broadcast_to(values, levels.shape) if values.size == 1 else values.reshape(-1)
+        table = self.quantize_values(values, target)
+        result = self.em.node("Lut", [self.em.tensor(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
+        return replace(target, name=result.name, shape=result.shape)
+
+    # --- Softmax and LayerNormalization: refsim's integer variants (mode) ---------------------------
+
+    def _row_input(self, expr: FloatOp, what: str) -> QTensor:
+        x = expr.inputs[0]
+        if not isinstance(x, Dequantized) or x.q.is_const or not x.q.per_tensor:
+            raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)")
+        rank = len(x.q.shape)
+        axis = expr.attrs.get("axis", -1)
+        if axis % rank != rank - 1:
+            raise fail(expr.node, f"{what} over axis {axis} is not supported; refsim normalises along the last axis")
+        return x.q
+
+    def softmax(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        from ..nonlinear import ibert_softmax_params, ita_softmax_params
+
+        q = self._row_input(expr, "Softmax")
+        scale = float(np.asarray(q.scale).reshape(-1)[0])
+        if self.mode == "ibert":
+            p = ibert_softmax_params(scale)
+            source = q
+        else:
+            p = ita_softmax_params(scale, preset="deeploy")
+            grid = QTensor(None, TYPES["int8"], q.shape, scale=np.asarray(p.input_scale, np.float64),
+                           zero_point=np.asarray(0, np.int64))
+            exact = np.asarray(scale / p.input_scale)
+            source = self.em.requantize(q, exact, grid, f"{out}.softmax_input", expr.node)
+        y = self.em.node(p.op, [self.em.tensor(source)], f"{out}.softmax", **p.attrs)
+        y = replace(y, scale=np.asarray(p.output_scale, np.float64), zero_point=np.asarray(p.output_zero_point, np.int64))
+        exact, ort = ratio_of(y, target)
+        return self.em.requantize(y, exact, target, out, expr.node, ort_ratio=ort, value_bits=17)
+
+    def layernorm(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        from ..nonlinear import ibert_layernorm_params, ilayernorm_params
+
+        q = self._row_input(expr, "LayerNormalization")
+        scale = float(np.asarray(q.scale).reshape(-1)[0])
+        n = q.shape[-1]
+        if not isinstance(n, int):
+            raise fail(expr.node, "needs a static normalised axis")
+        gamma = np.broadcast_to(np.asarray(self.evaluate(expr.inputs[1], None, None), np.float64).reshape(-1), (n,))
+        beta = (np.broadcast_to(np.asarray(self.evaluate(expr.inputs[2], None, None), np.float64).reshape(-1), (n,))
+                if len(expr.inputs) > 2 and expr.inputs[2] is not None else np.zeros(n))
+        if self.mode == "ibert":
+            # I-BERT divides the bias by the weight: a weight quantized to 0 becomes a tiny one,
+            # which leaves that channel's output at beta (its real value) as the float op does.
+            gamma = np.where(gamma == 0, np.max(np.abs(gamma)) * 2.0**-20 or 2.0**-20, gamma)
+            p = ibert_layernorm_params(scale, gamma, beta, input_bits=q.dtype.bits + (1 if q.zp_scalar() else 0))
+            bias = self.em.const(p.consts["bias"], stem=f"{out}.bias")
+            y = self.em.node("IBertLayerNorm", [self.em.tensor(q), bias], f"{out}.layernorm", **p.attrs)
+            channel_scale = np.asarray(p.output_scale, np.float64)
+            y = replace(y, scale=channel_scale, zero_point=np.zeros(n, np.int64), axis=len(q.shape) - 1)
+            sy = float(np.asarray(target.scale).reshape(-1)[0])
+            bound = int(2**30 * np.sqrt(n)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
+            return self.em.requantize(y, channel_scale / sy, target, out, expr.node,
+                                      ort_ratio=np.asarray(channel_scale / sy, np.float32), axis=len(q.shape) - 1,
+                                      value_bits=bound.bit_length() + 1)
+        sy = float(np.asarray(target.scale).reshape(-1)[0])
+        p = ilayernorm_params(scale, gamma, beta, sy, n_levels=256)
+        inputs = [self.em.tensor(q), self.em.const(p.consts["weight"], "int32", f"{out}.weight"),
+                  self.em.const(p.consts["bias"], "int32", f"{out}.bias")]
+        y = self.em.node("iLayerNorm", inputs, f"{out}.layernorm", **p.attrs)
+        if target.dtype.name == "int8" and target.zp_scalar() == 0 and y.dtype.name == "int8":
+            return replace(target, name=y.name, shape=y.shape)
+        y = replace(y, scale=np.asarray(sy, np.float64), zero_point=np.asarray(0, np.int64))
+        return self.em.requantize(y, np.asarray(1.0), target, out, expr.node)
+
+    # --- affine combinations: sum_i c_i * (q_i - z_i) + constant ----------------------------------
+
+    def affine_terms(self, v):
+        """({tensor: (q, coefficient)}, constant) with v = sum coefficient * (q - zero_point) + constant,
+        coefficients and the constant being float64 arrays that broadcast against v; None when v
+        is not affine in its quantized tensors."""
+        if isinstance(v, Dequantized) and not v.q.is_const:
+            q = v.q
+            coef = np.asarray(q.scale, np.float64)
+            if q.block_size:
+                return None
+            if coef.size > 1:
+                shape = [1] * len(q.shape)
+                shape[q.axis] = coef.size
+                coef = coef.reshape(shape)
+            return {q.name: (q, coef)}, np.float64(0.0)
+        if isinstance(v, (Const, Dequantized)):
+            return {}, np.asarray(self.evaluate(v, None, None), np.float64)
+        if not isinstance(v, FloatOp):
+            return None
+        op, ins = v.node.op_type, v.inputs
+        if op in ("Identity",):
+            return self.affine_terms(ins[0])
+        if op in ("Add", "Sub", "Neg"):
+            parts = [self.affine_terms(i) for i in ins]
+            if any(p is None for p in parts):
+                return None
+            signs = {"Add": (1, 1), "Sub": (1, -1), "Neg": (-1,)}[op]
+            terms, constant = {}, np.float64(0.0)
+            for sign, (t, c) in zip(signs, parts):
+                for name, (q, coef) in t.items():
+                    old = terms.get(name, (q, 0.0))[1]
+                    terms[name] = (q, old + sign * coef)
+                constant = constant + sign * c
+            return terms, constant
+        if op in ("Mul", "Div"):
+            parts = [self.affine_terms(i) for i in ins]
+            if any(p is None for p in parts):
+                return None
+            (ta, ca), (tb, cb) = parts
+            if op == "Div":
+                if tb:
+                    return None
+                cb = 1.0 / cb
+            if ta and tb:
+                return None
+            (t, c), k = ((ta, ca), cb) if not tb else ((tb, cb), ca)
+            return {n: (q, coef * k) for n, (q, coef) in t.items()}, c * k
+        if op == "BatchNormalization":
+            inner = self.affine_terms(ins[0])
+            if inner is None or any(self._runtime_leaves_of(i) for i in ins[1:]):
+                return None
+            gamma, beta, mean, var = (np.asarray(self.evaluate(i, None, None), np.float64) for i in ins[1:5])
+            eps = float(v.attrs.get("epsilon", 1e-5))
+            t, c = inner
+            rank = len(self.float_shape(v))
+            shape = [1] * rank
+            shape[1] = gamma.size
+            k = (gamma / np.sqrt(var + eps)).reshape(shape)
+            shift = (beta - mean * gamma / np.sqrt(var + eps)).reshape(shape)
+            return {n: (q, coef * k) for n, (q, coef) in t.items()}, c * k + shift
+        return None
+
+    def _runtime_leaves_of(self, v) -> bool:
+        return bool(self._runtime_leaves(v)) if isinstance(v, FloatOp) else (isinstance(v, Dequantized) and not v.q.is_const)
+
+    def affine(self, expr: FloatOp, target: QTensor, out: str) -> QTensor | None:
+        """y = round(sum_i c_i/s_y * (q_i - z_i) + k/s_y) + z_y: integer multiples on a common
+        dyadic grid, summed exactly, then one rounding shift (Requant)."""
+        analysed = self.affine_terms(expr)
+        if analysed is None or not analysed[0]:
+            return None
+        terms, constant = analysed
+        sy = float(np.asarray(target.scale).reshape(-1)[0])
+        ratios = {name: np.asarray(coef, np.float64) / sy for name, (q, coef) in terms.items()}
+        largest = max(float(np.max(np.abs(r))) for r in ratios.values())
+        if largest == 0.0:
+            return None
+        widest = max(q.dtype.bits for q, _ in terms.values()) + 1
+        mul_bits = min(30, 60 - widest - len(terms).bit_length())
+        shift = int(mul_bits - np.frexp(largest)[1])
+        if shift < 0:
+            raise fail(expr.node, "the output scale is too small for the operands' scales")
+        total, bias = None, np.asarray(np.rint(np.asarray(constant) / sy * 2.0**shift), np.int64)
+        for i, (name, (q, _)) in enumerate(terms.items()):
+            m = np.rint(ratios[name] * 2.0**shift).astype(np.int64)
+            m = m.reshape(m.shape[-len(q.shape):] if m.ndim > len(q.shape) else m.shape)
+            zp = np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64)
+            if zp.size > 1:
+                zp = zp.reshape(m.shape)
+            bias = bias - m * zp
+            term = self.em.node("Mul", [self.em.tensor(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
+            total = term if total is None else self.em.node("Add", [total.name, term.name], f"{out}.sum", dtype="int64")
+        scalar_bias = None
+        if bias.size == 1:
+            scalar_bias = int(bias.reshape(-1)[0])
+        else:
+            total = self.em.node("Add", [total.name, self.em.const(bias, stem=f"{out}.constant")], f"{out}.sum", dtype="int64")
+        bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
+        inputs = [total.name, self.em.const(np.asarray(1)), self.em.const(np.asarray(shift)),
+                  self.em.const(np.asarray(scalar_bias), stem=f"{out}.bias") if scalar_bias else None,
+                  self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")]
+        result = self.em.node("Requant", inputs, out, rounding=target.rounding or self.em.rounding,
+                              dtype=target.dtype.name, **bounds)
+        return replace(target, name=result.name, shape=result.shape)
+
+    def product(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        """Two quantized tensors multiplied: the exact integer product, requantized."""
+        a, b = expr.inputs[0], expr.inputs[1]
+        if not all(isinstance(v, Dequantized) and not v.q.is_const for v in (a, b)) or expr.node.op_type != "Mul":
+            raise fail(expr.node, "float op between DequantizeLinear and QuantizeLinear cannot be computed in integers")
+        qa, qb = a.q, b.q
+        for q in (qa, qb):
+            if not q.per_tensor:
+                raise fail(expr.node, "multiplies a per-channel quantized tensor")
+        centered = []
+        for q in (qa, qb):
+            t = self.em.tensor(q)
+            if q.zp_scalar():
+                t = self.em.node("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centered").name
+            centered.append(t)
+        p = self._accumulator(self.em.node("Mul", centered, f"{out}.product"), qa, qb, axis=0)
+        exact, ort = ratio_of(p, target)
+        return self.em.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
+
+
+def _same(a: QTensor, b: QTensor) -> bool:
+    if a.dtype is not b.dtype:
+        return False
+    return (np.array_equal(np.asarray(a.scale, np.float32), np.asarray(b.scale, np.float32))
+            and np.array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point))
+            and a.axis == b.axis and a.block_size == b.block_size)
