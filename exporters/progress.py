@@ -1,5 +1,5 @@
-"""A tiny progress bar on stderr (no dependency): redrawn in place on a terminal, one
-summary line otherwise."""
+"""A tiny progress bar on stderr (no dependency), drawn only when stderr is a terminal:
+logs and pipes stay clean."""
 
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ class Progress:
             return
         if what != self._what:
             self._what, self._start = what, time.monotonic()
-        if self.interactive:
-            filled = int(self.width * done / max(total, 1))
-            bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r{what:<12} [{bar}] {done}/{total}")
-            if done >= total:
-                self.stream.write(f"  {time.monotonic() - self._start:.1f}s\n")
-            self.stream.flush()
-        elif done >= total:
-            self.stream.write(f"{what}: {done}/{total} done in {time.monotonic() - self._start:.1f}s\n")
-            self.stream.flush()
+        if not self.interactive:
+            return
+        filled = int(self.width * done / max(total, 1))
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r{what:<12} [{bar}] {done}/{total}")
+        if done >= total:
+            self.stream.write(f"  {time.monotonic() - self._start:.1f}s\n")
+        self.stream.flush()

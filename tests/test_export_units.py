@@ -135,12 +135,18 @@ def test_sample_digests_tell_text_from_arrays():
     assert len(sample_digest("x")) == 16
 
 
-def test_progress_bar_on_a_pipe_prints_one_line():
-    stream = io.StringIO()
-    bar = Progress(True, stream)
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_draws_on_terminals_only():
+    tty = _Terminal()
+    bar = Progress(True, tty)
     for i in range(1, 4):
         bar(i, 3, "calibrating")
-    assert stream.getvalue().count("\n") == 1 and "calibrating: 3/3" in stream.getvalue()
-    quiet = io.StringIO()
-    Progress(False, quiet)(3, 3, "x")
-    assert quiet.getvalue() == ""
+    assert tty.getvalue().count("\r") == 3 and tty.getvalue().endswith("s\n") and "3/3" in tty.getvalue()
+    pipe = io.StringIO()
+    Progress(True, pipe)(3, 3, "x")
+    Progress(False, _Terminal())(3, 3, "x")
+    assert pipe.getvalue() == ""
