@@ -22,7 +22,6 @@ reports:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field

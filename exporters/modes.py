@@ -24,7 +24,6 @@ import math
 import numpy as np
 
 from . import nonlinear
-from .dyadic import ExportError
 from .onnx_graph import Node
 
 ITA_ACC_BITS = 26

@@ -101,8 +101,6 @@ def _attr_value(attr: onnx.AttributeProto):
         return numpy_helper.to_array(value)
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode("utf-8", "replace") for v in value]
-    if isinstance(value, (onnx.GraphProto, list)) and value and isinstance(value, onnx.GraphProto):
-        return value
     return value
 
 
@@ -1050,11 +1048,11 @@ def _fold_affine_into_linear(g: OnnxGraph) -> None:
                 bias_add = Node("Add", [mm.outputs[0], new_bias], [nxt.outputs[0]], {}, g.fresh(f"{mm.name}.bias"), mm.scope)
                 g.nodes[g.nodes.index(nxt)] = bias_add
             else:
+                # The bias Add takes over the folded node's output name (a graph output keeps its name).
                 bias_add.inputs = [mm.outputs[0], new_bias]
                 g.nodes.remove(nxt)
-                g.replace_uses(nxt.outputs[0], bias_add.outputs[0])
-                if nxt.outputs[0] in g.outputs:
-                    pass
+                g.replace_uses(bias_add.outputs[0], nxt.outputs[0])
+                bias_add.outputs = [nxt.outputs[0]]
             changed = True
             break
     g.prune()
@@ -1153,7 +1151,7 @@ def _replace_chain(g: OnnxGraph, chain: list[Node]) -> None:
     for offset, node in enumerate(chain):
         if node.op in ("Squeeze", "Unsqueeze", "Flatten"):
             i, o = node.inputs[0], node.outputs[0]
-            probe = tuple(2 if d == BATCH else 1 for d in g.shapes[i]) if None not in g.shapes[i] else g.shapes1[i]
+            probe = tuple(2 if d == BATCH else d for d in g.shapes[i]) if None not in g.shapes[i] else g.shapes1[i]
             target = generalize_target(g.shapes1[o], _movement_output(node, g, np.zeros(probe)).shape, g.shapes1[i], probe)
             node = Node("Reshape", [i, g.add_const(np.array(target, np.int64), "shape")], [o], {}, node.name, node.scope)
         g.nodes.insert(position + offset, node)
@@ -1162,7 +1160,6 @@ def _replace_chain(g: OnnxGraph, chain: list[Node]) -> None:
 def _single_movement(g: OnnxGraph, x: str, out: str, index, moved, in1, out1, probe_in, scope) -> list[Node] | None:
     """One Transpose or Reshape, or a Reshape and a Transpose (either order), that moves
     `index` into `moved`; None if there is none."""
-    batched = probe_in != tuple(in1)
 
     def reshape(src: str, dst: str, shape1, shape2, from1, from2) -> Node:
         target = generalize_target(shape1, shape2, from1, from2)

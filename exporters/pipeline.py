@@ -26,7 +26,7 @@ from refsim.text import DEFAULT_INPUTS, TextEncoder
 
 from .calibrate import calibrate
 from .config import ExportOptions, LayerConfig
-from .data import Dataset, load_dataset, read_labels
+from .data import load_dataset, read_labels
 from .dyadic import ExportError
 from .fakequant import record_to_json
 from .modes import Modes

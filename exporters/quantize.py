@@ -35,12 +35,11 @@ import numpy as np
 
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, IntType
-from refsim.errors import RefsimError
 
-from .calibrate import Calibration, QuantizedWeight, qmax, quantize_weight
+from .calibrate import Calibration, quantize_weight
 from .config import ExportOptions
 from .dyadic import ExportError, dyadic
-from .onnx_graph import BATCH, AttentionMatch, Node, OnnxGraph, match_attention
+from .onnx_graph import AttentionMatch, Node, OnnxGraph, match_attention
 
 # What the walker recognises, for the one-line error on anything else.
 SUPPORTED = (

@@ -6,7 +6,6 @@ import collections
 import warnings
 
 import numpy as np
-import onnx
 import pytest
 
 import export_helpers as h

@@ -35,8 +35,8 @@ def main(workdir: Path) -> None:
     onnx = workdir / "minilm.onnx"
     if not onnx.exists():
         export_onnx(onnx)
-    print(f"| mode | weights | activations | fake-quant cos | integer cos | integer vs fake-quant |")
-    print(f"|---|---|---|---|---|---|")
+    print("| mode | weights | activations | fake-quant cos | integer cos | integer vs fake-quant |")
+    print("|---|---|---|---|---|---|")
     for mode, wbits, per_channel, config in CONFIGS:
         start = time.time()
         out = workdir / "minilm.intq"
