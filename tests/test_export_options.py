@@ -160,3 +160,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "none.onnx: no such file" in capsys.readouterr().err
     assert cli(["compare", str(tmp_path / "none.onnx"), str(tmp_path / "o.intq"), "x.npy"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_without_onnxruntime_the_reference_evaluator_runs_the_float_model(tmp_path, monkeypatch):
+    from refsim.exporters import runtime
+
+    rng = np.random.default_rng(0)
+    model = _linear_onnx(tmp_path / "fc.onnx", rng.standard_normal((4, 3)), rng.standard_normal(3))
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 4)).astype(np.float32))
+    with_ort = tmp_path / "ort.intq"
+    export(model, with_ort, tmp_path / "calib.npy")
+    monkeypatch.setattr(runtime, "_ort", None)
+    without = tmp_path / "ref.intq"
+    export(model, without, tmp_path / "calib.npy")
+    a, b = refsim.load(with_ort), refsim.load(without)
+    assert a.graph.tensors["x"].scale == pytest.approx(b.graph.tensors["x"].scale, rel=1e-6)
+    report = compare(model, without, tmp_path / "calib.npy")
+    assert report.outputs["y"]["integer vs float"]["cosine"] > 0.999
