@@ -6,7 +6,7 @@ mode uses and wires it into the graph.
 
 | | `ibert` | `ita`, `ita-partial` |
 |---|---|---|
-| matrix products | 32-bit accumulators (64 kept float), int32 multipliers | 26-bit accumulators, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8) |
+| matrix products | 32-bit accumulators (64 kept float; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8) |
 | softmax | IBertSoftmax on the scores requantized to int16, output 2^-8 steps | ITAMax / ITAPartialMax (ITA RTL preset: k=0, 255*256, -128) on int8 scores at the op's input scale, folded into the QK requantization |
 | GELU | IBertGelu on the input requantized to int16 | ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8 |
 | LayerNorm | IBertLayerNorm, then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
@@ -60,6 +60,11 @@ class Modes:
         if self.options.ita and not (settings is not None and settings.keep_float):
             return ITA_ACC_BITS
         return 32 if worst < (1 << 31) else 64
+
+    def overflow(self, acc_bits: int) -> str:
+        """ITA's 26-bit accumulators saturate, as PyITA (the golden model) does; elsewhere an
+        accumulator that overflows is an error."""
+        return "saturate" if acc_bits == ITA_ACC_BITS else "error"
 
     def bias_bits(self, acc_bits: int) -> int:
         return ITA_BIAS_BITS if acc_bits == ITA_ACC_BITS else acc_bits

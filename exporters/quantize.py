@@ -420,7 +420,7 @@ class Walker:
                 raise ExportError(f"{layer}: the quantized bias needs more than {bias_bits} bits (largest {int(np.abs(bias_q).max())})")
             inputs.append(self.const(bias_q, f"int{bias_bits}" if bias_bits in (8, 16, 32, 64) else "int32", f"{layer}.bias"))
             self.record.consts[(add.name, bias_index)] = (inputs[-1], acc_scale)
-        acc = self.emit("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits)
+        acc = self.emit("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
         self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
         self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
         self.layers[acc] = layer
@@ -452,7 +452,7 @@ class Walker:
             bound *= max(abs(ty.lo), ty.hi)
         k = self.g.shapes1[node.inputs[0]][-1]
         acc_bits = self.modes.accumulator_bits(self, layer, k * bound, None)
-        acc = self.emit("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits)
+        acc = self.emit("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
         self.layers[acc] = layer
         self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc", bound=k * bound), layer)
 

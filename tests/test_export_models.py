@@ -105,7 +105,7 @@ def test_ita_modes_text(workdir, text, mode):
     assert counts[softmax] == 2 and counts["ITAGelu"] == 2 and counts["iLayerNorm"] == 5
     for node in m.graph.nodes:
         if node.op == "MatMul":
-            assert node.attrs["acc_bits"] == 26
+            assert node.attrs["acc_bits"] == 26 and node.attrs["overflow"] == "saturate"
     # Every requantization after a matrix product is ITA's: uint8 multiplier, uint8 shift, int8 add.
     producers = m.graph.producers()
     for node in m.graph.nodes:
