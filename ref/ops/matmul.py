@@ -168,9 +168,38 @@ def _declared_bound(t, zp) -> int:
     return max(max(abs(t.lo - z), abs(t.hi - z)) for z in zps)
 
 
+def _prepare_activations(attrs, declared):
+    """Two computed operands without zero points or bias (attention's Q.K^T and A.V): the
+    declared types bound every product, so no pass over the values is needed, and when a
+    whole sum fits one float32 chunk and the accumulator, the float result converts
+    straight to the output type."""
+    a_type, b_type = declared[0].dtype, declared[1].dtype
+    product = max(-a_type.lo, a_type.hi) * max(-b_type.lo, b_type.hi)
+    acc_bits = attrs["acc_bits"]
+    out = np.int32 if acc_bits <= 32 else np.int64
+
+    def kernel(a, b, *rest):
+        k = a.shape[-2] if attrs["transA"] else a.shape[-1]
+        if rest or not backend.use_numba() or k * product > min(FLOAT32_EXACT, (1 << (acc_bits - 1)) - 1):
+            return MatMul(a, b, *rest, **attrs)
+        af = a.astype(np.float32)
+        bf = b.astype(np.float32)
+        if attrs["transA"]:
+            af = np.swapaxes(af, -1, -2)
+        if attrs["transB"]:
+            bf = np.swapaxes(bf, -1, -2)
+        if af.ndim < 2 or bf.ndim < 2 or af.shape[-1] != bf.shape[-2]:
+            return MatMul(a, b, **attrs)  # reports the shape error
+        return np.matmul(af, bf).astype(out)
+
+    return kernel
+
+
 def _prepare(attrs, consts, declared):
     """With constant weights (and weight zero point), convert (b - b_zero_point) once
     instead of at every call."""
+    if not consts and len(declared) == 2:
+        return _prepare_activations(attrs, declared)
     if 1 not in consts or (len(declared) > 3 and declared[3] is not None and 3 not in consts):
         return None
     transB, acc_bits, overflow = attrs["transB"], attrs["acc_bits"], attrs["overflow"]
