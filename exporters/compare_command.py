@@ -1,0 +1,30 @@
+"""`refsim compare MODEL.onnx OUT.intq DATA`: float vs fake-quant vs integer, per output and layer."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="the float ONNX model the .intq was exported from")
+    p.add_argument("intq", help="integer model from `refsim export`")
+    p.add_argument("data", help="evaluation data: text lines, .npy or .npz (as for export)")
+    p.add_argument("--labels", metavar="FILE", help="one label per sample: class name or index, or a number (regression)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--max-samples", type=int, metavar="N", help="use the first N samples only")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per run (default 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    from .comparison import compare
+
+    report = compare(args.model, args.intq, args.data, labels=args.labels, batch_size=args.batch_size,
+                     progress=not args.quiet, max_samples=args.max_samples)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(report.text())
+    return 0

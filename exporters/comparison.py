@@ -1,0 +1,305 @@
+"""`refsim compare`: what quantization costs, float vs fake-quant vs integer.
+
+    report = refsim.exporters.compare("model.onnx", "model.intq", "eval.txt", labels="labels.txt")
+
+Runs the float model (the canonical graph, checked equal to the ONNX file at export), the
+fake-quant model rebuilt from the `.intq`'s record, and the integer model on DATA, and
+reports:
+
+- per output and per pair (fake-quant vs float, integer vs float, integer vs fake-quant):
+  MSE, MAE, mean cosine similarity (per sample, flattened), top-1 agreement (outputs with
+  more than one class);
+- with labels (one per line: a class name or index, or a number for regression): accuracy,
+  macro precision, recall and F1, Matthews correlation (multi-class form), or Pearson and
+  Spearman correlation, for each of the three models;
+- per quantization point of the integer graph: SQNR = 10 log10(sum f^2 / sum (f - s*q)^2)
+  of the integer tensor (dequantized by its scale) against the float tensor it stands for,
+  over all samples (for text models, over the tokens the attention mask keeps), in graph
+  order; the lowest SQNR and the largest drop from one point to the next name the layers
+  that lose accuracy;
+- a warning when evaluation samples were also calibration samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import refsim
+from refsim.input_quant import quantize_feeds
+from refsim.text import encoder_for
+
+from .data import load_dataset, read_labels
+from .dyadic import ExportError
+from .pipeline import _file_sha256, onnx_feed_dtypes
+from .fakequant import fake_quant_model
+from .onnx_graph import canonicalize, load_onnx
+from .progress import Progress
+from .runtime import FloatRunner
+
+PAIRS = (("fake-quant", "float"), ("integer", "float"), ("integer", "fake-quant"))
+
+
+@dataclass
+class CompareReport:
+    samples: int
+    outputs: dict[str, dict[str, dict[str, float]]]
+    task: dict[str, dict[str, float]] | None
+    sqnr: list[dict]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "outputs": self.outputs, "task": self.task, "sqnr": self.sqnr, "warnings": self.warnings}
+
+    def text(self) -> str:
+        lines = [f"{self.samples} samples"]
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        for name, pairs in self.outputs.items():
+            lines.append(f"output {name}:")
+            lines.append(f"  {'pair':<26}{'MSE':>12}{'MAE':>12}{'cosine':>10}{'top-1':>8}")
+            for pair, m in pairs.items():
+                top1 = f"{m['top1_agreement']:.4f}" if m.get("top1_agreement") is not None else "-"
+                lines.append(f"  {pair:<26}{m['mse']:>12.4g}{m['mae']:>12.4g}{m['cosine']:>10.5f}{top1:>8}")
+        if self.task:
+            keys = list(next(iter(self.task.values())).keys())
+            lines.append("task metrics:")
+            lines.append("  " + f"{'model':<12}" + "".join(f"{k:>11}" for k in keys))
+            for model, metrics in self.task.items():
+                lines.append("  " + f"{model:<12}" + "".join(f"{metrics[k]:>11.4f}" for k in keys))
+        if self.sqnr:
+            lines.append("per-layer SQNR of the integer model against float (dB, graph order):")
+            worst = min(self.sqnr, key=lambda r: r["sqnr_db"])
+            drop = max(self.sqnr, key=lambda r: r.get("drop_db") or -math.inf)
+            for r in self.sqnr:
+                mark = ""
+                if r is worst:
+                    mark += "  <- lowest"
+                if r is drop and (r.get("drop_db") or 0) > 0:
+                    mark += "  <- largest drop"
+                lines.append(f"  {r['sqnr_db']:>7.2f}  int{r['bits']:<3} {r['layer']:<48} {r['tensor']}{mark}")
+        return "\n".join(lines)
+
+
+def _pair_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    diff = a - b
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = np.where((na > 0) & (nb > 0), np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-300), (na == nb).astype(np.float64))
+    out = {"mse": float(np.mean(diff ** 2)), "mae": float(np.mean(np.abs(diff))), "cosine": float(np.mean(cos))}
+    out["top1_agreement"] = float(np.mean(np.argmax(a, 1) == np.argmax(b, 1))) if a.shape[1] > 1 else None
+    return out
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    # average ranks of ties
+    values = x[order]
+    start = 0
+    for i in range(1, len(x) + 1):
+        if i == len(x) or values[i] != values[start]:
+            ranks[order[start:i]] = (start + i - 1) / 2
+            start = i
+    return ranks
+
+
+def _pearson(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def classification_metrics(truth: np.ndarray, predicted: np.ndarray, classes: int) -> dict[str, float]:
+    """Accuracy, macro precision/recall/F1 and the multi-class Matthews correlation."""
+    confusion = np.zeros((classes, classes), np.float64)
+    np.add.at(confusion, (truth, predicted), 1)
+    tp = np.diag(confusion)
+    predicted_count = confusion.sum(axis=0)
+    true_count = confusion.sum(axis=1)
+    present = true_count > 0
+    precision = np.divide(tp, predicted_count, out=np.zeros(classes), where=predicted_count > 0)
+    recall = np.divide(tp, true_count, out=np.zeros(classes), where=true_count > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(classes), where=(precision + recall) > 0)
+    n = confusion.sum()
+    c = tp.sum()
+    cov_pred = n * n - np.sum(predicted_count ** 2)
+    cov_true = n * n - np.sum(true_count ** 2)
+    denominator = math.sqrt(cov_pred * cov_true)
+    mcc = (c * n - np.sum(predicted_count * true_count)) / denominator if denominator > 0 else 0.0
+    return {
+        "accuracy": float(c / n) if n else 0.0,
+        "precision": float(precision[present].mean()) if present.any() else 0.0,
+        "recall": float(recall[present].mean()) if present.any() else 0.0,
+        "f1": float(f1[present].mean()) if present.any() else 0.0,
+        "mcc": float(mcc),
+    }
+
+
+def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    return {"pearson": _pearson(truth, predicted), "spearman": _pearson(_rank(truth), _rank(predicted)),
+            "mse": float(np.mean((truth - predicted) ** 2))}
+
+
+def _parse_labels(raw: list[str], names: list[str] | None, count: int, width: int):
+    """(kind, values): class indices or regression targets."""
+    if len(raw) != count:
+        raise ExportError(f"labels: {len(raw)} labels for {count} samples")
+    if width == 1:
+        try:
+            return "regression", np.array([float(v) for v in raw])
+        except ValueError:
+            raise ExportError("labels: a one-value output needs numeric (regression) labels") from None
+    lookup = {n: i for i, n in enumerate(names or [])}
+    values = []
+    for v in raw:
+        if v in lookup:
+            values.append(lookup[v])
+        else:
+            try:
+                values.append(int(v))
+            except ValueError:
+                raise ExportError(f"labels: {v!r} is neither a label name of the model nor a class index") from None
+    values = np.array(values)
+    if values.min() < 0 or values.max() >= width:
+        raise ExportError(f"labels: class indices must lie in [0, {width})")
+    return "classification", values
+
+
+def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: bool = False, max_samples: int | None = None) -> CompareReport:
+    """Compare float, fake-quant and integer models on DATA (see the module docstring)."""
+    m = refsim.load(intq)
+    meta = m.metadata
+    warnings = []
+    for key in ("fake_quant", "source_model"):
+        if key not in meta:
+            raise ExportError(f"{os.fspath(intq)}: not made by `refsim export` (no {key!r} metadata)")
+    proto = load_onnx(model)
+    source = meta["source_model"]
+    if source.get("sha256") and _file_sha256(model) != source["sha256"]:
+        warnings.append(f"{os.fspath(model)} differs from the model the .intq was exported from ({source.get('file')})")
+    encoder, mapping = (encoder_for(m) if "tokenizer" in meta else (None, None))
+    names = list(m.graph.inputs)
+    dataset = load_dataset(os.fspath(data), names, encoder, mapping)
+    if max_samples is not None:
+        dataset = dataset.head(max_samples)
+    calib = set(meta.get("calibration", {}).get("digests", []))
+    leaked = sum(1 for d in dataset.digests if d in calib)
+    if leaked:
+        warnings.append(f"{leaked} of {len(dataset)} evaluation samples were also used for calibration: "
+                        f"the comparison flatters the quantized model")
+    g = canonicalize(proto, {k: list(v) for k, v in source["input_shapes"].items()})
+    consts = {n: t.data for n, t in m.graph.tensors.items() if t.is_const}
+    float_tensors: dict[str, str] = meta.get("float_tensors", {})
+    order = [n for node in m.order for n in node.outputs if n in float_tensors]
+    order = [n for n in m.graph.inputs if n in float_tensors] + order
+    wanted_float = sorted({float_tensors[n] for n in order} | set(g.outputs))
+    float_runner = FloatRunner(g.to_model(), expose=wanted_float)
+    fq_runner = FloatRunner(fake_quant_model(g, meta["fake_quant"], consts))
+    dtypes = onnx_feed_dtypes(g)
+    outputs = list(g.outputs)
+    collected = {kind: {o: [] for o in outputs} for kind in ("float", "fake-quant", "integer")}
+    sums = {n: [0.0, 0.0] for n in order}
+    bar = Progress(progress)
+    if meta.get("attention_blocks"):
+        batch_size = 1  # ITA attention blocks are 2-D [S, E]: one sample at a time
+    batches = dataset.batches(batch_size)
+    for done, batch in enumerate(batches, 1):
+        float_feeds = {k: v.astype(dtypes[k]) for k, v in batch.items()}
+        f = float_runner.run(float_feeds)
+        q = fq_runner.run(float_feeds)
+        int_feeds = {}
+        for name, value in batch.items():
+            storage = m.graph.tensors[name].dtype.storage
+            int_feeds[name] = value if value.dtype.kind == "f" else value.astype(storage)
+        int_feeds = quantize_feeds(m, int_feeds)
+
+        keep = _kept_tokens(batch, g.mask_inputs)
+
+        def trace(node, name, array, f=f, keep=keep):
+            if name in sums:
+                ref = np.asarray(f[float_tensors[name]], np.float64)
+                deq = _dequantize(m.graph.tensors[name], array)
+                if deq.shape == ref.shape:
+                    ref, deq = _at_kept_tokens(ref, keep), _at_kept_tokens(deq, keep)
+                    sums[name][0] += float(np.sum(ref ** 2))
+                    sums[name][1] += float(np.sum((ref - deq) ** 2))
+
+        for name in m.graph.inputs:
+            if name in sums:
+                trace(None, name, int_feeds[name])
+        result = m.run(int_feeds, trace=trace)
+        for o in outputs:
+            collected["float"][o].append(np.asarray(f[o], np.float64))
+            collected["fake-quant"][o].append(np.asarray(q[o], np.float64))
+            int_name = m.graph.outputs[outputs.index(o)]
+            collected["integer"][o].append(_dequantize(m.graph.tensors[int_name], result[int_name]))
+        bar(done, len(batches), "comparing")
+    merged = {kind: {o: np.concatenate(v) for o, v in per.items()} for kind, per in collected.items()}
+    out_metrics = {}
+    for o in outputs:
+        out_metrics[o] = {f"{a} vs {b}": _pair_metrics(merged[a][o], merged[b][o]) for a, b in PAIRS}
+    task = None
+    if labels is not None:
+        raw = labels if isinstance(labels, list) else read_labels(os.fspath(labels))
+        o = outputs[0]
+        width = int(np.prod(merged["float"][o].shape[1:]))
+        kind, truth = _parse_labels(raw, meta.get("labels"), len(dataset), width)
+        task = {}
+        for model_kind in ("float", "fake-quant", "integer"):
+            values = merged[model_kind][o].reshape(len(dataset), -1)
+            if kind == "classification":
+                task[model_kind] = classification_metrics(truth, np.argmax(values, 1), width)
+            else:
+                task[model_kind] = regression_metrics(truth, values[:, 0])
+    sqnr = []
+    layers = meta.get("layers", {})
+    previous = None
+    for n in order:
+        signal, noise = sums[n]
+        if signal == 0:
+            continue
+        db = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
+        row = {"tensor": n, "float_tensor": float_tensors[n], "layer": layers.get(n, ""), "bits": m.graph.tensors[n].dtype.bits,
+               "sqnr_db": round(db, 3) if math.isfinite(db) else 999.0}
+        row["drop_db"] = round(previous - row["sqnr_db"], 3) if previous is not None else None
+        previous = row["sqnr_db"]
+        sqnr.append(row)
+    return CompareReport(len(dataset), out_metrics, task, sqnr, warnings)
+
+
+def _kept_tokens(batch: dict, mask_inputs) -> np.ndarray | None:
+    """(batch, seq) bool of the tokens a mask input keeps, if the model has one."""
+    for name in sorted(mask_inputs):
+        if name in batch and np.ndim(batch[name]) == 2:
+            return np.asarray(batch[name]) != 0
+    return None
+
+
+def _at_kept_tokens(a: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """The values of kept tokens only: padding's values are computed but never used, and
+    would otherwise dominate a layer's SQNR. (batch, seq, ...) and (batch, heads, seq, ...)
+    tensors are selected along their sequence axis; others are taken whole."""
+    if keep is None or a.ndim < 2 or a.shape[0] != keep.shape[0]:
+        return a
+    seq = keep.shape[1]
+    if a.ndim == 4 and a.shape[2] == seq and a.shape[3] == seq:  # attention scores: kept queries x kept keys
+        both = keep[:, None, :, None] & keep[:, None, None, :]
+        return a[np.broadcast_to(both, a.shape)]
+    if a.ndim >= 2 and a.shape[1] == keep.shape[1]:
+        return a[keep]
+    if a.ndim >= 3 and a.shape[2] == keep.shape[1]:
+        return np.moveaxis(a, 1, 2)[keep]
+    return a
+
+
+def _dequantize(tensor, array: np.ndarray) -> np.ndarray:
+    scale = tensor.scale if tensor.scale is not None else 1.0
+    zero = tensor.zero_point if tensor.zero_point is not None else 0
+    return (np.asarray(array, np.float64) - np.asarray(zero, np.float64)) * np.asarray(scale, np.float64)

@@ -1,0 +1,175 @@
+"""Export settings: global bit widths and mode, and `layers.json` overrides per layer.
+
+A layer is named by the module path its nodes came from (`bert.encoder.layer.0.output.dense`,
+`vit.layers.3.attention.q_proj`, `classifier`; `refsim export --list-layers` prints them).
+`layers.json` maps glob patterns over these names (`fnmatch`: `*` matches anything,
+including dots) to settings; every matching entry applies, later entries override earlier
+ones:
+
+    {
+      "*.output.dense": {"abits": 16},
+      "*.attention.self.*": {"wbits": 4},
+      "classifier": "keep_float"
+    }
+
+(or the same mapping under a top-level "layers" key). Settings:
+
+- `wbits`: 8, 4, 2, "ternary" (or 16) for the layer's weights; for an embedding table, its bits;
+- `abits`: 4..8 or 16, the bits of the activation entering the layer's matrix product;
+- `per_channel`: true/false, per-output-channel weight scales;
+- `keep_float` (or the string "keep_float"/"float" as the whole setting): the closest an
+  integer graph gets to not quantizing a layer. A linear layer gets 16-bit per-channel
+  weights, a 16-bit input and a 64-bit accumulator (relative error ~1e-4); an elementwise
+  activation (GELU, Tanh) becomes a 65536-entry table on a 16-bit input, exact to its 16-bit
+  output; a LayerNorm or softmax keeps its integer algorithm but its output gets 16 bits
+  where the op allows. Nothing in the integer graph computes in floating point.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .dyadic import ExportError
+
+MODES = ("ibert", "ita", "ita-partial")
+ACTIVATION_BITS = (4, 5, 6, 7, 8, 16)
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    wbits: str  # "8", "4", "2", "ternary", "16"
+    abits: int
+    per_channel: bool
+    keep_float: bool = False
+
+
+def parse_wbits(value) -> str:
+    text = str(value).lower()
+    if text not in ("16", "8", "4", "2", "ternary"):
+        raise ExportError(f"weight bits must be 8, 4, 2 or ternary (16 to keep float); got {value!r}")
+    return text
+
+
+def parse_abits(value) -> int:
+    try:
+        bits = int(value)
+    except (TypeError, ValueError):
+        bits = -1
+    if bits not in ACTIVATION_BITS:
+        raise ExportError(f"activation bits must be 4..8 or 16; got {value!r}")
+    return bits
+
+
+@dataclass
+class LayerConfig:
+    """Ordered (pattern, settings) entries from layers.json."""
+
+    entries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    source: str = "layers.json"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None) -> "LayerConfig":
+        if path is None:
+            return cls()
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            raise ExportError(f"{path}: no such file") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ExportError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_dict(doc, path)
+
+    @classmethod
+    def from_dict(cls, doc, source: str = "layers.json") -> "LayerConfig":
+        if isinstance(doc, dict) and "layers" in doc:
+            doc = doc["layers"]
+        if not isinstance(doc, dict):
+            raise ExportError(f"{source}: expected an object mapping layer patterns to settings")
+        entries = []
+        for pattern, setting in doc.items():
+            if isinstance(setting, str) and setting.lower() in ("keep_float", "float", "keep float"):
+                setting = {"keep_float": True}
+            if not isinstance(setting, dict):
+                raise ExportError(f"{source}: {pattern!r}: a setting must be an object or \"keep_float\", got {setting!r}")
+            unknown = set(setting) - {"wbits", "abits", "per_channel", "keep_float"}
+            if unknown:
+                raise ExportError(f"{source}: {pattern!r}: unknown setting(s) {sorted(unknown)} "
+                                  f"(known: wbits, abits, per_channel, keep_float)")
+            checked = dict(setting)
+            try:
+                if "wbits" in checked:
+                    checked["wbits"] = parse_wbits(checked["wbits"])
+                if "abits" in checked:
+                    checked["abits"] = parse_abits(checked["abits"])
+            except ExportError as e:
+                raise ExportError(f"{source}: {pattern!r}: {e}") from None
+            for key in ("per_channel", "keep_float"):
+                if key in checked and not isinstance(checked[key], bool):
+                    raise ExportError(f"{source}: {pattern!r}: {key} must be true or false")
+            entries.append((str(pattern), checked))
+        return cls(entries, source)
+
+    def matching(self, layer: str) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for pattern, setting in self.entries:
+            if fnmatch.fnmatchcase(layer, pattern):
+                merged.update(setting)
+        return merged
+
+    def unused_patterns(self, layers: list[str]) -> list[str]:
+        return [p for p, _ in self.entries if not any(fnmatch.fnmatchcase(layer, p) for layer in layers)]
+
+
+@dataclass
+class ExportOptions:
+    """Everything `export` needs to know besides the model and the data."""
+
+    mode: str = "ibert"
+    wbits: str = "8"
+    abits: int = 8
+    per_channel: bool = False
+    calib_method: str = "mse"
+    percentile: tuple[float, float] | None = None
+    layers: LayerConfig = field(default_factory=LayerConfig)
+    residual_bits: int = 16  # residual stream, LayerNorm inputs, concatenations
+    output_bits: int = 16  # graph outputs
+    embedding_bits: str = "8"  # embedding tables unless layers.json says otherwise
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ExportError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        self.wbits = parse_wbits(self.wbits)
+        self.abits = parse_abits(self.abits)
+
+    @property
+    def ita(self) -> bool:
+        return self.mode in ("ita", "ita-partial")
+
+    def layer(self, scope: str) -> LayerSettings:
+        """Settings for a linear layer named `scope`."""
+        s = self.layers.matching(scope)
+        if s.get("keep_float"):
+            return LayerSettings("16", 16, True, True)
+        return LayerSettings(s.get("wbits", self.wbits), s.get("abits", self.abits), s.get("per_channel", self.per_channel))
+
+    def embedding(self, scope: str) -> LayerSettings:
+        s = self.layers.matching(scope)
+        if s.get("keep_float"):
+            return LayerSettings("16", 16, False, True)
+        return LayerSettings(s.get("wbits", self.embedding_bits), s.get("abits", self.abits), False)
+
+    def activation_bits(self, scope: str, default: int) -> int:
+        """Input bits of an elementwise function named `scope` (16 when kept float)."""
+        s = self.layers.matching(scope)
+        if s.get("keep_float"):
+            return 16
+        return s.get("abits", default)
+
+    def with_(self, **changes) -> "ExportOptions":
+        return replace(self, **changes)

@@ -1,0 +1,50 @@
+"""`refsim export MODEL.onnx -o OUT.intq --calib DATA`: post-training quantization to .intq."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="float ONNX model (as torch.onnx.export writes it)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.intq", help="integer model to write")
+    p.add_argument("--calib", required=True, metavar="DATA",
+                   help="calibration data: text lines (with --tokenizer), .npy (one input) or .npz (keyed by input name)")
+    p.add_argument("--mode", default="ibert", choices=["ibert", "ita", "ita-partial"],
+                   help="integer arithmetic to target: I-BERT (default), ITA with ITAMax, ITA with ITAPartialMax")
+    p.add_argument("--wbits", default="8", choices=["8", "4", "2", "ternary"], help="weight bits (default 8)")
+    p.add_argument("--abits", default=8, type=int, choices=[4, 5, 6, 7, 8, 16],
+                   help="bits of activations entering matrix products (default 8)")
+    p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
+    p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "mse"],
+                   help="how activation ranges are chosen (default mse)")
+    p.add_argument("--percentile", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="percentiles for --calib-method percentile (default 0.01 99.99)")
+    p.add_argument("--config", metavar="layers.json", help="per-layer bit widths or keep_float, by layer-name pattern")
+    p.add_argument("--tokenizer", metavar="tokenizer.json", help="tokenizers JSON file, embedded in the .intq")
+    p.add_argument("--max-length", type=int, metavar="N", help="sequence length of text models (pad/truncate to N)")
+    p.add_argument("--labels", metavar="labels.txt", help="class names, one per line, embedded in the .intq")
+    p.add_argument("--max-samples", type=int, metavar="N", help="calibrate on the first N samples only")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per float-model run (default 16)")
+    p.add_argument("--list-layers", action="store_true", help="print the model's layer names (for layers.json) and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    from .pipeline import export, prepare
+
+    if args.percentile and args.calib_method != "percentile":
+        args.calib_method = "percentile"
+    if args.list_layers:
+        _, g, *_ = prepare(args.model, args.calib, args.tokenizer, args.max_length)
+        for layer in sorted({n.scope for n in g.nodes if n.scope}):
+            print(layer)
+        return 0
+    report = export(
+        args.model, args.output, args.calib, mode=args.mode, wbits=args.wbits, abits=args.abits,
+        per_channel=args.per_channel, calib_method=args.calib_method, percentile=args.percentile,
+        config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
+        max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(report.summary(), file=sys.stdout)
+    return 0

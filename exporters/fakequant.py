@@ -1,0 +1,117 @@
+"""The fake-quantized model: the float graph with quantize/dequantize where the integer graph
+quantizes, at the same scales.
+
+`fq(x) = clip(round(x / s), lo, hi) * s` (ONNX `Round` rounds half to even) is inserted
+on each edge where the integer graph requantizes a tensor for a consumer and after each
+tensor the integer graph stores in fewer bits; constants (weights, biases, embedding
+tables, constants added or concatenated) are replaced by their quantized values times
+their scales. Everything else, nonlinearities included, stays float: the difference
+between the fake-quant and the integer model is what integer arithmetic itself costs.
+
+The record of where to quantize is JSON (kept in the `.intq` metadata under
+`fake_quant`), so `refsim compare` rebuilds this model from the ONNX file and the `.intq`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+
+from .dyadic import ExportError
+from .onnx_graph import Node, OnnxGraph
+from .quantize import FakeQuantRecord
+
+
+def record_to_json(record: FakeQuantRecord) -> dict:
+    def scale_json(s):
+        return float(s) if np.ndim(s) == 0 else [float(v) for v in np.asarray(s).reshape(-1)]
+
+    return {
+        "edges": [[n, i, float(s), int(b), bool(sg)] for (n, i), (s, b, sg) in record.edges.items()],
+        "tensors": [[t, float(s), int(b), bool(sg)] for t, (s, b, sg) in record.tensors.items()],
+        "consts": [[n, i, q, scale_json(s)] for (n, i), (q, s) in record.consts.items()],  # q: name or {"concat": [...], "axis": a}
+    }
+
+
+def _levels(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray]) -> OnnxGraph:
+    """A copy of `g` with the recorded quantization applied (see the module docstring)."""
+    fg = copy.deepcopy(g)
+    by_name = {n.name: n for n in fg.nodes}
+    added: list[tuple[int, Node]] = []  # (position to insert before, node)
+    cache: dict[tuple, str] = {}
+
+    def fq_chain(x: str, scale: float, bits: int, signed: bool, out: str | None = None) -> tuple[list[Node], str]:
+        lo, hi = _levels(bits, signed)
+        s = fg.add_const(np.array(scale, np.float32), "fq.scale")
+        lo_c = fg.add_const(np.array(lo, np.float32), "fq.lo")
+        hi_c = fg.add_const(np.array(hi, np.float32), "fq.hi")
+        d = fg.make_node("Div", [x, s], f"{x}.fq")
+        r = fg.make_node("Round", d.outputs, f"{x}.fq")
+        c = fg.make_node("Clip", [r.outputs[0], lo_c, hi_c], f"{x}.fq")
+        m = fg.make_node("Mul", [c.outputs[0], s], f"{x}.fq")
+        if out is not None:
+            m.outputs = [out]
+        return [d, r, c, m], m.outputs[0]
+
+    def position_after(tensor: str) -> int:
+        for i, n in enumerate(fg.nodes):
+            if tensor in n.outputs:
+                return i + 1
+        return 0
+
+    for node_name, index, int_spec, scale in record.get("consts", []):
+        node = by_name.get(node_name)
+        # A constant is one integer tensor, or several joined (an ITA block's per-head weights).
+        parts = int_spec["concat"] if isinstance(int_spec, dict) else [int_spec]
+        if node is None or any(part not in integer_consts for part in parts):
+            raise ExportError(f"the .intq's fake-quant record names node {node_name!r} or constant {int_spec!r}, "
+                              f"which this ONNX model does not have: is it the model the .intq was exported from?")
+        original = fg.consts[node.inputs[index]]
+        arrays = [np.asarray(integer_consts[part], np.float64) for part in parts]
+        q = np.concatenate(arrays, axis=int_spec.get("axis", 0)) if isinstance(int_spec, dict) else arrays[0]
+        value = q * np.asarray(scale, np.float64)
+        replaced = fg.add_const(value.reshape(original.shape).astype(np.float32), "fq.const")
+        if node.inputs[index] in fg.batch_rows:
+            fg.batch_rows.add(replaced)
+        node.inputs[index] = replaced
+
+    for tensor, scale, bits, signed in record.get("tensors", []):
+        if tensor in fg.inputs:
+            chain, out = fq_chain(tensor, scale, bits, signed)
+            for n in fg.nodes:
+                n.inputs = [out if i == tensor else i for i in n.inputs]
+            added.extend((0, n) for n in chain)
+            continue
+        producer = next((n for n in fg.nodes if tensor in n.outputs), None)
+        if producer is None:
+            raise ExportError(f"the .intq's fake-quant record names tensor {tensor!r}, which this ONNX model does not compute")
+        raw = fg.fresh(f"{tensor}.float")
+        producer.outputs = [raw if o == tensor else o for o in producer.outputs]
+        chain, _ = fq_chain(raw, scale, bits, signed, out=tensor)
+        added.extend((position_after(raw), n) for n in chain)
+
+    for node_name, index, scale, bits, signed in record.get("edges", []):
+        node = by_name.get(node_name)
+        if node is None:
+            raise ExportError(f"the .intq's fake-quant record names node {node_name!r}, which this ONNX model does not have")
+        x = node.inputs[index]
+        key = (x, scale, bits, signed)
+        if key not in cache:
+            chain, out = fq_chain(x, scale, bits, signed)
+            cache[key] = out
+            added.extend((position_after(x), n) for n in chain)
+        node.inputs[index] = cache[key]
+
+    fg.nodes.extend(n for _, n in added)
+    fg.toposort()
+    return fg
+
+
+def fake_quant_model(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray]) -> onnx.ModelProto:
+    return fake_quant_graph(g, record, integer_consts).to_model()

@@ -1,0 +1,178 @@
+"""What each export mode computes for accumulators, softmax, GELU, LayerNorm and NoNorm.
+
+The integer ops and the functions deriving their constants from a float input scale live
+in `refsim.ops` and `refsim.exporters.nonlinear`; this module only decides which variant a
+mode uses and wires it into the graph.
+
+| | `ibert` | `ita`, `ita-partial` |
+|---|---|---|
+| matrix products | 32-bit accumulators (64 kept float; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8) |
+| softmax | IBertSoftmax on the scores requantized to int16, output 2^-8 steps | ITAMax / ITAPartialMax (ITA RTL preset: k=0, 255*256, -128) on int8 scores at the op's input scale, folded into the QK requantization |
+| GELU | IBertGelu on the input requantized to int16 | ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8 |
+| LayerNorm | IBertLayerNorm, then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
+| NoNorm | NoNorm (gamma at 16 bits, exact int64) | the same |
+| tanh, kept-float GELU | lookup table on the 8-bit (16-bit) input, exact | the same |
+
+Residual sums, LayerNorm inputs and concatenations are 16-bit in every mode (see
+`ExportOptions.residual_bits`); they are not ITA's to compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import nonlinear
+from .onnx_graph import Node
+
+ITA_ACC_BITS = 26
+ITA_BIAS_BITS = 24
+ITA_SOFTMAX_PRESET = "ita_rtl"
+# PyITA's i-GELU squares q + q_b in int16 and holds q_c in int16: exact only from this
+# input scale up (exporters.nonlinear.pyita_gelu_params refuses finer ones).
+ITA_GELU_MIN_SCALE = 0.0147
+IBERT_SOFTMAX_INPUT_BITS = 16
+IBERT_GELU_INPUT_BITS = 16
+# z = (r + b)(r) + c is about 5.1 / S^2 at most and exp_mul below 2^31: S >= sqrt(8 / 2^32)
+# keeps z * exp_mul inside int64.
+IBERT_SOFTMAX_MIN_SCALE = math.sqrt(8 / 2**32)
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu_float(x: np.ndarray, approximate: str = "none") -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+class Modes:
+    def __init__(self, options):
+        self.options = options
+        self.mode = options.mode
+
+    # --- accumulators --------------------------------------------------------------------------
+
+    def accumulator_bits(self, walker, layer: str, worst: int, settings) -> int:
+        """Accumulator width of a matrix product whose |sum| can reach `worst`."""
+        if self.options.ita and not (settings is not None and settings.keep_float):
+            return ITA_ACC_BITS
+        return 32 if worst < (1 << 31) else 64
+
+    def overflow(self, acc_bits: int) -> str:
+        """ITA's 26-bit accumulators saturate, as PyITA (the golden model) does; elsewhere an
+        accumulator that overflows is an error."""
+        return "saturate" if acc_bits == ITA_ACC_BITS else "error"
+
+    def bias_bits(self, acc_bits: int) -> int:
+        return ITA_BIAS_BITS if acc_bits == ITA_ACC_BITS else acc_bits
+
+    # --- softmax -----------------------------------------------------------------------------------
+
+    def softmax_params(self):
+        """The ITA softmax's parameters (its input scale is fixed by its shifts)."""
+        return nonlinear.ita_softmax_params(streaming=self.mode == "ita-partial", preset=ITA_SOFTMAX_PRESET)
+
+    def softmax_input_scale(self) -> float | None:
+        """The scale an ITA softmax needs on its int8 input (None: calibrated)."""
+        return self.softmax_params().input_scale if self.options.ita else None
+
+    def ita_gelu_input_scale(self, walker, tensor: str) -> float:
+        """The calibrated 8-bit scale, coarsened to what PyITA's i-GELU can take."""
+        return max(walker.scale_of(tensor, 8), ITA_GELU_MIN_SCALE)
+
+    def ita_output_scale(self, walker, tensor: str) -> float:
+        """The int8 scale ITA's requantizer gives a matrix product's result: the one its
+        consumer needs (softmax, GELU) or the calibrated one."""
+        factor = walker.softmax_factor(tensor)
+        if factor is not None:
+            return self.softmax_input_scale() / factor
+        users = walker.users.get(tensor, [])
+        if len(users) == 1 and users[0].op == "Gelu" and not walker.options.layers.matching(walker.layer_name(users[0])).get("keep_float"):
+            return self.ita_gelu_input_scale(walker, tensor)
+        return walker.scale_of(tensor, 8)
+
+    def softmax(self, walker, node: Node, scores: str, mask: str | None) -> None:
+        layer = walker.layer_name(node)
+        if self.options.ita:
+            p = self.softmax_params()
+            x = walker.at_scale(scores, p.input_scale, 8, node, 0)
+        else:
+            # I-BERT's exp polynomial grows as 1/S^2: below IBERT_SOFTMAX_MIN_SCALE its
+            # intermediate z * exp_mul could leave int64, so a finer calibrated scale is coarsened.
+            scale = max(walker.scale_of(scores, IBERT_SOFTMAX_INPUT_BITS), IBERT_SOFTMAX_MIN_SCALE)
+            x = walker.at_scale(scores, scale, IBERT_SOFTMAX_INPUT_BITS, node, 0)
+            p = nonlinear.ibert_softmax_params(float(x.scale))
+        y = walker.emit(p.op, [x.name, mask], f"{layer}.softmax", **p.attrs)
+        t = walker.dtype(y)
+        walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "prob"), layer, quantized_bits=t.bits)
+
+    # --- GELU and elementwise functions ----------------------------------------------------------
+
+    def activation_input_bits(self, walker, node: Node) -> int:
+        layer = walker.layer_name(node)
+        if node.op == "Gelu" and not walker.options.layers.matching(layer).get("keep_float"):
+            return 8 if self.options.ita else IBERT_GELU_INPUT_BITS
+        return self.options.activation_bits(layer, 8)
+
+    def gelu(self, walker, node: Node) -> None:
+        layer = walker.layer_name(node)
+        approximate = node.attrs.get("approximate", "none")
+        if walker.options.layers.matching(layer).get("keep_float"):
+            walker.lookup_table(node, lambda x: gelu_float(x, approximate))
+            return
+        if self.options.ita:
+            x = walker.at_scale(node.inputs[0], self.ita_gelu_input_scale(walker, node.inputs[0]), 8, node, 0)
+            out_scale = walker.scale_of(node.outputs[0], 8)
+            p = nonlinear.pyita_gelu_params(float(x.scale), out_scale)
+            y = walker.emit(p.op, [x.name], f"{layer}.gelu", **p.attrs)
+            walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=8)
+            return
+        x = walker.get(node.inputs[0], IBERT_GELU_INPUT_BITS, node, 0)
+        p = nonlinear.ibert_gelu_params(float(x.scale))
+        y = walker.emit(p.op, [x.name], f"{layer}.gelu", **p.attrs)
+        a = p.attrs
+        # |y| <= |x| * (|L| + |shift_int|) with |L| <= ((b^2 + |c|) >> n) + 1 (docs/OPS.md).
+        bound = walker.bound_of(x) * ((((a["b_int"] ** 2) + abs(a["c_int"])) >> a["n"]) + 1 + abs(a["shift_int"]))
+        walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "acc", bound=bound), layer)
+
+    # --- LayerNorm and NoNorm ----------------------------------------------------------------------
+
+    def layernorm(self, walker, node: Node) -> None:
+        layer = walker.layer_name(node)
+        x_name, weight_name = node.inputs[0], node.inputs[1]
+        bias_name = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+        width = walker.g.shapes1[x_name][-1]
+        weight = np.broadcast_to(walker.g.const(weight_name).astype(np.float64).reshape(-1), (width,))
+        bias = np.zeros(width) if bias_name is None else np.broadcast_to(walker.g.const(bias_name).astype(np.float64).reshape(-1), (width,))
+        bits = walker.options.residual_bits
+        x = walker.get(x_name, bits, node, 0)
+        if self.options.ita:
+            out_scale = walker.scale_of(node.outputs[0], bits)
+            p = nonlinear.ilayernorm_params(float(x.scale), weight, bias, out_scale, n_levels=1 << bits)
+            consts = [walker.const(p.consts["weight"], "int32", f"{layer}.weight"),
+                      walker.const(p.consts["bias"], "int32", f"{layer}.bias")]
+            y = walker.emit(p.op, [x.name, *consts], f"{layer}.layernorm", **p.attrs)
+            walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=bits)
+            return
+        p = nonlinear.ibert_layernorm_params(float(x.scale), weight, bias, input_bits=bits)
+        bias_q = walker.const(p.consts["bias"], "int64", f"{layer}.bias")
+        y = walker.emit(p.op, [x.name, bias_q], f"{layer}.layernorm", **p.attrs)
+        # |y| <= 2^30 * sqrt(N) + |bias|: the bound that lets the following requant keep a wide multiplier.
+        bound = int(2**30 * math.sqrt(width)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
+        walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "acc", bound=bound), layer)
+
+    def nonorm(self, walker, node: Node, x_name: str, gamma: np.ndarray, beta: np.ndarray, out_tensor: str) -> None:
+        """MobileBERT's NoNorm x*gamma + beta, exact in int64 with gamma at 16 bits."""
+        layer = walker.layer_name(node)
+        x = walker.value(x_name)
+        if x.per_channel or x.kind not in ("int", "acc"):
+            x = walker.get(x_name, walker.options.residual_bits, node, 0)
+        p = nonlinear.nonorm_params(float(x.scale), gamma, beta, weight_bits=16)
+        g = walker.const(p.consts["gamma"], "int32", f"{layer}.gamma")
+        b = walker.const(p.consts["beta"], "int32", f"{layer}.beta")
+        y = walker.emit(p.op, [x.name, g, b], f"{layer}.nonorm", dtype="int64")
+        bound = walker.bound_of(x) * int(np.abs(p.consts["gamma"]).max(initial=0)) + int(np.abs(p.consts["beta"]).max(initial=0))
+        walker.set_native(out_tensor, walker.value_of(y, p.output_scale, "acc", bound=bound), layer)

@@ -1,0 +1,217 @@
+"""`refsim export`: a float ONNX model and calibration data in, an `.intq` integer model out.
+
+    report = refsim.exporters.export("model.onnx", "model.intq", "calib.txt",
+                                     tokenizer="tokenizer.json", mode="ibert", wbits=8)
+
+Steps: canonicalize the ONNX graph (`onnx_graph`), run the float model on the calibration
+data to observe every activation (`calibrate`), walk the graph building the integer graph
+(`quantize`), and save it with everything `refsim run` and `refsim compare` need: the
+tokenizer, labels, input quantization, the calibration data's fingerprint and the record
+from which the fake-quant model is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from refsim import __version__
+from refsim.intq import save
+from refsim.text import DEFAULT_INPUTS, TextEncoder
+
+from .calibrate import calibrate
+from .config import ExportOptions, LayerConfig
+from .data import load_dataset, read_labels
+from .dyadic import ExportError
+from .fakequant import record_to_json
+from .modes import Modes
+from .onnx_graph import OnnxGraph, canonicalize, load_onnx, mask_derived
+from .progress import Progress
+from .quantize import Walker
+from .runtime import FloatRunner
+
+TOKENIZER_BLOB = "tokenizer.json"
+DEFAULT_MAX_LENGTH = 128
+
+
+@dataclass
+class ExportReport:
+    path: str
+    nodes: int
+    file_bytes: int
+    layers: list[str]
+    samples: int
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.path}: {self.nodes} integer nodes, {self.file_bytes / 1e6:.2f} MB, "
+                 f"calibrated on {self.samples} samples"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def onnx_input_names(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _static_seq_length(model: onnx.ModelProto) -> int | None:
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in DEFAULT_INPUTS and len(dims) >= 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 0:
+            return int(dims[1].dim_value)
+    return None
+
+
+def _tokenizer_max_length(tokenizer_json: bytes) -> int | None:
+    try:
+        doc = json.loads(tokenizer_json)
+    except ValueError:
+        return None
+    truncation = doc.get("truncation") if isinstance(doc, dict) else None
+    if isinstance(truncation, dict) and isinstance(truncation.get("max_length"), int):
+        return truncation["max_length"]
+    return None
+
+
+def make_encoder(tokenizer: str | os.PathLike | bytes | None, max_length: int | None, model: onnx.ModelProto):
+    """(encoder, tokenizer bytes) or (None, None) without a tokenizer."""
+    if tokenizer is None:
+        return None, None
+    if isinstance(tokenizer, bytes):
+        data = tokenizer
+    else:
+        try:
+            with open(tokenizer, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ExportError(f"{os.fspath(tokenizer)}: no such file") from None
+    if max_length is None:
+        max_length = _static_seq_length(model) or _tokenizer_max_length(data) or DEFAULT_MAX_LENGTH
+    try:
+        return TextEncoder(data, int(max_length)), data
+    except Exception as e:
+        raise ExportError(f"tokenizer: {e}") from None
+
+
+def activation_tensors(g: OnnxGraph) -> list[str]:
+    """Every float tensor the graph computes (or takes) that is not a mask expression."""
+    masks = mask_derived(g)
+    names = [n for n in g.inputs if g.dtypes.get(n, np.dtype(np.float32)).kind == "f"]
+    for node in g.nodes:
+        for out in node.outputs:
+            if out not in masks and g.dtypes.get(out, np.dtype(np.float32)).kind == "f":
+                names.append(out)
+    return names
+
+
+def onnx_feed_dtypes(g: OnnxGraph) -> dict[str, np.dtype]:
+    return {n: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(g.input_types[n][0])) for n in g.inputs}
+
+
+def prepare(model, data: str, tokenizer=None, max_length: int | None = None, input_shapes=None):
+    """Load the model and data; canonicalize the graph for the data's shapes."""
+    proto = load_onnx(model) if not isinstance(model, onnx.ModelProto) else model
+    names = onnx_input_names(proto)
+    encoder, tokenizer_bytes = make_encoder(tokenizer, max_length, proto)
+    dataset = load_dataset(data, names, encoder)
+    shapes = dict(input_shapes or {})
+    for name in names:
+        shapes.setdefault(name, [1] + list(dataset.arrays[name].shape[1:]))
+    g = canonicalize(proto, shapes)
+    return proto, g, dataset, encoder, tokenizer_bytes, shapes
+
+
+def export(
+    model,
+    output: str | os.PathLike,
+    calib: str | os.PathLike,
+    *,
+    mode: str = "ibert",
+    wbits="8",
+    abits: int = 8,
+    per_channel: bool = False,
+    calib_method: str = "mse",
+    percentile: tuple[float, float] | None = None,
+    config: str | os.PathLike | dict | None = None,
+    tokenizer: str | os.PathLike | bytes | None = None,
+    max_length: int | None = None,
+    labels: str | os.PathLike | list[str] | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ExportReport:
+    """Quantize an ONNX model with calibration data and write the integer model to `output`.
+
+    See `refsim export --help` for the meaning of each option. Returns a report; raises
+    ExportError (a RefsimError) with one line naming the node or layer at fault.
+    """
+    layers = config if isinstance(config, LayerConfig) else (
+        LayerConfig.from_dict(config) if isinstance(config, dict) else LayerConfig.load(config))
+    options = ExportOptions(mode=mode, wbits=str(wbits), abits=abits, per_channel=per_channel,
+                            calib_method=calib_method, percentile=tuple(percentile) if percentile else None, layers=layers)
+    bar = Progress(progress)
+    proto, g, dataset, encoder, tokenizer_bytes, shapes = prepare(model, os.fspath(calib), tokenizer, max_length, input_shapes)
+    if max_samples is not None:
+        dataset = dataset.head(max_samples)
+    tensors = activation_tensors(g)
+    calibration = calibrate(lambda ts: FloatRunner(g.to_model(), expose=ts), tensors,
+                            dataset.batches(batch_size, onnx_feed_dtypes(g)), options.calib_method,
+                            options.percentile, bar)
+    walker = Walker(g, options, calibration, Modes(options))
+    builder = walker.run()
+    warnings = []
+    layer_names = sorted({n.scope for n in g.nodes if n.scope})
+    for pattern in layers.unused_patterns(layer_names):
+        warnings.append(f"{layers.source}: pattern {pattern!r} matches no layer")
+    meta = builder.metadata
+    label_list = labels if isinstance(labels, list) else (read_labels(os.fspath(labels)) if labels else None)
+    if label_list:
+        meta["labels"] = label_list
+    if tokenizer_bytes is not None:
+        builder.blobs[TOKENIZER_BLOB] = tokenizer_bytes
+        mapping = {n: DEFAULT_INPUTS[n] for n in g.inputs if n in DEFAULT_INPUTS}
+        meta["tokenizer"] = {"blob": TOKENIZER_BLOB, **encoder.settings(), "inputs": mapping}
+    quant_inputs = {}
+    for name in g.inputs:
+        t = builder.tensors[name]
+        if t.scale is not None:
+            quant_inputs[name] = {"scale": t.scale, "zero_point": 0, "dtype": t.dtype.name}
+    if quant_inputs:
+        meta["input_quant"] = quant_inputs
+    model_bytes = proto.SerializeToString()
+    source_path = model if isinstance(model, (str, os.PathLike)) else None
+    meta["source_model"] = {
+        "file": os.path.basename(os.fspath(source_path)) if source_path else None,
+        "sha256": _file_sha256(source_path) if source_path else hashlib.sha256(model_bytes).hexdigest(),
+        "input_shapes": {k: [int(d) for d in v] for k, v in shapes.items()},
+    }
+    meta["export"] = {
+        "refsim": __version__, "mode": options.mode, "wbits": options.wbits, "abits": options.abits,
+        "per_channel": options.per_channel, "residual_bits": options.residual_bits, "output_bits": options.output_bits,
+        "layers": [[p, s] for p, s in layers.entries],
+    }
+    meta["calibration"] = {
+        "method": options.calib_method, "percentile": list(options.percentile) if options.percentile else None,
+        "source": os.path.basename(dataset.source), "samples": len(dataset), "digests": dataset.digests,
+    }
+    meta["fake_quant"] = record_to_json(walker.record)
+    meta["float_tensors"] = walker.float_tensors
+    meta["layers"] = walker.layers
+    graph = builder.build()
+    save(graph, output)
+    return ExportReport(os.fspath(output), len(graph.nodes), os.path.getsize(output), layer_names, len(dataset), warnings)
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

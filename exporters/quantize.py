@@ -1,0 +1,893 @@
+"""From a canonical float graph and its calibration to an integer graph.
+
+One walk over the canonical graph (`exporters.onnx_graph`) in execution order builds the
+integer graph with `refsim.GraphBuilder` and, at the same time, records every point where
+it quantizes (a tensor requantized for a consumer, a result stored in fewer bits, a weight
+replaced by its quantized value). The fake-quant model (`exporters.fakequant`) replays those
+records on the float graph, so float, fake-quant and integer agree on where quantization
+happens and at which scales.
+
+Each float tensor has a *native* integer form, the one its producer makes:
+
+| producer | native form | scale |
+|---|---|---|
+| linear layer (MatMul + bias) | accumulator (int32, int64 when kept float) | s_x * s_w (per channel with `--per-channel`) |
+| MatMul of two activations | accumulator | s_a * s_b |
+| Add (residual, embedding sums), Concat | int16 (`residual_bits`) | calibrated |
+| Gather from an embedding table | the table's integers | the table's scale |
+| Reshape, Transpose, Gather/Slice of activations, Relu, Pad | the input's form moved | unchanged |
+| Mul by a positive constant | the input's integers | scale * c |
+| softmax, GELU, LayerNorm, tanh | what the integer op returns | set by the op |
+
+A consumer that needs b bits (a matrix product's activation input: `abits`; a table lookup:
+8) asks for the tensor at b bits and gets a `Requant` from the native form to the
+calibrated b-bit scale, made once and shared. Adds take their operands' native forms and
+rescale them exactly: `y = round((a*Ma + b*Mb) / 2^k)` with `Ma = round(s_a/s_y * 2^k)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from refsim import GraphBuilder
+from refsim.dtypes import TYPES, IntType
+
+from .calibrate import Calibration, quantize_weight
+from .config import ExportOptions
+from .dyadic import ExportError, dyadic
+from .onnx_graph import AttentionMatch, Node, OnnxGraph, match_attention
+
+# What the walker recognises, for the one-line error on anything else.
+SUPPORTED = (
+    "MatMul/Gemm with constant weights (+ bias Add), MatMul of two activations, Add (residual, bias, "
+    "embeddings, key-padding mask), Mul by a constant (scalar or per channel: NoNorm) or by a token mask, "
+    "Div by a token count (mean pooling), LayerNormalization, Gelu, Relu, Tanh, Softmax, Reshape, "
+    "Transpose, Squeeze/Unsqueeze/Flatten, Gather (embedding or index), Slice, Concat, Pad (zeros), "
+    "ReduceSum, ReduceMean, Conv (patch embedding)"
+)
+
+MOVEMENT = ("Reshape", "Transpose", "Gather", "Slice")
+
+
+def activation_type(bits: int) -> tuple[str, int | None, int | None]:
+    """The IR type holding a signed `bits`-bit activation, and the clip range when the type
+    is wider (5 to 7 bits live in int8, clipped to their range)."""
+    if bits in (2, 4, 8, 16, 32):
+        return f"int{bits}", None, None
+    if 2 < bits < 8:
+        return "int8", -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    raise ExportError(f"no integer type for {bits}-bit activations")
+
+
+def unsupported(node: Node, why: str = "") -> ExportError:
+    reason = f" ({why})" if why else ""
+    return ExportError(f"{node.describe()}: op {node.op} is not supported here{reason}; supported: {SUPPORTED}")
+
+
+@dataclass
+class Value:
+    """A float tensor in integer form: integer tensor `name`, real = scale * q."""
+
+    name: str
+    scale: Any  # float, or a 1-D array of per-channel scales along the last axis (may be negative)
+    kind: str = "int"  # "int": a quantized activation; "acc": an accumulator; "prob": softmax output
+    bound: int | None = None  # a known bound on |q| tighter than the declared type's
+
+    @property
+    def per_channel(self) -> bool:
+        return np.ndim(self.scale) > 0
+
+
+@dataclass
+class FakeQuantRecord:
+    """Where the fake-quant model quantizes, replayed by `exporters.fakequant`."""
+
+    edges: dict[tuple[str, int], tuple[float, int, bool]] = field(default_factory=dict)
+    tensors: dict[str, tuple[float, int, bool]] = field(default_factory=dict)
+    # (node, input index) -> (integer constant, scale): the input becomes q * scale
+    consts: dict[tuple[str, int], tuple[str, Any]] = field(default_factory=dict)
+
+
+class Walker:
+    """Builds the integer graph for one canonical graph (see the module docstring)."""
+
+    def __init__(self, g: OnnxGraph, options: ExportOptions, calibration: Calibration, modes):
+        self.g = g
+        self.options = options
+        self.calibration = calibration
+        self.modes = modes
+        self.b = GraphBuilder(g.name or "model")
+        self.native: dict[str, Value] = {}
+        self.at_bits: dict[tuple[str, int], Value] = {}
+        self.masked_scores: dict[str, tuple[Value, str]] = {}
+        self.record = FakeQuantRecord()
+        self.float_tensors: dict[str, str] = {}  # integer tensor -> float tensor it represents
+        self.layers: dict[str, str] = {}  # integer tensor -> layer name
+        self.mask_tensors: dict[tuple[str, str], str] = {}
+        self.done: set[str] = set()  # nodes handled as part of an earlier node
+        self.users = g.consumer_map()
+        self.producers = g.producers()
+        self.skipped = self._mask_only()
+        self._names: set[str] = set()
+
+    # --- naming and emitting ----------------------------------------------------------------
+
+    def unique(self, stem: str) -> str:
+        stem = stem.strip(".") or "t"
+        name, n = stem, 1
+        while name in self._names or name in self.b.tensors:
+            n += 1
+            name = f"{stem}_{n}"
+        self._names.add(name)
+        return name
+
+    def emit(self, op: str, inputs: list[str | None], stem: str, **attrs) -> str:
+        """Append an integer node; its output tensor has the node's name."""
+        name = self.unique(stem)
+        return self.b.node(op, inputs, outputs=name, name=name, **attrs)
+
+    def const(self, values, dtype: str, stem: str) -> str:
+        return self.b.const(np.asarray(values), dtype, name=self.unique(stem))
+
+    def dtype(self, name: str) -> IntType:
+        return self.b.tensors[name].dtype
+
+    def label(self, name: str, float_tensor: str | None, scale, layer: str = "") -> None:
+        """Record what an integer tensor stands for (scale metadata, float counterpart)."""
+        if np.ndim(scale) == 0:
+            self.b.set_quant(name, float(scale), 0)
+        else:
+            self.b.set_quant(name, [float(s) for s in np.asarray(scale)], [0] * np.size(scale), axis=-1)
+        if float_tensor is not None:
+            self.float_tensors[name] = float_tensor
+        if layer:
+            self.layers[name] = layer
+
+    def layer_name(self, node: Node) -> str:
+        return node.scope or node.name
+
+    # --- scales and requantization ------------------------------------------------------------
+
+    def scale_of(self, tensor: str, bits: int) -> float:
+        return self.calibration.scale(tensor, bits)
+
+    def value_of(self, name: str, scale, kind: str = "int", bound: int | None = None) -> Value:
+        return Value(name, scale, kind, bound)
+
+    def bound_of(self, v: Value) -> int:
+        t = self.dtype(v.name)
+        return v.bound if v.bound is not None else max(abs(t.lo), t.hi)
+
+    def requant(self, v: Value, to_scale: float, bits: int, stem: str, layer: str, hardware: bool = False) -> str:
+        """Requant v's integers to `bits`-bit signed integers at `to_scale` (per-tensor result).
+
+        The multiplier is as wide as keeps |x * mul| below 2^62 (31 bits at most); a negative
+        scale ratio (I-BERT's GELU and LayerNorm outputs) gives a negative multiplier.
+        """
+        ratio = np.asarray(v.scale, np.float64) / to_scale
+        sign = np.where(ratio < 0, -1, 1).astype(np.int64)
+        dtype, lo, hi = activation_type(bits)
+        if hardware and self.options.ita:
+            if bits != 8:
+                raise ExportError(f"{layer}: ITA's requantizer produces int8, not {bits}-bit values")
+            if np.any(ratio < 0):
+                raise ExportError(f"{layer}: ITA's requantizer takes an unsigned multiplier; the scale ratio is negative")
+            d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{layer}: ITA requantization")
+            if d.mul.size > 1:
+                raise ExportError(f"{layer}: ITA's requantizer takes one multiplier per layer; export without --per-channel")
+            mul = self.const(d.mul.reshape(()), "uint8", f"{stem}.mul")
+            shift = self.const(d.shift.reshape(()), "uint8", f"{stem}.shift")
+            add = self.const(0, "int8", f"{stem}.add")
+            return self.emit("Requant", [v.name, mul, shift, None, add], stem, rounding="half_up", dtype="int8")
+        bound = self.bound_of(v)
+        mul_bits = max(8, min(31, 62 - bound.bit_length()))
+        # A channel whose every value rounds to 0 (a LayerNorm gamma of ~0) gets multiplier 0.
+        magnitude = np.where(np.abs(ratio) * (bound + 1) < 0.25, 0.0, np.abs(ratio))
+        d = dyadic(magnitude, mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
+        mul = self.const(d.mul * sign, "int32", f"{stem}.mul")
+        shift = self.const(d.shift, "int8" if int(d.shift.max(initial=0)) < 128 else "int16", f"{stem}.shift")
+        clip = {} if lo is None else {"lo": lo, "hi": hi}
+        return self.emit("Requant", [v.name, mul, shift], stem, axis=-1, rounding=self.rounding, dtype=dtype, **clip)
+
+    @property
+    def rounding(self) -> str:
+        # I-BERT rounds half to even (torch.round); ITA's requantizer adds half and shifts.
+        return "half_up" if self.options.ita else "half_even"
+
+    def get(self, tensor: str, bits: int, consumer: Node | None = None, index: int = 0) -> Value:
+        """`tensor` quantized to a `bits`-bit signed integer at its calibrated scale."""
+        v = self.value(tensor)
+        key = (tensor, bits)
+        if key not in self.at_bits:
+            t = self.dtype(v.name)
+            scale = self.scale_of(tensor, bits)
+            if v.kind == "int" and not v.per_channel and t.signed and t.bits == bits and math.isclose(float(v.scale), scale, rel_tol=1e-9):
+                self.at_bits[key] = v
+            else:
+                layer = self.layers.get(v.name, "") or tensor
+                name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
+                self.label(name, tensor, scale, layer)
+                self.at_bits[key] = Value(name, scale)
+        out = self.at_bits[key]
+        if consumer is not None and out.name != v.name:
+            self.record.edges[(consumer.name, index)] = (float(out.scale), bits, True)
+        return out
+
+    def at_scale(self, tensor: str, scale: float, bits: int, consumer: Node | None = None, index: int = 0) -> Value:
+        """`tensor` as a `bits`-bit integer at a given scale (an op that fixes its input scale)."""
+        v = self.value(tensor)
+        t = self.dtype(v.name)
+        if v.kind == "int" and not v.per_channel and t.signed and t.bits == bits and math.isclose(float(v.scale), scale, rel_tol=1e-9):
+            return v
+        key = (tensor, bits, scale)
+        if key not in self.at_bits:
+            layer = self.layers.get(v.name, "") or tensor
+            name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
+            self.label(name, tensor, scale, layer)
+            self.at_bits[key] = Value(name, scale)
+        out = self.at_bits[key]
+        if consumer is not None:
+            self.record.edges[(consumer.name, index)] = (float(scale), bits, True)
+        return out
+
+    def value(self, tensor: str) -> Value:
+        if tensor not in self.native:
+            raise ExportError(f"internal: tensor {tensor!r} has no integer form yet")
+        return self.native[tensor]
+
+    def set_native(self, tensor: str, v: Value, layer: str = "", quantized_bits: int | None = None) -> None:
+        """Make `v` the native form of `tensor`; `quantized_bits` marks a stored result."""
+        self.native[tensor] = v
+        if layer:
+            self.layers.setdefault(v.name, layer)
+        if quantized_bits is not None:
+            self.record.tensors[tensor] = (float(v.scale), quantized_bits, self.dtype(v.name).signed)
+            self.label(v.name, tensor, v.scale, layer)
+
+    # --- graph analysis ----------------------------------------------------------------------------
+
+    def _mask_only(self) -> set[str]:
+        """Nodes computing from mask inputs only (their users handle the mask directly)."""
+        derived = set(self.g.mask_inputs)
+        skipped = set()
+        for node in self.g.nodes:
+            data = [i for i in node.inputs if i and not self.g.is_const(i)]
+            if data and all(i in derived for i in data):
+                derived.update(node.outputs)
+                skipped.add(node.name)
+        return skipped
+
+    def wanted_bits(self, tensor: str, seen=None) -> int:
+        """The largest bit width consumers ask of `tensor` (through data movement)."""
+        seen = set() if seen is None else seen
+        if tensor in seen:
+            return self.options.abits
+        seen.add(tensor)
+        bits = []
+        for user in self.users.get(tensor, []):
+            if user.op in MOVEMENT or (user.op == "Mul" and self._scalar_const(user) is not None) or user.op == "Relu":
+                bits.append(self.wanted_bits(user.outputs[0], seen))
+            elif user.op == "MatMul":
+                if self.g.is_const(user.inputs[1]):
+                    bits.append(self.options.layer(self.layer_name(user)).abits)
+                else:
+                    bits.append(self.options.abits)
+            elif user.op in ("Gelu", "Tanh"):
+                bits.append(self.modes.activation_input_bits(self, user))
+            else:
+                bits.append(self.options.residual_bits)
+        if tensor in self.g.outputs:
+            bits.append(self.options.output_bits)
+        return max(bits, default=self.options.abits)
+
+    def softmax_factor(self, tensor: str) -> float | None:
+        """If `tensor` reaches a Softmax only through positive scalar factors and a mask,
+        the product of those factors; else None."""
+        factor = 1.0
+        while True:
+            users = self.users.get(tensor, [])
+            if len(users) != 1 or tensor in self.g.outputs:
+                return None
+            user = users[0]
+            if user.op == "Softmax":
+                return factor
+            c = self._scalar_const(user) if user.op == "Mul" else None
+            if c is not None and c > 0:
+                factor *= c
+            elif not (user.op == "Add" and any(i in self.g.key_padding_masks for i in user.inputs)):
+                return None
+            tensor = user.outputs[0]
+
+    def _scalar_const(self, node: Node) -> float | None:
+        for a, c in (node.inputs, node.inputs[::-1]):
+            if self.g.is_const(c) and not self.g.is_const(a) and self.g.const(c).size == 1:
+                return float(self.g.const(c).reshape(()))
+        return None
+
+    # --- the walk ------------------------------------------------------------------------------
+
+    def run(self) -> GraphBuilder:
+        for name in self.g.inputs:
+            self._graph_input(name)
+        blocks = {}
+        if self.options.ita:
+            # Unmasked self-attention goes through ITA's attention-block graph form (docs/ITA.md).
+            for match in match_attention(self.g):
+                if match.mask is None:
+                    for n in match.nodes:
+                        blocks[n.name] = match
+        for node in self.g.nodes:
+            if node.name in blocks and node.name not in self.done:
+                self._ita_attention(blocks[node.name])
+            if node.name in self.done or node.name in self.skipped:
+                continue
+            handler = getattr(self, f"_visit_{node.op}", None)
+            if handler is None:
+                raise unsupported(node)
+            handler(node)
+        for name in self.g.outputs:
+            self._graph_output(name)
+        return self.b
+
+    def _graph_input(self, name: str) -> None:
+        elem_dtype = self.g.dtypes.get(name, np.dtype(np.float32))
+        shape = self.g.shapes[name]
+        if name in self.g.mask_inputs:
+            self.b.input(name, "uint8", shape)
+            self.native[name] = Value(name, 1.0, "mask")
+        elif elem_dtype.kind in "iub":
+            self.b.input(name, "int32", shape)
+            self.native[name] = Value(name, 1.0, "index")
+        else:
+            bits = 16 if self.wanted_bits(name) > 8 else 8
+            scale = self.scale_of(name, bits)
+            self.b.input(name, f"int{bits}", shape, scale=scale, zero_point=0)
+            self.native[name] = Value(name, scale)
+            self.record.tensors[name] = (scale, bits, True)
+            self.float_tensors[name] = name
+
+    def _graph_output(self, name: str) -> None:
+        v = self.value(name)
+        bits = self.options.output_bits
+        scale = self.scale_of(name, bits)
+        if v.kind in ("prob",):
+            out = self.emit("Cast", [v.name], name, dtype=self.dtype(v.name).name)
+            self.label(out, name, v.scale)
+        else:
+            out = self.requant(v, scale, bits, name, name)
+            self.label(out, name, scale)
+            self.record.tensors[name] = (scale, bits, True)
+        self.b.output(out)
+
+    # --- linear algebra ------------------------------------------------------------------------------
+
+    def _visit_MatMul(self, node: Node) -> None:
+        a, b = node.inputs[:2]
+        if self.g.is_const(b):
+            self._linear(node)
+        elif self.g.is_const(a):
+            raise unsupported(node, "a constant first operand")
+        else:
+            self._matmul(node)
+
+    def _bias_of(self, node: Node) -> tuple[Node, str] | None:
+        users = self.users.get(node.outputs[0], [])
+        if len(users) != 1 or users[0].op != "Add" or node.outputs[0] in self.g.outputs:
+            return None
+        add = users[0]
+        other = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
+        width = self.g.const(node.inputs[1]).shape[-1]
+        if self.g.is_const(other) and self.g.const(other).size in (1, width) and self.g.const(other).shape[-1:] in ((width,), (1,), ()):
+            return add, other
+        return None
+
+    def _linear(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        settings = self.options.layer(layer)
+        w = self.g.const(node.inputs[1]).astype(np.float64)
+        if w.ndim != 2:
+            raise unsupported(node, f"weights of rank {w.ndim}")
+        hardware = self.options.ita
+        if hardware and settings.per_channel:
+            raise ExportError(f"{layer}: ITA takes one requantization multiplier per layer; export without --per-channel")
+        x = self.get(node.inputs[0], settings.abits, node, 0)
+        wq = quantize_weight(w, settings.wbits, settings.per_channel, axis=-1)
+        acc_scale = float(x.scale) * (wq.scale if settings.per_channel else float(wq.scale))
+        bias = self._bias_of(node)
+        out_tensor = node.outputs[0]
+        inputs = [x.name, self.const(wq.q, wq.dtype, f"{layer}.weight"), None, None]
+        x_type = self.dtype(x.name)
+        k = w.shape[0]
+        worst = k * max(abs(x_type.lo), x_type.hi) * int(np.abs(wq.q).max(initial=0))
+        bias_q = None
+        if bias is not None:
+            add, bias_name = bias
+            self.done.add(add.name)
+            out_tensor = add.outputs[0]
+            b = np.broadcast_to(self.g.const(bias_name).astype(np.float64).reshape(-1), (w.shape[1],))
+            bias_q = np.rint(b / acc_scale).astype(np.int64)
+            worst += int(np.abs(bias_q).max(initial=0))
+            bias_index = add.inputs.index(bias_name)
+        acc_bits = self.modes.accumulator_bits(self, layer, worst, settings)
+        if bias_q is not None:
+            bias_bits = self.modes.bias_bits(acc_bits)
+            lim = 1 << (bias_bits - 1)
+            if int(np.abs(bias_q).max(initial=0)) >= lim:
+                raise ExportError(f"{layer}: the quantized bias needs more than {bias_bits} bits (largest {int(np.abs(bias_q).max())})")
+            inputs.append(self.const(bias_q, f"int{bias_bits}" if bias_bits in (8, 16, 32, 64) else "int32", f"{layer}.bias"))
+            self.record.consts[(add.name, bias_index)] = (inputs[-1], acc_scale)
+        acc = self.emit("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
+        self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
+        self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
+        self.layers[acc] = layer
+        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer)
+
+    def finish_matmul(self, tensor: str, acc: Value, layer: str) -> None:
+        """An accumulator becomes the tensor's native form; on ITA, the hardware requantizer
+        turns it into int8 at once, as ITA never hands out accumulators."""
+        if not self.options.ita:
+            self.set_native(tensor, acc, layer)
+            return
+        scale = self.modes.ita_output_scale(self, tensor)
+        y = self.requant(acc, scale, 8, f"{layer}.out", layer, hardware=True)
+        self.set_native(tensor, Value(y, scale), layer, quantized_bits=8)
+
+    def _matmul(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        operands = []
+        for k, t in enumerate(node.inputs[:2]):
+            v = self.value(t)
+            if v.kind == "prob":
+                operands.append(v)
+            else:
+                operands.append(self.get(t, self.options.abits, node, k))
+        a, b = operands
+        bound = 1
+        for v in operands:
+            ty = self.dtype(v.name)
+            bound *= max(abs(ty.lo), ty.hi)
+        k = self.g.shapes1[node.inputs[0]][-1]
+        acc_bits = self.modes.accumulator_bits(self, layer, k * bound, None)
+        acc = self.emit("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
+        self.layers[acc] = layer
+        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc", bound=k * bound), layer)
+
+    # --- elementwise ----------------------------------------------------------------------------------
+
+    def _visit_Add(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        a, b = node.inputs
+        for x, m in ((a, b), (b, a)):
+            if m in self.g.key_padding_masks:
+                users = self.users.get(node.outputs[0], [])
+                if not users or any(u.op != "Softmax" for u in users):
+                    raise unsupported(node, "an attention mask added to something other than softmax scores")
+                self.masked_scores[node.outputs[0]] = (x, self.g.key_padding_masks[m])
+                return
+        self._add(node, [a, b], layer)
+
+    def _add(self, node: Node, terms: list[str], layer: str) -> None:
+        """y = sum of terms (activations or constants), exactly rescaled to y's scale."""
+        bits = self.options.residual_bits
+        out_scale = self.scale_of(node.outputs[0], bits)
+        # k fraction bits: each |x * round(s_x / s_y * 2^k)| stays below 2^60 (so the sum of a
+        # few terms fits int64), and no multiplier needs more than 31 bits.
+        k = 62
+        for t in terms:
+            if self.g.is_const(t):
+                continue
+            v = self.value(t)
+            if v.kind in ("mask", "index"):
+                raise unsupported(node, "adding an integer input")
+            ratio = float(np.max(np.abs(np.asarray(v.scale, np.float64)))) / out_scale
+            if ratio == 0:
+                continue
+            k = min(k, math.floor(60 - math.log2(self.bound_of(v) * ratio + 1)), math.floor(30 - math.log2(ratio)))
+        k = max(k, 0)
+        parts = []
+        for index, t in enumerate(terms):
+            if self.g.is_const(t):
+                c = self.g.const(t).astype(np.float64)
+                q = np.rint(c / out_scale * (1 << k)).astype(np.int64)
+                parts.append(self.const(q, "int64", f"{layer}.term{index}"))
+                self.record.consts[(node.name, index)] = (parts[-1], out_scale / float(1 << k))
+                continue
+            v = self.value(t)
+            m = np.rint(np.asarray(v.scale, np.float64) / out_scale * (1 << k)).astype(np.int64)
+            mul = self.const(m, "int32" if int(np.abs(m).max(initial=0)) < (1 << 31) else "int64", f"{layer}.term{index}.mul")
+            parts.append(self.emit("Mul", [v.name, mul], f"{layer}.term{index}", dtype="int64"))
+        total = parts[0]
+        for p in parts[1:]:
+            total = self.emit("Add", [total, p], f"{layer}.sum", dtype="int64")
+        one = self.const(1, "int32", f"{layer}.one")
+        shift = self.const(k, "int8", f"{layer}.shift")
+        y = self.emit("Requant", [total, one, shift], f"{layer}.out", rounding=self.rounding, dtype=f"int{bits}")
+        self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=bits)
+
+    def _visit_Mul(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        a, b = node.inputs
+        for x, m in ((a, b), (b, a)):
+            if m in self.g.token_masks:
+                # Pooling keeps the residual stream's precision (16 bits), per-tensor.
+                v = self.get(x, self.options.residual_bits, node, node.inputs.index(x))
+                mask = self.mask_tensor(self.g.token_masks[m], "tokens", layer)
+                y = self.emit("Mul", [v.name, mask], f"{layer}.masked")
+                self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+                return
+        c = self._scalar_const(node)
+        if c is not None:
+            if c <= 0:
+                raise unsupported(node, "multiplying by a constant <= 0")
+            x = a if self.g.is_const(b) else b
+            v = self.value(x)
+            self.set_native(node.outputs[0], Value(v.name, np.asarray(v.scale) * c if v.per_channel else float(v.scale) * c, v.kind), layer)
+            return
+        for x, cname in ((a, b), (b, a)):
+            if self.g.is_const(cname) and not self.g.is_const(x):
+                width = self.g.shapes1[x][-1]
+                gamma = self.g.const(cname).astype(np.float64)
+                if gamma.size != width or gamma.shape[-1] != width:
+                    raise unsupported(node, "a constant factor that is neither a scalar nor one per channel")
+                gamma = gamma.reshape(-1)
+                beta, out = np.zeros(width), node.outputs[0]
+                users = self.users.get(out, [])
+                if len(users) == 1 and users[0].op == "Add" and out not in self.g.outputs:
+                    add = users[0]
+                    other = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
+                    if self.g.is_const(other) and self.g.const(other).size == width:
+                        beta, out = self.g.const(other).astype(np.float64).reshape(-1), add.outputs[0]
+                        self.done.add(add.name)
+                self.modes.nonorm(self, node, x, gamma, beta, out)
+                return
+        raise unsupported(node, "a product of two activations")
+
+    def _visit_Div(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        x, d = node.inputs
+        if d not in self.g.token_counts:
+            raise unsupported(node, "division by something other than a token count (mean pooling)")
+        v = self.value(x)
+        mask = self.mask_tensor(self.g.token_counts[d], "count", layer)
+        seq = self.g.shapes1[self.g.token_counts[d]][-1]
+        # 1/count by table lookup: recip[c] = round(2^K / max(c, 1)), then y = x*recip >> K.
+        k_bits = 24
+        count_type = "uint8" if seq < 256 else "uint16"
+        count = self.emit("Cast", [mask], f"{layer}.count", dtype=count_type)
+        size = 1 << TYPES[count_type].bits
+        table = np.array([round((1 << k_bits) / max(c, 1)) for c in range(size)], np.int64)
+        recip = self.emit("Lut", [count, self.const(table, "int32", f"{layer}.reciprocal")], f"{layer}.reciprocal")
+        rank = len(self.g.shapes1[x])
+        if rank != 2:
+            raise unsupported(node, f"mean pooling over a rank-{rank} sum")
+        product = self.emit("Mul", [v.name, recip], f"{layer}.times_reciprocal", dtype="int64")
+        one = self.const(1, "int32", f"{layer}.one")
+        shift = self.const(k_bits, "int8", f"{layer}.shift")
+        y = self.emit("Requant", [product, one, shift], f"{layer}.mean", rounding=self.rounding, dtype="int32")
+        self.set_native(node.outputs[0], Value(y, v.scale, "acc" if v.kind == "acc" else "int"), layer)
+
+    def _visit_Relu(self, node: Node) -> None:
+        v = self.value(node.inputs[0])
+        y = self.emit("Relu", [v.name], f"{self.layer_name(node)}.relu")
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
+
+    def _visit_Tanh(self, node: Node) -> None:
+        self.lookup_table(node, np.tanh)
+
+    def _visit_Gelu(self, node: Node) -> None:
+        self.modes.gelu(self, node)
+
+    def lookup_table(self, node: Node, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        """An elementwise function as a Lut on its 8-bit (16-bit when kept float) input:
+        exact, table[q] = round(f(q * s_in) / s_out)."""
+        layer = self.layer_name(node)
+        in_bits = self.modes.activation_input_bits(self, node)
+        x = self.get(node.inputs[0], in_bits, node, 0)
+        out_bits = min(max(self.wanted_bits(node.outputs[0]), in_bits), 16)
+        out_scale = self.scale_of(node.outputs[0], out_bits)
+        t = TYPES[f"int{in_bits}"]
+        grid = np.arange(t.lo, t.hi + 1, dtype=np.float64) * float(x.scale)
+        table = np.clip(np.rint(fn(grid) / out_scale), -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1).astype(np.int64)
+        y = self.emit("Lut", [x.name, self.const(table, f"int{out_bits}", f"{layer}.table")], f"{layer}.lut")
+        self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=out_bits)
+
+    def _visit_Softmax(self, node: Node) -> None:
+        axis = node.attrs.get("axis", -1)
+        rank = len(self.g.shapes1[node.inputs[0]])
+        if axis % rank != rank - 1:
+            raise unsupported(node, "softmax over an axis other than the last")
+        scores, mask_input = self.masked_scores.get(node.inputs[0], (node.inputs[0], None))
+        mask = self.mask_tensor(mask_input, "keys", self.layer_name(node)) if mask_input else None
+        self.modes.softmax(self, node, scores, mask)
+
+    def _visit_LayerNormalization(self, node: Node) -> None:
+        axis = node.attrs.get("axis", -1)
+        rank = len(self.g.shapes1[node.inputs[0]])
+        if axis % rank != rank - 1:
+            raise unsupported(node, "LayerNorm over axes other than the last")
+        self.modes.layernorm(self, node)
+
+    # --- data movement -----------------------------------------------------------------------------
+
+    def _moved_input(self, node: Node) -> Value:
+        """The input's native form, requantized first when per-channel scales would not follow."""
+        v = self.value(node.inputs[0])
+        if v.per_channel:
+            return self.get(node.inputs[0], self.wanted_bits(node.outputs[0]), node, 0)
+        return v
+
+    def _visit_Reshape(self, node: Node) -> None:
+        v = self._moved_input(node)
+        target = [int(d) for d in self.g.const(node.inputs[1]).reshape(-1)]
+        y = self.emit("Reshape", [v.name], f"{self.layer_name(node)}.reshape", shape=target)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
+
+    def _visit_Transpose(self, node: Node) -> None:
+        v = self._moved_input(node)
+        perm = node.attrs.get("perm")
+        attrs = {"perm": [int(p) for p in perm]} if perm is not None else {}
+        y = self.emit("Transpose", [v.name], f"{self.layer_name(node)}.transpose", **attrs)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
+
+    def _visit_Gather(self, node: Node) -> None:
+        data, indices = node.inputs
+        layer = self.layer_name(node)
+        axis = int(node.attrs.get("axis", 0))
+        if self.g.is_const(data):
+            self._embedding(node, layer, axis)
+            return
+        if not self.g.is_const(indices):
+            raise unsupported(node, "indices computed at run time from activations")
+        v = self._moved_input(node)
+        idx = self.g.const(indices).astype(np.int64)
+        if idx.ndim == 0:
+            # One index (a CLS token): a one-wide Slice, then drop the axis. (A 0-d constant
+            # is stored with shape [1] by refsim.ir.const_tensor, which would keep the axis.)
+            i = int(idx)
+            part = self.emit("Slice", [v.name], f"{layer}.select", starts=[i], ends=[i + 1 if i != -1 else (1 << 62)], axes=[axis])
+            target = [0] * len(self.g.shapes1[data])
+            del target[axis % len(target)]
+            target = [d if k < axis % (len(target) + 1) else self.g.shapes1[node.outputs[0]][k] for k, d in enumerate(target)]
+            y = self.emit("Reshape", [part], f"{layer}.select", shape=target)
+        else:
+            y = self.emit("Gather", [v.name, self.const(idx, "int32", f"{layer}.indices")], f"{layer}.gather", axis=axis)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    def _embedding(self, node: Node, layer: str, axis: int) -> None:
+        table_name, indices = node.inputs
+        if axis != 0:
+            raise unsupported(node, "a lookup along an axis other than 0")
+        idx = self.value(indices)
+        if idx.kind != "index":
+            raise unsupported(node, "embedding indices that are not an integer model input")
+        settings = self.options.embedding(layer)
+        table = self.g.const(table_name).astype(np.float64)
+        wq = quantize_weight(table, settings.wbits, per_channel=False)
+        q = self.const(wq.q, wq.dtype, f"{layer}.table")
+        self.label(q, None, float(wq.scale), layer)
+        y = self.emit("Gather", [q, idx.name], f"{layer}.lookup", axis=0)
+        self.record.consts[(node.name, 0)] = (q, float(wq.scale))
+        self.set_native(node.outputs[0], Value(y, float(wq.scale)), layer)
+
+    def _visit_Slice(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        v = self._moved_input(node)
+        consts = []
+        for name in node.inputs[1:]:
+            if name and not self.g.is_const(name):
+                raise unsupported(node, "slice bounds computed at run time")
+            consts.append([int(x) for x in self.g.const(name).reshape(-1)] if name else None)
+        while len(consts) < 4:
+            consts.append(None)
+        starts, ends, axes, steps = consts
+        big = (1 << 62)
+        ends = [min(max(e, -big), big) for e in ends]
+        starts = [min(max(s, -big), big) for s in starts]
+        attrs = {"starts": starts, "ends": ends}
+        if axes is not None:
+            attrs["axes"] = axes
+        if steps is not None:
+            attrs["steps"] = steps
+        y = self.emit("Slice", [v.name], f"{layer}.slice", **attrs)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    def _visit_Pad(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        mode = node.attrs.get("mode", "constant")
+        value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
+        if mode != "constant" or (value is not None and float(self.g.const(value).reshape(())) != 0.0) or (len(node.inputs) > 3 and node.inputs[3]):
+            raise unsupported(node, "padding other than zeros on every axis")
+        v = self._moved_input(node)
+        pads = [int(p) for p in self.g.const(node.inputs[1]).reshape(-1)]
+        rank = len(pads) // 2
+        y = v.name
+        for axis in range(rank):
+            before, after = pads[axis], pads[axis + rank]
+            if before < 0 or after < 0:
+                raise unsupported(node, "negative padding")
+            if before:
+                y = self.emit("Concat", [self._zeros_like(y, axis, before, layer), y], f"{layer}.pad", axis=axis)
+            if after:
+                y = self.emit("Concat", [y, self._zeros_like(y, axis, after, layer)], f"{layer}.pad", axis=axis)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    def _zeros_like(self, ref: str, axis: int, count: int, layer: str) -> str:
+        """Zeros shaped like `ref` but `count` long on `axis`, from ref itself (so the batch
+        dimension follows whatever the run feeds)."""
+        size = self.b.tensors[ref].shape[axis]
+        if not isinstance(size, int) or count > size:
+            raise ExportError(f"{layer}: cannot pad {count} entries on an axis of {size}")
+        part = self.emit("Slice", [ref], f"{layer}.zeros", starts=[0], ends=[count], axes=[axis])
+        zero = self.const(0, "int8", f"{layer}.zero")
+        return self.emit("Mul", [part, zero], f"{layer}.zeros", dtype=self.dtype(ref).name)
+
+    def _visit_Concat(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        axis = int(node.attrs["axis"])
+        bits = self.options.residual_bits
+        dtype = f"int{bits}"
+        scale = self.scale_of(node.outputs[0], bits)
+        reference = next((i for i in node.inputs if not self.g.is_const(i)), None)
+        if reference is None:
+            raise unsupported(node, "a concatenation of constants only")
+        parts = []
+        for index, t in enumerate(node.inputs):
+            if self.g.is_const(t):
+                c = self.g.const(t).astype(np.float64)
+                q = np.clip(np.rint(c / scale), TYPES[dtype].lo, TYPES[dtype].hi).astype(np.int64)
+                name = self.const(q, dtype, f"{layer}.const{index}")
+                self.record.consts[(node.name, index)] = (name, scale)
+                if t in self.g.batch_rows:
+                    name = self._per_sample(name, self.value(reference).name, layer, dtype)
+                parts.append(name)
+            else:
+                v = self.value(t)
+                if v.kind == "int" and not v.per_channel and self.dtype(v.name).name == dtype and math.isclose(float(v.scale), scale):
+                    parts.append(v.name)
+                else:
+                    r = self.requant(v, scale, bits, f"{layer}.input{index}", layer)
+                    self.record.edges[(node.name, index)] = (scale, bits, True)
+                    parts.append(r)
+        y = self.emit("Concat", parts, f"{layer}.concat", axis=axis)
+        self.set_native(node.outputs[0], Value(y, scale), layer, quantized_bits=bits)
+
+    def _per_sample(self, const_name: str, reference: str, layer: str, dtype: str) -> str:
+        """A one-row constant repeated for every sample of `reference`'s batch: 0 * (a
+        one-element slice of the reference per sample) + constant, in the constant's type."""
+        rank = len(self.b.tensors[const_name].shape)
+        ref_rank = len(self.b.tensors[reference].shape)
+        if rank != ref_rank:
+            raise ExportError(f"{layer}: cannot repeat a rank-{rank} constant per sample of a rank-{ref_rank} tensor")
+        axes = list(range(1, rank))
+        part = self.emit("Slice", [reference], f"{layer}.per_sample", starts=[0] * len(axes), ends=[1] * len(axes), axes=axes)
+        zeros = self.emit("Mul", [part, self.const(0, "int8", f"{layer}.zero")], f"{layer}.per_sample", dtype=dtype)
+        return self.emit("Add", [zeros, const_name], f"{layer}.per_sample", dtype=dtype)
+
+    def _visit_ReduceSum(self, node: Node) -> None:
+        self._reduce(node, "ReduceSum")
+
+    def _visit_ReduceMean(self, node: Node) -> None:
+        self._reduce(node, "ReduceMean")
+
+    def _reduce(self, node: Node, op: str) -> None:
+        layer = self.layer_name(node)
+        v = self._moved_input(node)
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+            axes = [int(a) for a in self.g.const(node.inputs[1]).reshape(-1)]
+        attrs = {"keepdims": bool(node.attrs.get("keepdims", 1))}
+        if axes is not None:
+            attrs["axes"] = [int(a) for a in axes]
+        if op == "ReduceMean":
+            attrs["rounding"] = "half_even"
+        y = self.emit(op, [v.name], f"{layer}.{op.lower()}", **attrs)
+        self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    # --- masks ---------------------------------------------------------------------------------------
+
+    def mask_tensor(self, mask_input: str, kind: str, layer: str) -> str:
+        """The integer form of a mask input: keys (batch, 1, 1, seq) for softmax, tokens
+        (batch, seq, 1) for pooling, or the count of kept tokens (batch, 1)."""
+        key = (mask_input, kind)
+        if key not in self.mask_tensors:
+            seq = self.g.shapes1[mask_input][-1]
+            if kind == "keys":
+                name = self.emit("Reshape", [mask_input], f"{mask_input}.keys", shape=[0, 1, 1, seq])
+            elif kind == "tokens":
+                name = self.emit("Reshape", [mask_input], f"{mask_input}.tokens", shape=[0, seq, 1])
+            else:
+                name = self.emit("ReduceSum", [mask_input], f"{mask_input}.count", axes=[1], keepdims=True)
+            self.mask_tensors[key] = name
+        return self.mask_tensors[key]
+
+    # --- ITA attention blocks ------------------------------------------------------------------
+
+    def _ita_attention(self, m: AttentionMatch) -> None:
+        """Emit one attention layer in ITA's graph form (hw_vectors.ita_graph), per head:
+        projections, QK, softmax, AV and output projection, each a 26-bit MatMul and ITA's
+        requantizer; the heads summed and requantized once more."""
+        from refsim.hw_vectors.ita_graph import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
+
+        name = self.unique(m.name)
+        self.done.update(n.name for n in m.nodes)
+        _, seq, width = self.g.shapes1[m.q.x]
+        heads, p = m.heads, m.head_dim
+
+        def requant(ratio: float, what: str) -> ItaRequant:
+            d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{name}: ITA requantization of {what}")
+            return ItaRequant(int(d.mul), int(d.shift), 0)
+
+        def as_2d(tensor: str, consumer: Node) -> Value:
+            v = self.get(tensor, 8, consumer, 0)
+            return Value(self.emit("Reshape", [v.name], f"{name}.{'q' if tensor == m.q.x else 'kv'}_2d", shape=[seq, width]), v.scale)
+
+        x_q = as_2d(m.q.x, m.q.nodes[0])
+        x_kv = x_q if m.k.x == m.q.x else as_2d(m.k.x, m.k.nodes[0])
+        self.record.edges[(m.k.nodes[0].name, 0)] = (float(x_kv.scale), 8, True)
+        self.record.edges[(m.v.nodes[0].name, 0)] = (float(x_kv.scale), 8, True)
+        settings = self.options.layer(m.q.nodes[0].scope or name)
+        softmax = self.modes.softmax_params()
+        scales = {}
+        quantized = {}
+        for key, lin, x in (("q", m.q, x_q), ("k", m.k, x_kv), ("v", m.v, x_kv), ("o", m.o, None)):
+            w = quantize_weight(self.g.const(lin.weight).astype(np.float64), settings.wbits, per_channel=False)
+            if w.dtype not in ("int8", "int4", "int2", "ternary"):
+                raise ExportError(f"{name}: ITA takes 8-bit weights at most, not {w.dtype}")
+            quantized[key] = w
+            scales[key] = float(w.scale)
+        s_q, s_k, s_v = (self.scale_of(lin.out, 8) for lin in (m.q, m.k, m.v))
+        s_in, s_a = softmax.input_scale, float(softmax.output_scale)
+        s_av, s_out = self.scale_of(m.context, 8), self.scale_of(m.o.out, 8)
+        acc_scale = {"q": float(x_q.scale) * scales["q"], "k": float(x_kv.scale) * scales["k"],
+                     "v": float(x_kv.scale) * scales["v"], "o": s_av * scales["o"]}
+
+        def bias(lin, key) -> np.ndarray | None:
+            if lin.bias is None:
+                return None
+            b = np.rint(self.g.const(lin.bias).astype(np.float64).reshape(-1) / acc_scale[key]).astype(np.int64)
+            if int(np.abs(b).max(initial=0)) >= 1 << 23:
+                raise ExportError(f"{name}: the {key.upper()} bias does not fit ITA's 24-bit biases")
+            return b
+
+        biases = {key: bias(lin, key) for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o))}
+        head_list = []
+        for h in range(heads):
+            cols = slice(h * p, (h + 1) * p)
+            head_list.append(ItaHead(
+                wq=quantized["q"].q[:, cols], wk=quantized["k"].q[:, cols], wv=quantized["v"].q[:, cols],
+                wo=quantized["o"].q[cols, :],
+                q=requant(acc_scale["q"] / s_q, "Q"), k=requant(acc_scale["k"] / s_k, "K"),
+                v=requant(acc_scale["v"] / s_v, "V"), qk=requant(s_q * s_k * m.factor / s_in, "QK"),
+                av=requant(s_a * s_v / s_av, "AV"), ow=requant(acc_scale["o"] / s_out, "OW"),
+                bq=None if biases["q"] is None else biases["q"][cols],
+                bk=None if biases["k"] is None else biases["k"][cols],
+                bv=None if biases["v"] is None else biases["v"][cols],
+                # the float model adds the output bias once; ITA adds Bo in every head: head 0 carries it
+                bo=None if biases["o"] is None else (biases["o"] if h == 0 else np.zeros_like(biases["o"])),
+            ))
+        params = ItaAttention(head_list, requant(1.0, "the head sum"), ItaSoftmax(softmax.op, dict(softmax.attrs)))
+        out = add_attention_block(self.b, name, x_q.name, x_kv.name, params)
+        y = self.emit("Reshape", [out], f"{name}.out_3d", shape=[1, seq, width])
+        self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8)
+        # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
+        per_head = {"q": "Wq", "k": "Wk", "v": "Wv", "o": "Wo"}
+        for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o)):
+            axis = 0 if key == "o" else 1
+            tensors = [f"{name}.h{h}.{per_head[key]}" for h in range(heads)]
+            self.record.consts[(lin.nodes[0].name, 1)] = ({"concat": tensors, "axis": axis}, scales[key])
+            if lin.bias is not None:
+                add = lin.nodes[-1]
+                index = add.inputs.index(lin.bias)
+                if key == "o":
+                    self.record.consts[(add.name, index)] = (f"{name}.h0.Bo", acc_scale[key])
+                else:
+                    letter = per_head[key][1]
+                    tensors = [f"{name}.h{h}.B{letter}" for h in range(heads)]
+                    self.record.consts[(add.name, index)] = ({"concat": tensors, "axis": 0}, acc_scale[key])
+        for tensor, scale, signed in ((m.q.out, s_q, True), (m.k.out, s_k, True), (m.v.out, s_v, True),
+                                      (m.scores, s_in, True), (m.probs, s_a, False), (m.context, s_av, True)):
+            self.record.tensors[tensor] = (float(scale), 8, signed)

@@ -1,0 +1,120 @@
+"""Raw text lines in, token ids out: the tokenizer a model carries in its `.intq`.
+
+A model exported from text (`refsim export --tokenizer tokenizer.json`) stores the
+`tokenizers` JSON file as a blob and, in `metadata["tokenizer"]`, how to use it:
+
+    {"blob": "tokenizer.json", "max_length": 128, "padding": "max_length",
+     "truncation": true, "pad_id": 0,
+     "inputs": {"input_ids": "ids", "attention_mask": "attention_mask",
+                "token_type_ids": "type_ids"}}
+
+Every line is encoded with special tokens, truncated to `max_length` tokens and padded to
+exactly `max_length` (the integer graph's sequence length is fixed), then each model input
+named in `inputs` gets the encoding field it maps to, as a (1, max_length) array of the
+input's declared type. Tokenization yields integers, so it belongs here with the engine;
+nothing in it computes with floats.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .errors import InputError, RefsimError
+from .inputs import Sample
+
+ENCODING_FIELDS = ("ids", "attention_mask", "type_ids")
+DEFAULT_INPUTS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+
+class TextEncoder:
+    """A `tokenizers` tokenizer with the padding and truncation a model was exported with."""
+
+    def __init__(self, tokenizer_json: bytes | str, max_length: int, pad_id: int | None = None, truncation: bool = True):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:  # pragma: no cover - tokenizers is a declared dependency
+            raise RefsimError("reading text needs the 'tokenizers' package") from None
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        try:
+            self.tokenizer = Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises its own exception type
+            raise RefsimError(f"not a valid tokenizers JSON file: {str(e).splitlines()[0]}") from None
+        if not isinstance(max_length, int) or max_length < 1:
+            raise RefsimError(f"max_length must be a positive integer, got {max_length!r}")
+        self.max_length = max_length
+        self.pad_id = self._pad_id() if pad_id is None else int(pad_id)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        if truncation:
+            self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self._pad_token())
+        self.truncation = truncation
+
+    def _pad_id(self) -> int:
+        padding = self.tokenizer.padding
+        if padding and padding.get("pad_id") is not None:
+            return int(padding["pad_id"])
+        for token in ("[PAD]", "<pad>", "<PAD>"):
+            token_id = self.tokenizer.token_to_id(token)
+            if token_id is not None:
+                return int(token_id)
+        return 0
+
+    def _pad_token(self) -> str:
+        return self.tokenizer.id_to_token(self.pad_id) or "[PAD]"
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """(len(texts), max_length) int64 arrays: ids, attention_mask, type_ids."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        out = {}
+        for field in ENCODING_FIELDS:
+            rows = [getattr(e, field) for e in encodings]
+            if any(len(r) != self.max_length for r in rows):
+                longest = max(len(r) for r in rows)
+                raise InputError(f"a text encodes to {longest} tokens, more than max_length {self.max_length}")
+            out[field] = np.array(rows, dtype=np.int64).reshape(len(texts), self.max_length)
+        return out
+
+    def settings(self) -> dict:
+        return {"max_length": self.max_length, "padding": "max_length", "truncation": self.truncation, "pad_id": self.pad_id}
+
+
+def encoder_for(model) -> tuple[TextEncoder, dict[str, str]]:
+    """The model's embedded tokenizer and its input mapping."""
+    meta = model.metadata.get("tokenizer")
+    if not isinstance(meta, dict):
+        raise InputError("the model has no embedded tokenizer; give inputs as numbers, .npy or .npz")
+    blob = meta.get("blob", "tokenizer.json")
+    if blob not in model.graph.blobs:
+        raise InputError(f"the model's tokenizer blob {blob!r} is missing")
+    encoder = TextEncoder(model.graph.blobs[blob], int(meta.get("max_length", 0)), meta.get("pad_id"), bool(meta.get("truncation", True)))
+    mapping = meta.get("inputs") or {n: f for n, f in DEFAULT_INPUTS.items() if n in model.graph.inputs}
+    for name, field in mapping.items():
+        if field not in ENCODING_FIELDS:
+            raise InputError(f"tokenizer input {name!r} maps to unknown field {field!r} (known: {', '.join(ENCODING_FIELDS)})")
+    missing = [n for n in model.graph.inputs if n not in mapping]
+    if missing:
+        raise InputError(f"model inputs {missing} do not come from the tokenizer; give inputs as .npz")
+    return encoder, mapping
+
+
+def text_reader_for(model):
+    """A reader `(path, lines) -> samples` turning each non-empty line into token ids."""
+    encoder, mapping = encoder_for(model)
+    tensors = model.graph.tensors
+
+    def read(path: str, lines: list[str]) -> Iterator[Sample]:
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            encoded = encoder.encode([text])
+            feeds = {}
+            for name, field in mapping.items():
+                storage = tensors[name].dtype.storage
+                feeds[name] = encoded[field].astype(storage)
+            yield Sample(feeds, f"{path}:{number}", text)
+
+    return read

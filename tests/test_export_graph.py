@@ -1,0 +1,145 @@
+"""Canonicalization of ONNX graphs as torch.onnx.export writes them (exporters.onnx_graph)."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import numpy as np
+import pytest
+
+import export_helpers as h
+from refsim.exporters.dyadic import ExportError
+from refsim.exporters.onnx_graph import (
+    CANONICAL_OPS, canonicalize, generalize_target, load_onnx, match_attention, symbolic_shape,
+)
+from refsim.exporters.runtime import FloatRunner
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+SHAPES = {"input_ids": [1, h.SEQ], "attention_mask": [1, h.SEQ]}
+
+
+@pytest.fixture(scope="module")
+def bert_ts(tmp_path_factory):
+    return h.bert(tmp_path_factory.mktemp("g") / "bert_ts.onnx", dynamo=False)
+
+
+@pytest.fixture(scope="module")
+def bert_dynamo(tmp_path_factory):
+    return h.bert(tmp_path_factory.mktemp("g") / "bert_dyn.onnx", dynamo=True)
+
+
+def ops(g) -> collections.Counter:
+    return collections.Counter(n.op for n in g.nodes)
+
+
+def test_torchscript_decompositions_are_fused(bert_ts):
+    raw = collections.Counter(n.op_type for n in load_onnx(bert_ts).graph.node)
+    assert raw["Erf"] == 2 and raw["Sqrt"] == 5 and "LayerNormalization" not in raw  # opset 14
+    g = canonicalize(load_onnx(bert_ts), SHAPES)
+    counts = ops(g)
+    assert counts["LayerNormalization"] == 5 and counts["Gelu"] == 2
+    assert set(counts) <= set(CANONICAL_OPS)
+    assert "Erf" not in counts and "Sqrt" not in counts and "Gemm" not in counts
+
+
+def test_dynamo_graph_is_canonical(bert_dynamo):
+    raw = collections.Counter(n.op_type for n in load_onnx(bert_dynamo).graph.node)
+    assert raw["IsNaN"] == 2 and raw["GatherND"] == 1  # SDPA guards and the boolean mask build-up
+    g = canonicalize(load_onnx(bert_dynamo), SHAPES)
+    counts = ops(g)
+    assert set(counts) <= set(CANONICAL_OPS) and "IsNaN" not in counts and "GatherND" not in counts
+    assert list(g.key_padding_masks.values()) == ["attention_mask"]
+    # Module paths survive as layer names.
+    assert "bert.encoder.layer.1.output.dense" in {n.scope for n in g.nodes}
+
+
+@pytest.mark.parametrize("fixture", ["bert_ts", "bert_dynamo"])
+def test_batch_stays_free(fixture, request):
+    """Folded at batch 1 and 2, the canonical graph runs at batch 5 like the original."""
+    path = request.getfixturevalue(fixture)
+    g = canonicalize(load_onnx(path), SHAPES)
+    assert g.shapes["input_ids"] == ("batch", h.SEQ)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50, (5, h.SEQ)).astype(np.int64)
+    mask = (np.arange(h.SEQ)[None] < rng.integers(3, h.SEQ, (5, 1))).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    want = FloatRunner(load_onnx(path)).run(feeds)["logits"]
+    got = FloatRunner(g.to_model()).run(feeds)["logits"]
+    assert np.allclose(want, got, atol=1e-4)
+
+
+def test_attention_is_matched(bert_ts):
+    g = canonicalize(load_onnx(bert_ts), SHAPES)
+    found = match_attention(g)
+    assert len(found) == 2
+    a = found[0]
+    assert (a.heads, a.head_dim, a.mask) == (4, 8, "attention_mask")
+    assert a.factor == pytest.approx(1 / np.sqrt(8), rel=1e-5)
+    assert a.q.x == a.k.x == a.v.x and a.name == "bert.encoder.layer.0.attention"
+
+
+def test_vit_patch_embedding_becomes_a_matmul(tmp_path):
+    g = canonicalize(load_onnx(h.vit(tmp_path / "vit.onnx", dynamo=False)))
+    counts = ops(g)
+    assert "Conv" not in counts and counts["Concat"] == 1
+    assert len(g.batch_rows) == 1  # the CLS token, one row for every sample
+    assert set(counts) <= set(CANONICAL_OPS)
+
+
+def test_movement_chains_collapse(bert_dynamo):
+    """The dynamo exporter's K^T (Reshape, Transpose, Reshape, Transpose, Reshape) becomes one
+    Reshape and one Transpose; no Squeeze/Unsqueeze/Flatten remain."""
+    g = canonicalize(load_onnx(bert_dynamo), SHAPES)
+    a = match_attention(g)[0]
+    k_chain = [n for n in a.nodes if n.op in ("Reshape", "Transpose") and n not in a.q.nodes]
+    assert not {"Squeeze", "Unsqueeze", "Flatten"} & set(ops(g))
+    assert ops(g)["Reshape"] <= 3 * 2 * 2 + 2  # per layer: Q/K/V splits, one merge; plus the mask
+    assert k_chain
+
+
+def test_tanh_gelu_is_fused(tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.nn.functional.gelu(self.fc(x), approximate="tanh")
+
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(M().eval(), (torch.randn(2, 8),), path, dynamo=False, opset_version=14,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})
+    g = canonicalize(load_onnx(path))
+    (gelu,) = [n for n in g.nodes if n.op == "Gelu"]
+    assert gelu.attrs["approximate"] == "tanh" and "Tanh" not in ops(g)
+
+
+def test_open_dimensions_need_a_size(bert_ts):
+    with pytest.raises(ExportError, match="open dimension 1 .*--max-length"):
+        canonicalize(load_onnx(bert_ts))
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(ExportError, match="bad.onnx: not a readable ONNX model"):
+        load_onnx(bad)
+    with pytest.raises(ExportError, match="no such file"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_symbolic_shapes_and_generalised_targets():
+    assert symbolic_shape((1, 16, 32), (2, 16, 32)) == ("batch", 16, 32)
+    assert symbolic_shape((4, 8), (8, 8)) == (None, 8)
+    # (1, 16, 4, 8) -> (4, 16, 8) at batch 1 and (2, 16, 4, 8) -> (8, 16, 8) at batch 2.
+    assert generalize_target((4, 16, 8), (8, 16, 8), (1, 16, 4, 8), (2, 16, 4, 8)) == [-1, 16, 8]
+    assert generalize_target((1, 16, 32), (2, 16, 32), (1, 16, 4, 8), (2, 16, 4, 8)) == [0, 16, 32]
+    assert generalize_target((1, 1), (2, 2), (1, 1), (2, 2)) == [0, 0]
+    with pytest.raises(ExportError, match="merges the batch"):  # two dimensions grow with the batch
+        generalize_target((2, 3), (4, 6), (6,), (24,))
