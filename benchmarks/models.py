@@ -125,3 +125,19 @@ def ort_static_qdq(name: str) -> Path:
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
     )
     return path
+
+
+def refsim_intq(name: str) -> Path:
+    """The float model exported by refsim (I-BERT mode, per-channel int8 weights, int8
+    activations, MSE calibration on the repo's calibration sentences, sequence SEQ)."""
+    path = CACHE / f"{name}.w8a8.intq"
+    if path.exists():
+        return path
+    from refsim.exporters import export
+
+    root = Path(__file__).resolve().parents[1]
+    export(
+        float_onnx(name), path, root / "examples" / "minilm" / "calibration_sentences.txt",
+        mode="ibert", per_channel=True, tokenizer=minilm_folder() / "tokenizer.json", max_length=SEQ,
+    )
+    return path

@@ -201,7 +201,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     order = [n for n in m.graph.inputs if n in float_tensors] + order
     wanted_float = sorted({float_tensors[n] for n in order} | set(g.outputs))
     float_runner = FloatRunner(g.to_model(), expose=wanted_float)
-    fq_runner = FloatRunner(fake_quant_model(g, meta["fake_quant"], consts))
+    scales = {n: t.scale for n, t in m.graph.tensors.items() if t.is_const}
+    fq_runner = FloatRunner(fake_quant_model(g, meta["fake_quant"], consts, scales))
     dtypes = onnx_feed_dtypes(g)
     outputs = list(g.outputs)
     collected = {kind: {o: [] for o in outputs} for kind in ("float", "fake-quant", "integer")}

@@ -24,14 +24,30 @@ from .onnx_graph import Node, OnnxGraph
 from .quantize import FakeQuantRecord
 
 
-def record_to_json(record: FakeQuantRecord) -> dict:
+def record_to_json(record: FakeQuantRecord, tensors: dict | None = None) -> dict:
+    """The record as JSON. A constant's scale is written as null when the integer tensor
+    carries it as its own `scale` metadata (which this sets where it is missing): the
+    .intq then holds each per-channel scale vector once, in binary."""
+
     def scale_json(s):
         return float(s) if np.ndim(s) == 0 else [float(v) for v in np.asarray(s).reshape(-1)]
+
+    def const_scale(spec, s):
+        t = tensors.get(spec) if tensors is not None and isinstance(spec, str) else None
+        if t is None:
+            return scale_json(s)
+        if t.scale is None:
+            t.scale = scale_json(s)
+            if np.ndim(s) == 1 and np.size(s) > 1:
+                t.quant_axis = len(t.shape) - 1
+        same = np.shape(t.scale) == np.shape(s) and np.array_equal(np.asarray(t.scale, np.float64), np.asarray(s, np.float64))
+        return None if same else scale_json(s)
 
     return {
         "edges": [[n, i, float(s), int(b), bool(sg)] for (n, i), (s, b, sg) in record.edges.items()],
         "tensors": [[t, float(s), int(b), bool(sg)] for t, (s, b, sg) in record.tensors.items()],
-        "consts": [[n, i, q, scale_json(s)] for (n, i), (q, s) in record.consts.items()],  # q: name or {"concat": [...], "axis": a}
+        # q: a tensor name or {"concat": [...], "axis": a}; scale null: the tensor's own scale
+        "consts": [[n, i, q, const_scale(q, s)] for (n, i), (q, s) in record.consts.items()],
     }
 
 
@@ -39,8 +55,11 @@ def _levels(bits: int, signed: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
-def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray]) -> OnnxGraph:
-    """A copy of `g` with the recorded quantization applied (see the module docstring)."""
+def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray],
+                     integer_scales: dict | None = None) -> OnnxGraph:
+    """A copy of `g` with the recorded quantization applied (see the module docstring).
+    `integer_scales` gives the `scale` metadata of the integer constants, for records
+    that refer to it (a null scale)."""
     fg = copy.deepcopy(g)
     by_name = {n.name: n for n in fg.nodes}
     added: list[tuple[int, Node]] = []  # (position to insert before, node)
@@ -75,6 +94,10 @@ def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.nd
         original = fg.consts[node.inputs[index]]
         arrays = [np.asarray(integer_consts[part], np.float64) for part in parts]
         q = np.concatenate(arrays, axis=int_spec.get("axis", 0)) if isinstance(int_spec, dict) else arrays[0]
+        if scale is None:
+            scale = (integer_scales or {}).get(parts[0])
+            if scale is None:
+                raise ExportError(f"the .intq's fake-quant record takes the scale of constant {parts[0]!r}, which has none")
         value = q * np.asarray(scale, np.float64)
         replaced = fg.add_const(value.reshape(original.shape).astype(np.float32), "fq.const")
         if node.inputs[index] in fg.batch_rows:
@@ -113,5 +136,6 @@ def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.nd
     return fg
 
 
-def fake_quant_model(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray]) -> onnx.ModelProto:
-    return fake_quant_graph(g, record, integer_consts).to_model()
+def fake_quant_model(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray],
+                     integer_scales: dict | None = None) -> onnx.ModelProto:
+    return fake_quant_graph(g, record, integer_consts, integer_scales).to_model()

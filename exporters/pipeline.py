@@ -201,7 +201,7 @@ def export(
         "method": options.calib_method, "percentile": list(options.percentile) if options.percentile else None,
         "source": os.path.basename(dataset.source), "samples": len(dataset), "digests": dataset.digests,
     }
-    meta["fake_quant"] = record_to_json(walker.record)
+    meta["fake_quant"] = record_to_json(walker.record, builder.tensors)
     meta["float_tensors"] = walker.float_tensors
     meta["layers"] = walker.layers
     graph = builder.build()

@@ -33,6 +33,7 @@ ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQQQI20x")  # magic, version, flags, header, data offset, data size, header crc
 assert PREAMBLE.size == ALIGN
 MAX_HEADER_BYTES = 256 << 20
+INLINE_SCALES = 8  # per-channel scale lists longer than this are stored as float64 data
 
 
 def _align(n: int) -> int:
@@ -90,6 +91,10 @@ def to_bytes(graph: Graph) -> bytes:
     tensors = []
     for t in graph.tensors.values():
         entry = _tensor_entry(t)
+        if isinstance(entry.get("scale"), list) and len(entry["scale"]) > INLINE_SCALES:
+            # Long per-channel scale vectors go to the data section as float64: as JSON
+            # text they would make the header several times larger than they are.
+            entry["scale"] = place(np.asarray(entry["scale"], "<f8").tobytes())
         if t.is_const:
             entry["data"] = place(pack(t.data, t.dtype))
         tensors.append(entry)
@@ -276,6 +281,16 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
         except RefsimError as e:
             r.fail(f"{where}: {e}")
         scale = entry.get("scale")
+        if isinstance(scale, dict):
+            offset, nbytes, crc = r.extent(scale, f"{where}.scale", data_len, None)
+            if nbytes % 8:
+                r.fail(f"{where}: stored scales take {nbytes} bytes, not a multiple of 8 (float64)")
+            view = memoryview(buffer)[data_offset + offset : data_offset + offset + nbytes]
+            r.check_crc(view, crc, f"{where}.scale")
+            scale = np.frombuffer(view, "<f8").tolist()
+            if not all(math.isfinite(v) for v in scale):
+                r.fail(f"{where}: stored scales must be finite numbers")
+            used.append((offset, nbytes, f"{where}.scale"))
         zero_point = entry.get("zero_point")
         quant_axis = r.get(entry, "quant_axis", int, where, optional=True)
         for key, value in (("scale", scale), ("zero_point", zero_point)):

@@ -241,3 +241,33 @@ def test_the_example_is_what_its_build_script_writes():
 def test_from_buffer_accepts_plain_bytes():
     graph = from_buffer(EXAMPLE.read_bytes(), "example")
     assert graph.name == "tiny_mlp"
+
+
+def _per_channel_model(scales):
+    b = GraphBuilder("per_channel")
+    x = b.input("x", "int8", [1, len(scales)])
+    w = b.const(np.eye(len(scales), dtype=np.int64), "int8", name="w", scale=list(scales), quant_axis=1)
+    b.output(b.node("MatMul", [x, w], outputs="y"))
+    return b.build()
+
+
+def test_long_scale_vectors_are_stored_as_float64_data_and_read_back_exactly():
+    scales = [0.1 * 3.0**-i for i in range(40)] + [1e-300, 5e-324, 1.7976931348623157e308]
+    data = to_bytes(_per_channel_model(scales))
+    header_len = struct.unpack_from("<Q", data, 16)[0]
+    header = json.loads(data[64 : 64 + header_len])
+    entry = next(t for t in header["graph"]["tensors"] if t["name"] == "w")
+    assert set(entry["scale"]) == {"offset", "nbytes", "crc32"} and entry["scale"]["nbytes"] == 8 * len(scales)
+    assert from_buffer(data).tensors["w"].scale == scales  # bit for bit: float64 both ways
+    short = to_bytes(_per_channel_model([0.5, 0.25]))
+    assert from_buffer(short).tensors["w"].scale == [0.5, 0.25]
+
+
+def test_a_corrupted_stored_scale_vector_is_refused():
+    data = bytearray(to_bytes(_per_channel_model([0.01 * (i + 1) for i in range(16)])))
+    header_len, data_offset = struct.unpack_from("<QQ", data, 16)
+    header = json.loads(data[64 : 64 + header_len])
+    entry = next(t for t in header["graph"]["tensors"] if t["name"] == "w")
+    data[data_offset + entry["scale"]["offset"]] ^= 0xFF
+    with pytest.raises(refsim.errors.IntqFormatError, match="scale: data checksum mismatch"):
+        from_buffer(bytes(data))
