@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from . import backend
 from .dtypes import check_fits
 from .errors import InputError, OpError, RefsimError
 from .ir import Graph, Node, Tensor, validate
@@ -30,6 +31,7 @@ class _Step:
     inputs: list[str]
     outputs: list[Tensor]
     release: list[str]  # values no later node needs
+    computed: list[int]  # positions of inputs that are not constants (they size the work)
 
 
 class _Shapes:
@@ -110,7 +112,8 @@ class Model:
             if kernel is None:
                 kernel = _bind(schema.fn, attrs)
             outputs = [tensors[n] for n in node.outputs]
-            steps.append(_Step(node, kernel, list(node.inputs), outputs, releases.get(index, [])))
+            computed = [i for i, n in enumerate(node.inputs) if n and not tensors[n].is_const]
+            steps.append(_Step(node, kernel, list(node.inputs), outputs, releases.get(index, []), computed))
         return steps
 
     # --- running -----------------------------------------------------------------------
@@ -174,9 +177,15 @@ class Model:
             if name not in self.graph.tensors:
                 raise InputError(f"no tensor named {name!r} in the model")
         keep = set(wanted)
+        with backend.single_threaded_blas():
+            self._execute(values, keep, shapes, trace)
+        return {name: values[name] for name in wanted}
+
+    def _execute(self, values, keep, shapes, trace) -> None:
         for step in self._steps:
             node = step.node
             args = [values[n] if n else None for n in step.inputs]
+            backend.fit_threads(max((args[i].size for i in step.computed), default=0))
             try:
                 result = step.kernel(*args)
             except RefsimError as e:
@@ -204,7 +213,6 @@ class Model:
             for name in step.release:
                 if name not in keep:
                     values.pop(name, None)
-        return {name: values[name] for name in wanted}
 
     def save(self, path: str | os.PathLike) -> None:
         from .intq import save

@@ -10,7 +10,9 @@ int4 + int4 sum is int8); called directly on arrays, from the arrays' dtypes.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange
 
+from .. import backend
 from ..dtypes import IntType, int_type, type_for_range
 from ..errors import GraphError, OpError, RefsimError
 from .overflow import fit_range
@@ -69,8 +71,66 @@ def _arith(op_name: str, a, b, dtype, overflow) -> np.ndarray:
         )
         if lo < INT64_MIN or hi > INT64_MAX:
             raise OpError(f"{op_name}: results may leave int64 ({lo}..{hi})")
+    if backend.use_numba():
+        fast = _arith_numba(op_name, a, b, out, overflow)
+        if fast is not None:
+            return fast
     exact = _COMPUTE[op_name](a.astype(np.int64), b.astype(np.int64))
     return fit_range(exact, out.lo, out.hi, out.bits, overflow, op_name).astype(out.storage)
+
+
+_OP_CODE = {"Add": 0, "Sub": 1, "Mul": 2}
+_POLICY_CODE = {"error": 0, "wrap": 1, "saturate": 2}
+
+
+@njit(cache=True, parallel=True)
+def _arith_rows(a, b, op, lo, hi, bits, policy, out):
+    """out[i, j] = fit(a[i, j] op b[i or 0, j]) in one pass (int64 math, checked by the
+    caller not to overflow); returns 1 + the first flat index that does not fit under
+    the 'error' policy, else 0."""
+    rows, cols = a.shape
+    b_rows = b.shape[0]
+    bad = np.zeros(rows, np.int64)
+    mask = (np.int64(1) << bits) - 1 if bits < 64 else np.int64(-1)
+    b_step = np.int64(1) if b_rows > 1 else np.int64(0)
+    for i in prange(rows):
+        bi = np.int64(i) * b_step
+        for j in range(cols):
+            x = np.int64(a[i, j])
+            y = np.int64(b[bi, j])
+            v = x + y if op == 0 else (x - y if op == 1 else x * y)
+            if v < lo or v > hi:
+                if policy == 2:
+                    v = lo if v < lo else hi
+                elif policy == 1:
+                    v = ((v - lo) & mask) + lo
+                elif bad[i] == 0:
+                    bad[i] = 1 + i * cols + j
+            out[i, j] = v
+    for i in range(rows):
+        if bad[i]:
+            return bad[i]
+    return 0
+
+
+def _arith_numba(op_name, a, b, out_type, overflow):
+    """The one-pass kernel for same-shape operands and for a second operand that is a
+    scalar or runs along the last axis (a bias, a per-channel scale); None otherwise."""
+    if a.ndim == 0 or a.size == 0 or b.ndim > a.ndim:
+        return None
+    cols = a.shape[-1]
+    if b.shape == a.shape:
+        b2 = np.ascontiguousarray(b).reshape(-1, cols)
+    elif b.size == 1 or (b.shape[-1] == cols and b.size == cols):
+        b2 = np.ascontiguousarray(np.broadcast_to(b.reshape(-1), cols)).reshape(1, cols)
+    else:
+        return None
+    a2 = np.ascontiguousarray(a).reshape(-1, cols)
+    result = np.empty(a2.shape, out_type.storage)
+    if _arith_rows(a2, b2, _OP_CODE[op_name], out_type.lo, out_type.hi, out_type.bits,
+                   _POLICY_CODE[overflow], result):
+        return None  # an overflow under 'error': let the NumPy path name it
+    return result.reshape(a.shape)
 
 
 def _infer_arith(op_name):

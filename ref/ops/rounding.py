@@ -13,7 +13,7 @@ Each kernel exists twice, in Numba and in NumPy, with identical results.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, vectorize
+from numba import njit, prange, vectorize
 
 from .. import backend
 from ..errors import OpError
@@ -192,13 +192,13 @@ def shift_plan(shift: np.ndarray):
     return sq, sh, below_half, shift - 1 >= 64, below_shift, shift >= 64, shift == 0
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def requant_last_axis_planned(x, mul, bias, sq, sh, below_half, half_wide, below_shift, shift_wide, no_shift, offset, lo, hi, mode, out):
     """The same integers as `_requant_last_axis` for the five plain roundings, branch-free
     per element: q = v >> s; the half bit and the bits below it decide the rounding, as
     in `round_shift_scalar` (bits past 63 are copies of the sign bit)."""
     rows, cols = x.shape
-    for i in range(rows):
+    for i in prange(rows):
         for j in range(cols):
             v = np.int64(x[i, j]) * mul[j] + bias[j]
             q = v >> sq[j]
