@@ -9,6 +9,7 @@ consistent through the whole run.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -63,6 +64,7 @@ class Model:
         self.path = path
         self.order = validate(graph)
         self._steps = self._plan()
+        _drop_resident_pages(graph)
 
     # --- description -------------------------------------------------------------------
 
@@ -218,6 +220,18 @@ class Model:
         from .intq import save
 
         save(self.graph, path)
+
+
+def _drop_resident_pages(graph: Graph) -> None:
+    """Let the OS drop the file pages that loading and preparing touched (checksums, weight
+    packing). Kernels that prepared their own copy of a constant never read the file
+    again, and what is still read (embedding rows, say) comes back page by page."""
+    mapping = graph.mapping
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def _bind(fn: Callable, attrs: dict[str, Any]) -> Callable:

@@ -367,4 +367,6 @@ def load_graph(path: str | os.PathLike, verify: bool = True) -> Graph:
         raise RefsimError(f"{path}: is a directory, not an .intq file") from None
     except PermissionError:
         raise RefsimError(f"{path}: permission denied") from None
-    return from_buffer(buffer, path, verify)
+    graph = from_buffer(buffer, path, verify)
+    graph.mapping = buffer
+    return graph

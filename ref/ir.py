@@ -75,6 +75,8 @@ class Graph:
     metadata: dict[str, Any] = field(default_factory=dict)
     # Named byte strings stored beside the tensors (for example a tokenizer.json).
     blobs: dict[str, bytes] = field(default_factory=dict)
+    # The memory map the constants were read from, if any (see Model.__init__).
+    mapping: Any = field(default=None, repr=False, compare=False)
 
     def producers(self) -> dict[str, Node]:
         return {out: node for node in self.nodes for out in node.outputs}
