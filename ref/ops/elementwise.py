@@ -118,6 +118,8 @@ def _arith_numba(op_name, a, b, out_type, overflow):
     scalar or runs along the last axis (a bias, a per-channel scale); None otherwise."""
     if a.ndim == 0 or a.size == 0 or b.ndim > a.ndim:
         return None
+    if overflow == "wrap" and out_type.hi - out_type.lo + 1 != 1 << out_type.bits:
+        return None  # ternary: no full two's complement range to wrap into
     cols = a.shape[-1]
     if b.shape == a.shape:
         b2 = np.ascontiguousarray(b).reshape(-1, cols)
