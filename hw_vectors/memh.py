@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from refsim.dtypes import int_type
+from refsim.dtypes import int_type, pack_lanes
 from refsim.errors import InputError
 
 WORD_BITS = (8, 16, 32, 64)
@@ -57,19 +57,9 @@ def check(graph, options) -> None:
 
 def encode_words(values: np.ndarray, bits: int, word_bits: int) -> np.ndarray:
     """The tensor as uint64 words of `word_bits` bits (see the module docstring)."""
-    flat = np.ascontiguousarray(values).reshape(-1).astype(np.int64).view(np.uint64)
     if bits <= word_bits:
-        lanes = word_bits // bits
-        mask = np.uint64((1 << bits) - 1)
-        fields = flat & mask
-        pad = (-fields.size) % lanes
-        if pad:
-            fields = np.concatenate([fields, np.zeros(pad, np.uint64)])
-        fields = fields.reshape(-1, lanes)
-        words = np.zeros(fields.shape[0], np.uint64)
-        for lane in range(lanes):
-            words |= fields[:, lane] << np.uint64(lane * bits)
-        return words
+        return pack_lanes(values, bits, word_bits)
+    flat = np.ascontiguousarray(values).reshape(-1).astype(np.int64).view(np.uint64)
     per_element = bits // word_bits
     word_mask = np.uint64((1 << word_bits) - 1)
     shifts = np.arange(per_element, dtype=np.uint64) * np.uint64(word_bits)

@@ -118,17 +118,24 @@ def pack(values: np.ndarray, t: IntType) -> bytes:
     flat = np.asarray(values, order="C").reshape(-1)
     if not t.packed:
         return flat.astype(t.storage.newbyteorder("<"), copy=False).tobytes()
-    per_byte = 8 // t.bits
-    mask = (1 << t.bits) - 1
-    fields = (flat.astype(np.int64) & mask).astype(np.uint8)
-    pad = (-fields.size) % per_byte
+    return pack_lanes(flat, t.bits, 8).astype(np.uint8).tobytes()
+
+
+def pack_lanes(values: np.ndarray, bits: int, word_bits: int) -> np.ndarray:
+    """Values as `word_bits`-bit words (uint64) holding word_bits // bits fields each:
+    element 0 in the least significant field, two's complement within a field, the last
+    word zero-padded. (Sub-byte tensors on disk are this with 8-bit words.)"""
+    flat = np.asarray(values).reshape(-1).astype(np.int64).view(np.uint64)
+    lanes = word_bits // bits
+    fields = flat & np.uint64((1 << bits) - 1)
+    pad = (-fields.size) % lanes
     if pad:
-        fields = np.concatenate([fields, np.zeros(pad, np.uint8)])
-    lanes = fields.reshape(-1, per_byte)
-    out = np.zeros(lanes.shape[0], np.uint8)
-    for lane in range(per_byte):
-        out |= lanes[:, lane] << np.uint8(lane * t.bits)
-    return out.tobytes()
+        fields = np.concatenate([fields, np.zeros(pad, np.uint64)])
+    fields = fields.reshape(-1, lanes)
+    words = np.zeros(fields.shape[0], np.uint64)
+    for lane in range(lanes):
+        words |= fields[:, lane] << np.uint64(lane * bits)
+    return words
 
 
 def unpack(buffer, t: IntType, count: int) -> np.ndarray:
