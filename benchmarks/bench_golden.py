@@ -33,12 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from golden_helpers import ensure_ita_softmax, random_attention, random_requant  # noqa: E402
-
 from refsim import GraphBuilder  # noqa: E402
+from refsim.blocks.ita import add_attention_block  # noqa: E402
 from refsim.golden.capture import capture  # noqa: E402
 from refsim.golden.vectorset import write_vector_set  # noqa: E402
 from refsim.hw_vectors import targets  # noqa: E402
-from refsim.hw_vectors.ita_graph import add_attention_block  # noqa: E402
 from refsim.inputs import Sample  # noqa: E402
 
 
@@ -48,7 +47,7 @@ def build(layers: int, S: int, E: int, P: int, H: int, F: int, seed: int = 0):
     b = GraphBuilder("bench_encoder")
     x = b.input("x", "int8", [S, E])
     for layer in range(layers):
-        att = add_attention_block(b, f"l{layer}.attn", x, x, random_attention(rng, E, P, H))
+        att = add_attention_block(b, f"l{layer}.attn", x, x, random_attention(rng, E, P, H)).out
         w1 = b.const(rng.integers(-128, 128, (E, F)), "int8", name=f"l{layer}.ff1.W")
         b1 = b.const(rng.integers(-4096, 4096, F), "int32", name=f"l{layer}.ff1.B")
         acc = b.node("MatMul", [att, w1, None, None, b1], outputs=f"l{layer}.ff1.acc")

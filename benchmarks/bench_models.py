@@ -18,9 +18,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -31,9 +31,8 @@ def _worker(engine: str, model: str, batch: int, repeats: int) -> dict:
     import resource
     import time
 
-    import numpy as np
-
     import models
+    import numpy as np
 
     feeds = models.text_feeds(batch)
     result: dict = {"engine": engine, "model": model, "batch": batch}

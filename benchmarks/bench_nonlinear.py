@@ -25,7 +25,6 @@ import time
 
 import numba
 import numpy as np
-
 from refsim import backend, ops
 from refsim.exporters import nonlinear as nl
 

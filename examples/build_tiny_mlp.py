@@ -10,7 +10,6 @@ fixed pseudo-random integers, so the file is reproducible byte for byte:
 from pathlib import Path
 
 import numpy as np
-
 from refsim import GraphBuilder
 from refsim.intq import save
 

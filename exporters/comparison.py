@@ -27,16 +27,15 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import refsim
 from refsim.input_quant import quantize_feeds
 from refsim.text import encoder_for
 
 from .data import load_dataset, read_labels
 from .dyadic import ExportError
-from .pipeline import _file_sha256, onnx_feed_dtypes
 from .fakequant import fake_quant_model
 from .onnx_graph import canonicalize, load_onnx
+from .pipeline import _file_sha256, onnx_feed_dtypes
 from .progress import Progress
 from .runtime import FloatRunner
 

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from refsim.errors import RefsimError
 from refsim.text import DEFAULT_INPUTS, TextEncoder
 

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from refsim.ops.softmax import ITA_PRESETS
 
 from .dyadic import ExportError, dyadic

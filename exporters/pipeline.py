@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-
 from refsim import __version__
 from refsim.intq import save
 from refsim.text import DEFAULT_INPUTS, TextEncoder

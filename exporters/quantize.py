@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, IntType
 
@@ -807,10 +806,10 @@ class Walker:
     # --- ITA attention blocks ------------------------------------------------------------------
 
     def _ita_attention(self, m: AttentionMatch) -> None:
-        """Emit one attention layer in ITA's graph form (hw_vectors.ita_graph), per head:
+        """Emit one attention layer in ITA's graph form (refsim.blocks.ita), per head:
         projections, QK, softmax, AV and output projection, each a 26-bit MatMul and ITA's
         requantizer; the heads summed and requantized once more."""
-        from refsim.hw_vectors.ita_graph import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
+        from refsim.blocks.ita import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
 
         name = self.unique(m.name)
         self.done.update(n.name for n in m.nodes)
@@ -870,24 +869,22 @@ class Walker:
                 bo=None if biases["o"] is None else (biases["o"] if h == 0 else np.zeros_like(biases["o"])),
             ))
         params = ItaAttention(head_list, requant(1.0, "the head sum"), ItaSoftmax(softmax.op, dict(softmax.attrs)))
-        out = add_attention_block(self.b, name, x_q.name, x_kv.name, params)
-        y = self.emit("Reshape", [out], f"{name}.out_3d", shape=[1, seq, width])
+        block = add_attention_block(self.b, name, x_q.name, x_kv.name, params)
+        y = self.emit("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8)
         # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
-        per_head = {"q": "Wq", "k": "Wk", "v": "Wv", "o": "Wo"}
+        step_of = {"q": "Q", "k": "K", "v": "V", "o": "OW"}
         for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o)):
+            step = step_of[key]
             axis = 0 if key == "o" else 1
-            tensors = [f"{name}.h{h}.{per_head[key]}" for h in range(heads)]
-            self.record.consts[(lin.nodes[0].name, 1)] = ({"concat": tensors, "axis": axis}, scales[key])
+            self.record.consts[(lin.nodes[0].name, 1)] = ({"concat": block.weights[step], "axis": axis}, scales[key])
             if lin.bias is not None:
                 add = lin.nodes[-1]
                 index = add.inputs.index(lin.bias)
-                if key == "o":
-                    self.record.consts[(add.name, index)] = (f"{name}.h0.Bo", acc_scale[key])
+                if key == "o":  # head 0 carries the output bias (see above)
+                    self.record.consts[(add.name, index)] = (block.biases[step][0], acc_scale[key])
                 else:
-                    letter = per_head[key][1]
-                    tensors = [f"{name}.h{h}.B{letter}" for h in range(heads)]
-                    self.record.consts[(add.name, index)] = ({"concat": tensors, "axis": 0}, acc_scale[key])
+                    self.record.consts[(add.name, index)] = ({"concat": block.biases[step], "axis": 0}, acc_scale[key])
         for tensor, scale, signed in ((m.q.out, s_q, True), (m.k.out, s_k, True), (m.v.out, s_v, True),
                                       (m.scores, s_in, True), (m.probs, s_a, False), (m.context, s_av, True)):
             self.record.tensors[tensor] = (float(scale), 8, signed)

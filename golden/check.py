@@ -105,7 +105,7 @@ def _golden_array(root: Path, entry: dict[str, Any]) -> np.ndarray:
 
 
 def _check_one(name: str, info: dict, entry: dict, expected: np.ndarray, dump: Path, atol: int, word_bits: int) -> TensorResult:
-    from ..hw_vectors import memh
+    from . import memh
 
     result = TensorResult(name, entry["sample"], "missing", info["dtype"], list(expected.shape))
     stem = entry["path"][: -len(".npy")]

@@ -27,7 +27,6 @@ import json
 import re
 
 import numpy as np
-
 from refsim import __version__
 from refsim.dtypes import IntType, pack
 

@@ -42,12 +42,10 @@ one-head layout would.
 from __future__ import annotations
 
 import numpy as np
-
+from refsim.blocks.ita import ITA_TILE, attention_records, ita_constraints, read_block
 from refsim.errors import GraphError
+from refsim.golden.memh import encode_words, format_words
 from refsim.golden.names import FileNames
-
-from .ita_graph import ITA_TILE, attention_records, ita_constraints, read_block
-from .memh import encode_words, format_words
 
 ITA_M = ITA_TILE
 ITA_N = 16
@@ -66,7 +64,7 @@ def check(graph, options) -> None:
     if not records:
         raise GraphError(
             "target ita: the model records no ITA attention blocks (metadata attention_blocks); "
-            "export it with `refsim export --mode ita` or build blocks with refsim.hw_vectors.ita_graph"
+            "export it with `refsim export --mode ita` or build blocks with refsim.blocks.ita"
         )
     for record in records:
         block = read_block(graph, record)

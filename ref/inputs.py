@@ -116,3 +116,19 @@ def read_samples(path: str, inputs: list[Tensor], text_reader=None) -> list[Samp
     if not samples:
         raise InputError(f"{path}: no samples (every line is empty or a comment)")
     return samples
+
+
+def load_samples(model, path):
+    """Samples for `model` from `path`, through the embedded tokenizer if there is one."""
+    text_reader = None
+    if "tokenizer" in model.metadata:
+        from .text import text_reader_for
+
+        text_reader = text_reader_for(model)
+    samples = read_samples(path, model.inputs, text_reader)
+    if model.metadata.get("input_quant"):
+        from .input_quant import quantize_feeds
+
+        for sample in samples:
+            sample.feeds = quantize_feeds(model, sample.feeds)
+    return samples

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import torch_core
 from refsim import GraphBuilder, RefsimError
 from refsim.ops import OPS

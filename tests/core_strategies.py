@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from hypothesis import strategies as st
-
 from torch_core import STORAGE, TYPES
 
 ALL_TYPES = tuple(TYPES)

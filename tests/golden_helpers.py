@@ -9,12 +9,10 @@ tests do not depend on what the softmax computes, only on the tensors the run pr
 from __future__ import annotations
 
 import numpy as np
-
 from refsim import GraphBuilder
+from refsim.blocks.ita import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
 from refsim.dtypes import TYPES
 from refsim.ops import registry
-from refsim.hw_vectors.ita_graph import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
-
 
 # Tensor names that must never become paths outside the set (or clash, or break C).
 NASTY_NAMES = [
@@ -94,6 +92,6 @@ def ita_model(S=64, E=64, P=64, H=2, seed=0, cross=False, bias=True):
     b = GraphBuilder("ita_block")
     q = b.input("q", "int8", [S, E])
     kv = b.input("kv", "int8", [S, E]) if cross else q
-    out = add_attention_block(b, "enc0.attn", q, kv, random_attention(rng, E, P, H, bias))
+    out = add_attention_block(b, "enc0.attn", q, kv, random_attention(rng, E, P, H, bias)).out
     b.output(out)
     return b.model()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from refsim import backend
 
 BACKENDS = ("numba", "numpy")

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 from core_strategies import CASES
+from hypothesis import given
+from hypothesis import strategies as st
 from refsim import RefsimError
 from refsim.dtypes import int_type
 from refsim.errors import GraphError

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
-
 from core_harness import check_case, run_graph
 from core_strategies import CASES, Case
+from hypothesis import given
 from refsim import RefsimError
 from refsim.ops import Add, Cast, Clip, Lut, Mul, Relu, Sub
 

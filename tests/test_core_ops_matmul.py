@@ -3,10 +3,9 @@ accumulator widths and overflow policies, the float-chunked fast path and prepar
 
 import numpy as np
 import pytest
-from hypothesis import given
-
 from core_harness import check_case, run_graph
 from core_strategies import CASES, Case
+from hypothesis import given
 from refsim import GraphBuilder, RefsimError
 from refsim.errors import AccumulatorOverflow
 from refsim.ops import MatMul

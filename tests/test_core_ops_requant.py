@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
-
 import torch_core
 from core_harness import check_case
-from core_strategies import CASES, ROUNDINGS, SHIFT_EDGES, requant_case, tflite_requant_case, tie_case, typed_array
+from core_strategies import CASES, ROUNDINGS, SHIFT_EDGES, requant_case, tflite_requant_case, tie_case
+from hypothesis import given
+from hypothesis import strategies as st
 from refsim.ops import Requant, RequantShift
 from refsim.ops.rounding import round_div, round_shift
 

@@ -3,10 +3,9 @@ torch_core, exactly."""
 
 import numpy as np
 import pytest
-from hypothesis import given
-
 from core_harness import check_case
 from core_strategies import CASES
+from hypothesis import given
 from refsim import RefsimError
 from refsim.ops import ArgMax, Concat, Gather, ReduceMean, ReduceSum, Reshape, Slice, Transpose
 

@@ -5,7 +5,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
 import refsim
 from refsim import GraphBuilder, RefsimError
 from refsim.errors import GraphError

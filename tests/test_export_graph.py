@@ -5,13 +5,17 @@ from __future__ import annotations
 import collections
 import warnings
 
+import export_helpers as h
 import numpy as np
 import pytest
-
-import export_helpers as h
 from refsim.exporters.dyadic import ExportError
 from refsim.exporters.onnx_graph import (
-    CANONICAL_OPS, canonicalize, generalize_target, load_onnx, match_attention, symbolic_shape,
+    CANONICAL_OPS,
+    canonicalize,
+    generalize_target,
+    load_onnx,
+    match_attention,
+    symbolic_shape,
 )
 from refsim.exporters.runtime import FloatRunner
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import collections
 import json
 
+import export_helpers as h
 import numpy as np
 import pytest
-
-import export_helpers as h
 import refsim
 from refsim.cli import main as cli
 from refsim.exporters import compare, export
@@ -117,7 +116,7 @@ def test_ita_modes_text(workdir, text, mode):
 
 def test_ita_attention_block(workdir, images):
     """Unmasked attention is emitted in ITA's attention-block graph form with its record."""
-    from refsim.hw_vectors.ita_graph import attention_records, read_block
+    from refsim.blocks.ita import attention_records, read_block
 
     model = onnx_model(workdir, "vit", False)
     out = workdir / "vit_ita.intq"

@@ -7,13 +7,12 @@ import collections
 import json
 import warnings
 
+import export_helpers as h
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
-
-import export_helpers as h
 import refsim
+from onnx import helper, numpy_helper
 from refsim.cli import main as cli
 from refsim.exporters import compare, export
 from refsim.exporters.dyadic import ExportError

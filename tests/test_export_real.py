@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import refsim
 from refsim.cli import main as cli
 from refsim.exporters import compare, export

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-
 from refsim.exporters.calibrate import TensorStats, quantize_weight, sample_digest
 from refsim.exporters.comparison import classification_metrics, regression_metrics
 from refsim.exporters.config import ExportOptions, LayerConfig

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch_nonlinear as T
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import torch_nonlinear as T
 from nonlinear_helpers import BACKENDS, assert_matches, both, run
 from refsim import GraphBuilder, ops
 from refsim.errors import GraphError, OpError

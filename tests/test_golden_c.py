@@ -5,7 +5,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from golden_helpers import nasty_graph
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, pack

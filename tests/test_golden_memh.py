@@ -2,17 +2,9 @@
 
 import numpy as np
 import pytest
-
 from refsim.dtypes import TYPES
-from refsim.hw_vectors.memh import (
-    WORD_BITS,
-    MemhError,
-    decode_words,
-    encode_words,
-    memh_text,
-    parse_words,
-    words_needed,
-)
+from refsim.golden.memh import MemhError, decode_words, encode_words, parse_words, words_needed
+from refsim.hw_vectors.memh import WORD_BITS, memh_text
 
 
 def word_lines(text: bytes) -> list[str]:

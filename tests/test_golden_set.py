@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import refsim
 from golden_helpers import NASTY_NAMES, nasty_graph
 from refsim.cli import main as cli

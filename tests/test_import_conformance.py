@@ -20,7 +20,6 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-
 from refsim.exporters.importers import ImportFailure, dequantize_outputs, import_model, quantize_inputs
 from refsim.exporters.importers.onnx_reader import to_numpy
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from refsim.exporters.importers import ImportFailure, detect_format, import_model
 
 

@@ -24,7 +24,6 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-
 from refsim.engine import Model
 from refsim.exporters.importers import dequantize_outputs, import_model
 from refsim.ir import Graph

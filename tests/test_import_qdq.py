@@ -16,7 +16,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from refsim.exporters.importers import ImportFailure, dequantize_outputs, import_model, quantize_inputs
 
 OPSET = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]

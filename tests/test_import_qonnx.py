@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-
 from refsim.exporters.importers import ImportFailure, detect_format, import_model, quantize_inputs
 from refsim.intq import load_graph
 

@@ -13,11 +13,11 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, strategies as st
-from onnx import numpy_helper
-
 import refsim
 from core_strategies import typed_array
+from hypothesis import given
+from hypothesis import strategies as st
+from onnx import numpy_helper
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, pack, unpack
 from refsim.intq import from_buffer, load_graph, save, to_bytes

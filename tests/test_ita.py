@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-
 from golden_helpers import ita_model, random_attention
 from refsim import GraphBuilder
+from refsim.blocks.ita import add_attention_block, read_block
 from refsim.errors import GraphError, RefsimError
 from refsim.golden.vectorset import write_vector_set
 from refsim.hw_vectors import targets
@@ -17,7 +17,6 @@ from refsim.hw_vectors.ita import (
     pack_24bit_words,
     weight_stream,
 )
-from refsim.hw_vectors.ita_graph import add_attention_block, read_block
 from refsim.inputs import Sample
 
 # --- the four streams, on tiles small enough to work out by hand (m = 2 or 4, n = 1 or 2) ---
@@ -197,7 +196,7 @@ def test_a_block_that_does_not_fit_lists_every_violation(tmp_path):
     params.heads[0].bq[3] = 1 << 23
     b = GraphBuilder("too_wide")
     q = b.input("q", "int8", [80, 96])
-    b.output(add_attention_block(b, "blk", q, q, params))
+    b.output(add_attention_block(b, "blk", q, q, params).out)
     model = b.model()
     with pytest.raises(GraphError) as e:
         write_vector_set(model, [Sample({"q": np.zeros((80, 96), np.int8)}, "s")], tmp_path / "set", targets("ita"))

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from refsim import GraphBuilder
 from refsim.kernels import cpu
 from refsim.kernels.gemm import AmxWeight

@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch_nonlinear as T
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import torch_nonlinear as T
 from nonlinear_helpers import BACKENDS, assert_matches, both, rows, run
 from refsim import GraphBuilder, ops
 from refsim.errors import AccumulatorOverflow, OpError

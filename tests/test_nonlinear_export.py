@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-
 from refsim import ops
 from refsim.exporters import nonlinear as nl
 from refsim.exporters.dyadic import ExportError

@@ -14,7 +14,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from refsim import ops
 from refsim.builder import GraphBuilder
 from refsim.errors import AccumulatorOverflow, GraphError, OpError

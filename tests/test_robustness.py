@@ -14,9 +14,9 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 import refsim
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from refsim import GraphBuilder, RefsimError
 from refsim.cli import main as cli_main
 from refsim.errors import AccumulatorOverflow, InputError, IntqFormatError

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 import refsim
 
 ROOT = Path(__file__).resolve().parents[1]

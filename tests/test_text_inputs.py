@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import export_helpers as h
 import numpy as np
 import pytest
-
-import export_helpers as h
 from refsim import GraphBuilder
 from refsim.cli import main as cli
-from refsim.errors import InputError, RefsimError
 from refsim.engine import Model
+from refsim.errors import InputError, RefsimError
 from refsim.input_quant import quantize_array, quantize_feeds
 from refsim.text import TextEncoder, encoder_for, text_reader_for
 

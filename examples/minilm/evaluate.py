@@ -17,7 +17,6 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from export_onnx import export as export_onnx  # noqa: E402
-
 from refsim.exporters import compare, export  # noqa: E402
 
 CONFIGS = [

@@ -18,7 +18,6 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
-
 from refsim.engine import Model
 
 from .onnx_reader import ImportFailure, OnnxGraph

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-
 from refsim.dtypes import TYPES
 from refsim.errors import RefsimError
 from refsim.ir import Graph

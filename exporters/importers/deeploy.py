@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from refsim.dtypes import TYPES
 
 from .base import FloatInput, Importer

@@ -29,7 +29,6 @@ from dataclasses import replace
 import numpy as np
 import onnx
 from onnx import helper
-
 from refsim.dtypes import TYPES
 
 from .base import FloatInput, Importer

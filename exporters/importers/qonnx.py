@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-
 from refsim.dtypes import TYPES
 
 from .base import FloatInput

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-
 from refsim.builder import GraphBuilder
 from refsim.dtypes import TYPES, IntType
 from refsim.errors import RefsimError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
 from ..dtypes import TYPES, IntType, int_type
 from ..errors import GraphError, OpError
 from .elementwise import broadcast_or_fail
@@ -16,12 +17,11 @@ from .rounding import (
     REQUANT_ROUNDINGS,
     check_product_fits,
     mode_code,
+    requant_last_axis_planned,
     requantize,
     requantize_last_axis,
-    requant_last_axis_planned,
     shift_plan,
 )
-from .. import backend
 
 
 def output_bounds(dtype: str | IntType, lo: int | None, hi: int | None, what: str) -> tuple[int, int]:

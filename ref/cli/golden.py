@@ -20,12 +20,12 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..commands.run import load_samples
-    from ..engine import load
-    from ..errors import InputError
-    from ..hw_vectors import targets
-    from .capture import tensor_filter
-    from .vectorset import write_vector_set
+    from refsim.engine import load
+    from refsim.errors import InputError
+    from refsim.golden.capture import tensor_filter
+    from refsim.golden.vectorset import write_vector_set
+    from refsim.hw_vectors import targets
+    from refsim.inputs import load_samples
 
     chosen = targets(args.targets)
     wanted = tensor_filter(args.tensors) if args.tensors else None

@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .pipeline import export, prepare
+    from refsim.exporters.pipeline import export, prepare
 
     if args.percentile and args.calib_method != "percentile":
         args.calib_method = "percentile"

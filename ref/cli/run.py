@@ -17,24 +17,6 @@ def add_arguments(p) -> None:
     p.add_argument("--outputs", metavar="NAMES", help="comma-separated tensors to return instead of the graph outputs")
 
 
-def load_samples(model, path):
-    """Samples for `model` from `path`, through the embedded tokenizer if there is one."""
-    from ..inputs import read_samples
-
-    text_reader = None
-    if "tokenizer" in model.metadata:
-        from ..text import text_reader_for
-
-        text_reader = text_reader_for(model)
-    samples = read_samples(path, model.inputs, text_reader)
-    if model.metadata.get("input_quant"):
-        from ..input_quant import quantize_feeds
-
-        for sample in samples:
-            sample.feeds = quantize_feeds(model, sample.feeds)
-    return samples
-
-
 def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """One array per output: samples joined along axis 0 when their shapes allow."""
     if len(results) == 1:
@@ -51,7 +33,7 @@ def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
 
 
 def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    from ..intq import atomic_write
+    from refsim.intq import atomic_write
 
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -67,7 +49,8 @@ def _prediction(model, name: str, array: np.ndarray) -> str | None:
 
 
 def main(args) -> int:
-    from ..engine import load
+    from refsim.engine import load
+    from refsim.inputs import load_samples
 
     model = load(args.model)
     samples = load_samples(model, args.inputs)

@@ -29,8 +29,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from refsim.errors import RefsimError
-
-    from .importers import import_model
+    from refsim.exporters.importers import import_model
 
     shapes = {}
     for text in args.shape:

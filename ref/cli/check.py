@@ -17,8 +17,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .capture import tensor_filter
-    from .check import check, format_report
+    from refsim.golden.capture import tensor_filter
+    from refsim.golden.check import check, format_report
 
     wanted = tensor_filter(args.tensors) if args.tensors else None
     report = check(args.golden, args.dump, wanted, args.atol, args.memh_word_bits)

@@ -1,4 +1,4 @@
-"""The `refsim` command line.
+"""The `refsim` command line: the one layer that may import every other.
 
 Each subcommand lives in one module that defines `add_arguments(parser)` and
 `main(args) -> int`; this file only lists them. A user mistake (a RefsimError or an
@@ -11,19 +11,19 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .errors import RefsimError
+from refsim import __version__
+from refsim.errors import RefsimError
 
 # name -> (module, one-line help). Modules are imported only when their command runs,
 # except for their argument definitions, which every module keeps import-light.
 COMMANDS = {
-    "run": ("refsim.commands.run", "run a .intq model on inputs and print its outputs"),
-    "inspect": ("refsim.commands.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
-    "golden": ("refsim.golden.golden_command", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
-    "check": ("refsim.golden.check_command", "compare a hardware or simulator dump with a golden vector set"),
-    "import": ("refsim.exporters.import_command", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
-    "export": ("refsim.exporters.export_command", "quantize a float ONNX model into a .intq integer model"),
-    "compare": ("refsim.exporters.compare_command", "compare float, fake-quant and integer models on data"),
+    "run": ("refsim.cli.run", "run a .intq model on inputs and print its outputs"),
+    "inspect": ("refsim.cli.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
+    "golden": ("refsim.cli.golden", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
+    "check": ("refsim.cli.check", "compare a hardware or simulator dump with a golden vector set"),
+    "import": ("refsim.cli.import_", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
+    "export": ("refsim.cli.export", "quantize a float ONNX model into a .intq integer model"),
+    "compare": ("refsim.cli.compare", "compare float, fake-quant and integer models on data"),
 }
 
 

@@ -55,7 +55,7 @@ def _mb(n: int) -> str:
 
 
 def main(args) -> int:
-    from ..engine import load
+    from refsim.engine import load
 
     model = load(args.model)
     d = describe(model, args.model)

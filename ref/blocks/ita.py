@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from refsim.errors import GraphError
 
 FORM = "ita-attention"
@@ -120,8 +119,18 @@ def _projection(b, prefix: str, x: str, step: str, letter: str, weight, bias, rq
     return {"weight": w, "bias": bias_name, "acc": acc, "out": out, "requant": out}
 
 
-def add_attention_block(b, name: str, q: str, kv: str, params: ItaAttention) -> str:
-    """Append one ITA attention block to GraphBuilder `b`; returns its output tensor.
+@dataclass(frozen=True)
+class AttentionBlockNames:
+    """What `add_attention_block` created: its output tensor and, per projection step
+    ("Q", "K", "V", "OW"), the weight and bias constants of every head (None: no bias)."""
+
+    out: str
+    weights: dict[str, list[str]]
+    biases: dict[str, list[str | None]]
+
+
+def add_attention_block(b, name: str, q: str, kv: str, params: ItaAttention) -> AttentionBlockNames:
+    """Append one ITA attention block to GraphBuilder `b`.
 
     `q` and `kv` are existing int8 [S, E] tensors (the same name for self-attention). Every
     tensor and node the block adds is named `<name>.<...>`; the block is recorded in
@@ -169,7 +178,12 @@ def add_attention_block(b, name: str, q: str, kv: str, params: ItaAttention) -> 
         "sum": {"acc": total, "out": out, "requant": out},
     }
     b.metadata.setdefault("attention_blocks", []).append(record)
-    return out
+    steps = ("Q", "K", "V", "OW")
+    return AttentionBlockNames(
+        out=out,
+        weights={step: [rec[step]["weight"] for rec in heads] for step in steps},
+        biases={step: [rec[step]["bias"] for rec in heads] for step in steps},
+    )
 
 
 # --- reading a block back -----------------------------------------------------------------

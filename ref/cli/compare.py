@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .comparison import compare
+    from refsim.exporters.comparison import compare
 
     report = compare(args.model, args.intq, args.data, labels=args.labels, batch_size=args.batch_size,
                      progress=not args.quiet, max_samples=args.max_samples)
