@@ -8,7 +8,9 @@ Activations are quantized symmetrically, `q = clip(round(x / s), -2^(b-1), 2^(b-
   99.99); clip = max(-x_LOW, x_HIGH), so the symmetric range covers both;
 - `mse`: the clip that minimises the expected squared quantization error of the observed
   distribution, `sum_{|x| > c} (|x| - c)^2 + N_inside * s^2 / 12` (clipping error plus
-  uniform rounding noise), searched over 256 candidates up to max |x| for each bit width.
+  uniform rounding noise), searched over 256 candidates up to max |x| for each bit width;
+- `entropy`: the clip minimising the KL divergence between the histogram and its
+  quantized version (TensorRT's entropy calibrator, `ptq/entropy.py`).
 
 Tensors quantized to 16 bits (residual stream, LayerNorm inputs, outputs) use twice the
 largest |x| seen, whatever the method: one bit of headroom for values beyond the
@@ -32,8 +34,9 @@ import numpy as np
 
 from .config import WEIGHT_BITS, signed_type
 from .dyadic import ExportError
+from .ptq.entropy import entropy_clip
 
-CALIB_METHODS = ("minmax", "percentile", "mse")
+CALIB_METHODS = ("minmax", "percentile", "mse", "entropy", "auto")
 BINS = 4096
 MSE_CANDIDATES = 256
 
@@ -87,6 +90,8 @@ class TensorStats:
             return max(-self._percentile(low), self._percentile(high), self.absmax * 1e-6)
         if method == "mse":
             return self._mse_clip(bits)
+        if method == "entropy":
+            return max(entropy_clip(self.hist, self.absmax, bits), self.absmax / MSE_CANDIDATES)
         raise ExportError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
 
     def _edges(self) -> np.ndarray:
@@ -128,19 +133,81 @@ class Calibration:
     stats: dict[str, TensorStats] = field(default_factory=dict)
     method: str = "mse"
     percentile: tuple[float, float] | None = None
+    inputs: dict[str, "InputStats"] = field(default_factory=dict)  # linear layers' inputs
+    clips: dict[tuple[str, int], float] = field(default_factory=dict)  # chosen per layer (ptq.clipping)
+
+    def clip(self, tensor: str, bits: int, method: str | None = None) -> float:
+        """The clip value of `tensor` at `bits` bits (by `method`, default: as configured)."""
+        if tensor not in self.stats:
+            raise ExportError(f"internal: tensor {tensor!r} was not calibrated")
+        if method is None and (tensor, bits) in self.clips:
+            return self.clips[(tensor, bits)]
+        method = method or self.method
+        return self.stats[tensor].clip(bits, "mse" if method == "auto" else method, self.percentile)
 
     def scale(self, tensor: str, bits: int) -> float:
         """The scale of `tensor` quantized to `bits` bits."""
-        if tensor not in self.stats:
-            raise ExportError(f"internal: tensor {tensor!r} was not calibrated")
-        return self.stats[tensor].clip(bits, self.method, self.percentile) / qmax(bits)
+        return self.clip(tensor, bits) / qmax(bits)
 
 
-def calibrate(runner_factory, tensors: list[str], batches, method: str, percentile=None, progress=None) -> Calibration:
+@dataclass
+class InputStats:
+    """What calibration saw of a linear layer's input, row by row (the last axis holds the
+    channels): each channel's largest |x| and sum, the Gram matrix X^T X (GPTQ's Hessian up
+    to a factor), and a uniform sample of rows (to measure a layer's output error)."""
+
+    absmax: np.ndarray | None = None
+    total: np.ndarray | None = None
+    gram: np.ndarray | None = None
+    rows: int = 0
+    sample: np.ndarray | None = None
+    _kept: int = 0
+
+    def observe(self, rows: np.ndarray, rng: np.random.Generator) -> None:
+        x = np.asarray(rows, np.float64).reshape(-1, rows.shape[-1])
+        if x.shape[0] == 0:
+            return
+        if self.absmax is None:
+            width = x.shape[1]
+            self.absmax, self.total = np.zeros(width), np.zeros(width)
+            self.gram = np.zeros((width, width))
+            self.sample = np.zeros((SAMPLE_ROWS, width), np.float32)
+        self.absmax = np.maximum(self.absmax, np.abs(x).max(axis=0))
+        self.total += x.sum(axis=0)
+        self.gram += x.T @ x
+        # reservoir sampling (Algorithm R): every row seen has the same chance to be kept
+        for row in x:
+            if self._kept < SAMPLE_ROWS:
+                self.sample[self._kept] = row
+                self._kept += 1
+            else:
+                j = int(rng.integers(0, self.rows + 1))
+                if j < SAMPLE_ROWS:
+                    self.sample[j] = row
+            self.rows += 1
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.rows, 1)
+
+    @property
+    def rows_sample(self) -> np.ndarray:
+        return self.sample[: self._kept].astype(np.float64)
+
+
+SAMPLE_ROWS = 2048
+
+
+def calibrate(runner_factory, tensors: list[str], batches, method: str, percentile=None, progress=None,
+              padding=None, layer_inputs=()) -> Calibration:
     """Run the float model over `batches` (a re-iterable of feed dicts) and observe `tensors`.
 
     `runner_factory(tensors)` returns a FloatRunner exposing them. `progress(done, total,
-    what)` is called after each batch.
+    what)` is called after each batch. `padding(feeds)`, for text models, returns the feeds
+    with different tokens at the padded positions: an element that changes with them is
+    computed from padding only, which the model never uses (the attention mask hides it),
+    so it is left out of the statistics; at sequence length 128 most elements are such.
+    `layer_inputs` (tensors among `tensors`) also get InputStats, in `Calibration.inputs`.
     """
     if method not in CALIB_METHODS:
         raise ExportError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
@@ -152,17 +219,31 @@ def calibrate(runner_factory, tensors: list[str], batches, method: str, percenti
             raise ExportError(f"--percentile LOW HIGH needs 0 <= LOW < HIGH <= 100, got {low} {high}")
     runner = runner_factory(tensors)
     result = Calibration({t: TensorStats() for t in tensors}, method, percentile)
+    result.inputs = {t: InputStats() for t in layer_inputs}
+    rng = np.random.default_rng(0)
     passes = 1 if method == "minmax" else 2
     total = len(batches) * passes
     done = 0
     for pass_index in range(passes):
         for feeds in batches:
             values = runner.run(feeds)
+            other = runner.run(padding(feeds)) if padding is not None else None
             for t in tensors:
+                a = values[t]
+                keep = None
+                if other is not None and other[t].shape == a.shape:
+                    keep = (a == other[t]) | (np.isnan(a) & np.isnan(other[t]))
+                    if not keep.any():
+                        keep = None
                 if pass_index == 0:
-                    result.stats[t].observe_range(values[t])
+                    result.stats[t].observe_range(a if keep is None else a[keep])
+                    if t in result.inputs and a.ndim >= 1:
+                        rows = a.reshape(-1, a.shape[-1])
+                        if keep is not None:
+                            rows = rows[keep.reshape(-1, a.shape[-1]).all(axis=1)]
+                        result.inputs[t].observe(rows, rng)
                 else:
-                    result.stats[t].observe_histogram(values[t])
+                    result.stats[t].observe_histogram(a if keep is None else a[keep])
             done += 1
             if progress is not None:
                 progress(done, total, "calibrating")
@@ -205,7 +286,7 @@ def quantize_weight(w: np.ndarray, bits, per_channel: bool, axis: int = -1) -> Q
         absmax = np.max(np.abs(columns), axis=0)
         scale = absmax / hi
         if int(bits) < 8:
-            scale = np.array([_weight_mse_scale(columns[:, c], lo, hi, absmax[c]) for c in range(columns.shape[1])])
+            scale = _weight_mse_scales(columns, lo, hi, absmax)
     scale = np.where(scale > 0, scale, 1.0)
     if per_channel:
         shape = [1] * w.ndim
@@ -217,17 +298,17 @@ def quantize_weight(w: np.ndarray, bits, per_channel: bool, axis: int = -1) -> Q
     return QuantizedWeight(q, scale if per_channel else scale.reshape(()), dtype)
 
 
-def _weight_mse_scale(column: np.ndarray, lo: int, hi: int, absmax: float) -> float:
-    """The scale minimising the squared error of round-to-nearest quantization of `column`."""
-    if absmax == 0:
-        return 1.0
-    best, best_err = absmax / hi, np.inf
+def _weight_mse_scales(columns: np.ndarray, lo: int, hi: int, absmax: np.ndarray) -> np.ndarray:
+    """Per column, the scale minimising the squared error of round-to-nearest quantization
+    (searched over 71 fractions of absmax / hi, the first best kept)."""
+    best, best_err = absmax / hi, np.full(absmax.shape, np.inf)
     for fraction in np.linspace(0.3, 1.0, 71):
         s = fraction * absmax / hi
-        err = np.sum((np.clip(np.rint(column / s), lo, hi) * s - column) ** 2)
-        if err < best_err:
-            best, best_err = s, err
-    return best
+        safe = np.where(s > 0, s, 1.0)
+        err = np.sum((np.clip(np.rint(columns / safe), lo, hi) * safe - columns) ** 2, axis=0)
+        better = err < best_err
+        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    return np.where(absmax == 0, 1.0, best)
 
 
 # --- fingerprints -------------------------------------------------------------------------

@@ -7,8 +7,8 @@ fake-quant model rebuilt from the `.intq`'s record, and the integer model on DAT
 reports:
 
 - per output and per pair (fake-quant vs float, integer vs float, integer vs fake-quant):
-  MSE, MAE, mean cosine similarity (per sample, flattened), top-1 agreement (outputs with
-  more than one class);
+  MSE, MAE, mean and smallest cosine similarity (per sample, flattened), top-1 agreement
+  (outputs with more than one class);
 - with labels (one per line: a class name or index, or a number for regression): accuracy,
   macro precision, recall and F1, Matthews correlation (multi-class form), or Pearson and
   Spearman correlation, for each of the three models;
@@ -59,10 +59,10 @@ class CompareReport:
             lines.append(f"warning: {w}")
         for name, pairs in self.outputs.items():
             lines.append(f"output {name}:")
-            lines.append(f"  {'pair':<26}{'MSE':>12}{'MAE':>12}{'cosine':>10}{'top-1':>8}")
+            lines.append(f"  {'pair':<26}{'MSE':>12}{'MAE':>12}{'cosine':>10}{'worst':>10}{'top-1':>8}")
             for pair, m in pairs.items():
                 top1 = f"{m['top1_agreement']:.4f}" if m.get("top1_agreement") is not None else "-"
-                lines.append(f"  {pair:<26}{m['mse']:>12.4g}{m['mae']:>12.4g}{m['cosine']:>10.5f}{top1:>8}")
+                lines.append(f"  {pair:<26}{m['mse']:>12.4g}{m['mae']:>12.4g}{m['cosine']:>10.5f}{m['cosine_min']:>10.5f}{top1:>8}")
         if self.task:
             keys = list(next(iter(self.task.values())).keys())
             lines.append("task metrics:")
@@ -89,7 +89,8 @@ def _pair_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     diff = a - b
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     cos = np.where((na > 0) & (nb > 0), np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-300), (na == nb).astype(np.float64))
-    out = {"mse": float(np.mean(diff ** 2)), "mae": float(np.mean(np.abs(diff))), "cosine": float(np.mean(cos))}
+    out = {"mse": float(np.mean(diff ** 2)), "mae": float(np.mean(np.abs(diff))), "cosine": float(np.mean(cos)),
+           "cosine_min": float(np.min(cos, initial=1.0))}
     out["top1_agreement"] = float(np.mean(np.argmax(a, 1) == np.argmax(b, 1))) if a.shape[1] > 1 else None
     return out
 

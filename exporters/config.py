@@ -145,10 +145,13 @@ class ExportOptions:
     mode: str = "ibert"
     wbits: str = "8"
     abits: int = 8
-    per_channel: bool = False
+    per_channel: bool | None = None  # None: per channel, except on ITA (one multiplier per layer)
     calib_method: str = "mse"
     percentile: tuple[float, float] | None = None
     layers: LayerConfig = field(default_factory=LayerConfig)
+    smooth: bool = True  # SmoothQuant-style smoothing of linear-layer inputs (exporters.ptq)
+    gptq: bool = True  # GPTQ rounding of linear-layer weights
+    bias_correction: bool = False
     residual_bits: int = 16  # residual stream, LayerNorm inputs, concatenations
     output_bits: int = 16  # graph outputs
     embedding_bits: str = "8"  # embedding tables unless layers.json says otherwise
@@ -158,6 +161,8 @@ class ExportOptions:
             raise ExportError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         self.wbits = parse_wbits(self.wbits)
         self.abits = parse_abits(self.abits)
+        if self.per_channel is None:
+            self.per_channel = not self.ita
 
     @property
     def ita(self) -> bool:

@@ -43,8 +43,13 @@ def record_to_json(record: FakeQuantRecord, tensors: dict | None = None) -> dict
         same = np.shape(t.scale) == np.shape(s) and np.array_equal(np.asarray(t.scale, np.float64), np.asarray(s, np.float64))
         return None if same else scale_json(s)
 
+    def edge_json(n, i, s, b, sg, *out):
+        row = [n, i, scale_json(s), int(b), bool(sg)]
+        return row + [scale_json(out[0])] if out and out[0] is not None else row
+
     return {
-        "edges": [[n, i, float(s), int(b), bool(sg)] for (n, i), (s, b, sg) in record.edges.items()],
+        # [node, index, scale, bits, signed(, output scale)]
+        "edges": [edge_json(n, i, *spec) for (n, i), spec in record.edges.items()],
         "tensors": [[t, float(s), int(b), bool(sg)] for t, (s, b, sg) in record.tensors.items()],
         # q: a tensor name or {"concat": [...], "axis": a}; scale null: the tensor's own scale
         "consts": [[n, i, q, const_scale(q, s)] for (n, i), (q, s) in record.consts.items()],
@@ -65,15 +70,16 @@ def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.nd
     added: list[tuple[int, Node]] = []  # (position to insert before, node)
     cache: dict[tuple, str] = {}
 
-    def fq_chain(x: str, scale: float, bits: int, signed: bool, out: str | None = None) -> tuple[list[Node], str]:
+    def fq_chain(x: str, scale, bits: int, signed: bool, out: str | None = None, out_scale=None) -> tuple[list[Node], str]:
         lo, hi = _levels(bits, signed)
         s = fg.add_const(np.array(scale, np.float32), "fq.scale")
+        s_out = s if out_scale is None else fg.add_const(np.array(out_scale, np.float32), "fq.scale")
         lo_c = fg.add_const(np.array(lo, np.float32), "fq.lo")
         hi_c = fg.add_const(np.array(hi, np.float32), "fq.hi")
         d = fg.make_node("Div", [x, s], f"{x}.fq")
         r = fg.make_node("Round", d.outputs, f"{x}.fq")
         c = fg.make_node("Clip", [r.outputs[0], lo_c, hi_c], f"{x}.fq")
-        m = fg.make_node("Mul", [c.outputs[0], s], f"{x}.fq")
+        m = fg.make_node("Mul", [c.outputs[0], s_out], f"{x}.fq")
         if out is not None:
             m.outputs = [out]
         return [d, r, c, m], m.outputs[0]
@@ -119,14 +125,15 @@ def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.nd
         chain, _ = fq_chain(raw, scale, bits, signed, out=tensor)
         added.extend((position_after(raw), n) for n in chain)
 
-    for node_name, index, scale, bits, signed in record.get("edges", []):
+    for node_name, index, scale, bits, signed, *out_scale in record.get("edges", []):
         node = by_name.get(node_name)
         if node is None:
             raise ExportError(f"the .intq's fake-quant record names node {node_name!r}, which this ONNX model does not have")
         x = node.inputs[index]
-        key = (x, scale, bits, signed)
+        out_scale = out_scale[0] if out_scale else None
+        key = (x, np.asarray(scale).tobytes(), bits, signed, None if out_scale is None else np.asarray(out_scale).tobytes())
         if key not in cache:
-            chain, out = fq_chain(x, scale, bits, signed)
+            chain, out = fq_chain(x, scale, bits, signed, out_scale=out_scale)
             cache[key] = out
             added.extend((position_after(x), n) for n in chain)
         node.inputs[index] = cache[key]

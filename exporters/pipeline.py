@@ -31,6 +31,7 @@ from .fakequant import record_to_json
 from .modes import Modes
 from .onnx_graph import OnnxGraph, canonicalize, load_onnx, mask_derived
 from .progress import Progress
+from .ptq.plan import Ptq
 from .quantize import Walker
 from .runtime import FloatRunner
 
@@ -109,6 +110,39 @@ def activation_tensors(g: OnnxGraph) -> list[str]:
     return names
 
 
+def linear_inputs(g: OnnxGraph) -> list[str]:
+    """The activations entering linear layers (MatMul with constant 2-D weights)."""
+    names = []
+    for node in g.nodes:
+        if node.op == "MatMul" and g.is_const(node.inputs[1]) and not g.is_const(node.inputs[0]):
+            if g.const(node.inputs[1]).ndim == 2 and node.inputs[0] not in names:
+                names.append(node.inputs[0])
+    return names
+
+
+def padding_perturbation(g: OnnxGraph):
+    """For a model with an attention-mask input: feeds -> the same feeds with other token
+    ids where the mask is 0 (see `calibrate`); None for other models."""
+    masks = sorted(g.mask_inputs)
+    if not masks:
+        return None
+    ids = [n for n in g.inputs if n not in g.mask_inputs and g.dtypes.get(n, np.dtype(np.float32)).kind in "iu"]
+
+    def perturbed(feeds):
+        mask = feeds.get(masks[0])
+        if mask is None:
+            return feeds
+        out = dict(feeds)
+        for name in ids:
+            x = feeds.get(name)
+            if x is None or x.shape != mask.shape or int(np.max(x, initial=0)) <= 1:
+                continue  # token type ids (0/1) stay: another value may not exist
+            out[name] = np.where(mask == 0, np.where(x == 1, 2, 1), x).astype(x.dtype)
+        return out
+
+    return perturbed
+
+
 def onnx_feed_dtypes(g: OnnxGraph) -> dict[str, np.dtype]:
     return {n: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(g.input_types[n][0])) for n in g.inputs}
 
@@ -126,17 +160,19 @@ def prepare(model, data: str, tokenizer=None, max_length: int | None = None, inp
     return proto, g, dataset, encoder, tokenizer_bytes, shapes
 
 
-def export(
+def build(
     model,
-    output: str | os.PathLike,
     calib: str | os.PathLike,
     *,
     mode: str = "ibert",
     wbits="8",
     abits: int = 8,
-    per_channel: bool = False,
+    per_channel: bool | None = None,
     calib_method: str = "mse",
     percentile: tuple[float, float] | None = None,
+    smooth: bool = True,
+    gptq: bool = True,
+    bias_correction: bool = False,
     config: str | os.PathLike | dict | None = None,
     tokenizer: str | os.PathLike | bytes | None = None,
     max_length: int | None = None,
@@ -146,15 +182,13 @@ def export(
     batch_size: int = 16,
     progress: bool = False,
 ) -> ExportReport:
-    """Quantize an ONNX model with calibration data and write the integer model to `output`.
-
-    See `refsim export --help` for the meaning of each option. Returns a report; raises
-    ExportError (a RefsimError) with one line naming the node or layer at fault.
-    """
+    """Quantize an ONNX model with calibration data: the integer graph, not yet saved, and
+    what made it (`export` saves it; `exporters.qat` trains its constants first)."""
     layers = config if isinstance(config, LayerConfig) else (
         LayerConfig.from_dict(config) if isinstance(config, dict) else LayerConfig.load(config))
     options = ExportOptions(mode=mode, wbits=str(wbits), abits=abits, per_channel=per_channel,
-                            calib_method=calib_method, percentile=tuple(percentile) if percentile else None, layers=layers)
+                            calib_method=calib_method, percentile=tuple(percentile) if percentile else None, layers=layers,
+                            smooth=smooth, gptq=gptq, bias_correction=bias_correction)
     bar = Progress(progress)
     proto, g, dataset, encoder, tokenizer_bytes, shapes = prepare(model, os.fspath(calib), tokenizer, max_length, input_shapes)
     if max_samples is not None:
@@ -162,8 +196,10 @@ def export(
     tensors = activation_tensors(g)
     calibration = calibrate(lambda ts: FloatRunner(g.to_model(), expose=ts), tensors,
                             dataset.batches(batch_size, onnx_feed_dtypes(g)), options.calib_method,
-                            options.percentile, bar)
-    walker = Walker(g, options, calibration, Modes(options))
+                            options.percentile, bar, padding=padding_perturbation(g), layer_inputs=linear_inputs(g))
+    ptq = Ptq(options, calibration)
+    ptq.choose_clips(g)
+    walker = Walker(g, options, calibration, Modes(options), ptq)
     builder = walker.run()
     warnings = []
     layer_names = sorted({n.scope for n in g.nodes if n.scope})
@@ -194,6 +230,7 @@ def export(
     meta["export"] = {
         "refsim": __version__, "mode": options.mode, "wbits": options.wbits, "abits": options.abits,
         "per_channel": options.per_channel, "residual_bits": options.residual_bits, "output_bits": options.output_bits,
+        "smooth": options.smooth, "gptq": options.gptq, "bias_correction": options.bias_correction, "ptq": ptq.report,
         "layers": [[p, s] for p, s in layers.entries],
     }
     meta["calibration"] = {
@@ -203,9 +240,36 @@ def export(
     meta["fake_quant"] = record_to_json(walker.record, builder.tensors)
     meta["float_tensors"] = walker.float_tensors
     meta["layers"] = walker.layers
-    graph = builder.build()
-    save(graph, output)
-    return ExportReport(os.fspath(output), len(graph.nodes), os.path.getsize(output), layer_names, len(dataset), warnings)
+    return Built(builder.build(), g, walker, options, dataset, encoder, layer_names, warnings)
+
+
+@dataclass
+class Built:
+    """An export before it is saved: the integer graph and what made it."""
+
+    graph: object  # refsim.ir.Graph
+    canonical: OnnxGraph
+    walker: Walker
+    options: ExportOptions
+    dataset: object
+    encoder: object
+    layer_names: list[str]
+    warnings: list[str]
+
+    def save(self, output: str | os.PathLike) -> ExportReport:
+        save(self.graph, output)
+        return ExportReport(os.fspath(output), len(self.graph.nodes), os.path.getsize(output), self.layer_names,
+                            len(self.dataset), self.warnings)
+
+
+def export(model, output: str | os.PathLike, calib: str | os.PathLike, **options) -> ExportReport:
+    """Quantize an ONNX model with calibration data and write the integer model to `output`.
+
+    `options` are `build`'s (see `refsim export --help` for their meaning). Returns a
+    report; raises ExportError (a RefsimError) with one line naming the node or layer at
+    fault.
+    """
+    return build(model, calib, **options).save(output)
 
 
 def _file_sha256(path) -> str:

@@ -35,10 +35,11 @@ import numpy as np
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, IntType
 
-from .calibrate import Calibration, quantize_weight
+from .calibrate import Calibration, quantize_weight, weight_range
 from .config import ExportOptions, signed_type
 from .dyadic import ExportError, dyadic
 from .onnx_graph import AttentionMatch, Node, OnnxGraph, match_attention
+from .ptq.plan import Ptq
 
 # What the walker recognises, for the one-line error on anything else.
 SUPPORTED = (
@@ -84,20 +85,27 @@ class Value:
 class FakeQuantRecord:
     """Where the fake-quant model quantizes, replayed by `exporters.fakequant`."""
 
-    edges: dict[tuple[str, int], tuple[float, int, bool]] = field(default_factory=dict)
+    # (node, input index) -> (scale, bits, signed[, output scale]): the input becomes
+    # clip(round(x / scale)) * (output scale, default: scale); a per-channel scale (smoothing)
+    # is a vector along the last axis
+    edges: dict[tuple[str, int], tuple] = field(default_factory=dict)
     tensors: dict[str, tuple[float, int, bool]] = field(default_factory=dict)
     # (node, input index) -> (integer constant, scale): the input becomes q * scale
     consts: dict[tuple[str, int], tuple[str, Any]] = field(default_factory=dict)
+    # integer constant -> the range its quantizer clips to, where narrower than its type's
+    # (3-bit weights in int4, 24-bit ITA biases in int32): what training must keep it within
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Walker:
     """Builds the integer graph for one canonical graph (see the module docstring)."""
 
-    def __init__(self, g: OnnxGraph, options: ExportOptions, calibration: Calibration, modes):
+    def __init__(self, g: OnnxGraph, options: ExportOptions, calibration: Calibration, modes, ptq=None):
         self.g = g
         self.options = options
         self.calibration = calibration
         self.modes = modes
+        self.ptq = ptq if ptq is not None else Ptq(options, calibration)  # weights and inputs of linear layers
         self.b = GraphBuilder(g.name or "model")
         self.native: dict[str, Value] = {}
         self.at_bits: dict[tuple[str, int], Value] = {}
@@ -213,6 +221,27 @@ class Walker:
         out = self.at_bits[key]
         if consumer is not None and out.name != v.name:
             self.record.edges[(consumer.name, index)] = (float(out.scale), bits, True)
+        return out
+
+    def needs_requant(self, tensor: str, bits: int) -> bool:
+        """Whether `get(tensor, bits)` makes a Requant (the native form is not already it)."""
+        v = self.value(tensor)
+        t = self.dtype(v.name)
+        return not (v.kind == "int" and not v.per_channel and t.signed and t.bits == bits)
+
+    def get_smoothed(self, tensor: str, bits: int, factors: np.ndarray, scale: float, consumer: Node, index: int) -> Value:
+        """`tensor` divided channel by channel (last axis) by `factors` and quantized to
+        `bits` bits at `scale` (`exporters.ptq.smoothing`): one Requant with a multiplier
+        per channel. The consumer's weight rows carry the factors."""
+        v = self.value(tensor)
+        key = (tensor, bits, "smoothed")
+        if key not in self.at_bits:
+            layer = self.layers.get(v.name, "") or tensor
+            name = self.requant(v, scale * factors, bits, f"{v.name}.smooth_q{bits}", layer)
+            self.label(name, tensor, scale * factors, layer)  # q * scale * factors is the float tensor
+            self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
+        out = self.at_bits[key]
+        self.record.edges[(consumer.name, index)] = (scale * factors, bits, True, scale)
         return out
 
     def at_scale(self, tensor: str, scale: float, bits: int, consumer: Node | None = None, index: int = 0) -> Value:
@@ -392,8 +421,7 @@ class Walker:
         hardware = self.modes.on_ita(settings)
         if hardware and settings.per_channel:
             raise ExportError(f"{layer}: ITA takes one requantization multiplier per layer; export without --per-channel")
-        x = self.get(node.inputs[0], settings.abits, node, 0)
-        wq = quantize_weight(w, settings.wbits, settings.per_channel, axis=-1)
+        x, wq, bias_shift = self.ptq.linear(self, node, w, settings)
         acc_scale = float(x.scale) * (wq.scale if settings.per_channel else float(wq.scale))
         bias = self._bias_of(node)
         out_tensor = node.outputs[0]
@@ -406,6 +434,8 @@ class Walker:
             self.done.add(add.name)
             out_tensor = add.outputs[0]
             b = np.broadcast_to(self.g.const(bias_name).astype(np.float64).reshape(-1), (w.shape[1],))
+            if bias_shift is not None:
+                b = b + bias_shift
             bias_q = np.rint(b / acc_scale).astype(np.int64)
             worst += int(np.abs(bias_q).max(initial=0))
             bias_index = add.inputs.index(bias_name)
@@ -417,8 +447,10 @@ class Walker:
                 raise ExportError(f"{layer}: the quantized bias needs more than {bias_bits} bits (largest {int(np.abs(bias_q).max())})")
             inputs.append(self.const(bias_q, f"int{bias_bits}" if bias_bits in (8, 16, 32, 64) else "int32", f"{layer}.bias"))
             self.record.consts[(add.name, bias_index)] = (inputs[-1], acc_scale)
+            self.record.ranges[inputs[-1]] = (1 - lim, lim - 1)
         acc = self.emit("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
         self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
+        self.record.ranges[inputs[1]] = weight_range(settings.wbits)[:2]
         self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
         self.layers[acc] = layer
         self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer, hardware)
@@ -669,6 +701,7 @@ class Walker:
         self.label(q, None, float(wq.scale), layer)
         y = self.emit("Gather", [q, idx.name], f"{layer}.lookup", axis=0)
         self.record.consts[(node.name, 0)] = (q, float(wq.scale))
+        self.record.ranges[q] = weight_range(settings.wbits)[:2]
         self.set_native(node.outputs[0], Value(y, float(wq.scale)), layer)
 
     def _visit_Slice(self, node: Node) -> None:
@@ -832,7 +865,7 @@ class Walker:
         scales = {}
         quantized = {}
         for key, lin, x in (("q", m.q, x_q), ("k", m.k, x_kv), ("v", m.v, x_kv), ("o", m.o, None)):
-            w = quantize_weight(self.g.const(lin.weight).astype(np.float64), settings.wbits, per_channel=False)
+            w = self.ptq.weight(lin.x, self.g.const(lin.weight).astype(np.float64), settings, False, lin.nodes[0].scope or name)
             if w.dtype not in ("int8", "int4", "int2", "ternary"):
                 raise ExportError(f"{name}: ITA takes 8-bit weights at most, not {w.dtype}")
             quantized[key] = w
@@ -877,6 +910,8 @@ class Walker:
             step = step_of[key]
             axis = 0 if key == "o" else 1
             self.record.consts[(lin.nodes[0].name, 1)] = ({"concat": block.weights[step], "axis": axis}, scales[key])
+            self.record.ranges.update((part, weight_range(settings.wbits)[:2]) for part in block.weights[step])
+            self.record.ranges.update((part, (1 - (1 << 23), (1 << 23) - 1)) for part in block.biases.get(step, []) if part)
             if lin.bias is not None:
                 add = lin.nodes[-1]
                 index = add.inputs.index(lin.bias)

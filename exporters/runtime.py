@@ -52,6 +52,9 @@ class FloatRunner:
             # Keep every tensor under its own name: no fusions that rename or remove them.
             options.graph_optimization_level = _ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3
+            # Idle worker threads sleep instead of spinning: on a machine shared with other
+            # work, spinning threads slow every calibration batch several times over.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 self._session = _ort.InferenceSession(
                     model_copy.SerializeToString(), options, providers=["CPUExecutionProvider"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -16,9 +17,20 @@ def add_arguments(p) -> None:
                    help="weight bits (default 8; ternary: BitNet b1.58)")
     p.add_argument("--abits", default=8, type=int, choices=[2, 3, 4, 5, 6, 7, 8, 16],
                    help="bits of activations entering matrix products (default 8)")
-    p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
-    p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "mse"],
-                   help="how activation ranges are chosen (default mse)")
+    scales = p.add_mutually_exclusive_group()
+    scales.add_argument("--per-channel", dest="per_channel", action="store_const", const=True, default=None,
+                        help="one weight scale per output channel (the default, except in the ita modes)")
+    scales.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
+                        help="one weight scale per layer")
+    p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "mse", "entropy", "auto"],
+                   help="how activation ranges are chosen (default mse; auto: per linear layer, the method "
+                        "with the smallest output error)")
+    p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
+                   help="SmoothQuant-style smoothing of linear-layer inputs (default on)")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ weight rounding from the calibration Hessian (default on)")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="correct biases for the mean error of the quantized weights (default off)")
     p.add_argument("--percentile", nargs=2, type=float, metavar=("LOW", "HIGH"),
                    help="percentiles for --calib-method percentile (default 0.01 99.99)")
     p.add_argument("--config", metavar="layers.json", help="per-layer bit widths or keep_float, by layer-name pattern")
@@ -28,6 +40,13 @@ def add_arguments(p) -> None:
     p.add_argument("--max-samples", type=int, metavar="N", help="calibrate on the first N samples only")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per float-model run (default 16)")
     p.add_argument("--list-layers", action="store_true", help="print the model's layer names (for layers.json) and exit")
+    qat = p.add_argument_group("quantization-aware training (needs torch: pip install 'refsim[qat]')")
+    qat.add_argument("--train", metavar="DATA", nargs="+",
+                     help="train the integer model's weights on DATA (read as --calib) before writing it: "
+                          "distillation to the float model's outputs")
+    qat.add_argument("--train-labels", metavar="FILE", help="class of each training sample (index or label), adds cross entropy")
+    qat.add_argument("--epochs", type=int, default=3, metavar="N", help="passes over the training data (default 3)")
+    qat.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="Adam learning rate (default 1e-4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -41,11 +60,31 @@ def main(args) -> int:
         for layer in sorted({n.scope for n in g.nodes if n.scope}):
             print(layer)
         return 0
-    report = export(
-        args.model, args.output, args.calib, mode=args.mode, wbits=args.wbits, abits=args.abits,
+    options = dict(
+        mode=args.mode, wbits=args.wbits, abits=args.abits,
         per_channel=args.per_channel, calib_method=args.calib_method, percentile=args.percentile,
+        smooth=args.smooth, gptq=args.gptq, bias_correction=args.bias_correction,
         config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
         max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
     )
+    if args.train:
+        return _train_and_export(args, options)
+    report = export(args.model, args.output, args.calib, **options)
+    print(report.summary(), file=sys.stdout)
+    return 0
+
+
+def _train_and_export(args, options) -> int:
+    from refsim.exporters.dyadic import ExportError
+
+    try:
+        from refsim.exporters.qat import QatModel, read_class_labels
+    except ImportError as e:
+        raise ExportError(f"--train needs torch ({e}); install it with: pip install 'refsim[qat]'") from None
+    qat = QatModel.from_onnx(args.model, args.calib, **options)
+    labels = read_class_labels(args.train_labels, qat.graph.metadata.get("labels")) if args.train_labels else None
+    trained = qat.fit(args.train, epochs=args.epochs, lr=args.lr, labels=labels, progress=not args.quiet)
+    report = qat.export(args.output)
+    print(trained.summary(), file=sys.stdout)
     print(report.summary(), file=sys.stdout)
     return 0
