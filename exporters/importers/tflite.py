@@ -176,6 +176,8 @@ class TfliteImporter:
         inputs = [x, self.const(mul[0] if scalar else mul, "int32", f"{stem}.mul"),
                   self.const(shift[0] if scalar else shift, "int8", f"{stem}.shift"), None,
                   self.const(int(out.zero_point[0]) if out.zero_point is not None else 0, "int32", f"{stem}.zero_point")]
+        if not len(self.b.tensors[x].shape):
+            axis = 0  # a scalar (a reduction over every axis)
         return self.node("Requant", inputs, stem, axis=axis, rounding=rounding, dtype=out.type, lo=lo, hi=hi)
 
     def requant_f64(self, x: str, scales, out: TfliteTensor, stem: str, lo: int, hi: int, axis: int = -1) -> str:
