@@ -142,6 +142,9 @@ def quantize_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, 
         rounding = spec.get("rounding", "half_even")
         if rounding == "half_even":  # ONNX QuantizeLinear: float32 division, ties to even, then the zero point
             q = np.rint(x / scale).astype(np.float64) + zero
+        elif rounding == "half_away":  # TFLite QUANTIZE: float32 division, ties away from zero (std::round)
+            r = (x / scale).astype(np.float64)
+            q = np.trunc(r) + np.where(np.abs(r - np.trunc(r)) >= 0.5, np.sign(r), 0) + zero
         else:  # QONNX Quant: round_mode(clip(x / scale + zeropt))
             rounder = {"floor": np.floor, "trunc": np.trunc, "half_up": lambda v: np.floor(v + 0.5)}[rounding]
             q = rounder(np.clip((x / scale + np.float32(0) + zero.astype(np.float32)), lo, hi)).astype(np.float64)

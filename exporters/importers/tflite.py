@@ -305,8 +305,9 @@ class TfliteImporter:
             xn = self.node("Reshape", [xn], f"{out.name}.input2d", shape=[batches, K])
         acc = self._matmul(xn, x, w, bias, out, transB=True)
         lo, hi = self.act_range(out)
-        y = self._scale_accumulator(acc, x, w, out, lo, hi)
-        if tuple(self.shape_of(op.outputs[0])) != (batches, M):
+        reshape = tuple(self.shape_of(op.outputs[0])) != (batches, M)
+        y = self._scale_accumulator(acc, x, w, out, lo, hi, f"{out.name}.2d" if reshape else out.name)
+        if reshape:
             y = self.node("Reshape", [y], out.name, shape=list(self.shape_of(op.outputs[0])))
         self.set_output(op.outputs[0], y)
 
@@ -335,16 +336,16 @@ class TfliteImporter:
             pairs.append(P.quantize_multiplier(real))
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    def _scale_accumulator(self, acc: str, x: Value, w: Value, out: TfliteTensor, lo: int, hi: int) -> str:
+    def _scale_accumulator(self, acc: str, x: Value, w: Value, out: TfliteTensor, lo: int, hi: int, stem: str) -> str:
         per_channel = w.tensor.per_channel
         if self.reference == "litert":
             # LiteRT's reference FC: effective = double(s_in) * double(s_w) / double(s_out).
             eff = [float(x.tensor.scale[0]) * float(sw) / float(out.scale[0]) for sw in w.tensor.scale]
             self.record(effective_scale=eff, zero_point=int(out.zero_point[0]), act_min=lo, act_max=hi)
-            return self.requant_f64(acc, eff if per_channel else eff[0], out, out.name, lo, hi)
+            return self.requant_f64(acc, eff if per_channel else eff[0], out, stem, lo, hi)
         q, e = self._multipliers(x, w, out, per_channel_product=per_channel)
         self.record(multiplier=q, shift=e, input_offset=-x.zp, output_offset=int(out.zero_point[0]), act_min=lo, act_max=hi)
-        return self.requant(acc, q, e, out, out.name, lo, hi, wide=self._wide(x))
+        return self.requant(acc, q, e, out, stem, lo, hi, wide=self._wide(x))
 
     def op_BATCH_MATMUL(self, op):
         a = self.value(op.inputs[0])
@@ -446,9 +447,10 @@ class TfliteImporter:
         window.pop("dilations")
         y = self.node("MaxPool", [self._to_nchw(self.place(x), out.name)], f"{out.name}.nchw_max",
                       kernel_shape=[kh, kw], **window)
-        y = self._to_nhwc(y, f"{out.name}.max")
         lo, hi = self.act_range(out)
-        if (lo, hi) != P.TYPE_RANGES[out.type]:
+        clamp = (lo, hi) != P.TYPE_RANGES[out.type]
+        y = self._to_nhwc(y, f"{out.name}.max" if clamp else out.name)
+        if clamp:
             y = self.node("Clip", [y], out.name, lo=lo, hi=hi)
         self.set_output(op.outputs[0], y)
 
