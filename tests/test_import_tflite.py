@@ -463,5 +463,5 @@ def test_unsupported_operator_is_one_line(tmp_path):
     path.write_bytes(b.build())
     from refsim.exporters.importers.onnx_reader import ImportFailure
 
-    with pytest.raises(ImportFailure, match=r"operator FLOOR \(index 0\) is not supported"):
+    with pytest.raises(ImportFailure, match=r"floor.tflite: operator 0 \(FLOOR\) is not supported by the TFLite importer$"):
         import_tflite(path)

@@ -1,6 +1,6 @@
 """Write a tiny int8 transformer block as a TFLite flatbuffer, without TensorFlow.
 
-    python examples/tflite/make_tiny_transformer.py     # rewrites tiny_transformer.tflite and its inputs
+    python examples/tflite/make_tiny_transformer.py     # rewrites tiny_transformer.tflite and tiny_transformer_inputs.txt
 
 One post-LayerNorm encoder block the way TFLite converters lay it out: FULLY_CONNECTED
 projections (keep_num_dims), RESHAPE/TRANSPOSE into heads, BATCH_MATMUL for QK^T (the
@@ -155,7 +155,9 @@ def build(seed: int = 2024, calibration: int = 32):
 def main() -> None:
     model, inputs, _ = build()
     (HERE / "tiny_transformer.tflite").write_bytes(model)
-    np.save(HERE / "tiny_transformer_inputs.npy", inputs, allow_pickle=False)
+    lines = ["# int8 inputs of tiny_transformer.tflite, one sample [1, 8, 16] per line (row-major)"]
+    lines += [" ".join(str(int(v)) for v in x.reshape(-1)) for x in inputs]
+    (HERE / "tiny_transformer_inputs.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {HERE / 'tiny_transformer.tflite'} ({len(model)} bytes) and {len(inputs)} int8 input samples")
 
 

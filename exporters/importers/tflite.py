@@ -218,9 +218,12 @@ class TfliteImporter:
             self.op = op
             handler = getattr(self, f"op_{op.name}", None)
             if handler is None:
-                raise self.fail(f"operator {op.name} (index {op.index}) is not supported by the TFLite importer")
+                self.op = None
+                raise self.fail(f"operator {op.index} ({op.name}) is not supported by the TFLite importer")
+            recorded = len(self.layers)
             try:
                 handler(op)
+                self._describe_layers(op, self.layers[recorded:])
             except ImportFailure:
                 raise
             except RefsimError as e:
@@ -240,6 +243,20 @@ class TfliteImporter:
                                      "requant": "tflite", "inputs": self.inputs_meta, "outputs": self.outputs_meta,
                                      "layers": self.layers}
         return self.b.build()
+
+    def _describe_layers(self, op: TfliteOperator, layers: list[dict]) -> None:
+        """Name each recorded layer's activation inputs, constants and output (refsim tensors)."""
+        for layer in layers:
+            layer.setdefault("inputs", [self.values[i].name for i in op.inputs
+                                        if i >= 0 and self.m.tensors[i].data is None and i in self.values])
+            if op.name in ("FULLY_CONNECTED",):
+                layer.setdefault("weights", self.values[op.inputs[1]].name)
+                if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                    layer.setdefault("bias", self.values[op.inputs[2]].name)
+            elif op.name in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 2 and op.inputs[2] >= 0:
+                layer.setdefault("bias", self.values[op.inputs[2]].name)
+            layer["output"] = self.values[op.outputs[0]].name
+            layer["options"] = {k: v for k, v in op.options.items() if isinstance(v, (int, float, bool))}
 
     @staticmethod
     def _quant_meta(t: TfliteTensor) -> dict:
@@ -338,13 +355,15 @@ class TfliteImporter:
 
     def _scale_accumulator(self, acc: str, x: Value, w: Value, out: TfliteTensor, lo: int, hi: int, stem: str) -> str:
         per_channel = w.tensor.per_channel
+        q, e = self._multipliers(x, w, out, per_channel_product=per_channel)
+        params = dict(multiplier=q, shift=e, input_offset=-x.zp, filter_offset=-(0 if per_channel else w.zp),
+                      output_offset=int(out.zero_point[0]), act_min=lo, act_max=hi)
         if self.reference == "litert":
             # LiteRT's reference FC: effective = double(s_in) * double(s_w) / double(s_out).
             eff = [float(x.tensor.scale[0]) * float(sw) / float(out.scale[0]) for sw in w.tensor.scale]
-            self.record(effective_scale=eff, zero_point=int(out.zero_point[0]), act_min=lo, act_max=hi)
+            self.record(effective_scale=eff, **params)
             return self.requant_f64(acc, eff if per_channel else eff[0], out, stem, lo, hi)
-        q, e = self._multipliers(x, w, out, per_channel_product=per_channel)
-        self.record(multiplier=q, shift=e, input_offset=-x.zp, output_offset=int(out.zero_point[0]), act_min=lo, act_max=hi)
+        self.record(**params)
         return self.requant(acc, q, e, out, stem, lo, hi, wide=self._wide(x))
 
     def op_BATCH_MATMUL(self, op):
@@ -429,7 +448,9 @@ class TfliteImporter:
         q, e = self._multipliers(x, w, out, per_channel_product=True)
         lo, hi = self.act_range(out)
         self.record(multiplier=q, shift=e, input_offset=-x.zp, output_offset=int(out.zero_point[0]), act_min=lo, act_max=hi,
-                    stride=window["strides"], dilation=window["dilations"], padding=window["pads"])
+                    stride=window["strides"], dilation=window["dilations"], padding=window["pads"], filter=[kh, kw],
+                    weights=wname, weights_perm=[1, 2, 3, 0] if depthwise else [0, 2, 3, 1],
+                    depth_multiplier=int(op.options.get("depth_multiplier", 1) or 1) if depthwise else 1)
         self.set_output(op.outputs[0], self.requant(acc, q, e, out, out.name, lo, hi, axis=-1, wide=wide))
 
     def op_CONV_2D(self, op):
@@ -448,6 +469,7 @@ class TfliteImporter:
         y = self.node("MaxPool", [self._to_nchw(self.place(x), out.name)], f"{out.name}.nchw_max",
                       kernel_shape=[kh, kw], **window)
         lo, hi = self.act_range(out)
+        self.record(stride=window["strides"], padding=window["pads"], filter=[kh, kw], act_min=lo, act_max=hi)
         clamp = (lo, hi) != P.TYPE_RANGES[out.type]
         y = self._to_nhwc(y, f"{out.name}.max" if clamp else out.name)
         if clamp:
@@ -473,6 +495,7 @@ class TfliteImporter:
         counts = self.const(np.outer(rows, cols)[None, None], "int32", f"{out.name}.count")
         mean = self.node("IntegerDiv", [total, counts], f"{out.name}.mean", Delta=1, eps=0)
         lo, hi = self.act_range(out)
+        self.record(stride=window["strides"], padding=window["pads"], filter=[kh, kw], act_min=lo, act_max=hi)
         mean = self.node("Clip", [mean], f"{out.name}.clamped", lo=lo, hi=hi)
         mean = self.node("Cast", [mean], f"{out.name}.nchw_mean", dtype=out.type)
         self.set_output(op.outputs[0], self._to_nhwc(mean, out.name))
