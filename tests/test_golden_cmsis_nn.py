@@ -8,9 +8,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from tflite_builders import TfliteBuilder, options
-
 from refsim.cli import main
+from tflite_builders import TfliteBuilder, options
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tflite_builders import LITERT_VERSION, TfliteBuilder, extremes_and_random, options, run_litert
-
 from refsim.exporters.importers import tflite_prepare as P
 from refsim.exporters.importers.tflite import import_tflite
+from tflite_builders import LITERT_VERSION, TfliteBuilder, extremes_and_random, options, run_litert
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

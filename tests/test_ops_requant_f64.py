@@ -5,7 +5,6 @@ import numpy as np
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from refsim import ops
 
 
@@ -75,7 +74,6 @@ def test_requant_f64_hand_worked():
 
 def test_requant_f64_refuses_inexact_inputs():
     import pytest
-
     from refsim.errors import OpError
 
     with pytest.raises(OpError, match="exactly a double"):

@@ -581,10 +581,10 @@ class TfliteImporter:
 
     # --- functions of one value: tables --------------------------------------------------
 
-    def _lut(self, op, table: np.ndarray, what: str) -> None:
+    def _lut(self, op, table: np.ndarray) -> None:
         x = self.value(op.inputs[0])
         out = self.m.tensors[op.outputs[0]]
-        self.record(table=[int(v) for v in table])
+        self.record(table=[int(v) for v in table])  # the header writer lists it
         name = self.node("Lut", [self.place(x), self.const(table, out.type, f"{out.name}.table")], out.name)
         self.set_output(op.outputs[0], name)
 
@@ -608,7 +608,7 @@ class TfliteImporter:
             if int(out.zero_point[0]) != -128:
                 raise self.fail("int8 LOGISTIC needs output zero point -128")
             table = P.logistic_int8_tflm(x.scale, x.zp)
-        self._lut(op, table, "LOGISTIC")
+        self._lut(op, table)
 
     def op_TANH(self, op):
         x, out = self._unary_io(op, types=("int8",))
@@ -616,20 +616,20 @@ class TfliteImporter:
             table = P.float_lut("int8", x.scale, x.zp, float(out.scale[0]), int(out.zero_point[0]), P.tanh_f32)
         else:
             table = P.tanh_int8_tflm(x.scale, x.zp)
-        self._lut(op, table, "TANH")
+        self._lut(op, table)
 
     def op_GELU(self, op):
         x, out = self._unary_io(op, types=("int8",))
         transform = P.gelu_approx_f32 if op.options.get("approximate") else P.gelu_f32
-        self._lut(op, P.float_lut("int8", x.scale, x.zp, float(out.scale[0]), int(out.zero_point[0]), transform), "GELU")
+        self._lut(op, P.float_lut("int8", x.scale, x.zp, float(out.scale[0]), int(out.zero_point[0]), transform))
 
     def op_HARD_SWISH(self, op):
         x, out = self._unary_io(op, types=("int8",))
-        self._lut(op, P.hard_swish_int8("int8", x.scale, x.zp, float(out.scale[0]), int(out.zero_point[0])), "HARD_SWISH")
+        self._lut(op, P.hard_swish_int8("int8", x.scale, x.zp, float(out.scale[0]), int(out.zero_point[0])))
 
     def op_RSQRT(self, op):
         x, out = self._unary_io(op, types=("int8",))
-        self._lut(op, P.rsqrt_int8(x.scale, x.zp, float(out.scale[0]), int(out.zero_point[0])), "RSQRT")
+        self._lut(op, P.rsqrt_int8(x.scale, x.zp, float(out.scale[0]), int(out.zero_point[0])))
 
     def op_SOFTMAX(self, op):
         x, out = self._unary_io(op, types=("int8",))
@@ -720,27 +720,23 @@ class TfliteImporter:
         begin = self.const_ints(op.inputs[1], "begin")
         end = self.const_ints(op.inputs[2], "end")
         strides = self.const_ints(op.inputs[3], "strides") if len(op.inputs) > 3 else [1] * len(begin)
-        rank = len(x.shape)
-        big = 1 << 62
-        starts, ends = [], []
-        for i in range(len(begin)):
-            s, e, st = begin[i], end[i], strides[i]
+        big = 1 << 62  # "to the end": Slice clamps it
+        starts, ends, steps = [], [], []
+        for i, (s, e, step) in enumerate(zip(begin, end, strides)):
             if o.get("offset"):
                 e = s + e
             if (int(o.get("begin_mask", 0)) >> i) & 1:
-                s = big if st < 0 else 0
+                s = big if step < 0 else 0
             if (int(o.get("end_mask", 0)) >> i) & 1:
-                e = -big if st < 0 else big
-            if (int(o.get("shrink_axis_mask", 0)) >> i) & 1:
+                e = -big if step < 0 else big
+            if (int(o.get("shrink_axis_mask", 0)) >> i) & 1:  # one element, the axis then dropped by the Reshape
                 s = s % x.shape[i] if s < 0 else s
-                e, st = s + 1, 1
+                e, step = s + 1, 1
             starts.append(s)
             ends.append(e)
-        n = len(begin)
-        y = self.node("Slice", [self.place(x)], f"{out.name}.slice", starts=starts, ends=ends, axes=list(range(n)),
-                      steps=strides[:n] if not any((int(o.get("shrink_axis_mask", 0)) >> i) & 1 for i in range(n)) else
-                      [1 if (int(o.get("shrink_axis_mask", 0)) >> i) & 1 else strides[i] for i in range(n)])
-        del rank
+            steps.append(step)
+        y = self.node("Slice", [self.place(x)], f"{out.name}.slice", starts=starts, ends=ends, axes=list(range(len(begin))),
+                      steps=steps)
         self.set_output(op.outputs[0], self.node("Reshape", [y], out.name, shape=list(self.shape_of(op.outputs[0]))))
 
     def op_PAD(self, op):

@@ -39,6 +39,7 @@ from refsim.ops.fixedpoint import (
 from refsim.ops.intmath import INT32_MAX, INT32_MIN
 
 from .onnx_reader import ImportFailure
+from .tflite_tables import SIGMOID_TABLE_UINT16
 
 F32 = np.float32
 TYPE_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767), "uint8": (0, 255), "int32": (INT32_MIN, INT32_MAX)}
@@ -246,17 +247,15 @@ def tanh_int8_tflm(in_scale: float, in_zp: int) -> np.ndarray:
     return tabulate("int8", one)
 
 
-SIGMOID_TABLE_UINT16 = None  # filled lazily from the closed form below
-
-
-def _int16_activation_params(in_scale: float, tanh: bool) -> tuple[int, int]:
-    """LOGISTIC/TANH int16 Prepare: (input_multiplier, input_left_shift)."""
+def _int16_logistic_params(in_scale: float) -> tuple[int, int]:
+    """LOGISTIC int16 Prepare: (input_multiplier, input_left_shift); multiplier 0 marks the
+    power-of-two scale 2^-12 the kernel handles with a plain shift."""
     s = float(F32(in_scale))
     log2 = math.log2(s)
     rounded = round(log2)
-    pot = abs(log2 - rounded) < 1e-3 and math.ldexp(1.0, rounded) == s  # CheckedLog2
+    pot = abs(log2 - rounded) < 1e-3  # CheckedLog2
     left_shift = 12 + rounded
-    if pot and (left_shift == 0 or (tanh and left_shift == 1)):
+    if pot and left_shift == 0:
         return 0, left_shift
     multiplier = s * 4096.0 * 3.0
     left_shift = 0
@@ -330,11 +329,11 @@ def gelu_approx_f32(v):
 
 def logistic_int16(in_scale: float) -> np.ndarray:
     """LOGISTIC int16 (reference_integer_ops::Logistic for int16): scale 1/32768 out."""
-    multiplier, left_shift = _int16_activation_params(in_scale, tanh=False)
+    multiplier, left_shift = _int16_logistic_params(in_scale)
     if multiplier == 0:
         multiplier, left_shift = 3 << left_shift, 0
     rounding = (1 << (left_shift - 1)) if left_shift > 0 else 0
-    table = _sigmoid_table()
+    table = SIGMOID_TABLE_UINT16
 
     def one(v: int) -> int:
         x = (v * multiplier + rounding) >> left_shift
@@ -349,16 +348,6 @@ def logistic_int16(in_scale: float) -> np.ndarray:
         return (result & 0xFFFFFFFF) >> 10
 
     return tabulate("int16", one)
-
-
-def _sigmoid_table() -> list[int]:
-    """TFLite's sigmoid_table_uint16: round(65536 * sigmoid(i / 24)) for i = 0..255, top clipped."""
-    global SIGMOID_TABLE_UINT16
-    if SIGMOID_TABLE_UINT16 is None:
-        from .tflite_tables import SIGMOID_TABLE_UINT16 as table
-
-        SIGMOID_TABLE_UINT16 = list(table)
-    return SIGMOID_TABLE_UINT16
 
 
 def hard_swish_int8(in_dtype: str, in_scale: float, in_zp: int, out_scale: float, out_zp: int) -> np.ndarray:
