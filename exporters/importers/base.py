@@ -158,6 +158,7 @@ class Importer:
         b.metadata["import"] = {
             "format": self.format_name,
             "requant": self.em.requant,
+            "float_ops": self.em.float_ops,
             "producer": f"{self.g.model.producer_name} {self.g.model.producer_version}".strip(),
             "inputs": self.input_quantization,
             "outputs": outputs,

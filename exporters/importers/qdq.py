@@ -516,6 +516,10 @@ class QdqImporter(Importer):
         if not leaves:
             value = self.evaluate(expr, None, None)
             return replace(target, data=self.quantize_values(value, target), shape=np.shape(value))
+        if self.em.float_ops == "ort":
+            replayed = self.ort_replay(expr, target, out)
+            if replayed is not None:
+                return replayed
         if len(leaves) == 1 and self._lut_eligible(expr):
             return self.lut(expr, next(iter(leaves.values())), target, out)
         op = expr.node.op_type
@@ -610,6 +614,57 @@ class QdqImporter(Importer):
         table = self.quantize_values(values, target)
         result = self.em.node("Lut", [self.em.tensor(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
         return replace(target, name=result.name, shape=result.shape)
+
+    # --- --float-ops ort: onnxruntime's float32 kernels replayed ------------------------------------
+
+    def ort_replay(self, expr: FloatOp, target: QTensor, out: str) -> QTensor | None:
+        """The op onnxruntime runs for expr quantized at target, when refsim has its replay."""
+        from . import ort_float
+
+        op, ins = expr.node.op_type, expr.inputs
+        if not target.per_tensor or target.dtype.bits != 8:
+            return None
+        if op in ("Add", "Mul") and len(ins) == 2 and all(_eight_bit(v) for v in ins):
+            a, b = ins[0].q, ins[1].q
+            if op == "Add":
+                scalar = "b" if np.prod(b.shape, dtype=np.int64) == 1 else "a" if np.prod(a.shape, dtype=np.int64) == 1 else None
+                table = ort_float.qlinear_add_table(a, b, target, scalar)
+            else:
+                table = ort_float.qlinear_mul_table(a, b, target)
+            result = self.em.node("Lut2", [self.em.tensor(a), self.em.tensor(b), self.em.const(table, target.dtype, f"{out}.table")],
+                                  out, expr.node.name)
+            return replace(target, name=result.name, shape=result.shape)
+        if op == "Softmax" and len(ins) == 1 and _eight_bit(ins[0]) and not ins[0].q.is_const:
+            q = self._row_input(expr, "Softmax")
+            if q.dtype is not target.dtype:
+                return None
+            length = q.shape[-1]
+            if not isinstance(length, int):
+                raise fail(expr.node, "needs a static softmax axis; give --shape")
+            from refsim.ops import float32 as f32
+
+            mant, expo = f32.from_float32(ort_float.softmax_table(q.scale, length))
+            result = self.em.node("OrtSoftmax", [self.em.tensor(q), self.em.const(mant, "int32", f"{out}.exp_m"),
+                                                 self.em.const(expo, "int16", f"{out}.exp_e")], out, expr.node.name,
+                                  y_factor=ort_float.softmax_y_factor(target.scale), zero_point=target.zp_scalar())
+            return replace(target, name=result.name, shape=result.shape)
+        if op == "LayerNormalization" and _eight_bit(ins[0]) and not ins[0].q.is_const:
+            q = self._row_input(expr, "LayerNormalization")
+            n = q.shape[-1]
+            if not isinstance(n, int):
+                raise fail(expr.node, "needs a static normalised axis")
+            gamma = np.broadcast_to(np.asarray(self.evaluate(ins[1], None, None), np.float64).reshape(-1), (n,))
+            beta = (np.broadcast_to(np.asarray(self.evaluate(ins[2], None, None), np.float64).reshape(-1), (n,))
+                    if len(ins) > 2 and ins[2] is not None else np.zeros(n))
+            p = ort_float.layernorm_params(q, gamma, beta, float(expr.attrs.get("epsilon", 1e-5)), target, n)
+            x = self.em.tensor(q)
+            bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
+            result = self.em.node("LayerNormRound", [x, self.em.const(p["gamma"], stem=f"{out}.gamma"),
+                                                     self.em.const(p["beta"], stem=f"{out}.beta"),
+                                                     self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")],
+                                  out, expr.node.name, eps=p["eps"], k=p["k"], shift=p["shift"], dtype=target.dtype.name, **bounds)
+            return replace(target, name=result.name, shape=result.shape)
+        return None
 
     # --- Softmax and LayerNormalization: refsim's integer variants (mode) ---------------------------
 
@@ -801,6 +856,11 @@ class QdqImporter(Importer):
         p = self._accumulator(self.em.node("Mul", centered, f"{out}.product"), qa, qb, axis=0)
         exact, ort = ratio_of(p, target)
         return self.em.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
+
+
+def _eight_bit(v) -> bool:
+    """A dequantized per-tensor 8-bit tensor (or constant): what onnxruntime's QLinear kernels take."""
+    return isinstance(v, Dequantized) and v.q.per_tensor and v.q.scale is not None and v.q.dtype.name in ("int8", "uint8")
 
 
 def _same(a: QTensor, b: QTensor) -> bool:
