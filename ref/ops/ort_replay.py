@@ -22,6 +22,7 @@ import numpy as np
 from ..dtypes import TYPES
 from ..errors import GraphError, OpError
 from . import float32 as f32
+from .requant_f32 import MANTISSA_BITS
 from .registry import Int, op, shapes_compatible
 from .registry import TypeName as TypeNameAttr
 
@@ -105,6 +106,9 @@ def OrtSoftmax(x, table_m, table_e, *, y_factor, zero_point):
     quotient = f32.div(scaled, (total[0][:, None], total[1][:, None]))
     lo, hi = (0, 255) if x.dtype == np.uint8 else (-128, 127)
     y = np.clip(f32.rint(quotient) + zero_point, lo, hi)
+    # t * y_factor past float32's range (rows of one value) is infinite there; x86's conversion
+    # of an infinite quotient to an integer gives 0x80000000..., which leaves the zero point.
+    y = np.where(scaled[1] + MANTISSA_BITS > 128, zero_point, y)
     return y.astype(x.dtype).reshape(x.shape)
 
 
