@@ -17,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from refsim.dtypes import TYPES
 from refsim.exporters.importers import ort_float
 from refsim.exporters.importers.values import QTensor
-from refsim.dtypes import TYPES
 from refsim.ops import DynamicQuantizeLinear, LayerNormRound, Lut2, OrtSoftmax
 from refsim.ops import float32 as f32
 

@@ -22,9 +22,9 @@ import numpy as np
 from ..dtypes import TYPES
 from ..errors import GraphError, OpError
 from . import float32 as f32
-from .requant_f32 import MANTISSA_BITS
 from .registry import Int, op, shapes_compatible
 from .registry import TypeName as TypeNameAttr
+from .requant_f32 import MANTISSA_BITS
 
 # --- Lut2 -----------------------------------------------------------------------------
 
