@@ -168,19 +168,21 @@ def test_depthwise_conv_2d(tmp_path, variant):
 
 
 @pytest.mark.parametrize("kind", ["MAX_POOL_2D", "AVERAGE_POOL_2D"])
-@pytest.mark.parametrize("variant", [dict(), dict(padding=1), dict(stride=1), dict(act=1), dict(k=2)],
-                         ids=["same", "valid", "stride1", "relu", "k2"])
+@pytest.mark.parametrize("variant", [dict(), dict(padding=1), dict(stride=1), dict(act=1), dict(k=2), dict(dt="int16")],
+                         ids=["same", "valid", "stride1", "relu", "k2", "int16"])
 def test_pools(tmp_path, kind, variant):
     padding, stride, k, act = variant.get("padding", 0), variant.get("stride", 2), variant.get("k", 3), variant.get("act", 0)
+    dt = variant.get("dt", "int8")
+    zp = 0 if dt == "int16" else -3
     b = TfliteBuilder()
     N, H, W, C = 2, 9, 8, 3
-    x = b.input([N, H, W, C], "int8", scale=0.05, zero_point=-3)
+    x = b.input([N, H, W, C], dt, scale=0.05, zero_point=zp)
     oh, ow = (-(-H // stride), -(-W // stride)) if padding == 0 else ((H - k) // stride + 1, (W - k) // stride + 1)
-    y = b.tensor([N, oh, ow, C], "int8", scale=0.05, zero_point=-3)
+    y = b.tensor([N, oh, ow, C], dt, scale=0.05, zero_point=zp)
     b.op(kind, [x], [y], options("Pool2D", padding=padding, strideW=stride, strideH=stride, filterWidth=k, filterHeight=k,
                                  fusedActivationFunction=act))
     b.output(y)
-    compare(tmp_path, b, batches([N, H, W, C], "int8"), label=f"{kind} {variant}")
+    compare(tmp_path, b, batches([N, H, W, C], dt), label=f"{kind} {variant}")
 
 
 # --- elementwise ----------------------------------------------------------------------------
@@ -464,3 +466,22 @@ def test_unsupported_operator_is_one_line(tmp_path):
 
     with pytest.raises(ImportFailure, match=r"floor.tflite: operator 0 \(FLOOR\) is not supported by the TFLite importer$"):
         import_tflite(path)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from refsim.cli import main
+
+    b = TfliteBuilder()
+    x = b.input([4], "int8", **Q)
+    y = b.tensor([4], "int8", **Q)
+    b.op("RELU", [x], [y])
+    b.output(y)
+    (tmp_path / "relu.tflite").write_bytes(b.build())
+    (tmp_path / "garbage.tflite").write_bytes(b"\x00\x00\x00\x00TFL3" + b"\xff" * 40)
+    for name, message in (("relu.tflite", "operator 0 (RELU) is not supported by the TFLite importer"),
+                          ("garbage.tflite", "garbage.tflite: ")):  # corrupt or empty: named, one line
+        out = tmp_path / f"{name}.intq"
+        assert main(["import", str(tmp_path / name), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("refsim: error: ") and message in err, err
+        assert not out.exists()
