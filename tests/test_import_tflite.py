@@ -188,13 +188,16 @@ def test_pools(tmp_path, kind, variant):
 # --- elementwise ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ADD", "SUB", "MUL", "SQUARED_DIFFERENCE"])
-@pytest.mark.parametrize("variant", [dict(), dict(act=1), dict(act=3), dict(broadcast=True), dict(wide=True)],
-                         ids=["plain", "relu", "relu6", "broadcast", "int16"])
-def test_binary(tmp_path, name, variant):
+BINARY_VARIANTS = {"plain": dict(), "relu": dict(act=1), "relu6": dict(act=3), "broadcast": dict(broadcast=True),
+                   "int16": dict(wide=True)}
+BINARY_CASES = [(name, variant) for name in ("ADD", "SUB", "MUL", "SQUARED_DIFFERENCE") for variant in BINARY_VARIANTS
+                if name != "SQUARED_DIFFERENCE" or variant in ("plain", "broadcast")]  # int8 only, no fused activation
+
+
+@pytest.mark.parametrize("name,variant_id", BINARY_CASES, ids=[f"{n}-{v}" for n, v in BINARY_CASES])
+def test_binary(tmp_path, name, variant_id):
+    variant = BINARY_VARIANTS[variant_id]
     wide, act = variant.get("wide", False), variant.get("act", 0)
-    if name == "SQUARED_DIFFERENCE" and (wide or act):
-        pytest.skip("SQUARED_DIFFERENCE: int8 only, no fused activation")
     dt = "int16" if wide else "int8"
     shape, bshape = [4, 32], [1, 32] if variant.get("broadcast") else [4, 32]
     zp = 0 if wide else 1
