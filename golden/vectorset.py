@@ -204,11 +204,17 @@ def write_vector_set(
     force: bool = False,
     model_path: str | None = None,
     inputs_path: str | None = None,
+    max_bytes: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run `model` on every sample and write the vector set; returns its manifest.
 
     `targets` maps a target name to its module (see `refsim.hw_vectors`); each module's
     `write(ctx)` is called once per sample. The `npy` target is what `refsim check` reads.
+    The size of the whole set is estimated from the first sample's files (samples of one
+    model write files of one size unless their shapes differ); over `max_bytes` the set is
+    refused before any further sample runs, and nothing is left behind. `progress(n)` is
+    called after each sample with the number of samples done so far.
     """
     options = dict(options or {})
     wanted = wanted or (lambda name: True)
@@ -243,6 +249,17 @@ def write_vector_set(
                 entry["text"] = sample.text
             sample_entries.append(entry)
             del captured
+            if index == 0:
+                estimate = _estimate_bytes(writer.files, len(samples))
+                if max_bytes is not None and estimate > max_bytes:
+                    first = sum(f["bytes"] for f in writer.files)
+                    raise VectorSetError(
+                        f"{writer.final}: the vector set would take about {format_size(estimate)} ({len(samples)} samples of "
+                        f"{format_size(first)} each, measured on the first), over the limit of {format_size(max_bytes)}; "
+                        "select tensors (--tensors), fewer samples (--samples) or raise the limit (--max-size)"
+                    )
+            if progress is not None:
+                progress(index + 1)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -264,6 +281,36 @@ def write_vector_set(
     except BaseException:
         writer.abort()
         raise
+
+
+def _estimate_bytes(files: list[dict[str, Any]], n_samples: int) -> int:
+    return sum(f["bytes"] for f in files) * n_samples
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def parse_size(text: str) -> int | None:
+    """'4G', '500M', '10k', '123' (bytes) or 'none' (no limit) as a number of bytes."""
+    value = str(text).strip().lower()
+    if value in ("none", "0", "off"):
+        return None
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    number = value.rstrip("b")
+    factor = 1
+    if number and number[-1] in scale:
+        factor, number = scale[number[-1]], number[:-1]
+    try:
+        size = float(number) * factor
+    except ValueError:
+        raise InputError(f"size {text!r} is not a number of bytes such as 500M, 4G or none") from None
+    if size < 0:
+        raise InputError(f"size {text!r} is negative")
+    return int(size)
 
 
 def load_manifest(directory: str | os.PathLike) -> dict[str, Any]:

@@ -15,6 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", metavar="FILE.npz", help="also save every output to an .npz file")
     p.add_argument("--json", action="store_true", help="print outputs as JSON")
     p.add_argument("--outputs", metavar="NAMES", help="comma-separated tensors to return instead of the graph outputs")
+    p.add_argument("--samples", type=int, metavar="N", help="only the first N samples")
+    p.add_argument("--batch-axis", default="0", choices=("0", "none"),
+                   help="array inputs hold samples along axis 0 (default), or 'none': the whole file is one sample")
 
 
 def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -53,7 +56,7 @@ def main(args) -> int:
     from refsim.inputs import load_samples
 
     model = load(args.model)
-    samples = load_samples(model, args.inputs)
+    samples = load_samples(model, args.inputs, batch_axis=None if args.batch_axis == "none" else 0, limit=args.samples)
     wanted = args.outputs.split(",") if args.outputs else None
     results = []
     for sample in samples:
