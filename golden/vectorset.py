@@ -16,6 +16,7 @@ is ever written outside the temporary folder.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -52,6 +53,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def npy_bytes(array: np.ndarray) -> memoryview:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, order="C"), allow_pickle=False)  # ascontiguousarray would make 0-d arrays 1-d
+    return buffer.getbuffer()
 
 
 def sample_dir(index: int) -> str:
@@ -162,7 +169,48 @@ def _quant_entry(t) -> dict[str, Any]:
     return out
 
 
-def _tensor_entry(graph: Graph, name: str, producer, file_stem: str) -> dict[str, Any]:
+INLINE_VALUES = 16  # constants up to this many elements are written into the manifest too
+
+
+def _json_value(value):
+    """Node attributes as JSON: NumPy scalars and arrays become numbers and lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return value
+
+
+class _Constants:
+    """Constant inputs of the recorded nodes, each written once as constants/<name>.npy."""
+
+    def __init__(self, writer: "_Writer", graph: Graph):
+        self.writer, self.graph = writer, graph
+        self.names = FileNames()
+        self.written: dict[str, str] = {}
+
+    def describe(self, name: str) -> dict[str, Any]:
+        if not name:
+            return {"name": None}
+        t = self.graph.tensors[name]
+        entry: dict[str, Any] = {"name": name, "dtype": t.dtype.name, "shape": list(t.shape)}
+        if not t.is_const:
+            return {**entry, "const": False}
+        if name not in self.written:
+            relpath = f"constants/{self.names(name)}.npy"
+            self.writer.write(relpath, npy_bytes(np.asarray(t.data).astype(t.dtype.storage)), target="constants", tensor=name)
+            self.written[name] = relpath
+        entry.update(const=True, file=self.written[name], **_quant_entry(t))
+        if t.data.size <= INLINE_VALUES:
+            entry["value"] = np.asarray(t.data).tolist()
+        return entry
+
+
+def _tensor_entry(graph: Graph, name: str, producer, file_stem: str, constants: "_Constants") -> dict[str, Any]:
     t = graph.tensors[name]
     kind = "input" if name in graph.inputs else ("output" if name in graph.outputs else "intermediate")
     entry = {
@@ -171,6 +219,11 @@ def _tensor_entry(graph: Graph, name: str, producer, file_stem: str) -> dict[str
         "kind": kind,
         "node": producer.name if producer is not None else None,
         "op": producer.op if producer is not None else None,
+        **({} if producer is None else {
+            "attrs": _json_value(dict(producer.attrs)),
+            "inputs": [constants.describe(i) for i in producer.inputs],
+            "outputs": list(producer.outputs),
+        }),
         "dtype": t.dtype.name,
         "bits": t.dtype.bits,
         "signed": t.dtype.signed,
@@ -228,6 +281,7 @@ def write_vector_set(
     writer = _Writer(out_dir, force)
     try:
         file_names = FileNames()
+        constants = _Constants(writer, model.graph)
         tensors: dict[str, dict[str, Any]] = {}
         sample_entries = []
         for index, sample in enumerate(samples):
@@ -235,7 +289,7 @@ def write_vector_set(
             selected = [n for n in captured.arrays if wanted(n)]
             for name in selected:
                 if name not in tensors:
-                    tensors[name] = _tensor_entry(model.graph, name, captured.producers.get(name), file_names(name))
+                    tensors[name] = _tensor_entry(model.graph, name, captured.producers.get(name), file_names(name), constants)
             files_by_tensor: dict[str, list[dict]] = {}
             for target_name, module in targets.items():
                 ctx = SampleContext(model.graph, captured, selected, options, file_names, writer, target_name, files_by_tensor)
@@ -252,7 +306,7 @@ def write_vector_set(
             if index == 0:
                 estimate = _estimate_bytes(writer.files, len(samples))
                 if max_bytes is not None and estimate > max_bytes:
-                    first = sum(f["bytes"] for f in writer.files)
+                    first = sum(f["bytes"] for f in writer.files if "sample" in f)
                     raise VectorSetError(
                         f"{writer.final}: the vector set would take about {format_size(estimate)} ({len(samples)} samples of "
                         f"{format_size(first)} each, measured on the first), over the limit of {format_size(max_bytes)}; "
@@ -284,7 +338,8 @@ def write_vector_set(
 
 
 def _estimate_bytes(files: list[dict[str, Any]], n_samples: int) -> int:
-    return sum(f["bytes"] for f in files) * n_samples
+    per_sample = sum(f["bytes"] for f in files if "sample" in f)
+    return per_sample * n_samples + sum(f["bytes"] for f in files if "sample" not in f)
 
 
 def format_size(n: int) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import refsim
+import refsim.golden
 from golden_helpers import NASTY_NAMES, nasty_graph
 from refsim.cli import main as cli
 from refsim.golden.vectorset import write_vector_set
@@ -242,3 +243,28 @@ def test_large_reports_count_matches_instead_of_listing_them():
     text = format_report(report)
     assert text.splitlines() == ["(60 matching tensors not listed; --all lists them)", "60 match, 0 mismatch, 0 missing: OK"]
     assert len(format_report(report, matches=True).splitlines()) == 61
+
+
+def test_vector_set_api_gives_tensors_nodes_and_constants(golden_set, monkeypatch):
+    import re
+
+    vs = refsim.golden.open(golden_set)
+    model = refsim.load(EXAMPLE)
+    nodes = list(vs.nodes("Requant"))
+    assert [n.name for n in nodes] == [n.name for n in model.graph.nodes if n.op == "Requant"]
+    for node in nodes:
+        graph_node = next(n for n in model.graph.nodes if n.name == node.name)
+        assert node.attrs == graph_node.attrs and node.input_names == list(graph_node.inputs)
+        assert node.const("mul").tolist() == model.graph.tensors[graph_node.inputs[1]].data.tolist()
+        assert node.const(2).tolist() == model.graph.tensors[graph_node.inputs[2]].data.tolist()
+    traced = {}
+    model.run({"x": vs[2]["x"]}, trace=lambda n, name, a: traced.__setitem__(name, a))
+    assert all(vs[2][name].tolist() == traced[name].tolist() for name in traced)
+    assert vs.tensors["fc1.out"].node.op == "Requant" and vs.tensors["x"].node is None
+    with pytest.raises(refsim.golden.VectorSetError, match="computed, not a constant"):
+        nodes[0].const("x")
+    # The README's snippet runs as written.
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(import refsim.golden\n.*?)```", readme, flags=re.DOTALL).group(1)
+    monkeypatch.chdir(golden_set.parent)
+    exec(compile(snippet.replace('"vectors"', repr(str(golden_set))), "README", "exec"), {})
