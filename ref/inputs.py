@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import InputError
+from .input_quant import input_specs, quantize_feeds
 from .ir import Tensor
 
 
@@ -180,9 +181,7 @@ def load_samples(model, path, *, batch_axis: int | None = 0, limit: int | None =
 
         text_reader = text_reader_for(model)
     samples = read_samples(path, model.inputs, text_reader, batch_axis=batch_axis, limit=limit)
-    if model.metadata.get("input_quant"):
-        from .input_quant import quantize_feeds
-
+    if input_specs(model.metadata):
         for sample in samples:
             sample.feeds = quantize_feeds(model, sample.feeds)
     return samples
