@@ -50,6 +50,18 @@ def detect_format(model: onnx.ModelProto) -> str:
     )
 
 
+def _refsim_form(source):
+    """The refsim graph of an ONNX file written by `refsim convert`, else None."""
+    from refsim.onnx_form import from_onnx, is_refsim_onnx
+
+    where = "model" if isinstance(source, onnx.ModelProto) else os.fspath(source)
+    try:
+        proto = source if isinstance(source, onnx.ModelProto) else onnx.load(os.fspath(source), load_external_data=False)
+    except Exception:  # unreadable files are reported by the ONNX reader with its own message
+        return None
+    return from_onnx(proto, where) if is_refsim_onnx(proto) else None
+
+
 def import_model(
     source: str | os.PathLike | onnx.ModelProto,
     output: str | os.PathLike | None = None,
@@ -81,6 +93,12 @@ def import_model(
         raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
+    refsim_graph = _refsim_form(source)
+    if refsim_graph is not None:  # written by `refsim convert`: the graph itself, exactly
+        model = Model(refsim_graph)
+        if output is not None:
+            model.save(output)
+        return model
     graph = OnnxGraph.read(source, shapes, dict(constants or {}))
     fmt = fmt or detect_format(graph.model)
     if fmt not in FORMATS:
