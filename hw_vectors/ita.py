@@ -72,7 +72,8 @@ NEEDS_ALL_TENSORS = True
 
 def describe(options) -> dict:
     return {
-        "layout": "PyITA standalone/ decimal tile streams and hwpe/ 32-bit hex memory image, per attention block",
+        "layout": "ITA main's ita_tb.sv contract: PyITA standalone/ decimal tile streams, hwpe/ 32-bit hex memory "
+                  "image, RQS_ATTN_*/RQS_FFN_*/GELU/activation files, per attention block and its feed-forward block",
         "tile": [ITA_M, ITA_N],
     }
 

@@ -72,8 +72,10 @@ def main(args) -> int:
     model = load(args.model)
     samples = load_samples(model, args.inputs, batch_axis=None if args.batch_axis == "none" else 0, limit=args.samples)
     wanted = args.outputs.split(",") if args.outputs else None
+    from tqdm import tqdm
+
     results = []
-    for sample in samples:
+    for sample in tqdm(samples, unit="sample", leave=False, disable=None if len(samples) > 1 else True):
         results.append(model.run(sample.feeds, outputs=wanted))
     floats = [model.dequantize_outputs(r) for r in results] if args.float else None
     scales = {name: _scale_entry(model, name) for name in (results[0] if results else {})}
