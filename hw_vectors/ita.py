@@ -54,6 +54,7 @@ from __future__ import annotations
 import numpy as np
 from refsim.blocks.ita import (
     ITA_TILE,
+    ItaFeedForwardBlock,
     attention_records,
     feedforward_constraints,
     feedforward_records,
@@ -87,7 +88,6 @@ def units(graph) -> list[tuple[str, object | None, object | None]]:
     feedforward = [read_feedforward_block(graph, r) for r in feedforward_records(graph)]
     names = {a.name for a in attention}
     paired: dict[str, object] = {}
-    out = []
     for ff in feedforward:
         if ff.attention is not None and ff.attention not in names:
             raise GraphError(f"feed-forward block {ff.name!r}: pairs with attention block {ff.attention!r}, which is not recorded")
@@ -100,13 +100,18 @@ def units(graph) -> list[tuple[str, object | None, object | None]]:
     return out
 
 
-def _constraints(graph, attention, feedforward, S) -> None:
-    for block, check_fn in ((attention, ita_constraints), (feedforward, feedforward_constraints)):
+def _constraints(graph, blocks, arrays=None) -> None:
+    """Refuse a block that does not fit ITA, with its sequence length from the sample's
+    arrays (or the declared shape, when it is fixed, before anything runs)."""
+    for block in blocks:
         if block is None:
             continue
-        problems = check_fn(graph, block, S)
+        is_ff = isinstance(block, ItaFeedForwardBlock)
+        x = block.x if is_ff else block.q
+        S = np.asarray(arrays[x]).shape[0] if arrays is not None else graph.tensors[x].shape[0]
+        problems = (feedforward_constraints if is_ff else ita_constraints)(graph, block, S if isinstance(S, int) else None)
         if problems:
-            kind = "attention" if block is attention else "feed-forward"
+            kind = "feed-forward" if is_ff else "attention"
             raise GraphError(f"{kind} block {block.name!r} does not fit ITA: " + "; ".join(problems))
 
 
@@ -118,11 +123,7 @@ def check(graph, options) -> None:
             "feedforward_blocks); export it with `refsim export --mode ita` or build blocks with refsim.blocks.ita"
         )
     for _, attention, feedforward in found:
-        S = None
-        for block in (attention, feedforward):
-            if block is not None:
-                S = graph.tensors[block.q if block is attention else block.x].shape[0]
-        _constraints(graph, attention, feedforward, S if isinstance(S, int) else None)
+        _constraints(graph, (attention, feedforward))
 
 
 # --- the four streams -------------------------------------------------------------------
@@ -317,8 +318,7 @@ def feedforward_files(graph, block, arrays: dict[str, np.ndarray], files: dict[s
 
 def unit_files(graph, attention, feedforward, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
     """Every file of one testbench folder for one sample: relative path -> bytes."""
-    S = int(np.asarray(arrays[attention.q if attention is not None else feedforward.x]).shape[0])
-    _constraints(graph, attention, feedforward, S)
+    _constraints(graph, (attention, feedforward), arrays)
     files: dict[str, bytes] = {}
     mem: list[bytes] = []  # the memory image: attention heads first, then the feed-forward part
     if attention is not None:
