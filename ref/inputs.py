@@ -125,10 +125,32 @@ def load_samples(model, path):
         from .text import text_reader_for
 
         text_reader = text_reader_for(model)
-    samples = read_samples(path, model.inputs, text_reader)
-    if model.metadata.get("input_quant"):
-        from .input_quant import quantize_feeds
+    samples = split_fixed_batches(read_samples(path, model.inputs, text_reader), model.inputs)
+    from .boundary import input_specs, quantize_feeds
 
+    if input_specs(model.metadata):
         for sample in samples:
             sample.feeds = quantize_feeds(model, sample.feeds)
     return samples
+
+
+def split_fixed_batches(samples: list[Sample], inputs: list[Tensor]) -> list[Sample]:
+    """An array file holding several samples for a model whose inputs declare a fixed batch
+    size (a graph exported at batch 1, say) becomes one sample per batch of that size."""
+    fixed = {t.name: t.shape[0] for t in inputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0}
+    if not fixed or len(fixed) != len(inputs) or len(set(fixed.values())) != 1:
+        return samples
+    batch = next(iter(fixed.values()))
+    out = []
+    for sample in samples:
+        counts = {np.shape(v)[0] if np.ndim(v) else None for n, v in sample.feeds.items() if n in fixed}
+        ranks_match = all(np.ndim(sample.feeds[t.name]) == len(t.shape) for t in inputs if t.name in sample.feeds)
+        count = counts.pop() if len(counts) == 1 else None
+        if not ranks_match or count is None or count == batch or count % batch:
+            out.append(sample)
+            continue
+        for start in range(0, count, batch):
+            feeds = {n: (v[start:start + batch] if n in fixed else v) for n, v in sample.feeds.items()}
+            out.append(Sample(feeds, f"{sample.source}[{start}]" if batch == 1 else f"{sample.source}[{start}:{start + batch}]",
+                              sample.text))
+    return out
