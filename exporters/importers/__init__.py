@@ -28,7 +28,7 @@ from ..frontend.emitter import Emitter
 from ..frontend.graph import Graph, load
 from ..frontend.passes import import_graph
 from .base import ImportFailure
-from .values import REQUANT_CHOICES
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES
 
 FORMATS = ("qdq", "qonnx", "deeploy")
 
@@ -70,6 +70,7 @@ def import_model(
     input_types: Mapping[str, str] | None = None,
     mode: str = "ibert",
     name: str | None = None,
+    float_ops: str = "integer",
 ) -> Model:
     """Import a quantized ONNX model as a refsim Model (saved to `output` when given).
 
@@ -81,19 +82,23 @@ def import_model(
     inputs), which then import as constants. input_types: the integer type each float input
     of a quantlib/Deeploy graph holds (default int8). mode: which integer variants stand
     for float Softmax/LayerNormalization left between QDQ pairs ("ibert": IBertSoftmax and
-    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm).
+    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm). float_ops: "integer" (those integer
+    variants, what hardware runs) or "ort" (Softmax, LayerNormalization, QLinearAdd/QLinearMul
+    replay onnxruntime's float32 CPU kernels: "does refsim reproduce my onnxruntime model").
     """
+    if float_ops not in FLOAT_OPS_CHOICES:
+        raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
     try:
-        return _import(source, output, fmt, requant, shapes, constants, input_types, mode, name)
+        return _import(source, output, fmt, requant, shapes, constants, input_types, mode, name, float_ops)
     except ImportFailure:
         raise
     except ExportError as e:  # the front end's errors, reported as the importer's
         raise ImportFailure(str(e)) from None
 
 
-def _import(source, output, fmt, requant, shapes, constants, input_types, mode, name) -> Model:
+def _import(source, output, fmt, requant, shapes, constants, input_types, mode, name, float_ops) -> Model:
     proto = load(source)
     fmt = fmt or detect_format(proto)
     if fmt not in FORMATS:
@@ -112,7 +117,7 @@ def _import(source, output, fmt, requant, shapes, constants, input_types, mode, 
     if fmt == "deeploy":
         importer = importer_class(graph, emitter, dict(input_types or {}), requant=requant)
     else:
-        importer = importer_class(graph, emitter, mode, requant=requant)
+        importer = importer_class(graph, emitter, mode, requant=requant, float_ops=float_ops)
     ir = importer.run()
     model = Model(ir)
     if output is not None:

@@ -22,7 +22,7 @@ from ..frontend.emitter import Emitter, narrowest_type
 from ..frontend.fold import evaluate, store_const
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
 from ..frontend.graph import Graph as OnnxGraph
-from .values import REQUANT_CHOICES, Const, Dequantized, FloatOp, QTensor
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES, Const, Dequantized, FloatOp, QTensor
 
 
 class ImportFailure(ExportError):
@@ -64,12 +64,15 @@ class Importer:
     # Nodes the front end's folding must leave for the importer (even on constants).
     KEEP: tuple[str, ...] = ()
 
-    def __init__(self, graph: OnnxGraph, emitter: Emitter, requant: str = "dyadic"):
+    def __init__(self, graph: OnnxGraph, emitter: Emitter, requant: str = "dyadic", float_ops: str = "integer"):
         if requant not in REQUANT_CHOICES:
             raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
+        if float_ops not in FLOAT_OPS_CHOICES:
+            raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
         self.g = graph
         self.em = emitter
         self.requant_policy = requant
+        self.float_ops = float_ops
         self.rounding = "half_even"
         self.values: dict[str, Any] = {"": None}
         self.handlers: dict[tuple[str, str], Handler] = {}
@@ -211,8 +214,8 @@ class Importer:
             value = self.values.get(name)
             q = value.q if isinstance(value, Dequantized) else value
             if isinstance(value, FloatOp):
-                raise fail(value.node, f"its float result is graph output {name!r}; refsim outputs integers, "
-                                       "so the output needs a QuantizeLinear/DequantizeLinear pair")
+                value = self.float_output(name, value)
+                q = value.q
             if isinstance(value, (Const, FloatInput)) or value is None:
                 raise ImportFailure(f"graph output {name!r} is a constant or a float input; nothing integer computes it")
             tensor = self.place(q)
@@ -235,6 +238,7 @@ class Importer:
         b.metadata["import"] = {
             "format": self.format_name,
             "requant": self.requant_policy,
+            "float_ops": self.float_ops,
             "producer": self.g.producer,
         }
         b.metadata["boundary"] = {"inputs": self.input_quantization, "outputs": outputs}
@@ -242,6 +246,12 @@ class Importer:
             return b.build()
         except RefsimError as e:
             raise ImportFailure(f"the imported graph is invalid: {e}") from None
+
+    def float_output(self, name: str, value: FloatOp) -> Dequantized:
+        """A graph output computed by float ops after the last QuantizeLinear: a format may know
+        an integer form for it (the QDQ importer: masked mean pooling); otherwise refused."""
+        raise fail(value.node, f"its float result is graph output {name!r}; refsim outputs integers, "
+                               "so the output needs a QuantizeLinear/DequantizeLinear pair")
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -385,7 +395,8 @@ class Importer:
 
     def op_Flatten(self, node, ins, attrs):
         shape = self._shape_of(node, ins[0])
-        axis = attrs.get("axis", 1) % max(len(shape), 1) if shape else 0
+        axis = attrs.get("axis", 1)
+        axis = axis + len(shape) if axis < 0 else axis  # ONNX allows axis = rank: [size, 1]
         def size(dims):
             if not all(isinstance(d, int) for d in dims):
                 return None
@@ -405,6 +416,8 @@ class Importer:
             idx = np.asarray(indices.value).astype(np.int64)
             return self._move(node, data, "Gather", {}, lambda a: np.take(a, idx, axis=axis))
         index = self.integer(node, indices, "the indices")
+        if isinstance(data, Const) and np.asarray(data.value).dtype.kind in "iub":
+            data = self.integer(node, data, "the table")  # an integer table (QOperator's quantized embedding)
         shape = self._shape_of(node, data)
         rank = len(shape)
         axis %= rank

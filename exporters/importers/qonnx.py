@@ -51,8 +51,8 @@ class QonnxImporter(QdqImporter):
     format_name = "qonnx"
     KEEP = ("DequantizeLinear", "Quant", "IntQuant", "BipolarQuant", "Trunc")
 
-    def __init__(self, graph, emitter, mode: str = "ibert", requant: str = "dyadic"):
-        super().__init__(graph, emitter, mode, requant)
+    def __init__(self, graph, emitter, mode: str = "ibert", requant: str = "dyadic", float_ops: str = "integer"):
+        super().__init__(graph, emitter, mode, requant, float_ops)
         for domain in DOMAINS:
             for op in ("Quant", "IntQuant"):
                 self.handlers[(domain, op)] = self.op_Quant

@@ -29,6 +29,9 @@ from refsim.dtypes import IntType
 from ..frontend.graph import Node
 
 REQUANT_CHOICES = ("dyadic", "ort")
+# What stands for the float ops onnxruntime computes in float32 (Softmax, LayerNormalization,
+# QLinearAdd/QLinearMul): refsim's integer variants, or replays of onnxruntime's kernels.
+FLOAT_OPS_CHOICES = ("integer", "ort")
 
 
 @dataclass
