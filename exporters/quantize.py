@@ -41,8 +41,8 @@ from .dyadic import ExportError
 from .frontend import requant as rq
 from .frontend.emitter import Emitter
 from .frontend.graph import Graph, Node
+from .frontend.integer_ops import INTEGER_OPS, lower
 from .frontend.patterns import AttentionMatch, match_attention
-from .lowering import INTEGER_OPS, IntegerLowering
 
 # What the walker recognises, for the one-line error on anything else.
 SUPPORTED = (
@@ -115,7 +115,6 @@ class Walker:
         self.users = g.consumer_map()
         self.producers = g.producers()
         self.skipped = self._mask_only()
-        self.lowering = IntegerLowering(self)
 
     # --- integer tensors ------------------------------------------------------------------------
 
@@ -226,6 +225,23 @@ class Walker:
             stack.extend(i for i in node.inputs if i and not self.g.is_const(i) and i not in self.g.mask_inputs)
         return skipped
 
+    def _integer_op(self, node: Node) -> None:
+        """An op on plain integers (position ids, masks): exact integer ops (`frontend.integer_ops`)."""
+        layer = self.layer_name(node)
+
+        def operand(k: int) -> str:
+            name = node.inputs[k]
+            if self.g.is_const(name):
+                return self.em.const(self.g.const(name), None, f"{layer}.const")
+            return self.value(name).name
+
+        def const(k: int):
+            name = node.inputs[k] if k < len(node.inputs) else ""
+            return self.g.const(name) if name and self.g.is_const(name) else None
+
+        y = lower(self.em, node, operand, const, self.g.dtypes.get(node.outputs[0]), f"{layer}.{node.op.lower()}")
+        self.set_native(node.outputs[0], Value(y, 1.0, "index"), layer)
+
     def _integers_only(self, node: Node) -> bool:
         """Whether every input is a plain integer (a model input, a value computed from
         those, or an integer constant), at least one of them computed at run time."""
@@ -309,7 +325,7 @@ class Walker:
             if node.name in self.done or node.name in self.skipped:
                 continue
             if node.op in INTEGER_OPS and self._integers_only(node):
-                self.set_native(node.outputs[0], Value(self.lowering.emit(node), 1.0, "index"), self.layer_name(node))
+                self._integer_op(node)
                 continue
             handler = getattr(self, f"_visit_{node.op}", None)
             if handler is None:

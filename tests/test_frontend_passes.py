@@ -149,15 +149,19 @@ def masked_softmax_model(form: str):
         nodes += [helper.make_node("Cast", ["m4"], ["mb"], to=B), helper.make_node("Where", ["mb", "zero", "ninf"], ["add"]),
                   helper.make_node("Add", ["scores", "add"], ["z"])]
         inits.update(zero=np.array(0.0, np.float32), ninf=np.array(-np.inf, np.float32))
-    else:  # Where(m, scores, very negative) straight on the scores
+    elif form == "where_scores":  # Where(m, scores, very negative) straight on the scores
         nodes += [helper.make_node("Equal", ["m4", "one_i"], ["mb"]), helper.make_node("Where", ["mb", "scores", "big"], ["z"])]
         inits.update(one_i=np.array(1, np.int64), big=np.array(-1e9, np.float32))
+    else:  # DeBERTa's masked_fill: Where(masked, finfo.min, scores)
+        nodes += [helper.make_node("Equal", ["m4", "zero_i"], ["masked"]),
+                  helper.make_node("Where", ["masked", "lowest", "scores"], ["z"])]
+        inits.update(zero_i=np.array(0, np.int64), lowest=np.array(np.finfo(np.float32).min, np.float32))
     nodes.append(helper.make_node("Softmax", ["z"], ["y"], axis=-1))
     inputs = [vi("scores", F, ["N", 2, 5, 5]), vi("mask", I64, ["N", 5])]
     return model_of(nodes, inputs, [vi("y", F, None)], inits)
 
 
-@pytest.mark.parametrize("form", ["finfo", "where", "where_scores"])
+@pytest.mark.parametrize("form", ["finfo", "where", "where_scores", "masked_fill"])
 def test_key_padding_masks_become_canonical(form):
     model = masked_softmax_model(form)
     g = graph_of(model)
@@ -199,7 +203,8 @@ def test_an_unknown_use_of_a_mask_is_one_line():
 
 
 def test_identities_dropout_and_nan_guards_are_removed():
-    nodes = [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Dropout", ["a"], ["b"]),
+    nodes = [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Dropout", ["a"], ["a2"]),
+             helper.make_node("Cast", ["a2"], ["b"], to=F),  # ERNIE's inputs_embeds.to(dtype)
              helper.make_node("Softmax", ["b"], ["p"]), helper.make_node("IsNaN", ["p"], ["nan"]),
              helper.make_node("Where", ["nan", "zero", "p"], ["w"]), helper.make_node("Relu", ["w"], ["y"])]
     model = model_of(nodes, [vi("x", F, ["N", 4])], [vi("y", F, None)], {"zero": np.array(0.0, np.float32)})

