@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import refsim
-from refsim.input_quant import quantize_feeds
+from refsim.boundary import quantize_feeds
 from refsim.text import encoder_for
 
 from .data import load_dataset, read_labels
 from .dyadic import ExportError
 from .fakequant import fake_quant_model
-from .onnx_graph import canonicalize, load_onnx
-from .pipeline import _file_sha256, onnx_feed_dtypes
+from .frontend.graph import load
+from .frontend.passes import canonicalize
+from .pipeline import _file_sha256, batch_size_for, onnx_feed_dtypes
 from .progress import Progress
 from .runtime import FloatRunner
 
@@ -179,7 +180,7 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     for key in ("fake_quant", "source_model"):
         if key not in meta:
             raise ExportError(f"{os.fspath(intq)}: not made by `refsim export` (no {key!r} metadata)")
-    proto = load_onnx(model)
+    proto = load(model)
     source = meta["source_model"]
     if source.get("sha256") and _file_sha256(model) != source["sha256"]:
         warnings.append(f"{os.fspath(model)} differs from the model the .intq was exported from ({source.get('file')})")
@@ -209,7 +210,12 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     bar = Progress(progress)
     if meta.get("attention_blocks"):
         batch_size = 1  # ITA attention blocks are 2-D [S, E]: one sample at a time
-    batches = dataset.batches(batch_size)
+    batch_size, exact = batch_size_for(g, batch_size)
+    batches = dataset.batches(batch_size, exact=exact)
+    given = len(dataset)
+    if exact and len(dataset) % batch_size:
+        warnings.append(f"the model takes batches of {batch_size}: the last {len(dataset) % batch_size} samples are left out")
+        dataset = dataset.head(len(dataset) - len(dataset) % batch_size)
     for done, batch in enumerate(batches, 1):
         float_feeds = {k: v.astype(dtypes[k]) for k, v in batch.items()}
         f = float_runner.run(float_feeds)
@@ -250,7 +256,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
         raw = labels if isinstance(labels, list) else read_labels(os.fspath(labels))
         o = outputs[0]
         width = int(np.prod(merged["float"][o].shape[1:]))
-        kind, truth = _parse_labels(raw, meta.get("labels"), len(dataset), width)
+        kind, truth = _parse_labels(raw, meta.get("labels"), given, width)
+        truth = truth[:len(dataset)]
         task = {}
         for model_kind in ("float", "fake-quant", "integer"):
             values = merged[model_kind][o].reshape(len(dataset), -1)

