@@ -1,0 +1,113 @@
+"""The plots of `refsim sensitivity` and `refsim report`, drawn with matplotlib (the
+`report` extra) on its non-interactive backend, returned as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from ..dyadic import ExportError
+
+BIT_COLOURS = {"2": "#d62728", "ternary": "#e377c2", "3": "#ff7f0e", "4": "#ff7f0e", "5": "#bcbd22", "6": "#bcbd22",
+               "7": "#2ca02c", "8": "#2ca02c", "16": "#1f77b4"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ExportError("plots need matplotlib: pip install 'refsim[report]'") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig, plt) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def sensitivity_chart(doc: dict, allocation: dict[str, str] | None = None) -> bytes:
+    """Sensitivity per layer (log scale), one marker series per candidate bit width; with an
+    allocation, each layer's chosen width is circled."""
+    plt = _pyplot()
+    layers = doc["layers"]
+    names = [entry["name"] for entry in layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 4.2))
+    x = np.arange(len(names))
+    floor = 1e-12
+    for bits in doc["bits"]:
+        values = [max(float(entry["sensitivity"].get(bits, np.nan)), floor) for entry in layers]
+        ax.plot(x, values, "o-", ms=4, lw=1, label=f"{bits} bits", color=BIT_COLOURS.get(bits))
+    if allocation:
+        chosen = [(i, max(float(layers[i]["sensitivity"].get(allocation[n], np.nan)), floor))
+                  for i, n in enumerate(names) if n in allocation]
+        if chosen:
+            ax.scatter([c[0] for c in chosen], [c[1] for c in chosen], s=110, facecolors="none", edgecolors="black",
+                       linewidths=1.5, label="chosen", zorder=5)
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=7)
+    method = doc.get("method", "")
+    ax.set_ylabel("1 - similarity" if method in ("pwcca", "svcca") else "output noise / signal")
+    ax.set_title(f"sensitivity per layer ({method}{', top-%s' % doc['topk'] if doc.get('topk') else ''})")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(doc["bits"]) + 1)
+    return _png(fig, plt)
+
+
+def sqnr_bars(rows: list[dict]) -> bytes:
+    """SQNR of every quantization point against float, in graph order."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) + 2), 4.0))
+    values = [min(r["sqnr_db"], 120.0) for r in rows]
+    colours = [BIT_COLOURS.get(str(r["bits"]), "#7f7f7f") for r in rows]
+    ax.bar(np.arange(len(rows)), values, color=colours, width=0.8)
+    worst = int(np.argmin(values)) if values else None
+    if worst is not None:
+        ax.annotate(_short(rows[worst]["tensor"], 40), (worst, values[worst]), xytext=(0, 12), textcoords="offset points",
+                    ha="center", fontsize=7, arrowprops={"arrowstyle": "->"})
+    ax.set_xlabel("quantization point (graph order)")
+    ax.set_ylabel("SQNR against float (dB)")
+    ax.set_title("per-tensor SQNR of the integer model")
+    ax.grid(True, axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in dict.fromkeys(colours)]
+    labels = [f"int{b}" for b in dict.fromkeys(str(r["bits"]) for r in rows)]
+    ax.legend(handles, labels, fontsize=8)
+    return _png(fig, plt)
+
+
+def float_histogram(values: np.ndarray, lo: float, hi: float, clipped: float, title: str) -> bytes:
+    """Float values with the clipping bounds (the integer type's range times the scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(3.6, 2.3))
+    span = max(abs(lo), abs(hi), float(np.max(np.abs(values))) if values.size else 1.0)
+    ax.hist(values, bins=100, range=(-span * 1.05, span * 1.05), color="#1f77b4", log=True)
+    for bound in (lo, hi):
+        ax.axvline(bound, color="#d62728", lw=1.2, ls="--")
+    ax.set_title(f"{_short(title, 40)}\nfloat; clipped {100 * clipped:.3g}%", fontsize=7)
+    ax.tick_params(labelsize=6)
+    return _png(fig, plt)
+
+
+def integer_histogram(counts: np.ndarray, lo: int, hi: int, saturated: float, title: str) -> bytes:
+    """Integer values over the type's range [lo, hi] (`counts` binned evenly over it), the
+    end bins (saturation) in red."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(3.6, 2.3))
+    edges = np.linspace(lo, hi + 1, len(counts) + 1)
+    colours = ["#2ca02c"] * len(counts)
+    colours[0] = colours[-1] = "#d62728"
+    ax.bar(edges[:-1], np.maximum(counts, 0), width=np.diff(edges), align="edge", color=colours, log=bool(np.any(counts > 0)))
+    ax.set_xlim(lo - 0.5, hi + 1.5)
+    ax.set_title(f"{_short(title, 40)}\ninteger [{lo}, {hi}]; saturated {100 * saturated:.3g}%", fontsize=7)
+    ax.tick_params(labelsize=6)
+    return _png(fig, plt)
