@@ -246,6 +246,7 @@ class Planner:
             "budget": {"compression": self.compression, "size_mb": self.size_mb,
                        "bytes": None if budget is None else int(budget), "float32_bytes": float_bytes},
             "layers_json": doc,
+            "chosen": chosen,
             "sensitivity": {k: v for k, v in self.doc.items()},
         }
         return config, meta

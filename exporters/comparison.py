@@ -151,8 +151,11 @@ def _parse_labels(raw: list[str], names: list[str] | None, count: int, width: in
     return "classification", values
 
 
-def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: bool = False, max_samples: int | None = None) -> CompareReport:
-    """Compare float, fake-quant and integer models on DATA (see the module docstring)."""
+def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: bool = False, max_samples: int | None = None,
+            observe=None) -> CompareReport:
+    """Compare float, fake-quant and integer models on DATA (see the module docstring).
+    `observe(tensor, float_values, integer_values)` sees every compared quantization point
+    of every batch (kept tokens only), e.g. for histograms."""
     m = refsim.load(intq)
     meta = m.metadata
     warnings = []
@@ -212,6 +215,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
                     ref, deq = _at_kept_tokens(ref, keep), _at_kept_tokens(deq, keep)
                     sums[name][0] += float(np.sum(ref ** 2))
                     sums[name][1] += float(np.sum((ref - deq) ** 2))
+                    if observe is not None:
+                        observe(name, ref, _at_kept_tokens(np.asarray(array), keep))
 
         for name in m.graph.inputs:
             if name in sums:
