@@ -235,6 +235,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     task = None
     if labels is not None:
         raw = labels if isinstance(labels, list) else read_labels(os.fspath(labels))
+        if max_samples is not None:
+            raw = raw[:max_samples]  # the labels of the samples used
         o = outputs[0]
         width = int(np.prod(merged["float"][o].shape[1:]))
         kind, truth = _parse_labels(raw, meta.get("labels"), len(dataset), width)

@@ -76,7 +76,7 @@ class Histograms:
         lo, hi, s = h["lo"], h["hi"], h["scale"]
         h["count"] += f.size
         h["clipped"] += int(np.sum((f < (lo - 0.5) * s) | (f > (hi + 0.5) * s)))
-        h["saturated"] += int(np.sum((q <= lo) | (q >= hi)))
+        h["saturated"] += int(np.sum((q >= hi) | ((q <= lo) if lo < 0 else False)))  # an unsigned 0 is no clipping
         bins = len(h["counts"])
         h["counts"] += np.bincount(((q - lo) * bins // (hi - lo + 1)).clip(0, bins - 1), minlength=bins)
         stride = max(1, f.size // max(1, KEEP_VALUES // 8))
@@ -189,7 +189,7 @@ def write_report(model, intq, data, out_dir, *, labels=None, sensitivity=None, t
     rows += [[f"export {k}", v if not isinstance(v, list) else "; ".join(map(str, v)) or "-"] for k, v in export.items()]
     parts.append(_table(["setting", "value"], [[k, "-" if v is None else str(v)] for k, v in rows], 1))
 
-    parts.append("<h2>Histograms of the quantized tensors</h2>")
+    parts.append('<h2 id="histograms">Histograms of the quantized tensors</h2>')
     parts.append("<p>Left: float values over the evaluation data, the clipping bounds (scale x integer range) dashed. "
                  "Right: the integer values over the type's range; red end bins: saturated.</p>")
     parts.append('<div class="grid">')
@@ -197,10 +197,9 @@ def write_report(model, intq, data, out_dir, *, labels=None, sensitivity=None, t
         s, lo, hi = h["scale"], h["lo"], h["hi"]
         parts.append('<div class="pair">')
         parts.append(f"<code>{html.escape(name)}</code> ({html.escape(h['dtype'])}{'' if (lo, hi) == (m.graph.tensors[name].dtype.lo, m.graph.tensors[name].dtype.hi) else f' [{lo}, {hi}]'}, scale {s:.4g})")
-        parts.append(_img(plots.float_histogram(values, lo * s, hi * s, h["clipped"] / h["count"], h["float"]),
-                          f"float histogram of {h['float']}"))
-        parts.append(_img(plots.integer_histogram(h["counts"], lo, hi, h["saturated"] / h["count"], name),
-                          f"integer histogram of {name}"))
+        parts.append(_img(plots.tensor_histograms(values, lo * s, hi * s, h["clipped"] / h["count"], h["counts"], lo, hi,
+                                                  h["saturated"] / h["count"], h["float"], name),
+                          f"histograms of {h['float']} (float) and {name} (integer)"))
         parts.append("</div>")
     parts.append("</div>")
 

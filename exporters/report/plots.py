@@ -24,9 +24,9 @@ def _pyplot():
     return plt
 
 
-def _png(fig, plt) -> bytes:
+def _png(fig, plt, tight: bool = True) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90 if tight else 80, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return buffer.getvalue()
 
@@ -85,29 +85,43 @@ def sqnr_bars(rows: list[dict]) -> bytes:
     return _png(fig, plt)
 
 
-def float_histogram(values: np.ndarray, lo: float, hi: float, clipped: float, title: str) -> bytes:
-    """Float values with the clipping bounds (the integer type's range times the scale)."""
+def _log_counts(ax) -> None:
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(numticks=4))
+    ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost more to draw than the data
+    ax.tick_params(labelsize=6)
+
+
+def tensor_histograms(values: np.ndarray, lo: float, hi: float, clipped: float, counts: np.ndarray, qlo: int, qhi: int,
+                      saturated: float, float_name: str, integer_name: str) -> bytes:
+    """One quantized tensor, two panels. Left: its float values with the clipping bounds
+    [lo, hi] (the integer range times the scale), dashed. Right: its integer values over the
+    type's range [qlo, qhi] (`counts` binned evenly over it), the end bins (saturation) red
+    (the top one only for unsigned types, whose 0 is no clipping)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(3.6, 2.3))
-    span = max(abs(lo), abs(hi), float(np.max(np.abs(values))) if values.size else 1.0)
-    ax.hist(values, bins=100, range=(-span * 1.05, span * 1.05), color="#1f77b4", log=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.2, 2.3))
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.12, top=0.8, wspace=0.18)
+    vmin, vmax = (float(values.min()), float(values.max())) if values.size else (lo, hi)
+    view = (min(vmin, lo), max(vmax, hi))
+    far = (view[1] - view[0]) > 4 * max(vmax - vmin, 1e-12)  # bounds far beyond the data (softmax in uint16)
+    if far:
+        view = (vmin, vmax)
+    pad = 0.05 * max(view[1] - view[0], 1e-12)
+    hist, edges = np.histogram(values, bins=100, range=(view[0] - pad, view[1] + pad))
+    left.stairs(np.maximum(hist, 0.5), edges, fill=True, color="#1f77b4", baseline=0.5)
     for bound in (lo, hi):
-        ax.axvline(bound, color="#d62728", lw=1.2, ls="--")
-    ax.set_title(f"{_short(title, 40)}\nfloat; clipped {100 * clipped:.3g}%", fontsize=7)
-    ax.tick_params(labelsize=6)
-    return _png(fig, plt)
-
-
-def integer_histogram(counts: np.ndarray, lo: int, hi: int, saturated: float, title: str) -> bytes:
-    """Integer values over the type's range [lo, hi] (`counts` binned evenly over it), the
-    end bins (saturation) in red."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(3.6, 2.3))
-    edges = np.linspace(lo, hi + 1, len(counts) + 1)
-    colours = ["#2ca02c"] * len(counts)
-    colours[0] = colours[-1] = "#d62728"
-    ax.bar(edges[:-1], np.maximum(counts, 0), width=np.diff(edges), align="edge", color=colours, log=bool(np.any(counts > 0)))
-    ax.set_xlim(lo - 0.5, hi + 1.5)
-    ax.set_title(f"{_short(title, 40)}\ninteger [{lo}, {hi}]; saturated {100 * saturated:.3g}%", fontsize=7)
-    ax.tick_params(labelsize=6)
-    return _png(fig, plt)
+        if view[0] - pad <= bound <= view[1] + pad:
+            left.axvline(bound, color="#d62728", lw=1.2, ls="--")
+    note = f"; bounds [{lo:.3g}, {hi:.3g}] off the axis" if far else ""
+    left.set_title(f"{_short(float_name, 44)}\nfloat; outside the bounds {100 * clipped:.3g}%{note}", fontsize=7)
+    _log_counts(left)
+    edges = np.linspace(qlo, qhi + 1, len(counts) + 1)
+    right.stairs(np.maximum(counts, 0.5), edges, fill=True, color="#2ca02c", baseline=0.5)
+    for index in ((0, len(counts) - 1) if qlo < 0 else (len(counts) - 1,)):  # an unsigned type's 0 is not clipped
+        right.stairs([max(counts[index], 0.5)], edges[index:index + 2], fill=True, color="#d62728", baseline=0.5)
+    right.set_xlim(qlo - 0.5, qhi + 1.5)
+    right.set_title(f"{_short(integer_name, 44)}\ninteger [{qlo}, {qhi}]; saturated {100 * saturated:.3g}%", fontsize=7)
+    _log_counts(right)
+    return _png(fig, plt, tight=False)
