@@ -12,8 +12,9 @@ def add_arguments(p) -> None:
                    help="calibration data: text lines (with --tokenizer), .npy (one input) or .npz (keyed by input name)")
     p.add_argument("--mode", default="ibert", choices=["ibert", "ita", "ita-partial"],
                    help="integer arithmetic to target: I-BERT (default), ITA with ITAMax, ITA with ITAPartialMax")
-    p.add_argument("--wbits", default="8", choices=["8", "4", "2", "ternary"], help="weight bits (default 8)")
-    p.add_argument("--abits", default=8, type=int, choices=[4, 5, 6, 7, 8, 16],
+    p.add_argument("--wbits", default="8", choices=["2", "3", "4", "5", "6", "7", "8", "16", "ternary"],
+                   help="weight bits (default 8; ternary: BitNet b1.58)")
+    p.add_argument("--abits", default=8, type=int, choices=[2, 3, 4, 5, 6, 7, 8, 16],
                    help="bits of activations entering matrix products (default 8)")
     p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
     p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "mse"],
