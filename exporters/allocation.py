@@ -33,9 +33,11 @@ import os
 
 import numpy as np
 import onnx
+from refsim.dtypes import TYPES
 from refsim.intq import atomic_write
 
 from . import sensitivity as sens
+from .calibrate import weight_range
 from .config import LayerConfig, parse_wbits
 from .dyadic import ExportError
 
@@ -45,7 +47,9 @@ MAX_ROUNDS = 4
 
 
 def bit_count(bits: str) -> int:
-    return 2 if bits == "ternary" else int(bits)
+    """Bits one weight takes in the `.intq`: its IR type's (3-bit weights are stored as
+    int4, 5 to 7 bits as int8, ternary as 2 bits)."""
+    return TYPES[weight_range(bits)[2]].bits
 
 
 def _scale_bytes(t) -> int:
@@ -121,7 +125,7 @@ def allocate(doc: dict, method: str, choices: list[str], budget: float | None = 
     if missing:
         raise ExportError(f"the sensitivity file has no values at {missing[0]} bits (it has {', '.join(doc['bits'])}); "
                           f"measure them with `refsim sensitivity --bits`")
-    choices = sorted(choices, key=bit_count, reverse=True)  # most bits first
+    choices = sorted(choices, key=lambda b: (bit_count(b), b != "ternary", int(b) if b != "ternary" else 2), reverse=True)
     scores = _scores(layers, choices)
     order = list(np.argsort(-scores, kind="stable"))  # most sensitive first
     sizes = np.array([(params or {}).get(e["name"], e["params"]) for e in layers], np.float64)
