@@ -12,7 +12,6 @@ Markdown table row per configuration.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -73,7 +72,7 @@ def main(name: str, work: Path) -> None:
 
     float_bytes = float32_bytes(onnx.load(str(s["model"])))
     size4 = row("uniform 4-bit (tables 8-bit, the export default)", "-", uniform, start, float_bytes)
-    budgets = [("size_mb", math.floor(size4 / 1e3) / 1e3)] + s["budgets"]
+    budgets = [("size_mb", size4 / 1e6)] + s["budgets"]  # exactly the uniform model's size
     for method in ("kmeans", "percentile"):
         for key, value in budgets:
             start = time.time()
@@ -81,7 +80,7 @@ def main(name: str, work: Path) -> None:
             result = export_mixed(s["model"], out, s["calib"], sensitivity, allocation=method, bit_choices="2,4,8,16",
                                   **{key: value}, **common)
             counts = ", ".join(f"{n}x{b}" for b, n in sorted(result["counts"].items(), key=lambda kv: -int(kv[0])))
-            budget = f"<= {value} MB (uniform's size)" if key == "size_mb" else f">= {value}x"
+            budget = f"<= {value:.4f} MB (uniform's size)" if key == "size_mb" else f">= {value}x"
             row(f"mixed 2/4/8/16 ({counts} bits)", f"{method}, sqnr sensitivity, {budget}", out, start, float_bytes)
 
 
