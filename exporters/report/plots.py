@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 
@@ -18,6 +19,8 @@ def _pyplot():
         import matplotlib
     except ImportError:
         raise ExportError("plots need matplotlib: pip install 'refsim[report]'") from None
+    # The first import in a fresh environment builds a font cache and logs that on stderr.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
