@@ -66,7 +66,8 @@ def main(name: str, work: Path) -> None:
 
     start = time.time()
     uniform = work / f"{name}_w4.intq"
-    export(s["model"], uniform, s["calib"], wbits="4", **common)
+    if not uniform.exists():
+        export(s["model"], uniform, s["calib"], wbits="4", **common)
     import onnx
     from refsim.exporters.allocation import float32_bytes
 

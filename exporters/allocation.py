@@ -3,11 +3,12 @@
     refsim export MODEL.onnx -o OUT.intq --calib DATA --bits-from sensitivity.json \\
         --allocation kmeans --bit-choices 2,4,8,16 --compression 6
 
-Both allocations order the layers by sensitivity (the geometric mean over the candidate
-widths of `refsim sensitivity`'s values) and never give a more sensitive layer fewer bits
-than a less sensitive one:
+Both allocations order the layers by sensitivity per weight (the geometric mean over the
+candidate widths of `refsim sensitivity`'s values, over the layer's weight count: a bit
+taken from a big embedding table saves as much as bits taken from many small layers) and
+never give a more sensitive layer fewer bits than a less sensitive one:
 
-- `kmeans` (the BERT-IMDB recipe): one-dimensional k-means (scikit-learn) of the log
+- `kmeans` (the BERT-IMDB recipe): one-dimensional k-means (scikit-learn) of these log
   sensitivities into as many clusters as there are bit choices; every layer of a cluster
   gets the same width, the most sensitive cluster the most bits.
 - `percentile`: cut points in the sensitivity order, i.e. percentiles of the sensitivity
@@ -89,9 +90,13 @@ def measure_intq(path) -> dict:
 # --- allocation -----------------------------------------------------------------------------
 
 
-def _scores(layers: list[dict], choices: list[str]) -> np.ndarray:
-    floor = 1e-12
-    return np.array([np.mean([math.log10(max(float(e["sensitivity"][b]), floor)) for b in choices]) for e in layers])
+def _scores(layers: list[dict], choices: list[str], params: np.ndarray) -> np.ndarray:
+    """log10 of each layer's sensitivity per weight: the geometric mean of its sensitivities
+    over the candidate widths, over its weight count. Per weight, because a bit taken from
+    a big layer (an embedding table) saves as much as bits taken from many small ones."""
+    floor = 1e-30
+    return np.array([np.mean([math.log10(max(float(e["sensitivity"][b]), floor)) for b in choices]) - math.log10(max(p, 1))
+                     for e, p in zip(layers, params)])
 
 
 def _monotone(groups: int, choices: int):
@@ -126,9 +131,9 @@ def allocate(doc: dict, method: str, choices: list[str], budget: float | None = 
         raise ExportError(f"the sensitivity file has no values at {missing[0]} bits (it has {', '.join(doc['bits'])}); "
                           f"measure them with `refsim sensitivity --bits`")
     choices = sorted(choices, key=lambda b: (bit_count(b), b != "ternary", int(b) if b != "ternary" else 2), reverse=True)
-    scores = _scores(layers, choices)
-    order = list(np.argsort(-scores, kind="stable"))  # most sensitive first
     sizes = np.array([(params or {}).get(e["name"], e["params"]) for e in layers], np.float64)
+    scores = _scores(layers, choices, sizes)
+    order = list(np.argsort(-scores, kind="stable"))  # most sensitive first
     cost = np.array([[sizes[i] * bit_count(b) / 8 for b in choices] for i in range(len(layers))])
     damage = np.array([[float(e["sensitivity"][b]) for b in choices] for e in layers])
     if method == "kmeans":

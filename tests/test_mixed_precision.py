@@ -145,7 +145,7 @@ def test_percentile_allocation_is_the_best_monotone_one_under_the_budget(seed):
     budget = cost(doc, {e["name"]: "4" for e in doc["layers"]}, fixed=500) * 1.1
     chosen = alloc.allocate(doc, "percentile", choices, budget, fixed=500)
     assert cost(doc, chosen, 500) <= budget
-    score = {e["name"]: np.mean([math.log10(e["sensitivity"][b]) for b in choices]) for e in doc["layers"]}
+    score = {e["name"]: np.mean([math.log10(e["sensitivity"][b]) for b in choices]) - math.log10(e["params"]) for e in doc["layers"]}
     ranked = sorted(score, key=lambda n: -score[n])
     assert all(int(chosen[a]) >= int(chosen[b]) for a, b in zip(ranked, ranked[1:]))
     best = math.inf
@@ -159,6 +159,7 @@ def test_percentile_allocation_is_the_best_monotone_one_under_the_budget(seed):
 def test_kmeans_allocation_keeps_clusters_together_and_ranks_them():
     doc = synthetic(n=9, seed=5)
     for e, level in zip(doc["layers"], [1e-1, 1.2e-1, 1e-3, 1.1e-3, 1e-5, 1.2e-5, 1e-7, 1.1e-7, 0.9e-7]):
+        e["params"] = 1000
         e["sensitivity"] = {b: level * 4.0 ** (-math.log2(int(b)) * 2) for b in ("2", "4", "8", "16")}
     chosen = alloc.allocate(doc, "kmeans", ["2", "4", "8", "16"])
     assert [chosen[f"l{i}"] for i in range(9)] == ["16", "16", "8", "8", "4", "4", "2", "2", "2"]
