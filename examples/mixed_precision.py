@@ -74,8 +74,8 @@ def main(name: str, work: Path) -> None:
     float_bytes = float32_bytes(onnx.load(str(s["model"])))
     size4 = row("uniform 4-bit (tables 8-bit, the export default)", "-", uniform, start, float_bytes)
     budgets = [("size_mb", size4 / 1e6)] + s["budgets"]  # exactly the uniform model's size
-    for method in ("kmeans", "percentile"):
-        for key, value in budgets:
+    for key, value in budgets:
+        for method in ("kmeans", "percentile"):
             start = time.time()
             out = work / f"{name}_mixed_{method}_{key}_{value}.intq"
             result = export_mixed(s["model"], out, s["calib"], sensitivity, allocation=method, bit_choices="2,4,8,16",
