@@ -26,6 +26,7 @@ COMMANDS = {
     "compare": ("refsim.cli.compare", "compare float, fake-quant and integer models on data"),
     "sensitivity": ("refsim.cli.sensitivity", "measure each layer's sensitivity to its weight bit width (for export --bits-from)"),
     "report": ("refsim.cli.report", "write an HTML report: metrics, per-layer SQNR, sensitivities, histograms"),
+    "convert": ("refsim.cli.convert", "write a .intq model as ONNX (refsim domain) to view in Netron; `refsim import` reads it back"),
 }
 
 
