@@ -3,10 +3,10 @@
     refsim export MODEL.onnx -o OUT.intq --calib DATA --bits-from sensitivity.json \\
         --allocation kmeans --bit-choices 2,4,8,16 --compression 6
 
-Both allocations order the layers by sensitivity per weight (the geometric mean over the
-candidate widths of `refsim sensitivity`'s values, over the layer's weight count: a bit
-taken from a big embedding table saves as much as bits taken from many small layers) and
-never give a more sensitive layer fewer bits than a less sensitive one:
+Both allocations order the layers by sensitivity per weight (`refsim sensitivity`'s value
+at the width just below the middle of the choices, 4 of 2/4/8/16, over the layer's weight
+count: a bit taken from a big embedding table saves as much as bits taken from many small
+layers) and never give a more sensitive layer fewer bits than a less sensitive one:
 
 - `kmeans` (the BERT-IMDB recipe): one-dimensional k-means (scikit-learn) of these log
   sensitivities into as many clusters as there are bit choices; every layer of a cluster
@@ -90,12 +90,20 @@ def measure_intq(path) -> dict:
 # --- allocation -----------------------------------------------------------------------------
 
 
+def reference_width(choices: list[str]) -> str:
+    """The width layers are ranked at: the one just below the middle of the choices (4 of
+    2, 4, 8, 16). The extremes do not tell layers apart: at the top every layer is nearly
+    lossless, at the bottom nearly every one is ruined."""
+    ordered = sorted(choices, key=lambda b: (bit_count(b), b))
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def _scores(layers: list[dict], choices: list[str], params: np.ndarray) -> np.ndarray:
-    """log10 of each layer's sensitivity per weight: the geometric mean of its sensitivities
-    over the candidate widths, over its weight count. Per weight, because a bit taken from
-    a big layer (an embedding table) saves as much as bits taken from many small ones."""
-    floor = 1e-30
-    return np.array([np.mean([math.log10(max(float(e["sensitivity"][b]), floor)) for b in choices]) - math.log10(max(p, 1))
+    """log10 of each layer's sensitivity per weight at the reference width. Per weight,
+    because a bit taken from a big layer (an embedding table) saves as much as bits taken
+    from many small ones."""
+    width = reference_width(choices)
+    return np.array([math.log10(max(float(e["sensitivity"][width]), 1e-30)) - math.log10(max(p, 1))
                      for e, p in zip(layers, params)])
 
 
