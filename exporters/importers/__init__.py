@@ -3,12 +3,14 @@
     from refsim.exporters.importers import import_model
     model = import_model("model_qdq.onnx", "model.intq", requant="ort")
 
-`import_model` detects the format (or takes `fmt`), maps every node onto refsim's integer
-ops and returns the runnable `refsim.Model` (saving it when given a path). The model's
-metadata["import"] records how float inputs are quantized and float outputs dequantized;
-`quantize_inputs` and `dequantize_outputs` apply those boundary conversions on the host,
-with ONNX's QuantizeLinear/DequantizeLinear formulas (float work that stays out of the
-integer engine).
+`import_model` reads the graph with the front end it shares with `refsim export`
+(`exporters.frontend`: loader, constant folding, shapes, emitter, requantization planner),
+detects the format (or takes `fmt`), maps every node onto refsim's integer ops and returns
+the runnable `refsim.Model` (saving it when given a path). The model's
+metadata["boundary"] records how float inputs are quantized and float outputs dequantized
+(`refsim.boundary`, the schema exported models use too); `quantize_inputs` and
+`dequantize_outputs` apply those conversions on the host, with ONNX's
+QuantizeLinear/DequantizeLinear formulas (float work that stays out of the integer engine).
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping
 
-import numpy as np
 import onnx
+from refsim.boundary import dequantize_outputs as _dequantize_outputs
+from refsim.boundary import quantize_feeds
 from refsim.engine import Model
+from refsim.onnx_form import from_onnx, is_refsim_onnx
 
-from .onnx_reader import ImportFailure, OnnxGraph
-from .values import REQUANT_CHOICES, Emitter
+from ..dyadic import ExportError
+from ..frontend.emitter import Emitter
+from ..frontend.graph import Graph, load
+from ..frontend.passes import import_graph
+from .base import ImportFailure
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES
 
 FORMATS = ("qdq", "qonnx", "deeploy")
 
@@ -34,10 +42,12 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv",
            "QLinearLeakyRelu", "QLinearConcat"}
 
 
-def detect_format(model: onnx.ModelProto) -> str:
+def detect_format(model: onnx.ModelProto | Graph) -> str:
     """qonnx, deeploy or qdq, from the ops the graph uses."""
-    ops = {n.op_type for n in model.graph.node}
-    domains = {n.domain for n in model.graph.node}
+    if isinstance(model, Graph):
+        ops, domains = {n.op for n in model.nodes}, {n.domain for n in model.nodes}
+    else:
+        ops, domains = {n.op_type for n in model.graph.node}, {n.domain for n in model.graph.node}
     if ops & QONNX_OPS or domains & QONNX_DOMAINS:
         return "qonnx"
     if ops & DEEPLOY_OPS:
@@ -61,6 +71,7 @@ def import_model(
     input_types: Mapping[str, str] | None = None,
     mode: str = "ibert",
     name: str | None = None,
+    float_ops: str = "integer",
 ) -> Model:
     """Import a quantized ONNX model as a refsim Model (saved to `output` when given).
 
@@ -72,30 +83,48 @@ def import_model(
     inputs), which then import as constants. input_types: the integer type each float input
     of a quantlib/Deeploy graph holds (default int8). mode: which integer variants stand
     for float Softmax/LayerNormalization left between QDQ pairs ("ibert": IBertSoftmax and
-    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm).
+    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm). float_ops: "integer" (those integer
+    variants, what hardware runs) or "ort" (Softmax, LayerNormalization, QLinearAdd/QLinearMul
+    replay onnxruntime's float32 CPU kernels: "does refsim reproduce my onnxruntime model").
     """
+    if float_ops not in FLOAT_OPS_CHOICES:
+        raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
-    graph = OnnxGraph.read(source, shapes, dict(constants or {}))
-    fmt = fmt or detect_format(graph.model)
+    try:
+        return _import(source, output, fmt, requant, shapes, constants, input_types, mode, name, float_ops)
+    except ImportFailure:
+        raise
+    except ExportError as e:  # the front end's errors, reported as the importer's
+        raise ImportFailure(str(e)) from None
+
+
+def _import(source, output, fmt, requant, shapes, constants, input_types, mode, name, float_ops) -> Model:
+    proto = load(source)
+    if is_refsim_onnx(proto):  # written by `refsim convert`: the graph itself, exactly
+        where = "model" if isinstance(source, onnx.ModelProto) else os.fspath(source)
+        model = Model(from_onnx(proto, where))
+        if output is not None:
+            model.save(output)
+        return model
+    fmt = fmt or detect_format(proto)
     if fmt not in FORMATS:
         raise ImportFailure(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if name is None:
-        name = graph.model.graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
-                                          if not isinstance(source, onnx.ModelProto) else "imported")
-    emitter = Emitter(name, requant=requant)
     if fmt == "qdq":
-        from .qdq import QdqImporter
-
-        importer = QdqImporter(graph, emitter, mode)
+        from .qdq import QdqImporter as importer_class
     elif fmt == "qonnx":
-        from .qonnx import QonnxImporter
-
-        importer = QonnxImporter(graph, emitter, mode)
+        from .qonnx import QonnxImporter as importer_class
     else:
-        from .deeploy import DeeployImporter
-
-        importer = DeeployImporter(graph, emitter, dict(input_types or {}))
+        from .deeploy import DeeployImporter as importer_class
+    graph = import_graph(proto, shapes, dict(constants or {}), keep=importer_class.keeps)
+    if name is None:
+        name = graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
+                              if not isinstance(source, onnx.ModelProto) else "imported")
+    emitter = Emitter(name)
+    if fmt == "deeploy":
+        importer = importer_class(graph, emitter, dict(input_types or {}), requant=requant)
+    else:
+        importer = importer_class(graph, emitter, mode, requant=requant, float_ops=float_ops)
     ir = importer.run()
     model = Model(ir)
     if output is not None:
@@ -103,65 +132,15 @@ def import_model(
     return model
 
 
-def _boundary(model: Model, kind: str) -> dict:
-    return model.metadata.get("import", {}).get(kind, {})
+def quantize_inputs(model: Model, feeds: Mapping[str, object]) -> dict:
+    """Float feeds quantized as the ONNX graph's QuantizeLinear would: saturate(rne(x / scale) + zp)
+    (`refsim.boundary.quantize_feeds`)."""
+    return quantize_feeds(model, feeds)
 
 
-def _expand_scale(entry: dict, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    scale = np.asarray(entry["scale"], np.float32)
-    zero = np.asarray(entry["zero_point"], np.int64)
-    if scale.size == 1:
-        return scale.reshape(()), zero.reshape(())
-    axis = entry["axis"]
-    rank = len(shape)
-    if "block_size" in entry:
-        scale_shape = entry["scale_shape"]
-        scale = np.repeat(scale.reshape(scale_shape), entry["block_size"], axis=axis)
-        zero = np.repeat(zero.reshape(scale_shape), entry["block_size"], axis=axis)
-        index = [slice(None)] * rank
-        index[axis] = slice(0, shape[axis])
-        return scale[tuple(index)], zero[tuple(index)]
-    view = [1] * rank
-    view[axis] = scale.size
-    return scale.reshape(view), zero.reshape(view)
-
-
-def quantize_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Float feeds quantized as the ONNX graph's QuantizeLinear would: saturate(rne(x / scale) + zp)."""
-    specs = _boundary(model, "inputs")
-    out = {}
-    for name, value in feeds.items():
-        if name not in specs:
-            out[name] = value
-            continue
-        spec = specs[name]
-        t = model.graph.tensors[name].dtype
-        lo, hi = spec.get("clip", (t.lo, t.hi))
-        x = np.asarray(value, np.float32)
-        scale, zero = _expand_scale(spec, x.shape)
-        rounding = spec.get("rounding", "half_even")
-        if rounding == "half_even":  # ONNX QuantizeLinear: float32 division, ties to even, then the zero point
-            q = np.rint(x / scale).astype(np.float64) + zero
-        else:  # QONNX Quant: round_mode(clip(x / scale + zeropt))
-            rounder = {"floor": np.floor, "trunc": np.trunc, "half_up": lambda v: np.floor(v + 0.5)}[rounding]
-            q = rounder(np.clip((x / scale + np.float32(0) + zero.astype(np.float32)), lo, hi)).astype(np.float64)
-        out[name] = np.clip(q, lo, hi).astype(t.storage)
-    return out
-
-
-def dequantize_outputs(model: Model, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def dequantize_outputs(model: Model, outputs: Mapping[str, object]) -> dict:
     """Outputs the ONNX graph dequantized, as float32 (q - zero_point) * scale; others as they are."""
-    specs = _boundary(model, "outputs")
-    by_tensor = {spec["tensor"]: (name, spec) for name, spec in specs.items()}
-    result = {}
-    for tensor, value in outputs.items():
-        name, spec = by_tensor.get(tensor, (tensor, None))
-        if spec is None or not spec.get("dequantize"):
-            result[name] = value
-            continue
-        scale, zero = _expand_scale(spec, np.shape(value))
-        result[name] = ((np.asarray(value).astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)
-    return result
+    return _dequantize_outputs(model, outputs)
 
 
 __all__ = ["FORMATS", "ImportFailure", "detect_format", "import_model", "quantize_inputs", "dequantize_outputs"]

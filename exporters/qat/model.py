@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from refsim.input_quant import quantize_feeds
+from refsim.boundary import quantize_feeds
 from refsim.intq import save
 from refsim.ir import Graph
 

@@ -39,6 +39,13 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", metavar="labels.txt", help="class names, one per line, embedded in the .intq")
     p.add_argument("--max-samples", type=int, metavar="N", help="calibrate on the first N samples only")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per float-model run (default 16)")
+    p.add_argument("--bits-from", metavar="sensitivity.json", help="choose weight bits per layer from `refsim sensitivity`")
+    p.add_argument("--allocation", default="kmeans", choices=["kmeans", "percentile"],
+                   help="with --bits-from: k-means clusters of sensitivities (default) or percentiles")
+    p.add_argument("--bit-choices", default="2,4,8,16", metavar="B,B,...", help="with --bits-from: widths to choose from")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--compression", type=float, metavar="X", help="with --bits-from: at least X times smaller than float32 weights")
+    budget.add_argument("--size", type=float, metavar="MB", help="with --bits-from: at most MB megabytes (10^6 bytes) of parameters")
     p.add_argument("--list-layers", action="store_true", help="print the model's layer names (for layers.json) and exit")
     qat = p.add_argument_group("quantization-aware training (needs torch: pip install 'refsim[qat]')")
     qat.add_argument("--train", metavar="DATA", nargs="+",
@@ -67,6 +74,17 @@ def main(args) -> int:
         config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
         max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
     )
+    if args.bits_from:
+        from refsim.exporters.allocation import export_mixed, summary
+
+        result = export_mixed(args.model, args.output, args.calib, args.bits_from, allocation=args.allocation,
+                              bit_choices=args.bit_choices, compression=args.compression, size_mb=args.size, **options)
+        print(summary(result), file=sys.stdout)
+        return 0
+    if args.compression is not None or args.size is not None:
+        from refsim.errors import RefsimError
+
+        raise RefsimError("--compression and --size are budgets for --bits-from sensitivity.json")
     if args.train:
         return _train_and_export(args, options)
     report = export(args.model, args.output, args.calib, **options)
