@@ -22,6 +22,7 @@ from refsim.ir import Graph, Node, const_tensor, toposort
 from .errors import QatError
 from .ops import F64, I64, OPS, Q, const_q
 
+
 @dataclass
 class Recipe:
     """One trainable float parameter and the integer constant(s) it becomes."""

@@ -22,7 +22,6 @@ sets, such as MatMul zero points) is a clear QatError.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
