@@ -145,6 +145,12 @@ class Calibration:
         method = method or self.method
         return self.stats[tensor].clip(bits, "mse" if method == "auto" else method, self.percentile)
 
+    def with_method(self, method: str, percentile=None) -> "Calibration":
+        """The same observations with another method (and no per-layer clips chosen yet)."""
+        if method not in CALIB_METHODS:
+            raise ExportError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
+        return Calibration(self.stats, method, percentile, self.inputs)
+
     def scale(self, tensor: str, bits: int) -> float:
         """The scale of `tensor` quantized to `bits` bits."""
         return self.clip(tensor, bits) / qmax(bits)

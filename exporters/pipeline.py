@@ -24,7 +24,7 @@ from refsim import __version__
 from refsim.intq import save
 from refsim.text import DEFAULT_INPUTS, TextEncoder
 
-from .calibrate import calibrate
+from .calibrate import Calibration, calibrate
 from .config import ExportOptions, LayerConfig
 from .data import load_dataset, read_labels
 from .dyadic import ExportError
@@ -202,13 +202,16 @@ def build(
     batch_size: int = 16,
     progress: bool = False,
     plan=None,
+    calibration: Calibration | None = None,
 ) -> "Built":
     """Quantize an ONNX model with calibration data: the integer graph, not yet saved, and
     what made it (`export` saves it; `exporters.qat` trains its constants first).
 
     `plan(g, proto, build)`, called after calibration, returns the layer settings to use
     and metadata to store (`build(LayerConfig)` builds the integer graph; see
-    `exporters.allocation.Planner`).
+    `exporters.allocation.Planner`). `calibration`: the statistics an earlier build of the
+    same model on the same data observed (`Built.calibration`), reused instead of running
+    the float model again (the method and clips are this build's).
     """
     layers = config if isinstance(config, LayerConfig) else (
         LayerConfig.from_dict(config) if isinstance(config, dict) else LayerConfig.load(config))
@@ -221,9 +224,12 @@ def build(
         dataset = dataset.head(max_samples)
     tensors = activation_tensors(g)
     size, exact = batch_size_for(g, batch_size)
-    calibration = calibrate(lambda ts: FloatRunner(g.to_model(), expose=ts), tensors,
-                            dataset.batches(size, onnx_feed_dtypes(g), exact=exact), options.calib_method,
-                            options.percentile, bar, padding=padding_perturbation(g), layer_inputs=linear_inputs(g))
+    if calibration is None:
+        calibration = calibrate(lambda ts: FloatRunner(g.to_model(), expose=ts), tensors,
+                                dataset.batches(size, onnx_feed_dtypes(g), exact=exact), options.calib_method,
+                                options.percentile, bar, padding=padding_perturbation(g), layer_inputs=linear_inputs(g))
+    else:
+        calibration = calibration.with_method(options.calib_method, options.percentile)
     ptq = Ptq(options, calibration)
     ptq.choose_clips(g)
     extra_meta = {}
@@ -276,7 +282,7 @@ def build(
     meta["layers"] = walker.layers
     if extra_meta:
         meta["bit_allocation"] = extra_meta
-    return Built(builder.build(), g, walker, options, dataset, encoder, layer_names, warnings)
+    return Built(builder.build(), g, walker, options, dataset, encoder, layer_names, warnings, calibration)
 
 
 @dataclass
@@ -291,6 +297,7 @@ class Built:
     encoder: object
     layer_names: list[str]
     warnings: list[str]
+    calibration: Calibration
 
     def save(self, output: str | os.PathLike) -> ExportReport:
         save(self.graph, output)
