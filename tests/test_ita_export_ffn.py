@@ -175,3 +175,76 @@ def test_golden_folder_is_the_testbench_file_set_pyita_writes(exported, pyita_ge
     out = np.load(root / "vectors" / "sample0000" / f"{block.steps['F2']['out']}.npy")
     written = np.array(_words(ours / "standalone" / "FF2p_0.txt"), int)
     assert written.size == out.size and np.array_equal(np.sort(written), np.sort(out.ravel()))
+
+
+def _mlp_onnx(path, activation):
+    """x [1, 64, 64] -> Linear(64, 128) -> activation -> Linear(128, 64), as torch exports it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    consts = {"w1": rng.standard_normal((64, 128)) / 8, "b1": rng.standard_normal(128) / 10,
+              "w2": rng.standard_normal((128, 64)) / 11, "b2": rng.standard_normal(64) / 10}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1.MatMul"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1.Add"),
+             helper.make_node(activation, ["h1"], ["a"], name="act"),
+             helper.make_node("MatMul", ["a", "w2"], ["y0"], name="fc2.MatMul"),
+             helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2.Add")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 64])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in consts.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Gelu"])
+def test_a_bare_feedforward_layer_gets_a_folder_of_its_own(tmp_path, activation):
+    """Linear -> ReLU/GELU -> Linear without attention: an unpaired block, its own testbench
+    folder with the feed-forward files, and the integer output close to the float one."""
+    from refsim.exporters import compare
+
+    _mlp_onnx(tmp_path / "mlp.onnx", activation)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(4).standard_normal((8, 64, 64)).astype(np.float32))
+    assert cli(["export", str(tmp_path / "mlp.onnx"), "-o", str(tmp_path / "mlp.intq"), "--calib",
+                str(tmp_path / "calib.npy"), "--mode", "ita", "--quiet"]) == 0
+    model = refsim.load(tmp_path / "mlp.intq")
+    (block,) = blocks(model)
+    assert block.activation == activation.lower() and block.attention is None and (block.E, block.F) == (64, 128)
+    assert cli(["golden", str(tmp_path / "mlp.intq"), str(tmp_path / "calib.npy"), "-o", str(tmp_path / "v"),
+                "--targets", "ita", "--samples", "1"]) == 0
+    folder = tmp_path / "v" / "sample0000" / "ita" / block.name
+    assert {"RQS_FFN_MUL.txt", "activation_requant_mult.txt", "GELU_B.txt"} <= {f.name for f in folder.iterdir()}
+    assert (folder / "standalone" / "FF2p_0.txt").exists() and not (folder / "standalone" / "Qp_0.txt").exists()
+    pairs = compare(tmp_path / "mlp.onnx", tmp_path / "mlp.intq", tmp_path / "calib.npy").outputs["y"]
+    assert pairs["integer vs fake-quant"]["cosine"] >= 0.999 and pairs["integer vs float"]["cosine"] >= 0.995, pairs
+
+
+def test_bert_encoder_without_a_mask_gives_the_testbench_folders(tmp_path, pyita_gelu):
+    """A random-init BertConfig encoder (2 layers, E = 64, one head, F = 128, S = 64 tokens,
+    no attention mask input, so its attention is ITA's): both block kinds in every layer, the
+    full testbench file set per layer, the integer model close to its fake-quant model."""
+    pytest.importorskip("transformers")
+    import torch
+    from export_helpers import export_onnx
+    from refsim.exporters import compare
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128,
+                     max_position_embeddings=64, num_labels=3)
+    export_onnx(BertForSequenceClassification(cfg).eval(), (torch.ones(1, 64, dtype=torch.long),), tmp_path / "bert.onnx",
+                ("input_ids",), False, None)
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 100, (8, 64)))
+    assert cli(["export", str(tmp_path / "bert.onnx"), "-o", str(tmp_path / "bert.intq"), "--calib",
+                str(tmp_path / "ids.npy"), "--mode", "ita", "--quiet"]) == 0
+    model = refsim.load(tmp_path / "bert.intq")
+    layers = [f"bert.encoder.layer.{i}" for i in range(2)]
+    assert [(b.name, b.attention, b.activation) for b in blocks(model)] == [
+        (f"{layer}.ffn", f"{layer}.attention", "gelu") for layer in layers]
+    assert cli(["golden", str(tmp_path / "bert.intq"), str(tmp_path / "ids.npy"), "-o", str(tmp_path / "v"),
+                "--targets", "ita", "--samples", "1"]) == 0
+    names = sorted(str(f.relative_to(pyita_gelu)) for f in pyita_gelu.rglob("*.txt"))
+    for layer in layers:
+        ours = tmp_path / "v" / "sample0000" / "ita" / f"{layer}.attention"
+        assert sorted(str(f.relative_to(ours)) for f in ours.rglob("*.txt")) == names
+    pairs = compare(tmp_path / "bert.onnx", tmp_path / "bert.intq", tmp_path / "ids.npy", max_samples=4).outputs["logits"]
+    assert pairs["integer vs fake-quant"]["cosine"] >= 0.99, pairs

@@ -208,7 +208,14 @@ class FeedForwardMatch:
 
     @property
     def name(self) -> str:
-        return common_scope([n for n in self.nodes if n.scope]) or self.fc1.nodes[0].name
+        """The module holding both layers (ViT's `mlp`); `<layer>.ffn` when that is the whole
+        encoder layer (BERT's `intermediate.dense` and `output.dense`)."""
+        common = common_scope([n for n in self.nodes if n.scope])
+        if not common:
+            return self.fc1.nodes[0].name
+        depth = common.count(".") + 1
+        deeper = any(n.scope.count(".") > depth for n in (self.fc1.nodes[0], self.fc2.nodes[0]) if n.scope)
+        return f"{common}.ffn" if deeper else common
 
 
 def match_feedforward(g: Graph) -> list[FeedForwardMatch]:
