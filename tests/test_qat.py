@@ -75,7 +75,7 @@ def _held_out_feeds(qat: QatModel, path: str) -> dict[str, np.ndarray]:
 def _refsim_run(path, qat: QatModel, feeds) -> dict[str, np.ndarray]:
     m = refsim.load(path)
     integer = m.quantize_inputs(qat.integer_feeds(feeds))
-    if m.metadata.get("attention_blocks"):  # ITA blocks run one sample at a time
+    if m.metadata.get("attention_blocks") or m.metadata.get("feedforward_blocks"):  # ITA blocks: one sample at a time
         count = len(next(iter(integer.values())))
         runs = [m.run({k: v[i:i + 1] for k, v in integer.items()}) for i in range(count)]
         return {n: np.concatenate([r[n] for r in runs]) for n in m.graph.outputs}

@@ -74,7 +74,8 @@ class QatModel(torch.nn.Module):
         self.built = built
         recipes, initial = _recipes(built)
         self.integer = IntegerGraph(built.graph, recipes, initial, train_embeddings)
-        self.one_sample = bool(built.graph.metadata.get("attention_blocks"))  # ITA blocks are 2-D
+        meta = built.graph.metadata
+        self.one_sample = bool(meta.get("attention_blocks") or meta.get("feedforward_blocks"))  # ITA blocks are 2-D
         self._teacher = None
 
     @classmethod
