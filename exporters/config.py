@@ -149,8 +149,11 @@ class ExportOptions:
     calib_method: str = "mse"
     percentile: tuple[float, float] | None = None
     layers: LayerConfig = field(default_factory=LayerConfig)
-    smooth: bool = True  # SmoothQuant-style smoothing of linear-layer inputs (exporters.ptq)
-    gptq: bool = True  # GPTQ rounding of linear-layer weights
+    # SmoothQuant-style smoothing of linear-layer inputs and GPTQ rounding of their weights
+    # (exporters.ptq); None: on, except in the ITA modes (ITA's requantizer has one
+    # multiplier per layer, and its block forms quantize weights by rounding)
+    smooth: bool | None = None
+    gptq: bool | None = None
     bias_correction: bool = False
     residual_bits: int = 16  # residual stream, LayerNorm inputs, concatenations
     output_bits: int = 16  # graph outputs
@@ -163,6 +166,10 @@ class ExportOptions:
         self.abits = parse_abits(self.abits)
         if self.per_channel is None:
             self.per_channel = not self.ita
+        if self.smooth is None:
+            self.smooth = not self.ita
+        if self.gptq is None:
+            self.gptq = not self.ita
 
     @property
     def ita(self) -> bool:

@@ -25,10 +25,10 @@ def add_arguments(p) -> None:
     p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "mse", "entropy", "auto"],
                    help="how activation ranges are chosen (default mse; auto: per linear layer, the method "
                         "with the smallest output error)")
-    p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
-                   help="SmoothQuant-style smoothing of linear-layer inputs (default on)")
-    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPTQ weight rounding from the calibration Hessian (default on)")
+    p.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+                   help="SmoothQuant-style smoothing of linear-layer inputs (default on, except in the ita modes)")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ weight rounding from the calibration Hessian (default on, except in the ita modes)")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
                    help="correct biases for the mean error of the quantized weights (default off)")
     p.add_argument("--percentile", nargs=2, type=float, metavar=("LOW", "HIGH"),
