@@ -32,12 +32,14 @@ from onnx import helper
 from refsim.dtypes import TYPES
 
 from ..frontend import integer_ops
+from ..frontend import requant as rq
 from ..frontend.emitter import narrowest_type
 from ..frontend.fold import evaluate
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
 from ..frontend.integer_ops import INTEGER_OPS, lower
+from ..frontend.masks import MASK_VERY_NEGATIVE
 from .base import FloatInput, Importer, describe, fail
-from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
+from .values import Const, Dequantized, FloatOp, KeyMask, MaskedScores, QTensor, ratio_of
 
 # Elementwise float ops a lookup table can stand for (one quantized input, scalar constants).
 ELEMENTWISE = {
@@ -136,6 +138,8 @@ class QdqImporter(Importer):
 
     def op_QuantizeLinear(self, node, ins, attrs):
         x = ins[0]
+        if _infinite(ins[1]):
+            return self.infinitely_scaled(node, x)
         shape = self._value_shape(node, x)
         target = self.quant_params(node, ins[1], ins[2] if len(ins) > 2 else None, attrs, shape, zp_index=2)
         out = node.outputs[0]
@@ -214,6 +218,8 @@ class QdqImporter(Importer):
 
     def op_DequantizeLinear(self, node, ins, attrs):
         x = ins[0]
+        if isinstance(x, (KeyMask, MaskedScores)):
+            return x  # quantized at an infinite scale: the value itself (`infinitely_scaled`)
         if isinstance(x, Const):
             elem = self.elem_type(node, 0)
             array = np.asarray(x.value)
@@ -233,6 +239,33 @@ class QdqImporter(Importer):
             raise fail(node, f"zero point type {params.dtype} differs from the input type {q.dtype}")
         return Dequantized(replace(q, scale=params.scale, zero_point=params.zero_point, axis=params.axis,
                                    block_size=params.block_size, factors=None))
+
+    def infinitely_scaled(self, node, x):
+        """A QuantizeLinear at an infinite scale. quantize_static writes one for an additive
+        attention mask of 0 and -inf (transformers 5.x's `Where(keep, 0, -inf)`), and for the
+        scores with that mask added: the range it calibrates is infinite. onnxruntime then
+        computes NaN or 0 for every score (0 * inf); what the graph means is a key-padding
+        mask: the scores keep their own grid and the Softmax leaves masked keys out. refsim
+        reads exactly that pair so (`KeyMask`, `MaskedScores`) and refuses any other."""
+        if isinstance(x, FloatOp) and x.node.op == "Where" and isinstance(x.inputs[0], QTensor):
+            fills = [self._scalar(v) for v in x.inputs[1:]]
+            keep = x.inputs[0]
+            if fills[0] == 0.0 and fills[1] is not None and fills[1] <= MASK_VERY_NEGATIVE:
+                return KeyMask(keep, x.node)
+            if fills[1] == 0.0 and fills[0] is not None and fills[0] <= MASK_VERY_NEGATIVE:
+                return KeyMask(self.qnode("Sub", [self.em.const(1, "uint8"), self.place(keep)],
+                                          f"{node.outputs[0]}.keep", dtype="uint8"), x.node)
+        if isinstance(x, FloatOp) and x.node.op == "Add" and len(x.inputs) == 2:
+            for scores, mask in (x.inputs, x.inputs[::-1]):
+                if isinstance(mask, KeyMask) and isinstance(scores, Dequantized) and not scores.q.is_const:
+                    return MaskedScores(scores.q, mask.keep, x.node)
+        raise fail(node, "quantizes at an infinite scale; refsim reads that only for an attention mask of 0 and "
+                         "-inf (Where(mask, 0, -inf)) and the scores it is added to, before a Softmax")
+
+    def _scalar(self, v) -> float | None:
+        if isinstance(v, Const) and np.size(v.value) == 1:
+            return float(np.asarray(v.value).reshape(()))
+        return None
 
     # --- ONNX's own Q/DQ arithmetic, for constants and tables ------------------------------
 
@@ -481,12 +514,21 @@ class QdqImporter(Importer):
     # --- float ops between DequantizeLinear and QuantizeLinear ----------------------------------
 
     def unhandled(self, node, ins, attrs):
+        if node.op == "IsNaN" and isinstance(ins[0], Dequantized) and all(isinstance(d, int) for d in ins[0].q.shape):
+            # A dequantized tensor (finite scale) is never NaN: the softmax guard Where(IsNaN(p), 0, p).
+            return Const(np.zeros(ins[0].q.shape, bool))
+        if node.op == "Where" and isinstance(ins[0], Const) and np.asarray(ins[0].value).size:
+            cond = np.asarray(ins[0].value).astype(bool)
+            if np.all(cond == cond.reshape(-1)[0]):
+                chosen = ins[1] if cond.reshape(-1)[0] else ins[2]
+                if not isinstance(chosen, Const):
+                    return chosen
         if node.op == "Relu" and isinstance(ins[0], Dequantized) and not ins[0].q.is_const:
             q = ins[0].q
             if q.zero_point is None or not np.any(q.zero_point):
                 # max(s*q, 0) = s*max(q, 0) for positive scales: the integer Relu, scale kept.
                 return Dequantized(replace(q, name=self.qnode("Relu", [self.place(q)], node.outputs[0], node.name).name))
-        if any(isinstance(v, (Dequantized, FloatOp)) for v in ins):
+        if any(isinstance(v, (Dequantized, FloatOp, KeyMask, MaskedScores)) for v in ins):
             if len(node.outputs) != 1:
                 raise fail(node, "a float op with several outputs between DequantizeLinear and QuantizeLinear is not supported")
             return FloatOp(node, ins, attrs)
@@ -600,6 +642,11 @@ class QdqImporter(Importer):
                     walk(i)
             elif isinstance(v, Dequantized) and not v.q.is_const:
                 found[v.q.name] = v.q
+            elif isinstance(v, MaskedScores) and expr.node.op == "Softmax":
+                found[v.q.name] = v.q
+            elif isinstance(v, (KeyMask, MaskedScores)):
+                raise fail(expr.node, "takes an attention mask quantized at an infinite scale; refsim takes that only "
+                                      "into a Softmax over the keys")
             elif isinstance(v, (QTensor, FloatInput)):
                 raise fail(expr.node, "mixes float values with plain integers or float inputs")
 
@@ -734,8 +781,10 @@ class QdqImporter(Importer):
             result = self.qnode("Lut2", [self.place(a), self.place(b), self.em.const(table, target.dtype, f"{out}.table")],
                                   out, expr.node.name)
             return replace(target, name=result.name, shape=result.shape)
-        if op == "Softmax" and len(ins) == 1 and _eight_bit(ins[0]) and not ins[0].q.is_const:
+        if op == "Softmax" and len(ins) == 1 and (isinstance(ins[0], MaskedScores) or _eight_bit(ins[0]) and not ins[0].q.is_const):
             q = self._row_input(expr, "Softmax")
+            if not _eight_bit(Dequantized(q)):
+                return None
             if q.dtype is not target.dtype:
                 return None
             length = q.shape[-1]
@@ -744,7 +793,12 @@ class QdqImporter(Importer):
             from refsim.ops import float32 as f32
 
             mant, expo = f32.from_float32(ort_float.softmax_table(q.scale, length))
-            result = self.qnode("OrtSoftmax", [self.place(q), self.em.const(mant, "int32", f"{out}.exp_m"),
+            x = self.place(q)
+            if isinstance(ins[0], MaskedScores):
+                # onnxruntime with the mask's sum on the scores' grid: masked keys saturate to the lowest level.
+                lowest = self.em.const(np.asarray(q.dtype.lo), q.dtype, f"{out}.lowest")
+                x = integer_ops.select(self.em, self.place(ins[0].keep), x, lowest, f"{out}.masked")
+            result = self.qnode("OrtSoftmax", [x, self.em.const(mant, "int32", f"{out}.exp_m"),
                                                  self.em.const(expo, "int16", f"{out}.exp_e")], out, expr.node.name,
                                   y_factor=ort_float.softmax_y_factor(target.scale), zero_point=target.zp_scalar())
             return replace(target, name=result.name, shape=result.shape)
@@ -768,8 +822,15 @@ class QdqImporter(Importer):
 
     # --- Softmax and LayerNormalization: refsim's integer variants (mode) ---------------------------
 
+    def _keys(self, expr: FloatOp) -> str | None:
+        """The keep-mask input of a Softmax over masked scores (`MaskedScores`), else None."""
+        x = expr.inputs[0]
+        return self.place(x.keep) if isinstance(x, MaskedScores) else None
+
     def _row_input(self, expr: FloatOp, what: str) -> QTensor:
         x = expr.inputs[0]
+        if isinstance(x, MaskedScores) and what == "Softmax":
+            x = Dequantized(x.q)
         if not isinstance(x, Dequantized) or x.q.is_const or not x.q.per_tensor:
             raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)")
         rank = len(x.q.shape)
@@ -784,18 +845,40 @@ class QdqImporter(Importer):
         q = self._row_input(expr, "Softmax")
         scale = float(np.asarray(q.scale).reshape(-1)[0])
         if self.mode == "ibert":
-            p = ibert_softmax_params(scale)
-            source = q
+            source = self.softmax_grid(q, f"{out}.softmax_input")
+            p = ibert_softmax_params(float(source.scale))
         else:
             p = ita_softmax_params(scale, preset="deeploy")
             grid = QTensor(None, TYPES["int8"], q.shape, scale=np.asarray(p.input_scale, np.float64),
                            zero_point=np.asarray(0, np.int64))
             exact = np.asarray(scale / p.input_scale)
             source = self.requantize(q, exact, grid, f"{out}.softmax_input", expr.node)
-        y = self.qnode(p.op, [self.place(source)], f"{out}.softmax", **p.attrs)
+        y = self.qnode(p.op, [self.place(source), self._keys(expr)], f"{out}.softmax", **p.attrs)
         y = replace(y, scale=np.asarray(p.output_scale, np.float64), zero_point=np.asarray(p.output_zero_point, np.int64))
         exact, ort = ratio_of(y, target)
         return self.requantize(y, exact, target, out, expr.node, ort_ratio=ort, value_bits=17)
+
+    def softmax_grid(self, q: QTensor, out: str) -> QTensor:
+        """The scores on the grid I-BERT's softmax needs: (q - z) * 2^k as int16, scale s / 2^k,
+        exactly (a power-of-two step). I-BERT's range constant floor(-ln2 / S) is exact to
+        within S: on an 8-bit grid (S ~ 0.2) that is a 19% error in every exponential, on
+        the finer grid under 0.2%. k is the largest with every value inside int16 and S at
+        least IBERT_SOFTMAX_MIN_SCALE (where I-BERT's int64 bound holds), as export chooses."""
+        from ..modes import IBERT_SOFTMAX_INPUT_BITS, IBERT_SOFTMAX_MIN_SCALE
+
+        scale = float(np.asarray(q.scale).reshape(-1)[0])
+        bound = rq.type_bound(q.dtype.name, q.zp_scalar())
+        k = 0
+        while (bound << (k + 1)) <= (1 << (IBERT_SOFTMAX_INPUT_BITS - 1)) and scale / 2.0 ** (k + 1) >= IBERT_SOFTMAX_MIN_SCALE:
+            k += 1
+        x = self.place(q)
+        if q.zp_scalar():
+            x = self.qnode("Sub", [x, self.em.const(np.asarray(q.zp_scalar()), stem=f"{out}.zero_point")], f"{out}.centred",
+                           dtype="int16").name
+        if k:
+            x = self.qnode("Mul", [x, self.em.const(np.asarray(1 << k), stem=f"{out}.step")], out, dtype="int16").name
+        t = self.em.builder.tensors[x]
+        return QTensor(x, t.dtype, tuple(t.shape), scale=np.asarray(scale / 2.0**k), zero_point=np.asarray(0, np.int64))
 
     def layernorm(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
         from ..nonlinear import ibert_layernorm_params, ilayernorm_params
@@ -956,6 +1039,11 @@ class QdqImporter(Importer):
         p = self._accumulator(self.qnode("Mul", centered, f"{out}.product"), qa, qb, axis=0)
         exact, ort = ratio_of(p, target)
         return self.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
+
+
+def _infinite(scale) -> bool:
+    """A constant scale with an infinite entry (quantize_static's scale for a -inf mask)."""
+    return isinstance(scale, Const) and np.asarray(scale.value).dtype.kind == "f" and bool(np.any(np.isinf(scale.value)))
 
 
 def _eight_bit(v) -> bool:

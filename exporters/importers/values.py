@@ -13,6 +13,9 @@ Every ONNX value name maps to one of:
   QuantizeLinear tells the output's scale.
 - `FloatOp`: a float op waiting for the QuantizeLinear that fixes its output scale.
 - `Const`: a constant (float or integer) that folds at import time.
+- `KeyMask(keep)`, `MaskedScores(q, keep)`: an additive key-padding mask (0 for kept keys,
+  -inf for masked ones) and attention scores with it added, which quantize_static quantizes
+  at an infinite scale; a Softmax reads them as scores with masked keys left out.
 
 Integer nodes are emitted with the front end's emitter and requantization planner
 (`exporters.frontend.emitter`, `exporters.frontend.requant`).
@@ -79,6 +82,23 @@ class FloatOp:
 @dataclass
 class Const:
     value: np.ndarray
+
+
+@dataclass
+class KeyMask:
+    """Where(keep, 0, -inf): `keep` (0/1 integers) is nonzero for the keys a softmax keeps."""
+
+    keep: QTensor
+    node: Node
+
+
+@dataclass
+class MaskedScores:
+    """Scores `q` (dequantized) plus a KeyMask: only a Softmax over the keys takes them."""
+
+    q: QTensor
+    keep: QTensor
+    node: Node
 
 
 def ratio_of(src: QTensor, target: QTensor) -> tuple[np.ndarray, np.ndarray]:
