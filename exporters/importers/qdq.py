@@ -179,6 +179,11 @@ class QdqImporter(Importer):
             return self.float_shape(x)
         return ()
 
+    def _shape_of(self, node, value) -> tuple:
+        if isinstance(value, FloatOp):  # Shape of a float result: known without computing it
+            return tuple(self.float_shape(value))
+        return super()._shape_of(node, value)
+
     def float_shape(self, expr: FloatOp) -> tuple:
         shapes = []
         for v in expr.inputs:
@@ -472,6 +477,11 @@ class QdqImporter(Importer):
         return FloatOp(node, inputs, attrs)
 
     def op_QLinearAdd(self, node, ins, attrs):
+        for scores, mask in ((0, 3), (3, 0)):
+            if isinstance(ins[mask], KeyMask):  # scores + a -inf mask at an infinite scale (`infinitely_scaled`)
+                if not _infinite(ins[6]):
+                    raise fail(node, "adds a -inf attention mask and quantizes the sum at a finite scale")
+                return MaskedScores(self._qlinear_operand(node, scores, "the scores"), ins[mask].keep, node)
         a = Dequantized(self._qlinear_operand(node, 0, "A"))
         b = Dequantized(self._qlinear_operand(node, 3, "B"))
         target = self._target(node, 6, (), a.q.dtype.name)
@@ -495,6 +505,11 @@ class QdqImporter(Importer):
         return self.resolve(op, target, node.outputs[0], node)
 
     def op_QLinearSoftmax(self, node, ins, attrs):
+        if isinstance(ins[0], MaskedScores):
+            x = ins[0]
+            target = self._target(node, 3, x.q.shape, x.q.dtype.name)
+            op = self._float_op("Softmax", node.outputs[0], [x], axis=int(attrs.get("axis", -1)))
+            return self.resolve(op, target, node.outputs[0], node)
         x = Dequantized(self._qlinear_operand(node, 0, "X"))
         target = self._target(node, 3, x.q.shape, x.q.dtype.name)
         op = self._float_op("Softmax", node.outputs[0], [x], axis=int(attrs.get("axis", -1)))
@@ -869,7 +884,7 @@ class QdqImporter(Importer):
         scale = float(np.asarray(q.scale).reshape(-1)[0])
         bound = rq.type_bound(q.dtype.name, q.zp_scalar())
         k = 0
-        while (bound << (k + 1)) <= (1 << (IBERT_SOFTMAX_INPUT_BITS - 1)) and scale / 2.0 ** (k + 1) >= IBERT_SOFTMAX_MIN_SCALE:
+        while (bound << (k + 1)) < (1 << (IBERT_SOFTMAX_INPUT_BITS - 1)) and scale / 2.0 ** (k + 1) >= IBERT_SOFTMAX_MIN_SCALE:
             k += 1
         x = self.place(q)
         if q.zp_scalar():
