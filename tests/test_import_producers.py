@@ -22,6 +22,56 @@ ort = pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
 
 
+def finite_mask_scales(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's oracle for a -inf attention mask that quantize_static quantized at an
+    infinite scale (which onnxruntime computes as 0 * inf): the masked sum on the scores'
+    grid, the mask at 2^15 times that scale with zero point 255, so that onnxruntime's
+    QLinearAdd keeps every kept score exactly and saturates every masked one to 0."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    value = lambda name: onnx.numpy_helper.to_array(inits[name])
+
+    def put(name, v):
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(np.asarray(v, value(name).dtype), name))
+
+    for node in model.graph.node:
+        if node.op_type == "QLinearAdd" and np.isinf(value(node.input[6])).any():  # QOperator
+            scores, mask = (0, 3) if np.isinf(value(node.input[4])).any() else (3, 0)
+            put(node.input[6], value(node.input[scores + 1]))
+            put(node.input[7], value(node.input[scores + 2]))
+            put(node.input[mask + 1], np.float32(value(node.input[scores + 1]) * 2.0**15))
+            put(node.input[mask + 2], 255)
+        elif node.op_type == "QuantizeLinear" and np.isinf(value(node.input[1])).any() and producers[node.input[0]].op_type == "Add":
+            add = producers[node.input[0]]
+            dq = [producers[i] for i in add.input]
+            mask = next(d for d in dq if producers[d.input[0]].op_type == "QuantizeLinear"
+                        and producers[producers[d.input[0]].input[0]].op_type == "Where")
+            scores = next(d for d in dq if d is not mask)
+            put(node.input[1], value(scores.input[1]))
+            put(node.input[2], value(scores.input[2]))
+            put(mask.input[1], np.float32(value(scores.input[1]) * 2.0**15))
+            put(mask.input[2], 255)
+    return model
+
+
+def quantize_both(float_path, folder, feeds):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([feeds])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    paths = {}
+    for fmt in (QuantFormat.QDQ, QuantFormat.QOperator):
+        paths[fmt.name] = folder / f"{fmt.name}.onnx"
+        quantize_static(str(float_path), str(paths[fmt.name]), Reader(), quant_format=fmt,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
