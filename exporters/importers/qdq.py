@@ -39,7 +39,7 @@ from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
 from ..frontend.integer_ops import INTEGER_OPS, lower
 from ..frontend.masks import MASK_VERY_NEGATIVE
 from .base import FloatInput, Importer, describe, fail
-from .values import Const, Dequantized, FloatOp, KeyMask, MaskedScores, QTensor, ratio_of
+from .values import Const, Dequantized, FloatOp, KeyMask, MaskedScores, Moved, QTensor, ratio_of
 
 # Elementwise float ops a lookup table can stand for (one quantized input, scalar constants).
 ELEMENTWISE = {
@@ -50,6 +50,8 @@ ELEMENTWISE = {
     "ThresholdedRelu",
 }
 LUT_MAX_BITS = 16
+# A float bias (no bias quantizer) is kept to 2^-16 of an accumulator step, not rounded to whole steps.
+FLOAT_BIAS_FRACTION_BITS = 16
 MICROSOFT = "com.microsoft"
 # Integer variants standing for float Softmax / LayerNormalization between DQ and Q.
 MODES = ("ibert", "deeploy")
@@ -185,6 +187,8 @@ class QdqImporter(Importer):
         return super()._shape_of(node, value)
 
     def float_shape(self, expr: FloatOp) -> tuple:
+        if isinstance(expr, Moved):
+            return tuple(expr.shape)
         shapes = []
         for v in expr.inputs:
             if v is None:
@@ -240,7 +244,8 @@ class QdqImporter(Importer):
             raise fail(node, "dequantizes a value that is not an integer tensor")
         params = self.quant_params(node, ins[1], ins[2] if len(ins) > 2 else None, attrs, q.shape,
                                    default_dtype=q.dtype.name, zp_index=2)
-        if params.dtype is not q.dtype:
+        narrowed = isinstance(x, QTensor) and params.dtype.contains(q.dtype.lo, q.dtype.hi)  # by a Clip (`narrow`)
+        if params.dtype is not q.dtype and not narrowed:
             raise fail(node, f"zero point type {params.dtype} differs from the input type {q.dtype}")
         return Dequantized(replace(q, scale=params.scale, zero_point=params.zero_point, axis=params.axis,
                                    block_size=params.block_size, factors=None))
@@ -365,14 +370,51 @@ class QdqImporter(Importer):
                 raise fail(node, "the bias is not quantized at input scale x weight scale with zero point 0")
             data = np.asarray(q.data, np.int64)
         elif isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
-            scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
-            data = np.rint(np.asarray(value.value, np.float64) / scale).astype(np.int64)
+            raise AssertionError("a float bias goes through _float_bias")
         else:
             data = np.asarray(self.integer(node, value, "the bias").data, np.int64)
         data = data.reshape(-1)
         if data.size not in (1, channels):
             raise fail(node, f"the bias has {data.size} entries for {channels} output channels")
         return self.em.const(data, "int32" if np.abs(data).max(initial=0) < 2**31 else "int64", stem=f"{node.outputs[0]}.bias")
+
+    @staticmethod
+    def _is_float_bias(value) -> bool:
+        return isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f"
+
+    def _float_bias(self, node, acc: QTensor, value: Const, channels: int, axis: int, a: QTensor, w: QTensor) -> QTensor:
+        """acc + a float bias (Brevitas without a bias quantizer), carried with fractional bits
+        instead of rounded to accumulator steps: the sum is acc * 2^k + rint(bias / step * 2^k)
+        at scale step / 2^k. k = 0 when the bias is a whole number of steps; otherwise
+        FLOAT_BIAS_FRACTION_BITS, which leaves a residue below 2^-(k+1) of a step (the
+        requantization after it rounds once, on the exact sum but for that residue)."""
+        bias = np.asarray(value.value, np.float64).reshape(-1)
+        if bias.size not in (1, channels):
+            raise fail(node, f"the bias has {bias.size} entries for {channels} output channels")
+        if not np.all(np.isfinite(bias)):
+            raise fail(node, "the float bias holds values that are not finite")
+        step = np.asarray(acc.scale, np.float64).reshape(-1)
+        units = bias / step
+        k = 0 if np.array_equal(units, np.rint(units)) else FLOAT_BIAS_FRACTION_BITS
+        shape = [1] * len(acc.shape)
+        shape[axis] = -1
+        data = np.rint(units * 2.0**k).astype(np.int64).reshape(shape if bias.size > 1 else ())
+        # |acc| <= (terms per output) * max|x - zx| * max|w - zw|: the requantization after the
+        # int64 sum takes its multiplier bits from this bound, not from int64's range
+        lo, hi = a.clip or (a.dtype.lo, a.dtype.hi)
+        a_max = max(hi - a.zp_scalar(), a.zp_scalar() - lo)
+        w_zp = 0 if w.zero_point is None else int(np.abs(w.zero_point).max(initial=0))
+        w_max = (int(np.abs(np.asarray(w.data, np.int64)).max(initial=0)) if w.is_const else max(-w.dtype.lo, w.dtype.hi)) + w_zp
+        product_bound = (w.data.size // channels) * a_max * w_max
+        stem = node.outputs[0]
+        x = acc.name
+        if k:
+            x = self.qnode("Mul", [x, self.em.const(np.asarray(2**k), stem=f"{stem}.fraction")], f"{stem}.fine", dtype="int64").name
+        total = self.qnode("Add", [x, self.em.const(data, "int32" if np.abs(data).max(initial=0) < 2**31 else "int64",
+                                                    stem=f"{stem}.bias")], stem, node.name + ".bias", dtype="int64")
+        factors = acc.factors and (acc.factors[0], np.asarray(acc.factors[1], np.float32) * np.float32(2.0**-k))
+        return replace(total, scale=acc.scale * 2.0**-k, zero_point=acc.zero_point, axis=acc.axis, factors=factors,
+                       bound=(product_bound << k) + int(np.abs(data).max(initial=0)))
 
     def op_MatMul(self, node, ins, attrs):
         if all(isinstance(v, QTensor) and v.scale is None for v in ins):
@@ -388,8 +430,12 @@ class QdqImporter(Importer):
         b = self._operand(node, ins[1], "B")
         transB = attrs.get("transB", 0)
         channels = b.shape[0] if transB else b.shape[1]
-        bias = self._bias(node, ins[2] if len(ins) > 2 else None, a, b, channels) if a.scale is not None else (
-            self.place(self.integer(node, ins[2], "C")) if len(ins) > 2 and ins[2] is not None else None)
+        c = ins[2] if len(ins) > 2 else None
+        if a.scale is not None and b.scale is not None and self._is_float_bias(c):
+            acc = self.matmul(node, a, b, node.outputs[0] + ".product", attrs.get("transA", 0), transB)
+            return Dequantized(self._float_bias(node, acc, c, channels, len(acc.shape) - 1, a, b))
+        bias = self._bias(node, c, a, b, channels) if a.scale is not None else (
+            self.place(self.integer(node, c, "C")) if c is not None else None)
         acc = self.matmul(node, a, b, node.outputs[0], attrs.get("transA", 0), transB, bias)
         return Dequantized(acc) if acc.scale is not None else acc
 
@@ -410,7 +456,11 @@ class QdqImporter(Importer):
         w = self._operand(node, ins[1], "the weights")
         if not w.is_const:
             raise fail(node, "the weights must be constant")
-        bias = self._bias(node, ins[2], x, w, w.shape[0]) if len(ins) > 2 and ins[2] is not None else None
+        c = ins[2] if len(ins) > 2 else None
+        if x.scale is not None and w.scale is not None and self._is_float_bias(c):
+            acc = self.conv(node, x, w, attrs, node.outputs[0] + ".product")
+            return Dequantized(self._float_bias(node, acc, c, w.shape[0], 1, x, w))
+        bias = self._bias(node, c, x, w, w.shape[0]) if c is not None else None
         acc = self.conv(node, x, w, attrs, node.outputs[0], bias)
         return Dequantized(acc) if acc.scale is not None else acc
 
@@ -570,6 +620,8 @@ class QdqImporter(Importer):
         if op == "Relu":
             x = self.integer(node, ins[0], "the input")
             return self.qnode("Relu", [self.place(x)], node.outputs[0], node.name)
+        if op == "Clip" and isinstance(ins[0], QTensor) and ins[0].scale is not None:
+            return self.narrow(node, ins[0], ins[1:])
         if op not in INTEGER_OPS:
             raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
 
@@ -586,6 +638,27 @@ class QdqImporter(Importer):
         t = self.em.builder.tensors[name]
         return QTensor(name, t.dtype, tuple(t.shape))
 
+    def narrow(self, node, q: QTensor, bounds) -> QTensor:
+        """QuantizeLinear -> Clip -> DequantizeLinear, as Brevitas' QCDQ export writes integers
+        below 8 bits: the same grid in the narrowest type holding [lo, hi] (int4 for
+        [-8, 7], uint4 for [0, 15]), with that range as the tensor's clip range."""
+        lo, hi = (int(np.asarray(self.const_value(node, v, what)).reshape(-1)[0]) if v is not None else default
+                  for v, what, default in zip(list(bounds) + [None] * (2 - len(bounds)), ("min", "max"), (q.dtype.lo, q.dtype.hi)))
+        lo, hi = max(lo, q.dtype.lo), min(hi, q.dtype.hi)
+        if lo > hi:
+            raise fail(node, f"the range [{lo}, {hi}] is empty")
+        zp = q.zp_scalar()
+        dtype = next(t for t in TYPES.values() if t.name != "ternary" and t.contains(lo, hi) and t.contains(zp, zp)
+                     and t.bits <= q.dtype.bits)
+        if q.is_const:
+            return replace(q, data=np.clip(np.asarray(q.data, np.int64), lo, hi).astype(dtype.storage), dtype=dtype,
+                           clip=None if (dtype.lo, dtype.hi) == (lo, hi) else (lo, hi))
+        clipped = self.qnode("Clip", [self.place(q)], node.outputs[0] + (".clipped" if dtype is not q.dtype else ""), node.name, lo=lo, hi=hi)
+        if dtype is not q.dtype:
+            clipped = self.qnode("Cast", [clipped.name], node.outputs[0], node.name + ".narrow", dtype=dtype.name)
+        return replace(q, name=clipped.name, dtype=dtype, data=None,
+                       clip=None if (dtype.lo, dtype.hi) == (lo, hi) else (lo, hi))
+
     def nonzero(self, node, x: QTensor, out: str | None = None) -> QTensor:
         """x != 0 as 0/1 (uint8) (`frontend.integer_ops.nonzero`)."""
         name = integer_ops.nonzero(self.em, self.place(x), out or node.outputs[0])
@@ -600,6 +673,14 @@ class QdqImporter(Importer):
 
     def resolve(self, expr: FloatOp, target: QTensor, out: str, qnode) -> QTensor:
         """The integer ops that compute QuantizeLinear(expr) at `target`'s scale."""
+        unmoved, moves = self.sink_moves(expr)
+        if moves:
+            if not target.per_tensor:
+                raise fail(moves[-1].node, "moves a float result that is then quantized per channel; refsim moves it only before a per-tensor quantizer")
+            q = self.resolve(unmoved, target, f"{out}.unmoved", qnode)
+            for move in moves:
+                q = move.apply(q)
+            return q
         leaves = self._runtime_leaves(expr)
         if not leaves:
             value = self.evaluate(expr, None, None)
@@ -705,9 +786,31 @@ class QdqImporter(Importer):
             if leaf is not None and q.name == leaf.name:
                 return self.onnx_dequantize(levels, q)
             raise fail(None, f"tensor {q.name!r} is not known at import time")
+        if isinstance(v, Moved):
+            return v.const_fn(self.evaluate(v.inputs[0], leaf, levels))
         if isinstance(v, FloatOp):
             return evaluate(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets)[0]
         raise fail(None, "an expression holds a value refsim cannot evaluate")
+
+    def sink_moves(self, expr: FloatOp) -> tuple[FloatOp, list[Moved]]:
+        """expr with its data movement taken out: (the expression on unmoved values, the
+        movements to apply after quantizing it). Elementwise ops with scalar constants
+        commute with movement; anything else keeps its movements inside."""
+        if isinstance(expr, Moved):
+            inner, moves = (self.sink_moves(expr.inputs[0]) if isinstance(expr.inputs[0], FloatOp)
+                            else (expr.inputs[0], []))
+            return inner, moves + [expr]
+        if expr.node.op in ELEMENTWISE or expr.node.op in ("Add", "Sub", "Mul", "Div"):
+            moved = [i for i, v in enumerate(expr.inputs) if isinstance(v, FloatOp)]
+            scalars = all(isinstance(v, Const) and np.size(v.value) == 1 for i, v in enumerate(expr.inputs)
+                          if v is not None and i not in moved)
+            if len(moved) == 1 and scalars:
+                inner, moves = self.sink_moves(expr.inputs[moved[0]])
+                if moves:
+                    inputs = list(expr.inputs)
+                    inputs[moved[0]] = inner
+                    return FloatOp(expr.node, inputs, expr.attrs), moves
+        return expr, []
 
     def lut(self, expr: FloatOp, leaf: QTensor, target: QTensor, out: str) -> QTensor:
         levels = np.arange(leaf.dtype.lo, leaf.dtype.hi + 1, dtype=np.int64)
