@@ -72,11 +72,10 @@ def quantize_both(float_path, folder, feeds):
     return paths
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
+@pytest.fixture(scope="module", params=["unmasked", "masked"])
+def tiny_bert(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("tiny_bert")
+    masked = request.param == "masked"
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=32)
@@ -88,7 +87,7 @@ def tiny_bert(tmp_path_factory):
             self.bert = bert
 
         def forward(self, ids, mask):
-            h = self.bert(input_ids=ids).last_hidden_state
+            h = self.bert(input_ids=ids, attention_mask=mask if masked else None).last_hidden_state
             m = mask.unsqueeze(-1).to(h.dtype)
             return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
@@ -101,24 +100,13 @@ def tiny_bert(tmp_path_factory):
         torch.onnx.export(MeanPooled().eval(), (ids, mask), str(float_path), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["emb"])
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([feeds])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    paths = {}
-    for fmt in (QuantFormat.QDQ, QuantFormat.QOperator):
-        paths[fmt.name] = folder / f"{fmt.name}.onnx"
-        quantize_static(str(float_path), str(paths[fmt.name]), Reader(), quant_format=fmt,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    paths = quantize_both(float_path, folder, feeds)
+    paths["float"] = float_path
     return paths, feeds
 
 
 def _ort_tensors(path, feeds, names):
-    model = onnx.load(str(path))
+    model = finite_mask_scales(onnx.load(str(path)))
     for name, elem in names.items():
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -153,3 +141,18 @@ def test_integer_variants_stay_the_default(tiny_bert):
     paths, _ = tiny_bert
     ops = {n.op for n in import_model(paths["QDQ"]).graph.nodes}
     assert "IBertSoftmax" in ops and "IBertLayerNorm" in ops and not ops & {"OrtSoftmax", "LayerNormRound", "Lut2"}
+
+
+def test_quantize_dynamic_is_refused_naming_the_node_and_why(tiny_bert, tmp_path):
+    """quantize_dynamic leaves the embeddings, LayerNorm, Softmax and GELU in float32 with scales
+    known only at run time: refused with one line naming the first DynamicQuantizeLinear."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from refsim.exporters.importers import ImportFailure
+
+    paths, _ = tiny_bert
+    dynamic = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(paths["float"]), str(dynamic), weight_type=QuantType.QInt8)
+    with pytest.raises(ImportFailure, match=r"^node '[^']+' \(DynamicQuantizeLinear\): computes its scale at run time "
+                                            r"\(onnxruntime quantize_dynamic\) from the float result of node '[^']+' "
+                                            r"\(LayerNormalization\); .* quantize_static"):
+        import_model(dynamic)

@@ -74,6 +74,7 @@ class QdqImporter(Importer):
             h[("", op)] = getattr(self, f"op_{op}")
         for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax"):
             h[(MICROSOFT, op)] = getattr(self, f"op_{op}")
+        h[("", "DynamicQuantizeLinear")] = self.op_DynamicQuantizeLinear
 
     def foldable(self, domain: str, op_type: str) -> bool:
         # A dequantized constant stays integers with a scale: weights must reach MatMul/Conv as such.
@@ -167,6 +168,19 @@ class QdqImporter(Importer):
             exact, ort = ratio_of(one, target)
             return self.requantize(one, exact, target, out, node, ort_ratio=ort)
         raise fail(node, "quantizes a value refsim cannot represent")
+
+    def op_DynamicQuantizeLinear(self, node, ins, attrs):
+        """quantize_dynamic's activations: a scale computed at run time from the tensor's range.
+        The op itself has an exact integer replay (refsim.ops.DynamicQuantizeLinear), but its
+        input here is float32 computed in float (quantize_dynamic quantizes only the MatMul
+        inputs: embeddings, LayerNorm, Softmax, GELU and the bias adds stay float32, on
+        tensors whose scale exists only at run time), which integers cannot reproduce."""
+        x = ins[0]
+        source = (f"the float result of {describe(x.node)}" if isinstance(x, FloatOp) else
+                  f"the float graph input {x.info.name!r}" if isinstance(x, FloatInput) else "a dequantized tensor")
+        raise fail(node, f"computes its scale at run time (onnxruntime quantize_dynamic) from {source}; the float32 "
+                         "arithmetic around it (float embeddings, LayerNorm, Softmax, GELU, the rescaling after "
+                         "MatMulInteger) has no integer form: quantize the model with quantize_static (QDQ or QOperator)")
 
     def _value_shape(self, node, x):
         if isinstance(x, FloatInput):
