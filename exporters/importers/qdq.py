@@ -695,8 +695,10 @@ class QdqImporter(Importer):
             for move in moves:
                 q = move.apply(q)
             return q
-        leaves = self._runtime_leaves(expr)
-        if not leaves:
+        # Where(mask computed from integers, constants, constants): selected below, no float leaves
+        computed_condition = expr.node.op == "Where" and isinstance(expr.inputs[0], QTensor) and not expr.inputs[0].is_const
+        leaves = {} if computed_condition else self._runtime_leaves(expr)
+        if not leaves and not computed_condition:
             value = self.evaluate(expr, None, None)
             return replace(target, data=self.quantize_values(value, target), shape=np.shape(value))
         if expr.node.op == "Where" and not isinstance(expr.inputs[0], (Dequantized, FloatOp)):
