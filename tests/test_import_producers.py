@@ -1,11 +1,15 @@
 """Models written by onnxruntime's quantizer, imported and compared with onnxruntime itself.
 
 A tiny BERT (random weights, 1 layer, hidden 32, built with transformers in the test) with
-sentence-transformers' masked mean pooling is exported by torch.onnx.export and quantized
-by `quantize_static` as QDQ and as QOperator (uint8 activations, int8 weights). With
-`--requant ort --float-ops ort` refsim must reproduce onnxruntime: every integer tensor both
-graphs name is compared (exact / total is printed), and the pooled embedding must reach a
-cosine of 0.999 (the pooling tail is float in onnxruntime, rational in refsim).
+sentence-transformers' masked mean pooling, the attention unmasked or masked, is exported
+by torch.onnx.export and quantized by `quantize_static` as QDQ and as QOperator (uint8
+activations, int8 weights). With `--requant ort --float-ops ort` refsim must reproduce
+onnxruntime: every integer tensor both graphs name is compared (exact / total is printed),
+and the pooled embedding must reach a cosine of 0.999 (the pooling tail is float in
+onnxruntime, rational in refsim). A masked model's `-inf` mask is quantized at an infinite
+scale, which onnxruntime computes as NaN; its oracle is the same model with finite mask
+scales that keep every kept score and saturate every masked one (`finite_mask_scales`).
+`quantize_dynamic` is refused with one line. The real MiniLM runs with REFSIM_SLOW=1.
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ def test_integer_variants_stay_the_default(tiny_bert):
     assert "IBertSoftmax" in ops and "IBertLayerNorm" in ops and not ops & {"OrtSoftmax", "LayerNormRound", "Lut2"}
 
 
+@pytest.mark.parametrize("tiny_bert", ["masked"], indirect=True)
 def test_quantize_dynamic_is_refused_naming_the_node_and_why(tiny_bert, tmp_path):
     """quantize_dynamic leaves the embeddings, LayerNorm, Softmax and GELU in float32 with scales
     known only at run time: refused with one line naming the first DynamicQuantizeLinear."""
@@ -164,10 +169,18 @@ def test_quantize_dynamic_is_refused_naming_the_node_and_why(tiny_bert, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
-@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
-def test_real_minilm_masked_reproduces_onnxruntime(fmt, tmp_path_factory, record_property):
+# The documented LayerNormalization residue (docs/IMPORT.md): on the unmasked QDQ model one
+# output of 98,304 of layer 4's attention LayerNorm lies at a float32 tie that onnxruntime
+# rounds the other way; seven layers later one sentence's cosine is 0.9974.
+@pytest.mark.parametrize("fmt, attention", [
+    ("QDQ", "masked"), ("QOperator", "masked"), ("QOperator", "unmasked"),
+    pytest.param("QDQ", "unmasked", marks=pytest.mark.xfail(
+        strict=True, reason="one LayerNorm output at a float32 tie (layer 4) rounds the other way, amplified downstream")),
+])
+def test_real_minilm_reproduces_onnxruntime(fmt, attention, tmp_path_factory, record_property):
     """The real all-MiniLM-L6-v2, mean-pooled with its attention mask, 16 development
-    sentences padded to 16 tokens, quantize_static (calibrated on them), imported with
+    sentences padded to 16 tokens (`unmasked`: the attention does not see the mask, only the
+    pooling does), quantize_static (calibrated on them), imported with
     `--requant ort --float-ops ort`: every sentence's embedding within cosine 0.999 of
     onnxruntime's and the same nearest neighbour for every sentence."""
     import pathlib
@@ -188,7 +201,7 @@ def test_real_minilm_masked_reproduces_onnxruntime(fmt, tmp_path_factory, record
     float_path = folder / "float.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_MeanPooled(bert, masked=True), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
+        torch.onnx.export(_MeanPooled(bert, masked=attention == "masked"), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
                           str(float_path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
                           output_names=["emb"])
     path = quantize_both(float_path, folder, feeds)[fmt]
@@ -199,7 +212,28 @@ def test_real_minilm_masked_reproduces_onnxruntime(fmt, tmp_path_factory, record
     cosines = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     neighbours = [np.argsort(-(e @ e.T - 9 * np.eye(len(e))), axis=1)[:, 0] for e in (got, want)]
     same = int(np.sum(neighbours[0] == neighbours[1]))
-    record_property(f"minilm_{fmt}_min_cosine", float(cosines.min()))
-    print(f"\nreal MiniLM {fmt}: cosine mean {cosines.mean():.7f}, min {cosines.min():.7f}, "
+    record_property(f"minilm_{fmt}_{attention}_min_cosine", float(cosines.min()))
+    print(f"\nreal MiniLM {fmt} {attention}: cosine mean {cosines.mean():.7f}, min {cosines.min():.7f}, "
           f"largest |diff| {np.abs(got - want).max():.3g}, nearest neighbour {same}/16")
     assert cosines.min() >= 0.999 and same == 16
+
+
+@pytest.mark.parametrize("tiny_bert", ["masked"], indirect=True)
+@pytest.mark.parametrize("preset, where, why", [
+    ("transformer", r"/bert/embeddings/word_embeddings/Gather' \(Gather\)", r"moves a per-channel quantized tensor \(axis 0\)"),
+    ("default", r"/bert/embeddings/LayerNorm/LayerNormalization' \(LayerNormalization\)", r"LayerNormalization needs a per-tensor quantized input"),
+])
+def test_nncf_models_are_refused_with_the_node_and_why(tiny_bert, tmp_path, preset, where, why):
+    """Not yet imported (docs/IMPORT.md): NNCF quantizes the embedding tables per row, so each
+    gathered row has its own scale, and (default preset) feeds LayerNormalization the float sum
+    of the embeddings. Each is one error line naming the node."""
+    nncf = pytest.importorskip("nncf")
+    from refsim.exporters.importers import ImportFailure
+
+    paths, feeds = tiny_bert
+    options = {"model_type": nncf.ModelType.TRANSFORMER} if preset == "transformer" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(onnx.load(str(paths["float"])), nncf.Dataset([feeds]), subset_size=1, **options)
+    with pytest.raises(ImportFailure, match=rf"^node '{where}: {why}"):
+        import_model(quantized)
