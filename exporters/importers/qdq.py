@@ -384,7 +384,7 @@ class QdqImporter(Importer):
                 raise fail(node, "the bias is not quantized at input scale x weight scale with zero point 0")
             data = np.asarray(q.data, np.int64)
         elif isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
-            raise AssertionError("a float bias goes through _float_bias")
+            raise fail(node, "a float bias is supported only with both operands quantized (a DequantizeLinear each)")
         else:
             data = np.asarray(self.integer(node, value, "the bias").data, np.int64)
         data = data.reshape(-1)
