@@ -8,6 +8,7 @@ Select with the REFSIM_BACKEND environment variable or `with refsim.backend.use(
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 BACKENDS = ("numba", "numpy")
@@ -16,12 +17,10 @@ _current = os.environ.get("REFSIM_BACKEND", "numba")
 if _current not in BACKENDS:
     _current = "numba"
 
-try:  # Numba is a declared dependency; fall back quietly only if it cannot load at all.
-    import numba  # noqa: F401
-
-    HAVE_NUMBA = True
-except Exception:  # pragma: no cover - exercised only on broken installs
-    HAVE_NUMBA = False
+# Numba is a declared dependency; fall back quietly only if it is not installed at all.
+# (It is imported only when a kernel first runs: see refsim.jit.)
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+if not HAVE_NUMBA:  # pragma: no cover - exercised only on broken installs
     _current = "numpy"
 
 
@@ -59,17 +58,21 @@ _threads_set: int | None = None
 def fit_threads(elements: int) -> None:
     """Give the next Numba kernels one thread for small work, all threads for large."""
     if HAVE_NUMBA:
-        import numba
+        _set_threads(max_threads() if elements >= PARALLEL_MIN_ELEMENTS else 1)
 
-        _set_threads(numba.config.NUMBA_NUM_THREADS if elements >= PARALLEL_MIN_ELEMENTS else 1)
+
+def max_threads() -> int:
+    from .jit import materialize
+
+    return materialize().config.NUMBA_NUM_THREADS
 
 
 def _set_threads(wanted: int) -> None:
     global _threads_set
     if wanted != _threads_set:
-        import numba
+        from .jit import materialize
 
-        numba.set_num_threads(wanted)
+        materialize().set_num_threads(wanted)
         _threads_set = wanted
 
 
@@ -80,10 +83,10 @@ def all_threads_if(large: bool):
     if not (HAVE_NUMBA and large):
         yield
         return
-    import numba
+    from .jit import materialize
 
-    before = numba.get_num_threads()
-    _set_threads(numba.config.NUMBA_NUM_THREADS)
+    before = materialize().get_num_threads()
+    _set_threads(max_threads())
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import backend, kernels
+from . import backend
 from .dtypes import check_fits
 from .errors import InputError, OpError, RefsimError
 from .ir import Graph, Node, Tensor, validate
@@ -117,6 +117,8 @@ class Model:
     # --- preparation -------------------------------------------------------------------
 
     def _plan(self, fuse: bool) -> list[_Step]:
+        from . import kernels  # loads Numba
+
         tensors = self.graph.tensors
         steps = []
         for node in self.order:

@@ -5,7 +5,11 @@ Importing this package registers every kernel; Numba compiles each only when a m
 first runs it.
 """
 
-from . import matmul, requant  # noqa: F401  (registration)
-from .registry import KERNELS, choose, kernel
+from ..jit import materialize
+
+materialize()  # Numba up, and the ops' jitted helpers real, before kernels import them
+
+from . import elementwise, matmul, requant  # noqa: E402, F401  (registration)
+from .registry import KERNELS, choose, kernel  # noqa: E402
 
 __all__ = ["KERNELS", "choose", "kernel"]

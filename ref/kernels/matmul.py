@@ -265,12 +265,10 @@ class ActivationMatMul:
         acc_bits = attrs["acc_bits"]
         self.acc_limit = (1 << (acc_bits - 1)) - 1
         self.out = np.int32 if acc_bits <= 32 else np.int64
-        self.bytes = (
-            cpu.vnni_usable()
-            and a_type.hi - a_type.lo <= 256
-            and -128 <= b_type.lo and b_type.hi <= 127
-            and acc_bits <= 32
-        )
+        # The byte GEMM takes a in [lo, lo + 256]. A wider declared type (I-BERT's softmax
+        # output, 0..256, is stored as uint16) is checked value by value in the kernel.
+        self.bytes = cpu.vnni_usable() and -128 <= b_type.lo and b_type.hi <= 127 and acc_bits <= 32
+        self.a_hi = min(a_type.hi, a_type.lo + 256)
 
     def _operands(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
@@ -288,10 +286,9 @@ class ActivationMatMul:
 
     def _byte_gemm_exact(self, k: int) -> bool:
         """The byte GEMM's int32 sums: raw (a - lo) . b, the 256 corrections, and the result."""
-        t = self.a_type
         b_bound = max(-self.b_type.lo, self.b_type.hi)
         raw = k * 256 * b_bound
-        result = k * max(abs(t.lo), abs(t.hi)) * b_bound
+        result = k * max(abs(self.a_type.lo), abs(self.a_hi)) * b_bound
         return self.bytes and raw <= INT32_MAX and result <= self.acc_limit
 
     def product(self, a, b, plan=None, out_range=(0, 0, 0), storage=None, keep_acc=False):
@@ -314,11 +311,13 @@ class ActivationMatMul:
         with backend.all_threads_if(large):
             if plan is None:
                 out = np.empty(a3.shape[:1] + (m, n), np.int32)
-                vnni.gemm_activations(a3, self.a_type.lo, b3, _NO_PLAN, 0, 0, 0, 0, out, none)
+                if not vnni.gemm_activations(a3, self.a_type.lo, b3, _NO_PLAN, 0, 0, 0, 0, out, none):
+                    return None
                 return out.reshape(shape)
             out = np.empty(a3.shape[:1] + (m, n), storage)
             acc = np.empty(out.shape, np.int32) if keep_acc else none
-            vnni.gemm_activations(a3, self.a_type.lo, b3, plan, *out_range, 1, out, acc)
+            if not vnni.gemm_activations(a3, self.a_type.lo, b3, plan, *out_range, 1, out, acc):
+                return None
         return (acc.reshape(shape), out.reshape(shape)) if keep_acc else out.reshape(shape)
 
     def __call__(self, a, b, *rest):

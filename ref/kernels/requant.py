@@ -79,13 +79,31 @@ def requant_rows(x, plan, lo, hi, mode, out):
             out[i, j] = requant_one(np.int64(x[i, j]), plan, j, lo, hi, mode)
 
 
+@njit(cache=True, parallel=True)
+def requant_rows_checked(x, plan, limit, lo, hi, mode, out):
+    """`requant_rows` for inputs whose declared type does not bound x*mul + bias within
+    int64: every |x| must be at most `limit`; returns whether one was not (the caller then
+    lets the op refuse the input)."""
+    rows, cols = x.shape
+    over = np.zeros(rows, np.bool_)
+    for i in prange(rows):
+        for j in range(cols):
+            v = np.int64(x[i, j])
+            over[i] |= (v > limit) | (v < -limit)
+            out[i, j] = requant_one(v, plan, j, lo, hi, mode)
+    return over.any()
+
+
 class PlannedRequant:
     """Requant with constant parameters that are scalars or run along the last axis: every
     check and broadcast done once, a run is one pass. Offers its plan to a producer that
     fuses it (`plan_for`)."""
 
-    def __init__(self, attrs, params: dict[str, np.ndarray], width: int, lo: int, hi: int, storage):
+    def __init__(self, attrs, params: dict[str, np.ndarray], width: int, lo: int, hi: int, storage, limit: int | None):
         self.attrs = attrs
+        # None: the declared input type keeps x*mul + bias within int64. Else the
+        # largest |x| that does (the op's own check, from the same maxima).
+        self.limit = limit
         self.params = params
         self.width = width  # 1 for per-tensor parameters
         self.lo, self.hi = lo, hi
@@ -112,8 +130,10 @@ class PlannedRequant:
             return Requant(x, *_params, **self.attrs)
         flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         out = np.empty(flat.shape, self.storage)
-        with backend.all_threads_if(flat.size >= backend.PARALLEL_MIN_ELEMENTS):
+        if self.limit is None:
             requant_rows(flat, plan, self.lo, self.hi, self.mode, out)
+        elif requant_rows_checked(flat, plan, self.limit, self.lo, self.hi, self.mode, out):
+            return Requant(x, *_params, **self.attrs)  # refuses, naming the bound
         return out.reshape(x.shape)
 
 
@@ -139,10 +159,15 @@ def planned_requant(attrs, consts, declared):
     if int(params["shift"].min()) < 0:
         return None
     bound = max(-x.dtype.lo, x.dtype.hi)
-    if bound * int(np.abs(params["mul"]).max()) + int(np.abs(params["bias"]).max()) + int(np.abs(params["offset"]).max()) > INT64_MAX:
+    largest_mul = int(np.abs(params["mul"]).max())
+    rest = int(np.abs(params["bias"]).max()) + int(np.abs(params["offset"]).max())
+    if rest > INT64_MAX:
         return None
+    limit = None
+    if bound * largest_mul + rest > INT64_MAX:  # x's values must decide, as in the op
+        limit = (INT64_MAX - rest) // largest_mul
     try:
         lo, hi = output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "Requant")
     except OpError:
         return None
-    return PlannedRequant(attrs, params, max(sizes) if sizes else 1, lo, hi, int_type(attrs["dtype"]).storage)
+    return PlannedRequant(attrs, params, max(sizes) if sizes else 1, lo, hi, int_type(attrs["dtype"]).storage, limit)

@@ -182,7 +182,8 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
     values in [lo, lo + 256], b (T, K, N) with values in [-128, 127]; each b[t] is packed
     here. A value of exactly lo + 256 enters the byte GEMM as 255 and its row gets the
     missing b[k, :] added afterwards (I-BERT's softmax output, 0..256, is one such type).
-    requant and acc_out as in `gemm_weight`.
+    requant and acc_out as in `gemm_weight`. Returns False, leaving out unfinished, if a
+    value of a lies above lo + 256 (a type wider than its values: the caller checks).
     """
     stacks, m, k = a.shape
     n = b.shape[2]
@@ -191,6 +192,7 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
     panels = (n + NR - 1) // NR
     blocks = (m + MR - 1) // MR
     keep_acc = acc_out.shape[0] > 0
+    fits = np.ones(stacks, np.bool_)
     for t in prange(stacks):
         packed = np.zeros(panels * k_groups * KG * NR, np.int8)
         colsum = np.zeros(n, np.int64)
@@ -207,8 +209,11 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
                 v = np.int64(a[t, i, kk]) - lo
                 if v > 255:
                     wide[i] = True
+                    fits[t] &= v == 256
                     v = 255
                 abuf[i, kk] = np.uint8(v)
+        if not fits[t]:
+            continue
         flat_a = abuf.reshape(-1)
         tile = np.empty((blocks * MR, NR), np.int32)
         for p in range(panels):
@@ -232,3 +237,4 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
                         out[t, i, j] = requant_one(acc, plan, j, out_lo, out_hi, mode)
                     else:
                         out[t, i, j] = acc
+    return fits.all()

@@ -10,7 +10,7 @@ int4 + int4 sum is int8); called directly on arrays, from the arrays' dtypes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from ..jit import njit, prange
 
 from .. import backend
 from ..dtypes import IntType, int_type, type_for_range

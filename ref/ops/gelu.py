@@ -13,7 +13,7 @@ and in what follows (docs/OPS.md gives each exactly). Each op is elementwise: a 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from ..jit import njit, prange
 
 from .. import backend
 from ..dtypes import TYPES, IntType, type_for_range

@@ -7,7 +7,7 @@ ops need it on whole arrays, as a NumPy twin with identical results.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..jit import njit
 
 from .. import backend
 from ..errors import OpError

@@ -10,7 +10,7 @@ Formulas: docs/OPS.md.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from ..jit import njit, prange
 
 from .. import backend
 from ..dtypes import TYPES, int_type

@@ -19,7 +19,7 @@ results below float32's normal range round to zero either way.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, vectorize
+from ..jit import njit, vectorize
 
 from .. import backend
 from ..dtypes import int_type

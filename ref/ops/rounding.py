@@ -13,7 +13,7 @@ Each kernel exists twice, in Numba and in NumPy, with identical results.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, vectorize
+from ..jit import njit, prange, vectorize
 
 from .. import backend
 from ..errors import OpError

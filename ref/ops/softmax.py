@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from ..jit import njit, prange
 
 from .. import backend
 from ..dtypes import TYPES, IntType, type_for_range

@@ -1,0 +1,148 @@
+"""Numba, loaded only when a kernel first runs: `import refsim` stays fast.
+
+The op modules write `from ..jit import njit, prange, vectorize` instead of importing them
+from numba. The decorators here record the function and its options and return a stand-in;
+the first call of any stand-in (or `materialize()`, which the kernel package calls when a
+model is prepared) imports Numba once, sets it up (below), builds every real dispatcher,
+and puts them in place of the stand-ins in refsim's modules, so that compiled code calling
+another jitted function finds a Numba dispatcher, and `prange` is Numba's.
+
+Numba's setup, done before it first loads:
+- compiled kernels are cached in a per-user folder (`$REFSIM_CACHE_DIR`, else
+  `$XDG_CACHE_HOME/refsim/numba`, else `~/.cache/refsim/numba`), never in the package
+  folder, which may be read-only; NUMBA_CACHE_DIR, when set, wins;
+- the threading layer is Numba's own `workqueue` unless NUMBA_THREADING_LAYER says
+  otherwise: it is fork-safe (GNU OpenMP is not: a child forked after a parallel kernel
+  ran would hang), and on a busy machine it waited less for descheduled workers than
+  OpenMP here. It is not thread-safe: running models from several Python threads at once
+  needs NUMBA_THREADING_LAYER=tbb (`pip install tbb`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+_lock = threading.RLock()
+_stand_ins: list[_Deferred] = []
+_numba = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept between processes."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    if os.environ.get("REFSIM_CACHE_DIR"):
+        return Path(os.environ["REFSIM_CACHE_DIR"]) / "numba"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "refsim" / "numba"
+
+
+def configure() -> None:
+    """Settings Numba reads when it loads (harmless if it already has)."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+    if "numba" in sys.modules:  # loaded by someone else first: set what can still be set
+        import numba
+
+        numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+        if numba.config.THREADING_LAYER == "default" and not _threads_launched(numba):
+            numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
+
+
+def _threads_launched(numba) -> bool:
+    from numba.np.ufunc import parallel
+
+    return bool(getattr(parallel, "_is_initialized", False))
+
+
+class _Deferred:
+    """A jitted function before Numba has loaded."""
+
+    def __init__(self, kind: str, args: tuple, kwargs: dict, fn):
+        self.kind, self.args, self.kwargs, self.py_func = kind, args, kwargs, fn
+        self.real = None
+        self.__name__ = getattr(fn, "__name__", kind)
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+
+    def build(self, numba):
+        if self.real is None:
+            decorator = getattr(numba, self.kind)
+            self.real = decorator(*self.args, **self.kwargs)(self.py_func)
+        return self.real
+
+    def __call__(self, *args, **kwargs):
+        materialize()
+        return self.real(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<refsim deferred {self.kind} {self.__name__}>"
+
+
+class _Prange:
+    """Stands for numba.prange until Numba loads (a plain range if called before)."""
+
+    def __call__(self, *args):
+        return range(*args)
+
+
+prange = _Prange()
+
+
+def _decorator(kind: str):
+    def decorator(*args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs and kind == "njit":
+            return _register(_Deferred(kind, (), {}, args[0]))
+        return lambda fn: _register(_Deferred(kind, args, kwargs, fn))
+
+    decorator.__name__ = kind
+    return decorator
+
+
+def _register(stand_in: _Deferred) -> _Deferred:
+    with _lock:
+        if _numba is not None:  # Numba is up: no stand-in needed
+            return stand_in.build(_numba)
+        _stand_ins.append(stand_in)
+    return stand_in
+
+
+njit = _decorator("njit")
+vectorize = _decorator("vectorize")
+
+
+def materialize():
+    """Load Numba and put real dispatchers in place of every stand-in."""
+    global _numba
+    if _numba is not None:
+        return _numba
+    with _lock:
+        if _numba is not None:
+            return _numba
+        configure()
+        import numba
+
+        # njit builds nothing yet; vectorize with signatures compiles at once, so it
+        # comes after the njit functions it calls are in place.
+        for kind in ("njit", "vectorize"):
+            for stand_in in _stand_ins:
+                if stand_in.kind == kind:
+                    stand_in.build(numba)
+            _replace_stand_ins(numba)
+        _numba = numba
+    return numba
+
+
+def _replace_stand_ins(numba) -> None:
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "refsim" or name.startswith("refsim.")):
+            continue
+        namespace = vars(module)
+        for key, value in list(namespace.items()):
+            if isinstance(value, _Deferred) and value.real is not None:
+                namespace[key] = value.real
+            elif isinstance(value, _Prange):
+                namespace[key] = numba.prange
