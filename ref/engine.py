@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -45,6 +46,7 @@ class _Step:
     # when asked (kernel(*inputs, keep=True) -> (hidden, output)).
     producer: Node | None = None
     hidden: Tensor | None = None
+    threads: backend.ThreadChoice | None = None  # None: always one thread
 
 
 class _Shapes:
@@ -257,23 +259,33 @@ class Model:
 
     def _execute(self, values, keep, shapes, trace) -> None:
         numba_backend = backend.use_numba()
+        threads = backend.max_threads() if numba_backend else 1
+        clock = time.perf_counter
         for step in self._steps:
             node = step.node
             args = [values[n] if n else None for n in step.inputs]
-            backend.fit_threads(max((args[i].size for i in step.computed), default=0))
+            choice = step.threads
+            if choice is None and threads > 1 and max((args[i].size for i in step.computed), default=0) >= backend.MEASURE_MIN_ELEMENTS:
+                choice = step.threads = backend.ThreadChoice(threads)
+            option = choice.pick() if choice is not None else 0
+            if numba_backend:
+                backend.set_threads(choice.counts[option] if choice is not None else 1)
             hidden = step.hidden
             keep_hidden = hidden is not None and (trace is not None or hidden.name in keep or not numba_backend)
+            started = clock()
             try:
                 if hidden is None:
                     result = step.kernel(*args)
                 else:
                     inner, result = step.kernel(*args, keep=keep_hidden)
-                    if keep_hidden:
-                        self._store(step.producer, hidden, inner, values, shapes, trace)
             except RefsimError as e:
                 raise type(e)(f"{node.describe()}: {e}") from None
             except (ValueError, IndexError) as e:  # numpy's complaints about shapes the feeds caused
                 raise OpError(f"{node.describe()}: {e}") from None
+            if choice is not None:
+                choice.record(option, clock() - started)
+            if keep_hidden:
+                self._store(step.producer, hidden, inner, values, shapes, trace)
             results = result if isinstance(result, tuple) else (result,)
             if len(results) != len(step.outputs):
                 raise RuntimeError(f"refsim bug: {node.describe()} returned {len(results)} results for {len(step.outputs)} outputs")

@@ -15,6 +15,29 @@ def add_arguments(p) -> None:
     p.add_argument("--out", metavar="FILE.npz", help="also save every output to an .npz file")
     p.add_argument("--json", action="store_true", help="print outputs as JSON")
     p.add_argument("--outputs", metavar="NAMES", help="comma-separated tensors to return instead of the graph outputs")
+    add_dataset_arguments(p)
+
+
+def add_dataset_arguments(p) -> None:
+    """--batch-size, --workers, --ray and --quiet, shared by commands that run many samples."""
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="samples stacked into one run when the model's inputs share a batch dimension (default 16)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1: this one)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run batches on a Ray cluster at ADDRESS (default: start a local one); needs refsim[ray]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_dataset(model, samples, args, outputs=None):
+    """Every sample's outputs, in order, with a progress bar on a terminal for long runs."""
+    from tqdm import tqdm
+
+    from refsim.dataset import run_samples
+
+    with tqdm(total=len(samples), unit="sample", disable=True if args.quiet or len(samples) < 2 else None,
+              file=sys.stderr, leave=False) as bar:
+        return run_samples(model, samples, batch_size=args.batch_size, workers=args.workers, ray=args.ray,
+                           outputs=outputs, progress=bar.update)
 
 
 def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -55,9 +78,7 @@ def main(args) -> int:
     model = load(args.model)
     samples = load_samples(model, args.inputs)
     wanted = args.outputs.split(",") if args.outputs else None
-    results = []
-    for sample in samples:
-        results.append(model.run(sample.feeds, outputs=wanted))
+    results = run_dataset(model, samples, args, wanted)
     if args.json:
         doc = {
             "model": args.model,

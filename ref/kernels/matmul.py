@@ -28,9 +28,6 @@ from . import cpu
 from .registry import kernel
 
 INT32_MAX = (1 << 31) - 1
-# A product of at least this many multiply-adds is worth a fork/join of every thread
-# (one 128 x 384 x 384 layer is 19 M MACs: about 90 us on one core here, 50 us on two).
-PARALLEL_MIN_MACS = 1 << 23
 
 
 def gemm_engine() -> str | None:
@@ -95,14 +92,12 @@ class PackedWeight:
         """(a2 - lo) @ b + corr for a2 of shape (M, K): int32, or its requantization by
         `plan` into `storage` (then also the int32 sum when keep_acc)."""
         m = a2.shape[0]
-        large = m * self.k * self.n >= PARALLEL_MIN_MACS
         if self.engine == "amx":
             from . import amx
             from .requant import requant_rows
 
             shifted = _shift_to_bytes(a2, lo)
-            with backend.all_threads_if(large):
-                acc = amx.gemm_u8s8(shifted, self.packed, self.k, self.n)
+            acc = amx.gemm_u8s8(shifted, self.packed, self.k, self.n)
             acc = (acc + corr.astype(np.int32)) if np.any(corr) else np.ascontiguousarray(acc)
             if plan is None:
                 return acc
@@ -113,14 +108,13 @@ class PackedWeight:
 
         a2 = np.ascontiguousarray(a2)
         none = np.empty((0, 0), np.int32)
-        with backend.all_threads_if(large):
-            if plan is None:
-                out = np.empty((m, self.n), np.int32)
-                vnni.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, _NO_PLAN, 0, 0, 0, 0, out, none)
-                return out
-            out = np.empty((m, self.n), storage)
-            acc = np.empty((m, self.n), np.int32) if keep_acc else none
-            vnni.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, plan, *out_range, 1, out, acc)
+        if plan is None:
+            out = np.empty((m, self.n), np.int32)
+            vnni.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, _NO_PLAN, 0, 0, 0, 0, out, none)
+            return out
+        out = np.empty((m, self.n), storage)
+        acc = np.empty((m, self.n), np.int32) if keep_acc else none
+        vnni.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, plan, *out_range, 1, out, acc)
         return (acc, out) if keep_acc else out
 
 
@@ -307,17 +301,15 @@ class ActivationMatMul:
         b3 = np.ascontiguousarray(np.broadcast_to(b, batch + (k, n)), dtype=np.int8).reshape(-1, k, n)
         shape = batch + (m, n)
         none = np.empty((0, 0, 0), np.int32)
-        large = a3.shape[0] * m * k * n >= PARALLEL_MIN_MACS
-        with backend.all_threads_if(large):
-            if plan is None:
-                out = np.empty(a3.shape[:1] + (m, n), np.int32)
-                if not vnni.gemm_activations(a3, self.a_type.lo, b3, _NO_PLAN, 0, 0, 0, 0, out, none):
-                    return None
-                return out.reshape(shape)
-            out = np.empty(a3.shape[:1] + (m, n), storage)
-            acc = np.empty(out.shape, np.int32) if keep_acc else none
-            if not vnni.gemm_activations(a3, self.a_type.lo, b3, plan, *out_range, 1, out, acc):
+        if plan is None:
+            out = np.empty(a3.shape[:1] + (m, n), np.int32)
+            if not vnni.gemm_activations(a3, self.a_type.lo, b3, _NO_PLAN, 0, 0, 0, 0, out, none):
                 return None
+            return out.reshape(shape)
+        out = np.empty(a3.shape[:1] + (m, n), storage)
+        acc = np.empty(out.shape, np.int32) if keep_acc else none
+        if not vnni.gemm_activations(a3, self.a_type.lo, b3, plan, *out_range, 1, out, acc):
+            return None
         return (acc.reshape(shape), out.reshape(shape)) if keep_acc else out.reshape(shape)
 
     def __call__(self, a, b, *rest):
