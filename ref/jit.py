@@ -3,9 +3,11 @@
 The op modules write `from ..jit import njit, prange, vectorize` instead of importing them
 from numba. The decorators here record the function and its options and return a stand-in;
 the first call of any stand-in (or `materialize()`, which the kernel package calls when a
-model is prepared) imports Numba once, sets it up (below), builds every real dispatcher,
-and puts them in place of the stand-ins in refsim's modules, so that compiled code calling
-another jitted function finds a Numba dispatcher, and `prange` is Numba's.
+model is prepared) imports Numba once, sets it up (below), builds every real dispatcher
+(compiling nothing yet), and puts them in place of the stand-ins in refsim's modules, so
+that compiled code calling another jitted function finds a Numba dispatcher, and `prange`
+is Numba's. A ufunc (`vectorize` with signatures compiles when built) is built at its own
+first call; ufuncs are only called from Python.
 
 Numba's setup, done before it first loads:
 - compiled kernels are cached in a per-user folder (`$REFSIM_CACHE_DIR`, else
@@ -75,8 +77,8 @@ class _Deferred:
         return self.real
 
     def __call__(self, *args, **kwargs):
-        materialize()
-        return self.real(*args, **kwargs)
+        numba = materialize()
+        return self.build(numba)(*args, **kwargs)
 
     def __repr__(self):
         return f"<refsim deferred {self.kind} {self.__name__}>"
@@ -104,7 +106,7 @@ def _decorator(kind: str):
 
 def _register(stand_in: _Deferred) -> _Deferred:
     with _lock:
-        if _numba is not None:  # Numba is up: no stand-in needed
+        if _numba is not None and stand_in.kind == "njit":  # Numba is up: no stand-in needed
             return stand_in.build(_numba)
         _stand_ins.append(stand_in)
     return stand_in
@@ -125,13 +127,12 @@ def materialize():
         configure()
         import numba
 
-        # njit builds nothing yet; vectorize with signatures compiles at once, so it
-        # comes after the njit functions it calls are in place.
-        for kind in ("njit", "vectorize"):
-            for stand_in in _stand_ins:
-                if stand_in.kind == kind:
-                    stand_in.build(numba)
-            _replace_stand_ins(numba)
+        # njit builds nothing yet. A ufunc (vectorize with signatures) compiles when
+        # built, so it is built on its first call (ufuncs are called from Python only).
+        for stand_in in _stand_ins:
+            if stand_in.kind == "njit":
+                stand_in.build(numba)
+        _replace_stand_ins(numba)
         _numba = numba
     return numba
 

@@ -30,9 +30,8 @@ def add_dataset_arguments(p) -> None:
 
 def run_dataset(model, samples, args, outputs=None):
     """Every sample's outputs, in order, with a progress bar on a terminal for long runs."""
-    from tqdm import tqdm
-
     from refsim.dataset import run_samples
+    from tqdm import tqdm
 
     with tqdm(total=len(samples), unit="sample", disable=True if args.quiet or len(samples) < 2 else None,
               file=sys.stderr, leave=False) as bar:

@@ -10,11 +10,11 @@ int4 + int4 sum is int8); called directly on arrays, from the arrays' dtypes.
 from __future__ import annotations
 
 import numpy as np
-from ..jit import njit, prange
 
 from .. import backend
 from ..dtypes import IntType, int_type, type_for_range
 from ..errors import GraphError, OpError, RefsimError
+from ..jit import njit, prange
 from .overflow import fit_range
 from .registry import OVERFLOW_POLICIES, Int, OneOf, TypeName, broadcast_shapes, op, same_as_input
 

@@ -19,11 +19,11 @@ results below float32's normal range round to zero either way.
 from __future__ import annotations
 
 import numpy as np
-from ..jit import njit, vectorize
 
 from .. import backend
 from ..dtypes import int_type
 from ..errors import GraphError, OpError
+from ..jit import njit, vectorize
 from .registry import Int, TypeName, op
 from .requant import along_axis, output_bounds
 from .rounding import HALF_EVEN, _np_round_shift, round_shift_scalar

@@ -13,10 +13,10 @@ Each kernel exists twice, in Numba and in NumPy, with identical results.
 from __future__ import annotations
 
 import numpy as np
-from ..jit import njit, prange, vectorize
 
 from .. import backend
 from ..errors import OpError
+from ..jit import njit, vectorize
 
 ROUNDINGS = ("floor", "half_up", "half_away", "half_even", "trunc")
 # TFLite/CMSIS-NN double rounding is a rounding mode of Requant, not of a plain shift.
