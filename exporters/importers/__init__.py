@@ -21,7 +21,7 @@ import onnx
 from refsim.engine import Model
 
 from .onnx_reader import ImportFailure, OnnxGraph
-from .values import REQUANT_CHOICES, Emitter
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES, Emitter
 
 FORMATS = ("qdq", "qonnx", "deeploy")
 
@@ -61,6 +61,7 @@ def import_model(
     input_types: Mapping[str, str] | None = None,
     mode: str = "ibert",
     name: str | None = None,
+    float_ops: str = "integer",
 ) -> Model:
     """Import a quantized ONNX model as a refsim Model (saved to `output` when given).
 
@@ -72,8 +73,12 @@ def import_model(
     inputs), which then import as constants. input_types: the integer type each float input
     of a quantlib/Deeploy graph holds (default int8). mode: which integer variants stand
     for float Softmax/LayerNormalization left between QDQ pairs ("ibert": IBertSoftmax and
-    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm).
+    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm). float_ops: "integer" (those integer
+    variants, what hardware runs) or "ort" (Softmax, LayerNormalization, QLinearAdd/QLinearMul
+    replay onnxruntime's float32 CPU kernels: "does refsim reproduce my onnxruntime model").
     """
+    if float_ops not in FLOAT_OPS_CHOICES:
+        raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
     graph = OnnxGraph.read(source, shapes, dict(constants or {}))
@@ -83,7 +88,7 @@ def import_model(
     if name is None:
         name = graph.model.graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
                                           if not isinstance(source, onnx.ModelProto) else "imported")
-    emitter = Emitter(name, requant=requant)
+    emitter = Emitter(name, requant=requant, float_ops=float_ops)
     if fmt == "qdq":
         from .qdq import QdqImporter
 

@@ -21,6 +21,10 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", choices=("ibert", "deeploy"), default="ibert",
                    help="integer variants for float Softmax/LayerNormalization between QDQ pairs: ibert "
                         "(IBertSoftmax, IBertLayerNorm; default) or deeploy (ITAMax, iLayerNorm)")
+    p.add_argument("--float-ops", choices=("integer", "ort"), default="integer",
+                   help="what stands for ops onnxruntime computes in float32 (Softmax, LayerNormalization, "
+                        "QLinearAdd/QLinearMul): integer variants (default, what hardware runs) or ort "
+                        "(onnxruntime's float32 kernels replayed in integers)")
     p.add_argument("--shape", action="append", default=[], metavar="INPUT=D1,D2,...",
                    help="static shape for an input with symbolic dimensions (repeatable)")
     p.add_argument("--input-type", action="append", default=[], metavar="INPUT=TYPE",
@@ -45,7 +49,7 @@ def main(args) -> int:
             raise RefsimError(f"--input-type {text!r}: write it as INPUT=TYPE, for example x=uint8")
         input_types[name] = dtype
     model = import_model(args.model, args.output, fmt=args.fmt, requant=args.requant, shapes=shapes,
-                         input_types=input_types, mode=args.mode)
+                         input_types=input_types, mode=args.mode, float_ops=args.float_ops)
     info = model.metadata["import"]
     ops = sorted({n.op for n in model.graph.nodes})
     print(f"imported {args.model} ({info['format']}, requant {info['requant']}) -> {args.output}: "
