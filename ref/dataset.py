@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, RefsimError
 from .inputs import Sample
 
 Outputs = dict[str, np.ndarray]
@@ -65,8 +65,11 @@ def run_batch(model, feeds_list: list[dict[str, np.ndarray]], outputs: list[str]
     if len(feeds_list) == 1:
         return [model.run(feeds_list[0], outputs=outputs)]
     rows = [len(np.asarray(next(iter(f.values())))) for f in feeds_list]
-    stacked = {name: np.concatenate([np.asarray(f[name]) for f in feeds_list]) for name in feeds_list[0]}
-    result = model.run(stacked, outputs=outputs)
+    try:
+        stacked = {name: np.concatenate([np.asarray(f[name]) for f in feeds_list]) for name in feeds_list[0]}
+        result = model.run(stacked, outputs=outputs)
+    except (RefsimError, ValueError, KeyError):  # let the sample at fault report itself
+        return [model.run(feeds, outputs=outputs) for feeds in feeds_list]
     split = np.cumsum(rows)[:-1]
     per_sample = [dict() for _ in feeds_list]
     for name, array in result.items():

@@ -182,3 +182,21 @@ def test_fused_steps_give_every_intermediate_when_traced():
     assert np.array_equal(both["acc"], seen["plain"]["acc"][1])
     with backend.use("numpy"):  # the other backend plans its own steps
         assert np.array_equal(fused.run({"x": x})["y"], out_p["y"])
+
+
+def test_thread_choice_follows_measured_costs():
+    choice = backend.ThreadChoice(2)
+    tried = [choice.pick() for _ in range(4)]
+    assert sorted(tried) == [0, 0, 1, 1]  # each option tried twice first
+    for option in (0, 1):
+        choice.record(option, 1.0 if option else 3.0)  # all threads cheaper
+    picks = []
+    for _ in range(64):
+        option = choice.pick()
+        picks.append(option)
+        choice.record(option, 1.0 if option else 3.0)
+    assert picks.count(1) > 56 and 0 in picks  # mostly the cheaper, with probes of the other
+    for _ in range(64):  # the load changes: one thread becomes the cheaper
+        option = choice.pick()
+        choice.record(option, 5.0 if option else 0.5)
+    assert choice.counts[choice.pick()] == 1
