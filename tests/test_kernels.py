@@ -139,6 +139,14 @@ def test_int32_bounds_refuse_what_a_byte_gemm_cannot_hold():
     assert kmatmul.PackedWeight.prepare(np.full((4, 4), 200)) is None  # weights beyond int8
 
 
+@needs_vnni
+def test_int8_weights_of_minus_128_bound_the_sums():
+    """The bound of an int8 weight holding -128 is 128 (NumPy's abs of an int8 -128 is -128)."""
+    weight = kmatmul.PackedWeight.prepare(np.full((4, 1), -128, np.int8))
+    assert weight.bound == 128
+    assert not kmatmul.int32_exact(4, -128, 127, 0, weight.bound, 0, acc_bits=16)  # 4 * 128 * 128 = 65536
+
+
 def test_a_weight_too_deep_for_int32_falls_back_exactly():
     k = 70000  # 70000 * 255 * 128 leaves int32: float BLAS chunks instead
     b = GraphBuilder("deep")
@@ -200,3 +208,15 @@ def test_thread_choice_follows_measured_costs():
         option = choice.pick()
         choice.record(option, 5.0 if option else 0.5)
     assert choice.counts[choice.pick()] == 1
+
+
+def test_requant_with_the_int64_minimum_multiplier_is_refused_like_the_op():
+    b = GraphBuilder("rq")
+    x = b.input("x", "int32", [1, 2])
+    mul = b.const(np.array(-(1 << 63)), "int64", name="mul")
+    shift = b.const(np.array(3), "int8", name="shift")
+    b.output(b.node("Requant", [x, mul, shift], outputs="y", dtype="int8"))
+    model = b.model()
+    with pytest.raises(RefsimError, match="int64"):
+        model.run({"x": np.array([[2, -5]], np.int32)})
+    assert model.run({"x": np.zeros((1, 2), np.int32)})["y"].tolist() == [[0, 0]]

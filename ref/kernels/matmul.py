@@ -62,7 +62,8 @@ class PackedWeight:
     def __init__(self, b: np.ndarray, engine: str):
         self.k, self.n = b.shape
         self.engine = engine
-        self.bound = int(np.abs(b).max()) if b.size else 0
+        # Python ints: np.abs of an int8 -128 is -128.
+        self.bound = max(-int(b.min()), int(b.max()), 0) if b.size else 0
         self.colsum = b.sum(axis=0, dtype=np.int64)
         if engine == "amx":
             from . import amx

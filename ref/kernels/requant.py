@@ -137,6 +137,11 @@ class PlannedRequant:
         return out.reshape(x.shape)
 
 
+def _largest(values: np.ndarray) -> int:
+    """max |v| as a Python int (np.abs of INT64_MIN is INT64_MIN)."""
+    return max(-int(values.min()), int(values.max()))
+
+
 @kernel("Requant")
 def planned_requant(attrs, consts, declared):
     """Constant parameters along the last axis (or per tensor), five plain roundings."""
@@ -159,8 +164,8 @@ def planned_requant(attrs, consts, declared):
     if int(params["shift"].min()) < 0:
         return None
     bound = max(-x.dtype.lo, x.dtype.hi)
-    largest_mul = int(np.abs(params["mul"]).max())
-    rest = int(np.abs(params["bias"]).max()) + int(np.abs(params["offset"]).max())
+    largest_mul, bias, offset = (_largest(params[n]) for n in ("mul", "bias", "offset"))
+    rest = bias + offset
     if rest > INT64_MAX:
         return None
     limit = None
