@@ -1,4 +1,5 @@
-"""Float inputs turned into the integers a model takes, by the quantization it was exported with.
+"""The float edges of an integer model: float inputs turned into the integers it takes, and
+integer outputs read back as floats.
 
 An image model exported from float pixels stores, per float input,
 
@@ -11,6 +12,13 @@ and `refsim run` (or `quantize_feeds`) turns a float array x fed to that input i
 computed in float64. This is the boundary where real-valued data enters; it happens once,
 before the graph runs, and the graph itself never sees a float. Integer arrays are passed
 through unchanged (they are taken to be quantized already).
+
+An imported model records its boundary in `metadata["import"]["inputs"/"outputs"]` (ONNX
+QuantizeLinear's float32 arithmetic, per-axis and blocked scales, QONNX rounding modes,
+quantlib inputs that are floats holding integers). `input_specs` and `output_spec` are the
+one place that reads both schemas; `quantize_feeds` and `dequantize_outputs` (also
+`Model.quantize_inputs` / `Model.dequantize_outputs`) work for both. An output without a
+boundary entry is dequantized with the scale and zero point its graph tensor carries.
 """
 
 from __future__ import annotations
@@ -34,18 +42,90 @@ def quantize_array(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> 
     return np.clip(q, t.lo, t.hi).astype(t.storage)
 
 
+def input_specs(metadata: Mapping) -> dict[str, dict]:
+    """Every input's float boundary, from either schema, as {"schema": "export"|"import", ...}."""
+    specs = {name: {"schema": "export", **spec} for name, spec in (metadata.get("input_quant") or {}).items()}
+    for name, spec in ((metadata.get("import") or {}).get("inputs") or {}).items():
+        specs[name] = {"schema": "import", **spec}
+    return specs
+
+
+def output_spec(model, name: str) -> dict | None:
+    """How output tensor `name` reads as floats: {"scale", "zero_point", "axis"?} or None."""
+    for spec in ((model.metadata.get("import") or {}).get("outputs") or {}).values():
+        if spec.get("tensor") == name:
+            return spec if spec.get("dequantize") else None
+    t = model.graph.tensors[name]
+    if t.scale is None:
+        return None
+    zero = 0 if t.zero_point is None else t.zero_point
+    return {"scale": t.scale, "zero_point": zero, **({"axis": t.quant_axis} if t.quant_axis is not None else {})}
+
+
+def _expand_scale(entry: dict, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point broadcasting against a tensor of `shape` (per tensor, per axis, blocked)."""
+    scale = np.asarray(entry["scale"], np.float32)
+    zero = np.asarray(entry.get("zero_point", 0), np.int64)
+    if scale.size == 1:
+        return scale.reshape(()), zero.reshape(())
+    axis = entry["axis"] % len(shape)
+    if "block_size" in entry:
+        scale_shape = entry["scale_shape"]
+        scale = np.repeat(scale.reshape(scale_shape), entry["block_size"], axis=axis)
+        zero = np.repeat(np.broadcast_to(zero, scale_shape) if zero.size == 1 else zero.reshape(scale_shape),
+                         entry["block_size"], axis=axis)
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(0, shape[axis])
+        return scale[tuple(index)], zero[tuple(index)]
+    view = [1] * len(shape)
+    view[axis] = scale.size
+    return scale.reshape(view), (zero.reshape(view) if zero.size > 1 else zero.reshape(()))
+
+
+def _quantize_imported(array: np.ndarray, spec: dict, t, name: str) -> np.ndarray:
+    if "holds" in spec:  # quantlib/Deeploy: a float tensor that holds integers
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise InputError(f"input {name!r} takes floats holding integers ({spec['holds']}); got fractional values")
+        return array.astype(np.int64)
+    lo, hi = spec.get("clip", (t.lo, t.hi))
+    x = np.asarray(array, np.float32)
+    scale, zero = _expand_scale(spec, x.shape)
+    rounding = spec.get("rounding", "half_even")
+    if rounding == "half_even":  # ONNX QuantizeLinear: float32 division, ties to even, then the zero point
+        q = np.rint(x / scale).astype(np.float64) + zero
+    else:  # QONNX Quant: round_mode(clip(x / scale + zeropt))
+        rounder = {"floor": np.floor, "trunc": np.trunc, "half_up": lambda v: np.floor(v + 0.5)}[rounding]
+        q = rounder(np.clip((x / scale + zero.astype(np.float32)), lo, hi)).astype(np.float64)
+    return np.clip(q, lo, hi).astype(t.storage)
+
+
 def quantize_feeds(model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Feeds with every float array quantized by the model's `input_quant` metadata."""
-    specs = model.metadata.get("input_quant") or {}
+    """Feeds with every float array quantized by the model's recorded input boundary."""
+    specs = input_specs(model.metadata)
     out = {}
     for name, value in feeds.items():
         array = np.asarray(value)
-        if array.dtype.kind == "f" and name in specs:
-            spec = specs[name]
+        spec = specs.get(name)
+        if array.dtype.kind != "f" or spec is None:
+            out[name] = array
+        elif spec["schema"] == "import":
+            out[name] = _quantize_imported(array, spec, model.graph.tensors[name].dtype, name)
+        else:
             try:
                 out[name] = quantize_array(array, spec["scale"], spec.get("zero_point", 0), spec["dtype"])
             except KeyError as e:
                 raise InputError(f"input_quant for {name!r} lacks {e}") from None
-        else:
-            out[name] = array
     return out
+
+
+def dequantize_outputs(model, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs with a known scale as float32 `(q - zero_point) * scale`; the others unchanged."""
+    result = {}
+    for name, value in outputs.items():
+        spec = output_spec(model, name) if name in model.graph.tensors else None
+        if spec is None:
+            result[name] = value
+            continue
+        scale, zero = _expand_scale(spec, np.shape(value))
+        result[name] = ((np.asarray(value).astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)
+    return result

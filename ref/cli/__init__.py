@@ -24,6 +24,7 @@ COMMANDS = {
     "import": ("refsim.cli.import_", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
     "export": ("refsim.cli.export", "quantize a float ONNX model into a .intq integer model"),
     "compare": ("refsim.cli.compare", "compare float, fake-quant and integer models on data"),
+    "convert": ("refsim.cli.convert", "write a .intq model as ONNX (refsim domain) to view in Netron; `refsim import` reads it back"),
 }
 
 

@@ -50,8 +50,8 @@ def main(args) -> int:
         input_types[name] = dtype
     model = import_model(args.model, args.output, fmt=args.fmt, requant=args.requant, shapes=shapes,
                          input_types=input_types, mode=args.mode, float_ops=args.float_ops)
-    info = model.metadata["import"]
+    info = model.metadata.get("import")
     ops = sorted({n.op for n in model.graph.nodes})
-    print(f"imported {args.model} ({info['format']}, requant {info['requant']}) -> {args.output}: "
-          f"{len(model.graph.nodes)} nodes ({', '.join(ops)})")
+    how = f"{info['format']}, requant {info['requant']}" if info else "a refsim graph written by `refsim convert`"
+    print(f"imported {args.model} ({how}) -> {args.output}: {len(model.graph.nodes)} nodes ({', '.join(ops)})")
     return 0
