@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -42,9 +43,22 @@ def cache_dir() -> Path:
     return Path(base) / "refsim" / "numba"
 
 
+def _writable_cache_dir() -> Path:
+    """cache_dir(), or a per-user temporary folder when that cannot be written (a
+    read-only home): Numba refuses to run a cached function it cannot cache."""
+    preferred = cache_dir()
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"refsim-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
 def configure() -> None:
     """Settings Numba reads when it loads (harmless if it already has)."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir()))
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(_writable_cache_dir()))
     os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     if "numba" in sys.modules:  # loaded by someone else first: set what can still be set
         import numba
