@@ -15,7 +15,8 @@ through unchanged (they are taken to be quantized already).
 
 An imported model records its boundary in `metadata["import"]["inputs"/"outputs"]` (ONNX
 QuantizeLinear's float32 arithmetic, per-axis and blocked scales, QONNX rounding modes,
-quantlib inputs that are floats holding integers). `input_specs` and `output_spec` are the
+TFLite's QUANTIZE (float32 division rounded half away from zero), quantlib inputs that are
+floats holding integers). `input_specs` and `output_spec` are the
 one place that reads both schemas; `quantize_feeds` and `dequantize_outputs` (also
 `Model.quantize_inputs` / `Model.dequantize_outputs`) work for both. An output without a
 boundary entry is dequantized with the scale and zero point its graph tensor carries.
@@ -93,6 +94,9 @@ def _quantize_imported(array: np.ndarray, spec: dict, t, name: str) -> np.ndarra
     rounding = spec.get("rounding", "half_even")
     if rounding == "half_even":  # ONNX QuantizeLinear: float32 division, ties to even, then the zero point
         q = np.rint(x / scale).astype(np.float64) + zero
+    elif rounding == "half_away":  # TFLite QUANTIZE: float32 division, ties away from zero (std::round)
+        r = (x / scale).astype(np.float64)
+        q = np.trunc(r) + np.where(np.abs(r - np.trunc(r)) >= 0.5, np.sign(r), 0) + zero
     else:  # QONNX Quant: round_mode(clip(x / scale + zeropt))
         rounder = {"floor": np.floor, "trunc": np.trunc, "half_up": lambda v: np.floor(v + 0.5)}[rounding]
         q = rounder(np.clip((x / scale + zero.astype(np.float32)), lo, hi)).astype(np.float64)
