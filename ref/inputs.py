@@ -22,8 +22,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .boundary import input_specs, quantize_feeds
 from .errors import InputError
-from .input_quant import input_specs, quantize_feeds
 from .ir import Tensor
 
 
