@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import threading
+import types
 from pathlib import Path
 
 _lock = threading.RLock()
@@ -88,6 +89,9 @@ class _Deferred:
         if self.real is None:
             decorator = getattr(numba, self.kind)
             self.real = decorator(*self.args, **self.kwargs)(self.py_func)
+            if self.kind == "njit" and self.kwargs.get("parallel") is True:
+                sequential = decorator(*self.args, **{**self.kwargs, "parallel": False})(_renamed(self.py_func, "_sequential"))
+                self.real = _Twin(self.real, sequential)
         return self.real
 
     def __call__(self, *args, **kwargs):
@@ -96,6 +100,37 @@ class _Deferred:
 
     def __repr__(self):
         return f"<refsim deferred {self.kind} {self.__name__}>"
+
+
+class _Twin:
+    """A parallel kernel (`njit(parallel=True)`, called from Python only) and its
+    sequential twin, each compiled on its first use. Work below the size the engine
+    would ever spread over threads (`backend.MEASURE_MIN_ELEMENTS` elements in the first
+    argument, every such kernel's input) runs the sequential one: compiling a parallel kernel costs
+    about three times as much, and small models and most tests never need it."""
+
+    def __init__(self, parallel, sequential):
+        from .backend import MEASURE_MIN_ELEMENTS
+
+        self.parallel, self.sequential, self.threshold = parallel, sequential, MEASURE_MIN_ELEMENTS
+        self.__name__ = parallel.py_func.__name__
+        self.__doc__ = parallel.py_func.__doc__
+        self.__wrapped__ = parallel.py_func
+
+    def __call__(self, first, *rest):
+        if getattr(first, "size", 0) >= self.threshold:
+            return self.parallel(first, *rest)
+        return self.sequential(first, *rest)
+
+
+def _renamed(fn, suffix: str):
+    """A copy of `fn` under another qualified name: Numba names its cache files after it,
+    so the twins do not overwrite each other's compiled code."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return copy
 
 
 class _Prange:

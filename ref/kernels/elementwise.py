@@ -11,9 +11,9 @@ the one-pass kernel with the policy runs (`refsim.ops.elementwise._arith_rows`).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from .. import backend
+from ..jit import njit, prange
 from ..ops import elementwise as spec
 from .registry import kernel
 

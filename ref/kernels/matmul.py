@@ -107,6 +107,8 @@ class PackedWeight:
             return (acc, out) if keep_acc else out
         from . import vnni
 
+        if a2.dtype != np.int8:  # int8 as it is, anything else as bytes: two compiled variants
+            a2, lo = _shift_to_bytes(a2, lo), 0
         a2 = np.ascontiguousarray(a2)
         none = np.empty((0, 0), np.int32)
         if plan is None:
@@ -127,7 +129,7 @@ def _shift_to_bytes(a2: np.ndarray, lo: int) -> np.ndarray:
         return a2.view(np.uint8) ^ np.uint8(0x80)
     if lo == 0 and a2.dtype == np.uint8:
         return a2
-    return (a2.astype(np.int16) - lo).astype(np.uint8)
+    return (a2.astype(np.int64) - lo).astype(np.uint8)  # the caller's bounds put it in [0, 255]
 
 
 def _scalar(value) -> int:

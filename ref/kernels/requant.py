@@ -12,11 +12,11 @@ requantization fused, a residual sum) takes the same argument.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from .. import backend
 from ..dtypes import int_type
 from ..errors import OpError
+from ..jit import njit, prange
 from ..ops.requant import Requant, output_bounds
 from ..ops.rounding import FLOOR, HALF_AWAY, HALF_EVEN, HALF_UP, INT64_MAX, mode_code
 from .registry import kernel
@@ -44,7 +44,7 @@ def requant_plan(mul, bias, shift, offset, channels: int) -> np.ndarray:
     return plan
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)  # a call LLVM inlines: inlining in Numba's IR made every caller compile slower
 def requant_one(x, plan, j, lo, hi, mode):
     """requantize(x) with channel j's parameters, for the five plain roundings: q = v >> s;
     the half bit and the bits below it decide the rounding, as in `round_shift_scalar`

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..jit import njit, prange
 from .requant import requant_one
 
 MR = 6  # rows of C per micro-kernel call

@@ -192,16 +192,16 @@ def requantize_last_axis(x, mul, bias, shift, offset, lo: int, hi: int, mode: st
         return _np_requant(x, mul, bias, shift, offset, lo, hi, code).astype(storage)
     if x.size == 0:
         return np.empty(x.shape, storage)
-    x = np.ascontiguousarray(x)
+    x = np.ascontiguousarray(x, dtype=np.int64)  # one compiled signature for every input type
     channels = x.shape[-1]
     mul, bias, shift, offset = (
         np.ascontiguousarray(np.broadcast_to(np.asarray(p, np.int64).reshape(-1), channels))
         for p in (mul, bias, shift, offset)
     )
     flat = x.reshape(-1, channels)
-    out = np.empty(flat.shape, storage)
-    _requant_last_axis(flat, mul, bias, shift, offset, lo, hi, code, out)
-    return out.reshape(x.shape)
+    out = np.empty(flat.shape, np.int64)
+    _requant_last_axis(flat, mul, bias, shift, offset, int(lo), int(hi), code, out)
+    return out.astype(storage).reshape(x.shape)
 
 
 def _dtype_bound(a: np.ndarray) -> int:
