@@ -105,9 +105,10 @@ class _Deferred:
 class _Twin:
     """A parallel kernel (`njit(parallel=True)`, called from Python only) and its
     sequential twin, each compiled on its first use. Work below the size the engine
-    would ever spread over threads (`backend.MEASURE_MIN_ELEMENTS` elements in the first
-    argument, every such kernel's input) runs the sequential one: compiling a parallel kernel costs
-    about three times as much, and small models and most tests never need it."""
+    would ever spread over threads (`backend.MEASURE_MIN_ELEMENTS` elements in the
+    first argument, every such kernel's input) runs the sequential one: compiling a
+    parallel kernel costs two to three times as much, and small models and most tests
+    never need it."""
 
     def __init__(self, parallel, sequential):
         from .backend import MEASURE_MIN_ELEMENTS

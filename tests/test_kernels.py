@@ -220,3 +220,30 @@ def test_requant_with_the_int64_minimum_multiplier_is_refused_like_the_op():
     with pytest.raises(RefsimError, match="int64"):
         model.run({"x": np.array([[2, -5]], np.int32)})
     assert model.run({"x": np.zeros((1, 2), np.int32)})["y"].tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "trunc"])
+def test_parallel_kernel_and_its_sequential_twin_agree(monkeypatch, rounding):
+    """A parallel kernel runs as its sequential twin below the threading threshold: both
+    compute the op's formula (here the planned requantization, on extreme int32 inputs)."""
+    from refsim.kernels import requant as krequant
+
+    twin = krequant.requant_rows
+    rng = np.random.default_rng(7)
+    x = rng.integers(-(2**31), 2**31, size=(96, 200), dtype=np.int64).astype(np.int32)
+    x[0, :4] = [-(2**31), 2**31 - 1, 0, -1]
+    mul = rng.integers(1, 2**20, size=200)
+    bias = rng.integers(-(2**40), 2**40, size=200)
+    shift = rng.integers(0, 70, size=200)
+    offset = rng.integers(-5, 5, size=200)
+    plan = requant_plan(mul, bias, shift, offset, 200)
+    expected = requantize(x, mul, bias, shift, offset, -128, 127, rounding).astype(np.int8)
+    results = {}
+    for name, threshold in (("parallel", 0), ("sequential", x.size + 1)):
+        monkeypatch.setattr(twin, "threshold", threshold)
+        out = np.empty(x.shape, np.int8)
+        twin(x, plan, -128, 127, mode_code(rounding), out)
+        results[name] = out
+        assert getattr(twin, name).signatures, f"the {name} variant did not run"
+    assert np.array_equal(results["parallel"], expected)
+    assert np.array_equal(results["sequential"], expected)
