@@ -24,13 +24,13 @@ WIDTH, SEQ = 32, 16
 class Attention(torch.nn.Module):
     """One encoder block: attention (SDPA with heads, or a single head written out), LayerNorm."""
 
-    def __init__(self, heads: int, sdpa: bool):
+    def __init__(self, heads: int, sdpa: bool, width: int = WIDTH):
         super().__init__()
         torch.manual_seed(0)
         self.heads, self.sdpa = heads, sdpa
-        self.q, self.k, self.v, self.o = (torch.nn.Linear(WIDTH, WIDTH) for _ in range(4))
-        self.norm = torch.nn.LayerNorm(WIDTH)
-        self.head = torch.nn.Linear(WIDTH, 3)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, 3)
 
     def forward(self, x, attention_mask=None):
         b, s, e = x.shape
@@ -46,10 +46,10 @@ class Attention(torch.nn.Module):
         return self.head(h_[:, 0])
 
 
-def export_module(module, path, dynamo, masked, fixed):
+def export_module(module, path, dynamo, masked, fixed, seq=SEQ, width=WIDTH):
     batch = 1 if fixed else 2
-    x = torch.randn(batch, SEQ, WIDTH)
-    args = (x, torch.ones(batch, SEQ, dtype=torch.long)) if masked else (x,)
+    x = torch.randn(batch, seq, width)
+    args = (x, torch.ones(batch, seq, dtype=torch.long)) if masked else (x,)
     names = ["x", "attention_mask"][:len(args)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,13 +65,13 @@ def export_module(module, path, dynamo, masked, fixed):
     return str(path)
 
 
-def data(path, seed, masked):
+def data(path, seed, masked, seq=SEQ, width=WIDTH):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((12, SEQ, WIDTH)).astype(np.float32)
+    x = rng.standard_normal((12, seq, width)).astype(np.float32)
     if not masked:
         np.save(path.with_suffix(".npy"), x)
         return str(path.with_suffix(".npy"))
-    mask = (np.arange(SEQ)[None] < rng.integers(4, SEQ + 1, (12, 1))).astype(np.int64)
+    mask = (np.arange(seq)[None] < rng.integers(4, seq + 1, (12, 1))).astype(np.int64)
     np.savez(path.with_suffix(".npz"), x=x, attention_mask=mask)
     return str(path.with_suffix(".npz"))
 
@@ -100,13 +100,15 @@ def test_sdpa_as_dynamo_writes_it(tmp_path, masked, fixed):
 def test_attention_without_head_split_gets_the_ita_block_record(tmp_path, dynamo, capsys):
     from refsim.blocks.ita import attention_records, read_block
 
-    model = export_module(Attention(1, sdpa=False), tmp_path / "single.onnx", dynamo, False, True)
-    calib, evaluation = data(tmp_path / "calib", 1, False), data(tmp_path / "eval", 2, False)
+    # ITA's sizes: S, E and P multiples of 64.
+    size = dict(seq=64, width=64)
+    model = export_module(Attention(1, sdpa=False, width=64), tmp_path / "single.onnx", dynamo, False, True, **size)
+    calib, evaluation = data(tmp_path / "calib", 1, False, **size), data(tmp_path / "eval", 2, False, **size)
     out = tmp_path / "single.intq"
     export(model, out, calib, mode="ita")
     m = refsim.load(out)
     (record,) = attention_records(m.graph)
-    assert record["H"] == 1 and record["P"] == WIDTH
+    assert record["H"] == 1 and record["P"] == 64
     read_block(m.graph, record)  # raises on any deviation from docs/ITA.md
     agrees(model, out, evaluation)
     np.save(tmp_path / "one.npy", np.load(evaluation)[:1])
