@@ -6,7 +6,7 @@ mode uses and wires it into the graph.
 
 | | `ibert` | `ita`, `ita-partial` |
 |---|---|---|
-| matrix products | 32-bit accumulators (64 kept float; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8) |
+| matrix products | 32-bit accumulators (64 where the operands' worst sum needs it: 16-bit weights or inputs; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8); a layer with 16-bit weights or inputs runs beside ITA as in `ibert` |
 | softmax | IBertSoftmax on the scores requantized to int16, output 2^-8 steps | ITAMax / ITAPartialMax (ITA RTL preset: k=0, 255*256, -128) on int8 scores at the op's input scale, folded into the QK requantization |
 | GELU | IBertGelu on the input requantized to int16 | ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8 |
 | LayerNorm | IBertLayerNorm, then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
@@ -55,9 +55,20 @@ class Modes:
 
     # --- accumulators --------------------------------------------------------------------------
 
+    def on_ita(self, settings) -> bool:
+        """Whether a matrix product runs on ITA (`settings`: a linear layer's, None for a
+        product of two activations). ITA multiplies 8-bit operands at most; a layer with
+        wider weights or inputs (16 bits, keep_float) runs beside it, with an accumulator
+        sized for its operands and an ordinary requantization."""
+        if not self.options.ita:
+            return False
+        abits = self.options.abits if settings is None else settings.abits
+        wbits = "8" if settings is None else settings.wbits
+        return abits <= 8 and (wbits == "ternary" or int(wbits) <= 8)
+
     def accumulator_bits(self, walker, layer: str, worst: int, settings) -> int:
         """Accumulator width of a matrix product whose |sum| can reach `worst`."""
-        if self.options.ita and not (settings is not None and settings.keep_float):
+        if self.on_ita(settings):
             return ITA_ACC_BITS
         return 32 if worst < (1 << 31) else 64
 

@@ -165,11 +165,15 @@ def export(
     max_samples: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    plan=None,
 ) -> ExportReport:
     """Quantize an ONNX model with calibration data and write the integer model to `output`.
 
     See `refsim export --help` for the meaning of each option. Returns a report; raises
     ExportError (a RefsimError) with one line naming the node or layer at fault.
+    `plan(g, proto, build)`, called after calibration, returns the layer settings to use
+    and metadata to store (`build(LayerConfig)` builds the integer graph; see
+    `exporters.allocation.Planner`).
     """
     layers = config if isinstance(config, LayerConfig) else (
         LayerConfig.from_dict(config) if isinstance(config, dict) else LayerConfig.load(config))
@@ -184,6 +188,17 @@ def export(
     calibration = calibrate(lambda ts: FloatRunner(g.to_model(), expose=ts), tensors,
                             dataset.batches(size, onnx_feed_dtypes(g), exact=exact), options.calib_method,
                             options.percentile, bar)
+    extra_meta = {}
+    if plan is not None:
+        def build(settings: LayerConfig):
+            trial = options.with_(layers=settings)
+            trial_walker = Walker(g, trial, calibration, Modes(trial))
+            trial_builder = trial_walker.run()
+            record_to_json(trial_walker.record, trial_builder.tensors)  # sets the constants' scales, as written
+            return trial_builder.build()
+
+        layers, extra_meta = plan(g, proto, build)
+        options = options.with_(layers=layers)
     walker = Walker(g, options, calibration, Modes(options))
     builder = walker.run()
     warnings = []
@@ -218,6 +233,8 @@ def export(
     meta["fake_quant"] = record_to_json(walker.record, builder.tensors)
     meta["float_tensors"] = walker.float_tensors
     meta["layers"] = walker.layers
+    if extra_meta:
+        meta["bit_allocation"] = extra_meta
     graph = builder.build()
     save(graph, output)
     return ExportReport(os.fspath(output), len(graph.nodes), os.path.getsize(output), layer_names, len(dataset), warnings)

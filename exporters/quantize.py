@@ -1,6 +1,6 @@
 """From a canonical float graph and its calibration to an integer graph.
 
-One walk over the canonical graph (`exporters.onnx_graph`) in execution order builds the
+One walk over the canonical graph (`exporters.frontend`) in execution order builds the
 integer graph with `refsim.GraphBuilder` and, at the same time, records every point where
 it quantizes (a tensor requantized for a consumer, a result stored in fewer bits, a weight
 replaced by its quantized value). The fake-quant model (`exporters.fakequant`) replays those
@@ -36,7 +36,7 @@ from refsim import GraphBuilder
 from refsim.dtypes import TYPES, IntType
 
 from .calibrate import Calibration, quantize_weight
-from .config import ExportOptions
+from .config import ExportOptions, signed_type
 from .dyadic import ExportError
 from .frontend import requant as rq
 from .frontend.emitter import Emitter
@@ -57,13 +57,12 @@ MOVEMENT = ("Reshape", "Transpose", "Gather", "Slice")
 
 
 def activation_type(bits: int) -> tuple[str, int | None, int | None]:
-    """The IR type holding a signed `bits`-bit activation, and the clip range when the type
-    is wider (5 to 7 bits live in int8, clipped to their range)."""
-    if bits in (2, 4, 8, 16, 32):
-        return f"int{bits}", None, None
-    if 2 < bits < 8:
-        return "int8", -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    raise ExportError(f"no integer type for {bits}-bit activations")
+    """The narrowest IR type holding a signed `bits`-bit activation, and the clip range
+    when the type is wider (3 bits live in int4, 5 to 7 in int8, clipped to their range)."""
+    dtype, lo, hi = signed_type(bits)
+    if TYPES[dtype].bits == bits:
+        return dtype, None, None
+    return dtype, lo, hi
 
 
 def unsupported(node: Node, why: str = "") -> ExportError:
@@ -173,7 +172,7 @@ class Walker:
                 layer = self.layers.get(v.name, "") or tensor
                 name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
                 self.label(name, tensor, scale, layer)
-                self.at_bits[key] = Value(name, scale)
+                self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
         out = self.at_bits[key]
         if consumer is not None and out.name != v.name:
             self.record.edges[(consumer.name, index)] = (float(out.scale), bits, True)
@@ -190,7 +189,7 @@ class Walker:
             layer = self.layers.get(v.name, "") or tensor
             name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
             self.label(name, tensor, scale, layer)
-            self.at_bits[key] = Value(name, scale)
+            self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
         out = self.at_bits[key]
         if consumer is not None:
             self.record.edges[(consumer.name, index)] = (float(scale), bits, True)
@@ -394,7 +393,7 @@ class Walker:
         w = self.g.const(node.inputs[1]).astype(np.float64)
         if w.ndim != 2:
             raise unsupported(node, f"weights of rank {w.ndim}")
-        hardware = self.options.ita
+        hardware = self.modes.on_ita(settings)
         if hardware and settings.per_channel:
             raise ExportError(f"{layer}: ITA takes one requantization multiplier per layer; export without --per-channel")
         x = self.get(node.inputs[0], settings.abits, node, 0)
@@ -403,9 +402,8 @@ class Walker:
         bias = self._bias_of(node)
         out_tensor = node.outputs[0]
         inputs = [x.name, self.em.const(wq.q, wq.dtype, f"{layer}.weight"), None, None]
-        x_type = self.dtype(x.name)
         k = w.shape[0]
-        worst = k * max(abs(x_type.lo), x_type.hi) * int(np.abs(wq.q).max(initial=0))
+        worst = k * self.bound_of(x) * int(np.abs(wq.q).max(initial=0))
         bias_q = None
         if bias is not None:
             add, bias_name = bias
@@ -427,12 +425,12 @@ class Walker:
         self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
         self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
         self.layers[acc] = layer
-        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer)
+        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer, hardware)
 
-    def finish_matmul(self, tensor: str, acc: Value, layer: str) -> None:
+    def finish_matmul(self, tensor: str, acc: Value, layer: str, on_ita: bool) -> None:
         """An accumulator becomes the tensor's native form; on ITA, the hardware requantizer
         turns it into int8 at once, as ITA never hands out accumulators."""
-        if not self.options.ita:
+        if not on_ita:
             self.set_native(tensor, acc, layer)
             return
         scale = self.modes.ita_output_scale(self, tensor)
@@ -451,13 +449,13 @@ class Walker:
         a, b = operands
         bound = 1
         for v in operands:
-            ty = self.dtype(v.name)
-            bound *= max(abs(ty.lo), ty.hi)
+            bound *= self.bound_of(v)
         k = self.g.concrete_shape(node.inputs[0])[-1]
         acc_bits = self.modes.accumulator_bits(self, layer, k * bound, None)
         acc = self.em.node("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
         self.layers[acc] = layer
-        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc", bound=k * bound), layer)
+        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc", bound=k * bound), layer,
+                           self.modes.on_ita(None))
 
     # --- elementwise ----------------------------------------------------------------------------------
 
@@ -575,10 +573,11 @@ class Walker:
         x = self.get(node.inputs[0], in_bits, node, 0)
         out_bits = min(max(self.wanted_bits(node.outputs[0]), in_bits), 16)
         out_scale = self.scale_of(node.outputs[0], out_bits)
-        t = TYPES[f"int{in_bits}"]
+        t = self.dtype(x.name)  # the table covers the input's whole type
         grid = np.arange(t.lo, t.hi + 1, dtype=np.float64) * float(x.scale)
-        table = np.clip(np.rint(fn(grid) / out_scale), -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1).astype(np.int64)
-        y = self.em.node("Lut", [x.name, self.em.const(table, f"int{out_bits}", f"{layer}.table")], f"{layer}.lut")
+        out_type, lo, hi = signed_type(out_bits)
+        table = np.clip(np.rint(fn(grid) / out_scale), lo, hi).astype(np.int64)
+        y = self.em.node("Lut", [x.name, self.em.const(table, out_type, f"{layer}.table")], f"{layer}.lut")
         self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=out_bits)
 
     def _visit_Softmax(self, node: Node) -> None:

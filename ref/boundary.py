@@ -20,7 +20,8 @@ runs (the graph itself never sees a float):
 with `x / scale` computed in float32 as ONNX QuantizeLinear does (`arithmetic: "float64"`
 for files written before this schema), `round` per `rounding` (ties to even by default;
 QONNX's Quant rounds `round_mode(clip(x / scale + zero_point))`), and [lo, hi] the range
-of `dtype` unless `clip` narrows it. An input marked `"integers": true` takes floats that
+of `dtype` unless `clip` narrows it. TFLite's QUANTIZE divides in float32 and rounds ties
+away from zero (`rounding: "half_away"`, std::round) before adding the zero point. An input marked `"integers": true` takes floats that
 hold integers (quantlib/Deeploy graphs) and only casts them. Integer arrays pass through
 unchanged: they are taken to be quantized already. An output's float value is
 `(q - zero_point) * scale` in float32.
@@ -39,7 +40,7 @@ import numpy as np
 from .dtypes import int_type
 from .errors import InputError
 
-ROUNDINGS = ("half_even", "half_up", "floor", "trunc")
+ROUNDINGS = ("half_even", "half_away", "half_up", "floor", "trunc")
 
 
 def input_specs(metadata: Mapping[str, Any]) -> dict[str, dict]:
@@ -111,6 +112,9 @@ def quantize_array(x: np.ndarray, spec: dict, name: str = "input") -> np.ndarray
         q = np.rint(x.astype(np.float64) / scale) + zero
     elif rounding == "half_even":  # ONNX QuantizeLinear: float32 division, ties to even, then the zero point
         q = np.rint(x.astype(np.float32) / scale).astype(np.float64) + zero
+    elif rounding == "half_away":  # TFLite QUANTIZE: float32 division, ties away from zero (std::round)
+        r = (x.astype(np.float32) / scale).astype(np.float64)
+        q = np.trunc(r) + np.where(np.abs(r - np.trunc(r)) >= 0.5, np.sign(r), 0) + zero
     elif rounding in ROUNDINGS:  # QONNX Quant: round_mode(clip(x / scale + zeropt))
         rounder = {"floor": np.floor, "trunc": np.trunc, "half_up": lambda v: np.floor(v + 0.5)}[rounding]
         q = rounder(np.clip(x.astype(np.float32) / scale + zero.astype(np.float32), lo, hi)).astype(np.float64)
@@ -135,17 +139,45 @@ def quantize_feeds(model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
+def output_spec(model, tensor: str) -> dict | None:
+    """How output tensor `tensor` reads as floats: its boundary entry when it has a scale,
+    else the scale and zero point its graph tensor carries; None when neither is known."""
+    for spec in output_specs(model.metadata).values():
+        if spec.get("tensor") == tensor and spec.get("scale") is not None:
+            return spec
+    t = model.graph.tensors.get(tensor)
+    if t is None or t.scale is None:
+        return None
+    zero = 0 if t.zero_point is None else t.zero_point
+    return {"tensor": tensor, "scale": t.scale, "zero_point": zero,
+            **({"axis": t.quant_axis} if t.quant_axis is not None else {})}
+
+
 def dequantize_outputs(model, outputs: Mapping[str, np.ndarray], every: bool = False) -> dict[str, np.ndarray]:
     """Outputs as float32 (q - zero_point) * scale, keyed by the source model's output names.
     Without `every`, only outputs the source graph itself dequantized (an imported QDQ
     graph's DequantizeLinear); others are returned as they are."""
-    by_tensor = {spec["tensor"]: (name, spec) for name, spec in output_specs(model.metadata).items()}
+    by_tensor = {spec["tensor"]: (name, spec) for name, spec in output_specs(model.metadata).items() if "tensor" in spec}
     result = {}
     for tensor, value in outputs.items():
         name, spec = by_tensor.get(tensor, (tensor, None))
         if spec is None or spec.get("scale") is None or not (every or spec.get("dequantize")):
             result[name] = value
             continue
-        scale, zero = _expand(spec, np.shape(value))
-        result[name] = ((np.asarray(value).astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)
+        result[name] = _dequantize(value, spec)
     return result
+
+
+def dequantize_tensors(model, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """refsim's own view (`Model.dequantize_outputs`, `refsim run --float`): every tensor
+    whose scale is known (`output_spec`) as float32, keyed as `Model.run` returns them."""
+    result = {}
+    for tensor, value in outputs.items():
+        spec = output_spec(model, tensor) if tensor in model.graph.tensors else None
+        result[tensor] = value if spec is None else _dequantize(value, spec)
+    return result
+
+
+def _dequantize(value, spec: dict) -> np.ndarray:
+    scale, zero = _expand(spec, np.shape(value))
+    return ((np.asarray(value).astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)

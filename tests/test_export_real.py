@@ -63,10 +63,13 @@ def test_readme_export_examples(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     readme = (ROOT / "README.md").read_text()
     commands = [line.strip() for line in readme.splitlines()
-                if line.strip().startswith(("refsim export examples/", "refsim compare examples/", "refsim run vit_"))]
+                if line.strip().startswith(("refsim sensitivity examples/", "refsim export examples/", "refsim compare examples/",
+                                            "refsim run vit_"))]
     assert len(commands) >= 4
     for command in commands:
-        argv = [str(tmp_path / a) if a.endswith(".intq") else a for a in command.split("#")[0].split()[1:]]
+        # outputs (.intq, a sensitivity .json named without a folder) go to tmp_path
+        argv = [str(tmp_path / a) if a.endswith(".intq") or (a.endswith(".json") and "/" not in a) else a
+                for a in command.split("#")[0].split()[1:]]
         assert cli(argv + (["--quiet"] if argv[0] == "compare" else [])) == 0, command
 
 

@@ -22,6 +22,7 @@ import onnx
 from refsim.boundary import dequantize_outputs as _dequantize_outputs
 from refsim.boundary import quantize_feeds
 from refsim.engine import Model
+from refsim.onnx_form import from_onnx, is_refsim_onnx
 
 from ..dyadic import ExportError
 from ..frontend.emitter import Emitter
@@ -100,6 +101,12 @@ def import_model(
 
 def _import(source, output, fmt, requant, shapes, constants, input_types, mode, name, float_ops) -> Model:
     proto = load(source)
+    if is_refsim_onnx(proto):  # written by `refsim convert`: the graph itself, exactly
+        where = "model" if isinstance(source, onnx.ModelProto) else os.fspath(source)
+        model = Model(from_onnx(proto, where))
+        if output is not None:
+            model.save(output)
+        return model
     fmt = fmt or detect_format(proto)
     if fmt not in FORMATS:
         raise ImportFailure(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")

@@ -21,9 +21,12 @@ COMMANDS = {
     "inspect": ("refsim.cli.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
     "golden": ("refsim.cli.golden", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
     "check": ("refsim.cli.check", "compare a hardware or simulator dump with a golden vector set"),
-    "import": ("refsim.cli.import_", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
+    "import": ("refsim.cli.import_", "import an already-quantized model (ONNX QDQ, QONNX, quantlib/Deeploy; TFLite int8/int16x8) as .intq"),
     "export": ("refsim.cli.export", "quantize a float ONNX model into a .intq integer model"),
     "compare": ("refsim.cli.compare", "compare float, fake-quant and integer models on data"),
+    "sensitivity": ("refsim.cli.sensitivity", "measure each layer's sensitivity to its weight bit width (for export --bits-from)"),
+    "report": ("refsim.cli.report", "write an HTML report: metrics, per-layer SQNR, sensitivities, histograms"),
+    "convert": ("refsim.cli.convert", "write a .intq model as ONNX (refsim domain) to view in Netron; `refsim import` reads it back"),
 }
 
 
