@@ -47,6 +47,7 @@ class Family:
     classes: bool = True  # False: an embedding, where top-1 means nothing
     # (exporter, shapes) forms refsim refuses, with the one-line error it gives.
     refused: tuple[tuple[str, str, str], ...] = ()
+    torch_fails: tuple[str, ...] = ()  # exporters torch.onnx.export itself fails on (no ONNX file to take)
 
     def floor(self, mode: str) -> float:
         return dict(self.floors).get(mode, 0.999)
@@ -130,7 +131,7 @@ FAMILIES = {f.name: f for f in (
            inputs=("pixel_values",)),
     Family("dinov2", "image", _image("Dinov2Config", "Dinov2ForImageClassification", mlp_ratio=2),
            inputs=("pixel_values",)),
-    Family("swin", "image", _swin, inputs=("pixel_values",),
+    Family("swin", "image", _swin, inputs=("pixel_values",), torch_fails=("dynamo",),
            refused=tuple((e, "dynamic", "reshapes a constant repeated for every sample .*fixed batch size")
                          for e in EXPORTERS)),
 )}
