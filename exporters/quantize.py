@@ -345,8 +345,9 @@ class Walker:
         blocks = {}
         if self.options.ita:
             # Unmasked self-attention goes through ITA's attention-block graph form (docs/ITA.md).
+            # Attention over several sequences at once (Swin's windows) keeps the plain form.
             for match in match_attention(self.g):
-                if match.mask is None:
+                if match.mask is None and self.g.concrete_shape(match.q.x)[0] == 1:
                     for n in match.nodes:
                         blocks[n.name] = match
             # Feed-forward layers on ITA go through ITA's feed-forward-block form (docs/ITA.md).

@@ -106,15 +106,16 @@ def text_reader_for(model):
     tensors = model.graph.tensors
 
     def read(path: str, lines: list[str]) -> Iterator[Sample]:
-        for number, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            encoded = encoder.encode([text])
-            feeds = {}
-            for name, field in mapping.items():
-                storage = tensors[name].dtype.storage
-                feeds[name] = encoded[field].astype(storage)
-            yield Sample(feeds, f"{path}:{number}", text)
+        texts = [(number, line.strip()) for number, line in enumerate(lines, 1)]
+        texts = [(number, text) for number, text in texts if text and not text.startswith("#")]
+        for start in range(0, len(texts), ENCODE_CHUNK):  # the tokenizer encodes a chunk at once
+            chunk = texts[start:start + ENCODE_CHUNK]
+            encoded = encoder.encode([text for _, text in chunk])
+            for row, (number, text) in enumerate(chunk):
+                feeds = {name: encoded[field][row:row + 1].astype(tensors[name].dtype.storage) for name, field in mapping.items()}
+                yield Sample(feeds, f"{path}:{number}", text)
 
     return read
+
+
+ENCODE_CHUNK = 256  # lines per batched tokenizer call
