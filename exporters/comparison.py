@@ -122,7 +122,8 @@ def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, fl
     from scipy.stats import pearsonr, spearmanr
 
     truth, predicted = np.asarray(truth, np.float64), np.asarray(predicted, np.float64)
-    constant = truth.std() == 0 or predicted.std() == 0
+    # Constant means all values equal: a float std of equal values can come out 1e-17, not 0.
+    constant = np.ptp(truth) == 0 or np.ptp(predicted) == 0
     return {"pearson": float("nan") if constant else float(pearsonr(truth, predicted).statistic),
             "spearman": float("nan") if constant else float(spearmanr(truth, predicted).statistic),
             "mse": float(np.mean((truth - predicted) ** 2))}
