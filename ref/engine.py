@@ -140,8 +140,8 @@ class Model:
             if array.dtype.kind not in "iu":
                 if (
                     array.dtype.kind == "f"
+                    and np.all(np.abs(array) < 2.0**63)  # finite, and exact integers that int64 holds
                     and np.all(np.mod(array, 1) == 0)
-                    and np.all(np.abs(array) < 2.0**63)  # exact integers that int64 holds
                 ):
                     array = array.astype(np.int64)
                 else:

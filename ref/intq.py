@@ -33,6 +33,7 @@ ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQQQI20x")  # magic, version, flags, header, data offset, data size, header crc
 assert PREAMBLE.size == ALIGN
 MAX_HEADER_BYTES = 256 << 20
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 INLINE_SCALES = 8  # per-channel scale lists longer than this are stored as float64 data
 
 
@@ -240,12 +241,16 @@ class _Reader:
             self.fail(f"{where}: data checksum mismatch (corrupted file)")
 
 
+def _is_int64(v) -> bool:
+    return type(v) is int and INT64_MIN <= v <= INT64_MAX
+
+
 def _parse_attr(value, reader: _Reader, where: str):
-    if isinstance(value, (bool, int, str)):
+    if isinstance(value, (bool, str)) or _is_int64(value):
         return value
-    if isinstance(value, list) and all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and all(isinstance(v, str) or _is_int64(v) for v in value):
         return list(value)
-    reader.fail(f"{where}: attribute values must be integers, booleans, strings or lists of them")
+    reader.fail(f"{where}: attribute values must be integers within int64, booleans, strings or lists of them")
 
 
 def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
@@ -280,6 +285,9 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
             shape = make_shape(dims)
         except RefsimError as e:
             r.fail(f"{where}: {e}")
+        known = [d for d in shape if isinstance(d, int)]
+        if math.prod(known) * max(t.bits, 8) >= 1 << 66:
+            r.fail(f"{where}: shape {list(shape)} holds more elements than any array can")
         scale = entry.get("scale")
         if isinstance(scale, dict):
             offset, nbytes, crc = r.extent(scale, f"{where}.scale", data_len, None)
@@ -293,10 +301,6 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
             used.append((offset, nbytes, f"{where}.scale"))
         zero_point = entry.get("zero_point")
         quant_axis = r.get(entry, "quant_axis", int, where, optional=True)
-        for key, value in (("scale", scale), ("zero_point", zero_point)):
-            values = value if isinstance(value, list) else [value]
-            if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                r.fail(f"{where}: {key} must be a number or a list of numbers")
         data = None
         if "data" in entry:
             if not all(isinstance(d, int) for d in shape):
