@@ -152,13 +152,13 @@ def read_npz(path: str, check: Check | None = None) -> dict[str, np.ndarray]:
                     raise InputError(f"{where}: the member is encrypted")
                 with archive.open(member) as stream:
                     header = read_header(stream, where)
+                if check is not None:
+                    check(name, header)
                 if header.nbytes > _BOMB_BYTES and header.nbytes > _BOMB_RATIO * max(member.compress_size, 1):
                     raise InputError(
                         f"{where}: declares {header.nbytes} bytes from {member.compress_size} compressed bytes; "
                         f"refusing a member that would inflate more than {_BOMB_RATIO}-fold past {_BOMB_BYTES >> 30} GiB"
                     )
-                if check is not None:
-                    check(name, header)
                 headers.append(header)
             arrays = {}
             for member, name, header in zip(members, names, headers):

@@ -55,12 +55,12 @@ def error(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help(sys.stderr)
-        return 2
     try:
+        parser = build_parser()  # imports the command modules, and with them NumPy
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help(sys.stderr)
+            return 2
         return int(args._module.main(args) or 0)
     except RefsimError as e:
         return error(str(e))
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return error(f"{where}{e.strerror or e}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, also while starting up (see refsim/__init__.py)
+        print("refsim: interrupted", file=sys.stderr)
         return 130
 
 
