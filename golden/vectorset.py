@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import __version__
 from ..engine import Model
-from ..errors import InputError, RefsimError
+from ..errors import InputError, RefsimError, internal_error
 from ..inputs import Sample
 from ..ir import Graph
 from .capture import CapturedSample, capture
@@ -70,7 +70,7 @@ def _checked_relpath(relpath: str) -> str:
     parts = relpath.split("/")
     for part in parts:
         if not _SAFE_COMPONENT.match(part):
-            raise RuntimeError(f"refsim bug: unsafe path component {part!r} in {relpath!r}")
+            raise internal_error(f"unsafe path component {part!r} in {relpath!r}")
     return relpath
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backend
 from .dtypes import check_fits
-from .errors import InputError, OpError, RefsimError
+from .errors import InputError, OpError, RefsimError, internal_error
 from .ir import Graph, Node, Tensor, validate
 from .ops import registry
 
@@ -194,13 +194,16 @@ class Model:
                 raise type(e)(f"{node.describe()}: {e}") from None
             except (ValueError, IndexError) as e:  # numpy's complaints about shapes the feeds caused
                 raise OpError(f"{node.describe()}: {e}") from None
+            except MemoryError:
+                shapes_out = ", ".join(f"{t.name} {list(t.shape)}" for t in step.outputs)
+                raise OpError(f"{node.describe()}: not enough memory to compute {shapes_out}") from None
             results = result if isinstance(result, tuple) else (result,)
             if len(results) != len(step.outputs):
-                raise RuntimeError(f"refsim bug: {node.describe()} returned {len(results)} results for {len(step.outputs)} outputs")
+                raise internal_error(f"{node.describe()} returned {len(results)} results for {len(step.outputs)} outputs")
             for t, array in zip(step.outputs, results):
                 if array.dtype != t.dtype.storage:
-                    raise RuntimeError(
-                        f"refsim bug: {node.describe()} returned {array.dtype} for {t.name!r} "
+                    raise internal_error(
+                        f"{node.describe()} returned {array.dtype} for {t.name!r} "
                         f"declared {t.dtype} (storage {t.dtype.storage})"
                     )
                 problem = shapes.match(t.shape, array.shape)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from refsim.dtypes import TYPES
-from refsim.errors import RefsimError
+from refsim.errors import InternalError, RefsimError
 from refsim.ir import Graph
 
 from .onnx_reader import (
@@ -19,6 +19,9 @@ from .onnx_reader import (
     GraphInput,
     ImportFailure,
     OnnxGraph,
+    OpSpec,
+    _first_line,
+    array_bytes,
     attributes,
     fail,
     fold,
@@ -71,7 +74,26 @@ class Importer:
             self.visit(node)
         return self.finish()
 
+    # Custom ops a format defines, checked like onnx's own (see onnx_reader.OpSpec).
+    specs: dict[tuple[str, str], OpSpec] = {}
+
     def visit(self, node: onnx.NodeProto) -> None:
+        """Check `node` against its schema, then map it; whatever a malformed node still makes
+        a handler raise becomes an ImportFailure naming the node (InternalError, a refsim
+        bug, is left alone)."""
+        self.g.check_node(node, self.specs)
+        try:
+            self._visit(node)
+        except (ImportFailure, InternalError):
+            raise
+        except RefsimError as e:
+            raise fail(node, str(e)) from None
+        except MemoryError:
+            raise fail(node, "needs more memory than is available") from None
+        except Exception as e:
+            raise fail(node, f"cannot be imported ({type(e).__name__}: {_first_line(e)})") from e
+
+    def _visit(self, node: onnx.NodeProto) -> None:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         ins = []
         for name in node.input:
@@ -80,20 +102,12 @@ class Importer:
             ins.append(self.values[name])
         attrs = attributes(node)
         if node.op_type == "Constant" and domain == "":
-            results = fold(node, [], self.g.opsets)
+            results = fold(node, [], self.g.opsets, self.g.budget)
         elif ins and all(isinstance(v, Const) or v is None for v in ins) and self.foldable(domain, node.op_type):
-            results = fold(node, [None if v is None else v.value for v in ins], self.g.opsets)
+            results = fold(node, [None if v is None else v.value for v in ins], self.g.opsets, self.g.budget)
         else:
             handler = self.handlers.get((domain, node.op_type))
-            if handler is None:
-                result = self.unhandled(node, ins, attrs)
-            else:
-                try:
-                    result = handler(node, ins, attrs)
-                except ImportFailure:
-                    raise
-                except RefsimError as e:
-                    raise fail(node, str(e)) from None
+            result = self.unhandled(node, ins, attrs) if handler is None else handler(node, ins, attrs)
             results = list(result) if isinstance(result, (list, tuple)) else [result]
             if len(results) != len(node.output):
                 raise fail(node, f"produces {len(node.output)} outputs, refsim maps {len(results)}")
@@ -327,6 +341,9 @@ class Importer:
         data, indices = ins
         if isinstance(indices, Const) and isinstance(data, (QTensor, Dequantized)) and self._unwrap(node, data)[0].is_const:
             idx = np.asarray(indices.value).astype(np.int64)
+            table = self._unwrap(node, data)[0].data
+            rows = table.shape[:axis % max(table.ndim, 1)] + idx.shape + table.shape[axis % max(table.ndim, 1) + 1:]
+            self.g.budget.take(array_bytes(rows, table.itemsize), node, "the gathered constant")
             return self._move(node, data, "Gather", {}, lambda a: np.take(a, idx, axis=axis))
         index = self.integer(node, indices, "the indices")
         shape = self._shape_of(node, data)
@@ -465,6 +482,8 @@ class Importer:
             raise fail(node, f"pad mode {mode!r} is not supported")
         def const_fn(a):
             from refsim.ops import Pad
+            padded = [max(d + pads[i] + pads[rank + i], 0) for i, d in enumerate(a.shape)] if len(pads) == 2 * rank else a.shape
+            self.g.budget.take(array_bytes(padded, a.itemsize), node, "the padded constant")
             return Pad(a, pads=pads, mode=mode, value=level)
         return self._move(node, ins[0], "Pad", {"pads": pads, "mode": mode, "value": level}, const_fn,
                           lambda a: a if pads[a] == pads[rank + a] == 0 else None)

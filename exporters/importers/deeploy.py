@@ -21,14 +21,34 @@ import numpy as np
 from refsim.dtypes import TYPES
 
 from .base import FloatInput, Importer
-from .onnx_reader import fail
+from .onnx_reader import OpSpec, fail
 from .values import Const, QTensor, narrowest_type
 
 DOMAINS = ("", "PACTOps", "pact")
 
 
+def _spec(inputs, *names, required=()):
+    return OpSpec(inputs=inputs, attrs={n: "integer" for n in names}, required=required)
+
+
+LEVELS = ("n_levels", "n_levels_out")
+SPECS = {(domain, op): spec for domain in DOMAINS for op, spec in {
+    "RequantShift": _spec((3,), "div", "signed", *LEVELS, required=(("div",), LEVELS)),
+    "ITAMax": _spec((1, 2), "n_levels", "k", "numerator", "output_offset"),
+    "ITAPartialMax": _spec((1, 2), "group_width", "groups", "n_levels", "k", "numerator", "max_init", "output_offset", "acc_bits"),
+    "iSoftmax": _spec((1, 2), "coeffA", "coeffB", "coeffC", "log2", *LEVELS, required=(("coeffA",), ("coeffB",), ("coeffC",), ("log2",))),
+    "iGELU": _spec((1,), "b", "one", required=(("b",), ("one",))),
+    "RequantizediGELU": _spec((4,), "b", "one", "div", "signed", *LEVELS, required=(("b",), ("one",))),
+    "iLayerNorm": _spec((3,), "D", *LEVELS, required=(("D",),)),
+    "iNoNorm": _spec((3,), "D", "mul", *LEVELS, required=(("D",), ("mul",))),
+    "IntegerDiv": _spec((2,), "Delta", "eps", "eta", required=(("Delta",), ("eps",))),
+    "IntegerMean": _spec((1, 2), "keepdims"),
+}.items()}
+
+
 class DeeployImporter(Importer):
     format_name = "deeploy"
+    specs = SPECS
 
     def __init__(self, graph, emitter, input_types: dict[str, str] | None = None):
         super().__init__(graph, emitter)

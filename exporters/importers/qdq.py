@@ -599,7 +599,7 @@ class QdqImporter(Importer):
                 return self.onnx_dequantize(levels, q)
             raise fail(None, f"tensor {q.name!r} is not known at import time")
         if isinstance(v, FloatOp):
-            return fold(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets)[0]
+            return fold(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets, self.g.budget)[0]
         raise fail(None, "an expression holds a value refsim cannot evaluate")
 
     def lut(self, expr: FloatOp, leaf: QTensor, target: QTensor, out: str) -> QTensor:

@@ -24,7 +24,7 @@ import numpy as np
 from refsim.dtypes import TYPES
 
 from .base import FloatInput
-from .onnx_reader import fail
+from .onnx_reader import OpSpec, fail
 from .qdq import QdqImporter
 from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
 
@@ -48,8 +48,15 @@ def type_for(lo: int, hi: int):
     raise ValueError(f"no type holds [{lo}, {hi}]")
 
 
+_QUANT = OpSpec(inputs=(4,), attrs={"signed": "int", "narrow": "int", "rounding_mode": "string"})
+_TRUNC = OpSpec(inputs=(5, 7), attrs={"signed": "int", "narrow": "int", "rounding_mode": "string"})  # old and new forms
+SPECS = {(domain, op): spec for domain in DOMAINS if domain
+         for op, spec in (("Quant", _QUANT), ("IntQuant", _QUANT), ("BipolarQuant", OpSpec(inputs=(2,))), ("Trunc", _TRUNC))}
+
+
 class QonnxImporter(QdqImporter):
     format_name = "qonnx"
+    specs = {**QdqImporter.specs, **SPECS}
 
     def __init__(self, graph, emitter, mode: str = "ibert"):
         super().__init__(graph, emitter, mode)
