@@ -46,7 +46,7 @@ def _header_check(path: str, inputs: list[Tensor]):
             not isinstance(d, int) or d == a for d, a in zip(declared[1:], header.shape[1:])
         )
         if not fits:
-            where = f"{path}[{name}]" if name is not None else path
+            where = f"{path}[{name!r}]" if name is not None else path
             raise InputError(f"{where}: array of shape {list(header.shape)} does not fit input {t.name!r} of shape {declared}")
 
     return check

@@ -40,9 +40,10 @@ _CHUNK = 1 << 20
 _BOMB_BYTES = 1 << 30
 _BOMB_RATIO = 1100
 # How zipfile and its decompressors report a damaged archive or member (bz2 uses OSError;
-# a truncated stream EOFError; an unknown compression method NotImplementedError).
+# a truncated stream EOFError; an unknown compression method NotImplementedError; a member
+# name flagged UTF-8 that is not UnicodeDecodeError).
 _ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, OSError, EOFError,
-                   NotImplementedError)
+                   NotImplementedError, UnicodeDecodeError)
 _MESSAGE_CHARS = 160
 
 
@@ -147,7 +148,7 @@ def read_npz(path: str, check: Check | None = None) -> dict[str, np.ndarray]:
                 raise InputError(f"{path}: holds several arrays named {duplicated[0]!r}")
             headers = []
             for member, name in zip(members, names):
-                where = f"{path}[{name}]"
+                where = f"{path}[{name!r}]"
                 if member.flag_bits & 0x1:
                     raise InputError(f"{where}: the member is encrypted")
                 with archive.open(member) as stream:
@@ -163,8 +164,8 @@ def read_npz(path: str, check: Check | None = None) -> dict[str, np.ndarray]:
             arrays = {}
             for member, name, header in zip(members, names, headers):
                 with archive.open(member) as stream:
-                    read_header(stream, f"{path}[{name}]")
-                    arrays[name] = _read_data(stream, header, f"{path}[{name}]")
+                    read_header(stream, f"{path}[{name!r}]")
+                    arrays[name] = _read_data(stream, header, f"{path}[{name!r}]")
             return arrays
     except _ARCHIVE_ERRORS as e:
         raise InputError(f"{path}: not a readable .npz archive: {_short(e) or type(e).__name__}") from None

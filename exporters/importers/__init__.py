@@ -83,7 +83,7 @@ def import_model(
     if name is None:
         name = graph.model.graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
                                           if not isinstance(source, onnx.ModelProto) else "imported")
-    emitter = Emitter(name, requant=requant)
+    emitter = Emitter(name, requant=requant, max_tensor_bytes=graph.budget.limit)
     if fmt == "qdq":
         from .qdq import QdqImporter
 

@@ -28,7 +28,8 @@ class ImportFailure(ExportError):
 def node_label(node: onnx.NodeProto) -> str:
     name = node.name or (node.output[0] if node.output else "?")
     domain = f"{node.domain}." if node.domain and node.domain != "ai.onnx" else ""
-    return f"node {name!r} ({domain}{node.op_type})"
+    op = f"{domain}{node.op_type}"
+    return f"node {name!r} ({op if op.isprintable() else repr(op)})"
 
 
 def fail(node: onnx.NodeProto | None, why: str) -> ImportFailure:
@@ -129,6 +130,20 @@ def load(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _check_names(model: onnx.ModelProto) -> None:
+    """protobuf hands back a string field that is not UTF-8 as bytes: refuse those."""
+    graph = model.graph
+    texts = [("an opset domain", o.domain) for o in model.opset_import]
+    texts += [("a tensor name", t.name) for t in [*graph.initializer, *graph.input, *graph.output, *graph.value_info]]
+    for n in graph.node:
+        texts += [("an op type", n.op_type), ("a domain", n.domain), ("a node name", n.name)]
+        texts += [("a tensor name", name) for name in [*n.input, *n.output]]
+        texts += [("an attribute name", a.name) for a in n.attribute]
+    for what, text in texts:
+        if not isinstance(text, str):
+            raise ImportFailure(f"{what} in the model is not UTF-8 text: {bytes(text)[:40]!r}")
+
+
 @dataclass
 class GraphInput:
     name: str
@@ -158,6 +173,7 @@ class OnnxGraph:
              constants: dict[str, Any] | None = None) -> "OnnxGraph":
         """Read a model; `constants` binds graph inputs to fixed values (arrays or TensorProtos)."""
         model = load(source)
+        _check_names(model)
         g = cls(model)
         g.opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
         for t in model.graph.initializer:
@@ -225,8 +241,12 @@ def fold(node: onnx.NodeProto, values: list[np.ndarray | None], opsets: dict[str
     from onnx.reference import ReferenceEvaluator
 
     if budget is not None:
-        for nbytes in _inferred_output_bytes(node, values, opsets):
-            budget.take(nbytes, node)
+        sizes = _inferred_output_bytes(node, values, opsets)
+        if (not sizes or None in sizes) and node.op_type not in _NO_LARGER_THAN_INPUTS:
+            raise fail(node, "onnx's shape inference cannot tell the size of its result from its inputs; "
+                             "refusing to evaluate it (are the inputs of the types and shapes ONNX requires?)")
+        for nbytes in sizes:
+            budget.take(nbytes or 0, node)
     if node.op_type in _NUMPY_FOLDS and node.domain in ("", "ai.onnx"):
         return _NUMPY_FOLDS[node.op_type](node, values)
 
@@ -253,10 +273,11 @@ class SizeBudget:
     """Bytes that folding and import-time constants may still take, beyond the model itself.
 
     A model may fold into constants a few times its own size (dequantized weights are four
-    times their int8 bytes), plus a fixed allowance: a model under 1 MB cannot make the
-    importer allocate more than about half a gigabyte."""
+    times their int8 bytes), plus a fixed allowance. The same limit bounds the tensors the
+    imported graph declares (Emitter.max_tensor_bytes), so a model under 1 MB can make
+    neither the import nor a run allocate more than about half a gigabyte each."""
 
-    BASE = 512 << 20
+    BASE = 256 << 20
     PER_MODEL_BYTE = 16
 
     def __init__(self, limit: int):
@@ -292,8 +313,19 @@ def array_bytes(shape, itemsize: int = 8) -> int:
 _SHAPE_LIKE = 64  # constant inputs this small go to shape inference by value (pads, shapes, scales)
 
 
-def _inferred_output_bytes(node: onnx.NodeProto, values, opsets) -> list[int]:
-    """Each output's size in bytes where onnx's shape inference can tell it, else 0."""
+# Ops whose results never hold more than their inputs: folding them needs no size check
+# when shape inference cannot tell their output's size.
+_NO_LARGER_THAN_INPUTS = {
+    "Constant", "Shape", "Size", "Identity", "Cast", "CastLike", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Flatten",
+    "Transpose", "Concat", "Split", "ArgMax", "ArgMin", "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
+    "ReduceProd", "Neg", "Abs", "Relu", "Sign", "Floor", "Ceil", "Round", "Not", "Sqrt", "Reciprocal", "Exp", "Log",
+    "QuantizeLinear", "DequantizeLinear", "NonZero", "Unique",
+}
+
+
+def _inferred_output_bytes(node: onnx.NodeProto, values, opsets) -> list[int | None]:
+    """Each output's size in bytes where onnx's shape inference can tell it, else None
+    (an empty list if inference could not run at all)."""
     names, inputs, inits = [], [], []
     for i, v in enumerate(values):
         if v is None:
@@ -323,7 +355,7 @@ def _inferred_output_bytes(node: onnx.NodeProto, values, opsets) -> list[int]:
         tt = out.type.tensor_type
         dims = tt.shape.dim if tt.HasField("shape") else None
         if dims is None or not all(d.HasField("dim_value") for d in dims):
-            sizes.append(0)
+            sizes.append(None)
             continue
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize if tt.elem_type else 8
         sizes.append(array_bytes([d.dim_value for d in dims], max(itemsize, 1)))

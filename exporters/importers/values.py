@@ -21,6 +21,8 @@ and `ort` (RequantF32, onnxruntime's float32 multiply replayed exactly with inte
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -115,6 +117,10 @@ class Emitter:
     requant: str = "dyadic"
     rounding: str = "half_even"
     builder: GraphBuilder = field(init=False)
+    # What the tensors emitted nodes declare may add up to (bytes, fully known shapes): a
+    # small model's attributes (Pad's pads, Reshape's shape) must not ask a run for gigabytes.
+    max_tensor_bytes: int | None = None
+    declared_bytes: int = 0
 
     def __post_init__(self):
         if self.requant not in REQUANT_CHOICES:
@@ -151,6 +157,12 @@ class Emitter:
         except RefsimError as e:
             raise ExportError(f"{op} for {out!r}: {e}") from None
         t = self.builder.tensors[name]
+        if self.max_tensor_bytes is not None and all(isinstance(d, int) for d in t.shape):
+            self.declared_bytes += math.prod(t.shape) * t.dtype.storage.itemsize
+            if self.declared_bytes > self.max_tensor_bytes:
+                raise ExportError(f"{op} for {out!r}: its result {t.dtype}{list(t.shape)} takes the tensors a run "
+                                  f"computes to {self.declared_bytes} bytes, beyond what this model may allocate "
+                                  f"({self.max_tensor_bytes})")
         return QTensor(name, t.dtype, tuple(t.shape))
 
     # --- requantization -----------------------------------------------------------------
