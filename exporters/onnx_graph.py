@@ -49,6 +49,7 @@ import onnx
 from onnx import numpy_helper
 
 from .dyadic import ExportError
+from .importers.onnx_reader import check_float_model
 from .runtime import FloatRunner
 
 # The op vocabulary of a canonical graph (besides the canonical mask expressions).
@@ -344,7 +345,15 @@ def _prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
         for attr in node.attribute:
             if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                 raise ExportError(f"node {node.name!r} ({node.op_type}): control flow (subgraphs) is not supported")
+    check_float_model(model)  # schemas and sizes, before anything runs it
     return model
+
+
+def _initializer(t: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t)
+    except (ValueError, TypeError, OverflowError, MemoryError, IndexError) as e:
+        raise ExportError(f"initializer {t.name!r}: its data does not match its type and dims ({e})") from None
 
 
 def canonicalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, check: bool = True) -> OnnxGraph:
@@ -357,7 +366,7 @@ def canonicalize(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
     """
     model = _prepare_model(model)
     graph_proto = model.graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph_proto.initializer}
+    inits = {t.name: _initializer(t) for t in graph_proto.initializer}
     input_infos = [vi for vi in graph_proto.input if vi.name not in inits]
     shapes1, shapes2, batched = {}, {}, False
     for vi in input_infos:

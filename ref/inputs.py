@@ -85,7 +85,7 @@ def _parse_numbers(line: str, where: str) -> np.ndarray:
     values = []
     for token in line.replace(",", " ").split():
         if not _INTEGER.fullmatch(token):
-            raise InputError(f"{where}: {_abbreviated(token)} is not a decimal integer")
+            raise InputError(f"{where}: {_abbreviated(token)} is not an integer (decimal digits, optional sign)")
         digits = token.lstrip("+-").lstrip("0")
         value = int(token) if len(digits) <= _INT64_DIGITS else None
         if value is None or not -(1 << 63) <= value < 1 << 63:

@@ -33,7 +33,6 @@ ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQQQI20x")  # magic, version, flags, header, data offset, data size, header crc
 assert PREAMBLE.size == ALIGN
 MAX_HEADER_BYTES = 256 << 20
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 INLINE_SCALES = 8  # per-channel scale lists longer than this are stored as float64 data
 
 
@@ -241,16 +240,12 @@ class _Reader:
             self.fail(f"{where}: data checksum mismatch (corrupted file)")
 
 
-def _is_int64(v) -> bool:
-    return type(v) is int and INT64_MIN <= v <= INT64_MAX
-
-
 def _parse_attr(value, reader: _Reader, where: str):
-    if isinstance(value, (bool, str)) or _is_int64(value):
+    if isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, list) and all(isinstance(v, str) or _is_int64(v) for v in value):
+    if isinstance(value, list) and all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
         return list(value)
-    reader.fail(f"{where}: attribute values must be integers within int64, booleans, strings or lists of them")
+    reader.fail(f"{where}: attribute values must be integers, booleans, strings or lists of them")
 
 
 def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:

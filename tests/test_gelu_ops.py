@@ -160,8 +160,8 @@ def test_ita_gelu_hand_worked():
 
 
 def test_ita_gelu_takes_int8():
-    with pytest.raises(OpError, match="int8"):
-        ops.ITAGelu(np.zeros(3, np.int16), q_1=-10, q_b=-3, q_c=-10)
+    with pytest.raises(OpError, match="int8"):  # values beyond int8; int16 values that fit are taken (issue 17)
+        ops.ITAGelu(np.array([0, 200, 0], np.int16), q_1=-10, q_b=-3, q_c=-10)
     b = GraphBuilder("g")
     x = b.input("x", "int16", [3])
     with pytest.raises(GraphError, match="int8"):

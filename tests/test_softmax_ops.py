@@ -307,8 +307,10 @@ def test_tflite_softmax_refuses_int32_overflow_of_the_sum():
 
 
 def test_tflite_softmax_takes_int8_only():
-    with pytest.raises(OpError, match="int8"):
-        ops.TFLiteSoftmax(np.zeros(4, np.int16), **TFLITE_005)
+    with pytest.raises(OpError, match="int8"):  # values beyond int8; int16 values that fit are taken (issue 17)
+        ops.TFLiteSoftmax(np.array([0, 0, -300, 0], np.int16), **TFLITE_005)
+    np.testing.assert_array_equal(ops.TFLiteSoftmax(np.zeros(4, np.int16), **TFLITE_005),
+                                  ops.TFLiteSoftmax(np.zeros(4, np.int8), **TFLITE_005))
 
 
 # --- all variants: edges -----------------------------------------------------------------------

@@ -452,3 +452,30 @@ def _integral(a: onnx.AttributeProto) -> int | None:
     if isinstance(value, float) and not (np.isfinite(value) and value == int(value)):
         return None
     return int(value)
+
+
+def check_float_model(model: onnx.ModelProto) -> None:
+    """What `refsim export` checks before running a float model: every node of onnx's own
+    ops against its schema, and every tensor whose size shape inference can tell (with
+    static input shapes) against the model's budget, so that the float run it needs for
+    folding cannot be asked for gigabytes by a few bytes of attributes."""
+    _check_names(model)
+    checker = NodeChecker(model)
+    for node in model.graph.node:
+        checker.check(node, {})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # inference gives up on some models; onnxruntime then checks them itself
+        return
+    budget = SizeBudget.for_model(model.ByteSize())
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for info in inferred.graph.value_info:
+        tt = info.type.tensor_type
+        if not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim) or not tt.elem_type:
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        except Exception:
+            continue
+        budget.take(array_bytes([d.dim_value for d in tt.shape.dim], itemsize), producers.get(info.name),
+                    f"tensor {info.name!r}")

@@ -22,7 +22,6 @@ and `ort` (RequantF32, onnxruntime's float32 multiply replayed exactly with inte
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, replace
 from typing import Any
 

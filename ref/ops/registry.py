@@ -39,12 +39,9 @@ _REQUIRED = inspect.Parameter.empty
 # --- attribute specifications --------------------------------------------------------
 
 
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
 @dataclass(frozen=True)
 class Int:
-    """An integer attribute, optionally bounded (always within int64); `optional` allows None."""
+    """An integer attribute, optionally bounded; `optional` allows None."""
 
     min: int | None = None
     max: int | None = None
@@ -55,8 +52,6 @@ class Int:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be an integer, got {value!r}"
-        if not INT64_MIN <= value <= INT64_MAX:
-            return f"must fit int64, got {value}"
         if self.min is not None and value < self.min:
             return f"must be >= {self.min}, got {value}"
         if self.max is not None and value > self.max:
