@@ -161,12 +161,20 @@ def check(golden_dir: str | os.PathLike, dump_dir: str | os.PathLike, wanted: Ca
     return report
 
 
-def format_report(report: CheckReport) -> str:
+SUMMARY_ABOVE = 50  # results; above this, matching tensors are counted, not listed
+
+
+def format_report(report: CheckReport, matches: bool | None = None) -> str:
+    """One line per result, then the totals. `matches`: list matching tensors (True), only
+    count them (False), or list them only for sets of at most SUMMARY_ABOVE results (None)."""
+    if matches is None:
+        matches = len(report.results) <= SUMMARY_ABOVE
     lines = []
     for r in report.results:
         where = f"sample {r.sample} {r.tensor} ({r.dtype}{r.shape})"
         if r.status == "match":
-            lines.append(f"match     {where}")
+            if matches:
+                lines.append(f"match     {where}")
         elif r.status == "missing":
             lines.append(f"MISSING   {where}: no .npy or .memh file in the dump")
         elif r.reason:
@@ -178,6 +186,13 @@ def format_report(report: CheckReport) -> str:
                 f"expected {r.expected}, got {r.actual}; largest difference {r.max_abs_diff}"
             )
     tolerance = f" (atol {report.atol})" if report.atol else ""
+    failed = [r for r in report.results if r.status != "match"]
+    if failed:
+        # Results are in the set's order, which is execution order: the first is where it diverges.
+        first = failed[0]
+        lines.append(f"first difference: sample {first.sample} {first.tensor} ({first.status})")
+    if not matches and report.count("match"):
+        lines.append(f"({report.count('match')} matching tensors not listed; --all lists them)")
     lines.append(
         f"{report.count('match')} match, {report.count('mismatch')} mismatch, {report.count('missing')} missing{tolerance}"
         + (": OK" if report.ok else ": FAILED")

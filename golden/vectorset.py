@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -59,6 +60,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def npy_bytes(array: np.ndarray) -> memoryview:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, order="C"), allow_pickle=False)  # ascontiguousarray would make 0-d arrays 1-d
+    return buffer.getbuffer()
 
 
 def sample_dir(index: int) -> str:
@@ -229,7 +236,48 @@ def _quant_entry(t) -> dict[str, Any]:
     return out
 
 
-def _tensor_entry(graph: Graph, name: str, producer, file_stem: str) -> dict[str, Any]:
+INLINE_VALUES = 16  # constants up to this many elements are written into the manifest too
+
+
+def _json_value(value):
+    """Node attributes as JSON: NumPy scalars and arrays become numbers and lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return value
+
+
+class _Constants:
+    """Constant inputs of the recorded nodes, each written once as constants/<name>.npy."""
+
+    def __init__(self, writer: "_Writer", graph: Graph):
+        self.writer, self.graph = writer, graph
+        self.names = FileNames()
+        self.written: dict[str, str] = {}
+
+    def describe(self, name: str) -> dict[str, Any]:
+        if not name:
+            return {"name": None}
+        t = self.graph.tensors[name]
+        entry: dict[str, Any] = {"name": name, "dtype": t.dtype.name, "shape": list(t.shape)}
+        if not t.is_const:
+            return {**entry, "const": False}
+        if name not in self.written:
+            relpath = f"constants/{self.names(name)}.npy"
+            self.writer.write(relpath, npy_bytes(np.asarray(t.data).astype(t.dtype.storage)), target="constants", tensor=name)
+            self.written[name] = relpath
+        entry.update(const=True, file=self.written[name], **_quant_entry(t))
+        if t.data.size <= INLINE_VALUES:
+            entry["value"] = np.asarray(t.data).tolist()
+        return entry
+
+
+def _tensor_entry(graph: Graph, name: str, producer, file_stem: str, constants: "_Constants") -> dict[str, Any]:
     t = graph.tensors[name]
     kind = "input" if name in graph.inputs else ("output" if name in graph.outputs else "intermediate")
     entry = {
@@ -238,6 +286,11 @@ def _tensor_entry(graph: Graph, name: str, producer, file_stem: str) -> dict[str
         "kind": kind,
         "node": producer.name if producer is not None else None,
         "op": producer.op if producer is not None else None,
+        **({} if producer is None else {
+            "attrs": _json_value(dict(producer.attrs)),
+            "inputs": [constants.describe(i) for i in producer.inputs],
+            "outputs": list(producer.outputs),
+        }),
         "dtype": t.dtype.name,
         "bits": t.dtype.bits,
         "signed": t.dtype.signed,
@@ -271,11 +324,17 @@ def write_vector_set(
     force: bool = False,
     model_path: str | None = None,
     inputs_path: str | None = None,
+    max_bytes: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run `model` on every sample and write the vector set; returns its manifest.
 
     `targets` maps a target name to its module (see `refsim.hw_vectors`); each module's
     `write(ctx)` is called once per sample. The `npy` target is what `refsim check` reads.
+    The size of the whole set is estimated from the first sample's files (samples of one
+    model write files of one size unless their shapes differ); over `max_bytes` the set is
+    refused before any further sample runs, and nothing is left behind. `progress(n)` is
+    called after each sample with the number of samples done so far.
     """
     options = dict(options or {})
     wanted = wanted or (lambda name: True)
@@ -289,6 +348,7 @@ def write_vector_set(
     writer = _Writer(out_dir, force)
     try:
         file_names = FileNames()
+        constants = _Constants(writer, model.graph)
         tensors: dict[str, dict[str, Any]] = {}
         sample_entries = []
         for index, sample in enumerate(samples):
@@ -296,7 +356,7 @@ def write_vector_set(
             selected = [n for n in captured.arrays if wanted(n)]
             for name in selected:
                 if name not in tensors:
-                    tensors[name] = _tensor_entry(model.graph, name, captured.producers.get(name), file_names(name))
+                    tensors[name] = _tensor_entry(model.graph, name, captured.producers.get(name), file_names(name), constants)
             files_by_tensor: dict[str, list[dict]] = {}
             for target_name, module in targets.items():
                 ctx = SampleContext(model.graph, captured, selected, options, file_names, writer, target_name, files_by_tensor)
@@ -310,6 +370,17 @@ def write_vector_set(
                 entry["text"] = sample.text
             sample_entries.append(entry)
             del captured
+            if index == 0:
+                estimate = _estimate_bytes(writer.files, len(samples))
+                if max_bytes is not None and estimate > max_bytes:
+                    first = sum(f["bytes"] for f in writer.files if "sample" in f)
+                    raise VectorSetError(
+                        f"{writer.final}: the vector set would take about {format_size(estimate)} ({len(samples)} samples of "
+                        f"{format_size(first)} each, measured on the first), over the limit of {format_size(max_bytes)}; "
+                        "select tensors (--tensors), fewer samples (--samples) or raise the limit (--max-size)"
+                    )
+            if progress is not None:
+                progress(index + 1)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -331,6 +402,37 @@ def write_vector_set(
     except BaseException:
         writer.abort()
         raise
+
+
+def _estimate_bytes(files: list[dict[str, Any]], n_samples: int) -> int:
+    per_sample = sum(f["bytes"] for f in files if "sample" in f)
+    return per_sample * n_samples + sum(f["bytes"] for f in files if "sample" not in f)
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def parse_size(text: str) -> int | None:
+    """'4G', '500M', '10k', '123' (bytes) or 'none' (no limit) as a number of bytes."""
+    value = str(text).strip().lower()
+    if value in ("none", "0", "off"):
+        return None
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    number = value.rstrip("b")
+    factor = 1
+    if number and number[-1] in scale:
+        factor, number = scale[number[-1]], number[:-1]
+    try:
+        size = float(number) * factor
+    except ValueError:
+        raise InputError(f"size {text!r} is not a number of bytes such as 500M, 4G or none") from None
+    if size < 0:
+        raise InputError(f"size {text!r} is negative")
+    return int(size)
 
 
 def load_manifest(directory: str | os.PathLike) -> dict[str, Any]:

@@ -19,6 +19,9 @@ int8_t/uint8_t element, or, with `--c-packed`, a `uint8_t <name>_packed[<NAME>_P
 array packed as in ONNX: element 0 in the least significant bits, two's complement in the
 field, last byte zero-padded. Identifiers are unique in the header; the comment above each
 array gives the tensor's real name.
+
+For a model imported from TFLite, every layer also gets a folder of headers in CMSIS-NN's
+test-data layout (`refsim.hw_vectors.cmsis_nn`).
 """
 
 from __future__ import annotations
@@ -204,3 +207,6 @@ def header_name(ctx) -> str:
 
 def write(ctx) -> None:
     ctx.emit(header_name(ctx), header_text(ctx).encode("ascii"))
+    from . import cmsis_nn  # models imported from TFLite: CMSIS-NN's per-layer test data too
+
+    cmsis_nn.write(ctx)

@@ -18,7 +18,7 @@ def describe(options) -> dict:
 
 def npy_bytes(array: np.ndarray) -> memoryview:
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    np.save(buffer, np.asarray(array, order="C"), allow_pickle=False)  # ascontiguousarray would make 0-d arrays 1-d
     return buffer.getbuffer()
 
 

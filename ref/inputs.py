@@ -2,13 +2,20 @@
 
 Text lines are whitespace- or comma-separated decimal integers (`[+-]?[0-9]+`, ASCII digits)
 for a model with one input; each line is one sample, shaped to the input's declared shape
-with a batch of one. Lines that are empty or start with '#' are skipped. (Models with an embedded tokenizer read raw text
-lines instead; see `refsim.text`.) `.npy`/`.npz` files are read by `refsim.npyfile`: never
-unpickled, and each array's header is checked against the model before its data is read.
+with a batch of one. Lines that are empty or start with '#' are skipped. (Models with an
+embedded tokenizer read raw text lines instead; see `refsim.text`.) `.npy`/`.npz` files are
+read by `refsim.npyfile`: never unpickled, and each array's header is checked against the
+model before its data is read.
+
+An array file holds N samples along axis 0 (an `.npz` the same N in every array): with the
+input's rank, sample i is `array[i:i+1]` (a batch of one); with one axis more, `array[i]`.
+An array that has exactly the input's declared shape is one sample. `batch_axis=None`
+makes the whole file one sample whatever its shape.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -18,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import InputError
+from .input_quant import input_specs, quantize_feeds
 from .ir import Tensor
 from .npyfile import ArrayHeader, read_npy, read_npz
 
@@ -31,23 +39,28 @@ class Sample:
     text: str | None = None
 
 
-def _header_check(path: str, inputs: list[Tensor]):
-    """Compare an array file's header with the model before any data is read: the input
-    it names, its rank and its dimensions (all but axis 0, which counts samples)."""
+def _header_check(path: str, inputs: list[Tensor], batch_axis):
+    """Compare an array file's header with the model before any data is read: the input it
+    names, and a shape that can hold samples of it (see the module docstring)."""
     by_name = {t.name: t for t in inputs}
+
+    def fits(declared, shape) -> bool:
+        return len(declared) == len(shape) and all(not isinstance(d, int) or d == a for d, a in zip(declared, shape))
 
     def check(name: str | None, header: ArrayHeader) -> None:
         t = inputs[0] if name is None else by_name.get(name)
         if t is None:
             known = ", ".join(by_name)
             raise InputError(f"{path}: holds array {name!r}, which is not an input of the model (inputs: {known})")
-        declared = list(t.shape)
-        fits = len(header.shape) == len(declared) and all(
-            not isinstance(d, int) or d == a for d, a in zip(declared[1:], header.shape[1:])
-        )
-        if not fits:
+        declared, shape = list(t.shape), list(header.shape)
+        if batch_axis is None:
+            ok = fits(declared, shape)
+        else:  # one sample, samples along axis 0 at the input's rank, or with one axis more
+            ok = fits(declared, shape) or (len(shape) == len(declared) and fits(declared[1:], shape[1:])) \
+                or fits(declared, shape[1:])
+        if not ok:
             where = f"{path}[{name!r}]" if name is not None else path
-            raise InputError(f"{where}: array of shape {list(header.shape)} does not fit input {t.name!r} of shape {declared}")
+            raise InputError(f"{where}: array of shape {shape} does not fit input {t.name!r} of shape {declared}")
 
     return check
 
@@ -108,16 +121,62 @@ def number_lines(path: str, inputs: list[Tensor], lines) -> Iterator[Sample]:
         yield Sample({t.name: values.reshape(_sample_shape(t, values.size, where))}, where)
 
 
-def read_samples(path: str, inputs: list[Tensor], text_reader=None) -> list[Sample]:
-    """Samples from an input file; `text_reader(path, lines)` handles raw text lines."""
+def _sample_count(path: str, arrays: dict[str, np.ndarray], inputs: list[Tensor]) -> int | None:
+    """How many samples the arrays hold along axis 0, or None for one whole sample."""
+    declared = {t.name: t for t in inputs}
+    counts = set()
+    for name, array in arrays.items():
+        t = declared.get(name)
+        if t is None:
+            return None  # not a model input: let the run name the problem, as for one sample
+        shape = list(t.shape)
+        if all(isinstance(d, int) for d in shape) and list(array.shape) == shape:
+            return None
+        if array.ndim not in (len(shape), len(shape) + 1) or array.ndim == 0:
+            raise InputError(
+                f"{path}: array {name!r} of shape {list(array.shape)} is neither samples along axis 0 of input "
+                f"shape {shape} nor one sample (give --batch-axis none to feed it whole)"
+            )
+        counts.add(int(array.shape[0]))
+    if len(counts) > 1:
+        raise InputError(f"{path}: the arrays hold different numbers of samples along axis 0: {sorted(counts)}")
+    return counts.pop() if counts else None
+
+
+def _split_arrays(path: str, arrays: dict[str, np.ndarray], inputs: list[Tensor], batch_axis, limit) -> list[Sample]:
+    count = None if batch_axis is None else _sample_count(path, arrays, inputs)
+    if count is None:
+        return [Sample(arrays, path)]
+    ranks = {t.name: len(t.shape) for t in inputs}
+    n = count if limit is None else min(count, limit)
+    samples = []
+    for i in range(n):
+        feeds = {k: (a[i : i + 1] if a.ndim == ranks[k] else a[i]) for k, a in arrays.items()}
+        samples.append(Sample(feeds, f"{path}[{i}]"))
+    if not samples:
+        raise InputError(f"{path}: no samples (axis 0 is empty)")
+    return samples
+
+
+def read_samples(path: str, inputs: list[Tensor], text_reader=None, *, batch_axis: int | None = 0,
+                 limit: int | None = None) -> list[Sample]:
+    """Samples from an input file; `text_reader(path, lines)` handles raw text lines.
+
+    `batch_axis`: 0 (arrays hold samples along axis 0) or None (an array file is one
+    sample); `limit`: keep at most the first `limit` samples."""
+    if batch_axis not in (0, None):
+        raise InputError(f"batch axis must be 0 or none, got {batch_axis!r}")
+    if limit is not None and limit < 1:
+        raise InputError(f"the number of samples must be at least 1, got {limit}")
     if path != "-" and not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if path.endswith(".npy"):
         if len(inputs) != 1:
             raise InputError(f"{path}: the model has {len(inputs)} inputs; give them as an .npz keyed by name")
-        return [Sample({inputs[0].name: read_npy(path, _header_check(path, inputs))}, path)]
+        check = _header_check(path, inputs, batch_axis)
+        return _split_arrays(path, {inputs[0].name: read_npy(path, check)}, inputs, batch_axis, limit)
     if path.endswith(".npz"):
-        return [Sample(read_npz(path, _header_check(path, inputs)), path)]
+        return _split_arrays(path, read_npz(path, _header_check(path, inputs, batch_axis)), inputs, batch_axis, limit)
     try:
         if path == "-":
             import sys
@@ -130,23 +189,23 @@ def read_samples(path: str, inputs: list[Tensor], text_reader=None) -> list[Samp
         raise InputError(f"{path}: not UTF-8 text (give arrays as .npy or .npz)") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory") from None
-    samples = list(text_reader(path, lines)) if text_reader is not None else list(number_lines(path, inputs, lines))
+    reader = text_reader(path, lines) if text_reader is not None else number_lines(path, inputs, lines)
+    samples = list(reader if limit is None else itertools.islice(reader, limit))
     if not samples:
         raise InputError(f"{path}: no samples (every line is empty or a comment)")
     return samples
 
 
-def load_samples(model, path):
-    """Samples for `model` from `path`, through the embedded tokenizer if there is one."""
+def load_samples(model, path, *, batch_axis: int | None = 0, limit: int | None = None):
+    """Samples for `model` from `path`, through the embedded tokenizer if there is one
+    (`batch_axis` and `limit` as for `read_samples`)."""
     text_reader = None
     if "tokenizer" in model.metadata:
         from .text import text_reader_for
 
         text_reader = text_reader_for(model)
-    samples = read_samples(path, model.inputs, text_reader)
-    if model.metadata.get("input_quant"):
-        from .input_quant import quantize_feeds
-
+    samples = read_samples(path, model.inputs, text_reader, batch_axis=batch_axis, limit=limit)
+    if input_specs(model.metadata):
         for sample in samples:
             sample.feeds = quantize_feeds(model, sample.feeds)
     return samples

@@ -179,6 +179,9 @@ class _Reader:
         raise IntqFormatError(f"{self.path}: {message}")
 
     def preamble(self) -> tuple[dict, int, int]:
+        if str(self.path).lower().endswith(".onnx"):
+            self.fail("is an ONNX model, not a .intq; turn it into one with `refsim export` (a float model) "
+                      "or `refsim import` (an already quantized one)")
         if self.size < ALIGN:
             self.fail(f"file is {self.size} bytes, too short for an .intq preamble ({ALIGN} bytes)")
         magic, version, flags, header_len, data_offset, data_len, header_crc = PREAMBLE.unpack_from(self.buffer, 0)

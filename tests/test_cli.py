@@ -59,14 +59,18 @@ def test_run_npy_npz_and_stdin_agree(tmp_path, capsys):
     rows = np.array(example_rows(), np.int8)
     np.save(tmp_path / "x.npy", rows)
     np.savez(tmp_path / "x.npz", x=rows)
-    outs = []
-    for source in (tmp_path / "x.npy", tmp_path / "x.npz"):
-        code, out, _ = run_cli(capsys, "run", EXAMPLE, source, "--json")
-        assert code == 0
-        outs.append(json.loads(out)["samples"][0]["outputs"])
-    assert outs[0] == outs[1]
     want = refsim.load(EXAMPLE).run({"x": rows})
-    assert outs[0]["logits"]["values"] == want["logits"].tolist()
+    for source in (tmp_path / "x.npy", tmp_path / "x.npz"):
+        # Samples along axis 0: one per row, each a batch of one.
+        code, out, _ = run_cli(capsys, "run", EXAMPLE, source, "--json")
+        samples = json.loads(out)["samples"]
+        assert code == 0 and [s["source"] for s in samples] == [f"{source}[{i}]" for i in range(len(rows))]
+        assert [s["outputs"]["logits"]["values"][0] for s in samples] == want["logits"].tolist()
+        code, out, _ = run_cli(capsys, "run", EXAMPLE, source, "--json", "--samples", "2")
+        assert len(json.loads(out)["samples"]) == 2
+        # --batch-axis none: the whole array is one sample (a batch of four).
+        code, out, _ = run_cli(capsys, "run", EXAMPLE, source, "--json", "--batch-axis", "none")
+        assert json.loads(out)["samples"][0]["outputs"]["logits"]["values"] == want["logits"].tolist()
     stdin = subprocess.run([sys.executable, "-m", "refsim", "run", str(EXAMPLE), "-", "--json"],
                            input="16 " + " ".join(["007"] * 15) + "\n", capture_output=True, text=True, check=True)
     got = json.loads(stdin.stdout)["samples"][0]["outputs"]["logits"]["values"]

@@ -160,8 +160,9 @@ def test_refsim_run_quantizes_float_images(workdir, images, tmp_path, capsys):
     q = quantize_feeds(m, {"pixel_values": x})["pixel_values"]
     expected = np.clip(np.rint(x.astype(np.float64) / spec["scale"]), -128, 127)
     assert np.array_equal(q, expected) and q.dtype == np.int8
-    printed = json.loads(capsys.readouterr().out)["samples"][0]["outputs"]["logits"]["values"]
-    assert np.array_equal(m.run({"pixel_values": q})["logits"], np.array(printed))
+    samples = json.loads(capsys.readouterr().out)["samples"]  # one per image (axis 0)
+    printed = [row for s in samples for row in s["outputs"]["logits"]["values"]]
+    assert len(samples) == 3 and np.array_equal(m.run({"pixel_values": q})["logits"], np.array(printed))
 
 
 def test_compare_cli_json_and_leak_warning(workdir, text, tmp_path, capsys):

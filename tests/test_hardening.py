@@ -194,9 +194,11 @@ def test_good_array_files_still_read_exactly(tmp_path):
     np.save(tmp_path / "f.npy", np.asfortranarray(x.astype(">i4")))
     np.savez_compressed(tmp_path / "x.npz", x=x)
     for name in ("x.npy", "f.npy", "x.npz"):
-        (sample,) = read_samples(str(tmp_path / name), X)
+        (sample,) = read_samples(str(tmp_path / name), X, batch_axis=None)
         np.testing.assert_array_equal(sample.feeds["x"], x)
         assert sample.feeds["x"].flags.c_contiguous
+        samples = read_samples(str(tmp_path / name), X)  # eight samples along axis 0
+        np.testing.assert_array_equal(np.concatenate([s.feeds["x"] for s in samples]), x)
 
 
 # --- 6. text inputs -----------------------------------------------------------------------------
@@ -418,7 +420,7 @@ sys.exit(main(["run", "model.intq", "inputs.txt"]))
 def test_a_real_sigint_at_any_moment_is_one_line_and_exit_130(delay):
     # What the `refsim` script does, once the interpreter itself is up (an interrupt before
     # that is Python's own start-up, not refsim's).
-    code = "import sys; print('ready', file=sys.stderr, flush=True); from refsim.cli import main; sys.exit(main())"
+    code = "import sys; print('ready', file=sys.stderr, flush=True); from refsim.cli import console; console()"
     child = subprocess.Popen([sys.executable, "-c", code, "run", str(EXAMPLE), "-"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stderr.readline() == "ready\n"

@@ -156,7 +156,7 @@ def test_standalone_streams_follow_the_tiling(ita_set):
 def test_requant_parameter_files(ita_set):
     folder, model, f, traced = ita_set
     params = random_attention(np.random.default_rng(7), 64, 64, 2)
-    for fname, field in (("RQS_MUL", "mul"), ("RQS_SHIFT", "shift"), ("RQS_ADD", "add")):
+    for fname, field in (("RQS_ATTN_MUL", "mul"), ("RQS_ATTN_SHIFT", "shift"), ("RQS_ATTN_ADD", "add")):
         rows = [[int(v) for v in line.split()] for line in (folder / f"{fname}.txt").read_text().split("\n")]
         expected = [[getattr(getattr(head, s), field) for s in ("q", "k", "v", "qk", "av", "ow")] + [getattr(params.sum, field)]
                     for head in params.heads]
@@ -223,7 +223,7 @@ def test_graph_form_deviations_are_named(tmp_path):
 def test_a_model_without_blocks_is_refused(tmp_path):
     b = GraphBuilder("plain")
     b.output(b.node("Relu", [b.input("x", "int8", [4])], outputs="y"))
-    with pytest.raises(RefsimError, match="records no ITA attention blocks"):
+    with pytest.raises(RefsimError, match="records no ITA attention or feed-forward blocks"):
         write_vector_set(b.model(), [Sample({"x": np.zeros(4, np.int8)}, "s")], tmp_path / "set", targets("ita"))
 
 
@@ -241,3 +241,72 @@ def test_cli_writes_ita_files_for_a_saved_model(tmp_path, capsys):
     assert (folder / "hwpe" / "mem.txt").is_file() and (folder / "standalone" / "Out_soft_1.txt").is_file()
     assert cli(["check", str(out), str(out), "--tensors", "enc0.attn.h1.*"]) == 0
     assert "0 mismatch, 0 missing: OK" in capsys.readouterr().out
+
+
+# --- the feed-forward block -----------------------------------------------------------------
+
+
+def ff_model(activation="gelu", S=64, E=64, F=128, attention=None, seed=4):
+    from refsim.blocks.ita import ItaFeedForward, ItaGeluConstants, ItaRequant, add_feedforward_block
+
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("ffn")
+    x = b.input("x", "int8", [S, E])
+    params = ItaFeedForward(
+        w1=rng.integers(-128, 128, (E, F)), w2=rng.integers(-128, 128, (F, E)),
+        b1=rng.integers(-(1 << 12), 1 << 12, F), b2=rng.integers(-(1 << 12), 1 << 12, E),
+        f1=ItaRequant(90, 17), f2=ItaRequant(80, 18, 3), activation=activation,
+        act=ItaRequant(100, 7, -2) if activation == "relu" else ItaRequant(74, 20) if activation == "gelu" else None,
+        gelu=ItaGeluConstants(-7091, -80, -7091) if activation == "gelu" else None, attention=attention)
+    b.output(add_feedforward_block(b, "ffn", x, params).out)
+    return b.model(), params
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu"])
+def test_feedforward_block_computes_pyita_steps(activation):
+    from refsim.ops.gelu import ITAGelu
+
+    model, p = ff_model(activation)
+    x = np.random.default_rng(9).integers(-128, 128, (64, 64)).astype(np.int8)
+    traced = {}
+    out = model.run({"x": x}, trace=lambda node, name, a: traced.__setitem__(name, a))
+    rq = lambda v, r: requant(v, r.mul, r.shift, r.add)  # noqa: E731
+    f1 = rq(clip26(x.astype(np.int64) @ p.w1 + p.b1), p.f1)
+    if activation == "relu":
+        act = rq(np.maximum(f1, 0), p.act)
+    elif activation == "gelu":  # the op has its own tests against PyITA's formula
+        act = ITAGelu(f1.astype(np.int8), q_1=-7091, q_b=-80, q_c=-7091, eps_mul=74, eps_shift=20).astype(np.int64)
+    else:
+        act = f1
+    assert traced["ffn.F1"].tolist() == f1.tolist()
+    assert out["ffn.F2"].tolist() == rq(clip26(act @ p.w2 + p.b2), p.f2).tolist()
+    assert np.unique(out["ffn.F2"]).size > 10
+
+
+def test_an_unpaired_feedforward_block_gets_its_own_folder(tmp_path):
+    model, _ = ff_model("relu")
+    x = np.zeros((64, 64), np.int8)
+    write_vector_set(model, [Sample({"x": x}, "s")], tmp_path / "set", targets("ita"))
+    folder = tmp_path / "set" / "sample0000" / "ita" / "ffn"
+    assert (folder / "standalone" / "FF2p_0.txt").is_file() and not (folder / "standalone" / "Q.txt").exists()
+    assert (folder / "RQS_FFN_MUL.txt").read_text() == "90 80" and (folder / "activation_requant_add.txt").read_text() == "-2"
+    assert len((folder / "hwpe" / "mem.txt").read_text().splitlines()) == (64 * 64 + 2 * 64 * 128) // 4 + 3 * (128 + 64) // 4
+
+
+def test_feedforward_blocks_that_do_not_fit_or_deviate_are_named(tmp_path):
+    from refsim.blocks.ita import read_feedforward_block
+
+    model, _ = ff_model("gelu", F=96, attention="nowhere")
+    with pytest.raises(GraphError, match="pairs with attention block 'nowhere'"):
+        write_vector_set(model, [Sample({"x": np.zeros((64, 64), np.int8)}, "s")], tmp_path / "a", targets("ita"))
+    model, _ = ff_model("gelu", F=96)
+    with pytest.raises(GraphError, match="feed-forward size F = 96 is not a positive multiple of 64"):
+        write_vector_set(model, [Sample({"x": np.zeros((64, 64), np.int8)}, "s")], tmp_path / "b", targets("ita"))
+    model, _ = ff_model("gelu")
+    node = next(n for n in model.graph.nodes if n.name == "ffn.act")
+    node.attrs["q_1"] = 5
+    with pytest.raises(GraphError, match="q_1 = 5 differs from q_c = -7091"):
+        write_vector_set(model, [Sample({"x": np.zeros((64, 64), np.int8)}, "s")], tmp_path / "c", targets("ita"))
+    record = model.graph.metadata["feedforward_blocks"][0]
+    with pytest.raises(GraphError, match="ffn.F2_acc.*must multiply 'ffn.F1'"):
+        read_feedforward_block(model.graph, dict(record, activation=dict(record["activation"], op="identity", out="ffn.F1")))

@@ -88,6 +88,15 @@ def _absmax(t) -> int:
     return max(abs(int(t.min())), abs(int(t.max())))
 
 
+def _difference_fits_int64(x, zero_point) -> bool:
+    """Every x - zero_point lies in int64 (exact, with Python integers)."""
+    if x.numel() == 0 or zero_point.numel() == 0:
+        return True
+    lo = int(x.min()) - int(zero_point.max())
+    hi = int(x.max()) - int(zero_point.min())
+    return -(1 << 63) <= lo and hi <= INT64_MAX
+
+
 def _require(condition: bool, why: str = "") -> None:
     if not condition:
         raise Undefined(why)
@@ -286,12 +295,12 @@ def matmul(a, b, a_zero_point=None, b_zero_point=None, bias=None, *, types=None,
     if a_zero_point is not None:
         za = T(a_zero_point)
         _require(za.numel() == 1, "a_zero_point not a scalar")
-        _require(_absmax(A) + _absmax(za) <= INT64_MAX, "a - a_zero_point beyond int64")
+        _require(_difference_fits_int64(A, za), "a - a_zero_point beyond int64")
         A = A - za.reshape(())
     if b_zero_point is not None:
         zb = T(b_zero_point)
         _require(zb.ndim <= 1 and (zb.numel() == 1 or zb.numel() == B.shape[-1]), "bad b_zero_point")
-        _require(_absmax(B) + _absmax(zb) <= INT64_MAX, "b - b_zero_point beyond int64")
+        _require(_difference_fits_int64(B, zb), "b - b_zero_point beyond int64")
         B = B - zb.reshape(-1)
     k = A.shape[-1]
     bias_t = T(bias) if bias is not None else torch.tensor(0)

@@ -21,7 +21,7 @@ import onnx
 from refsim.engine import Model
 
 from .onnx_reader import ImportFailure, OnnxGraph
-from .values import REQUANT_CHOICES, Emitter
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES, Emitter
 
 FORMATS = ("qdq", "qonnx", "deeploy")
 
@@ -50,6 +50,18 @@ def detect_format(model: onnx.ModelProto) -> str:
     )
 
 
+def _refsim_form(source):
+    """The refsim graph of an ONNX file written by `refsim convert`, else None."""
+    from refsim.onnx_form import from_onnx, is_refsim_onnx
+
+    where = "model" if isinstance(source, onnx.ModelProto) else os.fspath(source)
+    try:
+        proto = source if isinstance(source, onnx.ModelProto) else onnx.load(os.fspath(source), load_external_data=False)
+    except Exception:  # unreadable files are reported by the ONNX reader with its own message
+        return None
+    return from_onnx(proto, where) if is_refsim_onnx(proto) else None
+
+
 def import_model(
     source: str | os.PathLike | onnx.ModelProto,
     output: str | os.PathLike | None = None,
@@ -61,6 +73,7 @@ def import_model(
     input_types: Mapping[str, str] | None = None,
     mode: str = "ibert",
     name: str | None = None,
+    float_ops: str = "integer",
 ) -> Model:
     """Import a quantized ONNX model as a refsim Model (saved to `output` when given).
 
@@ -72,10 +85,20 @@ def import_model(
     inputs), which then import as constants. input_types: the integer type each float input
     of a quantlib/Deeploy graph holds (default int8). mode: which integer variants stand
     for float Softmax/LayerNormalization left between QDQ pairs ("ibert": IBertSoftmax and
-    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm).
+    IBertLayerNorm; "deeploy": ITAMax and iLayerNorm). float_ops: "integer" (those integer
+    variants, what hardware runs) or "ort" (Softmax, LayerNormalization, QLinearAdd/QLinearMul
+    replay onnxruntime's float32 CPU kernels: "does refsim reproduce my onnxruntime model").
     """
+    if float_ops not in FLOAT_OPS_CHOICES:
+        raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
+    refsim_graph = _refsim_form(source)
+    if refsim_graph is not None:  # written by `refsim convert`: the graph itself, exactly
+        model = Model(refsim_graph)
+        if output is not None:
+            model.save(output)
+        return model
     graph = OnnxGraph.read(source, shapes, dict(constants or {}))
     fmt = fmt or detect_format(graph.model)
     if fmt not in FORMATS:
@@ -83,7 +106,7 @@ def import_model(
     if name is None:
         name = graph.model.graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
                                           if not isinstance(source, onnx.ModelProto) else "imported")
-    emitter = Emitter(name, requant=requant, max_tensor_bytes=graph.budget.limit)
+    emitter = Emitter(name, requant=requant, float_ops=float_ops, max_tensor_bytes=graph.budget.limit)
     if fmt == "qdq":
         from .qdq import QdqImporter
 
@@ -103,65 +126,18 @@ def import_model(
     return model
 
 
-def _boundary(model: Model, kind: str) -> dict:
-    return model.metadata.get("import", {}).get(kind, {})
-
-
-def _expand_scale(entry: dict, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    scale = np.asarray(entry["scale"], np.float32)
-    zero = np.asarray(entry["zero_point"], np.int64)
-    if scale.size == 1:
-        return scale.reshape(()), zero.reshape(())
-    axis = entry["axis"]
-    rank = len(shape)
-    if "block_size" in entry:
-        scale_shape = entry["scale_shape"]
-        scale = np.repeat(scale.reshape(scale_shape), entry["block_size"], axis=axis)
-        zero = np.repeat(zero.reshape(scale_shape), entry["block_size"], axis=axis)
-        index = [slice(None)] * rank
-        index[axis] = slice(0, shape[axis])
-        return scale[tuple(index)], zero[tuple(index)]
-    view = [1] * rank
-    view[axis] = scale.size
-    return scale.reshape(view), zero.reshape(view)
-
-
 def quantize_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Float feeds quantized as the ONNX graph's QuantizeLinear would: saturate(rne(x / scale) + zp)."""
-    specs = _boundary(model, "inputs")
-    out = {}
-    for name, value in feeds.items():
-        if name not in specs:
-            out[name] = value
-            continue
-        spec = specs[name]
-        t = model.graph.tensors[name].dtype
-        lo, hi = spec.get("clip", (t.lo, t.hi))
-        x = np.asarray(value, np.float32)
-        scale, zero = _expand_scale(spec, x.shape)
-        rounding = spec.get("rounding", "half_even")
-        if rounding == "half_even":  # ONNX QuantizeLinear: float32 division, ties to even, then the zero point
-            q = np.rint(x / scale).astype(np.float64) + zero
-        else:  # QONNX Quant: round_mode(clip(x / scale + zeropt))
-            rounder = {"floor": np.floor, "trunc": np.trunc, "half_up": lambda v: np.floor(v + 0.5)}[rounding]
-            q = rounder(np.clip((x / scale + np.float32(0) + zero.astype(np.float32)), lo, hi)).astype(np.float64)
-        out[name] = np.clip(q, lo, hi).astype(t.storage)
-    return out
+    return model.quantize_inputs(dict(feeds))
 
 
 def dequantize_outputs(model: Model, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs the ONNX graph dequantized, as float32 (q - zero_point) * scale; others as they are."""
-    specs = _boundary(model, "outputs")
-    by_tensor = {spec["tensor"]: (name, spec) for name, spec in specs.items()}
-    result = {}
-    for tensor, value in outputs.items():
-        name, spec = by_tensor.get(tensor, (tensor, None))
-        if spec is None or not spec.get("dequantize"):
-            result[name] = value
-            continue
-        scale, zero = _expand_scale(spec, np.shape(value))
-        result[name] = ((np.asarray(value).astype(np.int64) - zero).astype(np.float32) * scale).astype(np.float32)
-    return result
+    """Outputs the ONNX graph dequantized, as float32 (q - zero_point) * scale, keyed by the
+    ONNX output name; the others as they are."""
+    specs = model.metadata.get("import", {}).get("outputs", {})
+    names = {spec["tensor"]: name for name, spec in specs.items()}
+    floats = model.dequantize_outputs(dict(outputs))
+    return {names.get(tensor, tensor): value for tensor, value in floats.items()}
 
 
 __all__ = ["FORMATS", "ImportFailure", "detect_format", "import_model", "quantize_inputs", "dequantize_outputs"]

@@ -148,8 +148,8 @@ class Importer:
             value = self.values.get(name)
             q = value.q if isinstance(value, Dequantized) else value
             if isinstance(value, FloatOp):
-                raise fail(value.node, f"its float result is graph output {name!r}; refsim outputs integers, "
-                                       "so the output needs a QuantizeLinear/DequantizeLinear pair")
+                value = self.float_output(name, value)
+                q = value.q
             if isinstance(value, (Const, FloatInput)) or value is None:
                 raise ImportFailure(f"graph output {name!r} is a constant or a float input; nothing integer computes it")
             tensor = self.em.tensor(q)
@@ -172,6 +172,7 @@ class Importer:
         b.metadata["import"] = {
             "format": self.format_name,
             "requant": self.em.requant,
+            "float_ops": self.em.float_ops,
             "producer": f"{self.g.model.producer_name} {self.g.model.producer_version}".strip(),
             "inputs": self.input_quantization,
             "outputs": outputs,
@@ -180,6 +181,12 @@ class Importer:
             return b.build()
         except RefsimError as e:
             raise ImportFailure(f"the imported graph is invalid: {e}") from None
+
+    def float_output(self, name: str, value: FloatOp) -> Dequantized:
+        """A graph output computed by float ops after the last QuantizeLinear: a format may know
+        an integer form for it (the QDQ importer: masked mean pooling); otherwise refused."""
+        raise fail(value.node, f"its float result is graph output {name!r}; refsim outputs integers, "
+                               "so the output needs a QuantizeLinear/DequantizeLinear pair")
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -323,7 +330,8 @@ class Importer:
 
     def op_Flatten(self, node, ins, attrs):
         shape = self._shape_of(node, ins[0])
-        axis = attrs.get("axis", 1) % max(len(shape), 1) if shape else 0
+        axis = attrs.get("axis", 1)
+        axis = axis + len(shape) if axis < 0 else axis  # ONNX allows axis = rank: [size, 1]
         def size(dims):
             if not all(isinstance(d, int) for d in dims):
                 return None
@@ -346,6 +354,8 @@ class Importer:
             self.g.budget.take(array_bytes(rows, table.itemsize), node, "the gathered constant")
             return self._move(node, data, "Gather", {}, lambda a: np.take(a, idx, axis=axis))
         index = self.integer(node, indices, "the indices")
+        if isinstance(data, Const) and np.asarray(data.value).dtype.kind in "iub":
+            data = self.integer(node, data, "the table")  # an integer table (QOperator's quantized embedding)
         shape = self._shape_of(node, data)
         rank = len(shape)
         axis %= rank

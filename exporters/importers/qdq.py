@@ -501,14 +501,71 @@ class QdqImporter(Importer):
             return self.em.node(op, [self.em.tensor(a), self.em.tensor(b)], node.output[0], node.name)
         if op == "Cast":
             to = attrs["to"]
+            x = self.integer(node, ins[0], "the input")
+            if to in FLOAT_TYPES:
+                # An integer as a float (a mask about to be quantized): the value q itself, scale 1.
+                if x.scale is not None:
+                    raise fail(node, "casts a quantized integer tensor to float; dequantize it with DequantizeLinear")
+                if x.dtype.bits > 32 and not x.is_const:  # masks arrive as int64; float32 is exact only below 2^24
+                    x = self.em.node("Cast", [self.em.tensor(x)], f"{node.output[0]}.int32", dtype="int32")
+                return Dequantized(replace(x, scale=np.float64(1.0), zero_point=np.int64(0)))
+            if to == onnx.TensorProto.BOOL:
+                return self.nonzero(node, x)
             if to not in INTEGER_TYPES:
                 raise fail(node, f"casts integers to {type_name(to)}; refsim computes with integers")
-            x = self.integer(node, ins[0], "the input")
             return self.em.node("Cast", [self.em.tensor(x)], node.output[0], node.name, dtype=INTEGER_TYPES[to])
+        if op in ("And", "Or", "Xor", "Not"):
+            # Booleans are 0/1 integers: And = a*b, Or = a + b - a*b, Xor = (a - b)^2, Not = 1 - a.
+            a = self.em.tensor(self.integer(node, ins[0], "the first operand"))
+            if op == "Not":
+                return self.em.node("Sub", [self.em.const(np.asarray(1), "uint8"), a], node.output[0], node.name, dtype="uint8")
+            b = self.em.tensor(self.integer(node, ins[1], "the second operand"))
+            if op == "And":
+                return self.em.node("Mul", [a, b], node.output[0], node.name, dtype="uint8")
+            if op == "Xor":
+                d = self.em.node("Sub", [a, b], f"{node.output[0]}.difference")
+                return self.em.node("Mul", [d.name, d.name], node.output[0], node.name, dtype="uint8")
+            both = self.em.node("Mul", [a, b], f"{node.output[0]}.both")
+            total = self.em.node("Add", [a, b], f"{node.output[0]}.sum")
+            return self.em.node("Sub", [total.name, both.name], node.output[0], node.name, dtype="uint8")
+        if op == "Where":
+            cond, a, b = ins
+            if any(isinstance(v, Const) and np.asarray(v.value).dtype.kind == "f" for v in (a, b)):
+                return FloatOp(node, ins, attrs)  # float branches: chosen once quantized
+            c, x, y = (self.integer(node, v, what) for v, what in ((cond, "the condition"), (a, "X"), (b, "Y")))
+            return self.select(node, c, x, y, node.output[0])
+        if op == "Expand":
+            x = self.integer(node, ins[0], "the input")
+            shape = self.ints(node, ins[1], "the shape")
+            zeros = self.em.const(np.zeros(shape, np.int8), "int8", f"{node.output[0]}.zeros")
+            return self.em.node("Add", [self.em.tensor(x), zeros], node.output[0], node.name, dtype=x.dtype.name)
+        if op == "Equal":
+            a = self.em.tensor(self.integer(node, ins[0], "the first operand"))
+            b = self.em.tensor(self.integer(node, ins[1], "the second operand"))
+            d = self.em.node("Sub", [a, b], f"{node.output[0]}.difference", dtype="int64", overflow="saturate")
+            differs = self.nonzero(node, d, f"{node.output[0]}.differs")
+            return self.em.node("Sub", [self.em.const(np.asarray(1), "uint8"), differs.name], node.output[0], node.name, dtype="uint8")
         if op == "Relu":
             x = self.integer(node, ins[0], "the input")
             return self.em.node("Relu", [self.em.tensor(x)], node.output[0], node.name)
         raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
+
+    def nonzero(self, node, x: QTensor, out: str | None = None) -> QTensor:
+        """x != 0 as 0/1 (uint8): min(x*x, 1), the square saturated so it cannot overflow."""
+        t = self.em.tensor(x)
+        square = self.em.node("Mul", [t, t], f"{out or node.output[0]}.square", dtype="int64", overflow="saturate")
+        return self.em.node("Cast", [self.em.node("Clip", [square.name], f"{out or node.output[0]}.clip", hi=1).name],
+                            out or node.output[0], node.name, dtype="uint8")
+
+    def select(self, node, cond: QTensor, x: QTensor, y: QTensor, out: str) -> QTensor:
+        """Where(cond, x, y) for a 0/1 condition: y + cond * (x - y), in the narrowest type of x and y."""
+        from refsim.dtypes import type_for_range
+
+        lo, hi = min(x.dtype.lo, y.dtype.lo), max(x.dtype.hi, y.dtype.hi)
+        dtype = type_for_range(lo, hi).name
+        d = self.em.node("Sub", [self.em.tensor(x), self.em.tensor(y)], f"{out}.difference")
+        chosen = self.em.node("Mul", [self.em.tensor(cond), d.name], f"{out}.chosen")
+        return self.em.node("Add", [self.em.tensor(y), chosen.name], out, node.name, dtype=dtype)
 
     def resolve(self, expr: FloatOp, target: QTensor, out: str, qnode) -> QTensor:
         """The integer ops that compute QuantizeLinear(expr) at `target`'s scale."""
@@ -516,6 +573,20 @@ class QdqImporter(Importer):
         if not leaves:
             value = self.evaluate(expr, None, None)
             return replace(target, data=self.quantize_values(value, target), shape=np.shape(value))
+        if expr.node.op_type == "Where" and not isinstance(expr.inputs[0], (Dequantized, FloatOp)):
+            cond = self.integer(expr.node, expr.inputs[0], "the condition")
+            branches = []
+            for v in expr.inputs[1:]:
+                if isinstance(v, (Dequantized, FloatOp)) and self._runtime_leaves_of(v):
+                    raise fail(expr.node, "selects between computed float tensors; refsim selects between constants here")
+                value = np.asarray(self.evaluate(v, None, None), np.float32)
+                branches.append(replace(target, name=None, data=self.quantize_values(value, target), shape=value.shape))
+            result = self.select(expr.node, cond, branches[0], branches[1], f"{out}.selected")
+            return replace(target, name=self.em.node("Cast", [result.name], out, dtype=target.dtype.name).name, shape=result.shape)
+        if self.em.float_ops == "ort":
+            replayed = self.ort_replay(expr, target, out)
+            if replayed is not None:
+                return replayed
         if len(leaves) == 1 and self._lut_eligible(expr):
             return self.lut(expr, next(iter(leaves.values())), target, out)
         op = expr.node.op_type
@@ -610,6 +681,116 @@ class QdqImporter(Importer):
         table = self.quantize_values(values, target)
         result = self.em.node("Lut", [self.em.tensor(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
         return replace(target, name=result.name, shape=result.shape)
+
+    # --- a float tail after the last QuantizeLinear: masked mean pooling ------------------------------
+
+    POOL_FRACTION_BITS = 16
+
+    def float_output(self, name: str, value: FloatOp) -> Dequantized:
+        """sum(x, axes) / clip(sum(m, axes), min) with x = p or x = h * m, all quantized per tensor
+        (sentence-transformers' mean pooling over a mask m): with the exact integer sums
+        N = sum(p - z_p) (or sum((h - z_h)(m - z_m))) and D = sum(m - z_m), the output is
+        (s_x / s_m) * N / max(D, 1), computed as round(N * 2^16 / D) (half away from zero) at
+        scale s_x / s_m / 2^16. The float tail onnxruntime computes differs by its float32
+        rounding (docs/IMPORT.md)."""
+        pooled = self._mean_pool(value)
+        if pooled is None:
+            return super().float_output(name, value)
+        factors, m, axes = pooled
+        centred = []
+        for q in factors:
+            t = self.em.tensor(q)
+            if q.zp_scalar():
+                t = self.em.node("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{name}.centred").name
+            centred.append(t)
+        x = centred[0] if len(centred) == 1 else self.em.node("Mul", centred, f"{name}.product").name
+        mask = self.em.tensor(m)
+        if m.zp_scalar():
+            mask = self.em.node("Sub", [mask, self.em.const(np.asarray(m.zp_scalar()), m.dtype)], f"{name}.mask").name
+        total = self.em.node("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
+        count = self.em.node("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
+        count = self.em.node("Clip", [count.name], f"{name}.count_at_least_one", lo=1)
+        mean = self.em.node("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << self.POOL_FRACTION_BITS, eps=0)
+        s_x = float(np.prod([np.float64(np.asarray(q.scale).reshape(())) for q in factors]))
+        scale = np.float64(np.float32(s_x / float(np.asarray(m.scale).reshape(())) / 2.0**self.POOL_FRACTION_BITS))
+        return Dequantized(replace(mean, scale=np.asarray(scale), zero_point=np.asarray(0, np.int64)))
+
+    def _mean_pool(self, value: FloatOp):
+        if value.node.op_type != "Div" or not all(isinstance(v, FloatOp) for v in value.inputs):
+            return None
+        num, den = value.inputs
+        if den.node.op_type == "Clip":
+            den = den.inputs[0]
+        if not isinstance(den, FloatOp) or num.node.op_type != "ReduceSum" or den.node.op_type != "ReduceSum":
+            return None
+        if num.attrs.get("keepdims", 1) or den.attrs.get("keepdims", 1):
+            return None
+        axes = self.ints(num.node, num.inputs[1], "axes") if len(num.inputs) > 1 else num.attrs.get("axes")
+        den_axes = self.ints(den.node, den.inputs[1], "axes") if len(den.inputs) > 1 else den.attrs.get("axes")
+        mask = den.inputs[0]
+        if axes is None or list(axes) != list(den_axes or []) or not isinstance(mask, Dequantized) or not mask.q.per_tensor:
+            return None
+        x = num.inputs[0]
+        if isinstance(x, FloatOp) and x.node.op_type == "Mul" and all(isinstance(v, Dequantized) for v in x.inputs):
+            factors = [v.q for v in x.inputs]
+        elif isinstance(x, Dequantized):
+            factors = [x.q]
+        else:
+            return None
+        if any(q.is_const or not q.per_tensor for q in factors + [mask.q]):
+            return None
+        return factors, mask.q, [int(a) for a in axes]
+
+    # --- --float-ops ort: onnxruntime's float32 kernels replayed ------------------------------------
+
+    def ort_replay(self, expr: FloatOp, target: QTensor, out: str) -> QTensor | None:
+        """The op onnxruntime runs for expr quantized at target, when refsim has its replay."""
+        from . import ort_float
+
+        op, ins = expr.node.op_type, expr.inputs
+        if not target.per_tensor or target.dtype.bits != 8:
+            return None
+        if op in ("Add", "Mul") and len(ins) == 2 and all(_eight_bit(v) for v in ins):
+            a, b = ins[0].q, ins[1].q
+            if op == "Add":
+                scalar = "b" if np.prod(b.shape, dtype=np.int64) == 1 else "a" if np.prod(a.shape, dtype=np.int64) == 1 else None
+                table = ort_float.qlinear_add_table(a, b, target, scalar)
+            else:
+                table = ort_float.qlinear_mul_table(a, b, target)
+            result = self.em.node("Lut2", [self.em.tensor(a), self.em.tensor(b), self.em.const(table, target.dtype, f"{out}.table")],
+                                  out, expr.node.name)
+            return replace(target, name=result.name, shape=result.shape)
+        if op == "Softmax" and len(ins) == 1 and _eight_bit(ins[0]) and not ins[0].q.is_const:
+            q = self._row_input(expr, "Softmax")
+            if q.dtype is not target.dtype:
+                return None
+            length = q.shape[-1]
+            if not isinstance(length, int):
+                raise fail(expr.node, "needs a static softmax axis; give --shape")
+            from refsim.ops import float32 as f32
+
+            mant, expo = f32.from_float32(ort_float.softmax_table(q.scale, length))
+            result = self.em.node("OrtSoftmax", [self.em.tensor(q), self.em.const(mant, "int32", f"{out}.exp_m"),
+                                                 self.em.const(expo, "int16", f"{out}.exp_e")], out, expr.node.name,
+                                  y_factor=ort_float.softmax_y_factor(target.scale), zero_point=target.zp_scalar())
+            return replace(target, name=result.name, shape=result.shape)
+        if op == "LayerNormalization" and _eight_bit(ins[0]) and not ins[0].q.is_const:
+            q = self._row_input(expr, "LayerNormalization")
+            n = q.shape[-1]
+            if not isinstance(n, int):
+                raise fail(expr.node, "needs a static normalised axis")
+            gamma = np.broadcast_to(np.asarray(self.evaluate(ins[1], None, None), np.float64).reshape(-1), (n,))
+            beta = (np.broadcast_to(np.asarray(self.evaluate(ins[2], None, None), np.float64).reshape(-1), (n,))
+                    if len(ins) > 2 and ins[2] is not None else np.zeros(n))
+            p = ort_float.layernorm_params(q, gamma, beta, float(expr.attrs.get("epsilon", 1e-5)), target, n)
+            x = self.em.tensor(q)
+            bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
+            result = self.em.node("LayerNormRound", [x, self.em.const(p["gamma"], stem=f"{out}.gamma"),
+                                                     self.em.const(p["beta"], stem=f"{out}.beta"),
+                                                     self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")],
+                                  out, expr.node.name, eps=p["eps"], k=p["k"], shift=p["shift"], dtype=target.dtype.name, **bounds)
+            return replace(target, name=result.name, shape=result.shape)
+        return None
 
     # --- Softmax and LayerNormalization: refsim's integer variants (mode) ---------------------------
 
@@ -801,6 +982,11 @@ class QdqImporter(Importer):
         p = self._accumulator(self.em.node("Mul", centered, f"{out}.product"), qa, qb, axis=0)
         exact, ort = ratio_of(p, target)
         return self.em.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
+
+
+def _eight_bit(v) -> bool:
+    """A dequantized per-tensor 8-bit tensor (or constant): what onnxruntime's QLinear kernels take."""
+    return isinstance(v, Dequantized) and v.q.per_tensor and v.q.scale is not None and v.q.dtype.name in ("int8", "uint8")
 
 
 def _same(a: QTensor, b: QTensor) -> bool:

@@ -35,6 +35,9 @@ from ..dyadic import ExportError, dyadic
 from .onnx_reader import ImportFailure, fail
 
 REQUANT_CHOICES = ("dyadic", "ort")
+# What stands for the float ops onnxruntime computes in float32 (Softmax, LayerNormalization,
+# QLinearAdd/QLinearMul): refsim's integer variants, or replays of onnxruntime's kernels.
+FLOAT_OPS_CHOICES = ("integer", "ort")
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Emitter:
     name: str
     requant: str = "dyadic"
     rounding: str = "half_even"
+    float_ops: str = "integer"
     builder: GraphBuilder = field(init=False)
     # What the tensors emitted nodes declare may add up to (bytes, fully known shapes): a
     # small model's attributes (Pad's pads, Reshape's shape) must not ask a run for gigabytes.
@@ -124,6 +128,8 @@ class Emitter:
     def __post_init__(self):
         if self.requant not in REQUANT_CHOICES:
             raise ExportError(f"unknown requantization {self.requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
+        if self.float_ops not in FLOAT_OPS_CHOICES:
+            raise ExportError(f"unknown float ops {self.float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
         self.builder = GraphBuilder(self.name)
 
     # --- tensors ------------------------------------------------------------------------

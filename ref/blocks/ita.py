@@ -14,10 +14,17 @@ then the heads are combined as ITA does: the per-head int8 outputs are stacked
 (`heads` [H, S, E]), summed over heads exactly (`sum`), and requantized once more with
 one shared (mul, shift, add) into the block output `out` [S, E] int8.
 
-`add_attention_block` builds that from integers and appends a record to
-`metadata["attention_blocks"]`; `read_block` checks a graph against a record and
-returns every tensor and parameter the `ita` target needs. Only integers here: the
-float work (scales -> mul/shift) belongs to the exporters.
+ITA's feed-forward layer, on x [S, E] int8:
+
+    F1_acc = MatMul(x, Wff, bias=Bff; acc_bits=26, saturate)    -> F1 = Requant(...)   int8 [S, F]
+    act    = F1 (identity) | Requant(Relu(F1)) | ITAGelu(F1; ..., eps_*)               int8 [S, F]
+    F2_acc = MatMul(act, Wff2, bias=Bff2; ...)                   -> F2 = Requant(...)   int8 [S, E]
+
+`add_attention_block` and `add_feedforward_block` build these from integers and append a
+record to `metadata["attention_blocks"]` / `metadata["feedforward_blocks"]`; `read_block`
+and `read_feedforward_block` check a graph against a record and return every tensor and
+parameter the `ita` target needs. Only integers here: the float work (scales -> mul/shift)
+belongs to the exporters.
 """
 
 from __future__ import annotations
@@ -361,38 +368,232 @@ def read_block(graph, record: dict[str, Any]) -> ItaBlock:
     return ItaBlock(name, H, E, P, q, kv, dict(softmax), heads, heads_out, {**sum_rec, "requant": sum_requant})
 
 
-def ita_constraints(graph, block: ItaBlock, S: int | None) -> list[str]:
-    """Every way the block does not fit ITA (empty if it fits)."""
-    out = []
-    for label, value in (("sequence length S", S), ("embedding size E", block.E), ("projection size P", block.P)):
+def _check_range(problems: list[str], what: str, value: int, lo: int, hi: int, kind: str) -> None:
+    if not lo <= value <= hi:
+        problems.append(f"{what} {value} is not {kind}")
+
+
+def _check_requant_fits(out: list[str], rq: RequantParams) -> None:
+    _check_range(out, f"{rq.node}: multiplier", rq.mul, 0, 255, "unsigned 8-bit")
+    _check_range(out, f"{rq.node}: shift", rq.shift, 0, 255, "8-bit")
+    _check_range(out, f"{rq.node}: add", rq.add, -128, 127, "signed 8-bit")
+
+
+def _check_dims(out: list[str], dims) -> None:
+    for label, value in dims:
         if value is None:
             continue
         if value % ITA_TILE or value == 0:
             out.append(f"{label} = {value} is not a positive multiple of {ITA_TILE}")
         if value > ITA_MAX_DIM:
             out.append(f"{label} = {value} exceeds {ITA_MAX_DIM}")
+
+
+def _check_weights_and_biases(out: list[str], graph, steps) -> None:
+    lo, hi = -(1 << (BIAS_BITS - 1)), (1 << (BIAS_BITS - 1)) - 1
+    for step in steps:
+        w = graph.tensors[step["weight"]]
+        if w.dtype.name != "int8":
+            out.append(f"weight {w.name!r} is {w.dtype.name}, ITA takes int8")
+        bias = step.get("bias")
+        if bias:
+            data = graph.tensors[bias].data
+            if data is None:
+                out.append(f"bias {bias!r} is not a constant")
+            elif data.size and (int(data.min()) < lo or int(data.max()) > hi):
+                out.append(f"bias {bias!r} spans [{int(data.min())}, {int(data.max())}], beyond {BIAS_BITS}-bit signed")
+
+
+def ita_constraints(graph, block: ItaBlock, S: int | None) -> list[str]:
+    """Every way the attention block does not fit ITA (empty if it fits)."""
+    out: list[str] = []
+    _check_dims(out, (("sequence length S", S), ("embedding size E", block.E), ("projection size P", block.P)))
     for name in (block.q, block.kv):
         if graph.tensors[name].dtype.name != "int8":
             out.append(f"input {name!r} is {graph.tensors[name].dtype.name}, ITA takes int8")
-    lo, hi = -(1 << (BIAS_BITS - 1)), (1 << (BIAS_BITS - 1)) - 1
-    for head in block.heads:
-        for step in PROJECTIONS + ("OW",):
-            w = graph.tensors[head[step]["weight"]]
-            if w.dtype.name != "int8":
-                out.append(f"weight {w.name!r} is {w.dtype.name}, ITA takes int8")
-            bias = head[step].get("bias")
-            if bias:
-                data = graph.tensors[bias].data
-                if data is None:
-                    out.append(f"bias {bias!r} is not a constant")
-                elif data.size and (int(data.min()) < lo or int(data.max()) > hi):
-                    out.append(f"bias {bias!r} spans [{int(data.min())}, {int(data.max())}], beyond {BIAS_BITS}-bit signed")
-    requants = [head[s]["requant"] for head in block.heads for s in STEPS[:-1]] + [block.sum["requant"]]
-    for rq in requants:
-        if not 0 <= rq.mul <= 255:
-            out.append(f"{rq.node}: multiplier {rq.mul} is not unsigned 8-bit")
-        if not 0 <= rq.shift <= 255:
-            out.append(f"{rq.node}: shift {rq.shift} is not 8-bit")
-        if not -128 <= rq.add <= 127:
-            out.append(f"{rq.node}: add {rq.add} is not signed 8-bit")
+    _check_weights_and_biases(out, graph, [head[step] for head in block.heads for step in PROJECTIONS + ("OW",)])
+    for rq in [head[s]["requant"] for head in block.heads for s in STEPS[:-1]] + [block.sum["requant"]]:
+        _check_requant_fits(out, rq)
+    return out
+
+
+# --- the feed-forward block ---------------------------------------------------------------
+
+FF_FORM = "ita-feedforward"
+FF_FORM_VERSION = 1
+ACTIVATIONS = ("identity", "relu", "gelu")
+
+
+@dataclass(frozen=True)
+class ItaGeluConstants:
+    """PyITA's i-GELU constants (op ITAGelu). ITA's testbench loads only GELU_B and GELU_C
+    and the RTL takes one = c: PyITA's c = 1 makes q_1 = q_c, and the target requires it."""
+
+    q_1: int
+    q_b: int
+    q_c: int
+
+
+@dataclass
+class ItaFeedForward:
+    """ITA's feed-forward layer: Wff [E, F], Wff2 [F, E]; biases None for no bias.
+
+    `act` requantizes the activation output (ITA's activation_requant_*): required for
+    "relu" and "gelu", unused for "identity". `attention` names the attention block whose
+    testbench folder this block shares (ITA's testbench runs one attention block, then one
+    feed-forward block, from one folder); None gives the block a folder of its own."""
+
+    w1: Any
+    w2: Any
+    f1: ItaRequant
+    f2: ItaRequant
+    activation: str = "identity"
+    act: ItaRequant | None = None
+    gelu: ItaGeluConstants | None = None
+    b1: Any = None
+    b2: Any = None
+    attention: str | None = None
+
+
+@dataclass(frozen=True)
+class FeedForwardBlockNames:
+    """What `add_feedforward_block` created: the output tensor and the two layers' constants."""
+
+    out: str
+    weights: tuple[str, str]
+    biases: tuple[str | None, str | None]
+
+
+def add_feedforward_block(b, name: str, x: str, params: ItaFeedForward) -> FeedForwardBlockNames:
+    """Append one ITA feed-forward block to GraphBuilder `b` on the int8 [S, E] tensor `x`.
+
+    Every tensor and node is named `<name>.<...>`; the block is recorded in
+    `b.metadata["feedforward_blocks"]` (docs/ITA.md)."""
+    where = f"ITA feed-forward block {name!r}"
+    if params.activation not in ACTIVATIONS:
+        raise GraphError(f"{where}: activation must be one of {ACTIVATIONS}, got {params.activation!r}")
+    if params.activation != "identity" and params.act is None:
+        raise GraphError(f"{where}: activation {params.activation!r} needs its requantization (act)")
+    if params.activation == "gelu" and params.gelu is None:
+        raise GraphError(f"{where}: activation 'gelu' needs the i-GELU constants (gelu)")
+    tx = b.tensors[x]
+    w1, w2 = np.asarray(params.w1), np.asarray(params.w2)
+    if len(tx.shape) != 2 or w1.ndim != 2 or w2.ndim != 2 or w1.shape[0] != tx.shape[1] or w2.shape != w1.shape[::-1]:
+        raise GraphError(
+            f"{where}: needs x [S, E], Wff [E, F] and Wff2 [F, E]; got {list(tx.shape)}, {list(w1.shape)}, {list(w2.shape)}"
+        )
+    f1 = _projection(b, name, x, "F1", "ff", w1, params.b1, params.f1)
+    act: dict[str, Any] = {"op": "identity", "out": f1["out"], "node": None, "requant": None}
+    if params.activation == "relu":
+        relu = b.node("Relu", [f1["out"]], outputs=f"{name}.relu", name=f"{name}.relu")
+        out = _requant_node(b, relu, params.act, f"{name}.act")
+        act = {"op": "relu", "relu": relu, "out": out, "node": out, "requant": out}
+    elif params.activation == "gelu":
+        g, rq = params.gelu, params.act
+        out = b.node("ITAGelu", [f1["out"]], outputs=f"{name}.act", name=f"{name}.act",
+                     q_1=g.q_1, q_b=g.q_b, q_c=g.q_c, eps_mul=rq.mul, eps_shift=rq.shift, eps_add=rq.add)
+        act = {"op": "gelu", "out": out, "node": out, "requant": None}
+    f2 = _projection(b, name, act["out"], "F2", "ff2", w2, params.b2, params.f2)
+    record = {
+        "name": name,
+        "form": FF_FORM,
+        "version": FF_FORM_VERSION,
+        "S": tx.shape[0] if isinstance(tx.shape[0], int) else None,
+        "E": int(w1.shape[0]),
+        "F": int(w1.shape[1]),
+        "x": x,
+        "attention": params.attention,
+        "activation": act,
+        "F1": f1,
+        "F2": f2,
+    }
+    b.metadata.setdefault("feedforward_blocks", []).append(record)
+    return FeedForwardBlockNames(f2["out"], (f1["weight"], f2["weight"]), (f1["bias"], f2["bias"]))
+
+
+@dataclass
+class ItaFeedForwardBlock:
+    """A recorded feed-forward block, checked against its graph."""
+
+    name: str
+    E: int
+    F: int
+    x: str
+    attention: str | None
+    activation: str
+    steps: dict[str, dict[str, Any]]  # "F1", "F2" -> {"weight", "bias", "acc", "out", "requant": RequantParams}
+    act_out: str
+    act_requant: RequantParams | None  # relu's Requant, or gelu's (eps_mul, eps_shift, eps_add)
+    gelu: ItaGeluConstants | None
+
+
+def feedforward_records(graph) -> list[dict[str, Any]]:
+    records = graph.metadata.get("feedforward_blocks", [])
+    if not isinstance(records, list):
+        raise GraphError("metadata feedforward_blocks must be a list of block records")
+    return [r for r in records if isinstance(r, dict) and r.get("form") == FF_FORM]
+
+
+def read_feedforward_block(graph, record: dict[str, Any]) -> ItaFeedForwardBlock:
+    """Check that the graph computes the recorded feed-forward block in the ITA form; resolve it."""
+    name = str(record.get("name", "?"))
+    problems = _Problems(f"feed-forward block {name!r}")
+    if record.get("version") != FF_FORM_VERSION:
+        raise GraphError(f"feed-forward block {name!r}: form version {record.get('version')!r}, this refsim reads {FF_FORM_VERSION}")
+    producers = graph.producers()
+    try:
+        x, E, F, act = record["x"], int(record["E"]), int(record["F"]), record["activation"]
+        steps = {}
+        for step, source in (("F1", x), ("F2", act["out"])):
+            r = record[step]
+            _check_matmul(graph, producers, r["acc"], source, r["weight"], r.get("bias"), False, problems)
+            steps[step] = {**r, "requant": _check_requant(graph, producers, r["out"], r["acc"], problems)}
+        op, act_requant, gelu = act["op"], None, None
+        f1_out = record["F1"]["out"]
+        if op == "identity":
+            if act["out"] != f1_out:
+                problems.add(f"identity activation must pass {f1_out!r} on, not {act['out']!r}")
+        elif op == "relu":
+            node = _producer(graph, producers, act["relu"], "Relu", problems)
+            if node is not None and list(node.inputs) != [f1_out]:
+                problems.add(f"{node.describe()} must take {f1_out!r}")
+            act_requant = _check_requant(graph, producers, act["out"], act["relu"], problems)
+        elif op == "gelu":
+            node = _producer(graph, producers, act["out"], "ITAGelu", problems)
+            if node is not None:
+                if list(node.inputs) != [f1_out]:
+                    problems.add(f"{node.describe()} must take {f1_out!r}")
+                a = node.attrs
+                if a.get("eps_mul") is None:
+                    problems.add(f"{node.describe()} must requantize its output (eps_mul), as ITA's activation unit does")
+                else:
+                    act_requant = RequantParams(node.name, int(a["eps_mul"]), int(a.get("eps_shift", 0)), int(a.get("eps_add", 0)))
+                gelu = ItaGeluConstants(int(a["q_1"]), int(a["q_b"]), int(a["q_c"]))
+        else:
+            problems.add(f"activation {op!r} is not one of {ACTIVATIONS}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise GraphError(f"feed-forward block {name!r}: malformed record (missing {e})") from None
+    problems.raise_if_any("not in the ITA feed-forward form of docs/ITA.md")
+    return ItaFeedForwardBlock(name, E, F, x, record.get("attention"), op, steps, act["out"], act_requant, gelu)
+
+
+def feedforward_constraints(graph, block: ItaFeedForwardBlock, S: int | None) -> list[str]:
+    """Every way the feed-forward block does not fit ITA (empty if it fits)."""
+    out: list[str] = []
+    _check_dims(out, (("sequence length S", S), ("embedding size E", block.E), ("feed-forward size F", block.F)))
+    if graph.tensors[block.x].dtype.name != "int8":
+        out.append(f"input {block.x!r} is {graph.tensors[block.x].dtype.name}, ITA takes int8")
+    _check_weights_and_biases(out, graph, [block.steps["F1"], block.steps["F2"]])
+    for step in ("F1", "F2"):
+        _check_requant_fits(out, block.steps[step]["requant"])
+    rq = block.act_requant
+    if block.activation == "relu":
+        _check_requant_fits(out, rq)
+    elif block.activation == "gelu":
+        # ita_gelu.sv takes eps_mult and right_shift as signed 8-bit, the constants as 16-bit.
+        _check_range(out, f"{rq.node}: eps_mul", rq.mul, -128, 127, "signed 8-bit")
+        _check_range(out, f"{rq.node}: eps_shift", rq.shift, 0, 127, "a signed 8-bit shift")
+        _check_range(out, f"{rq.node}: eps_add", rq.add, -128, 127, "signed 8-bit")
+        if block.gelu.q_1 != block.gelu.q_c:
+            out.append(f"{rq.node}: q_1 = {block.gelu.q_1} differs from q_c = {block.gelu.q_c}; ITA's RTL uses GELU_C for both")
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from refsim import __version__
@@ -21,9 +22,10 @@ COMMANDS = {
     "inspect": ("refsim.cli.inspect", "describe a .intq model: inputs, outputs, ops, sizes"),
     "golden": ("refsim.cli.golden", "write golden vectors (npy, memh, C, ITA) of every tensor a model computes"),
     "check": ("refsim.cli.check", "compare a hardware or simulator dump with a golden vector set"),
-    "import": ("refsim.cli.import_", "import an already-quantized ONNX model (QDQ, QONNX, quantlib/Deeploy) as .intq"),
+    "import": ("refsim.cli.import_", "import an already-quantized model (ONNX QDQ, QONNX, quantlib/Deeploy; TFLite int8/int16x8) as .intq"),
     "export": ("refsim.cli.export", "quantize a float ONNX model into a .intq integer model"),
     "compare": ("refsim.cli.compare", "compare float, fake-quant and integer models on data"),
+    "convert": ("refsim.cli.convert", "write a .intq model as ONNX (refsim domain) to view in Netron; `refsim import` reads it back"),
 }
 
 
@@ -74,5 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console() -> None:
+    """The `refsim` command: main(), and after Ctrl-C an immediate exit. An interrupt can land
+    while Numba's LLVM objects are half built; finalizing them prints tracebacks or crashes."""
+    code = main()
+    if code == 130:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    console()

@@ -14,6 +14,10 @@ def add_arguments(p) -> None:
     p.add_argument("--memh-word-bits", type=int, choices=(8, 16, 32, 64),
                    help="word width of .memh dumps (default: the set's memh width, else 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    listing = p.add_mutually_exclusive_group()
+    listing.add_argument("--only-mismatches", dest="matches", action="store_false", default=None,
+                         help="list only mismatching and missing tensors (the default above 50 results)")
+    listing.add_argument("--all", dest="matches", action="store_true", help="list every tensor, matching ones too")
 
 
 def main(args) -> int:
@@ -26,5 +30,5 @@ def main(args) -> int:
         json.dump(report.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(format_report(report))
+        print(format_report(report, args.matches))
     return 0 if report.ok else 1

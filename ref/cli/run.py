@@ -15,6 +15,11 @@ def add_arguments(p) -> None:
     p.add_argument("--out", metavar="FILE.npz", help="also save every output to an .npz file")
     p.add_argument("--json", action="store_true", help="print outputs as JSON")
     p.add_argument("--outputs", metavar="NAMES", help="comma-separated tensors to return instead of the graph outputs")
+    p.add_argument("--samples", type=int, metavar="N", help="only the first N samples")
+    p.add_argument("--float", action="store_true",
+                   help="also print outputs as floats, (q - zero_point) * scale with their stored scale")
+    p.add_argument("--batch-axis", default="0", choices=("0", "none"),
+                   help="array inputs hold samples along axis 0 (default), or 'none': the whole file is one sample")
 
 
 def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -48,16 +53,34 @@ def _prediction(model, name: str, array: np.ndarray) -> str | None:
     return ", ".join(str(labels[i]) for i in index)
 
 
+def _scale_entry(model, name: str) -> dict:
+    from refsim.input_quant import output_spec
+
+    spec = output_spec(model, name)
+    if spec is None:
+        return {}
+    out = {"scale": spec["scale"], "zero_point": spec.get("zero_point", 0)}
+    if "axis" in spec:
+        out["axis"] = spec["axis"]
+    return out
+
+
 def main(args) -> int:
     from refsim.engine import load
     from refsim.inputs import load_samples
 
     model = load(args.model)
-    samples = load_samples(model, args.inputs)
+    samples = load_samples(model, args.inputs, batch_axis=None if args.batch_axis == "none" else 0, limit=args.samples)
     wanted = args.outputs.split(",") if args.outputs else None
+    from tqdm import tqdm
+
     results = []
-    for sample in samples:
+    for sample in tqdm(samples, unit="sample", leave=False, disable=None if len(samples) > 1 else True):
         results.append(model.run(sample.feeds, outputs=wanted))
+    floats = [model.dequantize_outputs(r) for r in results] if args.float else None
+    scales = {name: _scale_entry(model, name) for name in (results[0] if results else {})}
+    if args.float and not any(scales.values()):
+        print("refsim: note: no output of this model records a scale; printing integers only", file=sys.stderr)
     if args.json:
         doc = {
             "model": args.model,
@@ -66,23 +89,33 @@ def main(args) -> int:
                     "source": s.source,
                     **({"text": s.text} if s.text is not None else {}),
                     "outputs": {
-                        name: {"dtype": model.graph.tensors[name].dtype.name, "shape": list(a.shape), "values": a.tolist()}
+                        name: {
+                            "dtype": model.graph.tensors[name].dtype.name, "shape": list(a.shape), "values": a.tolist(),
+                            **scales[name],
+                            **({"float_values": np.asarray(f[name], np.float64).tolist()}
+                               if f is not None and scales[name] else {}),
+                        }
                         for name, a in r.items()
                     },
                 }
-                for s, r in zip(samples, results)
+                for s, r, f in zip(samples, results, floats or [None] * len(results))
             ],
         }
         json.dump(doc, sys.stdout)
         sys.stdout.write("\n")
     else:
-        for s, r in zip(samples, results):
+        for i, (s, r) in enumerate(zip(samples, results)):
             print(f"# {s.source}" + (f": {s.text}" if s.text is not None else ""))
             for name, a in r.items():
                 t = model.graph.tensors[name]
                 label = _prediction(model, name, a)
                 values = np.array2string(a, threshold=64, max_line_width=100, separator=" ")
                 print(f"{name} {t.dtype}{list(a.shape)} = {values}" + (f"  -> {label}" if label else ""))
+                if floats is not None and scales[name]:
+                    f = np.array2string(floats[i][name], threshold=64, max_line_width=100, separator=" ", precision=4)
+                    scale = scales[name]["scale"]
+                    about = f"scale {float(np.ravel(scale)[0]):g}" if np.size(scale) == 1 else "per-channel scale"
+                    print(f"{name} float ({about}) = {f}")
     if args.out:
         save_npz(args.out, stack_outputs(results))
     return 0

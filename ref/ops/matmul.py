@@ -92,7 +92,9 @@ def _minus_zero_point(x, zp, what: str):
     zp = np.asarray(zp)
     if zp.size == 0 or not np.any(zp):
         return x
-    if x.dtype.itemsize >= 8 and _bound(x) + _bound(zp) > INT64_LIMIT:
+    if x.dtype.itemsize >= 8 and x.size and not (
+        -INT64_LIMIT - 1 <= int(x.min()) - int(zp.max()) and int(x.max()) - int(zp.min()) <= INT64_LIMIT
+    ):
         raise OpError(f"MatMul: {what} minus its zero point leaves int64")
     return x.astype(np.int64) - zp.astype(np.int64)
 
