@@ -249,3 +249,30 @@ def test_refsim_bugs_stay_distinguishable(monkeypatch, tmp_path):
     with pytest.raises(InternalError, match="refsim bug: a handler lost track of its values; please report"):
         import_model(relu_model())
     assert not issubclass(InternalError, ImportFailure)
+
+
+# --- export reads its float models through the same checks ------------------------------------
+
+
+def float_model(nodes, inits=()):
+    return model(nodes, inits, inputs=(("x", F, [1, 4]),), opsets=(("", 20),))
+
+
+@pytest.mark.parametrize("case", ["one-input MatMul", "initializer a byte short", "Cast without to"])
+def test_export_refuses_the_same_malformed_nodes(tmp_path, capsys, case):
+    w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+    if case == "one-input MatMul":
+        nodes = [helper.make_node("MatMul", ["x"], ["y"], name="mm")]
+    elif case == "initializer a byte short":
+        w.raw_data = w.raw_data[:-1]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    else:
+        nodes = [helper.make_node("Cast", ["x"], ["y"], name="cast")]
+    path = tmp_path / "float.onnx"
+    onnx.save(float_model(nodes, [w]), path)
+    np.save(tmp_path / "calib.npy", np.zeros((2, 1, 4), np.float32))
+    code = cli_main(["export", str(path), "-o", str(tmp_path / "out.intq"), "--calib", str(tmp_path / "calib.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("node 'mm' (MatMul)" in err or "initializer 'w'" in err or "node 'cast' (Cast)" in err), err
+    assert not (tmp_path / "out.intq").exists()
