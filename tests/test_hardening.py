@@ -494,3 +494,78 @@ def test_graphs_keep_the_declared_type_path():
         b.node("iGELU", [x], outputs="y", b=-30, one=900)
         b.output("y")
         refsim.Model(b.build()).run({"x": np.zeros(4, np.int64)})
+
+
+# --- what the fuzz campaign found --------------------------------------------------------------
+
+
+def test_npz_member_names_that_are_not_utf8_or_hold_newlines(tmp_path):
+    member = io.BytesIO()
+    np.save(member, np.zeros((1, 16), np.int8))
+    for name, flag_utf8 in (("x\n\u2561.npy", True), ("x.npy", True)):
+        path = tmp_path / "odd.npz"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr(name, member.getvalue())
+        data = bytearray(path.read_bytes())
+        if name == "x.npy":  # flag the name UTF-8 and make it invalid UTF-8
+            for sig, flag_at, name_at in ((b"PK\x03\x04", 6, 30), (b"PK\x01\x02", 8, 46)):
+                at = data.find(sig)
+                data[at + flag_at] |= 0x08  # bit 11 of the flags
+                data[at + name_at] = 0xFF
+        path.write_bytes(bytes(data))
+        one_line_error(read_samples, str(path), X, error=InputError)
+
+
+def test_the_tokenizer_record_is_checked():
+    from refsim.text import text_reader_for
+
+    for meta, blob, message in [
+        ({"blob": "tok", "max_length": 8}, b"\xff\xfe not json", "not a valid tokenizers JSON"),
+        ({"blob": "tok", "max_length": "8"}, None, "max_length must be an integer"),
+        ({"blob": "tok", "max_length": 2**80}, None, "max_length must be an integer"),
+        ({"blob": "tok", "max_length": 8, "pad_id": -1}, None, "pad_id must be a token id"),
+        ({"blob": ["tok"], "max_length": 8}, None, "blob"),
+        ({"blob": "tok", "max_length": 8, "inputs": {"nope": "ids"}}, None, "not inputs of the model"),
+    ]:
+        b = GraphBuilder("text")
+        ids = b.input("input_ids", "int32", [1, 8])
+        b.blobs["tok"] = blob if blob is not None else _tokenizer()
+        b.metadata["tokenizer"] = meta
+        b.output(b.node("Relu", [ids], outputs="y"))
+        one_line_error(text_reader_for, refsim.Model(b.build()), match=message)
+
+
+def _tokenizer() -> bytes:
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "a": 2}, unk_token="[UNK]")).to_str().encode()
+
+
+def test_token_ids_beyond_the_input_type_are_refused_not_wrapped(tmp_path):
+    b = GraphBuilder("text")
+    ids = b.input("input_ids", "int8", [1, 4])
+    b.blobs["tok"] = _tokenizer().replace(b'"a":2', b'"a":300')
+    b.metadata["tokenizer"] = {"blob": "tok", "max_length": 4, "pad_id": 0}
+    b.output(b.node("Relu", [ids], outputs="y"))
+    path = tmp_path / "in.txt"
+    path.write_text("a\n")
+    one_line_error(refsim.inputs.load_samples, refsim.Model(b.build()), str(path), match="outside int8")
+
+
+def test_integer_div_refuses_attributes_whose_product_leaves_int64():
+    one_line_error(lambda: ops.IntegerDiv(np.zeros(2, np.int32), np.ones(2, np.int32), Delta=2**62, eps=1, eta=4),
+                   match="leaves int64", error=OpError)
+
+
+def test_a_memory_error_in_a_kernel_names_the_node(monkeypatch):
+    from refsim.ops import OPS
+
+    def exhausted(x):
+        raise MemoryError
+
+    monkeypatch.setattr(OPS["Relu"], "fn", exhausted)
+    b = GraphBuilder("m")
+    x = b.input("x", "int8", [2])
+    b.output(b.node("Relu", [x], outputs="y", name="relu"))
+    model = refsim.Model(b.build())
+    one_line_error(model.run, {"x": np.zeros(2, np.int8)}, match="node 'relu' (Relu): not enough memory", error=OpError)

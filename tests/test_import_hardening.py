@@ -276,3 +276,21 @@ def test_export_refuses_the_same_malformed_nodes(tmp_path, capsys, case):
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert ("node 'mm' (MatMul)" in err or "initializer 'w'" in err or "node 'cast' (Cast)" in err), err
     assert not (tmp_path / "out.intq").exists()
+
+
+def test_pads_on_a_dimension_only_a_run_knows_are_bounded_too():
+    # the batch is symbolic, so no declared shape says how large the padded tensor is
+    nodes = [quantize(), helper.make_node("Pad", ["xq", "pads"], ["y"], name="pad", mode="constant")]
+    m = model(nodes, [*Q, init("pads", [2**31, 0, 0, 0], np.int64)], inputs=(("x", F, ["batch", 68]),))
+    refused(m, "node 'pad' (Pad)")
+
+
+def test_a_reshape_copying_a_dimension_the_input_lacks():
+    nodes = [quantize(), helper.make_node("Reshape", ["xq", "shape"], ["y"], name="reshape")]
+    refused(model(nodes, [*Q, init("shape", [0, 0, 0], np.int64)]), "node 'reshape' (Reshape)")
+
+
+def test_an_input_of_no_element_type():
+    m = model([quantize(), helper.make_node("Relu", ["xq"], ["y"], name="relu")], Q)
+    m.graph.input[0].type.tensor_type.elem_type = 0
+    refused(m, "input 'x'")

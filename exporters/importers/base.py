@@ -441,6 +441,20 @@ class Importer:
         result = self._move(node, ins[0], "MaxPool", params, lambda a: a)
         return [result] + ([None] if len(node.output) > 1 else [])
 
+    def bound_padding(self, node, shape, pads, itemsize: int = 1) -> None:
+        """Pads are attributes: the smallest tensor they can make (unknown dimensions taken as
+        1) must fit what the model may allocate, whatever the batch a run binds."""
+        spatial = len(pads) // 2
+        if not pads or len(pads) % 2 or spatial > len(shape) or self.g.budget is None:
+            return
+        lead = len(shape) - spatial
+        dims = [d if isinstance(d, int) else 1 for d in shape]
+        for i in range(spatial):
+            dims[lead + i] += pads[i] + pads[spatial + i]
+        if array_bytes(dims, itemsize) > self.g.budget.limit:
+            raise fail(node, f"pads {list(pads)} make a tensor of at least {array_bytes(dims, itemsize)} bytes, "
+                             f"beyond what this model may allocate ({self.g.budget.limit})")
+
     def window_params(self, node, attrs, shape, kernel) -> dict:
         spatial = len(kernel)
         strides = list(attrs.get("strides", [1] * spatial))
@@ -459,6 +473,7 @@ class Importer:
                 pads[i], pads[spatial + i] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
         elif auto_pad == "VALID":
             pads = [0] * (2 * spatial)
+        self.bound_padding(node, shape, pads)
         return {"strides": strides, "pads": pads, "dilations": dilations, "group": attrs.get("group", 1)}
 
     def op_Pad(self, node, ins, attrs):
@@ -490,6 +505,8 @@ class Importer:
         modes = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
         if mode not in modes:
             raise fail(node, f"pad mode {mode!r} is not supported")
+        self.bound_padding(node, q.shape, pads, q.dtype.storage.itemsize)
+
         def const_fn(a):
             from refsim.ops import Pad
             padded = [max(d + pads[i] + pads[rank + i], 0) for i, d in enumerate(a.shape)] if len(pads) == 2 * rank else a.shape
