@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import WEIGHT_BITS, signed_type
 from .dyadic import ExportError
 
 CALIB_METHODS = ("minmax", "percentile", "mse")
@@ -181,16 +182,15 @@ class QuantizedWeight:
         return (self.q.astype(np.float64) * self.scale).astype(np.float32)
 
 
-WEIGHT_BITS = ("16", "8", "4", "2", "ternary")
-
-
 def weight_range(bits) -> tuple[int, int, str]:
+    """(lo, hi, IR type) of `bits`-bit weights: the narrowest type holding them (3-bit
+    weights are int4 constants whose values stay in [-4, 3])."""
     if bits == "ternary":
         return -1, 1, "ternary"
-    bits = int(bits)
-    if bits not in (2, 4, 8, 16):
-        raise ExportError(f"weight bits must be one of 8, 4, 2, ternary (or 16 to keep a layer float); got {bits}")
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1, f"int{bits}"
+    if str(bits) not in WEIGHT_BITS:
+        raise ExportError(f"weight bits must be 2..8, 16 or ternary; got {bits!r}")
+    dtype, lo, hi = signed_type(int(bits))
+    return lo, hi, dtype
 
 
 def quantize_weight(w: np.ndarray, bits, per_channel: bool, axis: int = -1) -> QuantizedWeight:

@@ -24,18 +24,20 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import refsim
-from refsim.input_quant import quantize_feeds
+from refsim.boundary import quantize_feeds
 from refsim.text import encoder_for
 
 from .data import load_dataset, read_labels
 from .dyadic import ExportError
 from .fakequant import fake_quant_model
-from .onnx_graph import canonicalize, load_onnx
-from .pipeline import _file_sha256, onnx_feed_dtypes
+from .frontend.graph import load
+from .frontend.passes import canonicalize
+from .pipeline import _file_sha256, batch_size_for, onnx_feed_dtypes
 from .progress import Progress
 from .runtime import FloatRunner
 
@@ -94,55 +96,34 @@ def _pair_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    # average ranks of ties
-    values = x[order]
-    start = 0
-    for i in range(1, len(x) + 1):
-        if i == len(x) or values[i] != values[start]:
-            ranks[order[start:i]] = (start + i - 1) / 2
-            start = i
-    return ranks
-
-
-def _pearson(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def classification_metrics(truth: np.ndarray, predicted: np.ndarray, classes: int) -> dict[str, float]:
-    """Accuracy, macro precision/recall/F1 and the multi-class Matthews correlation."""
-    confusion = np.zeros((classes, classes), np.float64)
-    np.add.at(confusion, (truth, predicted), 1)
-    tp = np.diag(confusion)
-    predicted_count = confusion.sum(axis=0)
-    true_count = confusion.sum(axis=1)
-    present = true_count > 0
-    precision = np.divide(tp, predicted_count, out=np.zeros(classes), where=predicted_count > 0)
-    recall = np.divide(tp, true_count, out=np.zeros(classes), where=true_count > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(classes), where=(precision + recall) > 0)
-    n = confusion.sum()
-    c = tp.sum()
-    cov_pred = n * n - np.sum(predicted_count ** 2)
-    cov_true = n * n - np.sum(true_count ** 2)
-    denominator = math.sqrt(cov_pred * cov_true)
-    mcc = (c * n - np.sum(predicted_count * true_count)) / denominator if denominator > 0 else 0.0
+    """Accuracy, precision/recall/F1 averaged over the classes present in `truth` (a class
+    never predicted has precision 0), and the multi-class Matthews correlation (scikit-learn)."""
+    from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
+
+    present = np.unique(truth)
+    precision, recall, f1, _ = precision_recall_fscore_support(truth, predicted, labels=present, average="macro",
+                                                               zero_division=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one class only: the MCC is 0, as defined
+        mcc = matthews_corrcoef(truth, predicted)
     return {
-        "accuracy": float(c / n) if n else 0.0,
-        "precision": float(precision[present].mean()) if present.any() else 0.0,
-        "recall": float(recall[present].mean()) if present.any() else 0.0,
-        "f1": float(f1[present].mean()) if present.any() else 0.0,
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
         "mcc": float(mcc),
     }
 
 
 def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    return {"pearson": _pearson(truth, predicted), "spearman": _pearson(_rank(truth), _rank(predicted)),
+    """Pearson and Spearman correlation (scipy; NaN when either side is constant) and MSE."""
+    from scipy.stats import pearsonr, spearmanr
+
+    truth, predicted = np.asarray(truth, np.float64), np.asarray(predicted, np.float64)
+    constant = truth.std() == 0 or predicted.std() == 0
+    return {"pearson": float("nan") if constant else float(pearsonr(truth, predicted).statistic),
+            "spearman": float("nan") if constant else float(spearmanr(truth, predicted).statistic),
             "mse": float(np.mean((truth - predicted) ** 2))}
 
 
@@ -171,15 +152,18 @@ def _parse_labels(raw: list[str], names: list[str] | None, count: int, width: in
     return "classification", values
 
 
-def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: bool = False, max_samples: int | None = None) -> CompareReport:
-    """Compare float, fake-quant and integer models on DATA (see the module docstring)."""
+def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: bool = False, max_samples: int | None = None,
+            observe=None) -> CompareReport:
+    """Compare float, fake-quant and integer models on DATA (see the module docstring).
+    `observe(tensor, float_values, integer_values)` sees every compared quantization point
+    of every batch (kept tokens only), e.g. for histograms."""
     m = refsim.load(intq)
     meta = m.metadata
     warnings = []
     for key in ("fake_quant", "source_model"):
         if key not in meta:
             raise ExportError(f"{os.fspath(intq)}: not made by `refsim export` (no {key!r} metadata)")
-    proto = load_onnx(model)
+    proto = load(model)
     source = meta["source_model"]
     if source.get("sha256") and _file_sha256(model) != source["sha256"]:
         warnings.append(f"{os.fspath(model)} differs from the model the .intq was exported from ({source.get('file')})")
@@ -189,6 +173,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     if max_samples is not None:
         dataset = dataset.head(max_samples)
     calib = set(meta.get("calibration", {}).get("digests", []))
+    # the data the bit widths were chosen on (`export --bits-from`) is calibration data too
+    calib |= set(meta.get("bit_allocation", {}).get("sensitivity", {}).get("calibration", {}).get("digests", []))
     leaked = sum(1 for d in dataset.digests if d in calib)
     if leaked:
         warnings.append(f"{leaked} of {len(dataset)} evaluation samples were also used for calibration: "
@@ -209,7 +195,12 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     bar = Progress(progress)
     if meta.get("attention_blocks"):
         batch_size = 1  # ITA attention blocks are 2-D [S, E]: one sample at a time
-    batches = dataset.batches(batch_size)
+    batch_size, exact = batch_size_for(g, batch_size)
+    batches = dataset.batches(batch_size, exact=exact)
+    given = len(dataset)
+    if exact and len(dataset) % batch_size:
+        warnings.append(f"the model takes batches of {batch_size}: the last {len(dataset) % batch_size} samples are left out")
+        dataset = dataset.head(len(dataset) - len(dataset) % batch_size)
     for done, batch in enumerate(batches, 1):
         float_feeds = {k: v.astype(dtypes[k]) for k, v in batch.items()}
         f = float_runner.run(float_feeds)
@@ -230,6 +221,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
                     ref, deq = _at_kept_tokens(ref, keep), _at_kept_tokens(deq, keep)
                     sums[name][0] += float(np.sum(ref ** 2))
                     sums[name][1] += float(np.sum((ref - deq) ** 2))
+                    if observe is not None:
+                        observe(name, ref, _at_kept_tokens(np.asarray(array), keep))
 
         for name in m.graph.inputs:
             if name in sums:
@@ -248,9 +241,12 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     task = None
     if labels is not None:
         raw = labels if isinstance(labels, list) else read_labels(os.fspath(labels))
+        if max_samples is not None:
+            raw = raw[:max_samples]  # the labels of the samples used
         o = outputs[0]
         width = int(np.prod(merged["float"][o].shape[1:]))
-        kind, truth = _parse_labels(raw, meta.get("labels"), len(dataset), width)
+        kind, truth = _parse_labels(raw, meta.get("labels"), given, width)
+        truth = truth[:len(dataset)]
         task = {}
         for model_kind in ("float", "fake-quant", "integer"):
             values = merged[model_kind][o].reshape(len(dataset), -1)

@@ -14,8 +14,8 @@ ones:
 
 (or the same mapping under a top-level "layers" key). Settings:
 
-- `wbits`: 8, 4, 2, "ternary" (or 16) for the layer's weights; for an embedding table, its bits;
-- `abits`: 4..8 or 16, the bits of the activation entering the layer's matrix product;
+- `wbits`: 2..8, 16 or "ternary" for the layer's weights; for an embedding table, its bits;
+- `abits`: 2..8 or 16, the bits of the activation entering the layer's matrix product;
 - `per_channel`: true/false, per-output-channel weight scales;
 - `keep_float` (or the string "keep_float"/"float" as the whole setting): the closest an
   integer graph gets to not quantizing a layer. A linear layer gets 16-bit per-channel
@@ -36,12 +36,24 @@ from typing import Any
 from .dyadic import ExportError
 
 MODES = ("ibert", "ita", "ita-partial")
-ACTIVATION_BITS = (4, 5, 6, 7, 8, 16)
+ACTIVATION_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+WEIGHT_BITS = ("2", "3", "4", "5", "6", "7", "8", "16", "ternary")
+# The IR's signed types; a width between two of them is held in the wider one, clipped.
+_SIGNED_TYPES = (2, 4, 8, 16, 32)
+
+
+def signed_type(bits: int) -> tuple[str, int, int]:
+    """The narrowest IR type holding signed `bits`-bit integers, and their range
+    (3 bits live in int4, 5 to 7 in int8: clipped to [-2^(b-1), 2^(b-1) - 1])."""
+    width = next((w for w in _SIGNED_TYPES if w >= bits), None)
+    if bits < 2 or width is None:
+        raise ExportError(f"no integer type for {bits}-bit values")
+    return f"int{width}", -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 @dataclass(frozen=True)
 class LayerSettings:
-    wbits: str  # "8", "4", "2", "ternary", "16"
+    wbits: str  # "2".."8", "16" or "ternary"
     abits: int
     per_channel: bool
     keep_float: bool = False
@@ -49,8 +61,8 @@ class LayerSettings:
 
 def parse_wbits(value) -> str:
     text = str(value).lower()
-    if text not in ("16", "8", "4", "2", "ternary"):
-        raise ExportError(f"weight bits must be 8, 4, 2 or ternary (16 to keep float); got {value!r}")
+    if text not in WEIGHT_BITS:
+        raise ExportError(f"weight bits must be 2..8, 16 or ternary; got {value!r}")
     return text
 
 
@@ -60,7 +72,7 @@ def parse_abits(value) -> int:
     except (TypeError, ValueError):
         bits = -1
     if bits not in ACTIVATION_BITS:
-        raise ExportError(f"activation bits must be 4..8 or 16; got {value!r}")
+        raise ExportError(f"activation bits must be 2..8 or 16; got {value!r}")
     return bits
 
 

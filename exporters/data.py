@@ -33,9 +33,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.digests)
 
-    def batches(self, size: int, dtypes: dict[str, np.dtype] | None = None) -> list[dict[str, np.ndarray]]:
+    def batches(self, size: int, dtypes: dict[str, np.dtype] | None = None, exact: bool = False) -> list[dict[str, np.ndarray]]:
+        """The samples in runs of `size`; with `exact` (a model with a fixed batch size) a
+        last, shorter run is left out."""
         out = []
-        for start in range(0, len(self), size):
+        for start in range(0, len(self) - (len(self) % size if exact else 0), size):
             batch = {}
             for name, array in self.arrays.items():
                 part = array[start:start + size]

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from .dyadic import ExportError
-from .onnx_graph import Node, OnnxGraph
+from .frontend.graph import Graph, Node
 from .quantize import FakeQuantRecord
 
 
@@ -55,8 +55,8 @@ def _levels(bits: int, signed: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
-def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray],
-                     integer_scales: dict | None = None) -> OnnxGraph:
+def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarray],
+                     integer_scales: dict | None = None) -> Graph:
     """A copy of `g` with the recorded quantization applied (see the module docstring).
     `integer_scales` gives the `scale` metadata of the integer constants, for records
     that refer to it (a null scale)."""
@@ -136,6 +136,6 @@ def fake_quant_graph(g: OnnxGraph, record: dict, integer_consts: dict[str, np.nd
     return fg
 
 
-def fake_quant_model(g: OnnxGraph, record: dict, integer_consts: dict[str, np.ndarray],
+def fake_quant_model(g: Graph, record: dict, integer_consts: dict[str, np.ndarray],
                      integer_scales: dict | None = None) -> onnx.ModelProto:
     return fake_quant_graph(g, record, integer_consts, integer_scales).to_model()

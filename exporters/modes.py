@@ -6,7 +6,7 @@ mode uses and wires it into the graph.
 
 | | `ibert` | `ita`, `ita-partial` |
 |---|---|---|
-| matrix products | 32-bit accumulators (64 kept float; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8) |
+| matrix products | 32-bit accumulators (64 where the operands' worst sum needs it: 16-bit weights or inputs; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8); a layer with 16-bit weights or inputs runs beside ITA as in `ibert` |
 | softmax | IBertSoftmax on the scores requantized to int16, output 2^-8 steps | ITAMax / ITAPartialMax (ITA RTL preset: k=0, 255*256, -128) on int8 scores at the op's input scale, folded into the QK requantization |
 | GELU | IBertGelu on the input requantized to int16 | ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8 |
 | LayerNorm | IBertLayerNorm, then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from . import nonlinear
-from .onnx_graph import Node
+from .frontend.graph import Node
 
 ITA_ACC_BITS = 26
 ITA_BIAS_BITS = 24
@@ -55,9 +55,20 @@ class Modes:
 
     # --- accumulators --------------------------------------------------------------------------
 
+    def on_ita(self, settings) -> bool:
+        """Whether a matrix product runs on ITA (`settings`: a linear layer's, None for a
+        product of two activations). ITA multiplies 8-bit operands at most; a layer with
+        wider weights or inputs (16 bits, keep_float) runs beside it, with an accumulator
+        sized for its operands and an ordinary requantization."""
+        if not self.options.ita:
+            return False
+        abits = self.options.abits if settings is None else settings.abits
+        wbits = "8" if settings is None else settings.wbits
+        return abits <= 8 and (wbits == "ternary" or int(wbits) <= 8)
+
     def accumulator_bits(self, walker, layer: str, worst: int, settings) -> int:
         """Accumulator width of a matrix product whose |sum| can reach `worst`."""
-        if self.options.ita and not (settings is not None and settings.keep_float):
+        if self.on_ita(settings):
             return ITA_ACC_BITS
         return 32 if worst < (1 << 31) else 64
 
@@ -105,7 +116,7 @@ class Modes:
             scale = max(walker.scale_of(scores, IBERT_SOFTMAX_INPUT_BITS), IBERT_SOFTMAX_MIN_SCALE)
             x = walker.at_scale(scores, scale, IBERT_SOFTMAX_INPUT_BITS, node, 0)
             p = nonlinear.ibert_softmax_params(float(x.scale))
-        y = walker.emit(p.op, [x.name, mask], f"{layer}.softmax", **p.attrs)
+        y = walker.em.node(p.op, [x.name, mask], f"{layer}.softmax", **p.attrs)
         t = walker.dtype(y)
         walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "prob"), layer, quantized_bits=t.bits)
 
@@ -127,12 +138,12 @@ class Modes:
             x = walker.at_scale(node.inputs[0], self.ita_gelu_input_scale(walker, node.inputs[0]), 8, node, 0)
             out_scale = walker.scale_of(node.outputs[0], 8)
             p = nonlinear.pyita_gelu_params(float(x.scale), out_scale)
-            y = walker.emit(p.op, [x.name], f"{layer}.gelu", **p.attrs)
+            y = walker.em.node(p.op, [x.name], f"{layer}.gelu", **p.attrs)
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=8)
             return
         x = walker.get(node.inputs[0], IBERT_GELU_INPUT_BITS, node, 0)
         p = nonlinear.ibert_gelu_params(float(x.scale))
-        y = walker.emit(p.op, [x.name], f"{layer}.gelu", **p.attrs)
+        y = walker.em.node(p.op, [x.name], f"{layer}.gelu", **p.attrs)
         a = p.attrs
         # |y| <= |x| * (|L| + |shift_int|) with |L| <= ((b^2 + |c|) >> n) + 1 (docs/OPS.md).
         bound = walker.bound_of(x) * ((((a["b_int"] ** 2) + abs(a["c_int"])) >> a["n"]) + 1 + abs(a["shift_int"]))
@@ -144,7 +155,7 @@ class Modes:
         layer = walker.layer_name(node)
         x_name, weight_name = node.inputs[0], node.inputs[1]
         bias_name = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] else None
-        width = walker.g.shapes1[x_name][-1]
+        width = walker.g.concrete_shape(x_name)[-1]
         weight = np.broadcast_to(walker.g.const(weight_name).astype(np.float64).reshape(-1), (width,))
         bias = np.zeros(width) if bias_name is None else np.broadcast_to(walker.g.const(bias_name).astype(np.float64).reshape(-1), (width,))
         bits = walker.options.residual_bits
@@ -152,14 +163,14 @@ class Modes:
         if self.options.ita:
             out_scale = walker.scale_of(node.outputs[0], bits)
             p = nonlinear.ilayernorm_params(float(x.scale), weight, bias, out_scale, n_levels=1 << bits)
-            consts = [walker.const(p.consts["weight"], "int32", f"{layer}.weight"),
-                      walker.const(p.consts["bias"], "int32", f"{layer}.bias")]
-            y = walker.emit(p.op, [x.name, *consts], f"{layer}.layernorm", **p.attrs)
+            consts = [walker.em.const(p.consts["weight"], "int32", f"{layer}.weight"),
+                      walker.em.const(p.consts["bias"], "int32", f"{layer}.bias")]
+            y = walker.em.node(p.op, [x.name, *consts], f"{layer}.layernorm", **p.attrs)
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=bits)
             return
         p = nonlinear.ibert_layernorm_params(float(x.scale), weight, bias, input_bits=bits)
-        bias_q = walker.const(p.consts["bias"], "int64", f"{layer}.bias")
-        y = walker.emit(p.op, [x.name, bias_q], f"{layer}.layernorm", **p.attrs)
+        bias_q = walker.em.const(p.consts["bias"], "int64", f"{layer}.bias")
+        y = walker.em.node(p.op, [x.name, bias_q], f"{layer}.layernorm", **p.attrs)
         # |y| <= 2^30 * sqrt(N) + |bias|: the bound that lets the following requant keep a wide multiplier.
         bound = int(2**30 * math.sqrt(width)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
         walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "acc", bound=bound), layer)
@@ -171,8 +182,8 @@ class Modes:
         if x.per_channel or x.kind not in ("int", "acc"):
             x = walker.get(x_name, walker.options.residual_bits, node, 0)
         p = nonlinear.nonorm_params(float(x.scale), gamma, beta, weight_bits=16)
-        g = walker.const(p.consts["gamma"], "int32", f"{layer}.gamma")
-        b = walker.const(p.consts["beta"], "int32", f"{layer}.beta")
-        y = walker.emit(p.op, [x.name, g, b], f"{layer}.nonorm", dtype="int64")
+        g = walker.em.const(p.consts["gamma"], "int32", f"{layer}.gamma")
+        b = walker.em.const(p.consts["beta"], "int32", f"{layer}.beta")
+        y = walker.em.node(p.op, [x.name, g, b], f"{layer}.nonorm", dtype="int64")
         bound = walker.bound_of(x) * int(np.abs(p.consts["gamma"]).max(initial=0)) + int(np.abs(p.consts["beta"]).max(initial=0))
         walker.set_native(out_tensor, walker.value_of(y, p.output_scale, "acc", bound=bound), layer)

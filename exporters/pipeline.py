@@ -3,11 +3,12 @@
     report = refsim.exporters.export("model.onnx", "model.intq", "calib.txt",
                                      tokenizer="tokenizer.json", mode="ibert", wbits=8)
 
-Steps: canonicalize the ONNX graph (`onnx_graph`), run the float model on the calibration
-data to observe every activation (`calibrate`), walk the graph building the integer graph
-(`quantize`), and save it with everything `refsim run` and `refsim compare` need: the
-tokenizer, labels, input quantization, the calibration data's fingerprint and the record
-from which the fake-quant model is rebuilt.
+Steps: canonicalize the ONNX graph (`frontend.passes`) and check it against the original on
+calibration data, run the float model on the calibration data to observe every activation
+(`calibrate`), walk the graph building the integer graph (`quantize`), and save it with
+everything `refsim run` and `refsim compare` need: the tokenizer, labels, the float
+boundary (`refsim.boundary`), the calibration data's fingerprint and the record from which
+the fake-quant model is rebuilt.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from .config import ExportOptions, LayerConfig
 from .data import load_dataset, read_labels
 from .dyadic import ExportError
 from .fakequant import record_to_json
+from .frontend.graph import Graph, load
+from .frontend.masks import mask_derived
+from .frontend.passes import canonicalize, check_canonical, fixed_batch
 from .modes import Modes
-from .onnx_graph import OnnxGraph, canonicalize, load_onnx, mask_derived
 from .progress import Progress
 from .quantize import Walker
 from .runtime import FloatRunner
@@ -98,7 +101,7 @@ def make_encoder(tokenizer: str | os.PathLike | bytes | None, max_length: int | 
         raise ExportError(f"tokenizer: {e}") from None
 
 
-def activation_tensors(g: OnnxGraph) -> list[str]:
+def activation_tensors(g: Graph) -> list[str]:
     """Every float tensor the graph computes (or takes) that is not a mask expression."""
     masks = mask_derived(g)
     names = [n for n in g.inputs if g.dtypes.get(n, np.dtype(np.float32)).kind == "f"]
@@ -109,13 +112,24 @@ def activation_tensors(g: OnnxGraph) -> list[str]:
     return names
 
 
-def onnx_feed_dtypes(g: OnnxGraph) -> dict[str, np.dtype]:
+def onnx_feed_dtypes(g: Graph) -> dict[str, np.dtype]:
     return {n: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(g.input_types[n][0])) for n in g.inputs}
 
 
-def prepare(model, data: str, tokenizer=None, max_length: int | None = None, input_shapes=None):
-    """Load the model and data; canonicalize the graph for the data's shapes."""
-    proto = load_onnx(model) if not isinstance(model, onnx.ModelProto) else model
+CHECK_SAMPLES = 8  # calibration samples the canonical graph is checked on
+
+
+def batch_size_for(g: Graph, wanted: int) -> tuple[int, bool]:
+    """(samples per float-model run, whether every batch must have exactly that many): the
+    graph's own batch size when it declares one."""
+    fixed = fixed_batch(g)
+    return (fixed, True) if fixed is not None else (wanted, False)
+
+
+def prepare(model, data: str, tokenizer=None, max_length: int | None = None, input_shapes=None, check: bool = True):
+    """Load the model and data; canonicalize the graph for the data's shapes and check it
+    against the original on the first calibration samples."""
+    proto = load(model)
     names = onnx_input_names(proto)
     encoder, tokenizer_bytes = make_encoder(tokenizer, max_length, proto)
     dataset = load_dataset(data, names, encoder)
@@ -123,6 +137,12 @@ def prepare(model, data: str, tokenizer=None, max_length: int | None = None, inp
     for name in names:
         shapes.setdefault(name, [1] + list(dataset.arrays[name].shape[1:]))
     g = canonicalize(proto, shapes)
+    if check:
+        size, exact = batch_size_for(g, CHECK_SAMPLES)
+        batches = dataset.batches(size, onnx_feed_dtypes(g), exact=exact)
+        if not batches:
+            raise ExportError(f"{dataset.source}: {len(dataset)} samples, but the model takes batches of {size}")
+        check_canonical(proto, g, batches[:1])
     return proto, g, dataset, encoder, tokenizer_bytes, shapes
 
 
@@ -145,11 +165,15 @@ def export(
     max_samples: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    plan=None,
 ) -> ExportReport:
     """Quantize an ONNX model with calibration data and write the integer model to `output`.
 
     See `refsim export --help` for the meaning of each option. Returns a report; raises
     ExportError (a RefsimError) with one line naming the node or layer at fault.
+    `plan(g, proto, build)`, called after calibration, returns the layer settings to use
+    and metadata to store (`build(LayerConfig)` builds the integer graph; see
+    `exporters.allocation.Planner`).
     """
     layers = config if isinstance(config, LayerConfig) else (
         LayerConfig.from_dict(config) if isinstance(config, dict) else LayerConfig.load(config))
@@ -160,9 +184,21 @@ def export(
     if max_samples is not None:
         dataset = dataset.head(max_samples)
     tensors = activation_tensors(g)
+    size, exact = batch_size_for(g, batch_size)
     calibration = calibrate(lambda ts: FloatRunner(g.to_model(), expose=ts), tensors,
-                            dataset.batches(batch_size, onnx_feed_dtypes(g)), options.calib_method,
+                            dataset.batches(size, onnx_feed_dtypes(g), exact=exact), options.calib_method,
                             options.percentile, bar)
+    extra_meta = {}
+    if plan is not None:
+        def build(settings: LayerConfig):
+            trial = options.with_(layers=settings)
+            trial_walker = Walker(g, trial, calibration, Modes(trial))
+            trial_builder = trial_walker.run()
+            record_to_json(trial_walker.record, trial_builder.tensors)  # sets the constants' scales, as written
+            return trial_builder.build()
+
+        layers, extra_meta = plan(g, proto, build)
+        options = options.with_(layers=layers)
     walker = Walker(g, options, calibration, Modes(options))
     builder = walker.run()
     warnings = []
@@ -177,13 +213,7 @@ def export(
         builder.blobs[TOKENIZER_BLOB] = tokenizer_bytes
         mapping = {n: DEFAULT_INPUTS[n] for n in g.inputs if n in DEFAULT_INPUTS}
         meta["tokenizer"] = {"blob": TOKENIZER_BLOB, **encoder.settings(), "inputs": mapping}
-    quant_inputs = {}
-    for name in g.inputs:
-        t = builder.tensors[name]
-        if t.scale is not None:
-            quant_inputs[name] = {"scale": t.scale, "zero_point": 0, "dtype": t.dtype.name}
-    if quant_inputs:
-        meta["input_quant"] = quant_inputs
+    meta["boundary"] = boundary_metadata(g, builder)
     model_bytes = proto.SerializeToString()
     source_path = model if isinstance(model, (str, os.PathLike)) else None
     meta["source_model"] = {
@@ -203,9 +233,26 @@ def export(
     meta["fake_quant"] = record_to_json(walker.record, builder.tensors)
     meta["float_tensors"] = walker.float_tensors
     meta["layers"] = walker.layers
+    if extra_meta:
+        meta["bit_allocation"] = extra_meta
     graph = builder.build()
     save(graph, output)
     return ExportReport(os.fspath(output), len(graph.nodes), os.path.getsize(output), layer_names, len(dataset), warnings)
+
+
+def boundary_metadata(g: Graph, builder) -> dict:
+    """The float boundary (`refsim.boundary`): float inputs quantized with their calibrated
+    scale, every output dequantized with its scale."""
+    inputs, outputs = {}, {}
+    for name in g.inputs:
+        t = builder.tensors[name]
+        if t.scale is not None:
+            inputs[name] = {"dtype": t.dtype.name, "scale": float(t.scale), "zero_point": 0, "rounding": "half_even"}
+    for source, tensor in zip(g.outputs, builder.outputs):
+        t = builder.tensors[tensor]
+        if t.scale is not None:
+            outputs[source] = {"tensor": tensor, "dtype": t.dtype.name, "scale": t.scale, "zero_point": 0, "dequantize": True}
+    return {"inputs": inputs, "outputs": outputs}
 
 
 def _file_sha256(path) -> str:

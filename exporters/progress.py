@@ -1,31 +1,33 @@
-"""A tiny progress bar on stderr (no dependency), drawn only when stderr is a terminal:
-logs and pipes stay clean."""
+"""Progress bars on stderr (tqdm), drawn only when stderr is a terminal: logs and pipes
+stay clean. `Progress(enabled)(done, total, what)` after each step; a new `what` starts a
+new bar."""
 
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, enabled: bool = True, stream=None, width: int = 30):
+    def __init__(self, enabled: bool = True, stream=None):
         self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.width = width
-        self.interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self._what = None
-        self._start = time.monotonic()
+        self._bar = None
 
     def __call__(self, done: int, total: int, what: str) -> None:
         if not self.enabled:
             return
-        if what != self._what:
-            self._what, self._start = what, time.monotonic()
-        if not self.interactive:
-            return
-        filled = int(self.width * done / max(total, 1))
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{what:<12} [{bar}] {done}/{total}")
+        if what != self._what or self._bar is None or self._bar.total != total:
+            self.close()
+            self._what = what
+            self._bar = tqdm(total=total, desc=what, file=self.stream, leave=True, dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
         if done >= total:
-            self.stream.write(f"  {time.monotonic() - self._start:.1f}s\n")
-        self.stream.flush()
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,6 +1,6 @@
 """From a canonical float graph and its calibration to an integer graph.
 
-One walk over the canonical graph (`exporters.onnx_graph`) in execution order builds the
+One walk over the canonical graph (`exporters.frontend`) in execution order builds the
 integer graph with `refsim.GraphBuilder` and, at the same time, records every point where
 it quantizes (a tensor requantized for a consumer, a result stored in fewer bits, a weight
 replaced by its quantized value). The fake-quant model (`exporters.fakequant`) replays those
@@ -36,9 +36,13 @@ from refsim import GraphBuilder
 from refsim.dtypes import TYPES, IntType
 
 from .calibrate import Calibration, quantize_weight
-from .config import ExportOptions
-from .dyadic import ExportError, dyadic
-from .onnx_graph import AttentionMatch, Node, OnnxGraph, match_attention
+from .config import ExportOptions, signed_type
+from .dyadic import ExportError
+from .frontend import requant as rq
+from .frontend.emitter import Emitter
+from .frontend.graph import Graph, Node
+from .frontend.integer_ops import INTEGER_OPS, lower
+from .frontend.patterns import AttentionMatch, match_attention
 
 # What the walker recognises, for the one-line error on anything else.
 SUPPORTED = (
@@ -53,13 +57,12 @@ MOVEMENT = ("Reshape", "Transpose", "Gather", "Slice")
 
 
 def activation_type(bits: int) -> tuple[str, int | None, int | None]:
-    """The IR type holding a signed `bits`-bit activation, and the clip range when the type
-    is wider (5 to 7 bits live in int8, clipped to their range)."""
-    if bits in (2, 4, 8, 16, 32):
-        return f"int{bits}", None, None
-    if 2 < bits < 8:
-        return "int8", -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    raise ExportError(f"no integer type for {bits}-bit activations")
+    """The narrowest IR type holding a signed `bits`-bit activation, and the clip range
+    when the type is wider (3 bits live in int4, 5 to 7 in int8, clipped to their range)."""
+    dtype, lo, hi = signed_type(bits)
+    if TYPES[dtype].bits == bits:
+        return dtype, None, None
+    return dtype, lo, hi
 
 
 def unsupported(node: Node, why: str = "") -> ExportError:
@@ -94,12 +97,12 @@ class FakeQuantRecord:
 class Walker:
     """Builds the integer graph for one canonical graph (see the module docstring)."""
 
-    def __init__(self, g: OnnxGraph, options: ExportOptions, calibration: Calibration, modes):
+    def __init__(self, g: Graph, options: ExportOptions, calibration: Calibration, modes):
         self.g = g
         self.options = options
         self.calibration = calibration
         self.modes = modes
-        self.b = GraphBuilder(g.name or "model")
+        self.em = Emitter(g.name or "model")
         self.native: dict[str, Value] = {}
         self.at_bits: dict[tuple[str, int], Value] = {}
         self.masked_scores: dict[str, tuple[Value, str]] = {}
@@ -111,36 +114,15 @@ class Walker:
         self.users = g.consumer_map()
         self.producers = g.producers()
         self.skipped = self._mask_only()
-        self._names: set[str] = set()
 
-    # --- naming and emitting ----------------------------------------------------------------
-
-    def unique(self, stem: str) -> str:
-        stem = stem.strip(".") or "t"
-        name, n = stem, 1
-        while name in self._names or name in self.b.tensors:
-            n += 1
-            name = f"{stem}_{n}"
-        self._names.add(name)
-        return name
-
-    def emit(self, op: str, inputs: list[str | None], stem: str, **attrs) -> str:
-        """Append an integer node; its output tensor has the node's name."""
-        name = self.unique(stem)
-        return self.b.node(op, inputs, outputs=name, name=name, **attrs)
-
-    def const(self, values, dtype: str, stem: str) -> str:
-        return self.b.const(np.asarray(values), dtype, name=self.unique(stem))
+    # --- integer tensors ------------------------------------------------------------------------
 
     def dtype(self, name: str) -> IntType:
-        return self.b.tensors[name].dtype
+        return self.em.builder.tensors[name].dtype
 
     def label(self, name: str, float_tensor: str | None, scale, layer: str = "") -> None:
         """Record what an integer tensor stands for (scale metadata, float counterpart)."""
-        if np.ndim(scale) == 0:
-            self.b.set_quant(name, float(scale), 0)
-        else:
-            self.b.set_quant(name, [float(s) for s in np.asarray(scale)], [0] * np.size(scale), axis=-1)
+        self.em.label(name, scale)
         if float_tensor is not None:
             self.float_tensors[name] = float_tensor
         if layer:
@@ -162,35 +144,15 @@ class Walker:
         return v.bound if v.bound is not None else max(abs(t.lo), t.hi)
 
     def requant(self, v: Value, to_scale: float, bits: int, stem: str, layer: str, hardware: bool = False) -> str:
-        """Requant v's integers to `bits`-bit signed integers at `to_scale` (per-tensor result).
-
-        The multiplier is as wide as keeps |x * mul| below 2^62 (31 bits at most); a negative
-        scale ratio (I-BERT's GELU and LayerNorm outputs) gives a negative multiplier.
-        """
+        """Requant v's integers to `bits`-bit signed integers at `to_scale` (per-tensor result),
+        with the planner's policy: ITA's requantizer for a matrix product on ITA, dyadic
+        otherwise (a negative scale ratio, as after I-BERT's GELU and LayerNorm, gives a
+        negative multiplier)."""
         ratio = np.asarray(v.scale, np.float64) / to_scale
-        sign = np.where(ratio < 0, -1, 1).astype(np.int64)
         dtype, lo, hi = activation_type(bits)
-        if hardware and self.options.ita:
-            if bits != 8:
-                raise ExportError(f"{layer}: ITA's requantizer produces int8, not {bits}-bit values")
-            if np.any(ratio < 0):
-                raise ExportError(f"{layer}: ITA's requantizer takes an unsigned multiplier; the scale ratio is negative")
-            d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{layer}: ITA requantization")
-            if d.mul.size > 1:
-                raise ExportError(f"{layer}: ITA's requantizer takes one multiplier per layer; export without --per-channel")
-            mul = self.const(d.mul.reshape(()), "uint8", f"{stem}.mul")
-            shift = self.const(d.shift.reshape(()), "uint8", f"{stem}.shift")
-            add = self.const(0, "int8", f"{stem}.add")
-            return self.emit("Requant", [v.name, mul, shift, None, add], stem, rounding="half_up", dtype="int8")
-        bound = self.bound_of(v)
-        mul_bits = max(8, min(31, 62 - bound.bit_length()))
-        # A channel whose every value rounds to 0 (a LayerNorm gamma of ~0) gets multiplier 0.
-        magnitude = np.where(np.abs(ratio) * (bound + 1) < 0.25, 0.0, np.abs(ratio))
-        d = dyadic(magnitude, mul_bits=mul_bits, max_shift=62 + mul_bits, what=f"{layer}: requantization")
-        mul = self.const(d.mul * sign, "int32", f"{stem}.mul")
-        shift = self.const(d.shift, "int8" if int(d.shift.max(initial=0)) < 128 else "int16", f"{stem}.shift")
-        clip = {} if lo is None else {"lo": lo, "hi": hi}
-        return self.emit("Requant", [v.name, mul, shift], stem, axis=-1, rounding=self.rounding, dtype=dtype, **clip)
+        policy = "ita" if hardware and self.options.ita else "dyadic"
+        return rq.requantize(self.em, v.name, ratio, bound=self.bound_of(v), dtype=dtype, policy=policy, lo=lo, hi=hi,
+                             rounding=self.rounding, stem=stem, what=layer)
 
     @property
     def rounding(self) -> str:
@@ -210,7 +172,7 @@ class Walker:
                 layer = self.layers.get(v.name, "") or tensor
                 name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
                 self.label(name, tensor, scale, layer)
-                self.at_bits[key] = Value(name, scale)
+                self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
         out = self.at_bits[key]
         if consumer is not None and out.name != v.name:
             self.record.edges[(consumer.name, index)] = (float(out.scale), bits, True)
@@ -227,7 +189,7 @@ class Walker:
             layer = self.layers.get(v.name, "") or tensor
             name = self.requant(v, scale, bits, f"{v.name}.q{bits}", layer)
             self.label(name, tensor, scale, layer)
-            self.at_bits[key] = Value(name, scale)
+            self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
         out = self.at_bits[key]
         if consumer is not None:
             self.record.edges[(consumer.name, index)] = (float(scale), bits, True)
@@ -250,15 +212,51 @@ class Walker:
     # --- graph analysis ----------------------------------------------------------------------------
 
     def _mask_only(self) -> set[str]:
-        """Nodes computing from mask inputs only (their users handle the mask directly)."""
-        derived = set(self.g.mask_inputs)
-        skipped = set()
-        for node in self.g.nodes:
-            data = [i for i in node.inputs if i and not self.g.is_const(i)]
-            if data and all(i in derived for i in data):
-                derived.update(node.outputs)
-                skipped.add(node.name)
+        """The nodes of the canonical mask expressions (their users take the mask input
+        directly); other integer computations on a mask stay, as integer ops."""
+        producers = self.g.producers()
+        skipped, stack = set(), [*self.g.key_padding_masks, *self.g.token_masks, *self.g.token_counts]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is None or node.name in skipped:
+                continue
+            skipped.add(node.name)
+            stack.extend(i for i in node.inputs if i and not self.g.is_const(i) and i not in self.g.mask_inputs)
         return skipped
+
+    def _integer_op(self, node: Node) -> None:
+        """An op on plain integers (position ids, masks): exact integer ops (`frontend.integer_ops`)."""
+        layer = self.layer_name(node)
+
+        def operand(k: int) -> str:
+            name = node.inputs[k]
+            if self.g.is_const(name):
+                return self.em.const(self.g.const(name), None, f"{layer}.const")
+            return self.value(name).name
+
+        def const(k: int):
+            name = node.inputs[k] if k < len(node.inputs) else ""
+            return self.g.const(name) if name and self.g.is_const(name) else None
+
+        y = lower(self.em, node, operand, const, self.g.dtypes.get(node.outputs[0]), f"{layer}.{node.op.lower()}")
+        self.set_native(node.outputs[0], Value(y, 1.0, "index"), layer)
+
+    def _integers_only(self, node: Node) -> bool:
+        """Whether every input is a plain integer (a model input, a value computed from
+        those, or an integer constant), at least one of them computed at run time."""
+        data = False
+        for i in node.inputs:
+            if not i:
+                continue
+            if self.g.is_const(i):
+                if self.g.const(i).dtype.kind not in "iub":
+                    return False
+                continue
+            v = self.native.get(i)
+            if v is None or v.kind not in ("index", "mask"):
+                return False
+            data = True
+        return data
 
     def wanted_bits(self, tensor: str, seen=None) -> int:
         """The largest bit width consumers ask of `tensor` (through data movement)."""
@@ -310,6 +308,7 @@ class Walker:
     # --- the walk ------------------------------------------------------------------------------
 
     def run(self) -> GraphBuilder:
+        """Walk the graph; the builder holding the integer graph."""
         for name in self.g.inputs:
             self._graph_input(name)
         blocks = {}
@@ -324,27 +323,30 @@ class Walker:
                 self._ita_attention(blocks[node.name])
             if node.name in self.done or node.name in self.skipped:
                 continue
+            if node.op in INTEGER_OPS and self._integers_only(node):
+                self._integer_op(node)
+                continue
             handler = getattr(self, f"_visit_{node.op}", None)
             if handler is None:
                 raise unsupported(node)
             handler(node)
         for name in self.g.outputs:
             self._graph_output(name)
-        return self.b
+        return self.em.builder
 
     def _graph_input(self, name: str) -> None:
         elem_dtype = self.g.dtypes.get(name, np.dtype(np.float32))
         shape = self.g.shapes[name]
         if name in self.g.mask_inputs:
-            self.b.input(name, "uint8", shape)
+            self.em.input(name, "uint8", shape)
             self.native[name] = Value(name, 1.0, "mask")
         elif elem_dtype.kind in "iub":
-            self.b.input(name, "int32", shape)
+            self.em.input(name, "int32", shape)
             self.native[name] = Value(name, 1.0, "index")
         else:
             bits = 16 if self.wanted_bits(name) > 8 else 8
             scale = self.scale_of(name, bits)
-            self.b.input(name, f"int{bits}", shape, scale=scale, zero_point=0)
+            self.em.input(name, f"int{bits}", shape, scale=scale, zero_point=0)
             self.native[name] = Value(name, scale)
             self.record.tensors[name] = (scale, bits, True)
             self.float_tensors[name] = name
@@ -354,13 +356,13 @@ class Walker:
         bits = self.options.output_bits
         scale = self.scale_of(name, bits)
         if v.kind in ("prob",):
-            out = self.emit("Cast", [v.name], name, dtype=self.dtype(v.name).name)
+            out = self.em.node("Cast", [v.name], name, dtype=self.dtype(v.name).name)
             self.label(out, name, v.scale)
         else:
             out = self.requant(v, scale, bits, name, name)
             self.label(out, name, scale)
             self.record.tensors[name] = (scale, bits, True)
-        self.b.output(out)
+        self.em.builder.output(out)
 
     # --- linear algebra ------------------------------------------------------------------------------
 
@@ -390,7 +392,7 @@ class Walker:
         w = self.g.const(node.inputs[1]).astype(np.float64)
         if w.ndim != 2:
             raise unsupported(node, f"weights of rank {w.ndim}")
-        hardware = self.options.ita
+        hardware = self.modes.on_ita(settings)
         if hardware and settings.per_channel:
             raise ExportError(f"{layer}: ITA takes one requantization multiplier per layer; export without --per-channel")
         x = self.get(node.inputs[0], settings.abits, node, 0)
@@ -398,10 +400,9 @@ class Walker:
         acc_scale = float(x.scale) * (wq.scale if settings.per_channel else float(wq.scale))
         bias = self._bias_of(node)
         out_tensor = node.outputs[0]
-        inputs = [x.name, self.const(wq.q, wq.dtype, f"{layer}.weight"), None, None]
-        x_type = self.dtype(x.name)
+        inputs = [x.name, self.em.const(wq.q, wq.dtype, f"{layer}.weight"), None, None]
         k = w.shape[0]
-        worst = k * max(abs(x_type.lo), x_type.hi) * int(np.abs(wq.q).max(initial=0))
+        worst = k * self.bound_of(x) * int(np.abs(wq.q).max(initial=0))
         bias_q = None
         if bias is not None:
             add, bias_name = bias
@@ -417,18 +418,18 @@ class Walker:
             lim = 1 << (bias_bits - 1)
             if int(np.abs(bias_q).max(initial=0)) >= lim:
                 raise ExportError(f"{layer}: the quantized bias needs more than {bias_bits} bits (largest {int(np.abs(bias_q).max())})")
-            inputs.append(self.const(bias_q, f"int{bias_bits}" if bias_bits in (8, 16, 32, 64) else "int32", f"{layer}.bias"))
+            inputs.append(self.em.const(bias_q, f"int{bias_bits}" if bias_bits in (8, 16, 32, 64) else "int32", f"{layer}.bias"))
             self.record.consts[(add.name, bias_index)] = (inputs[-1], acc_scale)
-        acc = self.emit("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
+        acc = self.em.node("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
         self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
         self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
         self.layers[acc] = layer
-        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer)
+        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer, hardware)
 
-    def finish_matmul(self, tensor: str, acc: Value, layer: str) -> None:
+    def finish_matmul(self, tensor: str, acc: Value, layer: str, on_ita: bool) -> None:
         """An accumulator becomes the tensor's native form; on ITA, the hardware requantizer
         turns it into int8 at once, as ITA never hands out accumulators."""
-        if not self.options.ita:
+        if not on_ita:
             self.set_native(tensor, acc, layer)
             return
         scale = self.modes.ita_output_scale(self, tensor)
@@ -447,13 +448,13 @@ class Walker:
         a, b = operands
         bound = 1
         for v in operands:
-            ty = self.dtype(v.name)
-            bound *= max(abs(ty.lo), ty.hi)
-        k = self.g.shapes1[node.inputs[0]][-1]
+            bound *= self.bound_of(v)
+        k = self.g.concrete_shape(node.inputs[0])[-1]
         acc_bits = self.modes.accumulator_bits(self, layer, k * bound, None)
-        acc = self.emit("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
+        acc = self.em.node("MatMul", [a.name, b.name], f"{layer}.matmul", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
         self.layers[acc] = layer
-        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc", bound=k * bound), layer)
+        self.finish_matmul(node.outputs[0], Value(acc, float(a.scale) * float(b.scale), "acc", bound=k * bound), layer,
+                           self.modes.on_ita(None))
 
     # --- elementwise ----------------------------------------------------------------------------------
 
@@ -470,41 +471,24 @@ class Walker:
         self._add(node, [a, b], layer)
 
     def _add(self, node: Node, terms: list[str], layer: str) -> None:
-        """y = sum of terms (activations or constants), exactly rescaled to y's scale."""
+        """y = sum of terms (activations or constants), exactly rescaled to y's scale
+        (`frontend.requant.exact_sum`)."""
         bits = self.options.residual_bits
         out_scale = self.scale_of(node.outputs[0], bits)
-        # k fraction bits: each |x * round(s_x / s_y * 2^k)| stays below 2^60 (so the sum of a
-        # few terms fits int64), and no multiplier needs more than 31 bits.
-        k = 62
-        for t in terms:
+        operands, constants, const_index = [], [], []
+        for index, t in enumerate(terms):
             if self.g.is_const(t):
+                constants.append((self.g.const(t).astype(np.float64) / out_scale, f"{layer}.term{index}"))
+                const_index.append(index)
                 continue
             v = self.value(t)
             if v.kind in ("mask", "index"):
                 raise unsupported(node, "adding an integer input")
-            ratio = float(np.max(np.abs(np.asarray(v.scale, np.float64)))) / out_scale
-            if ratio == 0:
-                continue
-            k = min(k, math.floor(60 - math.log2(self.bound_of(v) * ratio + 1)), math.floor(30 - math.log2(ratio)))
-        k = max(k, 0)
-        parts = []
-        for index, t in enumerate(terms):
-            if self.g.is_const(t):
-                c = self.g.const(t).astype(np.float64)
-                q = np.rint(c / out_scale * (1 << k)).astype(np.int64)
-                parts.append(self.const(q, "int64", f"{layer}.term{index}"))
-                self.record.consts[(node.name, index)] = (parts[-1], out_scale / float(1 << k))
-                continue
-            v = self.value(t)
-            m = np.rint(np.asarray(v.scale, np.float64) / out_scale * (1 << k)).astype(np.int64)
-            mul = self.const(m, "int32" if int(np.abs(m).max(initial=0)) < (1 << 31) else "int64", f"{layer}.term{index}.mul")
-            parts.append(self.emit("Mul", [v.name, mul], f"{layer}.term{index}", dtype="int64"))
-        total = parts[0]
-        for p in parts[1:]:
-            total = self.emit("Add", [total, p], f"{layer}.sum", dtype="int64")
-        one = self.const(1, "int32", f"{layer}.one")
-        shift = self.const(k, "int8", f"{layer}.shift")
-        y = self.emit("Requant", [total, one, shift], f"{layer}.out", rounding=self.rounding, dtype=f"int{bits}")
+            operands.append(rq.Term(v.name, np.asarray(v.scale, np.float64) / out_scale, self.bound_of(v)))
+        y, names, k = rq.exact_sum(self.em, operands, constants, dtype=f"int{bits}", rounding=self.rounding,
+                                   stem=f"{layer}.out", what=layer)
+        for index, name in zip(const_index, names):
+            self.record.consts[(node.name, index)] = (name, out_scale / float(1 << k))
         self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=bits)
 
     def _visit_Mul(self, node: Node) -> None:
@@ -515,7 +499,7 @@ class Walker:
                 # Pooling keeps the residual stream's precision (16 bits), per-tensor.
                 v = self.get(x, self.options.residual_bits, node, node.inputs.index(x))
                 mask = self.mask_tensor(self.g.token_masks[m], "tokens", layer)
-                y = self.emit("Mul", [v.name, mask], f"{layer}.masked")
+                y = self.em.node("Mul", [v.name, mask], f"{layer}.masked")
                 self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
                 return
         c = self._scalar_const(node)
@@ -528,7 +512,7 @@ class Walker:
             return
         for x, cname in ((a, b), (b, a)):
             if self.g.is_const(cname) and not self.g.is_const(x):
-                width = self.g.shapes1[x][-1]
+                width = self.g.concrete_shape(x)[-1]
                 gamma = self.g.const(cname).astype(np.float64)
                 if gamma.size != width or gamma.shape[-1] != width:
                     raise unsupported(node, "a constant factor that is neither a scalar nor one per channel")
@@ -552,26 +536,26 @@ class Walker:
             raise unsupported(node, "division by something other than a token count (mean pooling)")
         v = self.value(x)
         mask = self.mask_tensor(self.g.token_counts[d], "count", layer)
-        seq = self.g.shapes1[self.g.token_counts[d]][-1]
+        seq = self.g.concrete_shape(self.g.token_counts[d])[-1]
         # 1/count by table lookup: recip[c] = round(2^K / max(c, 1)), then y = x*recip >> K.
         k_bits = 24
         count_type = "uint8" if seq < 256 else "uint16"
-        count = self.emit("Cast", [mask], f"{layer}.count", dtype=count_type)
+        count = self.em.node("Cast", [mask], f"{layer}.count", dtype=count_type)
         size = 1 << TYPES[count_type].bits
         table = np.array([round((1 << k_bits) / max(c, 1)) for c in range(size)], np.int64)
-        recip = self.emit("Lut", [count, self.const(table, "int32", f"{layer}.reciprocal")], f"{layer}.reciprocal")
-        rank = len(self.g.shapes1[x])
+        recip = self.em.node("Lut", [count, self.em.const(table, "int32", f"{layer}.reciprocal")], f"{layer}.reciprocal")
+        rank = len(self.g.concrete_shape(x))
         if rank != 2:
             raise unsupported(node, f"mean pooling over a rank-{rank} sum")
-        product = self.emit("Mul", [v.name, recip], f"{layer}.times_reciprocal", dtype="int64")
-        one = self.const(1, "int32", f"{layer}.one")
-        shift = self.const(k_bits, "int8", f"{layer}.shift")
-        y = self.emit("Requant", [product, one, shift], f"{layer}.mean", rounding=self.rounding, dtype="int32")
+        product = self.em.node("Mul", [v.name, recip], f"{layer}.times_reciprocal", dtype="int64")
+        one = self.em.const(1, "int32", f"{layer}.one")
+        shift = self.em.const(k_bits, "int8", f"{layer}.shift")
+        y = self.em.node("Requant", [product, one, shift], f"{layer}.mean", rounding=self.rounding, dtype="int32")
         self.set_native(node.outputs[0], Value(y, v.scale, "acc" if v.kind == "acc" else "int"), layer)
 
     def _visit_Relu(self, node: Node) -> None:
         v = self.value(node.inputs[0])
-        y = self.emit("Relu", [v.name], f"{self.layer_name(node)}.relu")
+        y = self.em.node("Relu", [v.name], f"{self.layer_name(node)}.relu")
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
 
     def _visit_Tanh(self, node: Node) -> None:
@@ -588,15 +572,16 @@ class Walker:
         x = self.get(node.inputs[0], in_bits, node, 0)
         out_bits = min(max(self.wanted_bits(node.outputs[0]), in_bits), 16)
         out_scale = self.scale_of(node.outputs[0], out_bits)
-        t = TYPES[f"int{in_bits}"]
+        t = self.dtype(x.name)  # the table covers the input's whole type
         grid = np.arange(t.lo, t.hi + 1, dtype=np.float64) * float(x.scale)
-        table = np.clip(np.rint(fn(grid) / out_scale), -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1).astype(np.int64)
-        y = self.emit("Lut", [x.name, self.const(table, f"int{out_bits}", f"{layer}.table")], f"{layer}.lut")
+        out_type, lo, hi = signed_type(out_bits)
+        table = np.clip(np.rint(fn(grid) / out_scale), lo, hi).astype(np.int64)
+        y = self.em.node("Lut", [x.name, self.em.const(table, out_type, f"{layer}.table")], f"{layer}.lut")
         self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=out_bits)
 
     def _visit_Softmax(self, node: Node) -> None:
         axis = node.attrs.get("axis", -1)
-        rank = len(self.g.shapes1[node.inputs[0]])
+        rank = len(self.g.concrete_shape(node.inputs[0]))
         if axis % rank != rank - 1:
             raise unsupported(node, "softmax over an axis other than the last")
         scores, mask_input = self.masked_scores.get(node.inputs[0], (node.inputs[0], None))
@@ -605,7 +590,7 @@ class Walker:
 
     def _visit_LayerNormalization(self, node: Node) -> None:
         axis = node.attrs.get("axis", -1)
-        rank = len(self.g.shapes1[node.inputs[0]])
+        rank = len(self.g.concrete_shape(node.inputs[0]))
         if axis % rank != rank - 1:
             raise unsupported(node, "LayerNorm over axes other than the last")
         self.modes.layernorm(self, node)
@@ -622,14 +607,14 @@ class Walker:
     def _visit_Reshape(self, node: Node) -> None:
         v = self._moved_input(node)
         target = [int(d) for d in self.g.const(node.inputs[1]).reshape(-1)]
-        y = self.emit("Reshape", [v.name], f"{self.layer_name(node)}.reshape", shape=target)
+        y = self.em.node("Reshape", [v.name], f"{self.layer_name(node)}.reshape", shape=target)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
 
     def _visit_Transpose(self, node: Node) -> None:
         v = self._moved_input(node)
         perm = node.attrs.get("perm")
         attrs = {"perm": [int(p) for p in perm]} if perm is not None else {}
-        y = self.emit("Transpose", [v.name], f"{self.layer_name(node)}.transpose", **attrs)
+        y = self.em.node("Transpose", [v.name], f"{self.layer_name(node)}.transpose", **attrs)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), self.layer_name(node))
 
     def _visit_Gather(self, node: Node) -> None:
@@ -647,13 +632,13 @@ class Walker:
             # One index (a CLS token): a one-wide Slice, then drop the axis. (A 0-d constant
             # is stored with shape [1] by refsim.ir.const_tensor, which would keep the axis.)
             i = int(idx)
-            part = self.emit("Slice", [v.name], f"{layer}.select", starts=[i], ends=[i + 1 if i != -1 else (1 << 62)], axes=[axis])
-            target = [0] * len(self.g.shapes1[data])
+            part = self.em.node("Slice", [v.name], f"{layer}.select", starts=[i], ends=[i + 1 if i != -1 else (1 << 62)], axes=[axis])
+            target = [0] * len(self.g.concrete_shape(data))
             del target[axis % len(target)]
-            target = [d if k < axis % (len(target) + 1) else self.g.shapes1[node.outputs[0]][k] for k, d in enumerate(target)]
-            y = self.emit("Reshape", [part], f"{layer}.select", shape=target)
+            target = [d if k < axis % (len(target) + 1) else self.g.concrete_shape(node.outputs[0])[k] for k, d in enumerate(target)]
+            y = self.em.node("Reshape", [part], f"{layer}.select", shape=target)
         else:
-            y = self.emit("Gather", [v.name, self.const(idx, "int32", f"{layer}.indices")], f"{layer}.gather", axis=axis)
+            y = self.em.node("Gather", [v.name, self.em.const(idx, "int32", f"{layer}.indices")], f"{layer}.gather", axis=axis)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
 
     def _embedding(self, node: Node, layer: str, axis: int) -> None:
@@ -661,14 +646,14 @@ class Walker:
         if axis != 0:
             raise unsupported(node, "a lookup along an axis other than 0")
         idx = self.value(indices)
-        if idx.kind != "index":
-            raise unsupported(node, "embedding indices that are not an integer model input")
+        if idx.kind not in ("index", "mask"):
+            raise unsupported(node, "embedding indices that are not integers (a model input or integers computed from one)")
         settings = self.options.embedding(layer)
         table = self.g.const(table_name).astype(np.float64)
         wq = quantize_weight(table, settings.wbits, per_channel=False)
-        q = self.const(wq.q, wq.dtype, f"{layer}.table")
+        q = self.em.const(wq.q, wq.dtype, f"{layer}.table")
         self.label(q, None, float(wq.scale), layer)
-        y = self.emit("Gather", [q, idx.name], f"{layer}.lookup", axis=0)
+        y = self.em.node("Gather", [q, idx.name], f"{layer}.lookup", axis=0)
         self.record.consts[(node.name, 0)] = (q, float(wq.scale))
         self.set_native(node.outputs[0], Value(y, float(wq.scale)), layer)
 
@@ -691,7 +676,7 @@ class Walker:
             attrs["axes"] = axes
         if steps is not None:
             attrs["steps"] = steps
-        y = self.emit("Slice", [v.name], f"{layer}.slice", **attrs)
+        y = self.em.node("Slice", [v.name], f"{layer}.slice", **attrs)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
 
     def _visit_Pad(self, node: Node) -> None:
@@ -709,20 +694,20 @@ class Walker:
             if before < 0 or after < 0:
                 raise unsupported(node, "negative padding")
             if before:
-                y = self.emit("Concat", [self._zeros_like(y, axis, before, layer), y], f"{layer}.pad", axis=axis)
+                y = self.em.node("Concat", [self._zeros_like(y, axis, before, layer), y], f"{layer}.pad", axis=axis)
             if after:
-                y = self.emit("Concat", [y, self._zeros_like(y, axis, after, layer)], f"{layer}.pad", axis=axis)
+                y = self.em.node("Concat", [y, self._zeros_like(y, axis, after, layer)], f"{layer}.pad", axis=axis)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
 
     def _zeros_like(self, ref: str, axis: int, count: int, layer: str) -> str:
         """Zeros shaped like `ref` but `count` long on `axis`, from ref itself (so the batch
         dimension follows whatever the run feeds)."""
-        size = self.b.tensors[ref].shape[axis]
+        size = self.em.builder.tensors[ref].shape[axis]
         if not isinstance(size, int) or count > size:
             raise ExportError(f"{layer}: cannot pad {count} entries on an axis of {size}")
-        part = self.emit("Slice", [ref], f"{layer}.zeros", starts=[0], ends=[count], axes=[axis])
-        zero = self.const(0, "int8", f"{layer}.zero")
-        return self.emit("Mul", [part, zero], f"{layer}.zeros", dtype=self.dtype(ref).name)
+        part = self.em.node("Slice", [ref], f"{layer}.zeros", starts=[0], ends=[count], axes=[axis])
+        zero = self.em.const(0, "int8", f"{layer}.zero")
+        return self.em.node("Mul", [part, zero], f"{layer}.zeros", dtype=self.dtype(ref).name)
 
     def _visit_Concat(self, node: Node) -> None:
         layer = self.layer_name(node)
@@ -738,7 +723,7 @@ class Walker:
             if self.g.is_const(t):
                 c = self.g.const(t).astype(np.float64)
                 q = np.clip(np.rint(c / scale), TYPES[dtype].lo, TYPES[dtype].hi).astype(np.int64)
-                name = self.const(q, dtype, f"{layer}.const{index}")
+                name = self.em.const(q, dtype, f"{layer}.const{index}")
                 self.record.consts[(node.name, index)] = (name, scale)
                 if t in self.g.batch_rows:
                     name = self._per_sample(name, self.value(reference).name, layer, dtype)
@@ -751,20 +736,20 @@ class Walker:
                     r = self.requant(v, scale, bits, f"{layer}.input{index}", layer)
                     self.record.edges[(node.name, index)] = (scale, bits, True)
                     parts.append(r)
-        y = self.emit("Concat", parts, f"{layer}.concat", axis=axis)
+        y = self.em.node("Concat", parts, f"{layer}.concat", axis=axis)
         self.set_native(node.outputs[0], Value(y, scale), layer, quantized_bits=bits)
 
     def _per_sample(self, const_name: str, reference: str, layer: str, dtype: str) -> str:
         """A one-row constant repeated for every sample of `reference`'s batch: 0 * (a
         one-element slice of the reference per sample) + constant, in the constant's type."""
-        rank = len(self.b.tensors[const_name].shape)
-        ref_rank = len(self.b.tensors[reference].shape)
+        rank = len(self.em.builder.tensors[const_name].shape)
+        ref_rank = len(self.em.builder.tensors[reference].shape)
         if rank != ref_rank:
             raise ExportError(f"{layer}: cannot repeat a rank-{rank} constant per sample of a rank-{ref_rank} tensor")
         axes = list(range(1, rank))
-        part = self.emit("Slice", [reference], f"{layer}.per_sample", starts=[0] * len(axes), ends=[1] * len(axes), axes=axes)
-        zeros = self.emit("Mul", [part, self.const(0, "int8", f"{layer}.zero")], f"{layer}.per_sample", dtype=dtype)
-        return self.emit("Add", [zeros, const_name], f"{layer}.per_sample", dtype=dtype)
+        part = self.em.node("Slice", [reference], f"{layer}.per_sample", starts=[0] * len(axes), ends=[1] * len(axes), axes=axes)
+        zeros = self.em.node("Mul", [part, self.em.const(0, "int8", f"{layer}.zero")], f"{layer}.per_sample", dtype=dtype)
+        return self.em.node("Add", [zeros, const_name], f"{layer}.per_sample", dtype=dtype)
 
     def _visit_ReduceSum(self, node: Node) -> None:
         self._reduce(node, "ReduceSum")
@@ -783,7 +768,7 @@ class Walker:
             attrs["axes"] = [int(a) for a in axes]
         if op == "ReduceMean":
             attrs["rounding"] = "half_even"
-        y = self.emit(op, [v.name], f"{layer}.{op.lower()}", **attrs)
+        y = self.em.node(op, [v.name], f"{layer}.{op.lower()}", **attrs)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
 
     # --- masks ---------------------------------------------------------------------------------------
@@ -793,13 +778,13 @@ class Walker:
         (batch, seq, 1) for pooling, or the count of kept tokens (batch, 1)."""
         key = (mask_input, kind)
         if key not in self.mask_tensors:
-            seq = self.g.shapes1[mask_input][-1]
+            seq = self.g.concrete_shape(mask_input)[-1]
             if kind == "keys":
-                name = self.emit("Reshape", [mask_input], f"{mask_input}.keys", shape=[0, 1, 1, seq])
+                name = self.em.node("Reshape", [mask_input], f"{mask_input}.keys", shape=[0, 1, 1, seq])
             elif kind == "tokens":
-                name = self.emit("Reshape", [mask_input], f"{mask_input}.tokens", shape=[0, seq, 1])
+                name = self.em.node("Reshape", [mask_input], f"{mask_input}.tokens", shape=[0, seq, 1])
             else:
-                name = self.emit("ReduceSum", [mask_input], f"{mask_input}.count", axes=[1], keepdims=True)
+                name = self.em.node("ReduceSum", [mask_input], f"{mask_input}.count", axes=[1], keepdims=True)
             self.mask_tensors[key] = name
         return self.mask_tensors[key]
 
@@ -811,18 +796,21 @@ class Walker:
         requantizer; the heads summed and requantized once more."""
         from refsim.blocks.ita import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
 
-        name = self.unique(m.name)
+        name = self.em.name(m.name)
         self.done.update(n.name for n in m.nodes)
-        _, seq, width = self.g.shapes1[m.q.x]
+        batch, seq, width = self.g.concrete_shape(m.q.x)
+        if batch != 1:
+            raise ExportError(f"{name}: ITA's attention-block form takes one sample at a time, but the model "
+                              f"declares a batch of {batch}; export it at batch 1 or with a free batch")
         heads, p = m.heads, m.head_dim
 
         def requant(ratio: float, what: str) -> ItaRequant:
-            d = dyadic(ratio, mul_bits=8, max_shift=255, what=f"{name}: ITA requantization of {what}")
+            d = rq.ita_dyadic(ratio, f"{name}: {what}")
             return ItaRequant(int(d.mul), int(d.shift), 0)
 
         def as_2d(tensor: str, consumer: Node) -> Value:
             v = self.get(tensor, 8, consumer, 0)
-            return Value(self.emit("Reshape", [v.name], f"{name}.{'q' if tensor == m.q.x else 'kv'}_2d", shape=[seq, width]), v.scale)
+            return Value(self.em.node("Reshape", [v.name], f"{name}.{'q' if tensor == m.q.x else 'kv'}_2d", shape=[seq, width]), v.scale)
 
         x_q = as_2d(m.q.x, m.q.nodes[0])
         x_kv = x_q if m.k.x == m.q.x else as_2d(m.k.x, m.k.nodes[0])
@@ -869,8 +857,8 @@ class Walker:
                 bo=None if biases["o"] is None else (biases["o"] if h == 0 else np.zeros_like(biases["o"])),
             ))
         params = ItaAttention(head_list, requant(1.0, "the head sum"), ItaSoftmax(softmax.op, dict(softmax.attrs)))
-        block = add_attention_block(self.b, name, x_q.name, x_kv.name, params)
-        y = self.emit("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
+        block = add_attention_block(self.em.builder, name, x_q.name, x_kv.name, params)
+        y = self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8)
         # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
         step_of = {"q": "Q", "k": "K", "v": "V", "o": "OW"}

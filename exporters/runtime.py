@@ -59,6 +59,8 @@ class FloatRunner:
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ExportError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
             self._reference = None
+            self._run_options = _ort.RunOptions()
+            self._run_options.log_severity_level = 4  # a failing run is reported once, as an ExportError
         else:
             from onnx.reference import ReferenceEvaluator
 
@@ -70,7 +72,7 @@ class FloatRunner:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         try:
             if self._session is not None:
-                values = self._session.run(self.output_names, dict(feeds))
+                values = self._session.run(self.output_names, dict(feeds), self._run_options)
             else:
                 values = self._reference.run(self.output_names, dict(feeds))
         except Exception as e:

@@ -36,13 +36,30 @@ class GraphBuilder:
         self.blobs: dict[str, bytes] = {}
         self._counter = 0
         self._node_names: set[str] = set()
+        self._reserved: set[str] = set()
+        self._stem_counts: dict[str, int] = {}
+
+    def _taken(self, name: str) -> bool:
+        return name in self.tensors or name in self._node_names or name in self._reserved
 
     def _fresh(self, stem: str) -> str:
         while True:
             self._counter += 1
             name = f"{stem}_{self._counter}"
-            if name not in self.tensors and name not in self._node_names:
+            if not self._taken(name):
                 return name
+
+    def unique_name(self, stem: str) -> str:
+        """A tensor/node name not used (or handed out) yet: `stem` itself if free, else
+        `stem_2`, `stem_3`, ... The name is reserved until the caller declares it."""
+        stem = stem.strip(".") or "t"
+        name, n = stem, self._stem_counts.get(stem, 1)
+        while self._taken(name):
+            n += 1
+            name = f"{stem}_{n}"
+        self._stem_counts[stem] = n
+        self._reserved.add(name)
+        return name
 
     def _add(self, tensor: Tensor) -> str:
         if tensor.name in self.tensors:

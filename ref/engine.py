@@ -80,19 +80,20 @@ class Model:
     def metadata(self) -> dict[str, Any]:
         return self.graph.metadata
 
-    # --- the float edges (refsim.input_quant: exported and imported models alike) -----------
+    # --- the float edges (refsim.boundary: exported and imported models alike) -------------
 
     def quantize_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Float feeds quantized by the recorded input boundary; integer feeds unchanged."""
-        from .input_quant import quantize_feeds
+        from .boundary import quantize_feeds
 
         return quantize_feeds(self, feeds)
 
     def dequantize_outputs(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs with a recorded scale as float32 (q - zero_point) * scale; others unchanged."""
-        from .input_quant import dequantize_outputs
+        """Outputs with a known scale as float32 (q - zero_point) * scale, keyed as `run`
+        returns them; others unchanged."""
+        from .boundary import dequantize_tensors
 
-        return dequantize_outputs(self, outputs)
+        return dequantize_tensors(self, outputs)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in self.inputs)

@@ -24,8 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .boundary import input_specs, quantize_feeds
 from .errors import InputError
-from .input_quant import input_specs, quantize_feeds
 from .ir import Tensor
 from .npyfile import ArrayHeader, read_npy, read_npz
 

@@ -50,12 +50,18 @@ def _perturb(model, torch) -> None:
                 p.mul_(20)  # spread the logits so top-1 agreement means something
 
 
-def export_onnx(model, args, path, names, dynamo: bool, dynamic: dict[str, dict[int, str]]) -> str:
+def export_onnx(model, args, path, names, dynamo: bool, dynamic: dict[str, dict[int, str]] | None) -> str:
+    """torch.onnx.export with the dynamo or the TorchScript exporter; `dynamic` None: fixed
+    shapes, exactly as a plain `torch.onnx.export(model, args, path)` writes them."""
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamo:
+        if dynamic is None:
+            kwargs = {} if dynamo else {"opset_version": 17}
+            torch.onnx.export(model, args, path, dynamo=dynamo, input_names=list(names), output_names=["logits"],
+                              verbose=False, **kwargs)
+        elif dynamo:
             shapes = tuple({axis: torch.export.Dim.AUTO for axis in dynamic[n]} for n in names)
             torch.onnx.export(model, args, path, dynamo=True, input_names=list(names), output_names=["logits"],
                               dynamic_shapes=shapes, verbose=False)
@@ -65,7 +71,7 @@ def export_onnx(model, args, path, names, dynamo: bool, dynamic: dict[str, dict[
     return str(path)
 
 
-def bert(path, dynamo: bool) -> str:
+def bert(path, dynamo: bool, fixed: bool = False) -> str:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -74,9 +80,10 @@ def bert(path, dynamo: bool) -> str:
                      intermediate_size=64, max_position_embeddings=64, num_labels=3)
     model = BertForSequenceClassification(cfg).eval()
     _perturb(model, torch)
-    ids = torch.ones(2, SEQ, dtype=torch.long)
+    ids = torch.ones(1 if fixed else 2, SEQ, dtype=torch.long)
     names = ("input_ids", "attention_mask")
-    return export_onnx(model, (ids, torch.ones_like(ids)), path, names, dynamo, {n: {0: "batch", 1: "seq"} for n in names})
+    dynamic = None if fixed else {n: {0: "batch", 1: "seq"} for n in names}
+    return export_onnx(model, (ids, torch.ones_like(ids)), path, names, dynamo, dynamic)
 
 
 def mobilebert(path, dynamo: bool) -> str:

@@ -1,4 +1,4 @@
-"""Canonicalization of ONNX graphs as torch.onnx.export writes them (exporters.onnx_graph)."""
+"""Canonicalization of ONNX graphs as torch.onnx.export writes them (exporters.frontend)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ import export_helpers as h
 import numpy as np
 import pytest
 from refsim.exporters.dyadic import ExportError
-from refsim.exporters.onnx_graph import (
-    CANONICAL_OPS,
-    canonicalize,
-    generalize_target,
-    load_onnx,
-    match_attention,
-    symbolic_shape,
-)
+from refsim.exporters.frontend.graph import load as load_onnx
+from refsim.exporters.frontend.passes import CANONICAL_OPS, canonicalize
+from refsim.exporters.frontend.patterns import match_attention
+from refsim.exporters.frontend.shapes import Sym, Undecidable, parse_dim, reshape_target
 from refsim.exporters.runtime import FloatRunner
 
 torch = pytest.importorskip("torch")
@@ -138,12 +134,21 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
 
 
-def test_symbolic_shapes_and_generalised_targets():
-    assert symbolic_shape((1, 16, 32), (2, 16, 32)) == ("batch", 16, 32)
-    assert symbolic_shape((4, 8), (8, 8)) == (None, 8)
-    # (1, 16, 4, 8) -> (4, 16, 8) at batch 1 and (2, 16, 4, 8) -> (8, 16, 8) at batch 2.
-    assert generalize_target((4, 16, 8), (8, 16, 8), (1, 16, 4, 8), (2, 16, 4, 8)) == [-1, 16, 8]
-    assert generalize_target((1, 16, 32), (2, 16, 32), (1, 16, 4, 8), (2, 16, 4, 8)) == [0, 16, 32]
-    assert generalize_target((1, 1), (2, 2), (1, 1), (2, 2)) == [0, 0]
-    with pytest.raises(ExportError, match="merges the batch"):  # two dimensions grow with the batch
-        generalize_target((2, 3), (4, 6), (6,), (24,))
+def test_batch_dependent_sizes():
+    b = Sym(1)
+    assert str(b) == "batch" and str(b * 4) == "batch*4" and parse_dim("batch*4") == b * 4
+    assert (b * 4) // 2 == b * 2 and (b * 4) - b * 4 == 0 and parse_dim(16) == 16 and parse_dim("seq") is None
+    assert b.compare(-1) == 1 and (b + 1).compare(1) == 1  # batch >= 1
+    with pytest.raises(Undecidable):
+        b.compare(1)  # batch == 1 only sometimes
+    with pytest.raises(Undecidable):
+        b * b
+
+
+def test_reshape_targets_for_every_batch():
+    # (batch, 16, 4, 8) -> (batch*4, 16, 8): the batch merges into axis 0, which is inferred.
+    assert reshape_target(("batch", 16, 4, 8), ("batch*4", 16, 8)) == [-1, 16, 8]
+    assert reshape_target(("batch", 16, 4, 8), ("batch", 16, 32)) == [0, 16, 32]
+    assert reshape_target((1, 16, 64), (1, 16, 4, 16)) == [1, 16, 4, 16]  # a fixed batch stays fixed
+    with pytest.raises(ExportError, match="merges the batch"):
+        reshape_target(("batch", 6), ("batch*2", "batch*3"))

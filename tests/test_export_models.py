@@ -71,6 +71,18 @@ def test_bert(workdir, text, dynamo):
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_fixed_shapes(workdir, text, dynamo, tmp_path):
+    """A plain torch.onnx.export (no dynamic axes: batch 1, sequence 16) stays fixed: the
+    integer model takes batches of one, `refsim run` feeds it sample by sample."""
+    model = h.bert(tmp_path / "bert_fixed.onnx", dynamo, fixed=True)
+    out = tmp_path / "bert_fixed.intq"
+    export(model, out, text["calib"], tokenizer=text["tokenizer"])
+    m = refsim.load(out)
+    assert [list(t.shape) for t in m.inputs] == [[1, h.SEQ], [1, h.SEQ]]
+    check_agreement(compare(model, out, text["eval"]))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_mobilebert(workdir, text, dynamo):
     model = onnx_model(workdir, "mobilebert", dynamo)
     out = workdir / f"mobilebert_{dynamo}.intq"
@@ -86,7 +98,7 @@ def test_vit(workdir, images, dynamo):
     out = workdir / f"vit_{dynamo}.intq"
     export(model, out, images["calib"])
     m = refsim.load(out)
-    assert m.inputs[0].dtype.name == "int8" and m.metadata["input_quant"]["pixel_values"]["dtype"] == "int8"
+    assert m.inputs[0].dtype.name == "int8" and m.metadata["boundary"]["inputs"]["pixel_values"]["dtype"] == "int8"
     assert "Conv" not in ops(out)
     check_agreement(compare(model, out, images["eval"]), cosine=0.995, top1=0.8)
 
@@ -146,7 +158,7 @@ def test_refsim_run_on_text_prints_labels(workdir, text, tmp_path, capsys):
 
 
 def test_refsim_run_quantizes_float_images(workdir, images, tmp_path, capsys):
-    from refsim.input_quant import quantize_feeds
+    from refsim.boundary import quantize_feeds
 
     model = onnx_model(workdir, "vit", False)
     out = tmp_path / "vit.intq"
@@ -156,9 +168,9 @@ def test_refsim_run_quantizes_float_images(workdir, images, tmp_path, capsys):
     np.save(tmp_path / "three.npy", x)
     capsys.readouterr()
     assert cli(["run", str(out), str(tmp_path / "three.npy"), "--json"]) == 0
-    spec = m.metadata["input_quant"]["pixel_values"]
+    spec = m.metadata["boundary"]["inputs"]["pixel_values"]
     q = quantize_feeds(m, {"pixel_values": x})["pixel_values"]
-    expected = np.clip(np.rint(x.astype(np.float64) / spec["scale"]), -128, 127)
+    expected = np.clip(np.rint(x.astype(np.float32) / np.float32(spec["scale"])), -128, 127)
     assert np.array_equal(q, expected) and q.dtype == np.int8
     samples = json.loads(capsys.readouterr().out)["samples"]  # one per image (axis 0)
     printed = [row for s in samples for row in s["outputs"]["logits"]["values"]]

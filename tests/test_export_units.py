@@ -72,9 +72,11 @@ def test_per_channel_int8_weights_use_column_absmax():
 
 def test_low_bit_weights_stay_in_range():
     w = np.random.default_rng(1).standard_normal((64, 8))
-    for bits, lo, hi in (("4", -8, 7), ("2", -2, 1)):
+    for bits, lo, hi, dtype in (("2", -2, 1, "int2"), ("3", -4, 3, "int4"), ("4", -8, 7, "int4"), ("5", -16, 15, "int8"),
+                                ("6", -32, 31, "int8"), ("7", -64, 63, "int8"), ("16", -32768, 32767, "int16")):
         q = quantize_weight(w, bits, per_channel=True)
-        assert q.q.min() >= lo and q.q.max() <= hi and q.dtype == f"int{bits}"
+        assert q.q.min() >= lo and q.q.max() <= hi and q.dtype == dtype
+        assert q.q.min() == lo or q.q.max() == hi  # the grid is used to its edge
 
 
 def test_layer_config_patterns_merge_in_order():
@@ -90,7 +92,7 @@ def test_layer_config_patterns_merge_in_order():
 
 @pytest.mark.parametrize("doc, message", [
     ({"x": {"bits": 4}}, "unknown setting"),
-    ({"x": {"wbits": 3}}, "weight bits"),
+    ({"x": {"wbits": 9}}, "weight bits"),
     ({"x": {"abits": 12}}, "activation bits"),
     ({"x": 7}, "must be an object"),
     ([1, 2], "expected an object"),
@@ -105,7 +107,9 @@ def test_export_options_reject_unknown_modes_and_bits():
     with pytest.raises(ExportError, match="unknown mode"):
         ExportOptions(mode="tflite")
     with pytest.raises(ExportError, match="weight bits"):
-        ExportOptions(wbits="3")
+        ExportOptions(wbits="1")
+    with pytest.raises(ExportError, match="activation bits"):
+        ExportOptions(abits=9)
 
 
 def test_classification_metrics_hand_worked():
@@ -144,7 +148,8 @@ def test_progress_bar_draws_on_terminals_only():
     bar = Progress(True, tty)
     for i in range(1, 4):
         bar(i, 3, "calibrating")
-    assert tty.getvalue().count("\r") == 3 and tty.getvalue().endswith("s\n") and "3/3" in tty.getvalue()
+    drawn = tty.getvalue()
+    assert "calibrating" in drawn and "3/3" in drawn and drawn.endswith("\n")
     pipe = io.StringIO()
     Progress(True, pipe)(3, 3, "x")
     Progress(False, _Terminal())(3, 3, "x")

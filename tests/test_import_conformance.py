@@ -20,8 +20,8 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+from refsim.exporters.frontend.graph import to_numpy
 from refsim.exporters.importers import ImportFailure, dequantize_outputs, import_model, quantize_inputs
-from refsim.exporters.importers.onnx_reader import to_numpy
 
 CASES = [
     "test_quantizelinear", "test_quantizelinear_axis", "test_quantizelinear_uint16", "test_quantizelinear_int16",

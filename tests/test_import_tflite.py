@@ -465,7 +465,7 @@ def test_unsupported_operator_is_one_line(tmp_path):
     b.output(y)
     path = tmp_path / "floor.tflite"
     path.write_bytes(b.build())
-    from refsim.exporters.importers.onnx_reader import ImportFailure
+    from refsim.exporters.importers import ImportFailure
 
     with pytest.raises(ImportFailure, match=r"floor.tflite: operator 0 \(FLOOR\) is not supported by the TFLite importer$"):
         import_tflite(path)

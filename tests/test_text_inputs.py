@@ -1,4 +1,4 @@
-"""refsim.text (embedded tokenizers) and refsim.input_quant (float inputs of image models)."""
+"""refsim.text (embedded tokenizers)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from refsim import GraphBuilder
 from refsim.cli import main as cli
 from refsim.engine import Model
 from refsim.errors import InputError, RefsimError
-from refsim.input_quant import quantize_array, quantize_feeds
 from refsim.text import TextEncoder, encoder_for, text_reader_for
 
 pytest.importorskip("tokenizers")
@@ -68,21 +67,3 @@ def test_encoder_for_without_tokenizer():
     b.output(b.input("x", "int8", [1, 2]))
     with pytest.raises(InputError, match="no embedded tokenizer"):
         encoder_for(b.model())
-
-
-def test_input_quantization_hand_worked():
-    # x / 0.1 = 2.6, -2.5, 1000, -0.5: round half to even gives 3, -2, 1000, -0; clipped to int8.
-    q = quantize_array(np.array([0.26, -0.25, 100.0, -0.05]), 0.1, 0, "int8")
-    assert q.tolist() == [3, -2, 127, 0] and q.dtype == np.int8
-    with pytest.raises(InputError, match="NaN"):
-        quantize_array(np.array([np.nan]), 0.1, 0, "int8")
-
-
-def test_quantize_feeds_leaves_integers_alone():
-    b = GraphBuilder("img")
-    b.output(b.input("x", "int8", ["batch", 2]))
-    b.metadata["input_quant"] = {"x": {"scale": 0.5, "zero_point": 0, "dtype": "int8"}}
-    model = b.model()
-    assert quantize_feeds(model, {"x": np.array([[1.0, -0.75]])})["x"].tolist() == [[2, -2]]
-    ints = np.array([[5, 6]], np.int8)
-    assert quantize_feeds(model, {"x": ints})["x"] is ints

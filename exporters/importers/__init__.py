@@ -3,12 +3,14 @@
     from refsim.exporters.importers import import_model
     model = import_model("model_qdq.onnx", "model.intq", requant="ort")
 
-`import_model` detects the format (or takes `fmt`), maps every node onto refsim's integer
-ops and returns the runnable `refsim.Model` (saving it when given a path). The model's
-metadata["import"] records how float inputs are quantized and float outputs dequantized;
-`quantize_inputs` and `dequantize_outputs` apply those boundary conversions on the host,
-with ONNX's QuantizeLinear/DequantizeLinear formulas (float work that stays out of the
-integer engine).
+`import_model` reads the graph with the front end it shares with `refsim export`
+(`exporters.frontend`: loader, constant folding, shapes, emitter, requantization planner),
+detects the format (or takes `fmt`), maps every node onto refsim's integer ops and returns
+the runnable `refsim.Model` (saving it when given a path). The model's
+metadata["boundary"] records how float inputs are quantized and float outputs dequantized
+(`refsim.boundary`, the schema exported models use too); `quantize_inputs` and
+`dequantize_outputs` apply those conversions on the host, with ONNX's
+QuantizeLinear/DequantizeLinear formulas (float work that stays out of the integer engine).
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping
 
-import numpy as np
 import onnx
+from refsim.boundary import dequantize_outputs as _dequantize_outputs
+from refsim.boundary import quantize_feeds
 from refsim.engine import Model
+from refsim.onnx_form import from_onnx, is_refsim_onnx
 
-from .onnx_reader import ImportFailure, OnnxGraph
-from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES, Emitter
+from ..dyadic import ExportError
+from ..frontend.emitter import Emitter
+from ..frontend.graph import Graph, load
+from ..frontend.passes import import_graph
+from .base import ImportFailure
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES
 
 FORMATS = ("qdq", "qonnx", "deeploy")
 
@@ -34,10 +42,12 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv",
            "QLinearLeakyRelu", "QLinearConcat"}
 
 
-def detect_format(model: onnx.ModelProto) -> str:
+def detect_format(model: onnx.ModelProto | Graph) -> str:
     """qonnx, deeploy or qdq, from the ops the graph uses."""
-    ops = {n.op_type for n in model.graph.node}
-    domains = {n.domain for n in model.graph.node}
+    if isinstance(model, Graph):
+        ops, domains = {n.op for n in model.nodes}, {n.domain for n in model.nodes}
+    else:
+        ops, domains = {n.op_type for n in model.graph.node}, {n.domain for n in model.graph.node}
     if ops & QONNX_OPS or domains & QONNX_DOMAINS:
         return "qonnx"
     if ops & DEEPLOY_OPS:
@@ -48,18 +58,6 @@ def detect_format(model: onnx.ModelProto) -> str:
         "found no quantization in the model (no QuantizeLinear/DequantizeLinear, QLinear*, "
         "QONNX Quant or quantlib/Deeploy ops); for a float model use `refsim export`"
     )
-
-
-def _refsim_form(source):
-    """The refsim graph of an ONNX file written by `refsim convert`, else None."""
-    from refsim.onnx_form import from_onnx, is_refsim_onnx
-
-    where = "model" if isinstance(source, onnx.ModelProto) else os.fspath(source)
-    try:
-        proto = source if isinstance(source, onnx.ModelProto) else onnx.load(os.fspath(source), load_external_data=False)
-    except Exception:  # unreadable files are reported by the ONNX reader with its own message
-        return None
-    return from_onnx(proto, where) if is_refsim_onnx(proto) else None
 
 
 def import_model(
@@ -93,32 +91,40 @@ def import_model(
         raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
     if requant not in REQUANT_CHOICES:
         raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
-    refsim_graph = _refsim_form(source)
-    if refsim_graph is not None:  # written by `refsim convert`: the graph itself, exactly
-        model = Model(refsim_graph)
+    try:
+        return _import(source, output, fmt, requant, shapes, constants, input_types, mode, name, float_ops)
+    except ImportFailure:
+        raise
+    except ExportError as e:  # the front end's errors, reported as the importer's
+        raise ImportFailure(str(e)) from None
+
+
+def _import(source, output, fmt, requant, shapes, constants, input_types, mode, name, float_ops) -> Model:
+    proto = load(source)
+    if is_refsim_onnx(proto):  # written by `refsim convert`: the graph itself, exactly
+        where = "model" if isinstance(source, onnx.ModelProto) else os.fspath(source)
+        model = Model(from_onnx(proto, where))
         if output is not None:
             model.save(output)
         return model
-    graph = OnnxGraph.read(source, shapes, dict(constants or {}))
-    fmt = fmt or detect_format(graph.model)
+    fmt = fmt or detect_format(proto)
     if fmt not in FORMATS:
         raise ImportFailure(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if name is None:
-        name = graph.model.graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
-                                          if not isinstance(source, onnx.ModelProto) else "imported")
-    emitter = Emitter(name, requant=requant, float_ops=float_ops, max_tensor_bytes=graph.budget.limit)
     if fmt == "qdq":
-        from .qdq import QdqImporter
-
-        importer = QdqImporter(graph, emitter, mode)
+        from .qdq import QdqImporter as importer_class
     elif fmt == "qonnx":
-        from .qonnx import QonnxImporter
-
-        importer = QonnxImporter(graph, emitter, mode)
+        from .qonnx import QonnxImporter as importer_class
     else:
-        from .deeploy import DeeployImporter
-
-        importer = DeeployImporter(graph, emitter, dict(input_types or {}))
+        from .deeploy import DeeployImporter as importer_class
+    graph = import_graph(proto, shapes, dict(constants or {}), keep=importer_class.keeps, specs=importer_class.specs)
+    if name is None:
+        name = graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
+                              if not isinstance(source, onnx.ModelProto) else "imported")
+    emitter = Emitter(name, max_declared_bytes=graph.budget.limit)
+    if fmt == "deeploy":
+        importer = importer_class(graph, emitter, dict(input_types or {}), requant=requant)
+    else:
+        importer = importer_class(graph, emitter, mode, requant=requant, float_ops=float_ops)
     ir = importer.run()
     model = Model(ir)
     if output is not None:
@@ -126,18 +132,15 @@ def import_model(
     return model
 
 
-def quantize_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Float feeds quantized as the ONNX graph's QuantizeLinear would: saturate(rne(x / scale) + zp)."""
-    return model.quantize_inputs(dict(feeds))
+def quantize_inputs(model: Model, feeds: Mapping[str, object]) -> dict:
+    """Float feeds quantized as the ONNX graph's QuantizeLinear would: saturate(rne(x / scale) + zp)
+    (`refsim.boundary.quantize_feeds`)."""
+    return quantize_feeds(model, feeds)
 
 
-def dequantize_outputs(model: Model, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs the ONNX graph dequantized, as float32 (q - zero_point) * scale, keyed by the
-    ONNX output name; the others as they are."""
-    specs = model.metadata.get("import", {}).get("outputs", {})
-    names = {spec["tensor"]: name for name, spec in specs.items()}
-    floats = model.dequantize_outputs(dict(outputs))
-    return {names.get(tensor, tensor): value for tensor, value in floats.items()}
+def dequantize_outputs(model: Model, outputs: Mapping[str, object]) -> dict:
+    """Outputs the ONNX graph dequantized, as float32 (q - zero_point) * scale; others as they are."""
+    return _dequantize_outputs(model, outputs)
 
 
 __all__ = ["FORMATS", "ImportFailure", "detect_format", "import_model", "quantize_inputs", "dequantize_outputs"]

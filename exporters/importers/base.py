@@ -1,34 +1,52 @@
-"""The importer skeleton every format shares: inputs, the node loop, folding, data movement,
-graph outputs and metadata. A format subclasses `Importer` and adds handlers for its ops.
+"""The importer skeleton every format shares: inputs, the node loop, data movement, graph
+outputs and metadata. A format subclasses `Importer` and adds handlers for its ops.
+
+The graph comes from the front end (`exporters.frontend`: one loader, constant folding and
+shape inference for export and import); integer nodes go through its emitter, and every
+requantization through its planner (`frontend.requant`, policies `dyadic` and `ort`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 from refsim.dtypes import TYPES
 from refsim.errors import InternalError, RefsimError
 from refsim.ir import Graph
 
-from .onnx_reader import (
-    FLOAT_TYPES,
-    INTEGER_TYPES,
-    GraphInput,
-    ImportFailure,
-    OnnxGraph,
-    OpSpec,
-    _first_line,
-    array_bytes,
-    attributes,
-    fail,
-    fold,
-    node_label,
-    type_name,
-)
-from .values import Const, Dequantized, Emitter, FloatOp, QTensor, narrowest_type
+from ..dyadic import ExportError
+from ..frontend import requant as rq
+from ..frontend.checks import array_bytes, first_line
+from ..frontend.emitter import Emitter, narrowest_type
+from ..frontend.fold import evaluate, store_const
+from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
+from ..frontend.graph import Graph as OnnxGraph
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES, Const, Dequantized, FloatOp, QTensor
+
+
+class ImportFailure(ExportError):
+    """An ONNX model cannot be imported: the message names the node, the op and why."""
+
+
+def fail(node: Node | None, why: str) -> ImportFailure:
+    return ImportFailure(f"{node.describe()}: {why}" if node is not None else why)
+
+
+def describe(node: Node) -> str:
+    return node.describe()
+
+
+@dataclass
+class GraphInput:
+    name: str
+    elem_type: int
+    shape: tuple  # ints, and strings for symbolic dimensions
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in FLOAT_TYPES
 
 
 class FloatInput:
@@ -39,15 +57,24 @@ class FloatInput:
         self.quantized: QTensor | None = None
 
 
-Handler = Callable[[onnx.NodeProto, list, dict], Any]
+Handler = Callable[[Node, list, dict], Any]
 
 
 class Importer:
     format_name = "onnx"
+    # Nodes the front end's folding must leave for the importer (even on constants).
+    KEEP: tuple[str, ...] = ()
 
-    def __init__(self, graph: OnnxGraph, emitter: Emitter):
+    def __init__(self, graph: OnnxGraph, emitter: Emitter, requant: str = "dyadic", float_ops: str = "integer"):
+        if requant not in REQUANT_CHOICES:
+            raise ImportFailure(f"unknown requantization {requant!r}; choose from {', '.join(REQUANT_CHOICES)}")
+        if float_ops not in FLOAT_OPS_CHOICES:
+            raise ImportFailure(f"unknown float ops {float_ops!r}; choose from {', '.join(FLOAT_OPS_CHOICES)}")
         self.g = graph
         self.em = emitter
+        self.requant_policy = requant
+        self.float_ops = float_ops
+        self.rounding = "half_even"
         self.values: dict[str, Any] = {"": None}
         self.handlers: dict[tuple[str, str], Handler] = {}
         self.input_quantization: dict[str, dict] = {}
@@ -58,10 +85,19 @@ class Importer:
 
     # --- the loop -----------------------------------------------------------------------
 
+    @classmethod
+    def keeps(cls, node: Node) -> bool:
+        return node.op in cls.KEEP
+
+    def graph_inputs(self) -> list[GraphInput]:
+        return [GraphInput(n, *self.g.input_types[n]) for n in self.g.inputs]
+
     def run(self) -> Graph:
-        for name, array in self.g.constants.items():
+        for name, array in self.g.consts.items():
             self.values[name] = Const(array)
-        for info in self.g.inputs:
+            if name in self.g.const_types:
+                self.const_types[name] = self.g.const_types[name]
+        for info in self.graph_inputs():
             if info.elem_type in INTEGER_TYPES:
                 dtype = INTEGER_TYPES[info.elem_type]
                 name = self.em.builder.input(info.name, dtype, info.shape)
@@ -74,14 +110,14 @@ class Importer:
             self.visit(node)
         return self.finish()
 
-    # Custom ops a format defines, checked like onnx's own (see onnx_reader.OpSpec).
-    specs: dict[tuple[str, str], OpSpec] = {}
+    # Custom ops a format defines, checked like onnx's own when the graph is read
+    # (frontend.checks.OpSpec).
+    specs: dict = {}
 
-    def visit(self, node: onnx.NodeProto) -> None:
-        """Check `node` against its schema, then map it; whatever a malformed node still makes
-        a handler raise becomes an ImportFailure naming the node (InternalError, a refsim
-        bug, is left alone)."""
-        self.g.check_node(node, self.specs)
+    def visit(self, node: Node) -> None:
+        """Map `node` (checked against its schema when the graph was read); whatever a
+        malformed node still makes a handler raise becomes an ImportFailure naming the node
+        (InternalError, a refsim bug, is left alone)."""
         try:
             self._visit(node)
         except (ImportFailure, InternalError):
@@ -91,53 +127,95 @@ class Importer:
         except MemoryError:
             raise fail(node, "needs more memory than is available") from None
         except Exception as e:
-            raise fail(node, f"cannot be imported ({type(e).__name__}: {_first_line(e)})") from e
+            raise fail(node, f"cannot be imported ({type(e).__name__}: {first_line(e)})") from e
 
-    def _visit(self, node: onnx.NodeProto) -> None:
-        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    def _visit(self, node: Node) -> None:
+        domain = node.domain
         ins = []
-        for name in node.input:
+        for name in node.inputs:
             if name not in self.values:
                 raise fail(node, f"input {name!r} is never produced (is the graph topologically sorted?)")
             ins.append(self.values[name])
-        attrs = attributes(node)
-        if node.op_type == "Constant" and domain == "":
-            results = fold(node, [], self.g.opsets, self.g.budget)
-        elif ins and all(isinstance(v, Const) or v is None for v in ins) and self.foldable(domain, node.op_type):
-            results = fold(node, [None if v is None else v.value for v in ins], self.g.opsets, self.g.budget)
+        attrs = node.attrs
+        if node.op == "Constant" and domain == "":
+            results = evaluate(node, [], self.g.opsets, self.g.budget)
+        elif ins and all(isinstance(v, Const) or v is None for v in ins) and self.foldable(domain, node.op):
+            results = evaluate(node, [None if v is None else v.value for v in ins], self.g.opsets, self.g.budget)
         else:
-            handler = self.handlers.get((domain, node.op_type))
+            handler = self.handlers.get((domain, node.op))
             result = self.unhandled(node, ins, attrs) if handler is None else handler(node, ins, attrs)
             results = list(result) if isinstance(result, (list, tuple)) else [result]
-            if len(results) != len(node.output):
-                raise fail(node, f"produces {len(node.output)} outputs, refsim maps {len(results)}")
-            for name, value in zip(node.output, results):
+            if len(results) != len(node.outputs):
+                raise fail(node, f"produces {len(node.outputs)} outputs, refsim maps {len(results)}")
+            for name, value in zip(node.outputs, results):
                 if name:
                     self.values[name] = value
             return
-        for name, value in zip(node.output, results):
+        for name, value in zip(node.outputs, results):
             if name:
                 self.values[name] = Const(self.keep_const_type(name, np.asarray(value)))
 
     def keep_const_type(self, name: str, array: np.ndarray) -> np.ndarray:
         """Folded sub-byte integers (ml_dtypes int4, ...) are stored unpacked; remember their type."""
-        if array.dtype.kind in "iubf" or array.dtype == object:
-            return array
+        scratch = OnnxGraph()
+        store_const(scratch, name, array)
+        if name in scratch.const_types:
+            self.const_types[name] = scratch.const_types[name]
+        return scratch.consts[name]
+
+    # --- emitting ------------------------------------------------------------------------------
+
+    def place(self, q: QTensor) -> str:
+        """The refsim tensor name of q, placing a constant in the graph on first use."""
+        if q.name is None:
+            q.name = self.em.const(q.data, q.dtype, "const")
+        elif q.name not in self.em.builder.tensors and q.data is not None:
+            self.em.builder.const(q.data, q.dtype.name, name=q.name)
+        return q.name
+
+    def qnode(self, op: str, inputs, out: str, node_name: str | None = None, **attrs) -> QTensor:
+        """Append a refsim node with one output named (close to) `out`; returns it as a QTensor."""
+        name = self.em.node(op, inputs, out, node_name, **attrs)
+        t = self.em.builder.tensors[name]
+        return QTensor(name, t.dtype, tuple(t.shape))
+
+    def requantize(self, src: QTensor, ratio: np.ndarray, target: QTensor, out: str, onnx_node=None,
+                   ort_ratio: np.ndarray | None = None, axis: int | None = None, value_bits: int | None = None) -> QTensor:
+        """y = clip(round(ratio * (src - src.zero_point)) + target.zero_point) in target's type,
+        with the importer's policy (`frontend.requant`). `ratio` is the exact real multiplier
+        (scalar or per channel along `axis`); `ort_ratio` the float32 one onnxruntime
+        computes; `value_bits` bounds |src| when it is narrower than its type."""
+        ratio = np.asarray(ratio, np.float64)
+        src_zp = src.zero_point
+        if ratio.size > 1 and axis is None:
+            raise fail(onnx_node, "a per-channel requantization needs an axis")
+        if src_zp is not None and np.asarray(src_zp).size > 1 and np.unique(np.asarray(src_zp)).size == 1:
+            src_zp = np.asarray(src_zp).reshape(-1)[:1]
+        if src_zp is not None and np.asarray(src_zp).size > 1:
+            raise fail(onnx_node, "per-channel zero points on a tensor that is requantized are not supported")
+        zp_in = 0 if src_zp is None else int(np.asarray(src_zp).reshape(-1)[0])
+        bound = (1 << (value_bits - 1)) + abs(zp_in) if value_bits else rq.type_bound(src.dtype.name, zp_in)
+        rounding = target.rounding or self.rounding
+        clip = target.clip or (None, None)
+        what = onnx_node.name if onnx_node is not None else out
         try:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-        except Exception:
-            return array
-        if elem in INTEGER_TYPES:
-            self.const_types[name] = elem
-            return array.astype(np.uint8 if INTEGER_TYPES[elem].startswith("uint") else np.int8)
-        return array
+            name = rq.requantize(self.em, self.place(src), ratio, bound=bound, dtype=target.dtype.name,
+                                 policy=self.requant_policy, zero_point=int(target.zp_scalar()), input_zero_point=zp_in,
+                                 lo=clip[0], hi=clip[1], rounding=rounding, axis=-1 if axis is None else axis,
+                                 ort_ratio=ort_ratio, stem=out, what=what)
+        except ImportFailure:
+            raise
+        except ExportError as e:
+            raise ImportFailure(f"{describe(onnx_node)}: {e}" if onnx_node is not None else str(e)) from None
+        t = self.em.builder.tensors[name]
+        return replace(target, name=name, shape=tuple(t.shape), data=None, factors=None)
 
     def foldable(self, domain: str, op_type: str) -> bool:
         """Nodes on constants are evaluated at import time (onnx's own reference semantics)."""
         return domain == ""
 
     def unhandled(self, node, ins, attrs):
-        raise fail(node, f"op {node.op_type!r} is not supported by the {self.format_name} importer")
+        raise fail(node, f"op {node.op!r} is not supported by the {self.format_name} importer")
 
     # --- graph outputs --------------------------------------------------------------------
 
@@ -152,10 +230,10 @@ class Importer:
                 q = value.q
             if isinstance(value, (Const, FloatInput)) or value is None:
                 raise ImportFailure(f"graph output {name!r} is a constant or a float input; nothing integer computes it")
-            tensor = self.em.tensor(q)
+            tensor = self.place(q)
             if tensor != name or name in b.inputs or b.tensors[tensor].is_const:
                 rank = len(q.shape)
-                q = replace(q, name=self.em.node("Reshape", [tensor], name, shape=[0] * rank).name)
+                q = replace(q, name=self.qnode("Reshape", [tensor], name, shape=[0] * rank).name)
             b.output(q.name)
             entry: dict[str, Any] = {"tensor": q.name, "dtype": q.dtype.name}
             if q.scale is not None:
@@ -167,16 +245,15 @@ class Importer:
         for name, value in self.values.items():
             if isinstance(value, FloatInput) and value.quantized is None:
                 raise ImportFailure(f"float input {name!r} is never quantized by a QuantizeLinear")
-        order = {info.name: i for i, info in enumerate(self.g.inputs)}
+        order = {name: i for i, name in enumerate(self.g.inputs)}
         b.inputs.sort(key=lambda n: order.get(n, len(order)))
         b.metadata["import"] = {
             "format": self.format_name,
-            "requant": self.em.requant,
-            "float_ops": self.em.float_ops,
-            "producer": f"{self.g.model.producer_name} {self.g.model.producer_version}".strip(),
-            "inputs": self.input_quantization,
-            "outputs": outputs,
+            "requant": self.requant_policy,
+            "float_ops": self.float_ops,
+            "producer": self.g.producer,
         }
+        b.metadata["boundary"] = {"inputs": self.input_quantization, "outputs": outputs}
         try:
             return b.build()
         except RefsimError as e:
@@ -225,7 +302,7 @@ class Importer:
         if isinstance(value, FloatInput):
             raise fail(node, f"float input {value.info.name!r} must be quantized (QuantizeLinear) before this op")
         if isinstance(value, FloatOp):
-            raise fail(node, f"takes the float result of {node_label(value.node)}; quantize it first")
+            raise fail(node, f"takes the float result of {describe(value.node)}; quantize it first")
         raise fail(node, "takes a value refsim cannot represent")
 
     def _move(self, node, value, op: str, params: dict, const_fn: Callable[[np.ndarray], np.ndarray],
@@ -240,8 +317,8 @@ class Importer:
             data = const_fn(q.data)
             out = replace(q, name=None, data=np.ascontiguousarray(data), shape=data.shape, axis=new_axis)
         else:
-            extra = [self.em.tensor(e) for e in extra_inputs]
-            result = self.em.node(op, [self.em.tensor(q), *extra], node.output[0], node.name, **params)
+            extra = [self.place(e) for e in extra_inputs]
+            result = self.qnode(op, [self.place(q), *extra], node.outputs[0], node.name, **params)
             out = replace(q, name=result.name, shape=result.shape, data=None, axis=new_axis)
         return Dequantized(out) if wrapped else out
 
@@ -350,8 +427,10 @@ class Importer:
         if isinstance(indices, Const) and isinstance(data, (QTensor, Dequantized)) and self._unwrap(node, data)[0].is_const:
             idx = np.asarray(indices.value).astype(np.int64)
             table = self._unwrap(node, data)[0].data
-            rows = table.shape[:axis % max(table.ndim, 1)] + idx.shape + table.shape[axis % max(table.ndim, 1) + 1:]
-            self.g.budget.take(array_bytes(rows, table.itemsize), node, "the gathered constant")
+            at = axis % max(table.ndim, 1)
+            if self.g.budget is not None:
+                self.g.budget.take(array_bytes(table.shape[:at] + idx.shape + table.shape[at + 1:], table.itemsize),
+                                   node.describe(), "the gathered constant")
             return self._move(node, data, "Gather", {}, lambda a: np.take(a, idx, axis=axis))
         index = self.integer(node, indices, "the indices")
         if isinstance(data, Const) and np.asarray(data.value).dtype.kind in "iub":
@@ -398,7 +477,7 @@ class Importer:
             dtypes = {q.dtype.name for q, _ in qs}
             if len(dtypes) > 1:
                 raise fail(node, f"concatenates tensors of different types {sorted(dtypes)}")
-            result = self.em.node("Concat", [self.em.tensor(q) for q, _ in qs], node.output[0], node.name, axis=axis)
+            result = self.qnode("Concat", [self.place(q) for q, _ in qs], node.outputs[0], node.name, axis=axis)
             out = replace(first, name=result.name, shape=result.shape, data=None)
         return Dequantized(out) if wrapped == {True} else out
 
@@ -412,7 +491,7 @@ class Importer:
         split = attrs.get("split")
         if split is None and len(ins) > 1 and ins[1] is not None:
             split = self.ints(node, ins[1], "split")
-        count = len(node.output)
+        count = len(node.outputs)
         if split is None:
             if not isinstance(size, int):
                 raise fail(node, "splits a symbolic dimension; give --shape")
@@ -420,7 +499,7 @@ class Importer:
             split = [min(chunk, size - i * chunk) for i in range(count)]
         results, start = [], 0
         for i, part in enumerate(split):
-            sub = onnx.helper.make_node("Slice", [], [node.output[i]], name=f"{node.name or node.output[0]}.{i}")
+            sub = Node("Slice", [], [node.outputs[i]], {}, f"{node.name or node.outputs[0]}.{i}")
             index = [slice(None)] * len(shape)
             index[axis] = slice(start, start + part)
             results.append(self._move(sub, ins[0], "Slice", {"starts": [start], "ends": [start + part], "axes": [axis]},
@@ -429,7 +508,7 @@ class Importer:
         return results
 
     def op_MaxPool(self, node, ins, attrs):
-        if len(node.output) > 1 and node.output[1]:
+        if len(node.outputs) > 1 and node.outputs[1]:
             raise fail(node, "the Indices output is not supported")
         q, _ = self._unwrap(node, ins[0])
         if q.scale is not None and np.any(np.asarray(q.scale) <= 0):
@@ -439,7 +518,7 @@ class Importer:
         params["kernel_shape"] = list(attrs["kernel_shape"])
         params["ceil_mode"] = bool(attrs.get("ceil_mode", 0))
         result = self._move(node, ins[0], "MaxPool", params, lambda a: a)
-        return [result] + ([None] if len(node.output) > 1 else [])
+        return [result] + ([None] if len(node.outputs) > 1 else [])
 
     def bound_padding(self, node, shape, pads, itemsize: int = 1) -> None:
         """Pads are attributes: the smallest tensor they can make (unknown dimensions taken as
@@ -509,8 +588,9 @@ class Importer:
 
         def const_fn(a):
             from refsim.ops import Pad
-            padded = [max(d + pads[i] + pads[rank + i], 0) for i, d in enumerate(a.shape)] if len(pads) == 2 * rank else a.shape
-            self.g.budget.take(array_bytes(padded, a.itemsize), node, "the padded constant")
+            padded = [d + pads[i] + pads[rank + i] for i, d in enumerate(a.shape)] if len(pads) == 2 * rank else a.shape
+            if self.g.budget is not None:
+                self.g.budget.take(array_bytes(padded, a.itemsize), node.describe(), "the padded constant")
             return Pad(a, pads=pads, mode=mode, value=level)
         return self._move(node, ins[0], "Pad", {"pads": pads, "mode": mode, "value": level}, const_fn,
                           lambda a: a if pads[a] == pads[rank + a] == 0 else None)

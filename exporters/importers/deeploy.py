@@ -20,9 +20,10 @@ import math
 import numpy as np
 from refsim.dtypes import TYPES
 
-from .base import FloatInput, Importer
-from .onnx_reader import OpSpec, fail
-from .values import Const, QTensor, narrowest_type
+from ..frontend.checks import OpSpec
+from ..frontend.emitter import narrowest_type
+from .base import FloatInput, Importer, fail
+from .values import Const, QTensor
 
 DOMAINS = ("", "PACTOps", "pact")
 
@@ -50,8 +51,8 @@ class DeeployImporter(Importer):
     format_name = "deeploy"
     specs = SPECS
 
-    def __init__(self, graph, emitter, input_types: dict[str, str] | None = None):
-        super().__init__(graph, emitter)
+    def __init__(self, graph, emitter, input_types: dict[str, str] | None = None, requant: str = "dyadic"):
+        super().__init__(graph, emitter, requant)
         self.input_types = dict(input_types or {})
         for domain in DOMAINS:
             for op in ("RequantShift", "ITAMax", "ITAPartialMax", "iSoftmax", "iGELU", "RequantizediGELU",
@@ -76,18 +77,18 @@ class DeeployImporter(Importer):
                 raise fail(node, f"unknown input type {dtype!r} for {info.name!r}")
             q = QTensor(self.em.builder.input(info.name, dtype, info.shape), TYPES[dtype], tuple(info.shape))
             self.values[info.name] = q
-            self.input_quantization[info.name] = {"onnx_dtype": "float32", "holds": dtype}
+            self.input_quantization[info.name] = {"dtype": dtype, "onnx_dtype": "float32", "integers": True}
             value.quantized = q
             return q.name
         if isinstance(value, QTensor):
-            return self.em.tensor(value)
+            return self.place(value)
         if isinstance(value, Const):
             array = np.asarray(value.value)
             if array.dtype.kind == "f":
                 if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
                     raise fail(node, f"{what} holds values that are not integers")
                 array = array.astype(np.int64)
-            return self.em.const(array, narrowest_type(array), stem=f"{node.output[0]}.{what}")
+            return self.em.const(array, narrowest_type(array), stem=f"{node.outputs[0]}.{what}")
         raise fail(node, f"{what} is not an integer tensor")
 
     def ints_of(self, node, value, what: str) -> np.ndarray:
@@ -98,7 +99,7 @@ class DeeployImporter(Importer):
 
     def op(self, node, op: str, inputs: list, **attrs):
         names = [self.tensor(node, v, f"input{i}") if v is not None else None for i, v in enumerate(inputs)]
-        return self.em.node(op, names, node.output[0], node.name, **attrs)
+        return self.qnode(op, names, node.outputs[0], node.name, **attrs)
 
     @staticmethod
     def number(value):
@@ -214,7 +215,7 @@ class DeeployImporter(Importer):
         acc = self.op(node, "MatMul", ins[:2], **trans)
         if c is None:
             return acc
-        return self.em.node("Add", [acc.name, self.tensor(node, c, "C")], node.output[0] + ".biased", node.name + ".bias")
+        return self.qnode("Add", [acc.name, self.tensor(node, c, "C")], node.outputs[0] + ".biased", node.name + ".bias")
 
     def op_Conv(self, node, ins, attrs):
         w = ins[1]
@@ -232,7 +233,7 @@ class DeeployImporter(Importer):
         names = [self.tensor(node, v, f"input{i}") for i, v in enumerate(ins[:2])]
         bits = [self.em.builder.tensors[n].dtype.bits for n in names]
         wide = sum(bits) > 32 if op == "Mul" else max(bits) + 1 > 32
-        return self.em.node(op, names, node.output[0], node.name, **({"dtype": "int32"} if wide else {}))
+        return self.qnode(op, names, node.outputs[0], node.name, **({"dtype": "int32"} if wide else {}))
 
     def op_Add(self, node, ins, attrs):
         return self._arith(node, ins, "Add")

@@ -31,9 +31,13 @@ import onnx
 from onnx import helper
 from refsim.dtypes import TYPES
 
-from .base import FloatInput, Importer
-from .onnx_reader import FLOAT_TYPES, INTEGER_TYPES, fail, fold, node_label, type_name
-from .values import Const, Dequantized, FloatOp, QTensor, narrowest_type, ratio_of
+from ..frontend import integer_ops
+from ..frontend.emitter import narrowest_type
+from ..frontend.fold import evaluate
+from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
+from ..frontend.integer_ops import INTEGER_OPS, lower
+from .base import FloatInput, Importer, describe, fail
+from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
 
 # Elementwise float ops a lookup table can stand for (one quantized input, scalar constants).
 ELEMENTWISE = {
@@ -51,13 +55,13 @@ MODES = ("ibert", "deeploy")
 
 class QdqImporter(Importer):
     format_name = "qdq"
+    KEEP = ("DequantizeLinear",)
 
-    def __init__(self, graph, emitter, mode: str = "ibert"):
-        super().__init__(graph, emitter)
+    def __init__(self, graph, emitter, mode: str = "ibert", requant: str = "dyadic", float_ops: str = "integer"):
+        super().__init__(graph, emitter, requant, float_ops)
         if mode not in MODES:
             raise fail(None, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.mode = mode
-        self.initializer_types = graph.elem_types
         h = self.handlers
         for domain in ("", MICROSOFT):
             h[(domain, "QuantizeLinear")] = self.op_QuantizeLinear
@@ -116,11 +120,9 @@ class QdqImporter(Importer):
 
     def elem_type(self, node, index: int) -> int | None:
         """The ONNX element type of input `index`: initializers keep theirs (int4 included)."""
-        name = node.input[index] if index < len(node.input) else ""
+        name = node.inputs[index] if index < len(node.inputs) else ""
         if not name:
             return None
-        if name in self.initializer_types:
-            return self.initializer_types[name]
         if name in self.const_types:
             return self.const_types[name]
         value = self.values.get(name)
@@ -136,7 +138,7 @@ class QdqImporter(Importer):
         x = ins[0]
         shape = self._value_shape(node, x)
         target = self.quant_params(node, ins[1], ins[2] if len(ins) > 2 else None, attrs, shape, zp_index=2)
-        out = node.output[0]
+        out = node.outputs[0]
         if isinstance(x, FloatInput):
             return self.quantized_input(node, x, target)
         if isinstance(x, Const):
@@ -149,7 +151,7 @@ class QdqImporter(Importer):
                 return replace(target, data=self.onnx_quantize(self.onnx_dequantize(q.data, q), target), shape=q.shape)
             self._per_tensor(node, target)
             exact, ort = ratio_of(q, target)
-            return self.em.requantize(q, exact, target, out, node, ort_ratio=ort, axis=self._axis(q))
+            return self.requantize(q, exact, target, out, node, ort_ratio=ort, axis=self._axis(q))
         if isinstance(x, FloatOp):
             self._per_tensor(node, target)
             return self.resolve(x, target, out, node)
@@ -157,7 +159,7 @@ class QdqImporter(Importer):
             self._per_tensor(node, target)
             one = replace(x, scale=np.float64(1.0), zero_point=np.int64(0))
             exact, ort = ratio_of(one, target)
-            return self.em.requantize(one, exact, target, out, node, ort_ratio=ort)
+            return self.requantize(one, exact, target, out, node, ort_ratio=ort)
         raise fail(node, "quantizes a value refsim cannot represent")
 
     def _value_shape(self, node, x):
@@ -179,7 +181,7 @@ class QdqImporter(Importer):
             if v is None:
                 continue
             shapes.append(tuple(self._value_shape(expr.node, v)))
-        if expr.node.op_type in ELEMENTWISE | {"Softmax", "LayerNormalization"}:
+        if expr.node.op in ELEMENTWISE | {"Softmax", "LayerNormalization"}:
             from refsim.ops.registry import broadcast_shapes
             return broadcast_shapes(*shapes) if shapes else ()
         return shapes[0] if shapes else ()
@@ -205,7 +207,8 @@ class QdqImporter(Importer):
         from .base import _display_quant, quantization_entry
 
         t.scale, t.zero_point, t.quant_axis = _display_quant(q)
-        self.input_quantization[info.name] = {"onnx_dtype": type_name(info.elem_type).lower(), **quantization_entry(q)}
+        self.input_quantization[info.name] = {"dtype": q.dtype.name, "onnx_dtype": type_name(info.elem_type).lower(),
+                                              **quantization_entry(q)}
         x.quantized = q
         return q
 
@@ -241,8 +244,8 @@ class QdqImporter(Importer):
             attrs["axis"] = q.axis
         if q.block_size:
             attrs["block_size"] = q.block_size
-        node = helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], **attrs)
-        return fold(node, [storage, np.asarray(q.scale, np.float32), zp], {"ai.onnx": 21})[0]
+        node = Node("DequantizeLinear", ["x", "s", "z"], ["y"], attrs, "dequantize")
+        return evaluate(node, [storage, np.asarray(q.scale, np.float32), zp], {"": 21})[0]
 
     def quantize_values(self, x: np.ndarray, target: QTensor) -> np.ndarray:
         """Float values (constants, table entries) onto target's grid, as the format quantizes."""
@@ -257,8 +260,8 @@ class QdqImporter(Importer):
             attrs["axis"] = target.axis
         if target.block_size:
             attrs["block_size"] = target.block_size
-        node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], **attrs)
-        y = fold(node, [np.asarray(x, np.float32), np.asarray(target.scale, np.float32), zp], {"ai.onnx": 21})[0]
+        node = Node("QuantizeLinear", ["x", "s", "z"], ["y"], attrs, "quantize")
+        y = evaluate(node, [np.asarray(x, np.float32), np.asarray(target.scale, np.float32), zp], {"": 21})[0]
         # A sub-byte type saturates to its own, narrower range.
         return np.clip(y.astype(np.int64), t.lo, t.hi).astype(t.storage)
 
@@ -273,7 +276,7 @@ class QdqImporter(Importer):
         if isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
             raise fail(node, f"{what} is a float constant; quantize it (QuantizeLinear/DequantizeLinear) first")
         if isinstance(value, FloatOp):
-            raise fail(node, f"{what} is the float result of {node_label(value.node)}; it needs a QuantizeLinear first")
+            raise fail(node, f"{what} is the float result of {describe(value.node)}; it needs a QuantizeLinear first")
         if isinstance(value, FloatInput):
             raise fail(node, f"{what} is float input {value.info.name!r}; it needs a QuantizeLinear first")
         return self.integer(node, value, what)
@@ -294,10 +297,10 @@ class QdqImporter(Importer):
         col_axis = len(b.shape) - (2 if transB else 1)
         if b.scale is not None and not b.per_tensor and (b.axis != col_axis or len(b.shape) != 2):
             raise fail(node, f"per-channel weights must be 2-D and quantized along the output axis {col_axis}")
-        inputs = [self.em.tensor(a), self.em.tensor(b),
+        inputs = [self.place(a), self.place(b),
                   self._zero_point_input(a, node=node, what="the first operand"),
                   self._zero_point_input(b, per_channel_ok=True, node=node), bias]
-        acc = self.em.node("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB))
+        acc = self.qnode("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB))
         return self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
 
     @staticmethod
@@ -331,14 +334,14 @@ class QdqImporter(Importer):
         data = data.reshape(-1)
         if data.size not in (1, channels):
             raise fail(node, f"the bias has {data.size} entries for {channels} output channels")
-        return self.em.const(data, "int32" if np.abs(data).max(initial=0) < 2**31 else "int64", stem=f"{node.output[0]}.bias")
+        return self.em.const(data, "int32" if np.abs(data).max(initial=0) < 2**31 else "int64", stem=f"{node.outputs[0]}.bias")
 
     def op_MatMul(self, node, ins, attrs):
         if all(isinstance(v, QTensor) and v.scale is None for v in ins):
-            return self.matmul(node, ins[0], ins[1], node.output[0])
+            return self.matmul(node, ins[0], ins[1], node.outputs[0])
         a = self._operand(node, ins[0], "the first operand")
         b = self._operand(node, ins[1], "the second operand")
-        return Dequantized(self.matmul(node, a, b, node.output[0]))
+        return Dequantized(self.matmul(node, a, b, node.outputs[0]))
 
     def op_Gemm(self, node, ins, attrs):
         if attrs.get("alpha", 1.0) != 1.0 or (len(ins) > 2 and ins[2] is not None and attrs.get("beta", 1.0) != 1.0):
@@ -348,8 +351,8 @@ class QdqImporter(Importer):
         transB = attrs.get("transB", 0)
         channels = b.shape[0] if transB else b.shape[1]
         bias = self._bias(node, ins[2] if len(ins) > 2 else None, a, b, channels) if a.scale is not None else (
-            self.em.tensor(self.integer(node, ins[2], "C")) if len(ins) > 2 and ins[2] is not None else None)
-        acc = self.matmul(node, a, b, node.output[0], attrs.get("transA", 0), transB, bias)
+            self.place(self.integer(node, ins[2], "C")) if len(ins) > 2 and ins[2] is not None else None)
+        acc = self.matmul(node, a, b, node.outputs[0], attrs.get("transA", 0), transB, bias)
         return Dequantized(acc) if acc.scale is not None else acc
 
     def conv(self, node, x: QTensor, w: QTensor, attrs, out: str, bias=None) -> QTensor:
@@ -359,9 +362,9 @@ class QdqImporter(Importer):
             raise fail(node, "per-channel weights must be quantized along the output-channel axis 0")
         kernel = list(attrs.get("kernel_shape", w.shape[2:]))
         params = self.window_params(node, attrs, x.shape, kernel)
-        inputs = [self.em.tensor(x), self.em.tensor(w), self._zero_point_input(x, node=node, what="the input"),
+        inputs = [self.place(x), self.place(w), self._zero_point_input(x, node=node, what="the input"),
                   self._zero_point_input(w, per_channel_ok=True, node=node), bias]
-        acc = self.em.node("Conv", inputs, out, node.name, **params)
+        acc = self.qnode("Conv", inputs, out, node.name, **params)
         return self._accumulator(acc, x, w, axis=1)
 
     def op_Conv(self, node, ins, attrs):
@@ -370,12 +373,12 @@ class QdqImporter(Importer):
         if not w.is_const:
             raise fail(node, "the weights must be constant")
         bias = self._bias(node, ins[2], x, w, w.shape[0]) if len(ins) > 2 and ins[2] is not None else None
-        acc = self.conv(node, x, w, attrs, node.output[0], bias)
+        acc = self.conv(node, x, w, attrs, node.outputs[0], bias)
         return Dequantized(acc) if acc.scale is not None else acc
 
     def _qlinear_operand(self, node, index, what, axis=None):
         """Input `index` of a QLinear op with its scale and zero point (inputs index+1, index+2)."""
-        ins = [self.values[n] if n else None for n in node.input]
+        ins = [self.values[n] if n else None for n in node.inputs]
         q = self.integer(node, ins[index], what)
         zp = ins[index + 2] if index + 2 < len(ins) else None
         params = self.quant_params(node, ins[index + 1], zp, {"axis": axis} if axis is not None else {}, q.shape,
@@ -384,17 +387,17 @@ class QdqImporter(Importer):
 
     def _target(self, node, index, shape, default_dtype):
         """The output quantization of a QLinear op: scale at input `index`, zero point after it."""
-        ins = [self.values[n] if n else None for n in node.input]
+        ins = [self.values[n] if n else None for n in node.inputs]
         zp = ins[index + 1] if index + 1 < len(ins) else None
         return self.quant_params(node, ins[index], zp, {}, shape, default_dtype=default_dtype, zp_index=index + 1)
 
     def op_QLinearMatMul(self, node, ins, attrs):
         a = self._qlinear_operand(node, 0, "a")
         b = self._qlinear_operand(node, 3, "b", axis=len(self.integer(node, ins[3], "b").shape) - 1)
-        acc = self.matmul(node, a, b, node.output[0] + ".acc")
+        acc = self.matmul(node, a, b, node.outputs[0] + ".acc")
         target = self._target(node, 6, acc.shape, a.dtype.name)
         exact, ort = ratio_of(acc, target)
-        return self.em.requantize(acc, exact, target, node.output[0], node, ort_ratio=ort, axis=acc.axis)
+        return self.requantize(acc, exact, target, node.outputs[0], node, ort_ratio=ort, axis=acc.axis)
 
     def op_MatMulInteger(self, node, ins, attrs):
         a = self.integer(node, ins[0], "A")
@@ -405,7 +408,7 @@ class QdqImporter(Importer):
             raise fail(node, "a per-row a_zero_point is not supported")
         a = replace(a, zero_point=None if za is None else np.asarray(za.data).reshape(()))
         b = replace(b, zero_point=None if zb is None else np.asarray(zb.data).reshape(-1) if np.asarray(zb.data).size > 1 else np.asarray(zb.data).reshape(()))
-        return self.matmul(node, a, b, node.output[0])
+        return self.matmul(node, a, b, node.outputs[0])
 
     def op_QLinearConv(self, node, ins, attrs):
         x = self._qlinear_operand(node, 0, "x")
@@ -413,11 +416,11 @@ class QdqImporter(Importer):
         bias = None
         if len(ins) > 8 and ins[8] is not None:
             data = np.asarray(self.integer(node, ins[8], "B").data, np.int64).reshape(-1)
-            bias = self.em.const(data, "int32", stem=f"{node.output[0]}.bias")
-        acc = self.conv(node, x, w, attrs, node.output[0] + ".acc", bias)
+            bias = self.em.const(data, "int32", stem=f"{node.outputs[0]}.bias")
+        acc = self.conv(node, x, w, attrs, node.outputs[0] + ".acc", bias)
         target = self._target(node, 6, acc.shape, x.dtype.name)
         exact, ort = ratio_of(acc, target)
-        return self.em.requantize(acc, exact, target, node.output[0], node, ort_ratio=ort, axis=acc.axis)
+        return self.requantize(acc, exact, target, node.outputs[0], node, ort_ratio=ort, axis=acc.axis)
 
     def op_ConvInteger(self, node, ins, attrs):
         x = self.integer(node, ins[0], "x")
@@ -427,50 +430,50 @@ class QdqImporter(Importer):
         if len(ins) > 3 and ins[3] is not None:
             zp = np.asarray(self.integer(node, ins[3], "w_zero_point").data)
             w = replace(w, zero_point=zp.reshape(-1) if zp.size > 1 else zp.reshape(()))
-        return self.conv(node, x, w, attrs, node.output[0])
+        return self.conv(node, x, w, attrs, node.outputs[0])
 
     # --- com.microsoft QOperator ops -----------------------------------------------------------
 
     def _float_op(self, op_type, name, inputs, **attrs):
-        node = helper.make_node(op_type, [f"in{i}" for i in range(len(inputs))], [name], name=name, **attrs)
+        node = Node(op_type, [f"in{i}" for i in range(len(inputs))], [name], dict(attrs), name)
         return FloatOp(node, inputs, attrs)
 
     def op_QLinearAdd(self, node, ins, attrs):
         a = Dequantized(self._qlinear_operand(node, 0, "A"))
         b = Dequantized(self._qlinear_operand(node, 3, "B"))
         target = self._target(node, 6, (), a.q.dtype.name)
-        return self.resolve(self._float_op("Add", node.output[0], [a, b]), target, node.output[0], node)
+        return self.resolve(self._float_op("Add", node.outputs[0], [a, b]), target, node.outputs[0], node)
 
     def op_QLinearMul(self, node, ins, attrs):
         a = Dequantized(self._qlinear_operand(node, 0, "A"))
         b = Dequantized(self._qlinear_operand(node, 3, "B"))
         target = self._target(node, 6, (), a.q.dtype.name)
-        return self.resolve(self._float_op("Mul", node.output[0], [a, b]), target, node.output[0], node)
+        return self.resolve(self._float_op("Mul", node.outputs[0], [a, b]), target, node.outputs[0], node)
 
     def op_QLinearSigmoid(self, node, ins, attrs):
         x = Dequantized(self._qlinear_operand(node, 0, "X"))
         target = self._target(node, 3, (), x.q.dtype.name)
-        return self.resolve(self._float_op("Sigmoid", node.output[0], [x]), target, node.output[0], node)
+        return self.resolve(self._float_op("Sigmoid", node.outputs[0], [x]), target, node.outputs[0], node)
 
     def op_QLinearLeakyRelu(self, node, ins, attrs):
         x = Dequantized(self._qlinear_operand(node, 0, "X"))
         target = self._target(node, 3, (), x.q.dtype.name)
-        op = self._float_op("LeakyRelu", node.output[0], [x], alpha=float(attrs.get("alpha", 0.01)))
-        return self.resolve(op, target, node.output[0], node)
+        op = self._float_op("LeakyRelu", node.outputs[0], [x], alpha=float(attrs.get("alpha", 0.01)))
+        return self.resolve(op, target, node.outputs[0], node)
 
     def op_QLinearSoftmax(self, node, ins, attrs):
         x = Dequantized(self._qlinear_operand(node, 0, "X"))
         target = self._target(node, 3, x.q.shape, x.q.dtype.name)
-        op = self._float_op("Softmax", node.output[0], [x], axis=int(attrs.get("axis", -1)))
-        return self.resolve(op, target, node.output[0], node)
+        op = self._float_op("Softmax", node.outputs[0], [x], axis=int(attrs.get("axis", -1)))
+        return self.resolve(op, target, node.outputs[0], node)
 
     def op_QLinearConcat(self, node, ins, attrs):
         if (len(ins) - 2) % 3:
             raise fail(node, "expects Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) triples")
         parts = [Dequantized(self._qlinear_operand(node, i, f"input {i // 3}")) for i in range(2, len(ins), 3)]
         target = self._target(node, 0, (), parts[0].q.dtype.name)
-        op = self._float_op("Concat", node.output[0], parts, axis=attrs["axis"])
-        return self.resolve(op, target, node.output[0], node)
+        op = self._float_op("Concat", node.outputs[0], parts, axis=attrs["axis"])
+        return self.resolve(op, target, node.outputs[0], node)
 
     def concat_mixed(self, node, ins, attrs):
         return FloatOp(node, ins, attrs)
@@ -478,13 +481,13 @@ class QdqImporter(Importer):
     # --- float ops between DequantizeLinear and QuantizeLinear ----------------------------------
 
     def unhandled(self, node, ins, attrs):
-        if node.op_type == "Relu" and isinstance(ins[0], Dequantized) and not ins[0].q.is_const:
+        if node.op == "Relu" and isinstance(ins[0], Dequantized) and not ins[0].q.is_const:
             q = ins[0].q
             if q.zero_point is None or not np.any(q.zero_point):
                 # max(s*q, 0) = s*max(q, 0) for positive scales: the integer Relu, scale kept.
-                return Dequantized(replace(q, name=self.em.node("Relu", [self.em.tensor(q)], node.output[0], node.name).name))
+                return Dequantized(replace(q, name=self.qnode("Relu", [self.place(q)], node.outputs[0], node.name).name))
         if any(isinstance(v, (Dequantized, FloatOp)) for v in ins):
-            if len(node.output) != 1:
+            if len(node.outputs) != 1:
                 raise fail(node, "a float op with several outputs between DequantizeLinear and QuantizeLinear is not supported")
             return FloatOp(node, ins, attrs)
         if all(isinstance(v, (QTensor, Const)) or v is None for v in ins):
@@ -494,78 +497,49 @@ class QdqImporter(Importer):
         return super().unhandled(node, ins, attrs)
 
     def integer_op(self, node, ins, attrs):
-        op = node.op_type
-        if op in ("Add", "Sub", "Mul"):
-            a = self.integer(node, ins[0], "the first operand")
-            b = self.integer(node, ins[1], "the second operand")
-            return self.em.node(op, [self.em.tensor(a), self.em.tensor(b)], node.output[0], node.name)
-        if op == "Cast":
-            to = attrs["to"]
+        """An op on plain integers (masks, position ids): the front end's exact integer
+        lowering (`frontend.integer_ops`), plus what is particular to QDQ graphs."""
+        op = node.op
+        if op == "Cast" and attrs["to"] in FLOAT_TYPES:
+            # An integer as a float (a mask about to be quantized): the value q itself, scale 1.
             x = self.integer(node, ins[0], "the input")
-            if to in FLOAT_TYPES:
-                # An integer as a float (a mask about to be quantized): the value q itself, scale 1.
-                if x.scale is not None:
-                    raise fail(node, "casts a quantized integer tensor to float; dequantize it with DequantizeLinear")
-                if x.dtype.bits > 32 and not x.is_const:  # masks arrive as int64; float32 is exact only below 2^24
-                    x = self.em.node("Cast", [self.em.tensor(x)], f"{node.output[0]}.int32", dtype="int32")
-                return Dequantized(replace(x, scale=np.float64(1.0), zero_point=np.int64(0)))
-            if to == onnx.TensorProto.BOOL:
-                return self.nonzero(node, x)
-            if to not in INTEGER_TYPES:
-                raise fail(node, f"casts integers to {type_name(to)}; refsim computes with integers")
-            return self.em.node("Cast", [self.em.tensor(x)], node.output[0], node.name, dtype=INTEGER_TYPES[to])
-        if op in ("And", "Or", "Xor", "Not"):
-            # Booleans are 0/1 integers: And = a*b, Or = a + b - a*b, Xor = (a - b)^2, Not = 1 - a.
-            a = self.em.tensor(self.integer(node, ins[0], "the first operand"))
-            if op == "Not":
-                return self.em.node("Sub", [self.em.const(np.asarray(1), "uint8"), a], node.output[0], node.name, dtype="uint8")
-            b = self.em.tensor(self.integer(node, ins[1], "the second operand"))
-            if op == "And":
-                return self.em.node("Mul", [a, b], node.output[0], node.name, dtype="uint8")
-            if op == "Xor":
-                d = self.em.node("Sub", [a, b], f"{node.output[0]}.difference")
-                return self.em.node("Mul", [d.name, d.name], node.output[0], node.name, dtype="uint8")
-            both = self.em.node("Mul", [a, b], f"{node.output[0]}.both")
-            total = self.em.node("Add", [a, b], f"{node.output[0]}.sum")
-            return self.em.node("Sub", [total.name, both.name], node.output[0], node.name, dtype="uint8")
-        if op == "Where":
-            cond, a, b = ins
-            if any(isinstance(v, Const) and np.asarray(v.value).dtype.kind == "f" for v in (a, b)):
-                return FloatOp(node, ins, attrs)  # float branches: chosen once quantized
-            c, x, y = (self.integer(node, v, what) for v, what in ((cond, "the condition"), (a, "X"), (b, "Y")))
-            return self.select(node, c, x, y, node.output[0])
-        if op == "Expand":
-            x = self.integer(node, ins[0], "the input")
-            shape = self.ints(node, ins[1], "the shape")
-            zeros = self.em.const(np.zeros(shape, np.int8), "int8", f"{node.output[0]}.zeros")
-            return self.em.node("Add", [self.em.tensor(x), zeros], node.output[0], node.name, dtype=x.dtype.name)
-        if op == "Equal":
-            a = self.em.tensor(self.integer(node, ins[0], "the first operand"))
-            b = self.em.tensor(self.integer(node, ins[1], "the second operand"))
-            d = self.em.node("Sub", [a, b], f"{node.output[0]}.difference", dtype="int64", overflow="saturate")
-            differs = self.nonzero(node, d, f"{node.output[0]}.differs")
-            return self.em.node("Sub", [self.em.const(np.asarray(1), "uint8"), differs.name], node.output[0], node.name, dtype="uint8")
+            if x.scale is not None:
+                raise fail(node, "casts a quantized integer tensor to float; dequantize it with DequantizeLinear")
+            if x.dtype.bits > 32 and not x.is_const:  # masks arrive as int64; float32 is exact only below 2^24
+                x = self.qnode("Cast", [self.place(x)], f"{node.outputs[0]}.int32", dtype="int32")
+            return Dequantized(replace(x, scale=np.float64(1.0), zero_point=np.int64(0)))
+        if op == "Where" and any(isinstance(v, Const) and np.asarray(v.value).dtype.kind == "f" for v in ins[1:]):
+            return FloatOp(node, ins, attrs)  # float branches: chosen once quantized
         if op == "Relu":
             x = self.integer(node, ins[0], "the input")
-            return self.em.node("Relu", [self.em.tensor(x)], node.output[0], node.name)
-        raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
+            return self.qnode("Relu", [self.place(x)], node.outputs[0], node.name)
+        if op not in INTEGER_OPS:
+            raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
+
+        def operand(k: int) -> str:
+            return self.place(self.integer(node, ins[k], f"input {k}"))
+
+        def const(k: int):
+            v = ins[k] if k < len(ins) else None
+            if isinstance(v, Const):
+                return np.asarray(v.value)
+            return v.data if isinstance(v, QTensor) and v.is_const else None
+
+        name = lower(self.em, node, operand, const, self.g.dtypes.get(node.outputs[0]), node.outputs[0], node.name)
+        t = self.em.builder.tensors[name]
+        return QTensor(name, t.dtype, tuple(t.shape))
 
     def nonzero(self, node, x: QTensor, out: str | None = None) -> QTensor:
-        """x != 0 as 0/1 (uint8): min(x*x, 1), the square saturated so it cannot overflow."""
-        t = self.em.tensor(x)
-        square = self.em.node("Mul", [t, t], f"{out or node.output[0]}.square", dtype="int64", overflow="saturate")
-        return self.em.node("Cast", [self.em.node("Clip", [square.name], f"{out or node.output[0]}.clip", hi=1).name],
-                            out or node.output[0], node.name, dtype="uint8")
+        """x != 0 as 0/1 (uint8) (`frontend.integer_ops.nonzero`)."""
+        name = integer_ops.nonzero(self.em, self.place(x), out or node.outputs[0])
+        t = self.em.builder.tensors[name]
+        return QTensor(name, t.dtype, tuple(t.shape))
 
     def select(self, node, cond: QTensor, x: QTensor, y: QTensor, out: str) -> QTensor:
-        """Where(cond, x, y) for a 0/1 condition: y + cond * (x - y), in the narrowest type of x and y."""
-        from refsim.dtypes import type_for_range
-
-        lo, hi = min(x.dtype.lo, y.dtype.lo), max(x.dtype.hi, y.dtype.hi)
-        dtype = type_for_range(lo, hi).name
-        d = self.em.node("Sub", [self.em.tensor(x), self.em.tensor(y)], f"{out}.difference")
-        chosen = self.em.node("Mul", [self.em.tensor(cond), d.name], f"{out}.chosen")
-        return self.em.node("Add", [self.em.tensor(y), chosen.name], out, node.name, dtype=dtype)
+        """Where(cond, x, y) for a 0/1 condition (`frontend.integer_ops.select`)."""
+        name = integer_ops.select(self.em, self.place(cond), self.place(x), self.place(y), out, node.name)
+        t = self.em.builder.tensors[name]
+        return QTensor(name, t.dtype, tuple(t.shape))
 
     def resolve(self, expr: FloatOp, target: QTensor, out: str, qnode) -> QTensor:
         """The integer ops that compute QuantizeLinear(expr) at `target`'s scale."""
@@ -573,7 +547,7 @@ class QdqImporter(Importer):
         if not leaves:
             value = self.evaluate(expr, None, None)
             return replace(target, data=self.quantize_values(value, target), shape=np.shape(value))
-        if expr.node.op_type == "Where" and not isinstance(expr.inputs[0], (Dequantized, FloatOp)):
+        if expr.node.op == "Where" and not isinstance(expr.inputs[0], (Dequantized, FloatOp)):
             cond = self.integer(expr.node, expr.inputs[0], "the condition")
             branches = []
             for v in expr.inputs[1:]:
@@ -582,14 +556,14 @@ class QdqImporter(Importer):
                 value = np.asarray(self.evaluate(v, None, None), np.float32)
                 branches.append(replace(target, name=None, data=self.quantize_values(value, target), shape=value.shape))
             result = self.select(expr.node, cond, branches[0], branches[1], f"{out}.selected")
-            return replace(target, name=self.em.node("Cast", [result.name], out, dtype=target.dtype.name).name, shape=result.shape)
-        if self.em.float_ops == "ort":
+            return replace(target, name=self.qnode("Cast", [result.name], out, dtype=target.dtype.name).name, shape=result.shape)
+        if self.float_ops == "ort":
             replayed = self.ort_replay(expr, target, out)
             if replayed is not None:
                 return replayed
         if len(leaves) == 1 and self._lut_eligible(expr):
             return self.lut(expr, next(iter(leaves.values())), target, out)
-        op = expr.node.op_type
+        op = expr.node.op
         affine = self.affine(expr, target, out)
         if affine is not None:
             return affine
@@ -606,8 +580,8 @@ class QdqImporter(Importer):
                 exact, ort = ratio_of(q, target)
                 same = _same(q, replace(target, dtype=q.dtype))
                 parts.append(q if same and q.dtype is target.dtype else
-                             self.em.requantize(q, exact, target, f"{out}.{i}", expr.node, ort_ratio=ort))
-            result = self.em.node("Concat", [self.em.tensor(p) for p in parts], out, axis=expr.attrs["axis"])
+                             self.requantize(q, exact, target, f"{out}.{i}", expr.node, ort_ratio=ort))
+            result = self.qnode("Concat", [self.place(p) for p in parts], out, axis=expr.attrs["axis"])
             return replace(target, name=result.name, shape=result.shape)
         if len(leaves) == 1:
             q = next(iter(leaves.values()))
@@ -638,9 +612,9 @@ class QdqImporter(Importer):
         def walk(v):
             nonlocal ok
             if isinstance(v, FloatOp):
-                if v.node.op_type not in ELEMENTWISE:
+                if v.node.op not in ELEMENTWISE:
                     ok = False
-                if v.node.op_type == "Cast" and v.attrs.get("to") not in FLOAT_TYPES:
+                if v.node.op == "Cast" and v.attrs.get("to") not in FLOAT_TYPES:
                     ok = False
                 for i in v.inputs:
                     walk(i)
@@ -670,7 +644,7 @@ class QdqImporter(Importer):
                 return self.onnx_dequantize(levels, q)
             raise fail(None, f"tensor {q.name!r} is not known at import time")
         if isinstance(v, FloatOp):
-            return fold(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets, self.g.budget)[0]
+            return evaluate(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets, self.g.budget)[0]
         raise fail(None, "an expression holds a value refsim cannot evaluate")
 
     def lut(self, expr: FloatOp, leaf: QTensor, target: QTensor, out: str) -> QTensor:
@@ -679,7 +653,7 @@ class QdqImporter(Importer):
         if values.shape != levels.shape:
             values = np.broadcast_to(values, levels.shape) if values.size == 1 else values.reshape(-1)
         table = self.quantize_values(values, target)
-        result = self.em.node("Lut", [self.em.tensor(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
+        result = self.qnode("Lut", [self.place(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
         return replace(target, name=result.name, shape=result.shape)
 
     # --- a float tail after the last QuantizeLinear: masked mean pooling ------------------------------
@@ -699,29 +673,29 @@ class QdqImporter(Importer):
         factors, m, axes = pooled
         centred = []
         for q in factors:
-            t = self.em.tensor(q)
+            t = self.place(q)
             if q.zp_scalar():
-                t = self.em.node("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{name}.centred").name
+                t = self.qnode("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{name}.centred").name
             centred.append(t)
-        x = centred[0] if len(centred) == 1 else self.em.node("Mul", centred, f"{name}.product").name
-        mask = self.em.tensor(m)
+        x = centred[0] if len(centred) == 1 else self.qnode("Mul", centred, f"{name}.product").name
+        mask = self.place(m)
         if m.zp_scalar():
-            mask = self.em.node("Sub", [mask, self.em.const(np.asarray(m.zp_scalar()), m.dtype)], f"{name}.mask").name
-        total = self.em.node("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
-        count = self.em.node("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
-        count = self.em.node("Clip", [count.name], f"{name}.count_at_least_one", lo=1)
-        mean = self.em.node("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << self.POOL_FRACTION_BITS, eps=0)
+            mask = self.qnode("Sub", [mask, self.em.const(np.asarray(m.zp_scalar()), m.dtype)], f"{name}.mask").name
+        total = self.qnode("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
+        count = self.qnode("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
+        count = self.qnode("Clip", [count.name], f"{name}.count_at_least_one", lo=1)
+        mean = self.qnode("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << self.POOL_FRACTION_BITS, eps=0)
         s_x = float(np.prod([np.float64(np.asarray(q.scale).reshape(())) for q in factors]))
         scale = np.float64(np.float32(s_x / float(np.asarray(m.scale).reshape(())) / 2.0**self.POOL_FRACTION_BITS))
         return Dequantized(replace(mean, scale=np.asarray(scale), zero_point=np.asarray(0, np.int64)))
 
     def _mean_pool(self, value: FloatOp):
-        if value.node.op_type != "Div" or not all(isinstance(v, FloatOp) for v in value.inputs):
+        if value.node.op != "Div" or not all(isinstance(v, FloatOp) for v in value.inputs):
             return None
         num, den = value.inputs
-        if den.node.op_type == "Clip":
+        if den.node.op == "Clip":
             den = den.inputs[0]
-        if not isinstance(den, FloatOp) or num.node.op_type != "ReduceSum" or den.node.op_type != "ReduceSum":
+        if not isinstance(den, FloatOp) or num.node.op != "ReduceSum" or den.node.op != "ReduceSum":
             return None
         if num.attrs.get("keepdims", 1) or den.attrs.get("keepdims", 1):
             return None
@@ -731,7 +705,7 @@ class QdqImporter(Importer):
         if axes is None or list(axes) != list(den_axes or []) or not isinstance(mask, Dequantized) or not mask.q.per_tensor:
             return None
         x = num.inputs[0]
-        if isinstance(x, FloatOp) and x.node.op_type == "Mul" and all(isinstance(v, Dequantized) for v in x.inputs):
+        if isinstance(x, FloatOp) and x.node.op == "Mul" and all(isinstance(v, Dequantized) for v in x.inputs):
             factors = [v.q for v in x.inputs]
         elif isinstance(x, Dequantized):
             factors = [x.q]
@@ -747,7 +721,7 @@ class QdqImporter(Importer):
         """The op onnxruntime runs for expr quantized at target, when refsim has its replay."""
         from . import ort_float
 
-        op, ins = expr.node.op_type, expr.inputs
+        op, ins = expr.node.op, expr.inputs
         if not target.per_tensor or target.dtype.bits != 8:
             return None
         if op in ("Add", "Mul") and len(ins) == 2 and all(_eight_bit(v) for v in ins):
@@ -757,7 +731,7 @@ class QdqImporter(Importer):
                 table = ort_float.qlinear_add_table(a, b, target, scalar)
             else:
                 table = ort_float.qlinear_mul_table(a, b, target)
-            result = self.em.node("Lut2", [self.em.tensor(a), self.em.tensor(b), self.em.const(table, target.dtype, f"{out}.table")],
+            result = self.qnode("Lut2", [self.place(a), self.place(b), self.em.const(table, target.dtype, f"{out}.table")],
                                   out, expr.node.name)
             return replace(target, name=result.name, shape=result.shape)
         if op == "Softmax" and len(ins) == 1 and _eight_bit(ins[0]) and not ins[0].q.is_const:
@@ -770,7 +744,7 @@ class QdqImporter(Importer):
             from refsim.ops import float32 as f32
 
             mant, expo = f32.from_float32(ort_float.softmax_table(q.scale, length))
-            result = self.em.node("OrtSoftmax", [self.em.tensor(q), self.em.const(mant, "int32", f"{out}.exp_m"),
+            result = self.qnode("OrtSoftmax", [self.place(q), self.em.const(mant, "int32", f"{out}.exp_m"),
                                                  self.em.const(expo, "int16", f"{out}.exp_e")], out, expr.node.name,
                                   y_factor=ort_float.softmax_y_factor(target.scale), zero_point=target.zp_scalar())
             return replace(target, name=result.name, shape=result.shape)
@@ -783,9 +757,9 @@ class QdqImporter(Importer):
             beta = (np.broadcast_to(np.asarray(self.evaluate(ins[2], None, None), np.float64).reshape(-1), (n,))
                     if len(ins) > 2 and ins[2] is not None else np.zeros(n))
             p = ort_float.layernorm_params(q, gamma, beta, float(expr.attrs.get("epsilon", 1e-5)), target, n)
-            x = self.em.tensor(q)
+            x = self.place(q)
             bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
-            result = self.em.node("LayerNormRound", [x, self.em.const(p["gamma"], stem=f"{out}.gamma"),
+            result = self.qnode("LayerNormRound", [x, self.em.const(p["gamma"], stem=f"{out}.gamma"),
                                                      self.em.const(p["beta"], stem=f"{out}.beta"),
                                                      self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")],
                                   out, expr.node.name, eps=p["eps"], k=p["k"], shift=p["shift"], dtype=target.dtype.name, **bounds)
@@ -817,11 +791,11 @@ class QdqImporter(Importer):
             grid = QTensor(None, TYPES["int8"], q.shape, scale=np.asarray(p.input_scale, np.float64),
                            zero_point=np.asarray(0, np.int64))
             exact = np.asarray(scale / p.input_scale)
-            source = self.em.requantize(q, exact, grid, f"{out}.softmax_input", expr.node)
-        y = self.em.node(p.op, [self.em.tensor(source)], f"{out}.softmax", **p.attrs)
+            source = self.requantize(q, exact, grid, f"{out}.softmax_input", expr.node)
+        y = self.qnode(p.op, [self.place(source)], f"{out}.softmax", **p.attrs)
         y = replace(y, scale=np.asarray(p.output_scale, np.float64), zero_point=np.asarray(p.output_zero_point, np.int64))
         exact, ort = ratio_of(y, target)
-        return self.em.requantize(y, exact, target, out, expr.node, ort_ratio=ort, value_bits=17)
+        return self.requantize(y, exact, target, out, expr.node, ort_ratio=ort, value_bits=17)
 
     def layernorm(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
         from ..nonlinear import ibert_layernorm_params, ilayernorm_params
@@ -840,23 +814,23 @@ class QdqImporter(Importer):
             gamma = np.where(gamma == 0, np.max(np.abs(gamma)) * 2.0**-20 or 2.0**-20, gamma)
             p = ibert_layernorm_params(scale, gamma, beta, input_bits=q.dtype.bits + (1 if q.zp_scalar() else 0))
             bias = self.em.const(p.consts["bias"], stem=f"{out}.bias")
-            y = self.em.node("IBertLayerNorm", [self.em.tensor(q), bias], f"{out}.layernorm", **p.attrs)
+            y = self.qnode("IBertLayerNorm", [self.place(q), bias], f"{out}.layernorm", **p.attrs)
             channel_scale = np.asarray(p.output_scale, np.float64)
             y = replace(y, scale=channel_scale, zero_point=np.zeros(n, np.int64), axis=len(q.shape) - 1)
             sy = float(np.asarray(target.scale).reshape(-1)[0])
             bound = int(2**30 * np.sqrt(n)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
-            return self.em.requantize(y, channel_scale / sy, target, out, expr.node,
+            return self.requantize(y, channel_scale / sy, target, out, expr.node,
                                       ort_ratio=np.asarray(channel_scale / sy, np.float32), axis=len(q.shape) - 1,
                                       value_bits=bound.bit_length() + 1)
         sy = float(np.asarray(target.scale).reshape(-1)[0])
         p = ilayernorm_params(scale, gamma, beta, sy, n_levels=256)
-        inputs = [self.em.tensor(q), self.em.const(p.consts["weight"], "int32", f"{out}.weight"),
+        inputs = [self.place(q), self.em.const(p.consts["weight"], "int32", f"{out}.weight"),
                   self.em.const(p.consts["bias"], "int32", f"{out}.bias")]
-        y = self.em.node("iLayerNorm", inputs, f"{out}.layernorm", **p.attrs)
+        y = self.qnode("iLayerNorm", inputs, f"{out}.layernorm", **p.attrs)
         if target.dtype.name == "int8" and target.zp_scalar() == 0 and y.dtype.name == "int8":
             return replace(target, name=y.name, shape=y.shape)
         y = replace(y, scale=np.asarray(sy, np.float64), zero_point=np.asarray(0, np.int64))
-        return self.em.requantize(y, np.asarray(1.0), target, out, expr.node)
+        return self.requantize(y, np.asarray(1.0), target, out, expr.node)
 
     # --- affine combinations: sum_i c_i * (q_i - z_i) + constant ----------------------------------
 
@@ -878,7 +852,7 @@ class QdqImporter(Importer):
             return {}, np.asarray(self.evaluate(v, None, None), np.float64)
         if not isinstance(v, FloatOp):
             return None
-        op, ins = v.node.op_type, v.inputs
+        op, ins = v.node.op, v.inputs
         if op in ("Identity",):
             return self.affine_terms(ins[0])
         if op in ("Add", "Sub", "Neg"):
@@ -949,25 +923,25 @@ class QdqImporter(Importer):
             if zp.size > 1:
                 zp = zp.reshape(m.shape)
             bias = bias - m * zp
-            term = self.em.node("Mul", [self.em.tensor(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
-            total = term if total is None else self.em.node("Add", [total.name, term.name], f"{out}.sum", dtype="int64")
+            term = self.qnode("Mul", [self.place(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
+            total = term if total is None else self.qnode("Add", [total.name, term.name], f"{out}.sum", dtype="int64")
         scalar_bias = None
         if bias.size == 1:
             scalar_bias = int(bias.reshape(-1)[0])
         else:
-            total = self.em.node("Add", [total.name, self.em.const(bias, stem=f"{out}.constant")], f"{out}.sum", dtype="int64")
+            total = self.qnode("Add", [total.name, self.em.const(bias, stem=f"{out}.constant")], f"{out}.sum", dtype="int64")
         bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
         inputs = [total.name, self.em.const(np.asarray(1)), self.em.const(np.asarray(shift)),
                   self.em.const(np.asarray(scalar_bias), stem=f"{out}.bias") if scalar_bias else None,
                   self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")]
-        result = self.em.node("Requant", inputs, out, rounding=target.rounding or self.em.rounding,
+        result = self.qnode("Requant", inputs, out, rounding=target.rounding or self.rounding,
                               dtype=target.dtype.name, **bounds)
         return replace(target, name=result.name, shape=result.shape)
 
     def product(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
         """Two quantized tensors multiplied: the exact integer product, requantized."""
         a, b = expr.inputs[0], expr.inputs[1]
-        if not all(isinstance(v, Dequantized) and not v.q.is_const for v in (a, b)) or expr.node.op_type != "Mul":
+        if not all(isinstance(v, Dequantized) and not v.q.is_const for v in (a, b)) or expr.node.op != "Mul":
             raise fail(expr.node, "float op between DequantizeLinear and QuantizeLinear cannot be computed in integers")
         qa, qb = a.q, b.q
         for q in (qa, qb):
@@ -975,13 +949,13 @@ class QdqImporter(Importer):
                 raise fail(expr.node, "multiplies a per-channel quantized tensor")
         centered = []
         for q in (qa, qb):
-            t = self.em.tensor(q)
+            t = self.place(q)
             if q.zp_scalar():
-                t = self.em.node("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centered").name
+                t = self.qnode("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centered").name
             centered.append(t)
-        p = self._accumulator(self.em.node("Mul", centered, f"{out}.product"), qa, qb, axis=0)
+        p = self._accumulator(self.qnode("Mul", centered, f"{out}.product"), qa, qb, axis=0)
         exact, ort = ratio_of(p, target)
-        return self.em.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
+        return self.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
 
 
 def _eight_bit(v) -> bool:

@@ -23,8 +23,8 @@ from dataclasses import replace
 import numpy as np
 from refsim.dtypes import TYPES
 
-from .base import FloatInput
-from .onnx_reader import OpSpec, fail
+from ..frontend.checks import OpSpec
+from .base import FloatInput, fail
 from .qdq import QdqImporter
 from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
 
@@ -69,10 +69,11 @@ SPECS = {(domain, op): spec for domain in DOMAINS if domain
 
 class QonnxImporter(QdqImporter):
     format_name = "qonnx"
+    KEEP = ("DequantizeLinear", "Quant", "IntQuant", "BipolarQuant", "Trunc")
     specs = {**QdqImporter.specs, **SPECS}
 
-    def __init__(self, graph, emitter, mode: str = "ibert"):
-        super().__init__(graph, emitter, mode)
+    def __init__(self, graph, emitter, mode: str = "ibert", requant: str = "dyadic", float_ops: str = "integer"):
+        super().__init__(graph, emitter, mode, requant, float_ops)
         for domain in DOMAINS:
             for op in ("Quant", "IntQuant"):
                 self.handlers[(domain, op)] = self.op_Quant
@@ -141,7 +142,7 @@ class QonnxImporter(QdqImporter):
         x = ins[0]
         shape = self._value_shape(node, x)
         target, (scale, zeropt, lo, hi, mode, bipolar) = self.grid(node, ins, attrs, shape)
-        out = node.output[0]
+        out = node.outputs[0]
         if isinstance(x, Const):
             levels = self.qonnx_levels(x.value, scale, zeropt, lo, hi, mode, bipolar)
             return Dequantized(replace(target, data=levels.astype(target.dtype.storage), shape=levels.shape))
@@ -168,7 +169,7 @@ class QonnxImporter(QdqImporter):
             if _same_grid(q, target):
                 return x
             exact, ort = ratio_of(q, target)
-            return Dequantized(self.em.requantize(q, exact, target, out, node, ort_ratio=ort, axis=self._axis(q)))
+            return Dequantized(self.requantize(q, exact, target, out, node, ort_ratio=ort, axis=self._axis(q)))
         if isinstance(x, FloatOp):
             return Dequantized(self.resolve(x, target, out, node))
         raise fail(node, "quantizes a value refsim cannot represent")
@@ -190,9 +191,9 @@ class QonnxImporter(QdqImporter):
             raise fail(node, "per-channel zero points are not supported here")
         # 2 * (q - zp) + 1 is >= 1 exactly when q >= zp, and <= -1 otherwise: clip it to [-1, 1].
         zp = q.zp_scalar() if q.zero_point is not None else 0
-        inputs = [self.em.tensor(q), self.em.const(np.asarray(2)), self.em.const(np.asarray(0)),
+        inputs = [self.place(q), self.em.const(np.asarray(2)), self.em.const(np.asarray(0)),
                   self.em.const(np.asarray(1 - 2 * zp), stem=f"{out}.bias"), None]
-        result = self.em.node("Requant", inputs, out, dtype="ternary", lo=-1, hi=1)
+        result = self.qnode("Requant", inputs, out, dtype="ternary", lo=-1, hi=1)
         return replace(target, name=result.name, shape=result.shape, clip=None)
 
     def op_BipolarQuant(self, node, ins, attrs):
@@ -208,7 +209,7 @@ class QonnxImporter(QdqImporter):
             return Dequantized(replace(target, data=levels, shape=levels.shape))
         if isinstance(x, FloatInput):
             raise fail(node, "bipolar quantization of a graph input is not supported")
-        return Dequantized(self.sign(node, x, target, node.output[0]))
+        return Dequantized(self.sign(node, x, target, node.outputs[0]))
 
     def op_Trunc(self, node, ins, attrs):
         x = ins[0]
@@ -244,17 +245,17 @@ class QonnxImporter(QdqImporter):
         if out_zp != round(out_zp):
             raise fail(node, "the truncated zero point is not an integer")
         dtype = type_for(lo, hi)
-        out = node.output[0]
-        inputs = [self.em.tensor(q), self.em.const(np.asarray(1)), self.em.const(np.asarray(t), stem=f"{out}.shift"), None, None]
-        result = self.em.node("Requant", inputs, out, rounding=ROUNDINGS[mode], dtype=dtype.name, lo=lo, hi=hi)
+        out = node.outputs[0]
+        inputs = [self.place(q), self.em.const(np.asarray(1)), self.em.const(np.asarray(t), stem=f"{out}.shift"), None, None]
+        result = self.qnode("Requant", inputs, out, rounding=ROUNDINGS[mode], dtype=dtype.name, lo=lo, hi=hi)
         # The grid keeps Trunc's own zero point: the output value is (y - zeropt / 2^t) * out_scale.
         return Dequantized(QTensor(result.name, dtype, result.shape,
                                    scale=np.asarray(2.0**t * float(scale.reshape(-1)[0]), np.float64),
                                    zero_point=np.asarray(int(out_zp), np.int64), clip=(lo, hi)))
 
     def unhandled(self, node, ins, attrs):
-        if node.op_type in ("GlobalAveragePool", "AveragePool"):
-            raise fail(node, f"{node.op_type} is not supported yet; quantize its output with a Trunc after a sum")
+        if node.op in ("GlobalAveragePool", "AveragePool"):
+            raise fail(node, f"{node.op} is not supported yet; quantize its output with a Trunc after a sum")
         return super().unhandled(node, ins, attrs)
 
 

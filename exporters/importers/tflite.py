@@ -34,7 +34,7 @@ from refsim.ir import Graph
 
 from ..nonlinear import tflite_softmax_params
 from . import tflite_prepare as P
-from .onnx_reader import ImportFailure
+from .base import ImportFailure
 from .tflite_reader import TfliteModel, TfliteOperator, TfliteTensor, read_tflite
 
 REFERENCES = ("tflm", "litert")
@@ -240,8 +240,8 @@ class TfliteImporter:
             outputs.append(v.name)
         self.b.output(*outputs)
         self.b.metadata["import"] = {"format": "tflite", "reference": self.reference, "source": os.path.basename(m.path),
-                                     "requant": "tflite", "inputs": self.inputs_meta, "outputs": self.outputs_meta,
-                                     "layers": self.layers}
+                                     "requant": "tflite", "layers": self.layers}
+        self.b.metadata["boundary"] = {"inputs": self.inputs_meta, "outputs": self.outputs_meta}  # refsim.boundary
         return self.b.build()
 
     def _describe_layers(self, op: TfliteOperator, layers: list[dict]) -> None:

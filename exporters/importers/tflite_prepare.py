@@ -38,7 +38,7 @@ from refsim.ops.fixedpoint import (
 )
 from refsim.ops.intmath import INT32_MAX, INT32_MIN
 
-from .onnx_reader import ImportFailure
+from .base import ImportFailure
 from .tflite_tables import SIGMOID_TABLE_UINT16
 
 F32 = np.float32

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_reader import ImportFailure
+from .base import ImportFailure
 
 # TFLite TensorType -> (name, NumPy dtype of the stored data).
 TENSOR_TYPES = {

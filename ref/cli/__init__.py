@@ -25,6 +25,8 @@ COMMANDS = {
     "import": ("refsim.cli.import_", "import an already-quantized model (ONNX QDQ, QONNX, quantlib/Deeploy; TFLite int8/int16x8) as .intq"),
     "export": ("refsim.cli.export", "quantize a float ONNX model into a .intq integer model"),
     "compare": ("refsim.cli.compare", "compare float, fake-quant and integer models on data"),
+    "sensitivity": ("refsim.cli.sensitivity", "measure each layer's sensitivity to its weight bit width (for export --bits-from)"),
+    "report": ("refsim.cli.report", "write an HTML report: metrics, per-layer SQNR, sensitivities, histograms"),
     "convert": ("refsim.cli.convert", "write a .intq model as ONNX (refsim domain) to view in Netron; `refsim import` reads it back"),
 }
 

@@ -12,8 +12,9 @@ def add_arguments(p) -> None:
                    help="calibration data: text lines (with --tokenizer), .npy (one input) or .npz (keyed by input name)")
     p.add_argument("--mode", default="ibert", choices=["ibert", "ita", "ita-partial"],
                    help="integer arithmetic to target: I-BERT (default), ITA with ITAMax, ITA with ITAPartialMax")
-    p.add_argument("--wbits", default="8", choices=["8", "4", "2", "ternary"], help="weight bits (default 8)")
-    p.add_argument("--abits", default=8, type=int, choices=[4, 5, 6, 7, 8, 16],
+    p.add_argument("--wbits", default="8", choices=["2", "3", "4", "5", "6", "7", "8", "16", "ternary"],
+                   help="weight bits (default 8; ternary: BitNet b1.58)")
+    p.add_argument("--abits", default=8, type=int, choices=[2, 3, 4, 5, 6, 7, 8, 16],
                    help="bits of activations entering matrix products (default 8)")
     p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
     p.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "mse"],
@@ -26,6 +27,13 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", metavar="labels.txt", help="class names, one per line, embedded in the .intq")
     p.add_argument("--max-samples", type=int, metavar="N", help="calibrate on the first N samples only")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per float-model run (default 16)")
+    p.add_argument("--bits-from", metavar="sensitivity.json", help="choose weight bits per layer from `refsim sensitivity`")
+    p.add_argument("--allocation", default="kmeans", choices=["kmeans", "percentile"],
+                   help="with --bits-from: k-means clusters of sensitivities (default) or percentiles")
+    p.add_argument("--bit-choices", default="2,4,8,16", metavar="B,B,...", help="with --bits-from: widths to choose from")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--compression", type=float, metavar="X", help="with --bits-from: at least X times smaller than float32 weights")
+    budget.add_argument("--size", type=float, metavar="MB", help="with --bits-from: at most MB megabytes (10^6 bytes) of parameters")
     p.add_argument("--list-layers", action="store_true", help="print the model's layer names (for layers.json) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -40,11 +48,23 @@ def main(args) -> int:
         for layer in sorted({n.scope for n in g.nodes if n.scope}):
             print(layer)
         return 0
-    report = export(
-        args.model, args.output, args.calib, mode=args.mode, wbits=args.wbits, abits=args.abits,
+    options = dict(
+        mode=args.mode, wbits=args.wbits, abits=args.abits,
         per_channel=args.per_channel, calib_method=args.calib_method, percentile=args.percentile,
         config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
         max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
     )
+    if args.bits_from:
+        from refsim.exporters.allocation import export_mixed, summary
+
+        result = export_mixed(args.model, args.output, args.calib, args.bits_from, allocation=args.allocation,
+                              bit_choices=args.bit_choices, compression=args.compression, size_mb=args.size, **options)
+        print(summary(result), file=sys.stdout)
+        return 0
+    if args.compression is not None or args.size is not None:
+        from refsim.errors import RefsimError
+
+        raise RefsimError("--compression and --size are budgets for --bits-from sensitivity.json")
+    report = export(args.model, args.output, args.calib, **options)
     print(report.summary(), file=sys.stdout)
     return 0

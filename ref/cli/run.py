@@ -54,7 +54,7 @@ def _prediction(model, name: str, array: np.ndarray) -> str | None:
 
 
 def _scale_entry(model, name: str) -> dict:
-    from refsim.input_quant import output_spec
+    from refsim.boundary import output_spec
 
     spec = output_spec(model, name)
     if spec is None:

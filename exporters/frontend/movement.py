@@ -1,0 +1,134 @@
+"""Data movement: chains of Reshape/Transpose/Squeeze/Unsqueeze/Flatten, compressed.
+
+What a chain of movement ops does is a permutation of its input's elements. Applying the
+chain to an index array (at batch 2, so that the batch dimension is told apart) shows
+that permutation; `compress_movement` replaces the chain by the single Transpose or
+Reshape, or Reshape + Transpose, that does the same, or removes it when it does nothing.
+Squeeze, Unsqueeze and Flatten become Reshapes everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .graph import Graph, Node
+from .shapes import reshape_target
+
+MOVEMENT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+PROBE_BATCH = 2
+
+
+def movement_output(node: Node, g: Graph, array: np.ndarray) -> np.ndarray:
+    """Apply a movement node to a concrete array."""
+    if node.op == "Transpose":
+        return np.transpose(array, node.attrs.get("perm"))
+    if node.op == "Reshape":
+        target = np.asarray(g.consts[node.inputs[1]]).reshape(-1).tolist()
+        allowzero = node.attrs.get("allowzero", 0)
+        return array.reshape([array.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(target)])
+    if node.op == "Flatten":
+        axis = node.attrs.get("axis", 1) % max(array.ndim, 1)
+        return array.reshape(int(np.prod(array.shape[:axis], dtype=np.int64)), -1)
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+        axes = [int(a) for a in g.consts[node.inputs[1]].reshape(-1)]
+    if node.op == "Squeeze":
+        return np.squeeze(array, axis=tuple(axes) if axes is not None else None)
+    if node.op == "Unsqueeze":
+        out_rank = array.ndim + len(axes)
+        return np.expand_dims(array, tuple(a % out_rank for a in axes))
+    raise AssertionError(node.op)
+
+
+def index_array(g: Graph, name: str, batch: int = PROBE_BATCH) -> np.ndarray:
+    shape = g.concrete_shape(name, batch)
+    return np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape)
+
+
+def compress_movement(g: Graph) -> None:
+    """Replace each maximal chain of movement ops by the one it amounts to (module docstring)."""
+    users = g.consumer_map()
+    producers = g.producers()
+    heads = []
+    for node in g.nodes:
+        if node.op not in MOVEMENT_OPS:
+            continue
+        before = producers.get(node.inputs[0])
+        if before is not None and before.op in MOVEMENT_OPS and g.single_user(before.outputs[0], users) is node:
+            continue
+        heads.append(node)
+    for head in heads:
+        chain = [head]
+        while True:
+            nxt = g.single_user(chain[-1].outputs[0], users)
+            if nxt is None or nxt.op not in MOVEMENT_OPS:
+                break
+            chain.append(nxt)
+        _replace_chain(g, chain)
+
+
+def _replace_chain(g: Graph, chain: list[Node]) -> None:
+    x, out = chain[0].inputs[0], chain[-1].outputs[0]
+    index = index_array(g, x)
+    moved = index
+    for node in chain:
+        moved = movement_output(node, g, moved)
+    scope = chain[-1].scope or chain[0].scope
+    position = g.nodes.index(chain[0])
+    for node in chain:
+        g.nodes.remove(node)
+    if moved.shape == index.shape and np.array_equal(moved, index) and out not in g.outputs:
+        g.replace_uses(out, x)
+        return
+    replacement = _single_movement(g, x, out, index, moved, scope)
+    if replacement is not None:
+        g.nodes[position:position] = replacement
+        return
+    # Nothing simpler does it: keep the chain, with Squeeze/Unsqueeze/Flatten as Reshapes.
+    for offset, node in enumerate(chain):
+        if node.op in ("Squeeze", "Unsqueeze", "Flatten"):
+            i, o = node.inputs[0], node.outputs[0]
+            target = reshape_target(g.shape(i), g.shape(o))
+            node = Node("Reshape", [i, g.add_const(np.array(target, np.int64), "shape")], [o], {}, node.name, node.scope)
+        g.nodes.insert(position + offset, node)
+
+
+def _single_movement(g: Graph, x: str, out: str, index, moved, scope) -> list[Node] | None:
+    """One Transpose or Reshape, or a Reshape and a Transpose (either order), that moves
+    `index` into `moved`; None if there is none."""
+    in_shape, out_shape = g.shape(x), g.shape(out)
+
+    def reshape(src: str, dst: str, to_shape) -> Node:
+        src_shape = in_shape if src == x else g.shapes[src]
+        target = reshape_target(src_shape, to_shape)
+        g.shapes[dst] = tuple(to_shape)
+        return Node("Reshape", [src, g.add_const(np.array(target, np.int64), "shape")], [dst], {},
+                    g.fresh(f"{scope or 'move'}.Reshape"), scope)
+
+    def transpose(src: str, dst: str, perm) -> Node:
+        return Node("Transpose", [src], [dst], {"perm": [int(p) for p in perm]}, g.fresh(f"{scope or 'move'}.Transpose"), scope)
+
+    flat = index.reshape(-1)
+    if moved.ndim == index.ndim and moved.ndim <= 6:
+        for perm in itertools.permutations(range(index.ndim)):
+            if np.array_equal(np.transpose(index, perm), moved):
+                return [transpose(x, out, perm)]
+    if np.array_equal(moved.reshape(-1), flat):
+        return [reshape(x, out, out_shape)]
+    if moved.ndim <= 6:
+        for perm in itertools.permutations(range(moved.ndim)):
+            mid = np.transpose(moved, np.argsort(perm))
+            if np.array_equal(mid.reshape(-1), flat):
+                t = g.fresh(f"{out}.reshaped")
+                mid_shape = tuple(out_shape[i] for i in np.argsort(perm))
+                return [reshape(x, t, mid_shape), transpose(t, out, perm)]
+    if index.ndim <= 6:
+        for perm in itertools.permutations(range(index.ndim)):
+            mid = np.transpose(index, perm)
+            if np.array_equal(mid.reshape(-1), moved.reshape(-1)):
+                t = g.fresh(f"{out}.transposed")
+                g.shapes[t] = tuple(in_shape[p] for p in perm)
+                return [transpose(x, t, perm), reshape(t, out, out_shape)]
+    return None

@@ -1,0 +1,1 @@
+"""`refsim report`: one self-contained HTML page on what quantization did to a model."""
