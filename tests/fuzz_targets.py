@@ -8,6 +8,7 @@ over the same seeds (byte flips, inserts, deletes, splices):
     python tests/fuzz_targets.py intq -atheris_runs=100000
     python tests/fuzz_targets.py onnx -atheris_runs=100000
     python tests/fuzz_targets.py inputs -atheris_runs=100000
+    python tests/fuzz_targets.py onnx -max_total_time=300              (a time budget instead)
     python tests/fuzz_targets.py inputs --plain --runs 1000 --seed 3     (no atheris)
 
 With FUZZ_LOG=file.jsonl each non-refsim exception is logged (kind, message, where) and
@@ -652,6 +653,21 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(corpus_dir, ignore_errors=True)
 
     atexit.register(finish)
+    # libFuzzer ends a -max_total_time run with C's exit(), which runs no Python atexit
+    # handler: the campaign keeps the time itself, so its report is printed either way.
+    for arg in [a for a in rest if a.startswith("-max_total_time=")]:
+        rest.remove(arg)
+        deadline = time.time() + float(arg.split("=", 1)[1])
+        one = campaign.one
+
+        def timed(data: bytes, one=one, deadline=deadline) -> None:
+            one(data)
+            if time.time() > deadline:
+                finish()
+                sys.stdout.flush()
+                os._exit(1 if campaign.kinds else 0)
+
+        campaign.one = timed
     args = [argv[0], *rest, str(corpus_dir)]
     if not any(a.startswith("-max_len") for a in rest):
         args.insert(1, "-max_len=65536")

@@ -294,3 +294,11 @@ def test_an_input_of_no_element_type():
     m = model([quantize(), helper.make_node("Relu", ["xq"], ["y"], name="relu")], Q)
     m.graph.input[0].type.tensor_type.elem_type = 0
     refused(m, "input 'x'")
+
+
+def test_a_reshape_whose_shape_is_not_integers():
+    # was (fuzz campaign): ValueError: cannot convert float NaN to integer, from the shapes
+    # of a Reshape on a symbolic batch
+    nodes = [quantize(), helper.make_node("Reshape", ["xq", "shape"], ["y"], name="reshape")]
+    m = model(nodes, [*Q, init("shape", [np.nan, 4], np.float64)], inputs=(("x", F, ["batch", 4]),))
+    refused(m, "node 'reshape' (Reshape): its shape input must be integers")
