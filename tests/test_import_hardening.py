@@ -302,3 +302,11 @@ def test_a_reshape_whose_shape_is_not_integers():
     nodes = [quantize(), helper.make_node("Reshape", ["xq", "shape"], ["y"], name="reshape")]
     m = model(nodes, [*Q, init("shape", [np.nan, 4], np.float64)], inputs=(("x", F, ["batch", 4]),))
     refused(m, "node 'reshape' (Reshape): its shape input must be integers")
+
+
+def test_a_range_of_another_domain_with_two_inputs():
+    # was (fuzz campaign): ValueError: not enough values to unpack, from the shape of a
+    # Range that onnx's schema check does not cover (its domain is not onnx's)
+    nodes = [quantize(), helper.make_node("Range", ["r0", "r1"], ["y"], name="range", domain="PACTOps")]
+    m = model(nodes, [*Q, init("r0", 0, np.int64), init("r1", 4, np.int64)], opsets=(("", 17), ("PACTOps", 1)))
+    refused(m, "node 'range' (PACTOps.Range)")

@@ -326,6 +326,8 @@ def _movement_shape(g: Graph, node: Node):
 
 def _range_shape(g: Graph, node: Node):
     """Range(start, limit, delta) up to a batch-dependent limit: batch-dependent length."""
+    if len(node.inputs) != 3:  # a custom domain's Range, which onnx's schema check does not cover
+        return None
     values = []
     for name in node.inputs:
         if name in g.consts and g.consts[name].size == 1 and g.consts[name].dtype.kind in "iu":
