@@ -430,6 +430,29 @@ def test_a_real_sigint_at_any_moment_is_one_line_and_exit_130(delay):
     assert (child.returncode, err) == (130, "refsim: interrupted\n")
 
 
+@pytest.mark.parametrize("then", ["raise RefsimError('-: no samples')", "return 0"])
+def test_a_ctrl_c_something_swallowed_is_still_the_interrupt(then):
+    # seen under load: llvmlite's ctypes callback (or a library's bare except) swallows the
+    # KeyboardInterrupt; the command went on, then failed on its closed stdin with exit 2
+    code = f"""
+import signal, sys
+from refsim.cli import console
+from refsim.errors import RefsimError
+import refsim.cli.run as command
+def swallowing(args):
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except BaseException:
+        pass
+    {then}
+command.main = swallowing
+sys.argv = ["refsim", "run", "model.intq", "-"]
+console()
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (130, "refsim: interrupted\n")
+
+
 # --- 10. op functions take int64 arrays whose values fit ----------------------------------------
 
 
