@@ -24,6 +24,7 @@ import numpy as np
 from refsim.ops.softmax import ITA_PRESETS
 
 from .dyadic import ExportError, dyadic
+from .importers.tflite_prepare import quantize_multiplier
 
 # Coefficients the anchors use (floats, export time only).
 LN2 = 0.6931  # I-BERT's -x0 (it writes -0.6931, not ln 2)
@@ -142,23 +143,6 @@ def ibert_softmax_params(input_scale, *, output_bit: int = 8, exp_bit: int = 16,
     return OpParams("IBertSoftmax", attrs, input_scale=s, output_scale=2.0**-output_bit)
 
 
-def _tflite_quantize_multiplier(real: float) -> tuple[int, int]:
-    """TFLite's QuantizeMultiplier: (q31, exponent) with real = q31/2^31 * 2^exponent.
-
-    dyadic() rounds the 31-bit mantissa half to even; TFLite's std::round rounds half away
-    from zero. They differ only when f * 2^31 is exactly a half-integer: fixed here.
-    """
-    d = dyadic(real, mul_bits=31, min_shift=-64, max_shift=64, what="TFLite softmax input multiplier")
-    mul, shift = int(d.mul), int(d.shift)
-    f, _ = math.frexp(real)
-    exact = f * 2**31  # exact in float64: a power-of-two scaling
-    if exact - math.floor(exact) == 0.5 and mul == math.floor(exact):
-        mul += 1
-        if mul == 1 << 31:
-            mul, shift = mul // 2, shift - 1
-    return mul, 31 - shift
-
-
 def tflite_softmax_params(input_scale, *, beta: float = 1.0) -> OpParams:
     """TFLite Micro SoftmaxPrepare for int8 in, int8 out (CalculateSoftmaxParams).
 
@@ -171,7 +155,7 @@ def tflite_softmax_params(input_scale, *, beta: float = 1.0) -> OpParams:
     real = min(float(np.float32(beta)) * float(np.float32(s)) * 2.0**26, 2.0**31 - 1)
     if real <= 1.0:
         raise ExportError(f"TFLiteSoftmax: beta * scale = {beta * s:.4g} is too small (TFLite needs a multiplier > 1)")
-    multiplier, left_shift = _tflite_quantize_multiplier(real)
+    multiplier, left_shift = quantize_multiplier(real)  # real > 1: finite and positive
     if not 0 <= left_shift <= 31:
         raise ExportError(f"TFLiteSoftmax: input left shift {left_shift} outside [0, 31]")
     attrs = dict(input_multiplier=multiplier, input_left_shift=left_shift, diff_min=-((31 << 26) >> left_shift))

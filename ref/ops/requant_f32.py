@@ -23,9 +23,8 @@ from numba import njit, vectorize
 
 from .. import backend
 from ..dtypes import int_type
-from ..errors import GraphError, OpError
 from .registry import Int, TypeName, op
-from .requant import along_axis, output_bounds
+from .requant_float import scaled_requant_infer, scaled_requant_operands
 from .rounding import HALF_EVEN, _np_round_shift, round_shift_scalar
 
 MANTISSA_BITS = 24
@@ -124,29 +123,7 @@ def _np_requant_f32(x, mul, exp, offset, lo, hi):
 # --- the op ----------------------------------------------------------------------------
 
 
-def _infer(ins, attrs):
-    x, mul, exp = ins[0], ins[1], ins[2]
-    for name, t in (("mul", mul), ("exp", exp)):
-        if t.is_const and t.data.size:
-            low, high = int(t.data.min()), int(t.data.max())
-            limits = (0, (1 << MANTISSA_BITS) - 1) if name == "mul" else (-MAX_EXP, MAX_EXP)
-            if low < limits[0] or high > limits[1]:
-                raise GraphError(f"{name} values must lie in [{limits[0]}, {limits[1]}], got [{low}, {high}]")
-    rank = len(x.shape)
-    axis = attrs["axis"]
-    if not -rank <= axis < max(rank, 1):
-        raise GraphError(f"axis {axis} is out of range for a rank-{rank} input")
-    for name, t in (("mul", mul), ("exp", exp), ("offset", ins[3] if len(ins) > 3 else None)):
-        if t is None:
-            continue
-        if len(t.shape) > 1:
-            raise GraphError(f"{name} must be a scalar or a 1-D per-channel vector")
-        if len(t.shape) == 1 and rank and isinstance(t.shape[0], int) and t.shape[0] != 1:
-            channels = x.shape[axis]
-            if isinstance(channels, int) and channels != t.shape[0]:
-                raise GraphError(f"{name} has {t.shape[0]} channels, input axis {axis} has {channels}")
-    output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "RequantF32")
-    return [(int_type(attrs["dtype"]), x.shape)]
+_infer = scaled_requant_infer("RequantF32", MANTISSA_BITS, MAX_EXP)
 
 
 @op(
@@ -158,19 +135,9 @@ def _infer(ins, attrs):
 def RequantF32(x, mul, exp, offset=None, *, axis=-1, dtype="int8", lo=None, hi=None):
     """y = clip(round_half_even(f32(f32(x) * mul * 2^exp)) + offset, lo, hi): onnxruntime's float32 requantization."""
     what = "RequantF32"
-    x = np.asarray(x)
-    ndim = max(x.ndim, 1)
-    if not -ndim <= axis < ndim:
-        raise OpError(f"{what}: axis {axis} is out of range for a rank-{x.ndim} input")
-    axis %= ndim
-    mul_b, exp_b, offset_b = (
-        along_axis(p, x.ndim, axis, name, what) for p, name in ((mul, "mul"), (exp, "exp"), (offset, "offset"))
+    x, mul_b, exp_b, offset_b, lo, hi = scaled_requant_operands(
+        what, x, mul, exp, offset, axis, dtype, lo, hi, mantissa_bits=MANTISSA_BITS, max_exp=MAX_EXP
     )
-    if mul_b.size and (int(mul_b.min()) < 0 or int(mul_b.max()) >= 1 << MANTISSA_BITS):
-        raise OpError(f"{what}: mul must lie in [0, 2^{MANTISSA_BITS})")
-    if exp_b.size and (int(exp_b.min()) < -MAX_EXP or int(exp_b.max()) > MAX_EXP):
-        raise OpError(f"{what}: exp must lie in [-{MAX_EXP}, {MAX_EXP}]")
-    lo, hi = output_bounds(dtype, lo, hi, what)
     if backend.use_numba():
         y = np.asarray(_requant_f32_ufunc(x, mul_b, exp_b, offset_b, lo, hi), dtype=np.int64)
     else:

@@ -23,9 +23,9 @@ from numba import njit, vectorize
 
 from .. import backend
 from ..dtypes import int_type
-from ..errors import GraphError, OpError
+from ..errors import OpError
 from .registry import Int, TypeName, op
-from .requant import along_axis, output_bounds
+from .requant_float import scaled_requant_infer, scaled_requant_operands
 
 MANTISSA_BITS = 53
 MAX_X = 1 << 53
@@ -136,29 +136,7 @@ def _requant_f64_ufunc(x, mul, exp, offset, lo, hi):
 # --- the op ------------------------------------------------------------------------------
 
 
-def _infer(ins, attrs):
-    x, mul, exp = ins[0], ins[1], ins[2]
-    for name, t in (("mul", mul), ("exp", exp)):
-        if t.is_const and t.data.size:
-            low, high = int(t.data.min()), int(t.data.max())
-            limits = (0, (1 << MANTISSA_BITS) - 1) if name == "mul" else (-MAX_EXP, MAX_EXP)
-            if low < limits[0] or high > limits[1]:
-                raise GraphError(f"{name} values must lie in [{limits[0]}, {limits[1]}], got [{low}, {high}]")
-    rank = len(x.shape)
-    axis = attrs["axis"]
-    if not -rank <= axis < max(rank, 1):
-        raise GraphError(f"axis {axis} is out of range for a rank-{rank} input")
-    for name, t in (("mul", mul), ("exp", exp), ("offset", ins[3] if len(ins) > 3 else None)):
-        if t is None:
-            continue
-        if len(t.shape) > 1:
-            raise GraphError(f"{name} must be a scalar or a 1-D per-channel vector")
-        if len(t.shape) == 1 and rank and isinstance(t.shape[0], int) and t.shape[0] != 1:
-            channels = x.shape[axis]
-            if isinstance(channels, int) and channels != t.shape[0]:
-                raise GraphError(f"{name} has {t.shape[0]} channels, input axis {axis} has {channels}")
-    output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "RequantF64")
-    return [(int_type(attrs["dtype"]), x.shape)]
+_infer = scaled_requant_infer("RequantF64", MANTISSA_BITS, MAX_EXP)
 
 
 @op(
@@ -170,23 +148,13 @@ def _infer(ins, attrs):
 def RequantF64(x, mul, exp, offset=None, *, axis=-1, dtype="int8", lo=None, hi=None):
     """y = clip(round_half_away(f64(x * mul * 2^exp)) + offset, lo, hi): LiteRT's float64 requantization."""
     what = "RequantF64"
-    x = np.asarray(x)
-    ndim = max(x.ndim, 1)
-    if not -ndim <= axis < ndim:
-        raise OpError(f"{what}: axis {axis} is out of range for a rank-{x.ndim} input")
-    axis %= ndim
-    mul_b, exp_b, offset_b = (
-        along_axis(p, x.ndim, axis, name, what) for p, name in ((mul, "mul"), (exp, "exp"), (offset, "offset"))
+    x, mul_b, exp_b, offset_b, lo, hi = scaled_requant_operands(
+        what, x, mul, exp, offset, axis, dtype, lo, hi, mantissa_bits=MANTISSA_BITS, max_exp=MAX_EXP
     )
-    if mul_b.size and (int(mul_b.min()) < 0 or int(mul_b.max()) >= 1 << MANTISSA_BITS):
-        raise OpError(f"{what}: mul must lie in [0, 2^{MANTISSA_BITS})")
-    if exp_b.size and (int(exp_b.min()) < -MAX_EXP or int(exp_b.max()) > MAX_EXP):
-        raise OpError(f"{what}: exp must lie in [-{MAX_EXP}, {MAX_EXP}]")
     if x.size and (int(x.min()) < -MAX_X or int(x.max()) > MAX_X):
         raise OpError(f"{what}: x must be exactly a double (|x| <= 2^53), and x spans [{int(x.min())}, {int(x.max())}]")
     if offset_b.size and max(abs(int(offset_b.min())), abs(int(offset_b.max()))) > 1 << 62:
         raise OpError(f"{what}: offset is too large")
-    lo, hi = output_bounds(dtype, lo, hi, what)
     if backend.use_numba():
         y = np.asarray(_requant_f64_ufunc(x, mul_b, exp_b, offset_b, lo, hi), dtype=np.int64)
     else:
