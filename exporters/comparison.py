@@ -193,8 +193,8 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     collected = {kind: {o: [] for o in outputs} for kind in ("float", "fake-quant", "integer")}
     sums = {n: [0.0, 0.0] for n in order}
     bar = Progress(progress)
-    if meta.get("attention_blocks"):
-        batch_size = 1  # ITA attention blocks are 2-D [S, E]: one sample at a time
+    if meta.get("attention_blocks") or meta.get("feedforward_blocks"):
+        batch_size = 1  # ITA attention and feed-forward blocks are 2-D [S, E]: one sample at a time
     batch_size, exact = batch_size_for(g, batch_size)
     batches = dataset.batches(batch_size, exact=exact)
     given = len(dataset)
@@ -216,13 +216,16 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
         def trace(node, name, array, f=f, keep=keep):
             if name in sums:
                 ref = np.asarray(f[float_tensors[name]], np.float64)
+                array = np.asarray(array)
+                if ref.shape == (1, *array.shape):  # an ITA block's 2-D [S, E] tensor for a sample's [1, S, E]
+                    array = array[None]
                 deq = _dequantize(m.graph.tensors[name], array)
                 if deq.shape == ref.shape:
                     ref, deq = _at_kept_tokens(ref, keep), _at_kept_tokens(deq, keep)
                     sums[name][0] += float(np.sum(ref ** 2))
                     sums[name][1] += float(np.sum((ref - deq) ** 2))
                     if observe is not None:
-                        observe(name, ref, _at_kept_tokens(np.asarray(array), keep))
+                        observe(name, ref, _at_kept_tokens(array, keep))
 
         for name in m.graph.inputs:
             if name in sums:

@@ -35,6 +35,7 @@ import numpy as np
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, IntType
 
+from . import nonlinear
 from .calibrate import Calibration, quantize_weight
 from .config import ExportOptions, signed_type
 from .dyadic import ExportError
@@ -42,7 +43,7 @@ from .frontend import requant as rq
 from .frontend.emitter import Emitter
 from .frontend.graph import Graph, Node
 from .frontend.integer_ops import INTEGER_OPS, lower
-from .frontend.patterns import AttentionMatch, match_attention
+from .frontend.patterns import AttentionMatch, FeedForwardMatch, match_attention, match_feedforward
 
 # What the walker recognises, for the one-line error on anything else.
 SUPPORTED = (
@@ -114,6 +115,7 @@ class Walker:
         self.users = g.consumer_map()
         self.producers = g.producers()
         self.skipped = self._mask_only()
+        self.unpaired_attention: list[str] = []  # ITA attention blocks no feed-forward block follows yet
 
     # --- integer tensors ------------------------------------------------------------------------
 
@@ -314,13 +316,23 @@ class Walker:
         blocks = {}
         if self.options.ita:
             # Unmasked self-attention goes through ITA's attention-block graph form (docs/ITA.md).
+            # Attention over several sequences at once (Swin's windows) keeps the plain form.
             for match in match_attention(self.g):
-                if match.mask is None:
+                if match.mask is None and self.g.concrete_shape(match.q.x)[0] == 1:
                     for n in match.nodes:
                         blocks[n.name] = match
+            # Feed-forward layers on ITA go through ITA's feed-forward-block form (docs/ITA.md).
+            for ff in match_feedforward(self.g):
+                if self._ita_feedforward_fits(ff) and not any(n.name in blocks for n in ff.nodes):
+                    for n in ff.nodes:
+                        blocks[n.name] = ff
         for node in self.g.nodes:
             if node.name in blocks and node.name not in self.done:
-                self._ita_attention(blocks[node.name])
+                match = blocks[node.name]
+                if isinstance(match, FeedForwardMatch):
+                    self._ita_feedforward(match)
+                else:
+                    self._ita_attention(match)
             if node.name in self.done or node.name in self.skipped:
                 continue
             if node.op in INTEGER_OPS and self._integers_only(node):
@@ -858,6 +870,7 @@ class Walker:
             ))
         params = ItaAttention(head_list, requant(1.0, "the head sum"), ItaSoftmax(softmax.op, dict(softmax.attrs)))
         block = add_attention_block(self.em.builder, name, x_q.name, x_kv.name, params)
+        self.unpaired_attention.append(name)
         y = self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8)
         # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
@@ -876,3 +889,94 @@ class Walker:
         for tensor, scale, signed in ((m.q.out, s_q, True), (m.k.out, s_k, True), (m.v.out, s_v, True),
                                       (m.scores, s_in, True), (m.probs, s_a, False), (m.context, s_av, True)):
             self.record.tensors[tensor] = (float(scale), 8, signed)
+
+    # --- ITA feed-forward blocks ---------------------------------------------------------------
+
+    def _ita_feedforward_fits(self, m: FeedForwardMatch) -> bool:
+        """Whether ITA computes this feed-forward layer whole: both layers 8-bit per tensor on
+        ITA, an integer GELU (not kept float), and one sample [S, E] (or [1, S, E]) in."""
+        for lin in (m.fc1, m.fc2):
+            settings = self.options.layer(self.layer_name(lin.nodes[0]))
+            if not self.modes.on_ita(settings) or settings.per_channel:
+                return False
+        if self.options.layer(self.layer_name(m.fc2.nodes[0])).abits != 8:
+            return False  # ITA's activation unit hands FF2 int8 (a narrower FF2 input needs a requantization between)
+        if m.activation.op == "Gelu" and self.options.layers.matching(self.layer_name(m.activation)).get("keep_float"):
+            return False
+        shape = self.g.concrete_shape(m.fc1.x)
+        return len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)
+
+    def _ita_feedforward(self, m: FeedForwardMatch) -> None:
+        """Emit one feed-forward layer in ITA's graph form (refsim.blocks.ita): FF1 with its
+        bias and requantizer, ITA's GELU (or ReLU and the activation requantizer), FF2. The
+        scales are those of the layer-by-layer ITA path: FF1's output at the GELU's input
+        scale, the GELU's output and FF2's at their calibrated 8-bit scales."""
+        from refsim.blocks.ita import ItaFeedForward, ItaGeluConstants, ItaRequant, add_feedforward_block
+
+        name = self.em.name(m.name)
+        self.done.update(n.name for n in m.nodes)
+        shape = self.g.concrete_shape(m.fc1.x)
+        seq, width = shape[-2:]
+
+        def requant(ratio: float, what: str) -> ItaRequant:
+            d = rq.ita_dyadic(ratio, f"{name}: {what}")
+            return ItaRequant(int(d.mul), int(d.shift), 0)
+
+        x = self.get(m.fc1.x, self.options.layer(self.layer_name(m.fc1.nodes[0])).abits, m.fc1.nodes[0], 0)
+        x_2d = x.name if len(shape) == 2 else self.em.node("Reshape", [x.name], f"{name}.x_2d", shape=[seq, width])
+        weights, acc_scales, biases = [], [], []
+        for lin in (m.fc1, m.fc2):
+            settings = self.options.layer(self.layer_name(lin.nodes[0]))
+            w = quantize_weight(self.g.const(lin.weight).astype(np.float64), settings.wbits, per_channel=False)
+            if w.dtype not in ("int8", "int4", "int2", "ternary"):
+                raise ExportError(f"{name}: ITA takes 8-bit weights at most, not {w.dtype}")
+            weights.append(w)
+        act = m.activation
+        s_f1 = self.modes.ita_output_scale(self, m.fc1.out)  # the GELU's input scale for a GELU
+        acc_scales.append(float(x.scale) * float(weights[0].scale))
+        gelu = act_rq = None
+        if act.op == "Gelu":
+            p = nonlinear.pyita_gelu_params(s_f1, self.scale_of(act.outputs[0], 8))
+            a = p.attrs
+            gelu = ItaGeluConstants(int(a["q_1"]), int(a["q_b"]), int(a["q_c"]))
+            act_rq = ItaRequant(int(a["eps_mul"]), int(a["eps_shift"]), int(a["eps_add"]))
+            s_act = float(p.output_scale)
+        else:
+            s_act = self.scale_of(act.outputs[0], 8)
+            act_rq = requant(s_f1 / s_act, "the ReLU requantization")
+        acc_scales.append(s_act * float(weights[1].scale))
+        s_f2 = self.modes.ita_output_scale(self, m.fc2.out)
+        for lin, w, acc_scale in zip((m.fc1, m.fc2), weights, acc_scales):
+            if lin.bias is None:
+                biases.append(None)
+                continue
+            b = np.rint(self.g.const(lin.bias).astype(np.float64).reshape(-1) / acc_scale).astype(np.int64)
+            if int(np.abs(b).max(initial=0)) >= 1 << 23:
+                raise ExportError(f"{name}: the bias of {self.layer_name(lin.nodes[0])} does not fit ITA's 24-bit biases")
+            biases.append(np.broadcast_to(b, (w.q.shape[1],)).copy())
+        params = ItaFeedForward(
+            w1=weights[0].q, w2=weights[1].q, f1=requant(acc_scales[0] / s_f1, "FF1"), f2=requant(acc_scales[1] / s_f2, "FF2"),
+            activation=act.op.lower(), act=act_rq, gelu=gelu, b1=biases[0], b2=biases[1],
+            # ITA's testbench runs an attention block's phases, then a feed-forward block's, from one folder.
+            attention=self.unpaired_attention.pop() if self.unpaired_attention else None,
+        )
+        self.unpaired_attention.clear()
+        block = add_feedforward_block(self.em.builder, name, x_2d, params)
+        y = block.out if len(shape) == 2 else self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
+        self.set_native(m.fc2.out, Value(y, s_f2), name, quantized_bits=8)
+        # What the fake-quant model mirrors: weights, biases and the block's int8 points.
+        for k, (lin, w, acc_scale) in enumerate(zip((m.fc1, m.fc2), weights, acc_scales)):
+            self.record.consts[(lin.nodes[0].name, 1)] = (block.weights[k], float(w.scale))
+            if lin.bias is not None:
+                add = lin.nodes[-1]
+                self.record.consts[(add.name, add.inputs.index(lin.bias))] = (block.biases[k], acc_scale)
+        self.record.tensors[m.fc1.out] = (float(s_f1), 8, True)
+        self.record.tensors[act.outputs[0]] = (float(s_act), 8, True)
+        # Scales on the block's integer points and weights (`refsim compare` reports their SQNR).
+        ff = self.em.builder.metadata["feedforward_blocks"][-1]
+        self.label(ff["F1"]["out"], m.fc1.out, s_f1, name)
+        self.label(ff["activation"]["out"], act.outputs[0], s_act, name)
+        self.em.label(x_2d, x.scale)
+        self.em.label(block.out, s_f2)
+        for k, w in enumerate(weights):
+            self.label(block.weights[k], None, float(w.scale), name)

@@ -8,6 +8,7 @@ Select with the REFSIM_BACKEND environment variable or `with refsim.backend.use(
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 BACKENDS = ("numba", "numpy")
@@ -16,12 +17,10 @@ _current = os.environ.get("REFSIM_BACKEND", "numba")
 if _current not in BACKENDS:
     _current = "numba"
 
-try:  # Numba is a declared dependency; fall back quietly only if it cannot load at all.
-    import numba  # noqa: F401
-
-    HAVE_NUMBA = True
-except Exception:  # pragma: no cover - exercised only on broken installs
-    HAVE_NUMBA = False
+# Numba is a declared dependency; fall back quietly only if it is not installed at all.
+# (It is imported only when a kernel first runs: see refsim.jit.)
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+if not HAVE_NUMBA:  # pragma: no cover - exercised only on broken installs
     _current = "numpy"
 
 
@@ -48,46 +47,54 @@ def use(name: str):
         _current = previous
 
 
-# Numba's parallel kernels pay a fork/join on every call, and on a busy machine a join
-# waits for whichever worker the OS descheduled: measured here, a MiniLM run took 5x longer
-# with one core busy. Small work therefore runs on one thread; work of at least
-# PARALLEL_MIN_ELEMENTS elements gets every core. (REFSIM_PARALLEL_MIN overrides it.)
-PARALLEL_MIN_ELEMENTS = int(os.environ.get("REFSIM_PARALLEL_MIN", 1 << 18))
+# Numba's parallel kernels pay a fork/join on every call (about 28 us on this project's VM),
+# and on a busy machine a join waits for whichever worker the OS descheduled (measured
+# here: a MiniLM run took 5x longer with one core busy). So the engine picks, per step,
+# one thread or all of them from what that step's recent runs cost (`ThreadChoice`);
+# steps with less work than MEASURE_MIN_ELEMENTS always run on one thread.
+MEASURE_MIN_ELEMENTS = int(os.environ.get("REFSIM_PARALLEL_MIN", 1 << 14))
 _threads_set: int | None = None
 
 
-def fit_threads(elements: int) -> None:
-    """Give the next Numba kernels one thread for small work, all threads for large."""
-    if HAVE_NUMBA:
-        import numba
+def max_threads() -> int:
+    from .jit import materialize
 
-        _set_threads(numba.config.NUMBA_NUM_THREADS if elements >= PARALLEL_MIN_ELEMENTS else 1)
+    return materialize().config.NUMBA_NUM_THREADS
 
 
-def _set_threads(wanted: int) -> None:
+def set_threads(wanted: int) -> None:
+    """Numba threads for the next kernels (cheap when unchanged)."""
     global _threads_set
-    if wanted != _threads_set:
-        import numba
+    if wanted != _threads_set and HAVE_NUMBA:
+        from .jit import materialize
 
-        numba.set_num_threads(wanted)
+        materialize().set_num_threads(wanted)
         _threads_set = wanted
 
 
-@contextlib.contextmanager
-def all_threads_if(large: bool):
-    """Within the block, every Numba thread when `large` (a kernel that knows its work is
-    big though its inputs are small, like a matrix product); as before otherwise."""
-    if not (HAVE_NUMBA and large):
-        yield
-        return
-    import numba
+class ThreadChoice:
+    """One step's choice between one thread and all: each option's cost is a running
+    estimate of its recent runs; the cheaper one runs, and every PROBE-th run tries the
+    other, so the choice follows the machine's load."""
 
-    before = numba.get_num_threads()
-    _set_threads(numba.config.NUMBA_NUM_THREADS)
-    try:
-        yield
-    finally:
-        _set_threads(before)
+    PROBE = 16
+    __slots__ = ("counts", "cost", "runs")
+
+    def __init__(self, threads: int):
+        self.counts = (1, threads)
+        self.cost = [float("inf"), float("inf")]
+        self.runs = 0
+
+    def pick(self) -> int:
+        self.runs += 1
+        if self.runs <= 4:  # try each option twice first
+            return self.runs % 2
+        best = 0 if self.cost[0] <= self.cost[1] else 1
+        return 1 - best if self.runs % self.PROBE == 0 else best
+
+    def record(self, option: int, seconds: float) -> None:
+        old = self.cost[option]
+        self.cost[option] = seconds if old == float("inf") else 0.75 * old + 0.25 * seconds
 
 
 _blas_controller = None
@@ -99,8 +106,8 @@ def single_threaded_blas():
 
     BLAS worker threads spin after each call; beside Numba's worker threads on the same
     cores they slow both down (measured here: MiniLM batch 8 200 ms -> 164 ms, BERT-base
-    154 ms -> 101 ms with BLAS on one thread). Refsim's large products run on AMX or on
-    Numba threads, so BLAS loses little. Needs threadpoolctl; without it, a no-op.
+    154 ms -> 101 ms with BLAS on one thread). Refsim's large products run on AMX or VNNI
+    on Numba threads, so BLAS loses little. Needs threadpoolctl; without it, a no-op.
     """
     global _blas_controller
     if _blas_controller is None:

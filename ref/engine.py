@@ -1,7 +1,14 @@
-"""Running an integer graph: a thin loop over nodes in execution order.
+"""Running an integer graph: a thin loop over a plan prepared at load time.
 
-The engine knows no op by name. For each node it calls the op's function (or the kernel
-the op prepared for its constant inputs), checks that the result has the declared storage
+The engine knows no op by name. Preparing a node picks its kernel: the first registered
+fast kernel that applies (`refsim.kernels`), else the op's own prepared kernel, else the
+op's formula. Then a fusion pass lets a kernel absorb the next node when that node is the
+only reader of its output and takes nothing else computed (a weight product and the
+Requant after it run as one pass over each block while it is in cache). A fused step
+returns the intermediate it skips when asked, so a traced run sees every tensor exactly as
+an unfused one.
+
+For each step the engine calls the kernel, checks that the result has the declared storage
 type and shape, hands it to the trace callback, and frees intermediates after their last
 use. Symbolic dimensions ("batch", "seq") are bound from the feeds and must stay
 consistent through the whole run.
@@ -9,8 +16,10 @@ consistent through the whole run.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -33,6 +42,11 @@ class _Step:
     outputs: list[Tensor]
     release: list[str]  # values no later node needs
     computed: list[int]  # positions of inputs that are not constants (they size the work)
+    # A fused step: the producer node and the output of it that the kernel returns only
+    # when asked (kernel(*inputs, keep=True) -> (hidden, output)).
+    producer: Node | None = None
+    hidden: Tensor | None = None
+    threads: backend.ThreadChoice | None = None  # None: always one thread
 
 
 class _Shapes:
@@ -59,12 +73,29 @@ class _Shapes:
 class Model:
     """A loaded integer graph, ready to run: `outputs = model.run({"x": array})`."""
 
-    def __init__(self, graph: Graph, path: str | None = None):
+    def __init__(self, graph: Graph, path: str | None = None, fuse: bool = True):
         self.graph = graph
         self.path = path
+        self.fuse = fuse
         self.order = validate(graph)
-        self._steps = self._plan()
+        self._plans: dict[str, list[_Step]] = {}
+        self._steps  # noqa: B018  (prepare now, before the file's pages are dropped)
         _drop_resident_pages(graph)
+
+    @property
+    def _steps(self) -> list[_Step]:
+        """The plan for the current backend (kernels are chosen per backend)."""
+        name = backend.current()
+        if name not in self._plans:
+            self._plans[name] = self._plan(self.fuse)
+        return self._plans[name]
+
+    def __reduce__(self):
+        """A Model pickles as its file's path (Ray, Dask and spawned processes reopen the
+        memory map on the other side); one built in memory must be saved first."""
+        if self.path is None:
+            raise TypeError("a refsim.Model built in memory cannot be pickled; save() it and load() the file")
+        return (load, (self.path, True, self.fuse))
 
     # --- description -------------------------------------------------------------------
 
@@ -102,36 +133,79 @@ class Model:
 
     # --- preparation -------------------------------------------------------------------
 
-    def _plan(self) -> list[_Step]:
+    def _plan(self, fuse: bool) -> list[_Step]:
+        from . import kernels  # loads Numba
+
         tensors = self.graph.tensors
-        last_use: dict[str, int] = {}
-        for index, node in enumerate(self.order):
-            for name in node.inputs:
-                if name:
-                    last_use[name] = index
-        keep = set(self.graph.outputs)
-        releases: dict[int, list[str]] = {}
-        for index, node in enumerate(self.order):
-            for name in node.outputs:  # produced but never read: free it straight away
-                last_use.setdefault(name, index)
-        for name, index in last_use.items():
-            if name not in keep and not tensors[name].is_const:
-                releases.setdefault(index, []).append(name)
         steps = []
-        for index, node in enumerate(self.order):
+        for node in self.order:
             schema = registry.lookup(node.op, node)
             attrs = schema.full_attrs(node.attrs)
-            kernel = None
-            if schema.prepare is not None:
-                consts = {i: tensors[n].data for i, n in enumerate(node.inputs) if n and tensors[n].is_const}
-                declared = [tensors[n] if n else None for n in node.inputs]
+            consts = {i: tensors[n].data for i, n in enumerate(node.inputs) if n and tensors[n].is_const}
+            declared = [tensors[n] if n else None for n in node.inputs]
+            kernel = kernels.choose(node.op, attrs, consts, declared) if backend.use_numba() else None
+            if kernel is None and schema.prepare is not None:
                 kernel = schema.prepare(attrs, consts, declared)
             if kernel is None:
                 kernel = _bind(schema.fn, attrs)
             outputs = [tensors[n] for n in node.outputs]
             computed = [i for i, n in enumerate(node.inputs) if n and not tensors[n].is_const]
-            steps.append(_Step(node, kernel, list(node.inputs), outputs, releases.get(index, []), computed))
+            steps.append(_Step(node, kernel, list(node.inputs), outputs, [], computed))
+        if fuse:
+            steps = self._fuse(steps)
+        self._releases(steps)
         return steps
+
+    def _fuse(self, steps: list[_Step]) -> list[_Step]:
+        """Merge each step whose kernel can absorb the only reader of its single output."""
+        tensors = self.graph.tensors
+        readers: dict[str, list[int]] = {}
+        for index, step in enumerate(steps):
+            for name in step.inputs:
+                if name:
+                    readers.setdefault(name, []).append(index)
+        outputs = set(self.graph.outputs)
+        absorbed: set[int] = set()
+        merged = []
+        for index, step in enumerate(steps):
+            if index in absorbed:
+                continue
+            fused = None
+            if hasattr(step.kernel, "fuse") and len(step.outputs) == 1 and step.outputs[0].name not in outputs:
+                name = step.outputs[0].name
+                users = readers.get(name, [])
+                if len(users) == 1 and users[0] not in absorbed:
+                    consumer = steps[users[0]]
+                    others = consumer.inputs[1:]
+                    if (consumer.inputs[0] == name and len(consumer.outputs) == 1
+                            and all(not n or tensors[n].is_const for n in others)):
+                        args = [tensors[n].data if n else None for n in others]
+                        run_consumer = functools.partial(_call_with, consumer.kernel, args)
+                        fused = step.kernel.fuse(consumer.kernel, run_consumer)
+            if fused is None:
+                merged.append(step)
+                continue
+            absorbed.add(users[0])
+            merged.append(_Step(consumer.node, fused, step.inputs, consumer.outputs, [], step.computed,
+                                producer=step.node, hidden=step.outputs[0]))
+        return merged
+
+    def _releases(self, steps: list[_Step]) -> None:
+        """Free every computed value after the last step that reads it."""
+        tensors = self.graph.tensors
+        last_use: dict[str, int] = {}
+        for index, step in enumerate(steps):
+            for name in step.inputs:
+                if name:
+                    last_use[name] = index
+        for index, step in enumerate(steps):
+            produced = [t.name for t in step.outputs] + ([step.hidden.name] if step.hidden is not None else [])
+            for name in produced:  # produced but never read: free it straight away
+                last_use.setdefault(name, index)
+        keep = set(self.graph.outputs)
+        for name, index in last_use.items():
+            if name not in keep and not tensors[name].is_const:
+                steps[index].release.append(name)
 
     # --- running -----------------------------------------------------------------------
 
@@ -199,12 +273,26 @@ class Model:
         return {name: values[name] for name in wanted}
 
     def _execute(self, values, keep, shapes, trace) -> None:
+        numba_backend = backend.use_numba()
+        threads = backend.max_threads() if numba_backend else 1
+        clock = time.perf_counter
         for step in self._steps:
             node = step.node
             args = [values[n] if n else None for n in step.inputs]
-            backend.fit_threads(max((args[i].size for i in step.computed), default=0))
+            choice = step.threads
+            if choice is None and threads > 1 and max((args[i].size for i in step.computed), default=0) >= backend.MEASURE_MIN_ELEMENTS:
+                choice = step.threads = backend.ThreadChoice(threads)
+            option = choice.pick() if choice is not None else 0
+            if numba_backend:
+                backend.set_threads(choice.counts[option] if choice is not None else 1)
+            hidden = step.hidden
+            keep_hidden = hidden is not None and (trace is not None or hidden.name in keep or not numba_backend)
+            started = clock()
             try:
-                result = step.kernel(*args)
+                if hidden is None:
+                    result = step.kernel(*args)
+                else:
+                    inner, result = step.kernel(*args, keep=keep_hidden)
             except RefsimError as e:
                 raise type(e)(f"{node.describe()}: {e}") from None
             except (ValueError, IndexError) as e:  # numpy's complaints about shapes the feeds caused
@@ -212,27 +300,35 @@ class Model:
             except MemoryError:
                 shapes_out = ", ".join(f"{t.name} {list(t.shape)}" for t in step.outputs)
                 raise OpError(f"{node.describe()}: not enough memory to compute {shapes_out}") from None
+            if choice is not None:
+                choice.record(option, clock() - started)
+            if keep_hidden:
+                self._store(step.producer, hidden, inner, values, shapes, trace)
             results = result if isinstance(result, tuple) else (result,)
             if len(results) != len(step.outputs):
                 raise internal_error(f"{node.describe()} returned {len(results)} results for {len(step.outputs)} outputs")
             for t, array in zip(step.outputs, results):
-                if array.dtype != t.dtype.storage:
-                    raise internal_error(
-                        f"{node.describe()} returned {array.dtype} for {t.name!r} "
-                        f"declared {t.dtype} (storage {t.dtype.storage})"
-                    )
-                problem = shapes.match(t.shape, array.shape)
-                if problem:
-                    raise OpError(
-                        f"{node.describe()}: output {t.name!r} has shape {list(array.shape)}, "
-                        f"declared {list(t.shape)}: {problem}"
-                    )
-                values[t.name] = array
-                if trace is not None:
-                    trace(node, t.name, array)
+                self._store(node, t, array, values, shapes, trace)
             for name in step.release:
                 if name not in keep:
                     values.pop(name, None)
+
+    @staticmethod
+    def _store(node, t: Tensor, array, values, shapes, trace) -> None:
+        if array.dtype != t.dtype.storage:
+            raise internal_error(
+                f"{node.describe()} returned {array.dtype} for {t.name!r} "
+                f"declared {t.dtype} (storage {t.dtype.storage})"
+            )
+        problem = shapes.match(t.shape, array.shape)
+        if problem:
+            raise OpError(
+                f"{node.describe()}: output {t.name!r} has shape {list(array.shape)}, "
+                f"declared {list(t.shape)}: {problem}"
+            )
+        values[t.name] = array
+        if trace is not None:
+            trace(node, t.name, array)
 
     def save(self, path: str | os.PathLike) -> None:
         from .intq import save
@@ -252,6 +348,10 @@ def _drop_resident_pages(graph: Graph) -> None:
             pass
 
 
+def _call_with(kernel: Callable, constants: list, x):
+    return kernel(x, *constants)
+
+
 def _bind(fn: Callable, attrs: dict[str, Any]) -> Callable:
     def kernel(*inputs):
         return fn(*inputs, **attrs)
@@ -259,12 +359,13 @@ def _bind(fn: Callable, attrs: dict[str, Any]) -> Callable:
     return kernel
 
 
-def load(path: str | os.PathLike, verify: bool = True) -> Model:
+def load(path: str | os.PathLike, verify: bool = True, fuse: bool = True) -> Model:
     """Load an `.intq` file (memory-mapped) as a runnable Model.
 
     `verify` checks every tensor's CRC-32 at load time; turn it off only for files you
-    produced yourself and trust.
+    produced yourself and trust. `fuse=False` runs every node as its own step (the
+    results are the same; for comparing kernels).
     """
     from .intq import load_graph
 
-    return Model(load_graph(path, verify=verify), path=os.fspath(path))
+    return Model(load_graph(path, verify=verify), path=os.fspath(path), fuse=fuse)

@@ -117,16 +117,21 @@ def text_reader_for(model):
     tensors = model.graph.tensors
 
     def read(path: str, lines: list[str]) -> Iterator[Sample]:
-        for number, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            encoded = encoder.encode([text])
-            feeds = {}
-            for name, field in mapping.items():
-                t = tensors[name].dtype
-                check_fits(encoded[field], t, f"{path}:{number}: input {name!r}")  # no silent wrap of large ids
-                feeds[name] = encoded[field].astype(t.storage)
-            yield Sample(feeds, f"{path}:{number}", text)
+        texts = [(number, line.strip()) for number, line in enumerate(lines, 1)]
+        texts = [(number, text) for number, text in texts if text and not text.startswith("#")]
+        for start in range(0, len(texts), ENCODE_CHUNK):  # the tokenizer encodes a chunk at once
+            chunk = texts[start:start + ENCODE_CHUNK]
+            encoded = encoder.encode([text for _, text in chunk])
+            for row, (number, text) in enumerate(chunk):
+                feeds = {}
+                for name, field in mapping.items():
+                    t = tensors[name].dtype
+                    ids = encoded[field][row:row + 1]
+                    check_fits(ids, t, f"{path}:{number}: input {name!r}")  # no silent wrap of large ids
+                    feeds[name] = ids.astype(t.storage)
+                yield Sample(feeds, f"{path}:{number}", text)
 
     return read
+
+
+ENCODE_CHUNK = 256  # lines per batched tokenizer call

@@ -269,6 +269,15 @@ def test_gemm_becomes_matmul_and_bias():
     assert_same(model, g, rng_feeds(x=(2, 4)))
 
 
+def test_global_average_pool_becomes_a_mean():
+    model = model_of([helper.make_node("GlobalAveragePool", ["x"], ["y"])], [vi("x", F, ["N", 4, 6])], [vi("y", F, None)])
+    g = graph_of(model)
+    rewrites.global_pools(g)
+    (mean,) = g.nodes
+    assert mean.op == "ReduceMean" and g.consts[mean.inputs[1]].tolist() == [2]
+    assert_same(model, g, rng_feeds(x=(2, 4, 6)))
+
+
 def test_patch_embedding_conv_becomes_a_matmul():
     rng = np.random.default_rng(3)
     inits = {"w": rng.standard_normal((5, 2, 2, 2)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}

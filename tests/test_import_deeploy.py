@@ -147,3 +147,31 @@ def test_input_types_and_unsupported_ops():
     fractional = _model(nodes, [("x", [3])], ["y"], [_f("m", [1.5]), _f("a", [0])])
     with pytest.raises(ImportFailure, match="not integers"):
         import_model(fractional)
+
+
+def test_gemm_alpha_beta_and_the_contrib_domain():
+    """Deeploy's test networks write Gemm with integer alpha/beta and RequantShift in
+    onnxruntime-extensions' `ai.onnx.contrib` domain. The Gemm is a standard op, so
+    onnxruntime (float32, exact on these small integers) is the oracle for it; RequantShift
+    follows Deeploy's formula floor((x * mul + add) / div + 1/2), clipped to int8."""
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(3)
+    w, c = rng.integers(-8, 8, (6, 5)), rng.integers(-50, 50, (3, 5))
+    mul, add = rng.integers(1, 9, (5,)), rng.integers(-20, 20, (5,))
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["g"], alpha=3.0, beta=-2.0),
+             helper.make_node("RequantShift", ["g", "mul", "add"], ["y"], domain="ai.onnx.contrib", div=16, n_levels=256, signed=1)]
+    graph = helper.make_graph(nodes, "deeploy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("g", "y")],
+                              initializer=[_f("w", w), _f("c", c), _f("mul", mul), _f("add", add)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.contrib", 1)])
+    x = rng.integers(-128, 128, (3, 6))
+    out = import_model(model).run({"x": x.astype(np.int8)})
+    gemm_only = helper.make_model(helper.make_graph(nodes[:1], "g", graph.input, graph.output[:1], initializer=graph.initializer[:2]),
+                                  opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(gemm_only.SerializeToString(), providers=["CPUExecutionProvider"])
+    want_g = session.run(None, {"x": x.astype(np.float32)})[0]
+    assert np.array_equal(out["g"], want_g.astype(np.int64))
+    assert np.array_equal(out["y"], np.clip(np.floor((want_g.astype(np.int64) * mul + add) / 16 + 0.5), -128, 127))
+    model.graph.node[0].attribute[0].f = 0.5  # alpha
+    with pytest.raises(ImportFailure, match=r"node .*\(Gemm\): alpha = 0.5 is not an integer"):
+        import_model(model)

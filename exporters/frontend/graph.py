@@ -417,8 +417,8 @@ class Graph:
     def to_model(self, extra_outputs: Iterable[str] = (), large_consts_as_inputs: int | None = None) -> onnx.ModelProto:
         """The graph as an ONNX model. A one-row constant standing for the whole batch is
         repeated per sample explicitly where an op does not broadcast. With
-        `large_consts_as_inputs=N`, constants of more than N elements become typed inputs
-        without data (enough for shape inference, and much smaller)."""
+        `large_consts_as_inputs=N` (for shape inference), constants of more than N elements
+        become typed inputs without data, and one-row constants inputs shaped (batch, ...)."""
         nodes = []
         inits = []
         extra_inputs = []
@@ -426,7 +426,7 @@ class Graph:
         expanded: dict[tuple[str, str], str] = {}
         for n in self.nodes:
             inputs = list(n.inputs)
-            if n.op not in BROADCASTING_OPS:
+            if n.op not in BROADCASTING_OPS and large_consts_as_inputs is None:
                 for k, name in enumerate(inputs):
                     if name in self.batch_rows:
                         ref = next((i for i in n.inputs if i and i not in self.consts), None)
@@ -450,7 +450,10 @@ class Graph:
                 continue
             value = np.asarray(value)
             elem = self.const_types.get(name)
-            if large_consts_as_inputs is not None and value.size > large_consts_as_inputs:
+            if large_consts_as_inputs is not None and name in self.batch_rows:
+                extra_inputs.append(helper.make_tensor_value_info(
+                    name, elem or helper.np_dtype_to_tensor_dtype(value.dtype), ["batch", *value.shape[1:]]))
+            elif large_consts_as_inputs is not None and value.size > large_consts_as_inputs:
                 extra_inputs.append(helper.make_tensor_value_info(
                     name, elem or helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
             elif elem is not None:

@@ -5,21 +5,23 @@ from `input_ids != padding_idx` (Equal, Not, Cast, CumSum, Mul, Add), masks buil
 comparisons and `Where`, token-type grids gathered by position ids. What the front end can
 evaluate at export time is folded (`frontend.fold`); what depends on the inputs is
 computed with refsim's integer ops here, so nothing of it becomes a float in the integer
-model. Booleans are 0/1 integers.
+model. Booleans are 0/1 integers. Every form is exact wherever its intermediate values fit
+int64 (comparisons form a - b); refsim refuses, with an error naming the node, a value
+that leaves int64 (where ONNX would wrap around).
 
 | ONNX | refsim, exact for integers a, b (booleans 0/1) |
 |---|---|
-| Add, Sub, Mul | the same op, in the ONNX result type (wrapping around as ONNX integers do) |
+| Add, Sub, Mul | the same op in the ONNX result type (a result beyond int64, where ONNX would wrap around, is refused) |
 | Neg(a) | 0 - a |
-| Equal(a, b) | 1 - min((a - b)^2, 1) (the difference and square saturated: no overflow) |
+| Equal(a, b) | 1 - c^2, c = clip(a - b, -1, 1) (the difference saturated: no overflow) |
 | Not(a) | 1 - a |
 | Greater(a, b), Less(b, a) | clip(a - b, 0, 1) |
-| GreaterOrEqual(a, b), LessOrEqual(b, a) | clip(a - b + 1, 0, 1) |
+| GreaterOrEqual(a, b), LessOrEqual(b, a) | 1 - clip(b - a, 0, 1) |
 | And(a, b), Or(a, b), Xor(a, b) | a * b, a + b - a * b, (a - b)^2 |
-| Where(c, a, b) | b + c * (a - b) |
+| Where(c, a, b) | c * a + (1 - c) * b |
 | Max(a, b), Min(a, b) | b + relu(a - b), a - relu(a - b) |
 | Cast(a) to an integer type | a when every value fits (widening), else Cast wrapping as ONNX does |
-| Cast(a) to bool | min(a^2, 1) |
+| Cast(a) to bool | c^2, c = clip(a, -1, 1) |
 | CumSum(a, axis = last) | a @ T, T[i, j] = 1 for i <= j (i < j exclusive; mirrored for reverse) |
 | Expand(a, shape) | a + zeros(shape) |
 | Concat | Concat |
@@ -76,11 +78,13 @@ def lower(em: Emitter, node: Node, operand: Callable[[int], str], const: Callabl
     if op == "Not":
         return em.node("Sub", [_one(em, stem), a], stem, name, dtype="uint8")
     if op in ("Greater", "Less", "GreaterOrEqual", "LessOrEqual"):
-        high, low = (a, b) if op.startswith("Greater") else (b, a)
+        # a > b: clip(a - b, 0, 1); a >= b = 1 - (b > a). The difference saturates: no overflow.
+        high, low = {"Greater": (a, b), "Less": (b, a), "GreaterOrEqual": (b, a), "LessOrEqual": (a, b)}[op]
         d = em.node("Sub", [high, low], f"{stem}.difference", dtype="int64", overflow="saturate")
-        if op.endswith("OrEqual"):
-            d = em.node("Add", [d, _one(em, stem)], f"{stem}.difference", dtype="int64", overflow="saturate")
-        return em.node("Cast", [em.node("Clip", [d], f"{stem}.clip", lo=0, hi=1)], stem, name, dtype="uint8")
+        if not op.endswith("OrEqual"):
+            return em.node("Cast", [em.node("Clip", [d], f"{stem}.clip", lo=0, hi=1)], stem, name, dtype="uint8")
+        greater = em.node("Cast", [em.node("Clip", [d], f"{stem}.clip", lo=0, hi=1)], f"{stem}.opposite", dtype="uint8")
+        return em.node("Sub", [_one(em, stem), greater], stem, name, dtype="uint8")
     if op == "And":
         return em.node("Mul", [a, b], stem, name, dtype="uint8")
     if op == "Or":
@@ -104,18 +108,20 @@ def lower(em: Emitter, node: Node, operand: Callable[[int], str], const: Callabl
 
 
 def nonzero(em: Emitter, x: str, stem: str) -> str:
-    """x != 0 as 0/1 (uint8): min(x*x, 1), the square saturated so it cannot overflow."""
-    square = em.node("Mul", [x, x], f"{stem}.square", dtype="int64", overflow="saturate")
-    return em.node("Cast", [em.node("Clip", [square], f"{stem}.clip", hi=1)], f"{stem}.nonzero", dtype="uint8")
+    """x != 0 as 0/1 (uint8): c^2 with c = clip(x, -1, 1) (never near int64's limits)."""
+    c = em.node("Clip", [x], f"{stem}.clip", lo=-1, hi=1)
+    return em.node("Mul", [c, c], f"{stem}.nonzero", dtype="uint8")
 
 
 def select(em: Emitter, cond: str, x: str, y: str, stem: str, node_name: str | None = None) -> str:
-    """Where(cond, x, y) for a 0/1 condition: y + cond * (x - y), in the narrowest type of x and y."""
+    """Where(cond, x, y) for a 0/1 condition: cond * x + (1 - cond) * y (one term is always 0,
+    so nothing can overflow), in the narrowest type holding x and y."""
     tx, ty = em.dtype(x), em.dtype(y)
     dtype = type_for_range(min(tx.lo, ty.lo), max(tx.hi, ty.hi)).name
-    d = em.node("Sub", [x, y], f"{stem}.difference")
-    chosen = em.node("Mul", [cond, d], f"{stem}.chosen")
-    return em.node("Add", [y, chosen], stem, node_name, dtype=dtype)
+    kept = em.node("Mul", [cond, x], f"{stem}.kept", dtype=tx.name)
+    not_cond = em.node("Sub", [_one(em, stem), cond], f"{stem}.not", dtype="uint8")
+    other = em.node("Mul", [not_cond, y], f"{stem}.other", dtype=ty.name)
+    return em.node("Add", [kept, other], stem, node_name, dtype=dtype)
 
 
 def cast(em: Emitter, node: Node, x: str, stem: str, name: str | None = None) -> str:

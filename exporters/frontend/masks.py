@@ -140,11 +140,12 @@ def _where_masks_scores(g: Graph, node: Node, cond: np.ndarray, mask: np.ndarray
     expected = mask_broadcast(cond, mask, cond.ndim - 1)
     if expected is None or expected.shape != cond.shape:
         return None
+    rows = query_rows(cond, mask)
     for scores, fill, keeps in ((1, 2, True), (2, 1, False)):
         c = g.scalar(node.inputs[fill])
         if node.inputs[scores] in g.consts or c is None or c > MASK_VERY_NEGATIVE:
             continue
-        if np.array_equal(cond.astype(bool), (expected != 0) == keeps):
+        if np.array_equal(cond.astype(bool)[rows], ((expected != 0) == keeps)[rows]):
             return scores
     return None
 
@@ -224,12 +225,24 @@ def mask_broadcast(value: np.ndarray, mask: np.ndarray, key_axis: int) -> np.nda
         return None
 
 
+def query_rows(value: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Which entries of a (batch, ..., queries, keys) mask value belong to kept queries: a
+    mask that also masks the queries of padding tokens (DeBERTa's mask_i * mask_j) acts
+    as a key-padding mask on every row that matters (the graph is checked on real data)."""
+    rows = np.ones(value.shape, bool)
+    if value.ndim >= 3 and value.shape[-2] == mask.shape[1] and value.shape[0] in (1, mask.shape[0]):
+        shape = [1] * value.ndim
+        shape[0], shape[-2] = mask.shape
+        rows = np.broadcast_to(mask.reshape(shape) != 0, value.shape)
+    return rows
+
+
 def is_key_padding(value, mask) -> bool:
     expected = mask_broadcast(value, mask, value.ndim - 1)
     if expected is None or expected.shape != value.shape:
         return False
-    kept = expected != 0
-    return bool(np.all(value[kept] == 0) and np.all(value[~kept] <= MASK_VERY_NEGATIVE))
+    kept, rows = expected != 0, query_rows(value, mask)
+    return bool(np.all(value[kept & rows] == 0) and np.all(value[~kept & rows] <= MASK_VERY_NEGATIVE))
 
 
 def is_token_mask(value, mask) -> bool:

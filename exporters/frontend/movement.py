@@ -42,6 +42,11 @@ def movement_output(node: Node, g: Graph, array: np.ndarray) -> np.ndarray:
     raise AssertionError(node.op)
 
 
+def _static_movement(g: Graph, node: Node) -> bool:
+    """A movement op whose target shape or axes are constants (others are left alone)."""
+    return node.op in MOVEMENT_OPS and all(i in g.consts for i in node.inputs[1:] if i)
+
+
 def index_array(g: Graph, name: str, batch: int = PROBE_BATCH) -> np.ndarray:
     shape = g.concrete_shape(name, batch)
     return np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape)
@@ -53,17 +58,17 @@ def compress_movement(g: Graph) -> None:
     producers = g.producers()
     heads = []
     for node in g.nodes:
-        if node.op not in MOVEMENT_OPS:
+        if not _static_movement(g, node):
             continue
         before = producers.get(node.inputs[0])
-        if before is not None and before.op in MOVEMENT_OPS and g.single_user(before.outputs[0], users) is node:
+        if before is not None and _static_movement(g, before) and g.single_user(before.outputs[0], users) is node:
             continue
         heads.append(node)
     for head in heads:
         chain = [head]
         while True:
             nxt = g.single_user(chain[-1].outputs[0], users)
-            if nxt is None or nxt.op not in MOVEMENT_OPS:
+            if nxt is None or not _static_movement(g, nxt):
                 break
             chain.append(nxt)
         _replace_chain(g, chain)

@@ -12,6 +12,7 @@ symbolic batch and sequence) into a `Graph` in the quantizer's vocabulary, by ru
 | `remove_identities` | Identity, Dropout, softmax NaN guards removed |
 | `fuse_layernorm`, `fuse_gelu` | decomposed LayerNorm and GELU (erf or tanh form) -> `LayerNormalization`, `Gelu` |
 | `gemm_to_matmul` | `Gemm` -> `MatMul` + `Add` |
+| `global_pools` | `GlobalAveragePool` -> `ReduceMean` over the spatial axes |
 | `conv_patches` | a `Conv` whose stride is its kernel (a patch embedding) -> patch reshapes + `MatMul` |
 | `constant_arithmetic` | `x - c` -> `x + (-c)`, `x / c` -> `x * (1/c)` |
 | `fold_affine_into_linear` | per-channel `Mul`/`Add` right after a linear layer folded into it (NoNorm) |
@@ -48,6 +49,7 @@ from .rewrites import (
     fuse_gelu,
     fuse_layernorm,
     gemm_to_matmul,
+    global_pools,
     remove_identities,
 )
 from .shapes import bind_inputs, infer_shapes
@@ -70,6 +72,7 @@ EXPORT_PASSES: tuple[Pass, ...] = (
     fuse_layernorm,
     fuse_gelu,
     gemm_to_matmul,
+    global_pools,
     conv_patches,
     constant_arithmetic,
     fold_affine_into_linear,
@@ -130,7 +133,13 @@ def check_canonical(original, g: Graph, batches: list[dict[str, np.ndarray]], rt
     want_runner = FloatRunner(load(original))
     got_runner = FloatRunner(g.to_model())
     for feeds in batches:
-        want, got = want_runner.run(feeds), got_runner.run(feeds)
+        try:
+            want = want_runner.run(feeds)
+        except ExportError as e:
+            shapes = ", ".join(f"{k}: {list(np.shape(v))}" for k, v in feeds.items())
+            raise ExportError(f"the model itself fails on the calibration data ({shapes}): {e}; does it take these "
+                              f"sizes? (text models: --max-length)") from None
+        got = got_runner.run(feeds)
         for name in g.outputs:
             a = np.asarray(want[name], np.float64)
             b = np.asarray(got[name], np.float64)

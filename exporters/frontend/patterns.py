@@ -194,3 +194,48 @@ def match_attention(g: Graph) -> list[AttentionMatch]:
                                     score_chain[-1].outputs[0] if score_chain else qk.outputs[0],
                                     softmax, probs, av.outputs[0], nodes))
     return found
+
+
+@dataclass
+class FeedForwardMatch:
+    """A transformer feed-forward layer: Linear -> GELU or ReLU -> Linear (BERT's
+    intermediate/output dense, ViT's MLP), the hidden tensors used by nothing else."""
+
+    fc1: LinearMatch
+    activation: Node  # the Gelu or Relu node
+    fc2: LinearMatch
+    nodes: list[Node]
+
+    @property
+    def name(self) -> str:
+        """The module holding both layers (ViT's `mlp`); `<layer>.ffn` when that is the whole
+        encoder layer (BERT's `intermediate.dense` and `output.dense`)."""
+        common = common_scope([n for n in self.nodes if n.scope])
+        if not common:
+            return self.fc1.nodes[0].name
+        depth = common.count(".") + 1
+        deeper = any(n.scope.count(".") > depth for n in (self.fc1.nodes[0], self.fc2.nodes[0]) if n.scope)
+        return f"{common}.ffn" if deeper else common
+
+
+def match_feedforward(g: Graph) -> list[FeedForwardMatch]:
+    """Every feed-forward layer in the canonical graph (see FeedForwardMatch)."""
+    found = []
+    for act in [n for n in g.nodes if n.op in ("Gelu", "Relu")]:
+        fc1 = linear_at(g, act.inputs[0])
+        users = g.consumers(act.outputs[0])
+        if fc1 is None or len(g.consumers(fc1.out)) != 1 or fc1.out in g.outputs or act.outputs[0] in g.outputs \
+                or len(users) != 1 or users[0].op != "MatMul" or users[0].inputs[0] != act.outputs[0]:
+            continue
+        out = users[0].outputs[0]
+        following = g.consumers(out)
+        if len(following) == 1 and following[0].op == "Add" and any(i in g.consts for i in following[0].inputs):
+            out = following[0].outputs[0]
+        fc2 = linear_at(g, out)
+        if fc2 is None or fc2.x != act.outputs[0]:
+            continue
+        w1, w2 = g.consts[fc1.weight], g.consts[fc2.weight]
+        if w2.shape != w1.shape[::-1]:
+            continue
+        found.append(FeedForwardMatch(fc1, act, fc2, fc1.nodes + [act] + fc2.nodes))
+    return found

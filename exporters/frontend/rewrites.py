@@ -48,6 +48,15 @@ def drop_neutral(g: Graph) -> None:
     g.prune()
 
 
+def global_pools(g: Graph) -> None:
+    """GlobalAveragePool (torch's AdaptiveAvgPool(1), Swin's pooler) -> ReduceMean over the
+    spatial axes, keeping them as 1s."""
+    for node in [n for n in g.nodes if n.op == "GlobalAveragePool"]:
+        axes = list(range(2, g.rank(node.inputs[0])))
+        node.op, node.attrs = "ReduceMean", {"keepdims": 1}
+        node.inputs = [node.inputs[0], g.add_const(np.array(axes, np.int64), "axes")]
+
+
 # --- decompositions -----------------------------------------------------------------------------
 
 

@@ -138,7 +138,8 @@ def concrete(shape: Iterable, batch: int = 1, what: str = "") -> tuple[int, ...]
     for d in shape:
         p = parse_dim(d)
         if p is None:
-            raise ExportError(f"internal: tensor {what!r} has a dimension of unknown size ({d!r})")
+            raise ExportError(f"refsim cannot infer the shape of tensor {what!r} ({list(shape)}); does the model take "
+                              f"the input sizes it was given? (text models: --max-length)")
         out.append(p if isinstance(p, int) else p.at(batch))
     return tuple(out)
 

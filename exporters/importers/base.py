@@ -23,7 +23,7 @@ from ..frontend.emitter import Emitter, narrowest_type
 from ..frontend.fold import evaluate, store_const
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
 from ..frontend.graph import Graph as OnnxGraph
-from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES, Const, Dequantized, FloatOp, QTensor
+from .values import FLOAT_OPS_CHOICES, REQUANT_CHOICES, Const, Dequantized, FloatOp, Moved, QTensor
 
 
 class ImportFailure(ExportError):
@@ -194,7 +194,8 @@ class Importer:
         if src_zp is not None and np.asarray(src_zp).size > 1:
             raise fail(onnx_node, "per-channel zero points on a tensor that is requantized are not supported")
         zp_in = 0 if src_zp is None else int(np.asarray(src_zp).reshape(-1)[0])
-        bound = (1 << (value_bits - 1)) + abs(zp_in) if value_bits else rq.type_bound(src.dtype.name, zp_in)
+        bound = (1 << (value_bits - 1)) + abs(zp_in) if value_bits else (
+            src.bound if src.bound is not None else rq.type_bound(src.dtype.name, zp_in))
         rounding = target.rounding or self.rounding
         clip = target.clip or (None, None)
         what = onnx_node.name if onnx_node is not None else out
@@ -307,6 +308,11 @@ class Importer:
 
     def _move(self, node, value, op: str, params: dict, const_fn: Callable[[np.ndarray], np.ndarray],
               axis_map: Callable[[int], int | None] | None = None, extra_inputs=()):
+        if isinstance(value, FloatOp) and op in ("Reshape", "Transpose", "Slice", "Gather") and not extra_inputs:
+            # a float result moved before its quantizer: moved as integers once quantized
+            shape = const_fn(np.zeros(self._shape_of(node, value), np.int8)).shape
+            return Moved(node, [value], {}, apply=lambda q: self._move(node, q, op, params, const_fn, axis_map),
+                         const_fn=const_fn, shape=shape)
         q, wrapped = self._unwrap(node, value)
         if q.scale is not None and not q.per_tensor:
             if axis_map is None or (new_axis := axis_map(q.axis)) is None:

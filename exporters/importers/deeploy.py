@@ -25,7 +25,7 @@ from ..frontend.emitter import narrowest_type
 from .base import FloatInput, Importer, fail
 from .values import Const, QTensor
 
-DOMAINS = ("", "PACTOps", "pact")
+DOMAINS = ("", "PACTOps", "pact", "ai.onnx.contrib")  # ai.onnx.contrib: onnxruntime-extensions' custom-op domain, which Deeploy's test networks use
 
 
 def _spec(inputs, *names, required=()):
@@ -205,17 +205,32 @@ class DeeployImporter(Importer):
         return self.op(node, "MatMul", ins[:2])
 
     def op_Gemm(self, node, ins, attrs):
-        alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+        """alpha * A @ B + beta * C. Deeploy's Gemm kernels take integer alpha and beta (its
+        templates assert that a float alpha/beta is integer-valued) and compute in int32."""
         c = ins[2] if len(ins) > 2 else None
-        if alpha != 1.0 or (c is not None and beta != 1.0):
-            raise fail(node, "alpha and beta other than 1 are not supported")
+        alpha, beta = (self._integer_attr(node, attrs, name) for name in ("alpha", "beta"))
         trans = {"transA": bool(attrs.get("transA", 0)), "transB": bool(attrs.get("transB", 0))}
-        if c is not None and isinstance(c, Const) and np.asarray(c.value).ndim <= 1:
+        if alpha == 1 and c is not None and beta == 1 and isinstance(c, Const) and np.asarray(c.value).ndim <= 1:
             return self.op(node, "MatMul", [ins[0], ins[1], None, None, c], **trans)
-        acc = self.op(node, "MatMul", ins[:2], **trans)
-        if c is None:
+        product = [self.tensor(node, v, f"input{i}") for i, v in enumerate(ins[:2])]
+        # the graph output keeps the ONNX name: the product gets its own when more follows
+        acc = self.qnode("MatMul", product, node.outputs[0] + (".product" if alpha != 1 or c is not None else ""), node.name, **trans)
+        if alpha != 1:
+            acc = self.qnode("Mul", [acc.name, self.em.const(np.asarray(alpha), stem=f"{node.outputs[0]}.alpha")],
+                             node.outputs[0] + ".scaled", node.name + ".alpha", dtype="int32")
+        if c is None or beta == 0:
             return acc
-        return self.qnode("Add", [acc.name, self.tensor(node, c, "C")], node.outputs[0] + ".biased", node.name + ".bias")
+        c_name = self.tensor(node, c, "C")
+        if beta != 1:
+            c_name = self.qnode("Mul", [c_name, self.em.const(np.asarray(beta), stem=f"{node.outputs[0]}.beta")],
+                                node.outputs[0] + ".C_scaled", node.name + ".beta", dtype="int32").name
+        return self.qnode("Add", [acc.name, c_name], node.outputs[0] + ".biased", node.name + ".bias", dtype="int32")
+
+    def _integer_attr(self, node, attrs, name: str) -> int:
+        value = float(np.asarray(attrs.get(name, 1.0)).reshape(-1)[0])
+        if not value.is_integer():
+            raise fail(node, f"{name} = {value:g} is not an integer; Deeploy's integer Gemm takes integer alpha and beta")
+        return int(value)
 
     def op_Conv(self, node, ins, attrs):
         w = ins[1]

@@ -21,7 +21,7 @@ y = sat(rint(fma(a, rA, fma(b, rB, fixed)))) for the raw (not zero-point-shifted
 a, b; when one operand is a single value over the span the kernel runs, its product is
 folded into `fixed` first (f32(fixed + f32(b*rB))). QLinearMul: r = f32(f32(sA*sB)/sC),
 y = sat(rint(f32(f32((a-zA)*(b-zB)) * r) + zC)). QLinearSoftmax: table[i] =
-f32(exp((i - 255 + k) * sX)) in double with k = max(0, ln(FLT_MAX / D) - 5) / sX, the
+f32(exp((i - 255 + k) * sX)) in double with k = max(0, logf(f32(FLT_MAX / D)) - 5) / sX, the
 row's float32 sum in index order, y = sat(rint(f32(f32(t*floor(1/sY)) / sum)) + zY).
 """
 
@@ -67,9 +67,13 @@ def qlinear_mul_table(a, b, out) -> np.ndarray:
 
 
 def softmax_table(x_scale, length: int) -> np.ndarray:
-    """QLinearSoftmax's float32 exp table for rows of `length` values."""
+    """QLinearSoftmax's float32 exp table for rows of `length` values. The kernel's range
+    constant is `log(FLT_MAX / D)` on floats: a float32 quotient and C++'s float overload of
+    log (logf), taken here as the correctly rounded float32 logarithm (glibc's logf agrees
+    for all D below 70,000 but one)."""
     xs = float(F(x_scale))
-    shift = max(0.0, float(np.log(float(np.finfo(np.float32).max) / length)) - 5.0) / xs
+    log_range = float(F(np.log(np.float64(F(np.finfo(np.float32).max) / F(length)))))
+    shift = max(0.0, log_range - 5.0) / xs
     return np.exp((np.arange(256, dtype=np.float64) - 255 + shift) * xs).astype(np.float32)
 
 

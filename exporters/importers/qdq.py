@@ -32,12 +32,14 @@ from onnx import helper
 from refsim.dtypes import TYPES
 
 from ..frontend import integer_ops
+from ..frontend import requant as rq
 from ..frontend.emitter import narrowest_type
 from ..frontend.fold import evaluate
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
 from ..frontend.integer_ops import INTEGER_OPS, lower
+from ..frontend.masks import MASK_VERY_NEGATIVE
 from .base import FloatInput, Importer, describe, fail
-from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
+from .values import Const, Dequantized, FloatOp, KeyMask, MaskedScores, Moved, QTensor, ratio_of
 
 # Elementwise float ops a lookup table can stand for (one quantized input, scalar constants).
 ELEMENTWISE = {
@@ -48,6 +50,8 @@ ELEMENTWISE = {
     "ThresholdedRelu",
 }
 LUT_MAX_BITS = 16
+# A float bias (no bias quantizer) is kept to 2^-16 of an accumulator step, not rounded to whole steps.
+FLOAT_BIAS_FRACTION_BITS = 16
 MICROSOFT = "com.microsoft"
 # Integer variants standing for float Softmax / LayerNormalization between DQ and Q.
 MODES = ("ibert", "deeploy")
@@ -70,6 +74,7 @@ class QdqImporter(Importer):
             h[("", op)] = getattr(self, f"op_{op}")
         for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax"):
             h[(MICROSOFT, op)] = getattr(self, f"op_{op}")
+        h[("", "DynamicQuantizeLinear")] = self.op_DynamicQuantizeLinear
 
     def foldable(self, domain: str, op_type: str) -> bool:
         # A dequantized constant stays integers with a scale: weights must reach MatMul/Conv as such.
@@ -136,6 +141,8 @@ class QdqImporter(Importer):
 
     def op_QuantizeLinear(self, node, ins, attrs):
         x = ins[0]
+        if _infinite(ins[1]):
+            return self.infinitely_scaled(node, x)
         shape = self._value_shape(node, x)
         target = self.quant_params(node, ins[1], ins[2] if len(ins) > 2 else None, attrs, shape, zp_index=2)
         out = node.outputs[0]
@@ -162,6 +169,19 @@ class QdqImporter(Importer):
             return self.requantize(one, exact, target, out, node, ort_ratio=ort)
         raise fail(node, "quantizes a value refsim cannot represent")
 
+    def op_DynamicQuantizeLinear(self, node, ins, attrs):
+        """quantize_dynamic's activations: a scale computed at run time from the tensor's range.
+        The op itself has an exact integer replay (refsim.ops.DynamicQuantizeLinear), but its
+        input here is float32 computed in float (quantize_dynamic quantizes only the MatMul
+        inputs: embeddings, LayerNorm, Softmax, GELU and the bias adds stay float32, on
+        tensors whose scale exists only at run time), which integers cannot reproduce."""
+        x = ins[0]
+        source = (f"the float result of {describe(x.node)}" if isinstance(x, FloatOp) else
+                  f"the float graph input {x.info.name!r}" if isinstance(x, FloatInput) else "a dequantized tensor")
+        raise fail(node, f"computes its scale at run time (onnxruntime quantize_dynamic) from {source}; the float32 "
+                         "arithmetic around it (float embeddings, LayerNorm, Softmax, GELU, the rescaling after "
+                         "MatMulInteger) has no integer form: quantize the model with quantize_static (QDQ or QOperator)")
+
     def _value_shape(self, node, x):
         if isinstance(x, FloatInput):
             return x.info.shape
@@ -175,7 +195,14 @@ class QdqImporter(Importer):
             return self.float_shape(x)
         return ()
 
+    def _shape_of(self, node, value) -> tuple:
+        if isinstance(value, FloatOp):  # Shape of a float result: known without computing it
+            return tuple(self.float_shape(value))
+        return super()._shape_of(node, value)
+
     def float_shape(self, expr: FloatOp) -> tuple:
+        if isinstance(expr, Moved):
+            return tuple(expr.shape)
         shapes = []
         for v in expr.inputs:
             if v is None:
@@ -214,6 +241,8 @@ class QdqImporter(Importer):
 
     def op_DequantizeLinear(self, node, ins, attrs):
         x = ins[0]
+        if isinstance(x, (KeyMask, MaskedScores)):
+            return x  # quantized at an infinite scale: the value itself (`infinitely_scaled`)
         if isinstance(x, Const):
             elem = self.elem_type(node, 0)
             array = np.asarray(x.value)
@@ -229,10 +258,38 @@ class QdqImporter(Importer):
             raise fail(node, "dequantizes a value that is not an integer tensor")
         params = self.quant_params(node, ins[1], ins[2] if len(ins) > 2 else None, attrs, q.shape,
                                    default_dtype=q.dtype.name, zp_index=2)
-        if params.dtype is not q.dtype:
+        narrowed = isinstance(x, QTensor) and params.dtype.contains(q.dtype.lo, q.dtype.hi)  # by a Clip (`narrow`)
+        if params.dtype is not q.dtype and not narrowed:
             raise fail(node, f"zero point type {params.dtype} differs from the input type {q.dtype}")
         return Dequantized(replace(q, scale=params.scale, zero_point=params.zero_point, axis=params.axis,
                                    block_size=params.block_size, factors=None))
+
+    def infinitely_scaled(self, node, x):
+        """A QuantizeLinear at an infinite scale. quantize_static writes one for an additive
+        attention mask of 0 and -inf (transformers 5.x's `Where(keep, 0, -inf)`), and for the
+        scores with that mask added: the range it calibrates is infinite. onnxruntime then
+        computes NaN or 0 for every score (0 * inf); what the graph means is a key-padding
+        mask: the scores keep their own grid and the Softmax leaves masked keys out. refsim
+        reads exactly that pair so (`KeyMask`, `MaskedScores`) and refuses any other."""
+        if isinstance(x, FloatOp) and x.node.op == "Where" and isinstance(x.inputs[0], QTensor):
+            fills = [self._scalar(v) for v in x.inputs[1:]]
+            keep = x.inputs[0]
+            if fills[0] == 0.0 and fills[1] is not None and fills[1] <= MASK_VERY_NEGATIVE:
+                return KeyMask(keep, x.node)
+            if fills[1] == 0.0 and fills[0] is not None and fills[0] <= MASK_VERY_NEGATIVE:
+                return KeyMask(self.qnode("Sub", [self.em.const(1, "uint8"), self.place(keep)],
+                                          f"{node.outputs[0]}.keep", dtype="uint8"), x.node)
+        if isinstance(x, FloatOp) and x.node.op == "Add" and len(x.inputs) == 2:
+            for scores, mask in (x.inputs, x.inputs[::-1]):
+                if isinstance(mask, KeyMask) and isinstance(scores, Dequantized) and not scores.q.is_const:
+                    return MaskedScores(scores.q, mask.keep, x.node)
+        raise fail(node, "quantizes at an infinite scale; refsim reads that only for an attention mask of 0 and "
+                         "-inf (Where(mask, 0, -inf)) and the scores it is added to, before a Softmax")
+
+    def _scalar(self, v) -> float | None:
+        if isinstance(v, Const) and np.size(v.value) == 1:
+            return float(np.asarray(v.value).reshape(()))
+        return None
 
     # --- ONNX's own Q/DQ arithmetic, for constants and tables ------------------------------
 
@@ -327,14 +384,51 @@ class QdqImporter(Importer):
                 raise fail(node, "the bias is not quantized at input scale x weight scale with zero point 0")
             data = np.asarray(q.data, np.int64)
         elif isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
-            scale = np.asarray(a.scale, np.float64) * np.asarray(w.scale, np.float64)
-            data = np.rint(np.asarray(value.value, np.float64) / scale).astype(np.int64)
+            raise fail(node, "a float bias is supported only with both operands quantized (a DequantizeLinear each)")
         else:
             data = np.asarray(self.integer(node, value, "the bias").data, np.int64)
         data = data.reshape(-1)
         if data.size not in (1, channels):
             raise fail(node, f"the bias has {data.size} entries for {channels} output channels")
         return self.em.const(data, "int32" if np.abs(data).max(initial=0) < 2**31 else "int64", stem=f"{node.outputs[0]}.bias")
+
+    @staticmethod
+    def _is_float_bias(value) -> bool:
+        return isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f"
+
+    def _float_bias(self, node, acc: QTensor, value: Const, channels: int, axis: int, a: QTensor, w: QTensor) -> QTensor:
+        """acc + a float bias (Brevitas without a bias quantizer), carried with fractional bits
+        instead of rounded to accumulator steps: the sum is acc * 2^k + rint(bias / step * 2^k)
+        at scale step / 2^k. k = 0 when the bias is a whole number of steps; otherwise
+        FLOAT_BIAS_FRACTION_BITS, which leaves a residue below 2^-(k+1) of a step (the
+        requantization after it rounds once, on the exact sum but for that residue)."""
+        bias = np.asarray(value.value, np.float64).reshape(-1)
+        if bias.size not in (1, channels):
+            raise fail(node, f"the bias has {bias.size} entries for {channels} output channels")
+        if not np.all(np.isfinite(bias)):
+            raise fail(node, "the float bias holds values that are not finite")
+        step = np.asarray(acc.scale, np.float64).reshape(-1)
+        units = bias / step
+        k = 0 if np.array_equal(units, np.rint(units)) else FLOAT_BIAS_FRACTION_BITS
+        shape = [1] * len(acc.shape)
+        shape[axis] = -1
+        data = np.rint(units * 2.0**k).astype(np.int64).reshape(shape if bias.size > 1 else ())
+        # |acc| <= (terms per output) * max|x - zx| * max|w - zw|: the requantization after the
+        # int64 sum takes its multiplier bits from this bound, not from int64's range
+        lo, hi = a.clip or (a.dtype.lo, a.dtype.hi)
+        a_max = max(hi - a.zp_scalar(), a.zp_scalar() - lo)
+        w_zp = 0 if w.zero_point is None else int(np.abs(w.zero_point).max(initial=0))
+        w_max = (int(np.abs(np.asarray(w.data, np.int64)).max(initial=0)) if w.is_const else max(-w.dtype.lo, w.dtype.hi)) + w_zp
+        product_bound = (w.data.size // channels) * a_max * w_max
+        stem = node.outputs[0]
+        x = acc.name
+        if k:
+            x = self.qnode("Mul", [x, self.em.const(np.asarray(2**k), stem=f"{stem}.fraction")], f"{stem}.fine", dtype="int64").name
+        total = self.qnode("Add", [x, self.em.const(data, "int32" if np.abs(data).max(initial=0) < 2**31 else "int64",
+                                                    stem=f"{stem}.bias")], stem, node.name + ".bias", dtype="int64")
+        factors = acc.factors and (acc.factors[0], np.asarray(acc.factors[1], np.float32) * np.float32(2.0**-k))
+        return replace(total, scale=acc.scale * 2.0**-k, zero_point=acc.zero_point, axis=acc.axis, factors=factors,
+                       bound=(product_bound << k) + int(np.abs(data).max(initial=0)))
 
     def op_MatMul(self, node, ins, attrs):
         if all(isinstance(v, QTensor) and v.scale is None for v in ins):
@@ -350,8 +444,12 @@ class QdqImporter(Importer):
         b = self._operand(node, ins[1], "B")
         transB = attrs.get("transB", 0)
         channels = b.shape[0] if transB else b.shape[1]
-        bias = self._bias(node, ins[2] if len(ins) > 2 else None, a, b, channels) if a.scale is not None else (
-            self.place(self.integer(node, ins[2], "C")) if len(ins) > 2 and ins[2] is not None else None)
+        c = ins[2] if len(ins) > 2 else None
+        if a.scale is not None and b.scale is not None and self._is_float_bias(c):
+            acc = self.matmul(node, a, b, node.outputs[0] + ".product", attrs.get("transA", 0), transB)
+            return Dequantized(self._float_bias(node, acc, c, channels, len(acc.shape) - 1, a, b))
+        bias = self._bias(node, c, a, b, channels) if a.scale is not None else (
+            self.place(self.integer(node, c, "C")) if c is not None else None)
         acc = self.matmul(node, a, b, node.outputs[0], attrs.get("transA", 0), transB, bias)
         return Dequantized(acc) if acc.scale is not None else acc
 
@@ -372,7 +470,11 @@ class QdqImporter(Importer):
         w = self._operand(node, ins[1], "the weights")
         if not w.is_const:
             raise fail(node, "the weights must be constant")
-        bias = self._bias(node, ins[2], x, w, w.shape[0]) if len(ins) > 2 and ins[2] is not None else None
+        c = ins[2] if len(ins) > 2 else None
+        if x.scale is not None and w.scale is not None and self._is_float_bias(c):
+            acc = self.conv(node, x, w, attrs, node.outputs[0] + ".product")
+            return Dequantized(self._float_bias(node, acc, c, w.shape[0], 1, x, w))
+        bias = self._bias(node, c, x, w, w.shape[0]) if c is not None else None
         acc = self.conv(node, x, w, attrs, node.outputs[0], bias)
         return Dequantized(acc) if acc.scale is not None else acc
 
@@ -439,6 +541,11 @@ class QdqImporter(Importer):
         return FloatOp(node, inputs, attrs)
 
     def op_QLinearAdd(self, node, ins, attrs):
+        for scores, mask in ((0, 3), (3, 0)):
+            if isinstance(ins[mask], KeyMask):  # scores + a -inf mask at an infinite scale (`infinitely_scaled`)
+                if not _infinite(ins[6]):
+                    raise fail(node, "adds a -inf attention mask and quantizes the sum at a finite scale")
+                return MaskedScores(self._qlinear_operand(node, scores, "the scores"), ins[mask].keep, node)
         a = Dequantized(self._qlinear_operand(node, 0, "A"))
         b = Dequantized(self._qlinear_operand(node, 3, "B"))
         target = self._target(node, 6, (), a.q.dtype.name)
@@ -462,6 +569,11 @@ class QdqImporter(Importer):
         return self.resolve(op, target, node.outputs[0], node)
 
     def op_QLinearSoftmax(self, node, ins, attrs):
+        if isinstance(ins[0], MaskedScores):
+            x = ins[0]
+            target = self._target(node, 3, x.q.shape, x.q.dtype.name)
+            op = self._float_op("Softmax", node.outputs[0], [x], axis=int(attrs.get("axis", -1)))
+            return self.resolve(op, target, node.outputs[0], node)
         x = Dequantized(self._qlinear_operand(node, 0, "X"))
         target = self._target(node, 3, x.q.shape, x.q.dtype.name)
         op = self._float_op("Softmax", node.outputs[0], [x], axis=int(attrs.get("axis", -1)))
@@ -481,12 +593,21 @@ class QdqImporter(Importer):
     # --- float ops between DequantizeLinear and QuantizeLinear ----------------------------------
 
     def unhandled(self, node, ins, attrs):
+        if node.op == "IsNaN" and isinstance(ins[0], Dequantized) and all(isinstance(d, int) for d in ins[0].q.shape):
+            # A dequantized tensor (finite scale) is never NaN: the softmax guard Where(IsNaN(p), 0, p).
+            return Const(np.zeros(ins[0].q.shape, bool))
+        if node.op == "Where" and isinstance(ins[0], Const) and np.asarray(ins[0].value).size:
+            cond = np.asarray(ins[0].value).astype(bool)
+            if np.all(cond == cond.reshape(-1)[0]):
+                chosen = ins[1] if cond.reshape(-1)[0] else ins[2]
+                if not isinstance(chosen, Const):
+                    return chosen
         if node.op == "Relu" and isinstance(ins[0], Dequantized) and not ins[0].q.is_const:
             q = ins[0].q
             if q.zero_point is None or not np.any(q.zero_point):
                 # max(s*q, 0) = s*max(q, 0) for positive scales: the integer Relu, scale kept.
                 return Dequantized(replace(q, name=self.qnode("Relu", [self.place(q)], node.outputs[0], node.name).name))
-        if any(isinstance(v, (Dequantized, FloatOp)) for v in ins):
+        if any(isinstance(v, (Dequantized, FloatOp, KeyMask, MaskedScores)) for v in ins):
             if len(node.outputs) != 1:
                 raise fail(node, "a float op with several outputs between DequantizeLinear and QuantizeLinear is not supported")
             return FloatOp(node, ins, attrs)
@@ -513,6 +634,8 @@ class QdqImporter(Importer):
         if op == "Relu":
             x = self.integer(node, ins[0], "the input")
             return self.qnode("Relu", [self.place(x)], node.outputs[0], node.name)
+        if op == "Clip" and isinstance(ins[0], QTensor) and ins[0].scale is not None:
+            return self.narrow(node, ins[0], ins[1:])
         if op not in INTEGER_OPS:
             raise fail(node, f"op {op!r} on integer tensors is not supported by the qdq importer")
 
@@ -529,6 +652,27 @@ class QdqImporter(Importer):
         t = self.em.builder.tensors[name]
         return QTensor(name, t.dtype, tuple(t.shape))
 
+    def narrow(self, node, q: QTensor, bounds) -> QTensor:
+        """QuantizeLinear -> Clip -> DequantizeLinear, as Brevitas' QCDQ export writes integers
+        below 8 bits: the same grid in the narrowest type holding [lo, hi] (int4 for
+        [-8, 7], uint4 for [0, 15]), with that range as the tensor's clip range."""
+        lo, hi = (int(np.asarray(self.const_value(node, v, what)).reshape(-1)[0]) if v is not None else default
+                  for v, what, default in zip(list(bounds) + [None] * (2 - len(bounds)), ("min", "max"), (q.dtype.lo, q.dtype.hi)))
+        lo, hi = max(lo, q.dtype.lo), min(hi, q.dtype.hi)
+        if lo > hi:
+            raise fail(node, f"the range [{lo}, {hi}] is empty")
+        zp = q.zp_scalar()
+        dtype = next(t for t in TYPES.values() if t.name != "ternary" and t.contains(lo, hi) and t.contains(zp, zp)
+                     and t.bits <= q.dtype.bits)
+        if q.is_const:
+            return replace(q, data=np.clip(np.asarray(q.data, np.int64), lo, hi).astype(dtype.storage), dtype=dtype,
+                           clip=None if (dtype.lo, dtype.hi) == (lo, hi) else (lo, hi))
+        clipped = self.qnode("Clip", [self.place(q)], node.outputs[0] + (".clipped" if dtype is not q.dtype else ""), node.name, lo=lo, hi=hi)
+        if dtype is not q.dtype:
+            clipped = self.qnode("Cast", [clipped.name], node.outputs[0], node.name + ".narrow", dtype=dtype.name)
+        return replace(q, name=clipped.name, dtype=dtype, data=None,
+                       clip=None if (dtype.lo, dtype.hi) == (lo, hi) else (lo, hi))
+
     def nonzero(self, node, x: QTensor, out: str | None = None) -> QTensor:
         """x != 0 as 0/1 (uint8) (`frontend.integer_ops.nonzero`)."""
         name = integer_ops.nonzero(self.em, self.place(x), out or node.outputs[0])
@@ -543,8 +687,18 @@ class QdqImporter(Importer):
 
     def resolve(self, expr: FloatOp, target: QTensor, out: str, qnode) -> QTensor:
         """The integer ops that compute QuantizeLinear(expr) at `target`'s scale."""
-        leaves = self._runtime_leaves(expr)
-        if not leaves:
+        unmoved, moves = self.sink_moves(expr)
+        if moves:
+            if not target.per_tensor:
+                raise fail(moves[-1].node, "moves a float result that is then quantized per channel; refsim moves it only before a per-tensor quantizer")
+            q = self.resolve(unmoved, target, f"{out}.unmoved", qnode)
+            for move in moves:
+                q = move.apply(q)
+            return q
+        # Where(mask computed from integers, constants, constants): selected below, no float leaves
+        computed_condition = expr.node.op == "Where" and isinstance(expr.inputs[0], QTensor) and not expr.inputs[0].is_const
+        leaves = {} if computed_condition else self._runtime_leaves(expr)
+        if not leaves and not computed_condition:
             value = self.evaluate(expr, None, None)
             return replace(target, data=self.quantize_values(value, target), shape=np.shape(value))
         if expr.node.op == "Where" and not isinstance(expr.inputs[0], (Dequantized, FloatOp)):
@@ -600,6 +754,11 @@ class QdqImporter(Importer):
                     walk(i)
             elif isinstance(v, Dequantized) and not v.q.is_const:
                 found[v.q.name] = v.q
+            elif isinstance(v, MaskedScores) and expr.node.op == "Softmax":
+                found[v.q.name] = v.q
+            elif isinstance(v, (KeyMask, MaskedScores)):
+                raise fail(expr.node, "takes an attention mask quantized at an infinite scale; refsim takes that only "
+                                      "into a Softmax over the keys")
             elif isinstance(v, (QTensor, FloatInput)):
                 raise fail(expr.node, "mixes float values with plain integers or float inputs")
 
@@ -643,9 +802,31 @@ class QdqImporter(Importer):
             if leaf is not None and q.name == leaf.name:
                 return self.onnx_dequantize(levels, q)
             raise fail(None, f"tensor {q.name!r} is not known at import time")
+        if isinstance(v, Moved):
+            return v.const_fn(self.evaluate(v.inputs[0], leaf, levels))
         if isinstance(v, FloatOp):
             return evaluate(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets, self.g.budget)[0]
         raise fail(None, "an expression holds a value refsim cannot evaluate")
+
+    def sink_moves(self, expr: FloatOp) -> tuple[FloatOp, list[Moved]]:
+        """expr with its data movement taken out: (the expression on unmoved values, the
+        movements to apply after quantizing it). Elementwise ops with scalar constants
+        commute with movement; anything else keeps its movements inside."""
+        if isinstance(expr, Moved):
+            inner, moves = (self.sink_moves(expr.inputs[0]) if isinstance(expr.inputs[0], FloatOp)
+                            else (expr.inputs[0], []))
+            return inner, moves + [expr]
+        if expr.node.op in ELEMENTWISE or expr.node.op in ("Add", "Sub", "Mul", "Div"):
+            moved = [i for i, v in enumerate(expr.inputs) if isinstance(v, FloatOp)]
+            scalars = all(isinstance(v, Const) and np.size(v.value) == 1 for i, v in enumerate(expr.inputs)
+                          if v is not None and i not in moved)
+            if len(moved) == 1 and scalars:
+                inner, moves = self.sink_moves(expr.inputs[moved[0]])
+                if moves:
+                    inputs = list(expr.inputs)
+                    inputs[moved[0]] = inner
+                    return FloatOp(expr.node, inputs, expr.attrs), moves
+        return expr, []
 
     def lut(self, expr: FloatOp, leaf: QTensor, target: QTensor, out: str) -> QTensor:
         levels = np.arange(leaf.dtype.lo, leaf.dtype.hi + 1, dtype=np.int64)
@@ -734,8 +915,10 @@ class QdqImporter(Importer):
             result = self.qnode("Lut2", [self.place(a), self.place(b), self.em.const(table, target.dtype, f"{out}.table")],
                                   out, expr.node.name)
             return replace(target, name=result.name, shape=result.shape)
-        if op == "Softmax" and len(ins) == 1 and _eight_bit(ins[0]) and not ins[0].q.is_const:
+        if op == "Softmax" and len(ins) == 1 and (isinstance(ins[0], MaskedScores) or _eight_bit(ins[0]) and not ins[0].q.is_const):
             q = self._row_input(expr, "Softmax")
+            if not _eight_bit(Dequantized(q)):
+                return None
             if q.dtype is not target.dtype:
                 return None
             length = q.shape[-1]
@@ -744,7 +927,12 @@ class QdqImporter(Importer):
             from refsim.ops import float32 as f32
 
             mant, expo = f32.from_float32(ort_float.softmax_table(q.scale, length))
-            result = self.qnode("OrtSoftmax", [self.place(q), self.em.const(mant, "int32", f"{out}.exp_m"),
+            x = self.place(q)
+            if isinstance(ins[0], MaskedScores):
+                # onnxruntime with the mask's sum on the scores' grid: masked keys saturate to the lowest level.
+                lowest = self.em.const(np.asarray(q.dtype.lo), q.dtype, f"{out}.lowest")
+                x = integer_ops.select(self.em, self.place(ins[0].keep), x, lowest, f"{out}.masked")
+            result = self.qnode("OrtSoftmax", [x, self.em.const(mant, "int32", f"{out}.exp_m"),
                                                  self.em.const(expo, "int16", f"{out}.exp_e")], out, expr.node.name,
                                   y_factor=ort_float.softmax_y_factor(target.scale), zero_point=target.zp_scalar())
             return replace(target, name=result.name, shape=result.shape)
@@ -768,8 +956,15 @@ class QdqImporter(Importer):
 
     # --- Softmax and LayerNormalization: refsim's integer variants (mode) ---------------------------
 
+    def _keys(self, expr: FloatOp) -> str | None:
+        """The keep-mask input of a Softmax over masked scores (`MaskedScores`), else None."""
+        x = expr.inputs[0]
+        return self.place(x.keep) if isinstance(x, MaskedScores) else None
+
     def _row_input(self, expr: FloatOp, what: str) -> QTensor:
         x = expr.inputs[0]
+        if isinstance(x, MaskedScores) and what == "Softmax":
+            x = Dequantized(x.q)
         if not isinstance(x, Dequantized) or x.q.is_const or not x.q.per_tensor:
             raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)")
         rank = len(x.q.shape)
@@ -784,18 +979,40 @@ class QdqImporter(Importer):
         q = self._row_input(expr, "Softmax")
         scale = float(np.asarray(q.scale).reshape(-1)[0])
         if self.mode == "ibert":
-            p = ibert_softmax_params(scale)
-            source = q
+            source = self.softmax_grid(q, f"{out}.softmax_input")
+            p = ibert_softmax_params(float(source.scale))
         else:
             p = ita_softmax_params(scale, preset="deeploy")
             grid = QTensor(None, TYPES["int8"], q.shape, scale=np.asarray(p.input_scale, np.float64),
                            zero_point=np.asarray(0, np.int64))
             exact = np.asarray(scale / p.input_scale)
             source = self.requantize(q, exact, grid, f"{out}.softmax_input", expr.node)
-        y = self.qnode(p.op, [self.place(source)], f"{out}.softmax", **p.attrs)
+        y = self.qnode(p.op, [self.place(source), self._keys(expr)], f"{out}.softmax", **p.attrs)
         y = replace(y, scale=np.asarray(p.output_scale, np.float64), zero_point=np.asarray(p.output_zero_point, np.int64))
         exact, ort = ratio_of(y, target)
         return self.requantize(y, exact, target, out, expr.node, ort_ratio=ort, value_bits=17)
+
+    def softmax_grid(self, q: QTensor, out: str) -> QTensor:
+        """The scores on the grid I-BERT's softmax needs: (q - z) * 2^k as int16, scale s / 2^k,
+        exactly (a power-of-two step). I-BERT's range constant floor(-ln2 / S) is exact to
+        within S: on an 8-bit grid (S ~ 0.2) that is a 19% error in every exponential, on
+        the finer grid under 0.2%. k is the largest with every value inside int16 and S at
+        least IBERT_SOFTMAX_MIN_SCALE (where I-BERT's int64 bound holds), as export chooses."""
+        from ..modes import IBERT_SOFTMAX_INPUT_BITS, IBERT_SOFTMAX_MIN_SCALE
+
+        scale = float(np.asarray(q.scale).reshape(-1)[0])
+        bound = rq.type_bound(q.dtype.name, q.zp_scalar())
+        k = 0
+        while (bound << (k + 1)) < (1 << (IBERT_SOFTMAX_INPUT_BITS - 1)) and scale / 2.0 ** (k + 1) >= IBERT_SOFTMAX_MIN_SCALE:
+            k += 1
+        x = self.place(q)
+        if q.zp_scalar():
+            x = self.qnode("Sub", [x, self.em.const(np.asarray(q.zp_scalar()), stem=f"{out}.zero_point")], f"{out}.centred",
+                           dtype="int16").name
+        if k:
+            x = self.qnode("Mul", [x, self.em.const(np.asarray(1 << k), stem=f"{out}.step")], out, dtype="int16").name
+        t = self.em.builder.tensors[x]
+        return QTensor(x, t.dtype, tuple(t.shape), scale=np.asarray(scale / 2.0**k), zero_point=np.asarray(0, np.int64))
 
     def layernorm(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
         from ..nonlinear import ibert_layernorm_params, ilayernorm_params
@@ -956,6 +1173,11 @@ class QdqImporter(Importer):
         p = self._accumulator(self.qnode("Mul", centered, f"{out}.product"), qa, qb, axis=0)
         exact, ort = ratio_of(p, target)
         return self.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
+
+
+def _infinite(scale) -> bool:
+    """A constant scale with an infinite entry (quantize_static's scale for a -inf mask)."""
+    return isinstance(scale, Const) and np.asarray(scale.value).dtype.kind == "f" and bool(np.any(np.isinf(scale.value)))
 
 
 def _eight_bit(v) -> bool:

@@ -11,8 +11,12 @@ Every ONNX value name maps to one of:
   It costs nothing: ops that only move values apply to q, and the float ops between a
   DequantizeLinear and a QuantizeLinear are turned into integer ops when the
   QuantizeLinear tells the output's scale.
-- `FloatOp`: a float op waiting for the QuantizeLinear that fixes its output scale.
+- `FloatOp`: a float op waiting for the QuantizeLinear that fixes its output scale;
+  `Moved`, a float result moved by Reshape/Transpose/... before that QuantizeLinear.
 - `Const`: a constant (float or integer) that folds at import time.
+- `KeyMask(keep)`, `MaskedScores(q, keep)`: an additive key-padding mask (0 for kept keys,
+  -inf for masked ones) and attention scores with it added, which quantize_static quantizes
+  at an infinite scale; a Softmax reads them as scores with masked keys left out.
 
 Integer nodes are emitted with the front end's emitter and requantization planner
 (`exporters.frontend.emitter`, `exporters.frontend.requant`).
@@ -47,6 +51,7 @@ class QTensor:
     block_size: int = 0
     clip: tuple[int, int] | None = None  # a range narrower than dtype's (narrow int8, 3-bit in int4)
     rounding: str | None = None  # how values are rounded onto this grid (None: round half to even)
+    bound: int | None = None  # |q - zero_point| <= bound when that is below what dtype allows
 
     @property
     def is_const(self) -> bool:
@@ -77,8 +82,37 @@ class FloatOp:
 
 
 @dataclass
+class Moved(FloatOp):
+    """A float result moved by Reshape/Transpose/Slice/Gather (`node`, on `inputs[0]`) before
+    any quantizer: QuantizeLinear at one scale commutes with moving values, so the movement
+    is applied to the integers (`apply`) once the quantizer after it fixes their grid.
+    `const_fn` moves a concrete array; `shape` is the moved shape."""
+
+    apply: Any = None
+    const_fn: Any = None
+    shape: tuple = ()
+
+
+@dataclass
 class Const:
     value: np.ndarray
+
+
+@dataclass
+class KeyMask:
+    """Where(keep, 0, -inf): `keep` (0/1 integers) is nonzero for the keys a softmax keeps."""
+
+    keep: QTensor
+    node: Node
+
+
+@dataclass
+class MaskedScores:
+    """Scores `q` (dequantized) plus a KeyMask: only a Softmax over the keys takes them."""
+
+    q: QTensor
+    keep: QTensor
+    node: Node
 
 
 def ratio_of(src: QTensor, target: QTensor) -> tuple[np.ndarray, np.ndarray]:

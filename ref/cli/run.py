@@ -20,6 +20,28 @@ def add_arguments(p) -> None:
                    help="also print outputs as floats, (q - zero_point) * scale with their stored scale")
     p.add_argument("--batch-axis", default="0", choices=("0", "none"),
                    help="array inputs hold samples along axis 0 (default), or 'none': the whole file is one sample")
+    add_dataset_arguments(p)
+
+
+def add_dataset_arguments(p) -> None:
+    """--batch-size, --workers, --ray and --quiet, shared by commands that run many samples."""
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="samples stacked into one run when the model's inputs share a batch dimension (default 16)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1: this one)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run batches on a Ray cluster at ADDRESS (default: start a local one); needs refsim[ray]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_dataset(model, samples, args, outputs=None):
+    """Every sample's outputs, in order, with a progress bar on a terminal for long runs."""
+    from refsim.dataset import run_samples
+    from tqdm import tqdm
+
+    with tqdm(total=len(samples), unit="sample", disable=True if args.quiet or len(samples) < 2 else None,
+              file=sys.stderr, leave=False) as bar:
+        return run_samples(model, samples, batch_size=args.batch_size, workers=args.workers, ray=args.ray,
+                           outputs=outputs, progress=bar.update)
 
 
 def stack_outputs(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -72,11 +94,7 @@ def main(args) -> int:
     model = load(args.model)
     samples = load_samples(model, args.inputs, batch_axis=None if args.batch_axis == "none" else 0, limit=args.samples)
     wanted = args.outputs.split(",") if args.outputs else None
-    from tqdm import tqdm
-
-    results = []
-    for sample in tqdm(samples, unit="sample", leave=False, disable=None if len(samples) > 1 else True):
-        results.append(model.run(sample.feeds, outputs=wanted))
+    results = run_dataset(model, samples, args, wanted)
     floats = [model.dequantize_outputs(r) for r in results] if args.float else None
     scales = {name: _scale_entry(model, name) for name in (results[0] if results else {})}
     if args.float and not any(scales.values()):

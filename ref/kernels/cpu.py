@@ -50,9 +50,22 @@ def _amx_available() -> bool:
     return {"amx-int8", "amx-tile"} <= host_features() and _request_tile_permission()
 
 
-def amx_usable() -> bool:
-    """AMX int8 is present, Numba targets it, and the kernel lets us use it.
+GEMM_CHOICES = ("auto", "amx", "vnni", "blas")
 
-    REFSIM_GEMM=blas (read when a model is loaded) turns AMX off, to compare kernels.
-    """
-    return os.environ.get("REFSIM_GEMM", "auto") in ("auto", "amx") and _amx_available()
+
+def gemm_choice() -> str:
+    """REFSIM_GEMM (read when a model is loaded): auto (default), amx, vnni, or blas (no
+    integer GEMM: float BLAS in exact chunks), to compare kernels."""
+    choice = os.environ.get("REFSIM_GEMM", "auto")
+    return choice if choice in GEMM_CHOICES else "auto"
+
+
+def amx_usable() -> bool:
+    """AMX int8 is present, Numba targets it, the kernel lets us use it, and REFSIM_GEMM
+    allows it."""
+    return gemm_choice() in ("auto", "amx") and _amx_available()
+
+
+def vnni_usable() -> bool:
+    """AVX-512 VNNI (VPDPBUSD on zmm registers) is present and REFSIM_GEMM allows it."""
+    return gemm_choice() in ("auto", "vnni") and {"avx512vnni", "avx512bw", "avx512f"} <= host_features()

@@ -10,11 +10,11 @@ int4 + int4 sum is int8); called directly on arrays, from the arrays' dtypes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from .. import backend
 from ..dtypes import IntType, int_type, type_for_range
 from ..errors import GraphError, OpError, RefsimError
+from ..jit import njit, prange
 from .overflow import fit_range
 from .registry import OVERFLOW_POLICIES, Int, OneOf, TypeName, broadcast_shapes, op, same_as_input
 
@@ -127,12 +127,15 @@ def _arith_numba(op_name, a, b, out_type, overflow):
         b2 = np.ascontiguousarray(np.broadcast_to(b.reshape(-1), cols)).reshape(1, cols)
     else:
         return None
-    a2 = np.ascontiguousarray(a).reshape(-1, cols)
-    result = np.empty(a2.shape, out_type.storage)
+    # One int64 signature for every pair of operand types: each new combination of dtypes
+    # would otherwise cost a Numba compilation of its own (seconds, on a cold cache).
+    a2 = np.ascontiguousarray(a, dtype=np.int64).reshape(-1, cols)
+    b2 = np.ascontiguousarray(b2, dtype=np.int64)
+    result = np.empty(a2.shape, np.int64)
     if _arith_rows(a2, b2, _OP_CODE[op_name], out_type.lo, out_type.hi, out_type.bits,
                    _POLICY_CODE[overflow], result):
         return None  # an overflow under 'error': let the NumPy path name it
-    return result.reshape(a.shape)
+    return result.astype(out_type.storage).reshape(a.shape)
 
 
 def _infer_arith(op_name):

@@ -15,8 +15,8 @@ Each function exists as a Numba scalar kernel and as a NumPy twin on int64 array
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from ..jit import njit
 from .intmath import INT32_MAX, INT32_MIN, np_wrap32, wrap32
 from .rounding import HALF_AWAY, _np_round_shift, round_shift_scalar, saturating_rounding_doubling_high_mul
 

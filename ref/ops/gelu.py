@@ -13,11 +13,11 @@ and in what follows (docs/OPS.md gives each exactly). Each op is elementwise: a 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from .. import backend
 from ..dtypes import TYPES, IntType, type_for_range
 from ..errors import GraphError, OpError
+from ..jit import njit, prange
 from .intmath import INT64_MAX
 from .registry import Bool, Int, op
 from .requant import levels_type

@@ -7,10 +7,10 @@ ops need it on whole arrays, as a NumPy twin with identical results.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from .. import backend
 from ..errors import OpError
+from ..jit import njit
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1

@@ -10,11 +10,11 @@ Formulas: docs/OPS.md.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from .. import backend
 from ..dtypes import TYPES, int_type
 from ..errors import GraphError, OpError
+from ..jit import njit, prange
 from .intmath import INT64_MAX, _np_isqrt, div_half_even, isqrt_scalar, trunc_div
 from .overflow import fit_range
 from .registry import OVERFLOW_POLICIES, Int, OneOf, TypeName, broadcast_shapes, op

@@ -1,4 +1,5 @@
-"""Integer matrix products, exact, at BLAS speed where the bounds allow.
+"""Integer matrix products, exact. (Faster kernels for the same integers, chosen when a
+model is prepared, are in `refsim.kernels.matmul`.)
 
 acc = (a - a_zero_point) @ (b - b_zero_point) + bias, then the accumulator policy.
 
@@ -19,7 +20,6 @@ import numpy as np
 from .. import backend
 from ..dtypes import TYPES
 from ..errors import GraphError, OpError
-from ..kernels.gemm import AmxWeight
 from .overflow import fit_signed_bits
 from .registry import OVERFLOW_POLICIES, Bool, Int, OneOf, broadcast_shapes, op
 
@@ -170,95 +170,6 @@ def _declared_bound(t, zp) -> int:
     return max(max(abs(t.lo - z), abs(t.hi - z)) for z in zps)
 
 
-def _prepare_activations(attrs, declared):
-    """Two computed operands without zero points or bias (attention's Q.K^T and A.V): the
-    declared types bound every product, so no pass over the values is needed, and when a
-    whole sum fits one float32 chunk and the accumulator, the float result converts
-    straight to the output type."""
-    a_type, b_type = declared[0].dtype, declared[1].dtype
-    product = max(-a_type.lo, a_type.hi) * max(-b_type.lo, b_type.hi)
-    acc_bits = attrs["acc_bits"]
-    out = np.int32 if acc_bits <= 32 else np.int64
-
-    def kernel(a, b, *rest):
-        k = a.shape[-2] if attrs["transA"] else a.shape[-1]
-        if rest or not backend.use_numba() or k * product > min(FLOAT32_EXACT, (1 << (acc_bits - 1)) - 1):
-            return MatMul(a, b, *rest, **attrs)
-        af = a.astype(np.float32)
-        bf = b.astype(np.float32)
-        if attrs["transA"]:
-            af = np.swapaxes(af, -1, -2)
-        if attrs["transB"]:
-            bf = np.swapaxes(bf, -1, -2)
-        if af.ndim < 2 or bf.ndim < 2 or af.shape[-1] != bf.shape[-2]:
-            return MatMul(a, b, **attrs)  # reports the shape error
-        return np.matmul(af, bf).astype(out)
-
-    return kernel
-
-
-def _prepare(attrs, consts, declared):
-    """With constant weights (and weight zero point), convert (b - b_zero_point) once
-    instead of at every call."""
-    if not consts and len(declared) == 2:
-        return _prepare_activations(attrs, declared)
-    if 1 not in consts or (len(declared) > 3 and declared[3] is not None and 3 not in consts):
-        return None
-    transB, acc_bits, overflow = attrs["transB"], attrs["acc_bits"], attrs["overflow"]
-    b = np.asarray(consts[1])
-    if b.ndim < 2:
-        return None
-    if transB:
-        b = np.swapaxes(b, -1, -2)
-    try:
-        b_centered = _minus_zero_point(b, _b_zero_point_view(consts.get(3), b.shape[-1]), "b")
-    except OpError:
-        return None  # let the plain op report it at run time, naming the node
-    b_bound = _bound(b_centered)
-    a_type = declared[0].dtype
-    prepared = {}
-    amx_weight = AmxWeight.prepare(b_centered) if b_centered.ndim == 2 else None
-
-    def kernel(a, _b, a_zero_point=None, b_zero_point=None, bias=None):
-        if not backend.use_numba():
-            return MatMul(a, _b, a_zero_point, b_zero_point, bias, **attrs)
-        a = np.asarray(a)
-        if attrs["transA"]:
-            a = np.swapaxes(a, -1, -2)
-        if a.ndim < 2 or a.shape[-1] != b_centered.shape[-2]:
-            raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b_centered.shape}")
-        if a_zero_point is not None and np.asarray(a_zero_point).size != 1:
-            raise OpError("MatMul: a_zero_point must be a scalar")
-        bias_view = _bias_view(bias, b_centered.shape[-1])
-        bias_bound = _bound(bias_view) if bias_view is not None else 0
-        if amx_weight is not None:
-            zp = 0 if a_zero_point is None else int(np.asarray(a_zero_point).reshape(-1)[0])
-            if amx_weight.fits_int32(a_type.lo, a_type.hi, zp, bias_bound):
-                acc = amx_weight.matmul(a, a_type.lo, zp, bias_view)
-                return _finish(acc, None, acc_bits, overflow)
-        a_centered = _minus_zero_point(a, a_zero_point, "a")
-        k = a.shape[-1]
-        # The declared type bounds a without a pass over it; the values decide when that
-        # bound is too loose for the fast paths or for int64.
-        a_bound = _declared_bound(a_type, a_zero_point)
-        if a_bound * b_bound > FLOAT64_EXACT or k * a_bound * b_bound + bias_bound > INT64_LIMIT:
-            a_bound = _bound(a_centered)
-        check_sum_fits(k, a_bound, b_bound, bias_bound)
-        product = a_bound * b_bound
-        if product <= FLOAT32_EXACT:
-            ftype = np.float32
-        elif product <= FLOAT64_EXACT:
-            ftype = np.float64
-        else:
-            ftype = np.int64  # beyond float64's exact range: integer matmul
-        if ftype not in prepared:
-            prepared[ftype] = b_centered.astype(ftype)
-        acc = exact_matmul(a_centered, prepared[ftype], a_bound, b_bound)
-        return _finish(acc, bias_view, acc_bits, overflow)
-
-    return kernel
-
-
 @op(
     "MatMul",
     inputs=["a", "b", "a_zero_point?", "b_zero_point?", "bias?"],
@@ -269,7 +180,6 @@ def _prepare(attrs, consts, declared):
         overflow=OneOf(OVERFLOW_POLICIES),
     ),
     infer=_infer,
-    prepare=_prepare,
 )
 def MatMul(a, b, a_zero_point=None, b_zero_point=None, bias=None, *, transA=False, transB=False, acc_bits=32, overflow="error"):
     """acc = (a - a_zero_point) @ (b - b_zero_point) + bias, exact, into an acc_bits accumulator."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
 from ..dtypes import TYPES, IntType, int_type
 from ..errors import GraphError, OpError
 from .elementwise import broadcast_or_fail
@@ -17,10 +16,8 @@ from .rounding import (
     REQUANT_ROUNDINGS,
     check_product_fits,
     mode_code,
-    requant_last_axis_planned,
     requantize,
     requantize_last_axis,
-    shift_plan,
 )
 
 
@@ -80,57 +77,6 @@ def _infer_requant(ins, attrs):
     return [(int_type(attrs["dtype"]), x.shape)]
 
 
-def _prepare_requant(attrs, consts, declared):
-    """With constant parameters along the last axis, do every check and broadcast once:
-    a run is then one pass of the Numba kernel."""
-    x = declared[0]
-    rank = len(x.shape)
-    names = ("mul", "shift", "bias", "offset")
-    given = [i for i in range(1, len(declared)) if declared[i] is not None]
-    if rank == 0 or any(i not in consts for i in given) or attrs["rounding"] == "double":
-        return None
-    channels = x.shape[-1]
-    params = {name: np.asarray(consts[i], np.int64).reshape(-1) if i in consts else np.zeros(1, np.int64)
-              for i, name in enumerate(names, 1)}
-    if any(p.size == 0 for p in params.values()):
-        return None
-    sizes = {p.size for p in params.values()} - {1}
-    if attrs["axis"] % rank != rank - 1 and sizes:
-        return None  # per-channel along another axis: the general path
-    if len(sizes) > 1 or (sizes and isinstance(channels, int) and sizes != {channels}):
-        return None  # let the op report the mismatch, naming the node
-    if any(int(p.min()) < 0 for p in (params["shift"],)):
-        return None
-    bound = max(-x.dtype.lo, x.dtype.hi)
-    if bound * int(np.abs(params["mul"]).max()) + int(np.abs(params["bias"]).max()) + int(np.abs(params["offset"]).max()) > INT64_MAX:
-        return None
-    try:
-        lo, hi = output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "Requant")
-    except OpError:
-        return None
-    storage = int_type(attrs["dtype"]).storage
-    code = mode_code(attrs["rounding"])
-    width = max(sizes) if sizes else 1
-    mul, bias, shift, offset = (np.ascontiguousarray(np.broadcast_to(params[n], width)) for n in ("mul", "bias", "shift", "offset"))
-    by_width = {}  # contiguous per-channel arrays (the kernel vectorizes only over those)
-
-    def channel_arrays(n):
-        if n not in by_width:
-            m, b, sh, o = (np.ascontiguousarray(np.broadcast_to(a, n)) for a in (mul, bias, shift, offset))
-            by_width[n] = (m, b, *shift_plan(sh), o)
-        return by_width[n]
-
-    def kernel(x, *_params):
-        if not backend.use_numba() or x.ndim == 0 or x.size == 0 or (width > 1 and x.shape[-1] != width):
-            return Requant(x, *_params, **attrs)
-        flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-        out = np.empty(flat.shape, storage)
-        requant_last_axis_planned(flat, *channel_arrays(flat.shape[1]), lo, hi, code, out)
-        return out.reshape(x.shape)
-
-    return kernel
-
-
 @op(
     "Requant",
     inputs=["x", "mul", "shift", "bias?", "offset?"],
@@ -142,7 +88,6 @@ def _prepare_requant(attrs, consts, declared):
         hi=Int(optional=True),
     ),
     infer=_infer_requant,
-    prepare=_prepare_requant,
 )
 def Requant(x, mul, shift, bias=None, offset=None, *, axis=-1, rounding="half_up", dtype="int8", lo=None, hi=None):
     """y = clip(round_shift(x*mul + bias, shift, rounding) + offset, lo, hi), per tensor or per channel."""

@@ -19,10 +19,10 @@ results below float32's normal range round to zero either way.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, vectorize
 
 from .. import backend
 from ..dtypes import int_type
+from ..jit import njit, vectorize
 from .registry import Int, TypeName, op
 from .requant_float import scaled_requant_infer, scaled_requant_operands
 from .rounding import HALF_EVEN, _np_round_shift, round_shift_scalar

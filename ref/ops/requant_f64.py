@@ -19,11 +19,11 @@ saturates; the clip then applies.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, vectorize
 
 from .. import backend
 from ..dtypes import int_type
 from ..errors import OpError
+from ..jit import njit, vectorize
 from .registry import Int, TypeName, op
 from .requant_float import scaled_requant_infer, scaled_requant_operands
 

@@ -13,10 +13,10 @@ Each kernel exists twice, in Numba and in NumPy, with identical results.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, vectorize
 
 from .. import backend
 from ..errors import OpError
+from ..jit import njit, vectorize
 
 ROUNDINGS = ("floor", "half_up", "half_away", "half_even", "trunc")
 # TFLite/CMSIS-NN double rounding is a rounding mode of Requant, not of a plain shift.
@@ -181,66 +181,27 @@ def _requant_last_axis(x, mul, bias, shift, offset, lo, hi, mode, out):
             out[i, j] = requant_scalar(np.int64(x[i, j]), mul[j], bias[j], shift[j], offset[j], lo, hi, mode)
 
 
-def shift_plan(shift: np.ndarray):
-    """Per-channel constants that make `round_shift` branch-free (so LLVM vectorizes it):
-    the clamped shifts, masks of the bits below the half bit and below the shift, and
-    flags for shifts past 63 and for no shift at all."""
-    sq = np.minimum(shift, 63)
-    sh = np.clip(shift - 1, 0, 63)
-    below_half = np.int64(-1) ^ np.left_shift(np.int64(-1), sh)
-    below_shift = np.int64(-1) ^ np.left_shift(np.int64(-1), sq)
-    return sq, sh, below_half, shift - 1 >= 64, below_shift, shift >= 64, shift == 0
-
-
-@njit(cache=True, parallel=True)
-def requant_last_axis_planned(x, mul, bias, sq, sh, below_half, half_wide, below_shift, shift_wide, no_shift, offset, lo, hi, mode, out):
-    """The same integers as `_requant_last_axis` for the five plain roundings, branch-free
-    per element: q = v >> s; the half bit and the bits below it decide the rounding, as
-    in `round_shift_scalar` (bits past 63 are copies of the sign bit)."""
-    rows, cols = x.shape
-    for i in prange(rows):
-        for j in range(cols):
-            v = np.int64(x[i, j]) * mul[j] + bias[j]
-            q = v >> sq[j]
-            half = (v >> sh[j]) & 1
-            above_half = ((v & below_half[j]) != 0) | (half_wide[j] & (v < 0))
-            if mode == FLOOR:
-                r = q
-            elif mode == HALF_UP:
-                r = q + half
-            elif mode == HALF_AWAY:
-                r = q + (half & (above_half | (v >= 0)))
-            elif mode == HALF_EVEN:
-                r = q + (half & (above_half | (q & 1)))
-            else:  # TRUNC
-                r = q + ((v < 0) & (((v & below_shift[j]) != 0) | (shift_wide[j] & (v < 0))))
-            r = v if no_shift[j] else r
-            out[i, j] = min(max(r + offset[j], lo), hi)
-
-
 def requantize_last_axis(x, mul, bias, shift, offset, lo: int, hi: int, mode: str, storage) -> np.ndarray:
     """`requantize` for parameters that are scalars or vectors along x's last axis,
     written straight into the output's storage dtype in one pass (the Numba backend's
-    fast path; the caller has checked that nothing overflows int64)."""
+    path; the caller has checked that nothing overflows int64). The planned, vectorized
+    kernel for constant parameters is `refsim.kernels.requant`."""
     code = mode_code(mode)
     x = np.asarray(x)
     if not backend.use_numba() or x.ndim == 0:
         return _np_requant(x, mul, bias, shift, offset, lo, hi, code).astype(storage)
     if x.size == 0:
         return np.empty(x.shape, storage)
-    x = np.ascontiguousarray(x)
+    x = np.ascontiguousarray(x, dtype=np.int64)  # one compiled signature for every input type
     channels = x.shape[-1]
     mul, bias, shift, offset = (
         np.ascontiguousarray(np.broadcast_to(np.asarray(p, np.int64).reshape(-1), channels))
         for p in (mul, bias, shift, offset)
     )
     flat = x.reshape(-1, channels)
-    out = np.empty(flat.shape, storage)
-    if code == DOUBLE:
-        _requant_last_axis(flat, mul, bias, shift, offset, lo, hi, code, out)
-    else:
-        requant_last_axis_planned(flat, mul, bias, *shift_plan(shift), offset, lo, hi, code, out)
-    return out.reshape(x.shape)
+    out = np.empty(flat.shape, np.int64)
+    _requant_last_axis(flat, mul, bias, shift, offset, int(lo), int(hi), code, out)
+    return out.astype(storage).reshape(x.shape)
 
 
 def _dtype_bound(a: np.ndarray) -> int:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
 
 from .. import backend
 from ..dtypes import TYPES, IntType, type_for_range
 from ..errors import AccumulatorOverflow, GraphError, OpError
+from ..jit import njit, prange
 from .fixedpoint import (
     exp_on_negative_values_q5_26,
     np_exp_on_negative_values_q5_26,

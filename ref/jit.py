@@ -1,0 +1,199 @@
+"""Numba, loaded only when a kernel first runs: `import refsim` stays fast.
+
+The op modules write `from ..jit import njit, prange, vectorize` instead of importing them
+from numba. The decorators here record the function and its options and return a stand-in;
+the first call of any stand-in (or `materialize()`, which the kernel package calls when a
+model is prepared) imports Numba once, sets it up (below), builds every real dispatcher
+(compiling nothing yet), and puts them in place of the stand-ins in refsim's modules, so
+that compiled code calling another jitted function finds a Numba dispatcher, and `prange`
+is Numba's. A ufunc (`vectorize` with signatures compiles when built) is built at its own
+first call; ufuncs are only called from Python.
+
+Numba's setup, done before it first loads:
+- compiled kernels are cached in a per-user folder (`$REFSIM_CACHE_DIR`, else
+  `$XDG_CACHE_HOME/refsim/numba`, else `~/.cache/refsim/numba`), never in the package
+  folder, which may be read-only; NUMBA_CACHE_DIR, when set, wins;
+- the threading layer is Numba's own `workqueue` unless NUMBA_THREADING_LAYER says
+  otherwise: it is fork-safe (GNU OpenMP is not: a child forked after a parallel kernel
+  ran would hang), and on a busy machine it waited less for descheduled workers than
+  OpenMP here. It is not thread-safe: running models from several Python threads at once
+  needs NUMBA_THREADING_LAYER=tbb (`pip install tbb`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import types
+from pathlib import Path
+
+_lock = threading.RLock()
+_stand_ins: list[_Deferred] = []
+_numba = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept between processes."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    if os.environ.get("REFSIM_CACHE_DIR"):
+        return Path(os.environ["REFSIM_CACHE_DIR"]) / "numba"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "refsim" / "numba"
+
+
+def _writable_cache_dir() -> Path:
+    """cache_dir(), or a per-user temporary folder when that cannot be written (a
+    read-only home): Numba refuses to run a cached function it cannot cache."""
+    preferred = cache_dir()
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"refsim-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def configure() -> None:
+    """Settings Numba reads when it loads (harmless if it already has)."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(_writable_cache_dir()))
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+    if "numba" in sys.modules:  # loaded by someone else first: set what can still be set
+        import numba
+
+        numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+        if numba.config.THREADING_LAYER == "default" and not _threads_launched(numba):
+            numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
+
+
+def _threads_launched(numba) -> bool:
+    from numba.np.ufunc import parallel
+
+    return bool(getattr(parallel, "_is_initialized", False))
+
+
+class _Deferred:
+    """A jitted function before Numba has loaded."""
+
+    def __init__(self, kind: str, args: tuple, kwargs: dict, fn):
+        self.kind, self.args, self.kwargs, self.py_func = kind, args, kwargs, fn
+        self.real = None
+        self.__name__ = getattr(fn, "__name__", kind)
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+
+    def build(self, numba):
+        if self.real is None:
+            decorator = getattr(numba, self.kind)
+            self.real = decorator(*self.args, **self.kwargs)(self.py_func)
+            if self.kind == "njit" and self.kwargs.get("parallel") is True:
+                sequential = decorator(*self.args, **{**self.kwargs, "parallel": False})(_renamed(self.py_func, "_sequential"))
+                self.real = _Twin(self.real, sequential)
+        return self.real
+
+    def __call__(self, *args, **kwargs):
+        numba = materialize()
+        return self.build(numba)(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<refsim deferred {self.kind} {self.__name__}>"
+
+
+class _Twin:
+    """A parallel kernel (`njit(parallel=True)`, called from Python only) and its
+    sequential twin, each compiled on its first use. Work below the size the engine
+    would ever spread over threads (`backend.MEASURE_MIN_ELEMENTS` elements in the
+    first argument, every such kernel's input) runs the sequential one: compiling a
+    parallel kernel costs two to three times as much, and small models and most tests
+    never need it."""
+
+    def __init__(self, parallel, sequential):
+        from .backend import MEASURE_MIN_ELEMENTS
+
+        self.parallel, self.sequential, self.threshold = parallel, sequential, MEASURE_MIN_ELEMENTS
+        self.__name__ = parallel.py_func.__name__
+        self.__doc__ = parallel.py_func.__doc__
+        self.__wrapped__ = parallel.py_func
+
+    def __call__(self, first, *rest):
+        if getattr(first, "size", 0) >= self.threshold:
+            return self.parallel(first, *rest)
+        return self.sequential(first, *rest)
+
+
+def _renamed(fn, suffix: str):
+    """A copy of `fn` under another qualified name: Numba names its cache files after it,
+    so the twins do not overwrite each other's compiled code."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    return copy
+
+
+class _Prange:
+    """Stands for numba.prange until Numba loads (a plain range if called before)."""
+
+    def __call__(self, *args):
+        return range(*args)
+
+
+prange = _Prange()
+
+
+def _decorator(kind: str):
+    def decorator(*args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs and kind == "njit":
+            return _register(_Deferred(kind, (), {}, args[0]))
+        return lambda fn: _register(_Deferred(kind, args, kwargs, fn))
+
+    decorator.__name__ = kind
+    return decorator
+
+
+def _register(stand_in: _Deferred) -> _Deferred:
+    with _lock:
+        if _numba is not None and stand_in.kind == "njit":  # Numba is up: no stand-in needed
+            return stand_in.build(_numba)
+        _stand_ins.append(stand_in)
+    return stand_in
+
+
+njit = _decorator("njit")
+vectorize = _decorator("vectorize")
+
+
+def materialize():
+    """Load Numba and put real dispatchers in place of every stand-in."""
+    global _numba
+    if _numba is not None:
+        return _numba
+    with _lock:
+        if _numba is not None:
+            return _numba
+        configure()
+        import numba
+
+        # njit builds nothing yet. A ufunc (vectorize with signatures) compiles when
+        # built, so it is built on its first call (ufuncs are called from Python only).
+        for stand_in in _stand_ins:
+            if stand_in.kind == "njit":
+                stand_in.build(numba)
+        _replace_stand_ins(numba)
+        _numba = numba
+    return numba
+
+
+def _replace_stand_ins(numba) -> None:
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "refsim" or name.startswith("refsim.")):
+            continue
+        namespace = vars(module)
+        for key, value in list(namespace.items()):
+            if isinstance(value, _Deferred) and value.real is not None:
+                namespace[key] = value.real
+            elif isinstance(value, _Prange):
+                namespace[key] = numba.prange

@@ -1,0 +1,95 @@
+"""Add, Sub and Mul in one vectorized pass, deciding at prepare time what must be checked.
+
+The formula is `refsim.ops.elementwise` (exact int64, fitted into the output type by the
+overflow policy; refused where a result may leave int64, judged as the op judges it). The
+declared input types bound the results; when that bound fits both int64 and the output
+type, a run is one pass with no check at all. When it does not fit int64, the operands'
+extremes decide (as the op does, from their values); when it does not fit the output type,
+the one-pass kernel with the policy runs (`refsim.ops.elementwise._arith_rows`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..jit import njit, prange
+from ..ops import elementwise as spec
+from .registry import kernel
+
+_OP_CODE = {"Add": 0, "Sub": 1, "Mul": 2}
+INT64_MIN, INT64_MAX = spec.INT64_MIN, spec.INT64_MAX
+
+
+@njit(cache=True, parallel=True)
+def arith_rows(a, b, op, out):
+    """out[i, j] = a[i, j] op b[i or 0, j] in int64 (the caller has shown it fits)."""
+    rows, cols = a.shape
+    b_step = 1 if b.shape[0] > 1 else 0
+    for i in prange(rows):
+        bi = i * b_step
+        if op == 0:
+            for j in range(cols):
+                out[i, j] = np.int64(a[i, j]) + np.int64(b[bi, j])
+        elif op == 1:
+            for j in range(cols):
+                out[i, j] = np.int64(a[i, j]) - np.int64(b[bi, j])
+        else:
+            for j in range(cols):
+                out[i, j] = np.int64(a[i, j]) * np.int64(b[bi, j])
+
+
+class Arith:
+    """A prepared Add, Sub or Mul for operands of the same shape, or a second operand that
+    is a scalar or runs along the last axis."""
+
+    def __init__(self, op_name: str, a_type, b_type, out_type, overflow: str, dtype_attr):
+        self.op_name, self.code = op_name, _OP_CODE[op_name]
+        self.out_type, self.overflow, self.dtype_attr = out_type, overflow, dtype_attr
+        self.spec = spec._ARITH_FNS[op_name]
+        lo, hi = spec._RESULT_RANGE[op_name]((a_type.lo, a_type.hi), (b_type.lo, b_type.hi))
+        self.within_int64 = INT64_MIN <= lo and hi <= INT64_MAX
+        self.fits_output = out_type.lo <= lo and hi <= out_type.hi
+
+    def _unchecked(self, a, b) -> bool:
+        """Whether a plain int64 pass is exact and needs no policy, for these values."""
+        if self.within_int64:
+            return self.fits_output
+        # The op decides from the operands' extremes; so does this.
+        if not a.size or not b.size:
+            return False
+        lo, hi = spec._RESULT_RANGE[self.op_name]((int(a.min()), int(a.max())), (int(b.min()), int(b.max())))
+        out = self.out_type
+        return INT64_MIN <= lo and hi <= INT64_MAX and out.lo <= lo and hi <= out.hi
+
+    def __call__(self, a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        if backend.use_numba() and a.ndim and a.size:
+            cols = a.shape[-1]
+            b2 = None
+            if b.shape == a.shape:
+                b2 = np.ascontiguousarray(b).reshape(-1, cols)
+            elif b.ndim <= a.ndim and (b.size == 1 or (b.shape[-1] == cols and b.size == cols)):
+                b2 = np.ascontiguousarray(np.broadcast_to(b.reshape(-1), cols)).reshape(1, cols)
+            if b2 is not None and self._unchecked(a, b):
+                a2 = np.ascontiguousarray(a).reshape(-1, cols)
+                out = np.empty(a2.shape, self.out_type.storage)
+                arith_rows(a2, b2, self.code, out)
+                return out.reshape(a.shape)
+        return self.spec(a, b, dtype=self.dtype_attr, overflow=self.overflow)
+
+
+def _prepare(op_name):
+    def prepare(attrs, consts, declared):
+        a, b = declared[0].dtype, declared[1].dtype
+        try:
+            out = spec._arith_type(op_name, a, b, attrs["dtype"])
+        except Exception:
+            return None  # the op reports it at run time, naming the node
+        return Arith(op_name, a, b, out, attrs["overflow"], out.name)
+
+    return prepare
+
+
+for _name in _OP_CODE:
+    kernel(_name)(_prepare(_name))

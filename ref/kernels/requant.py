@@ -1,0 +1,178 @@
+"""Requantization with constant per-channel parameters, planned once, applied per element.
+
+The formula is `refsim.ops.rounding.requantize` (docs/OPS.md, Requant):
+clip(round_shift(x*mul + bias, shift, mode) + offset, lo, hi). A plan holds, per channel,
+everything that makes the rounding branch-free (so LLVM vectorizes it): the clamped
+shifts, masks of the bits below the half bit and below the shift, and flags for shifts past
+63 and for no shift at all. One int64 array of shape (PLAN_ROWS, channels) carries it, so
+every kernel that ends in a requantization (the Requant op, a matrix product with its
+requantization fused, a residual sum) takes the same argument.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..dtypes import int_type
+from ..errors import OpError
+from ..jit import njit, prange
+from ..ops.requant import Requant, output_bounds
+from ..ops.rounding import FLOOR, HALF_AWAY, HALF_EVEN, HALF_UP, INT64_MAX, mode_code
+from .registry import kernel
+
+MUL, BIAS, SQ, SH, BELOW_HALF, HALF_WIDE, BELOW_SHIFT, SHIFT_WIDE, NO_SHIFT, OFFSET = range(10)
+PLAN_ROWS = 10
+
+
+def requant_plan(mul, bias, shift, offset, channels: int) -> np.ndarray:
+    """The (PLAN_ROWS, channels) plan for parameters that are scalars or per-channel
+    vectors of `channels` entries (shift >= 0, checked by the caller)."""
+    mul, bias, shift, offset = (
+        np.broadcast_to(np.asarray(p, np.int64).reshape(-1), channels) for p in (mul, bias, shift, offset)
+    )
+    plan = np.empty((PLAN_ROWS, channels), np.int64)
+    plan[MUL], plan[BIAS], plan[OFFSET] = mul, bias, offset
+    plan[SQ] = np.minimum(shift, 63)
+    sh = np.clip(shift - 1, 0, 63)
+    plan[SH] = sh
+    plan[BELOW_HALF] = np.int64(-1) ^ np.left_shift(np.int64(-1), sh)
+    plan[HALF_WIDE] = shift - 1 >= 64
+    plan[BELOW_SHIFT] = np.int64(-1) ^ np.left_shift(np.int64(-1), plan[SQ])
+    plan[SHIFT_WIDE] = shift >= 64
+    plan[NO_SHIFT] = shift == 0
+    return plan
+
+
+@njit(cache=True)  # a call LLVM inlines: inlining in Numba's IR made every caller compile slower
+def requant_one(x, plan, j, lo, hi, mode):
+    """requantize(x) with channel j's parameters, for the five plain roundings: q = v >> s;
+    the half bit and the bits below it decide the rounding, as in `round_shift_scalar`
+    (bits past 63 are copies of the sign bit)."""
+    v = x * plan[MUL, j] + plan[BIAS, j]
+    q = v >> plan[SQ, j]
+    half = (v >> plan[SH, j]) & 1
+    negative = np.int64(v < 0)
+    above_half = np.int64((v & plan[BELOW_HALF, j]) != 0) | (plan[HALF_WIDE, j] & negative)
+    if mode == FLOOR:
+        r = q
+    elif mode == HALF_UP:
+        r = q + half
+    elif mode == HALF_AWAY:
+        r = q + (half & (above_half | (1 - negative)))
+    elif mode == HALF_EVEN:
+        r = q + (half & (above_half | (q & 1)))
+    else:  # TRUNC
+        r = q + (negative & (np.int64((v & plan[BELOW_SHIFT, j]) != 0) | plan[SHIFT_WIDE, j]))
+    if plan[NO_SHIFT, j]:
+        r = v
+    r += plan[OFFSET, j]
+    return min(max(r, lo), hi)
+
+
+@njit(cache=True, parallel=True)
+def requant_rows(x, plan, lo, hi, mode, out):
+    """out[i, j] = requant_one(x[i, j]) with channel j's parameters."""
+    rows, cols = x.shape
+    for i in prange(rows):
+        for j in range(cols):
+            out[i, j] = requant_one(np.int64(x[i, j]), plan, j, lo, hi, mode)
+
+
+@njit(cache=True, parallel=True)
+def requant_rows_checked(x, plan, limit, lo, hi, mode, out):
+    """`requant_rows` for inputs whose declared type does not bound x*mul + bias within
+    int64: every |x| must be at most `limit`; returns whether one was not (the caller then
+    lets the op refuse the input)."""
+    rows, cols = x.shape
+    over = np.zeros(rows, np.bool_)
+    for i in prange(rows):
+        for j in range(cols):
+            v = np.int64(x[i, j])
+            over[i] |= (v > limit) | (v < -limit)
+            out[i, j] = requant_one(v, plan, j, lo, hi, mode)
+    return over.any()
+
+
+class PlannedRequant:
+    """Requant with constant parameters that are scalars or run along the last axis: every
+    check and broadcast done once, a run is one pass. Offers its plan to a producer that
+    fuses it (`plan_for`)."""
+
+    def __init__(self, attrs, params: dict[str, np.ndarray], width: int, lo: int, hi: int, storage, limit: int | None):
+        self.attrs = attrs
+        # None: the declared input type keeps x*mul + bias within int64. Else the
+        # largest |x| that does (the op's own check, from the same maxima).
+        self.limit = limit
+        self.params = params
+        self.width = width  # 1 for per-tensor parameters
+        self.lo, self.hi = lo, hi
+        self.mode = mode_code(attrs["rounding"])
+        self.out_range = (lo, hi, self.mode)
+        self.storage = storage
+        self.plans: dict[int, np.ndarray] = {}
+
+    def plan_for(self, channels: int) -> np.ndarray | None:
+        """The plan for an input whose last axis has `channels` entries, or None when
+        the parameters do not fit it."""
+        if self.width > 1 and channels != self.width:
+            return None
+        if channels not in self.plans:
+            p = self.params
+            self.plans[channels] = requant_plan(p["mul"], p["bias"], p["shift"], p["offset"], channels)
+        return self.plans[channels]
+
+    def __call__(self, x, *_params):
+        plan = None
+        if backend.use_numba() and x.ndim and x.size:
+            plan = self.plan_for(x.shape[-1])
+        if plan is None:
+            return Requant(x, *_params, **self.attrs)
+        flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        out = np.empty(flat.shape, self.storage)
+        if self.limit is None:
+            requant_rows(flat, plan, self.lo, self.hi, self.mode, out)
+        elif requant_rows_checked(flat, plan, self.limit, self.lo, self.hi, self.mode, out):
+            return Requant(x, *_params, **self.attrs)  # refuses, naming the bound
+        return out.reshape(x.shape)
+
+
+def _largest(values: np.ndarray) -> int:
+    """max |v| as a Python int (np.abs of INT64_MIN is INT64_MIN)."""
+    return max(-int(values.min()), int(values.max()))
+
+
+@kernel("Requant")
+def planned_requant(attrs, consts, declared):
+    """Constant parameters along the last axis (or per tensor), five plain roundings."""
+    x = declared[0]
+    rank = len(x.shape)
+    names = ("mul", "shift", "bias", "offset")
+    given = [i for i in range(1, len(declared)) if declared[i] is not None]
+    if rank == 0 or any(i not in consts for i in given) or attrs["rounding"] == "double":
+        return None
+    channels = x.shape[-1]
+    params = {name: np.asarray(consts[i], np.int64).reshape(-1) if i in consts else np.zeros(1, np.int64)
+              for i, name in enumerate(names, 1)}
+    if any(p.size == 0 for p in params.values()):
+        return None
+    sizes = {p.size for p in params.values()} - {1}
+    if attrs["axis"] % rank != rank - 1 and sizes:
+        return None  # per-channel along another axis: the general path
+    if len(sizes) > 1 or (sizes and isinstance(channels, int) and sizes != {channels}):
+        return None  # let the op report the mismatch, naming the node
+    if int(params["shift"].min()) < 0:
+        return None
+    bound = max(-x.dtype.lo, x.dtype.hi)
+    largest_mul, bias, offset = (_largest(params[n]) for n in ("mul", "bias", "offset"))
+    rest = bias + offset
+    if rest > INT64_MAX:
+        return None
+    limit = None
+    if bound * largest_mul + rest > INT64_MAX:  # x's values must decide, as in the op
+        limit = (INT64_MAX - rest) // largest_mul
+    try:
+        lo, hi = output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "Requant")
+    except OpError:
+        return None
+    return PlannedRequant(attrs, params, max(sizes) if sizes else 1, lo, hi, int_type(attrs["dtype"]).storage, limit)

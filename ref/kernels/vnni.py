@@ -1,0 +1,241 @@
+"""Exact u8 x s8 matrix products with AVX-512 VNNI (VPDPBUSD), from Numba.
+
+VPDPBUSD multiplies, in each 32-bit lane, four unsigned bytes of one operand by the four
+signed bytes of the other and adds the four products to the lane's int32, with no
+intermediate rounding or saturation: exact as long as no int32 sum overflows (the caller
+checks that from the operand bounds).
+
+Register plan of the micro-kernel: a block of MR = 6 rows x NR = 64 columns of C lives in
+24 zmm accumulators (6 rows x 4 vectors of 16 int32 lanes) for the whole reduction. Each
+step over 4 values of K loads 4 vectors of B (the 4 bytes of K for each of 64 columns) and
+broadcasts 4 bytes of each of the 6 rows of A, then issues 24 VPDPBUSD: 1536 multiply-adds
+for 10 loads.
+
+B is packed once (weights) or per call (activation x activation): panels of 64 columns,
+and within a panel, for each group of 4 rows of K, 256 bytes ordered [column][byte of the
+group]. A is a row-major uint8 buffer whose rows hold K padded to a multiple of 4; padded
+bytes of A meet zero rows of B, so they are harmless, and padded rows of C are never used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..jit import njit, prange
+from .requant import requant_one
+
+MR = 6  # rows of C per micro-kernel call
+NV = 4  # zmm vectors of C per row
+NR = 16 * NV  # columns of C per micro-kernel call (one B panel)
+KG = 4  # bytes of K per VPDPBUSD lane
+
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V16 = ir.VectorType(_I32, 16)
+
+
+def _data_pointer(context, builder, array_type, value):
+    return cgutils.create_struct_proxy(array_type)(context, builder, value=value).data
+
+
+@intrinsic
+def micro_kernel(typingctx, a, a_off, lda, b, b_off, c, ldc, k_groups):
+    """c[0:MR, 0:NR] (int32, row stride ldc) = A[a_off:, MR rows of 4*k_groups bytes, row
+    stride lda] . the packed B panel at b_off (k_groups groups of 256 bytes)."""
+    sig = types.void(a, types.int64, types.int64, b, types.int64, c, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a_v, a_off, lda, b_v, b_off, c_v, ldc, k_groups = args
+        arg_types = signature.args
+        vpdpbusd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.x86.avx512.vpdpbusd.512"
+        )
+        a_base = builder.gep(builder.bitcast(_data_pointer(context, builder, arg_types[0], a_v), _I8.as_pointer()), [a_off])
+        b_base = builder.gep(builder.bitcast(_data_pointer(context, builder, arg_types[3], b_v), _I8.as_pointer()), [b_off])
+        c_base = builder.bitcast(_data_pointer(context, builder, arg_types[5], c_v), _I32.as_pointer())
+        zero = ir.Constant(_V16, [0] * 16)
+        undef = ir.Constant(_V16, ir.Undefined)
+        broadcast_mask = ir.Constant(_V16, [0] * 16)
+
+        entry = builder.block
+        loop = builder.append_basic_block("k_group")
+        done = builder.append_basic_block("k_done")
+        builder.cbranch(builder.icmp_signed(">", k_groups, ir.Constant(_I64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        g = builder.phi(_I64)
+        g.add_incoming(ir.Constant(_I64, 0), entry)
+        accs = []
+        for _ in range(MR * NV):
+            phi = builder.phi(_V16)
+            phi.add_incoming(zero, entry)
+            accs.append(phi)
+        b_step = builder.gep(b_base, [builder.mul(g, ir.Constant(_I64, 64 * NV))])
+        b_vecs = [
+            builder.load(builder.bitcast(builder.gep(b_step, [ir.Constant(_I64, 64 * v)]), _V16.as_pointer()), align=1)
+            for v in range(NV)
+        ]
+        a_step = builder.gep(a_base, [builder.mul(g, ir.Constant(_I64, KG))])
+        updated = []
+        for r in range(MR):
+            word = builder.load(builder.bitcast(builder.gep(a_step, [builder.mul(lda, ir.Constant(_I64, r))]), _I32.as_pointer()), align=1)
+            a_vec = builder.shuffle_vector(builder.insert_element(undef, word, ir.Constant(_I32, 0)), undef, broadcast_mask)
+            for v in range(NV):
+                updated.append(builder.call(vpdpbusd, [accs[r * NV + v], a_vec, b_vecs[v]]))
+        following = builder.add(g, ir.Constant(_I64, 1))
+        g.add_incoming(following, loop)
+        for phi, value in zip(accs, updated):
+            phi.add_incoming(value, loop)
+        builder.cbranch(builder.icmp_signed("<", following, k_groups), loop, done)
+
+        builder.position_at_end(done)
+        results = []
+        for i in range(MR * NV):
+            phi = builder.phi(_V16)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(updated[i], loop)
+            results.append(phi)
+        for r in range(MR):
+            row = builder.gep(c_base, [builder.mul(ldc, ir.Constant(_I64, r))])
+            for v in range(NV):
+                builder.store(results[r * NV + v], builder.bitcast(builder.gep(row, [ir.Constant(_I64, 16 * v)]), _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def padded(n: int, block: int) -> int:
+    return (n + block - 1) // block * block
+
+
+def pack_b(b: np.ndarray) -> np.ndarray:
+    """Pack a (K, N) matrix of values in [-128, 127] into VNNI panels (flat int8)."""
+    k, n = b.shape
+    kp, np_ = padded(max(k, 1), KG), padded(max(n, 1), NR)
+    full = np.zeros((kp, np_), np.int8)
+    full[:k, :n] = b
+    # Axes of the reshape: group of K, byte in the group, panel, column in the panel.
+    groups = full.reshape(kp // KG, KG, np_ // NR, NR)
+    return np.ascontiguousarray(groups.transpose(2, 0, 3, 1)).reshape(-1)
+
+
+GROUP_BLOCKS = 4  # micro-kernel row blocks per task (24 rows of A stay in L1 across panels)
+
+
+@njit(cache=True, inline="always")
+def _copy_shifted(a, row0, rows, k, lo, abuf):
+    """abuf[i, :k] = a[row0 + i, :] - lo as bytes (the caller's bounds put it in [0, 255])."""
+    for i in range(rows):
+        for kk in range(k):
+            abuf[i, kk] = np.uint8(np.int64(a[row0 + i, kk]) - lo)
+
+
+@njit(cache=True, parallel=True)
+def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant, out, acc_out):
+    """out = epilogue((a - lo) . B + corr) for a (M, K) integer matrix and the packed (K, N)
+    int8 matrix B; corr (int64, one per column) folds in zero points and bias.
+
+    requant = 0: out (int32) receives the sum; 1: out receives its requantization by
+    `plan` (see kernels.requant). acc_out, if it has rows, also receives the int32 sum
+    (a traced run sees the intermediate the fusion skips).
+    """
+    m, k = a.shape
+    k_groups = kp // KG
+    panels = (n + NR - 1) // NR
+    blocks = (m + MR - 1) // MR
+    groups = (blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS
+    keep_acc = acc_out.shape[0] > 0
+    for g in prange(groups):
+        row0 = g * GROUP_BLOCKS * MR
+        rows = min(m - row0, GROUP_BLOCKS * MR)
+        nblocks = (rows + MR - 1) // MR
+        abuf = np.zeros((nblocks * MR, kp), np.uint8)
+        _copy_shifted(a, row0, rows, k, lo, abuf)
+        flat_a = abuf.reshape(-1)
+        tile = np.empty((nblocks * MR, NR), np.int32)
+        for p in range(panels):
+            b_off = p * k_groups * KG * NR
+            for bb in range(nblocks):
+                micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
+            c0 = p * NR
+            cols = min(NR, n - c0)
+            for i in range(rows):
+                r = row0 + i
+                for jj in range(cols):
+                    j = c0 + jj
+                    acc = np.int64(tile[i, jj]) + corr[j]
+                    if keep_acc:
+                        acc_out[r, j] = acc
+                    if requant:
+                        out[r, j] = requant_one(acc, plan, j, out_lo, out_hi, mode)
+                    else:
+                        out[r, j] = acc
+
+
+@njit(cache=True, parallel=True)
+def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out):
+    """out[t] = epilogue(a[t] . b[t]) for stacks of computed matrices: a (T, M, K) with
+    values in [lo, lo + 256], b (T, K, N) with values in [-128, 127]; each b[t] is packed
+    here. A value of exactly lo + 256 enters the byte GEMM as 255 and its row gets the
+    missing b[k, :] added afterwards (I-BERT's softmax output, 0..256, is one such type).
+    requant and acc_out as in `gemm_weight`. Returns False, leaving out unfinished, if a
+    value of a lies above lo + 256 (a type wider than its values: the caller checks).
+    """
+    stacks, m, k = a.shape
+    n = b.shape[2]
+    kp = (k + KG - 1) // KG * KG
+    k_groups = kp // KG
+    panels = (n + NR - 1) // NR
+    blocks = (m + MR - 1) // MR
+    keep_acc = acc_out.shape[0] > 0
+    fits = np.ones(stacks, np.bool_)
+    for t in prange(stacks):
+        packed = np.zeros(panels * k_groups * KG * NR, np.int8)
+        colsum = np.zeros(n, np.int64)
+        for kk in range(k):
+            g, q = kk // KG, kk % KG
+            for j in range(n):
+                v = b[t, kk, j]
+                colsum[j] += v
+                packed[((j // NR) * k_groups + g) * KG * NR + (j % NR) * KG + q] = np.int8(v)
+        abuf = np.zeros((blocks * MR, kp), np.uint8)
+        wide = np.zeros(m, np.bool_)
+        for i in range(m):
+            for kk in range(k):
+                v = np.int64(a[t, i, kk]) - lo
+                if v > 255:
+                    wide[i] = True
+                    fits[t] &= v == 256
+                    v = 255
+                abuf[i, kk] = np.uint8(v)
+        if not fits[t]:
+            continue
+        flat_a = abuf.reshape(-1)
+        tile = np.empty((blocks * MR, NR), np.int32)
+        for p in range(panels):
+            b_off = p * k_groups * KG * NR
+            for bb in range(blocks):
+                micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
+            c0 = p * NR
+            cols = min(NR, n - c0)
+            for i in range(m):
+                if wide[i]:
+                    for kk in range(k):
+                        if np.int64(a[t, i, kk]) - lo > 255:
+                            for jj in range(cols):
+                                tile[i, jj] += b[t, kk, c0 + jj]
+                for jj in range(cols):
+                    j = c0 + jj
+                    acc = np.int64(tile[i, jj]) + lo * colsum[j]
+                    if keep_acc:
+                        acc_out[t, i, j] = acc
+                    if requant:
+                        out[t, i, j] = requant_one(acc, plan, j, out_lo, out_hi, mode)
+                    else:
+                        out[t, i, j] = acc
+    return fits.all()

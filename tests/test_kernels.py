@@ -1,0 +1,249 @@
+"""The fast kernels (refsim.kernels) against the readable ops they stand for.
+
+Every registered kernel runs, inside a one-node graph, on the same hypothesis cases as its
+op's torch tests, and must give what the op's NumPy formula gives (or refuse what it
+refuses). The integer GEMMs are also checked directly, at shapes that cross their tile
+edges, with extreme operands, every rounding of the fused requantization, and the bounds
+they must refuse.
+"""
+
+import numpy as np
+import pytest
+from core_harness import build_graph
+from core_strategies import CASES, ROUNDINGS, SHIFT_EDGES
+from hypothesis import given
+from hypothesis import strategies as st
+from refsim import GraphBuilder, Model, RefsimError, backend
+from refsim.kernels import KERNELS, cpu
+from refsim.kernels import matmul as kmatmul
+from refsim.kernels.requant import requant_plan
+from refsim.ops.rounding import mode_code, requantize
+
+needs_vnni = pytest.mark.skipif(not cpu.vnni_usable(), reason="AVX-512 VNNI not usable on this machine")
+ENGINES = [pytest.param("amx", marks=pytest.mark.skipif(not cpu.amx_usable(), reason="AMX int8 not usable here")),
+           pytest.param("vnni", marks=needs_vnni)]
+RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "ternary": (-1, 1), "int2": (-2, 1)}
+
+
+def _graph_result(case, backend_name):
+    """The one-node graph's output under a backend, or the RefsimError it raises. Under
+    NumPy the engine runs the op's own formula (with the types the graph declares); under
+    Numba it runs the registered kernel."""
+    with backend.use(backend_name):
+        try:
+            model, feeds, y = build_graph(case)
+            return model.run(feeds)[y]
+        except RefsimError as e:
+            return e
+
+
+@given(st.sampled_from(sorted(KERNELS)).flatmap(lambda op: CASES[op]))
+def test_every_kernel_matches_its_op(case):
+    expected = _graph_result(case, "numpy")
+    got = _graph_result(case, "numba")
+    if isinstance(expected, RefsimError):
+        assert isinstance(got, RefsimError), f"the op refuses ({expected}), the kernel gave {got!r}"
+        return
+    assert not isinstance(got, RefsimError), f"the kernel refused ({got}), the op gives {expected!r}"
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@given(
+    m=st.integers(1, 70), k=st.integers(1, 200), n=st.integers(1, 140),
+    a_type=st.sampled_from(["int8", "uint8", "int4"]), b_type=st.sampled_from(["int8", "int4", "ternary", "int2"]),
+    zero_point=st.integers(-8, 8), with_bias=st.booleans(), extremes=st.booleans(), seed=st.integers(0, 2**32 - 1),
+)
+def test_packed_weight_is_exact(monkeypatch, engine, m, k, n, a_type, b_type, zero_point, with_bias, extremes, seed):
+    monkeypatch.setenv("REFSIM_GEMM", engine)
+    rng = np.random.default_rng(seed)
+    alo, ahi = RANGES[a_type]
+    blo, bhi = RANGES[b_type]
+    a = rng.integers(alo, ahi + 1, (m, k))
+    b = rng.integers(blo, bhi + 1, (k, n))
+    if extremes:  # the corners where a sum is largest
+        a[: m // 2 + 1] = alo
+        b[:, : n // 2 + 1] = blo
+    bias = rng.integers(-(1 << 20), 1 << 20, n) if with_bias else None
+    weight = kmatmul.PackedWeight.prepare(b)
+    assert weight is not None and weight.engine == engine
+    assert kmatmul.int32_exact(k, alo, ahi, zero_point, weight.bound, 1 << 20)
+    storage = np.uint8 if alo >= 0 else np.int8
+    got = weight.product(a.astype(storage), alo, weight.correction(alo, zero_point, bias))
+    expected = (a - zero_point) @ b + (0 if bias is None else bias)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, expected)
+
+
+PLAN_SHIFTS = st.one_of(st.sampled_from(SHIFT_EDGES[:-2]), st.integers(0, 70))
+
+
+@st.composite
+def requant_params(draw, n):
+    per_channel = draw(st.booleans())
+    width = n if per_channel else 1
+    mul = draw(st.lists(st.integers(-(1 << 31), (1 << 31) - 1), min_size=width, max_size=width))
+    shift = draw(st.lists(PLAN_SHIFTS, min_size=width, max_size=width))
+    bias = draw(st.lists(st.integers(-(1 << 40), 1 << 40), min_size=width, max_size=width))
+    offset = draw(st.lists(st.integers(-300, 300), min_size=width, max_size=width))
+    rounding = draw(st.sampled_from(ROUNDINGS))
+    out = draw(st.sampled_from([(-128, 127, np.int8), (-32768, 32767, np.int16), (0, 255, np.uint8), (-7, 100, np.int8)]))
+    return [np.array(p, np.int64) for p in (mul, bias, shift, offset)], rounding, out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@given(m=st.integers(1, 40), k=st.integers(1, 100), n=st.integers(1, 130), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_fused_requantization_matches_requantize(monkeypatch, engine, m, k, n, seed, data):
+    monkeypatch.setenv("REFSIM_GEMM", engine)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (k, n))
+    a[0] = -128
+    b[:, 0] = -128
+    (mul, bias, shift, offset), rounding, (lo, hi, storage) = data.draw(requant_params(n))
+    weight = kmatmul.PackedWeight.prepare(b)
+    corr = weight.correction(-128, 0, None)
+    plan = requant_plan(mul, bias, shift, offset, n)
+    acc, got = weight.product(a, -128, corr, plan, (lo, hi, mode_code(rounding)), storage, keep_acc=True)
+    exact = a.astype(np.int64) @ b
+    assert np.array_equal(acc, exact)
+    assert np.array_equal(got, requantize(exact, mul, bias, shift, offset, lo, hi, rounding).astype(storage))
+
+
+@needs_vnni
+@given(t=st.integers(1, 3), m=st.integers(1, 40), k=st.integers(1, 140), n=st.integers(1, 80),
+       lo=st.sampled_from([0, -128, 5]), seed=st.integers(0, 2**32 - 1), wide_rows=st.integers(0, 3))
+def test_activation_gemm_is_exact_up_to_lo_plus_256(t, m, k, n, lo, seed, wide_rows):
+    from refsim.kernels import vnni
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(lo, lo + 256, (t, m, k)).astype(np.int16)
+    for r in range(min(wide_rows, m)):  # a value of exactly lo + 256 (I-BERT's probability 1)
+        a[:, r, rng.integers(0, k)] = lo + 256
+    b = rng.integers(-128, 128, (t, k, n)).astype(np.int8)
+    b[:, :, 0] = -128
+    out = np.empty((t, m, n), np.int32)
+    assert vnni.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+    assert np.array_equal(out, a.astype(np.int64) @ b)
+    a[0, 0, 0] = lo + 257  # beyond what the byte GEMM can take: reported, not computed
+    assert not vnni.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+
+
+def test_int32_bounds_refuse_what_a_byte_gemm_cannot_hold():
+    assert kmatmul.int32_exact(65793, -128, 127, 0, 128, 0)  # 65793 * 255 * 128 = 2^31 - 127
+    assert not kmatmul.int32_exact(65794, -128, 127, 0, 128, 0)  # one more row of K leaves int32
+    assert kmatmul.int32_exact(1000, -128, 127, 0, 128, 0)
+    assert not kmatmul.int32_exact(10, -129, 127, 0, 128, 0)  # 257 values do not fit a byte
+    assert not kmatmul.int32_exact(100, -128, 127, 0, 128, 0, acc_bits=16)  # the accumulator could overflow
+    assert kmatmul.PackedWeight.prepare(np.full((4, 4), 200)) is None  # weights beyond int8
+
+
+@needs_vnni
+def test_int8_weights_of_minus_128_bound_the_sums():
+    """The bound of an int8 weight holding -128 is 128 (NumPy's abs of an int8 -128 is -128)."""
+    weight = kmatmul.PackedWeight.prepare(np.full((4, 1), -128, np.int8))
+    assert weight.bound == 128
+    assert not kmatmul.int32_exact(4, -128, 127, 0, weight.bound, 0, acc_bits=16)  # 4 * 128 * 128 = 65536
+
+
+def test_a_weight_too_deep_for_int32_falls_back_exactly():
+    k = 70000  # 70000 * 255 * 128 leaves int32: float BLAS chunks instead
+    b = GraphBuilder("deep")
+    x = b.input("x", "int8", [1, k])
+    w = b.const(np.full((k, 2), -128), "int8", name="w")
+    b.output(b.node("MatMul", [x, w], outputs="y", acc_bits=64))
+    model = b.model()
+    a = np.full((1, k), -128, np.int8)
+    assert model.run({"x": a})["y"].tolist() == [[k * 128 * 128] * 2]
+
+
+def _dense_model(rng, k=96, n=80):
+    b = GraphBuilder("dense")
+    x = b.input("x", "int8", ["batch", k])
+    w = b.const(rng.integers(-128, 128, (k, n)), "int8", name="w")
+    bias = b.const(rng.integers(-5000, 5000, n), "int32", name="bias")
+    acc = b.node("MatMul", [x, w, None, None, bias], outputs="acc")
+    mul = b.const(rng.integers(1, 1 << 16, n), "int32", name="mul")
+    shift = b.const(np.full(n, 18), "int8", name="shift")
+    b.output(b.node("Requant", [acc, mul, shift], outputs="y", rounding="half_even", dtype="int8"))
+    return b.model()
+
+
+def test_fused_steps_give_every_intermediate_when_traced():
+    rng = np.random.default_rng(3)
+    fused = _dense_model(rng)
+    plain = Model(_dense_model(np.random.default_rng(3)).graph, fuse=False)
+    assert any(s.hidden is not None for s in fused._steps) == cpu.vnni_usable()
+    assert all(s.hidden is None for s in plain._steps)
+    x = rng.integers(-128, 128, (37, 96)).astype(np.int8)
+    x[0] = -128
+    seen = {"fused": {}, "plain": {}}
+    out_f = fused.run({"x": x}, trace=lambda node, name, a: seen["fused"].__setitem__(name, (node.name, a.copy())))
+    out_p = plain.run({"x": x}, trace=lambda node, name, a: seen["plain"].__setitem__(name, (node.name, a.copy())))
+    assert np.array_equal(out_f["y"], out_p["y"])
+    assert list(seen["fused"]) == list(seen["plain"]) == ["acc", "y"]
+    for name, (node, array) in seen["plain"].items():
+        assert seen["fused"][name][0] == node
+        assert np.array_equal(seen["fused"][name][1], array)
+    both = fused.run({"x": x}, outputs=["acc", "y"])  # asking for the skipped tensor
+    assert np.array_equal(both["acc"], seen["plain"]["acc"][1])
+    with backend.use("numpy"):  # the other backend plans its own steps
+        assert np.array_equal(fused.run({"x": x})["y"], out_p["y"])
+
+
+def test_thread_choice_follows_measured_costs():
+    choice = backend.ThreadChoice(2)
+    tried = [choice.pick() for _ in range(4)]
+    assert sorted(tried) == [0, 0, 1, 1]  # each option tried twice first
+    for option in (0, 1):
+        choice.record(option, 1.0 if option else 3.0)  # all threads cheaper
+    picks = []
+    for _ in range(64):
+        option = choice.pick()
+        picks.append(option)
+        choice.record(option, 1.0 if option else 3.0)
+    assert picks.count(1) > 56 and 0 in picks  # mostly the cheaper, with probes of the other
+    for _ in range(64):  # the load changes: one thread becomes the cheaper
+        option = choice.pick()
+        choice.record(option, 5.0 if option else 0.5)
+    assert choice.counts[choice.pick()] == 1
+
+
+def test_requant_with_the_int64_minimum_multiplier_is_refused_like_the_op():
+    b = GraphBuilder("rq")
+    x = b.input("x", "int32", [1, 2])
+    mul = b.const(np.array(-(1 << 63)), "int64", name="mul")
+    shift = b.const(np.array(3), "int8", name="shift")
+    b.output(b.node("Requant", [x, mul, shift], outputs="y", dtype="int8"))
+    model = b.model()
+    with pytest.raises(RefsimError, match="int64"):
+        model.run({"x": np.array([[2, -5]], np.int32)})
+    assert model.run({"x": np.zeros((1, 2), np.int32)})["y"].tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "trunc"])
+def test_parallel_kernel_and_its_sequential_twin_agree(monkeypatch, rounding):
+    """A parallel kernel runs as its sequential twin below the threading threshold: both
+    compute the op's formula (here the planned requantization, on extreme int32 inputs)."""
+    from refsim.kernels import requant as krequant
+
+    twin = krequant.requant_rows
+    rng = np.random.default_rng(7)
+    x = rng.integers(-(2**31), 2**31, size=(96, 200), dtype=np.int64).astype(np.int32)
+    x[0, :4] = [-(2**31), 2**31 - 1, 0, -1]
+    mul = rng.integers(1, 2**20, size=200)
+    bias = rng.integers(-(2**40), 2**40, size=200)
+    shift = rng.integers(0, 70, size=200)
+    offset = rng.integers(-5, 5, size=200)
+    plan = requant_plan(mul, bias, shift, offset, 200)
+    expected = requantize(x, mul, bias, shift, offset, -128, 127, rounding).astype(np.int8)
+    results = {}
+    for name, threshold in (("parallel", 0), ("sequential", x.size + 1)):
+        monkeypatch.setattr(twin, "threshold", threshold)
+        out = np.empty(x.shape, np.int8)
+        twin(x, plan, -128, 127, mode_code(rounding), out)
+        results[name] = out
+        assert getattr(twin, name).signatures, f"the {name} variant did not run"
+    assert np.array_equal(results["parallel"], expected)
+    assert np.array_equal(results["sequential"], expected)
