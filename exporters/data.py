@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from refsim.errors import RefsimError
+from refsim.npyfile import read_npy, read_npz
 from refsim.text import DEFAULT_INPUTS, TextEncoder
 
 from .calibrate import sample_digest
@@ -68,17 +69,12 @@ def load_dataset(path: str, input_names: list[str], encoder: TextEncoder | None,
     if not os.path.exists(path):
         raise ExportError(f"{path}: no such file")
     if path.endswith(".npy") or path.endswith(".npz"):
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ExportError(f"{path}: cannot read as a NumPy array without unpickling: {e}") from None
         if path.endswith(".npy"):
             if len(input_names) != 1:
                 raise ExportError(f"{path}: the model has {len(input_names)} inputs ({', '.join(input_names)}); give an .npz keyed by input name")
-            arrays = {input_names[0]: np.asarray(loaded)}
+            arrays = {input_names[0]: read_npy(path)}
         else:
-            with loaded:
-                arrays = {k: np.asarray(loaded[k]) for k in loaded.files}
+            arrays = read_npz(path)
             missing = [n for n in input_names if n not in arrays]
             if missing:
                 raise ExportError(f"{path}: no arrays for model input(s) {missing} (it holds {sorted(arrays)})")

@@ -11,7 +11,6 @@ the first one's index, expected and actual value, and the largest difference), o
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InputError
+from ..npyfile import read_npy
 from .vectorset import VectorSetError, load_manifest, sha256_file
 
 
@@ -89,10 +89,7 @@ def compare_values(expected: np.ndarray, actual: np.ndarray, atol: int) -> tuple
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path}: cannot read as a .npy array: {e}") from None
+    return read_npy(os.fspath(path))
 
 
 def _golden_array(root: Path, entry: dict[str, Any]) -> np.ndarray:

@@ -8,20 +8,27 @@
 
 The whole set is written into a temporary folder beside DIR and renamed into place only
 when complete, so DIR is either absent or whole: an interrupted run (an error, Ctrl-C, a
-kill) never leaves a partial DIR. Every file's path passes through `_checked_relpath`, and
+kill) never leaves a partial DIR. Replacing a set (`force`) exchanges the two folders in
+one atomic rename where the system can (Linux), else moves the old set aside first, and
+the next run puts it back if the new one never arrived. Temporary folders carry their
+writer's pid, so the next run also removes those a killed writer left behind. Every file's path passes through `_checked_relpath`, and
 every name that comes from the model goes through `refsim.golden.names` first, so no file
 is ever written outside the temporary folder.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +37,7 @@ import numpy as np
 
 from .. import __version__
 from ..engine import Model
-from ..errors import InputError, RefsimError
+from ..errors import InputError, RefsimError, internal_error
 from ..inputs import Sample
 from ..ir import Graph
 from .capture import CapturedSample, capture
@@ -70,7 +77,7 @@ def _checked_relpath(relpath: str) -> str:
     parts = relpath.split("/")
     for part in parts:
         if not _SAFE_COMPONENT.match(part):
-            raise RuntimeError(f"refsim bug: unsafe path component {part!r} in {relpath!r}")
+            raise internal_error(f"unsafe path component {part!r} in {relpath!r}")
     return relpath
 
 
@@ -82,11 +89,69 @@ def is_vector_set(path: Path) -> bool:
         return False
 
 
+def _owner_tag() -> str:
+    """This process, as it appears in the names of its temporary folders: pid-hosthash."""
+    return f"{os.getpid()}-{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _clean_stale(final: Path) -> None:
+    """Remove the temporary folders of writers to `final` that died (kill -9, power loss).
+
+    `.NAME.<pid>-<host>.<random>.partial` is a set being written, `.old` the previous set
+    moved aside by a replacing run that did not use the atomic exchange. Only folders of
+    this host whose process is gone are touched; an `.old` set whose replacement never
+    arrived is put back at `final` first.
+    """
+    host = _owner_tag().split("-")[1]
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(\d+)-({host})\.[A-Za-z0-9_]+\.(partial|old)$")
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        moved_aside = entry / "set"
+        if match.group(3) == "old" and is_vector_set(moved_aside) and not (final.exists() or final.is_symlink()):
+            os.replace(moved_aside, final)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False where the system or file system cannot (then the caller renames twice)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
 class _Writer:
     """Files go into a temporary folder beside DIR, which `commit` renames into place."""
 
     def __init__(self, out_dir: str | os.PathLike, force: bool):
         self.final = Path(out_dir)
+        _clean_stale(self.final)
         if self.final.exists() or self.final.is_symlink():
             if not force:
                 raise VectorSetError(f"{self.final}: already exists; give --force to replace it")
@@ -97,7 +162,7 @@ class _Writer:
         parent = self.final.parent
         if not parent.is_dir():
             raise VectorSetError(f"{parent}: no such folder for the vector set")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".partial", dir=parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.{_owner_tag()}.", suffix=".partial", dir=parent))
         self.files: list[dict[str, Any]] = []
 
     def write(self, relpath: str, data, **about) -> dict[str, Any]:
@@ -121,12 +186,14 @@ class _Writer:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)
-        old = None
-        if self.final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".old", dir=self.final.parent))
+        if not self.final.exists():
+            os.replace(self.tmp, self.final)
+        elif _exchange(self.tmp, self.final):  # DIR holds the new set at every instant
+            shutil.rmtree(self.tmp, ignore_errors=True)  # now the old set
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.{_owner_tag()}.", suffix=".old", dir=self.final.parent))
             os.replace(self.final, old / "set")
-        os.replace(self.tmp, self.final)
-        if old is not None:
+            os.replace(self.tmp, self.final)  # killed just before: the next run puts the old set back
             shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:

@@ -24,7 +24,8 @@ of `dtype` unless `clip` narrows it. TFLite's QUANTIZE divides in float32 and ro
 away from zero (`rounding: "half_away"`, std::round) before adding the zero point. An input marked `"integers": true` takes floats that
 hold integers (quantlib/Deeploy graphs) and only casts them. Integer arrays pass through
 unchanged: they are taken to be quantized already. An output's float value is
-`(q - zero_point) * scale` in float32.
+`(q - zero_point) * scale` in float32. Values beyond the type saturate; a value that is no
+float32 or lies more than 2^63 steps out (1e308, say) is refused instead.
 
 `refsim run`, `refsim golden` and `refsim compare` read this, for exported and imported
 models alike. Files written before it (`metadata["input_quant"]` of exported models,
@@ -93,12 +94,14 @@ def quantize_array(x: np.ndarray, spec: dict, name: str = "input") -> np.ndarray
     except KeyError:
         raise InputError(f"the boundary entry of input {name!r} has no dtype") from None
     x = np.asarray(x)
-    if not np.all(np.isfinite(x)):
-        raise InputError(f"float input {name!r} holds NaN or infinite values")
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise InputError(f"float input {name!r} holds NaN or infinite values (first at index {_first(~finite)})")
     lo, hi = spec.get("clip") or (t.lo, t.hi)
     if spec.get("integers"):
         if np.any(x != np.round(x)):
             raise InputError(f"float input {name!r} must hold integers (the model's {t.name} values)")
+        _refuse_wild(name, x, ~(np.abs(x) < 2.0**63), t)
         return np.clip(x, lo, hi).astype(t.storage)
     wide = spec.get("arithmetic") == "float64"
     try:
@@ -107,6 +110,13 @@ def quantize_array(x: np.ndarray, spec: dict, name: str = "input") -> np.ndarray
         raise InputError(f"input {name!r}: the model's boundary entry is malformed ({e})") from None
     if np.any(~(scale > 0)):
         raise InputError(f"input {name!r}: quantization scales must be positive")
+    # Values beyond the type saturate, as QuantizeLinear does; but one that is no float32
+    # (the arithmetic ONNX and TFLite quantize in) or whose level is not even an int64
+    # (1e308, say) is refused, not saturated, and leaks no NumPy overflow warning.
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        levels = np.abs(x.astype(np.float64) / np.asarray(scale, np.float64))
+    wild = ~(levels < 2.0**63) if wide else ~((np.abs(x) <= np.finfo(np.float32).max) & (levels < 2.0**63))
+    _refuse_wild(name, x, wild, t)
     rounding = spec.get("rounding", "half_even")
     if wide:
         q = np.rint(x.astype(np.float64) / scale) + zero
@@ -121,6 +131,17 @@ def quantize_array(x: np.ndarray, spec: dict, name: str = "input") -> np.ndarray
     else:
         raise InputError(f"input {name!r}: unknown rounding {rounding!r} in the model's boundary")
     return np.clip(q, lo, hi).astype(t.storage)
+
+
+def _first(mask: np.ndarray) -> list[int]:
+    return [int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape)] if mask.ndim else []
+
+
+def _refuse_wild(name: str, x: np.ndarray, wild: np.ndarray, t) -> None:
+    if wild.any():
+        index = _first(wild)
+        raise InputError(f"float input {name!r}: value {float(x[tuple(index)]):g} at index {index} is far outside the "
+                         f"{t.name} range [{t.lo}, {t.hi}] it is quantized into (no float32, or more than 2^63 steps)")
 
 
 def quantize_feeds(model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import backend
 from .dtypes import check_fits
-from .errors import InputError, OpError, RefsimError
+from .errors import InputError, OpError, RefsimError, internal_error
 from .ir import Graph, Node, Tensor, validate
 from .ops import registry
 
@@ -229,8 +229,8 @@ class Model:
             if array.dtype.kind not in "iu":
                 if (
                     array.dtype.kind == "f"
+                    and np.all(np.abs(array) < 2.0**63)  # finite, and exact integers that int64 holds
                     and np.all(np.mod(array, 1) == 0)
-                    and np.all(np.abs(array) < 2.0**63)  # exact integers that int64 holds
                 ):
                     array = array.astype(np.int64)
                 else:
@@ -297,13 +297,16 @@ class Model:
                 raise type(e)(f"{node.describe()}: {e}") from None
             except (ValueError, IndexError) as e:  # numpy's complaints about shapes the feeds caused
                 raise OpError(f"{node.describe()}: {e}") from None
+            except MemoryError:
+                shapes_out = ", ".join(f"{t.name} {list(t.shape)}" for t in step.outputs)
+                raise OpError(f"{node.describe()}: not enough memory to compute {shapes_out}") from None
             if choice is not None:
                 choice.record(option, clock() - started)
             if keep_hidden:
                 self._store(step.producer, hidden, inner, values, shapes, trace)
             results = result if isinstance(result, tuple) else (result,)
             if len(results) != len(step.outputs):
-                raise RuntimeError(f"refsim bug: {node.describe()} returned {len(results)} results for {len(step.outputs)} outputs")
+                raise internal_error(f"{node.describe()} returned {len(results)} results for {len(step.outputs)} outputs")
             for t, array in zip(step.outputs, results):
                 self._store(node, t, array, values, shapes, trace)
             for name in step.release:
@@ -313,8 +316,8 @@ class Model:
     @staticmethod
     def _store(node, t: Tensor, array, values, shapes, trace) -> None:
         if array.dtype != t.dtype.storage:
-            raise RuntimeError(
-                f"refsim bug: {node.describe()} returned {array.dtype} for {t.name!r} "
+            raise internal_error(
+                f"{node.describe()} returned {array.dtype} for {t.name!r} "
                 f"declared {t.dtype} (storage {t.dtype.storage})"
             )
         problem = shapes.match(t.shape, array.shape)

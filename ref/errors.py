@@ -31,3 +31,12 @@ class OpError(RefsimError):
 
 class AccumulatorOverflow(OpError):
     """An exact result does not fit the declared accumulator and the policy is `error`."""
+
+
+class InternalError(RuntimeError):
+    """A refsim bug, not a user's mistake: never turned into a one-line error, always
+    reported with its traceback. Build it with `internal_error`."""
+
+
+def internal_error(what: str) -> InternalError:
+    return InternalError(f"refsim bug: {what}; please report it (with the model if you can share it)")

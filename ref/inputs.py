@@ -1,9 +1,11 @@
 """Reading model inputs from files: `.npy`, `.npz`, or text with one sample per line.
 
-Text lines are whitespace- or comma-separated integers for a model with one input; each
-line is one sample, shaped to the input's declared shape with a batch of one. Lines that
-are empty or start with '#' are skipped. (Models with an embedded tokenizer read raw text
-lines instead; see `refsim.text`.) `.npy`/`.npz` files are never unpickled.
+Text lines are whitespace- or comma-separated decimal integers (`[+-]?[0-9]+`, ASCII digits)
+for a model with one input; each line is one sample, shaped to the input's declared shape
+with a batch of one. Lines that are empty or start with '#' are skipped. (Models with an
+embedded tokenizer read raw text lines instead; see `refsim.text`.) `.npy`/`.npz` files are
+read by `refsim.npyfile`: never unpickled, and each array's header is checked against the
+model before its data is read.
 
 An array file holds N samples along axis 0 (an `.npz` the same N in every array): with the
 input's rank, sample i is `array[i:i+1]` (a batch of one); with one axis more, `array[i]`.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import zipfile
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +27,7 @@ import numpy as np
 from .boundary import input_specs, quantize_feeds
 from .errors import InputError
 from .ir import Tensor
+from .npyfile import ArrayHeader, read_npy, read_npz
 
 
 @dataclass
@@ -36,13 +39,30 @@ class Sample:
     text: str | None = None
 
 
-def _load_array_file(path: str):
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise InputError(f"{path}: cannot read as a NumPy array without unpickling: {e}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: cannot read: {e}") from None
+def _header_check(path: str, inputs: list[Tensor], batch_axis):
+    """Compare an array file's header with the model before any data is read: the input it
+    names, and a shape that can hold samples of it (see the module docstring)."""
+    by_name = {t.name: t for t in inputs}
+
+    def fits(declared, shape) -> bool:
+        return len(declared) == len(shape) and all(not isinstance(d, int) or d == a for d, a in zip(declared, shape))
+
+    def check(name: str | None, header: ArrayHeader) -> None:
+        t = inputs[0] if name is None else by_name.get(name)
+        if t is None:
+            known = ", ".join(by_name)
+            raise InputError(f"{path}: holds array {name!r}, which is not an input of the model (inputs: {known})")
+        declared, shape = list(t.shape), list(header.shape)
+        if batch_axis is None:
+            ok = fits(declared, shape)
+        else:  # one sample, samples along axis 0 at the input's rank, or with one axis more
+            ok = fits(declared, shape) or (len(shape) == len(declared) and fits(declared[1:], shape[1:])) \
+                or fits(declared, shape[1:])
+        if not ok:
+            where = f"{path}[{name!r}]" if name is not None else path
+            raise InputError(f"{where}: array of shape {shape} does not fit input {t.name!r} of shape {declared}")
+
+    return check
 
 
 def _sample_shape(t: Tensor, count: int, where: str) -> tuple[int, ...]:
@@ -66,17 +86,25 @@ def _sample_shape(t: Tensor, count: int, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: no '1_0', no other scripts' digits
+_INT64_DIGITS = 19
+
+
+def _abbreviated(token: str) -> str:
+    return repr(token) if len(token) <= 24 else f"{token[:12]!r}... ({len(token)} characters)"
+
+
 def _parse_numbers(line: str, where: str) -> np.ndarray:
     values = []
     for token in line.replace(",", " ").split():
-        try:
-            values.append(int(token))  # decimal, leading zeros allowed
-        except ValueError:
-            try:
-                values.append(int(token, 0))  # 0x.., 0b.., 0o..
-            except ValueError:
-                raise InputError(f"{where}: {token!r} is not an integer") from None
-    return np.array(values, dtype=object).astype(np.int64) if values else np.zeros(0, np.int64)
+        if not _INTEGER.fullmatch(token):
+            raise InputError(f"{where}: {_abbreviated(token)} is not an integer (decimal digits, optional sign)")
+        digits = token.lstrip("+-").lstrip("0")
+        value = int(token) if len(digits) <= _INT64_DIGITS else None
+        if value is None or not -(1 << 63) <= value < 1 << 63:
+            raise InputError(f"{where}: {_abbreviated(token)} does not fit 64 bits")
+        values.append(value)
+    return np.array(values, dtype=np.int64)
 
 
 def number_lines(path: str, inputs: list[Tensor], lines) -> Iterator[Sample]:
@@ -89,10 +117,7 @@ def number_lines(path: str, inputs: list[Tensor], lines) -> Iterator[Sample]:
         if not text or text.startswith("#"):
             continue
         where = f"{path}:{number}"
-        try:
-            values = _parse_numbers(text, where)
-        except OverflowError:
-            raise InputError(f"{where}: a number does not fit 64 bits") from None
+        values = _parse_numbers(text, where)
         yield Sample({t.name: values.reshape(_sample_shape(t, values.size, where))}, where)
 
 
@@ -148,11 +173,10 @@ def read_samples(path: str, inputs: list[Tensor], text_reader=None, *, batch_axi
     if path.endswith(".npy"):
         if len(inputs) != 1:
             raise InputError(f"{path}: the model has {len(inputs)} inputs; give them as an .npz keyed by name")
-        return _split_arrays(path, {inputs[0].name: _load_array_file(path)}, inputs, batch_axis, limit)
+        check = _header_check(path, inputs, batch_axis)
+        return _split_arrays(path, {inputs[0].name: read_npy(path, check)}, inputs, batch_axis, limit)
     if path.endswith(".npz"):
-        with _load_array_file(path) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-        return _split_arrays(path, arrays, inputs, batch_axis, limit)
+        return _split_arrays(path, read_npz(path, _header_check(path, inputs, batch_axis)), inputs, batch_axis, limit)
     try:
         if path == "-":
             import sys

@@ -123,6 +123,25 @@ def const_tensor(name: str, values, dtype: str | IntType, **meta) -> Tensor:
     return Tensor(name, t, array.shape, array, **meta)
 
 
+def _check_quantization(t: Tensor) -> None:
+    """scale / zero_point / quant_axis are display metadata, but consumers index with them."""
+    for key, limit in (("scale", math.inf), ("zero_point", 2.0**63)):
+        value = getattr(t, key)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+        if not values or not all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            and math.isfinite(v) and abs(v) < limit
+            for v in values
+        ):
+            what = "finite numbers" if key == "scale" else "numbers within int64"
+            raise GraphError(f"tensor {t.name!r}: {key} must be one of {what} or a non-empty list of them")
+    axis = t.quant_axis
+    if axis is not None and not (isinstance(axis, (int, np.integer)) and -len(t.shape) <= axis < len(t.shape)):
+        raise GraphError(f"tensor {t.name!r}: quant_axis {axis!r} is not an axis of its shape {list(t.shape)}")
+
+
 def toposort(graph: Graph) -> list[Node]:
     """Nodes in an order where every input is produced before use; errors on cycles.
 
@@ -170,6 +189,8 @@ def validate(graph: Graph) -> list[Node]:
     from .ops import registry  # the op table imports this module
 
     tensors = graph.tensors
+    for t in tensors.values():
+        _check_quantization(t)
     for name in graph.inputs:
         if name not in tensors:
             raise GraphError(f"graph input {name!r} has no tensor entry")

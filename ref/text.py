@@ -21,10 +21,12 @@ from typing import Iterator
 
 import numpy as np
 
+from .dtypes import check_fits
 from .errors import InputError, RefsimError
 from .inputs import Sample
 
 ENCODING_FIELDS = ("ids", "attention_mask", "type_ids")
+MAX_LENGTH = 1 << 20  # tokens per text: far beyond any model, small enough to allocate
 DEFAULT_INPUTS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 
@@ -36,15 +38,17 @@ class TextEncoder:
             from tokenizers import Tokenizer
         except ImportError:  # pragma: no cover - tokenizers is a declared dependency
             raise RefsimError("reading text needs the 'tokenizers' package") from None
-        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
         try:
+            text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
             self.tokenizer = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises its own exception type
             raise RefsimError(f"not a valid tokenizers JSON file: {str(e).splitlines()[0]}") from None
-        if not isinstance(max_length, int) or max_length < 1:
-            raise RefsimError(f"max_length must be a positive integer, got {max_length!r}")
+        if type(max_length) is not int or not 1 <= max_length <= MAX_LENGTH:
+            raise RefsimError(f"max_length must be an integer from 1 to {MAX_LENGTH}, got {max_length!r}")
+        if pad_id is not None and (type(pad_id) is not int or not 0 <= pad_id < 1 << 32):
+            raise RefsimError(f"pad_id must be a token id (an integer from 0 to 2^32 - 1), got {pad_id!r}")
         self.max_length = max_length
-        self.pad_id = self._pad_id() if pad_id is None else int(pad_id)
+        self.pad_id = self._pad_id() if pad_id is None else pad_id
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         if truncation:
@@ -87,13 +91,20 @@ def encoder_for(model) -> tuple[TextEncoder, dict[str, str]]:
     if not isinstance(meta, dict):
         raise InputError("the model has no embedded tokenizer; give inputs as numbers, .npy or .npz")
     blob = meta.get("blob", "tokenizer.json")
-    if blob not in model.graph.blobs:
+    if not isinstance(blob, str) or blob not in model.graph.blobs:
         raise InputError(f"the model's tokenizer blob {blob!r} is missing")
-    encoder = TextEncoder(model.graph.blobs[blob], int(meta.get("max_length", 0)), meta.get("pad_id"), bool(meta.get("truncation", True)))
+    if not isinstance(meta.get("truncation", True), bool):
+        raise InputError(f"the model's tokenizer setting truncation must be true or false, got {meta['truncation']!r}")
+    encoder = TextEncoder(model.graph.blobs[blob], meta.get("max_length", 0), meta.get("pad_id"), meta.get("truncation", True))
     mapping = meta.get("inputs") or {n: f for n, f in DEFAULT_INPUTS.items() if n in model.graph.inputs}
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        raise InputError(f"the model's tokenizer inputs must map input names to fields, got {mapping!r:.80}")
     for name, field in mapping.items():
         if field not in ENCODING_FIELDS:
             raise InputError(f"tokenizer input {name!r} maps to unknown field {field!r} (known: {', '.join(ENCODING_FIELDS)})")
+    unknown = [n for n in mapping if n not in model.graph.inputs]
+    if unknown:
+        raise InputError(f"the model's tokenizer feeds {unknown}, which are not inputs of the model")
     missing = [n for n in model.graph.inputs if n not in mapping]
     if missing:
         raise InputError(f"model inputs {missing} do not come from the tokenizer; give inputs as .npz")
@@ -112,7 +123,12 @@ def text_reader_for(model):
             chunk = texts[start:start + ENCODE_CHUNK]
             encoded = encoder.encode([text for _, text in chunk])
             for row, (number, text) in enumerate(chunk):
-                feeds = {name: encoded[field][row:row + 1].astype(tensors[name].dtype.storage) for name, field in mapping.items()}
+                feeds = {}
+                for name, field in mapping.items():
+                    t = tensors[name].dtype
+                    ids = encoded[field][row:row + 1]
+                    check_fits(ids, t, f"{path}:{number}: input {name!r}")  # no silent wrap of large ids
+                    feeds[name] = ids.astype(t.storage)
                 yield Sample(feeds, f"{path}:{number}", text)
 
     return read

@@ -72,7 +72,7 @@ def test_run_npy_npz_and_stdin_agree(tmp_path, capsys):
         code, out, _ = run_cli(capsys, "run", EXAMPLE, source, "--json", "--batch-axis", "none")
         assert json.loads(out)["samples"][0]["outputs"]["logits"]["values"] == want["logits"].tolist()
     stdin = subprocess.run([sys.executable, "-m", "refsim", "run", str(EXAMPLE), "-", "--json"],
-                           input="0x10 " + " ".join(["007"] * 15) + "\n", capture_output=True, text=True, check=True)
+                           input="16 " + " ".join(["007"] * 15) + "\n", capture_output=True, text=True, check=True)
     got = json.loads(stdin.stdout)["samples"][0]["outputs"]["logits"]["values"]
     assert got == refsim.load(EXAMPLE).run({"x": np.array([[16] + [7] * 15], np.int8)})["logits"].tolist()
 

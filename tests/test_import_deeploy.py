@@ -117,7 +117,7 @@ def test_conv_pool_gemm_and_data_movement():
     inits = [_f("k", [[[[1, 0], [0, -1]]]]), _f("kb", [5]), _f("gw", [[1, 0], [0, 1], [1, 1], [2, -1]]),
              _f("gb", [10, 20]), numpy_helper.from_array(np.array(1, np.int64), "one"),
              numpy_helper.from_array(np.array([1, 1], np.int64), "shape"), _f("two", [2])]
-    model = _model(nodes, [("x", [1, 1, 3, 3])], ["c", "mp", "g", "t", "tripled", "relu"], inits, opset=11)
+    model = _model(nodes, [("x", [1, 1, 3, 3])], ["c", "mp", "g", "t", "tripled", "relu"], inits, opset=10)  # Pad-2: pads attribute
     with pytest.raises(ImportFailure, match="no quantization"):
         import_model(model)  # only standard ops: nothing tells the format, so it must be named
     out = import_model(model, fmt="deeploy").run({"x": np.arange(1, 10).reshape(1, 1, 3, 3)})

@@ -42,7 +42,7 @@ def every_type_graph():
             if values.size:
                 values.reshape(-1)[0] = t.lo
                 values.reshape(-1)[-1] = t.hi
-            consts.append(b.const(values, name, name=f"{name}.{i}", scale=0.5 if i % 2 else [0.25, 0.5], zero_point=0 if i % 2 else [0, 1], quant_axis=None if i % 2 else 0))
+            consts.append(b.const(values, name, name=f"{name}.{i}", scale=0.5 if i % 2 else [0.25, 0.5], zero_point=0 if i % 2 else [0, 1], quant_axis=None if i % 2 or not shape else 0))
     x = b.input("x", "int8", ["batch", "seq", 4], scale=0.1, zero_point=-3)
     y = b.node("Relu", [x], outputs="y")
     z = b.node("Transpose", [y], outputs="z", perm=[0, 2, 1])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 import torch_nonlinear as T
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from nonlinear_helpers import BACKENDS, assert_matches, both, rows, run
@@ -141,17 +142,75 @@ def test_ibert_layernorm_matches_torch(backend_name, data, shift, seed, with_bia
 
 def test_ibert_layernorm_hand_worked():
     # x = [1, 2, 3, 6]: mean 3, d = [-2, -1, 0, 3], var = 14, std = isqrt(14) = 3,
-    # factor = (2^31 - 1) // 3 = 715827882; y = (d*factor) >> 1 + bias [0, 0, 0, 10]:
+    # factor = 2^31 // 3 = 715827882; y = (d*factor) >> 1 + bias [0, 0, 0, 10]:
     # -1431655764 >> 1 = -715827882; -715827882 >> 1 = -357913941; 0; 2147483646 >> 1 = 1073741823 (+10).
     got = both(ops.IBertLayerNorm, np.array([1, 2, 3, 6], np.int8), np.array([0, 0, 0, 10]))
     assert got.tolist() == [-715827882, -357913941, 0, 1073741833]
     # The mean rounds half to even: [0, 1] has mean 0.5 -> 0, d = [0, 1], var 1, std 1,
-    # y = [0, (2^31 - 1) >> 1] = [0, 1073741823].
-    assert both(ops.IBertLayerNorm, np.array([0, 1], np.int8)).tolist() == [0, 1073741823]
+    # y = [0, 2^31 >> 1] = [0, 1073741824].
+    assert both(ops.IBertLayerNorm, np.array([0, 1], np.int8)).tolist() == [0, 1073741824]
     # shift 2: x = [0, 4, 8, 12], mean 6, d = [-6, -2, 2, 6], d >> 2 = [-2, -1, 0, 1], var 6,
-    # std = isqrt(6) << 2 = 8, factor = 2147483647 // 8 = 268435455, y = d*factor >> 1.
+    # std = isqrt(6) << 2 = 8, factor = 2^31 // 8 = 268435456, y = d*factor >> 1.
     got = both(ops.IBertLayerNorm, np.array([0, 4, 8, 12], np.int8), shift=2)
-    assert got.tolist() == [-805306365, -268435455, 268435455, 805306365]
+    assert got.tolist() == [-805306368, -268435456, 268435456, 805306368]
+
+
+def test_ibert_layernorm_divides_2_to_31_as_i_bert_does():
+    """Issue 17's examples: where std is a power of two, I-BERT's floor(2^31 / std) is one
+    more than (2^31 - 1) // std, which refsim computed before."""
+    # mean 0; var = 4 + 4 + 121 + 121 + 4 + 4 = 258, std = isqrt(258) = 16; d = -2
+    got = both(ops.IBertLayerNorm, np.array([-2, 2, -11, 11, -2, 2], np.int8))
+    assert got[0] == -134_217_728 != (-2 * ((2**31 - 1) // 16)) >> 1
+    # var = 2 * 131^2 + 2 * 125^2 = 65572, std = 256; d = -131
+    got = both(ops.IBertLayerNorm, np.array([-131, 131, -125, 125], np.int16))
+    assert got[0] == -549_453_824 != (-131 * ((2**31 - 1) // 256)) >> 1
+
+
+def _transformers_int_layernorm(x: np.ndarray, shift: int, beta: np.ndarray):
+    """y_int + bias_int of transformers' own I-BERT IntLayerNorm (quant_mode, weight 1), run
+    in float64 so that every intermediate is an exact integer; and the bias_int it adds."""
+    from transformers.models.ibert.quant_modules import IntLayerNorm
+
+    n = x.shape[-1]
+    module = IntLayerNorm(n, eps=1e-5, quant_mode=True).double().eval()
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+        module.bias.copy_(torch.as_tensor(beta, dtype=torch.float64))
+    module.shift = torch.tensor([float(shift)], dtype=torch.float64)
+    module.dim_sqrt = torch.sqrt(torch.tensor(float(n), dtype=torch.float64))
+    scale = torch.tensor(0.5, dtype=torch.float64)  # cancels out: x_int = x / scale
+    out, out_scale = module(torch.as_tensor(x, dtype=torch.float64).reshape(1, *x.shape) * scale, scale)
+    y = torch.round(out / out_scale).to(torch.int64).reshape(x.shape).numpy()
+    bias_int = np.floor(beta / (math.sqrt(n) / 2**30)).astype(np.int64)  # I-BERT's floor((beta/gamma) / scale)
+    return y, bias_int
+
+
+def _ibert_variance(row, shift: int) -> int:
+    mean = round(Fraction(int(row.astype(np.int64).sum()), row.size))  # half to even, as torch.round
+    return sum(((int(v) - mean) >> shift) ** 2 for v in row)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.one_of(layernorm_rows(np.int8), layernorm_rows(np.int16, max_cols=16)), shift=st.integers(0, 8),
+       seed=st.integers(0, 2**32 - 1))
+@example(data=(np.array([[-2, 2, -11, 11, -2, 2]], np.int16), (1,)), shift=0, seed=1)  # std 16
+@example(data=(np.array([[-131, 131, -125, 125], [-524, 524, -500, 500]], np.int16), (1,)), shift=1, seed=2)  # std 256, 512
+def test_ibert_layernorm_matches_transformers_int_layernorm(data, shift, seed):
+    """Against I-BERT's own module (transformers' IntLayerNorm), with its bias; where the sum
+    of squares reaches 2^32 (I-BERT raises its shift while training) refsim asks for a larger one."""
+    x, _ = data
+    beta = np.random.default_rng(seed).normal(0, 0.5, x.shape[-1])
+    expected, bias_int = _transformers_int_layernorm(x, shift, beta)
+    variances = [_ibert_variance(row, shift) for row in x]
+    if max(variances) >= 2**32:
+        with pytest.raises(OpError, match="raise shift"):
+            ops.IBertLayerNorm(x, bias_int, shift=shift)
+        return
+    got = ops.IBertLayerNorm(x, bias_int, shift=shift)
+    # std = 0 (every (d >> shift) is 0): I-BERT divides by zero (2^31 / 0 = inf, then NaN or
+    # +-inf); refsim divides by max(std, 1), docs/OPS.md. Compare the other rows.
+    kept = [i for i, v in enumerate(variances) if v > 0]
+    np.testing.assert_array_equal(got[kept], expected[kept])
 
 
 def test_ibert_layernorm_wants_a_shift_when_the_variance_reaches_2_to_32():

@@ -167,7 +167,7 @@ CORRUPTIONS = {
     "dtype an int": (header_edit(lambda h: tensor(h, "x").update(dtype=8)), "dtype should be str"),
     "unknown dtype": (header_edit(lambda h: tensor(h, "x").update(dtype="int7")), "unknown dtype 'int7'"),
     "tensor declared twice": (header_edit(lambda h: h["graph"]["tensors"].append(tensor(h, "x"))), "declared twice"),
-    "huge tensor size": (header_edit(lambda h: tensor(h, "w1").update(shape=[1 << 40, 1 << 40])), "its dtype and shape need"),
+    "huge tensor size": (header_edit(lambda h: tensor(h, "w1").update(shape=[1 << 40, 1 << 40])), "more elements than any array can"),
     "nbytes past the end": (header_edit(lambda h: tensor(h, "w1")["data"].update(nbytes=1 << 62)), "outside the data section"),
     "offset past the end": (header_edit(lambda h: tensor(h, "w1")["data"].update(offset=1 << 20)), "outside the data section"),
     "negative offset": (header_edit(lambda h: tensor(h, "w1")["data"].update(offset=-64)), "non-negative"),

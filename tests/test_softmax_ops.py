@@ -101,6 +101,39 @@ def test_ita_max_hand_worked():
     assert got.tolist() == [156, 78, 19, 0]
 
 
+def pyita_fast_softmax(x: np.ndarray) -> np.ndarray:
+    """PyITA's `fastSoftmax` (integerize=True), written from its arithmetic: with B = 8 and
+    range_scale 32 its eps_max is 1, so shift = floor(max - x + 0.5 + eps32) = max - x; the sum
+    floor(sum(2^8 / 2^shift)) is taken in float64; inv = floor((2^8 - 1) * 2^8 / sum);
+    y = floor(inv / 2^shift), cast to int8 (wrapping, as from its float64 values)."""
+    shift = (x.max(axis=-1, keepdims=True) - x).astype(np.int64)
+    total = np.floor(np.sum(2.0**8 / 2.0**shift, axis=-1, keepdims=True))
+    inv = np.floor((2**8 - 1) * 2**8 / total)
+    return np.floor(inv / 2.0**shift).astype(np.int64).astype(np.int8)
+
+
+ITA_RTL = ops.softmax.ITA_PRESETS["ita_rtl"]
+
+
+@given(hnp.arrays(np.int64, st.tuples(st.integers(1, 4), st.integers(1, 40)), elements=st.integers(0, 8)),
+       st.integers(-120, 127))
+def test_ita_max_agrees_with_pyita_fast_softmax_on_rows_spanning_at_most_8(offsets, top):
+    x = (top - offsets).astype(np.int8)  # every entry within 8 of its row's maximum (which may sit below top)
+    got = ops.ITAMax(x, k=ITA_RTL["k"], numerator=ITA_RTL["numerator"])
+    np.testing.assert_array_equal(got.view(np.int8), pyita_fast_softmax(x))
+
+
+def test_ita_max_differs_from_pyita_fast_softmax_where_dropped_fractions_add_up():
+    """docs/OPS.md: on rows spanning 9 or more, fastSoftmax's float sum can exceed refsim's."""
+    x = np.array([[0, -9, -9], [0, -9, 0]], np.int8)
+    got = ops.ITAMax(x, k=ITA_RTL["k"], numerator=ITA_RTL["numerator"])
+    assert got.tolist() == [[255, 0, 0], [127, 0, 127]]  # S = 256: inv 255; S = 512: inv 127
+    assert pyita_fast_softmax(x).view(np.uint8).tolist() == [[254, 0, 0], [127, 0, 127]]  # S = 257, then 512.5 -> 512
+    # a single far entry adds only 1/2: both sum 256
+    one_far = np.array([[0, -9]], np.int8)
+    assert ops.ITAMax(one_far, k=0, numerator=255 * 256).view(np.int8).tolist() == pyita_fast_softmax(one_far).tolist() == [[-1, 0]]
+
+
 def test_ita_partial_max_hand_worked():
     # group_width 2, k=0, numerator 255*256, x = [1, 3 | 4, 0]:
     # group 0: c = 3 > -128: s = 131 (acc 0 stays 0), gmax = 3, acc = (256 >> 2) + (256 >> 0) = 320.
@@ -274,8 +307,10 @@ def test_tflite_softmax_refuses_int32_overflow_of_the_sum():
 
 
 def test_tflite_softmax_takes_int8_only():
-    with pytest.raises(OpError, match="int8"):
-        ops.TFLiteSoftmax(np.zeros(4, np.int16), **TFLITE_005)
+    with pytest.raises(OpError, match="int8"):  # values beyond int8; int16 values that fit are taken (issue 17)
+        ops.TFLiteSoftmax(np.array([0, 0, -300, 0], np.int16), **TFLITE_005)
+    np.testing.assert_array_equal(ops.TFLiteSoftmax(np.zeros(4, np.int16), **TFLITE_005),
+                                  ops.TFLiteSoftmax(np.zeros(4, np.int8), **TFLITE_005))
 
 
 # --- all variants: edges -----------------------------------------------------------------------

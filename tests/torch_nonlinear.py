@@ -276,7 +276,7 @@ def ibert_layernorm(x, bias, shift):
     if bool((var >= 2**32).any()):
         return None
     std = isqrt(var) * 2**shift
-    factor = floordiv(2**31 - 1, torch.clamp(std, min=1))
+    factor = floordiv(torch.full_like(std, 2**31), torch.clamp(std, min=1))
     return floordiv(d * factor, 2) + bias
 
 

@@ -9,6 +9,8 @@ Requantizations go through `frontend.requant`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from refsim import GraphBuilder
 from refsim.dtypes import TYPES, IntType
@@ -30,8 +32,13 @@ def narrowest_type(values: np.ndarray) -> IntType:
 
 
 class Emitter:
-    def __init__(self, name: str):
+    def __init__(self, name: str, max_declared_bytes: int | None = None):
         self.builder = GraphBuilder(name or "model")
+        # What the tensors emitted nodes declare may add up to (bytes, fully known shapes):
+        # a small model's attributes (Pad's pads, Reshape's shape) must not ask a run for
+        # gigabytes (frontend.checks).
+        self.max_declared_bytes = max_declared_bytes
+        self.declared_bytes = 0
 
     # --- names, tensors ----------------------------------------------------------------------
 
@@ -65,6 +72,13 @@ class Emitter:
             self.builder.node(op, [i if i else None for i in inputs], outputs=out, name=name, **attrs)
         except RefsimError as e:
             raise ExportError(f"{op} for {stem!r}: {e}") from None
+        t = self.builder.tensors[out]
+        if self.max_declared_bytes is not None and all(isinstance(d, int) for d in t.shape):
+            self.declared_bytes += math.prod(t.shape) * t.dtype.storage.itemsize
+            if self.declared_bytes > self.max_declared_bytes:
+                raise ExportError(f"{op} for {stem!r}: its result {t.dtype}{list(t.shape)} takes the tensors a run "
+                                  f"computes to {self.declared_bytes} bytes, beyond what this model may allocate "
+                                  f"({self.max_declared_bytes})")
         return out
 
     def label(self, tensor: str, scale, zero_point=0, axis: int | None = None) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from ..dyadic import ExportError
+from .checks import SizeBudget, array_bytes, take_fold
 from .graph import BROADCASTING_OPS, SUB_BYTE_TYPES, Graph, Node, elem_to_numpy
 from .shapes import Sym, Undecidable, dim_text, infer_shapes, known, parse_dim
 
@@ -56,18 +57,23 @@ def _gather_elements(node, values):
 _NUMPY_FOLDS = {"GatherElements": _gather_elements}
 
 
-def evaluate(node: Node, values: list[np.ndarray | None], opsets: dict[str, int]) -> list[np.ndarray]:
-    """Evaluate one node on constant inputs with onnx's reference implementation."""
+def evaluate(node: Node, values: list[np.ndarray | None], opsets: dict[str, int],
+             budget: SizeBudget | None = None) -> list[np.ndarray]:
+    """Evaluate one node on constant inputs with onnx's reference implementation.
+
+    With a `budget`, the results' sizes are inferred first and taken from it
+    (`frontend.checks`), so a few bytes of attributes cannot make this allocate gigabytes."""
     from onnx.reference import ReferenceEvaluator
 
-    if node.op in _NUMPY_FOLDS and node.standard:
-        return _NUMPY_FOLDS[node.op](node, values)
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
-    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), np.shape(v))
-              for n, v in zip(names, values) if n]
     outputs = [helper.make_tensor_value_info(f"out{i}", TensorProto.UNDEFINED, None) for i in range(len(node.outputs))]
     attrs = {k: numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v for k, v in node.attrs.items()}
     single = helper.make_node(node.op, names, [o.name for o in outputs], domain=node.domain or None, **attrs)
+    take_fold(budget, node.describe(), node.op, single, values, opsets)
+    if node.op in _NUMPY_FOLDS and node.standard:
+        return _NUMPY_FOLDS[node.op](node, values)
+    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), np.shape(v))
+              for n, v in zip(names, values) if n]
     graph = helper.make_graph([single], "fold", inputs, outputs)
     opset_imports = [helper.make_opsetid(d, v) for d, v in opsets.items()]
     model = helper.make_model(graph, opset_imports=opset_imports)
@@ -217,7 +223,7 @@ def _known_results(g: Graph, node: Node, symbolic: dict):
     has_rows = any(rows for _, rows in present)
     try:
         if is_symbolic:
-            return _symbolic(node, values)
+            return _symbolic(node, values, g.budget)
         if has_rows:
             return _rows(g, node, values)
     except Undecidable:
@@ -225,7 +231,7 @@ def _known_results(g: Graph, node: Node, symbolic: dict):
     except (ValueError, IndexError) as e:
         raise ExportError(f"{node.describe()}: cannot be computed for inputs shaped {_input_shapes(g)} ({e}); "
                           f"does the model take these sizes? (text models: --max-length)") from None
-    outputs = evaluate(node, [None if v is None else v[0] for v in values], g.opsets)
+    outputs = evaluate(node, [None if v is None else v[0] for v in values], g.opsets, g.budget)
     return [(o, False) for o in outputs]
 
 
@@ -299,7 +305,7 @@ def _pyint(v):
     return v if isinstance(v, Sym) else int(v)
 
 
-def _symbolic(node: Node, values):
+def _symbolic(node: Node, values, budget: SizeBudget | None = None):
     """Shape arithmetic on values holding batch-dependent entries (object arrays)."""
     op = node.op
     data = [None if v is None else np.asarray(v[0], dtype=object if v[0].dtype == object else None) for v in values]
@@ -348,9 +354,9 @@ def _symbolic(node: Node, values):
         keep = node.attrs.get("keepdims", 1)
         return [(np.array([total] if keep else total, dtype=object), False)]
     if op == "ConstantOfShape":
-        return [_rows_of_shape(node, x, np.asarray(node.attrs.get("value", np.zeros(1, np.float32))).reshape(-1)[:1])]
+        return [_rows_of_shape(node, x, np.asarray(node.attrs.get("value", np.zeros(1, np.float32))).reshape(-1)[:1], budget)]
     if op == "Expand":
-        return [_expand_to_batch(node, values[0], x, data[1])]
+        return [_expand_to_batch(node, values[0], x, data[1], budget)]
     if op == "Reshape":
         # A batch row reshaped to a target starting with the batch size.
         target = list(data[1].reshape(-1))
@@ -359,14 +365,16 @@ def _symbolic(node: Node, values):
     raise Undecidable(f"{op} of a batch-dependent value")
 
 
-def _rows_of_shape(node: Node, shape: np.ndarray, fill: np.ndarray):
+def _rows_of_shape(node: Node, shape: np.ndarray, fill: np.ndarray, budget: SizeBudget | None = None):
     dims = list(shape.reshape(-1))
     if not dims or dims[0] != Sym(1) or not all(isinstance(d, (int, np.integer)) for d in dims[1:]):
         raise Undecidable("a constant shaped by the batch size")
+    if budget is not None:
+        budget.take(array_bytes([1] + dims[1:], fill.dtype.itemsize), node.describe(), "one batch row of its result")
     return np.full([1] + [int(d) for d in dims[1:]], fill[0] if fill.size else 0, dtype=fill.dtype), True
 
 
-def _expand_to_batch(node: Node, source, data, target):
+def _expand_to_batch(node: Node, source, data, target, budget: SizeBudget | None = None):
     """Expand(constant, [batch, ...]): the constant as one batch row."""
     dims = list(target.reshape(-1))
     if source[0].dtype == object or any(isinstance(d, Sym) for d in dims[1:]) or dims[0] != Sym(1):
@@ -374,6 +382,8 @@ def _expand_to_batch(node: Node, source, data, target):
     value = np.asarray(source[0])
     fixed = [1] + [int(d) for d in dims[1:]]
     shape = np.broadcast_shapes(value.shape, tuple(fixed))
+    if budget is not None:
+        budget.take(array_bytes(shape, value.itemsize), node.describe(), "one batch row of its result")
     if shape[0] != 1:
         raise Undecidable("an expansion whose batch axis is not the first")
     return np.broadcast_to(value, shape).copy(), True
@@ -431,7 +441,7 @@ def _rows(g: Graph, node: Node, values):
         ok = rows[0] and not rows[1] and _ints(arrays[1])[:1] in ([0], [1])
     if not ok:
         raise Undecidable(f"{op} across the samples of a batch")
-    outputs = evaluate(node, arrays, g.opsets)
+    outputs = evaluate(node, arrays, g.opsets, g.budget)
     for out in outputs:
         if out.ndim == 0 or out.shape[0] != 1:
             raise Undecidable(f"{op} across the samples of a batch")

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..dyadic import ExportError
+from .checks import NodeChecker, SizeBudget, check_names, first_line, label
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -54,23 +55,45 @@ def elem_to_numpy(elem: int) -> np.dtype:
     """The NumPy dtype an ONNX element type is held in (sub-byte integers: int8/uint8)."""
     if elem in SUB_BYTE_TYPES:
         return np.dtype(np.uint8 if INTEGER_TYPES[elem].startswith("uint") else np.int8)
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, TypeError, ValueError):  # UNDEFINED (0), or a number no ONNX type has
+        raise ExportError(f"element type {elem} is not a type refsim can take") from None
 
 
-def to_numpy(tensor: onnx.TensorProto) -> np.ndarray:
-    """An initializer or attribute tensor as NumPy; sub-byte integers unpacked into int8/uint8."""
-    array = numpy_helper.to_array(tensor)
+_NOT_NUMBERS = {TensorProto.UNDEFINED, TensorProto.STRING, TensorProto.COMPLEX64, TensorProto.COMPLEX128}
+
+
+def to_numpy(tensor: onnx.TensorProto, what: str | None = None) -> np.ndarray:
+    """An initializer or attribute tensor as NumPy; sub-byte integers unpacked into int8/uint8.
+
+    A tensor whose data does not match its declared type and dims (a byte short, bad
+    raw_data, a non-numeric or unknown type) is a one-line error naming `what`."""
+    what = what or f"tensor {tensor.name!r}"
+    if tensor.data_type in _NOT_NUMBERS or tensor.data_type not in TensorProto.DataType.values():
+        known = tensor.data_type in TensorProto.DataType.values()
+        raise ExportError(f"{what}: element type {type_name(tensor.data_type) if known else tensor.data_type} is not a number type")
+    if any(d < 0 for d in tensor.dims):
+        raise ExportError(f"{what}: negative dimension in {list(tensor.dims)}")
+    try:
+        array = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, OverflowError, MemoryError, IndexError) as e:  # what numpy_helper raises for such data
+        raise ExportError(f"{what}: its data does not match type {type_name(tensor.data_type)} and dims "
+                          f"{list(tensor.dims)} ({first_line(e)})") from None
     if tensor.data_type in SUB_BYTE_TYPES:
         return np.asarray(array).astype(elem_to_numpy(tensor.data_type))
     return np.asarray(array)
 
 
-def attr_value(attr: onnx.AttributeProto):
-    value = helper.get_attribute_value(attr)
+def attr_value(attr: onnx.AttributeProto, where: str = "a node"):
+    try:
+        value = helper.get_attribute_value(attr)
+    except ValueError as e:  # an attribute whose type field is unset or unknown
+        raise ExportError(f"{where}: attribute {attr.name!r}: {first_line(e)}") from None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, onnx.TensorProto):
-        return to_numpy(value)
+        return to_numpy(value, f"{where}: attribute {attr.name!r}")
     if isinstance(value, list) and value and isinstance(value[0], bytes):
         return [v.decode("utf-8", "replace") for v in value]
     return value
@@ -90,7 +113,8 @@ class Node:
 
     def describe(self) -> str:
         domain = f"{self.domain}." if self.domain not in STANDARD_DOMAINS else ""
-        return f"node {self.name or (self.outputs[0] if self.outputs else '?')!r} ({domain}{self.op})"
+        op = f"{domain}{self.op}"
+        return f"node {self.name or (self.outputs[0] if self.outputs else '?')!r} ({op if op.isprintable() else repr(op)})"
 
     @property
     def standard(self) -> bool:
@@ -175,6 +199,8 @@ class Graph:
         self.key_padding_masks: dict[str, str] = {}
         self.token_masks: dict[str, str] = {}
         self.token_counts: dict[str, str] = {}
+        # What folding may allocate (frontend.checks; set by from_model from the model's size).
+        self.budget: SizeBudget | None = None
         self._counter = 0
 
     @property
@@ -184,16 +210,22 @@ class Graph:
     # --- reading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model: onnx.ModelProto) -> Graph:
+    def from_model(cls, model: onnx.ModelProto, specs: dict | None = None) -> Graph:
+        """The graph of `model`, every node checked first against its op's schema (onnx's,
+        or `specs`: an importer's custom ops, see `frontend.checks`)."""
+        check_names(model)
         if model.functions:
             from onnx import inliner
 
             model = inliner.inline_local_functions(model)
+        checker = NodeChecker(model, specs)
+        for proto in model.graph.node:
+            checker.check(proto)
         opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
         g = cls(model.graph.name, opsets)
         g.producer = f"{model.producer_name} {model.producer_version}".strip()
         for t in model.graph.initializer:
-            g.consts[t.name] = to_numpy(t)
+            g.consts[t.name] = to_numpy(t, f"initializer {t.name!r}")
             if t.data_type in SUB_BYTE_TYPES:
                 g.const_types[t.name] = t.data_type
         for t in model.graph.sparse_initializer:
@@ -202,7 +234,7 @@ class Graph:
             for attr in proto.attribute:
                 if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                     raise ExportError(f"node {proto.name!r} ({proto.op_type}): control flow (subgraphs) is not supported")
-            attrs = {a.name: attr_value(a) for a in proto.attribute}
+            attrs = {a.name: attr_value(a, label(proto)) for a in proto.attribute}
             domain = "" if proto.domain == "ai.onnx" else proto.domain
             if proto.op_type == "Constant" and domain == "" and len(attrs) == 1 and "value" in attrs:
                 g.consts[proto.output[0]] = attrs["value"]
@@ -218,11 +250,15 @@ class Graph:
         for vi in model.graph.input:
             if vi.name in g.consts:
                 continue  # an initializer listed as an input (old exporters): a constant
+            elem = vi.type.tensor_type.elem_type
+            if elem in _NOT_NUMBERS or elem not in TensorProto.DataType.values():
+                raise ExportError(f"input {vi.name!r} has element type {elem}, which refsim cannot take")
             g.inputs.append(vi.name)
             g.input_types[vi.name] = (vi.type.tensor_type.elem_type, _dims(vi) or ())
         for o in model.graph.output:
             g.outputs.append(o.name)
             g.output_types[o.name] = o.type.tensor_type.elem_type or TensorProto.FLOAT
+        g.budget = SizeBudget.for_model(sum(a.nbytes for a in g.consts.values()) + model.ByteSize())
         return g
 
     def bind_constants(self, values: dict[str, Any]) -> None:
@@ -230,7 +266,7 @@ class Graph:
         for name, value in values.items():
             if name not in self.input_types:
                 raise ExportError(f"constant {name!r} is not an input of the model")
-            array = to_numpy(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
+            array = to_numpy(value, f"constant {name!r}") if isinstance(value, onnx.TensorProto) else np.asarray(value)
             elem = self.input_types[name][0]
             self.consts[name] = array
             if elem in SUB_BYTE_TYPES:

@@ -155,10 +155,11 @@ def check_canonical(original, g: Graph, batches: list[dict[str, np.ndarray]], rt
 
 
 def import_graph(model, shapes: dict[str, Iterable[int]] | None = None, constants: dict | None = None,
-                 keep: Callable | None = None) -> Graph:
-    """A quantized model read for import: inputs bound, constants folded (except the nodes
-    `keep` protects), shapes inferred."""
-    g = Graph.from_model(load(model))
+                 keep: Callable | None = None, specs: dict | None = None) -> Graph:
+    """A quantized model read for import: every node checked against its schema (onnx's, or
+    the importer's `specs` for its custom ops), inputs bound, constants folded (except the
+    nodes `keep` protects), shapes inferred."""
+    g = Graph.from_model(load(model), specs)
     if constants:
         g.bind_constants(dict(constants))
     bind_inputs(g, shapes, free_batch=False)

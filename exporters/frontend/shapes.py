@@ -311,8 +311,14 @@ def _movement_shape(g: Graph, node: Node):
         return None if left is None else [left, _divide(total, left)]
     if len(node.inputs) < 2 or node.inputs[1] not in g.consts:
         return None
-    target = [int(v) for v in np.asarray(g.consts[node.inputs[1]]).reshape(-1)]
-    out = [dims[i] if t == 0 and not node.attrs.get("allowzero", 0) else t for i, t in enumerate(target)]
+    shape = np.asarray(g.consts[node.inputs[1]])
+    if shape.dtype.kind not in "iu":  # ONNX wants int64; a float one may hold NaN
+        raise ExportError(f"{node.describe()}: its shape input must be integers, got {shape.dtype}")
+    target = [int(v) for v in shape.reshape(-1)]
+    copy = not node.attrs.get("allowzero", 0)
+    if copy and any(t == 0 and i >= len(dims) for i, t in enumerate(target)):
+        raise ExportError(f"{node.describe()}: its target {target} copies (0) a dimension the input {list(in_shape)} does not have")
+    out = [dims[i] if t == 0 and copy else t for i, t in enumerate(target)]
     if -1 in out:
         rest = _product([d for d in out if d != -1])
         out[out.index(-1)] = None if rest is None else _divide(total, rest)
@@ -321,9 +327,11 @@ def _movement_shape(g: Graph, node: Node):
 
 def _range_shape(g: Graph, node: Node):
     """Range(start, limit, delta) up to a batch-dependent limit: batch-dependent length."""
+    if len(node.inputs) != 3:  # a custom domain's Range, which onnx's schema check does not cover
+        return None
     values = []
     for name in node.inputs:
-        if name in g.consts and g.consts[name].size == 1:
+        if name in g.consts and g.consts[name].size == 1 and g.consts[name].dtype.kind in "iu":
             values.append(int(g.consts[name].reshape(())))
         elif name in g.symbolic and g.symbolic[name].size == 1:
             values.append(g.symbolic[name].reshape(-1)[0])

@@ -116,11 +116,11 @@ def _import(source, output, fmt, requant, shapes, constants, input_types, mode, 
         from .qonnx import QonnxImporter as importer_class
     else:
         from .deeploy import DeeployImporter as importer_class
-    graph = import_graph(proto, shapes, dict(constants or {}), keep=importer_class.keeps)
+    graph = import_graph(proto, shapes, dict(constants or {}), keep=importer_class.keeps, specs=importer_class.specs)
     if name is None:
         name = graph.name or (os.path.splitext(os.path.basename(os.fspath(source)))[0]
                               if not isinstance(source, onnx.ModelProto) else "imported")
-    emitter = Emitter(name)
+    emitter = Emitter(name, max_declared_bytes=graph.budget.limit)
     if fmt == "deeploy":
         importer = importer_class(graph, emitter, dict(input_types or {}), requant=requant)
     else:

@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import numpy as np
 from refsim.dtypes import TYPES
-from refsim.errors import RefsimError
+from refsim.errors import InternalError, RefsimError
 from refsim.ir import Graph
 
 from ..dyadic import ExportError
 from ..frontend import requant as rq
+from ..frontend.checks import array_bytes, first_line
 from ..frontend.emitter import Emitter, narrowest_type
 from ..frontend.fold import evaluate, store_const
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
@@ -109,7 +110,26 @@ class Importer:
             self.visit(node)
         return self.finish()
 
+    # Custom ops a format defines, checked like onnx's own when the graph is read
+    # (frontend.checks.OpSpec).
+    specs: dict = {}
+
     def visit(self, node: Node) -> None:
+        """Map `node` (checked against its schema when the graph was read); whatever a
+        malformed node still makes a handler raise becomes an ImportFailure naming the node
+        (InternalError, a refsim bug, is left alone)."""
+        try:
+            self._visit(node)
+        except (ImportFailure, InternalError):
+            raise
+        except RefsimError as e:
+            raise fail(node, str(e)) from None
+        except MemoryError:
+            raise fail(node, "needs more memory than is available") from None
+        except Exception as e:
+            raise fail(node, f"cannot be imported ({type(e).__name__}: {first_line(e)})") from e
+
+    def _visit(self, node: Node) -> None:
         domain = node.domain
         ins = []
         for name in node.inputs:
@@ -118,20 +138,12 @@ class Importer:
             ins.append(self.values[name])
         attrs = node.attrs
         if node.op == "Constant" and domain == "":
-            results = evaluate(node, [], self.g.opsets)
+            results = evaluate(node, [], self.g.opsets, self.g.budget)
         elif ins and all(isinstance(v, Const) or v is None for v in ins) and self.foldable(domain, node.op):
-            results = evaluate(node, [None if v is None else v.value for v in ins], self.g.opsets)
+            results = evaluate(node, [None if v is None else v.value for v in ins], self.g.opsets, self.g.budget)
         else:
             handler = self.handlers.get((domain, node.op))
-            if handler is None:
-                result = self.unhandled(node, ins, attrs)
-            else:
-                try:
-                    result = handler(node, ins, attrs)
-                except ImportFailure:
-                    raise
-                except RefsimError as e:
-                    raise fail(node, str(e)) from None
+            result = self.unhandled(node, ins, attrs) if handler is None else handler(node, ins, attrs)
             results = list(result) if isinstance(result, (list, tuple)) else [result]
             if len(results) != len(node.outputs):
                 raise fail(node, f"produces {len(node.outputs)} outputs, refsim maps {len(results)}")
@@ -420,6 +432,11 @@ class Importer:
         data, indices = ins
         if isinstance(indices, Const) and isinstance(data, (QTensor, Dequantized)) and self._unwrap(node, data)[0].is_const:
             idx = np.asarray(indices.value).astype(np.int64)
+            table = self._unwrap(node, data)[0].data
+            at = axis % max(table.ndim, 1)
+            if self.g.budget is not None:
+                self.g.budget.take(array_bytes(table.shape[:at] + idx.shape + table.shape[at + 1:], table.itemsize),
+                                   node.describe(), "the gathered constant")
             return self._move(node, data, "Gather", {}, lambda a: np.take(a, idx, axis=axis))
         index = self.integer(node, indices, "the indices")
         if isinstance(data, Const) and np.asarray(data.value).dtype.kind in "iub":
@@ -509,6 +526,20 @@ class Importer:
         result = self._move(node, ins[0], "MaxPool", params, lambda a: a)
         return [result] + ([None] if len(node.outputs) > 1 else [])
 
+    def bound_padding(self, node, shape, pads, itemsize: int = 1) -> None:
+        """Pads are attributes: the smallest tensor they can make (unknown dimensions taken as
+        1) must fit what the model may allocate, whatever the batch a run binds."""
+        spatial = len(pads) // 2
+        if not pads or len(pads) % 2 or spatial > len(shape) or self.g.budget is None:
+            return
+        lead = len(shape) - spatial
+        dims = [d if isinstance(d, int) else 1 for d in shape]
+        for i in range(spatial):
+            dims[lead + i] += pads[i] + pads[spatial + i]
+        if array_bytes(dims, itemsize) > self.g.budget.limit:
+            raise fail(node, f"pads {list(pads)} make a tensor of at least {array_bytes(dims, itemsize)} bytes, "
+                             f"beyond what this model may allocate ({self.g.budget.limit})")
+
     def window_params(self, node, attrs, shape, kernel) -> dict:
         spatial = len(kernel)
         strides = list(attrs.get("strides", [1] * spatial))
@@ -527,6 +558,7 @@ class Importer:
                 pads[i], pads[spatial + i] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
         elif auto_pad == "VALID":
             pads = [0] * (2 * spatial)
+        self.bound_padding(node, shape, pads)
         return {"strides": strides, "pads": pads, "dilations": dilations, "group": attrs.get("group", 1)}
 
     def op_Pad(self, node, ins, attrs):
@@ -558,8 +590,13 @@ class Importer:
         modes = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
         if mode not in modes:
             raise fail(node, f"pad mode {mode!r} is not supported")
+        self.bound_padding(node, q.shape, pads, q.dtype.storage.itemsize)
+
         def const_fn(a):
             from refsim.ops import Pad
+            padded = [d + pads[i] + pads[rank + i] for i, d in enumerate(a.shape)] if len(pads) == 2 * rank else a.shape
+            if self.g.budget is not None:
+                self.g.budget.take(array_bytes(padded, a.itemsize), node.describe(), "the padded constant")
             return Pad(a, pads=pads, mode=mode, value=level)
         return self._move(node, ins[0], "Pad", {"pads": pads, "mode": mode, "value": level}, const_fn,
                           lambda a: a if pads[a] == pads[rank + a] == 0 else None)

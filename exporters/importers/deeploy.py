@@ -20,6 +20,7 @@ import math
 import numpy as np
 from refsim.dtypes import TYPES
 
+from ..frontend.checks import OpSpec
 from ..frontend.emitter import narrowest_type
 from .base import FloatInput, Importer, fail
 from .values import Const, QTensor
@@ -27,8 +28,28 @@ from .values import Const, QTensor
 DOMAINS = ("", "PACTOps", "pact", "ai.onnx.contrib")  # ai.onnx.contrib: onnxruntime-extensions' custom-op domain, which Deeploy's test networks use
 
 
+def _spec(inputs, *names, required=()):
+    return OpSpec(inputs=inputs, attrs={n: "integer" for n in names}, required=required)
+
+
+LEVELS = ("n_levels", "n_levels_out")
+SPECS = {(domain, op): spec for domain in DOMAINS for op, spec in {
+    "RequantShift": _spec((3,), "div", "signed", *LEVELS, required=(("div",), LEVELS)),
+    "ITAMax": _spec((1, 2), "n_levels", "k", "numerator", "output_offset"),
+    "ITAPartialMax": _spec((1, 2), "group_width", "groups", "n_levels", "k", "numerator", "max_init", "output_offset", "acc_bits"),
+    "iSoftmax": _spec((1, 2), "coeffA", "coeffB", "coeffC", "log2", *LEVELS, required=(("coeffA",), ("coeffB",), ("coeffC",), ("log2",))),
+    "iGELU": _spec((1,), "b", "one", required=(("b",), ("one",))),
+    "RequantizediGELU": _spec((4,), "b", "one", "div", "signed", *LEVELS, required=(("b",), ("one",))),
+    "iLayerNorm": _spec((3,), "D", *LEVELS, required=(("D",),)),
+    "iNoNorm": _spec((3,), "D", "mul", *LEVELS, required=(("D",), ("mul",))),
+    "IntegerDiv": _spec((2,), "Delta", "eps", "eta", required=(("Delta",), ("eps",))),
+    "IntegerMean": _spec((1, 2), "keepdims"),
+}.items()}
+
+
 class DeeployImporter(Importer):
     format_name = "deeploy"
+    specs = SPECS
 
     def __init__(self, graph, emitter, input_types: dict[str, str] | None = None, requant: str = "dyadic"):
         super().__init__(graph, emitter, requant)

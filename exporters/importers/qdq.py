@@ -805,7 +805,7 @@ class QdqImporter(Importer):
         if isinstance(v, Moved):
             return v.const_fn(self.evaluate(v.inputs[0], leaf, levels))
         if isinstance(v, FloatOp):
-            return evaluate(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets)[0]
+            return evaluate(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets, self.g.budget)[0]
         raise fail(None, "an expression holds a value refsim cannot evaluate")
 
     def sink_moves(self, expr: FloatOp) -> tuple[FloatOp, list[Moved]]:

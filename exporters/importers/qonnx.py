@@ -23,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 from refsim.dtypes import TYPES
 
+from ..frontend.checks import OpSpec
 from .base import FloatInput, fail
 from .qdq import QdqImporter
 from .values import Const, Dequantized, FloatOp, QTensor, ratio_of
@@ -31,7 +32,20 @@ DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas",
 ROUNDINGS = {"ROUND": "half_even", "FLOOR": "floor", "ROUND_TO_ZERO": "trunc"}
 
 
+def _bit_width(node, value, what: str) -> int:
+    """One integer bit width from 1 to 32, read from a constant (QONNX stores them as floats)."""
+    bits = np.asarray(value)
+    if bits.size != 1 or bits.dtype.kind not in "iuf":
+        raise fail(node, f"{what} must be one integer from 1 to 32")
+    v = float(bits.reshape(-1)[0])
+    if not (np.isfinite(v) and v == round(v) and 1 <= v <= 32):
+        raise fail(node, f"{what} must be one integer from 1 to 32, got {v:g}")
+    return int(v)
+
+
 def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bit width {bits} is not between 1 and 64")
     if signed:
         return -(1 << (bits - 1)) + (1 if narrow else 0), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - (2 if narrow else 1)
@@ -47,9 +61,16 @@ def type_for(lo: int, hi: int):
     raise ValueError(f"no type holds [{lo}, {hi}]")
 
 
+_QUANT = OpSpec(inputs=(4,), attrs={"signed": "int", "narrow": "int", "rounding_mode": "string"})
+_TRUNC = OpSpec(inputs=(5, 7), attrs={"signed": "int", "narrow": "int", "rounding_mode": "string"})  # old and new forms
+SPECS = {(domain, op): spec for domain in DOMAINS if domain
+         for op, spec in (("Quant", _QUANT), ("IntQuant", _QUANT), ("BipolarQuant", OpSpec(inputs=(2,))), ("Trunc", _TRUNC))}
+
+
 class QonnxImporter(QdqImporter):
     format_name = "qonnx"
     KEEP = ("DequantizeLinear", "Quant", "IntQuant", "BipolarQuant", "Trunc")
+    specs = {**QdqImporter.specs, **SPECS}
 
     def __init__(self, graph, emitter, mode: str = "ibert", requant: str = "dyadic", float_ops: str = "integer"):
         super().__init__(graph, emitter, mode, requant, float_ops)
@@ -67,17 +88,14 @@ class QonnxImporter(QdqImporter):
     def grid(self, node, ins, attrs, shape) -> QTensor:
         scale = np.asarray(self.const_value(node, ins[1], "the scale"), np.float32)
         zeropt = np.asarray(self.const_value(node, ins[2], "the zero point"), np.float32)
-        bits = np.asarray(self.const_value(node, ins[3], "the bit width"))
-        if bits.size != 1 or bits.reshape(-1)[0] != round(float(bits.reshape(-1)[0])) or not 1 <= float(bits.reshape(-1)[0]) <= 32:
-            raise fail(node, "the bit width must be one integer from 1 to 32")
-        bits = int(round(float(bits.reshape(-1)[0])))
+        bits = _bit_width(node, self.const_value(node, ins[3], "the bit width"), "the bit width")
         signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
         mode = str(attrs.get("rounding_mode", "ROUND")).upper()
         if mode not in ROUNDINGS and mode != "CEIL":
             raise fail(node, f"rounding mode {mode!r} is not supported (ROUND, FLOOR, CEIL, ROUND_TO_ZERO)")
         if np.any(scale <= 0) or not np.all(np.isfinite(scale)):
             raise fail(node, "scales must be positive and finite")
-        if np.any(zeropt != np.round(zeropt)):
+        if not np.all(np.isfinite(zeropt)) or np.any(zeropt != np.round(zeropt)):
             raise fail(node, "a zero point that is not an integer has no integer grid")
         lo, hi = (-1, 1) if bits == 1 and signed else int_range(bits, signed, narrow)
         dtype = type_for(lo, hi)
@@ -202,13 +220,16 @@ class QonnxImporter(QdqImporter):
         zeropt = np.asarray(self.const_value(node, ins[2], "the zero point"), np.float32)
         if len(ins) >= 7:
             out_scale = np.asarray(self.const_value(node, ins[4], "the output scale"), np.float32)
-            out_bits = self.const_value(node, ins[6], "the output bit width")
+            out_bits = _bit_width(node, self.const_value(node, ins[6], "the output bit width"), "the output bit width")
         else:  # the older 5-input form: x, scale, zeropt, input_bit_width, output_bit_width
-            in_bits = self.const_value(node, ins[3], "the input bit width")
-            out_bits = self.const_value(node, ins[4], "the output bit width")
-            out_scale = scale * np.float32(2.0 ** (float(np.asarray(in_bits).reshape(-1)[0]) - float(np.asarray(out_bits).reshape(-1)[0])))
+            in_bits = _bit_width(node, self.const_value(node, ins[3], "the input bit width"), "the input bit width")
+            out_bits = _bit_width(node, self.const_value(node, ins[4], "the output bit width"), "the output bit width")
+            out_scale = scale * np.float32(2.0 ** (in_bits - out_bits))
         if scale.size != 1 or out_scale.size != 1 or zeropt.size != 1:
             raise fail(node, "per-channel Trunc is not supported")
+        if not (np.all(np.isfinite(scale)) and np.all(scale > 0) and np.all(np.isfinite(out_scale)) and np.all(out_scale > 0)
+                and np.all(np.isfinite(zeropt))):
+            raise fail(node, "scales must be positive and finite, zero points finite")
         if not q.per_tensor or not np.isclose(float(np.asarray(q.scale).reshape(-1)[0]), float(scale.reshape(-1)[0]), rtol=1e-6) \
                 or q.zp_scalar() != int(zeropt.reshape(-1)[0]):
             raise fail(node, "the input is not quantized at the Trunc's input scale and zero point")
@@ -216,7 +237,6 @@ class QonnxImporter(QdqImporter):
         t = int(np.round(np.log2(ratio)))
         if t < 0:
             raise fail(node, "Trunc with an output scale below the input scale is not supported")
-        out_bits = int(round(float(np.asarray(out_bits).reshape(-1)[0])))
         lo, hi = int_range(out_bits, bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0)))
         mode = str(attrs.get("rounding_mode", "FLOOR")).upper()
         if mode not in ROUNDINGS:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from refsim import __version__
@@ -53,17 +55,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def error(message: str) -> int:
+    if _interrupted:  # an error after a swallowed Ctrl-C (stdin closed, say) is the interrupt
+        return _report_interrupt()
     print(f"refsim: error: {message}", file=sys.stderr)
     return 2
 
 
+def _report_interrupt() -> int:
+    print("refsim: interrupted", file=sys.stderr)
+    if _exit_at_once:  # before the frames unwind: finalizing half-built LLVM objects can crash
+        _flush_and_exit(130)
+    return 130
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help(sys.stderr)
-        return 2
     try:
+        parser = build_parser()  # imports the command modules, and with them NumPy
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help(sys.stderr)
+            return 2
         return int(args._module.main(args) or 0)
     except RefsimError as e:
         return error(str(e))
@@ -72,9 +92,43 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return error(f"{where}{e.strerror or e}")
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C, also while starting up (see refsim/__init__.py)
+        return _report_interrupt()
+
+
+# Ctrl-C in the `refsim` command. Python raises KeyboardInterrupt wherever the main thread
+# is, and there a ctypes callback (llvmlite's, while Numba compiles), a finalizer or a
+# library's bare `except:` can swallow it. So `console` remembers the SIGINT: a swallowed
+# interrupt prints nothing, an error that follows it is reported as the interrupt, and a
+# command that finished anyway exits 130. (Raising it again would be worse: a second
+# interrupt inside LLVM's callbacks can crash the process.)
+_interrupted = False
+_exit_at_once = False  # set by console; main() called from Python returns 130 instead
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _unraisable(info) -> None:
+    if not isinstance(info.exc_value, KeyboardInterrupt):  # that one console reports
+        sys.__unraisablehook__(info)
+
+
+def console() -> None:
+    """The `refsim` command: main(), and after Ctrl-C an immediate exit. An interrupt can land
+    while Numba's LLVM objects are half built; finalizing them prints tracebacks or crashes."""
+    global _exit_at_once
+    _exit_at_once = True
+    signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = _unraisable
+    code = main()
+    if _interrupted and code != 130:  # swallowed, and the command still finished
+        code = _report_interrupt()
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    console()

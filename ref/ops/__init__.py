@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import OPS, OpSchema, lookup
+from .registry import OPS, OpSchema, lookup, public
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -17,7 +17,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 def __getattr__(name: str):
     if name in OPS:
-        return OPS[name].fn
+        return public(name)  # the op function, accepting int64 arrays whose values fit
     raise AttributeError(f"module 'refsim.ops' has no op {name!r}")
 
 

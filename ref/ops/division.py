@@ -28,6 +28,8 @@ def IntegerDiv(a, b, *, Delta, eps, eta=1, overflow="error"):
     """y = trunc_div(n + sgn(n)*(d >> 1), d), n = Delta*eta*a, d = eta*b + eps (Deeploy Div_s32)."""
     a = np.asarray(a).astype(np.int64)
     b = np.asarray(b).astype(np.int64)
+    if abs(Delta) * eta > INT64_MAX or abs(eps) > INT64_MAX:
+        raise OpError(f"IntegerDiv: Delta*eta = {Delta * eta} or eps = {eps} leaves int64")
     for array, factor, what in ((a, abs(Delta) * eta, "Delta*eta*a"), (b, eta, "eta*b + eps")):
         if array.size and max(abs(int(array.min())), abs(int(array.max()))) * factor + abs(eps) > INT64_MAX:
             raise OpError(f"IntegerDiv: {what} leaves int64")

@@ -139,7 +139,7 @@ def iLayerNorm(x, weight, bias, *, D, n_levels=256, overflow="saturate"):
 
 _VAR_LIMIT = 1 << 32  # I-BERT keeps the sum of squares below 2^32 (it raises `shift` until it does)
 _TERM_LIMIT = 1 << 16  # one (d >> shift) this large already puts the sum past 2^32
-_FACTOR_NUMERATOR = (1 << 31) - 1
+_FACTOR_NUMERATOR = 1 << 31  # I-BERT's floor(2^31 / std), exactly
 _BIAS_LIMIT = 1 << 62
 
 
@@ -201,7 +201,7 @@ def IBertLayerNorm(x, bias=None, *, shift=0):
     n = x2.shape[1]
     b = _per_channel(bias, n, "bias", what)
     # |d * factor| < 2^62 for shift <= 30: if |d| >= 2^(shift+1), std >= |d| - 2^shift >= |d|/2 and
-    # factor <= 2^32/|d|; otherwise |d| * factor < 2^(shift+1) * 2^31. So a bias below 2^62 is safe.
+    # factor <= 2^32/|d|; otherwise |d| < 2^31 and factor <= 2^31. So a bias below 2^62 is safe.
     if _value_bound(b) >= _BIAS_LIMIT:
         raise OpError(f"{what}: bias must stay below 2^62 in magnitude")
     if n == 0:

@@ -23,12 +23,15 @@ work from every call to load time.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from ..dtypes import TYPES, IntType
-from ..errors import GraphError, RefsimError
+from ..errors import GraphError, OpError, RefsimError
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -241,6 +244,59 @@ def op(
         return fn
 
     return register
+
+
+# --- calling ops directly on arrays ----------------------------------------------------
+
+_NARROW = {"i": (np.int8, np.int16, np.int32), "u": (np.uint8, np.uint16, np.uint32)}
+
+
+def narrowest(value):
+    """An integer array as the narrowest NumPy type of its signedness that holds its values
+    (int64 [3, -4] -> int8); anything else unchanged."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind not in _NARROW:
+        return value
+    lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    for candidate in _NARROW[array.dtype.kind]:
+        info = np.iinfo(candidate)
+        if np.dtype(candidate).itemsize >= array.dtype.itemsize:
+            break
+        if info.min <= lo and hi <= info.max:
+            return array.astype(candidate)
+    return value
+
+
+_PUBLIC: dict[str, Callable] = {}
+
+
+def public(name: str) -> Callable:
+    """`refsim.ops.<name>`: the op function for arrays a Python user holds.
+
+    An op bounds its work by its inputs' types, as a graph declares them. NumPy arrays come
+    as int64 by default, so an op that refuses an array for its type (an int64 where at
+    most 32 bits fit, or an int64 product bound that could overflow) is tried once more
+    with every integer input narrowed to the smallest type holding its values: an array is
+    accepted when its values fit. Graphs keep the declared types (the engine calls
+    `OPS[name].fn`).
+    """
+    if name not in _PUBLIC:
+        fn = OPS[name].fn
+
+        @functools.wraps(fn)
+        def call(*inputs, **attrs):
+            try:
+                return fn(*inputs, **attrs)
+            except OpError:
+                narrowed = [narrowest(x) for x in inputs]
+                if all(n is x for n, x in zip(narrowed, inputs)):
+                    raise
+            return fn(*narrowed, **attrs)
+
+        _PUBLIC[name] = call
+    return _PUBLIC[name]
 
 
 def lookup(name: str, node=None) -> OpSchema:
