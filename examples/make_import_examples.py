@@ -1,6 +1,7 @@
 """Write the small quantized ONNX models the README's `refsim import` examples use.
 
     python examples/make_import_examples.py      # rewrites examples/{qdq,qonnx,deeploy}_tiny.onnx
+                                                 # and qdq_tiny_inputs.npy
 
 qdq_tiny: a QDQ MLP as onnxruntime's quantizer writes it (float input, int8 weights with
 int32 bias, uint8 activations). qonnx_tiny: a Brevitas-style QONNX MLP with 4-bit and
@@ -81,7 +82,14 @@ def deeploy_tiny():
          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits, HERE / "deeploy_tiny.onnx", [("", 13)])
 
 
+def qdq_tiny_inputs():
+    """Three float samples for qdq_tiny (`refsim compare` against onnxruntime, README)."""
+    samples = np.random.default_rng(7).normal(0, 1.5, (3, 1, 16)).astype(np.float32)
+    np.save(HERE / "qdq_tiny_inputs.npy", samples)
+
+
 if __name__ == "__main__":
     qdq_tiny()
     qonnx_tiny()
     deeploy_tiny()
+    qdq_tiny_inputs()

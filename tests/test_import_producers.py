@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import pytest
 from refsim.exporters.importers import dequantize_outputs, import_model, quantize_inputs
+from refsim.exporters.lineup import lineup
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -122,7 +123,7 @@ def _ort_tensors(path, feeds, names):
 
 
 @pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
-def test_onnxruntime_quantize_static_reproduced(tiny_bert, fmt, record_property):
+def test_onnxruntime_quantize_static_reproduced(tiny_bert, fmt, record_property, tmp_path):
     paths, feeds = tiny_bert
     model = import_model(paths[fmt], requant="ort", float_ops="ort")
     inferred = onnx.shape_inference.infer_shapes(onnx.load(str(paths[fmt])))
@@ -137,6 +138,12 @@ def test_onnxruntime_quantize_static_reproduced(tiny_bert, fmt, record_property)
     got = dequantize_outputs(model, outputs)["emb"].astype(np.float64).reshape(-1)
     want = reference["emb"].astype(np.float64).reshape(-1)
     cosine = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+    # refsim compare's line-up (exporters.lineup) also reaches the tensors refsim renamed
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    lined = lineup(finite_mask_scales(onnx.load(str(paths[fmt]))), model, tmp_path / "feeds.npz")
+    assert lined.first_divergent is None and len(lined.tensors) >= len(shared) and not lined.unmatched
+    record_property(f"{fmt}_lineup_exact", f"{len(lined.tensors)}/{len(lined.tensors)}")
+    print(f"\n{fmt}: compare lines up {len(lined.tensors)} integer tensors, all exact")
     record_property(f"{fmt}_integer_tensors_exact", f"{exact}/{len(shared)}")
     record_property(f"{fmt}_cosine", cosine)
     print(f"\n{fmt}: {exact}/{len(shared)} integer tensors exact against onnxruntime, embedding cosine {cosine:.7f}")

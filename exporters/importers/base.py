@@ -255,10 +255,31 @@ class Importer:
             "producer": self.g.producer,
         }
         b.metadata["boundary"] = {"inputs": self.input_quantization, "outputs": outputs}
+        b.metadata["onnx_names"] = self.record_onnx_names()
         try:
             return b.build()
         except RefsimError as e:
             raise ImportFailure(f"the imported graph is invalid: {e}") from None
+
+    def record_onnx_names(self) -> dict[str, str]:
+        """{refsim tensor: the ONNX tensor whose integers it holds}, for every computed integer
+        tensor that stands for one (the first ONNX name when several share it), each labelled
+        with its ONNX scale and zero point: `refsim compare` lines them up against
+        onnxruntime's by these names (`exporters.lineup`), also where refsim had to rename."""
+        b = self.em.builder
+        names: dict[str, str] = {}
+        for onnx_name, value in self.values.items():
+            if not isinstance(value, QTensor) or value.is_const or value.name not in b.tensors:
+                continue
+            t = b.tensors[value.name]
+            if t.is_const or value.name in names:
+                continue
+            names[value.name] = onnx_name
+            if value.scale is not None and t.scale is None and np.isfinite(np.asarray(value.scale, np.float64)).all():
+                scale, zero_point, axis = _display_quant(value)  # an infinite mask scale stays unlabelled
+                if scale is not None and (axis is None or -len(t.shape) <= axis < len(t.shape)):
+                    t.scale, t.zero_point, t.quant_axis = scale, zero_point, axis
+        return names
 
     def float_output(self, name: str, value: FloatOp) -> Dequantized:
         """A graph output computed by float ops after the last QuantizeLinear: a format may know

@@ -1,4 +1,6 @@
-"""`refsim compare MODEL.onnx OUT.intq DATA`: float vs fake-quant vs integer, per output and layer."""
+"""`refsim compare MODEL.onnx OUT.intq DATA`: float vs fake-quant vs integer, per output and layer;
+for an imported `.intq` (`refsim import`), its integer tensors against onnxruntime's on the
+quantized MODEL, by ONNX name (`exporters.lineup`)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import sys
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model", help="the float ONNX model the .intq was exported from")
-    p.add_argument("intq", help="integer model from `refsim export`")
+    p.add_argument("model", help="the float ONNX model the .intq was exported from, or the quantized one it was imported from")
+    p.add_argument("intq", help="integer model from `refsim export` or `refsim import`")
     p.add_argument("data", help="evaluation data: text lines, .npy or .npz (as for export)")
     p.add_argument("--labels", metavar="FILE", help="one label per sample: class name or index, or a number (regression)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -18,10 +20,20 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    import refsim
     from refsim.exporters.comparison import compare
+    from refsim.exporters.dyadic import ExportError
+    from refsim.exporters.lineup import lineup
 
-    report = compare(args.model, args.intq, args.data, labels=args.labels, batch_size=args.batch_size,
-                     progress=not args.quiet, max_samples=args.max_samples)
+    metadata = refsim.load(args.intq).metadata
+    if "import" in metadata and "fake_quant" not in metadata:
+        if args.labels is not None:
+            raise ExportError(f"{args.intq}: --labels needs an .intq from `refsim export`; an imported one is "
+                              "compared tensor by tensor with onnxruntime")
+        report = lineup(args.model, args.intq, args.data, max_samples=args.max_samples)
+    else:
+        report = compare(args.model, args.intq, args.data, labels=args.labels, batch_size=args.batch_size,
+                         progress=not args.quiet, max_samples=args.max_samples)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
