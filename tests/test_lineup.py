@@ -135,3 +135,11 @@ def test_compare_cli_on_an_imported_model(quantized, capsys):
     assert report["first_divergent"] is None and report["exact_tensors"] == len(report["tensors"]) >= 3
     code, out, err = run_cli(capsys, "compare", paths["QDQ"], folder / "QDQ.intq", folder / "missing.npy")
     assert code == 2 and err.count("\n") == 1 and "missing.npy" in err
+    code, out, err = run_cli(capsys, "compare", paths["QDQ"], folder / "QDQ.intq", folder / "x.npy", "--labels", "labels.txt")
+    assert code == 2 and err.count("\n") == 1 and "--labels needs an .intq from `refsim export`" in err
+
+
+def test_a_model_the_intq_was_not_imported_from_lines_up_nothing(quantized):
+    folder, paths = quantized
+    report = lineup(paths["QOperator"], folder / "QDQ.intq", folder / "x.npy")  # QOperator names none of QDQ's tensors
+    assert [r["onnx"] for r in report.tensors] == [] and "no tensor lined up" in report.text()
