@@ -64,7 +64,7 @@ def test_readme_export_examples(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     commands = [line.strip() for line in readme.splitlines()
                 if line.strip().startswith(("refsim sensitivity examples/", "refsim export examples/", "refsim compare examples/",
-                                            "refsim run vit_"))]
+                                            "refsim run vit_", "refsim import examples/qdq_tiny"))]  # the import compare lines up
     assert len(commands) >= 4
     for command in commands:
         # outputs (.intq, a sensitivity .json named without a folder) go to tmp_path
