@@ -238,6 +238,16 @@ def test_layernorms_and_nonorm_match_refsim(data, bits):
                  ops.NoNorm(x, gamma, beta, dtype="int64"))
 
 
+def test_ibert_layernorm_divides_two_to_the_31_when_std_is_a_power_of_two():
+    # I-BERT's floor(2^31 / std), not (2^31 - 1) // std: they differ when std is a power of
+    # two. Row 1: mean 0, d = +-2, sum of squares 64, std 8: -2 * factor >> 1 is -268435456,
+    # not -268435455.
+    x = np.zeros((2, 16), np.int8)
+    x[0, 0], x[1, :] = 64, [2, -2] * 8
+    bias = np.zeros(16, np.int64)
+    assert_exact(run_op("IBertLayerNorm", [x, bias], ["int8", "int64"]), ops.IBertLayerNorm(x, bias))
+
+
 def test_surrogate_gradients_follow_the_real_functions():
     x = np.arange(-300, 300, 5, dtype=np.int16).reshape(4, 30)
     # GELU's slope: ~0 far left, the full ratio far right (at a 16-bit input scale, -6..6 real)

@@ -581,11 +581,11 @@ def ibert_layernorm(node, x, bias=None, *, types):
     if bool((var >= 1 << 32).any()):
         raise QatError(f"{node.name}: the sum of squares reaches 2^32; raise shift")
     std = torch.bitwise_left_shift(isqrt(var), shift)
-    factor = torch.div(torch.tensor((1 << 31) - 1, dtype=I64), torch.clamp(std, min=1), rounding_mode="floor")
+    factor = torch.div(torch.tensor(1 << 31, dtype=I64), torch.clamp(std, min=1), rounding_mode="floor")
     e = torch.bitwise_right_shift(d * factor, 1) + b
     df = x.f - x.f.mean(dim=-1, keepdim=True)
     stdf = torch.sqrt((df * df).sum(dim=-1, keepdim=True)).clamp(min=1.0)
-    surrogate = df * (((1 << 31) - 1) / stdf) / 2 + b.to(F64)
+    surrogate = df * ((1 << 31) / stdf) / 2 + b.to(F64)
     return ste(e, surrogate)
 
 
