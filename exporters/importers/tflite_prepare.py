@@ -203,13 +203,15 @@ def tabulate(dtype: str, fn: Callable[[int], int]) -> np.ndarray:
     return np.array([fn(int(v)) for v in all_values(dtype)], np.int64)
 
 
-def logistic_int8_tflm(in_scale: float, in_zp: int) -> np.ndarray:
-    """TFLite Micro LOGISTIC int8 (reference_integer_ops::Logistic): output scale 1/256, zp -128."""
+def _q4_27_table(what: str, in_scale: float, in_zp: int, fixed_fn, output_shift: int, output_offset: int) -> np.ndarray:
+    """What TFLite Micro's int8 LOGISTIC and TANH share: the input rescaled to Q4.27
+    (multiplier from frexp(scale * 2^27), saturating beyond CalculateInputRadius(4, shift)),
+    gemmlowp's fixed-point function, its Q0.31 result rounded down by `output_shift` bits."""
     real = float(F32(in_scale)) * float(1 << 27)
     f, left_shift = math.frexp(real)
     multiplier = round_half_away(f * 2.0**31)
     if multiplier >= 1 << 31:
-        raise ImportFailure("LOGISTIC: input multiplier overflows int32")
+        raise ImportFailure(f"{what}: input multiplier overflows int32")
     radius = calculate_input_radius(4, left_shift, 31)
 
     def one(v: int) -> int:
@@ -219,32 +221,20 @@ def logistic_int8_tflm(in_scale: float, in_zp: int) -> np.ndarray:
         if x >= radius:
             return 127
         q4 = mbqm(x, multiplier, left_shift)
-        out = int(rdbpot(logistic_fixed(q4, 4), 23))
-        return min(max(out - 128, -128), 127)
+        out = int(rdbpot(fixed_fn(q4, 4), output_shift))
+        return min(max(out + output_offset, -128), 127)
 
     return tabulate("int8", one)
+
+
+def logistic_int8_tflm(in_scale: float, in_zp: int) -> np.ndarray:
+    """TFLite Micro LOGISTIC int8 (reference_integer_ops::Logistic): output scale 1/256, zp -128."""
+    return _q4_27_table("LOGISTIC", in_scale, in_zp, logistic_fixed, 23, -128)
 
 
 def tanh_int8_tflm(in_scale: float, in_zp: int) -> np.ndarray:
     """TFLite Micro TANH int8 (reference_integer_ops::Tanh): output scale 1/128, zp 0."""
-    real = float(F32(in_scale)) * float(1 << 27)
-    f, left_shift = math.frexp(real)
-    multiplier = round_half_away(f * 2.0**31)
-    if multiplier >= 1 << 31:
-        raise ImportFailure("TANH: input multiplier overflows int32")
-    radius = calculate_input_radius(4, left_shift, 31)
-
-    def one(v: int) -> int:
-        x = v - in_zp
-        if x <= -radius:
-            return -128
-        if x >= radius:
-            return 127
-        q4 = mbqm(x, multiplier, left_shift)
-        out = int(rdbpot(tanh_fixed(q4, 4), 24))
-        return min(max(out, -128), 127)
-
-    return tabulate("int8", one)
+    return _q4_27_table("TANH", in_scale, in_zp, tanh_fixed, 24, 0)
 
 
 def _int16_logistic_params(in_scale: float) -> tuple[int, int]:
