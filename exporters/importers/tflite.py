@@ -518,15 +518,21 @@ class TfliteImporter:
         self.record(left_shift=left_shift, input1_offset=-a.zp, input1_multiplier=q1, input1_shift=e1,
                     input2_offset=-bv.zp, input2_multiplier=q2, input2_shift=e2,
                     output_offset=int(out.zero_point[0]), output_multiplier=qo, output_shift=eo, act_min=lo, act_max=hi)
+        scaled = self._rescaled_inputs(out, ((a, q1, e1), (bv, q2, e2)), left_shift)
+        raw = self.node("Sub" if subtract else "Add", scaled, f"{out.name}.raw", dtype="int32")
+        self.set_output(op.outputs[0], self.requant(raw, qo, eo, out, out.name, lo, hi))
+
+    def _rescaled_inputs(self, out, inputs, left_shift: int) -> list[str]:
+        """ADD/SUB/SQUARED_DIFFERENCE's input step: (x - zero_point) << left_shift, then each
+        input's own multiplier, onto the common int32 grid."""
         scaled = []
-        for v, q, e, tag in ((a, q1, e1, "input1"), (bv, q2, e2, "input2")):
+        for (v, q, e), tag in zip(inputs, ("input1", "input2")):
             centered = self.node("Sub", [self.place(v), self.const(v.zp, "int32", f"{out.name}.{tag}_zero_point")],
                                  f"{out.name}.{tag}_centered", dtype="int32")
             shifted = self.node("Mul", [centered, self.const(1 << left_shift, "int32", f"{out.name}.left_shift")],
                                 f"{out.name}.{tag}_shifted", dtype="int32")
             scaled.append(self._mbqm_int32(shifted, q, e, f"{out.name}.{tag}_scaled"))
-        raw = self.node("Sub" if subtract else "Add", scaled, f"{out.name}.raw", dtype="int32")
-        self.set_output(op.outputs[0], self.requant(raw, qo, eo, out, out.name, lo, hi))
+        return scaled
 
     def _mbqm_int32(self, x: str, q: int, e: int, stem: str) -> str:
         """MultiplyByQuantizedMultiplierSmallerThanOneExp into int32 (no offset, no clamp)."""
@@ -567,13 +573,7 @@ class TfliteImporter:
         qo, eo = P.quantize_multiplier(twice_max * twice_max / ((1 << (2 * left_shift)) * so))
         self.record(left_shift=left_shift, input1_multiplier=q1, input1_shift=e1, input2_multiplier=q2, input2_shift=e2,
                     output_multiplier=qo, output_shift=eo)
-        scaled = []
-        for v, q, e, tag in ((a, q1, e1, "input1"), (bv, q2, e2, "input2")):
-            centered = self.node("Sub", [self.place(v), self.const(v.zp, "int32", f"{out.name}.{tag}_zero_point")],
-                                 f"{out.name}.{tag}_centered", dtype="int32")
-            shifted = self.node("Mul", [centered, self.const(1 << left_shift, "int32", f"{out.name}.left_shift")],
-                                f"{out.name}.{tag}_shifted", dtype="int32")
-            scaled.append(self._mbqm_int32(shifted, q, e, f"{out.name}.{tag}_scaled"))
+        scaled = self._rescaled_inputs(out, ((a, q1, e1), (bv, q2, e2)), left_shift)
         diff = self.node("Sub", scaled, f"{out.name}.diff", dtype="int32")
         square = self.node("Mul", [diff, diff], f"{out.name}.square", dtype="int32")
         lo, hi = P.TYPE_RANGES[out.type]
