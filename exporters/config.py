@@ -76,6 +76,17 @@ def parse_abits(value) -> int:
     return bits
 
 
+def read_json(path: str) -> object:
+    """A JSON file the user named, or an ExportError saying what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON: {e}") from None
+
+
 @dataclass
 class LayerConfig:
     """Ordered (pattern, settings) entries from layers.json."""
@@ -88,14 +99,7 @@ class LayerConfig:
         if path is None:
             return cls()
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            raise ExportError(f"{path}: no such file") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ExportError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(doc, path)
+        return cls.from_dict(read_json(path), path)
 
     @classmethod
     def from_dict(cls, doc, source: str = "layers.json") -> "LayerConfig":

@@ -38,7 +38,7 @@ from refsim.intq import atomic_write
 
 from . import cca
 from .calibrate import quantize_weight
-from .config import parse_wbits
+from .config import parse_wbits, read_json
 from .dyadic import ExportError
 from .frontend.graph import Graph
 from .pipeline import _file_sha256, onnx_feed_dtypes, prepare
@@ -256,13 +256,7 @@ def save(doc: dict, path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike) -> dict:
     """A sensitivity JSON file, checked enough that allocation can trust it."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise ExportError(f"{path}: no such file") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not valid JSON: {e}") from None
+    doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ExportError(f"{path}: not a sensitivity file (written by `refsim sensitivity`)")
     layers = doc.get("layers")
