@@ -54,6 +54,9 @@ class TensorStats:
     hi: float = float("-inf")
     count: int = 0
     hist: np.ndarray | None = None  # counts over [-absmax, absmax], BINS bins
+    # The largest sum of squared deviations from the row mean over any row (the last axis),
+    # padding rows included: what an integer LayerNorm on this tensor must hold (its variance).
+    row_sumsq: float = 0.0
 
     def observe_range(self, x: np.ndarray) -> None:
         if x.size == 0:
@@ -63,6 +66,13 @@ class TensorStats:
         self.hi = max(self.hi, float(x.max()))
         self.absmax = max(self.absmax, abs(self.lo), abs(self.hi))
         self.count += x.size
+
+    def observe_rows(self, x: np.ndarray) -> None:
+        if x.ndim == 0 or x.size == 0:
+            return
+        x = np.asarray(x, np.float64)
+        d = x - x.mean(axis=-1, keepdims=True)
+        self.row_sumsq = max(self.row_sumsq, float(np.max(np.sum(d * d, axis=-1))))
 
     def observe_histogram(self, x: np.ndarray) -> None:
         if self.hist is None:
@@ -205,7 +215,7 @@ SAMPLE_ROWS = 2048
 
 
 def calibrate(runner_factory, tensors: list[str], batches, method: str, percentile=None, progress=None,
-              padding=None, layer_inputs=()) -> Calibration:
+              padding=None, layer_inputs=(), row_tensors=()) -> Calibration:
     """Run the float model over `batches` (a re-iterable of feed dicts) and observe `tensors`.
 
     `runner_factory(tensors)` returns a FloatRunner exposing them. `progress(done, total,
@@ -213,7 +223,8 @@ def calibrate(runner_factory, tensors: list[str], batches, method: str, percenti
     with different tokens at the padded positions: an element that changes with them is
     computed from padding only, which the model never uses (the attention mask hides it),
     so it is left out of the statistics; at sequence length 128 most elements are such.
-    `layer_inputs` (tensors among `tensors`) also get InputStats, in `Calibration.inputs`.
+    `layer_inputs` (tensors among `tensors`) also get InputStats, in `Calibration.inputs`;
+    `row_tensors` (LayerNorm inputs) their largest row variance, `TensorStats.row_sumsq`.
     """
     if method not in CALIB_METHODS:
         raise ExportError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
@@ -224,6 +235,7 @@ def calibrate(runner_factory, tensors: list[str], batches, method: str, percenti
         if not 0.0 <= low < high <= 100.0:
             raise ExportError(f"--percentile LOW HIGH needs 0 <= LOW < HIGH <= 100, got {low} {high}")
     runner = runner_factory(tensors)
+    row_tensors = set(row_tensors)
     result = Calibration({t: TensorStats() for t in tensors}, method, percentile)
     result.inputs = {t: InputStats() for t in layer_inputs}
     rng = np.random.default_rng(0)
@@ -243,6 +255,8 @@ def calibrate(runner_factory, tensors: list[str], batches, method: str, percenti
                         keep = None
                 if pass_index == 0:
                     result.stats[t].observe_range(a if keep is None else a[keep])
+                    if t in row_tensors:
+                        result.stats[t].observe_rows(a)
                     if t in result.inputs and a.ndim >= 1:
                         rows = a.reshape(-1, a.shape[-1])
                         if keep is not None:

@@ -36,6 +36,7 @@ ITA_SOFTMAX_PRESET = "ita_rtl"
 ITA_GELU_MIN_SCALE = 0.01963
 IBERT_SOFTMAX_INPUT_BITS = 16
 IBERT_GELU_INPUT_BITS = 16
+IBERT_SOFTMAX_OUTPUT_BITS = 15
 # z = (r + b)(r) + c is about 5.1 / S^2 at most and exp_mul below 2^31: S >= sqrt(8 / 2^32)
 # keeps z * exp_mul inside int64.
 IBERT_SOFTMAX_MIN_SCALE = math.sqrt(8 / 2**32)
@@ -117,7 +118,7 @@ class Modes:
             # intermediate z * exp_mul could leave int64, so a finer calibrated scale is coarsened.
             scale = max(walker.scale_of(scores, IBERT_SOFTMAX_INPUT_BITS), IBERT_SOFTMAX_MIN_SCALE)
             x = walker.at_scale(scores, scale, IBERT_SOFTMAX_INPUT_BITS, node, 0)
-            p = nonlinear.ibert_softmax_params(float(x.scale))
+            p = nonlinear.ibert_softmax_params(float(x.scale), output_bit=IBERT_SOFTMAX_OUTPUT_BITS)
         y = walker.em.node(p.op, [x.name, mask], f"{layer}.softmax", **p.attrs)
         t = walker.dtype(y)
         walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "prob"), layer, quantized_bits=t.bits)
@@ -170,7 +171,9 @@ class Modes:
             y = walker.em.node(p.op, [x.name, *consts], f"{layer}.layernorm", **p.attrs)
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=bits)
             return
-        p = nonlinear.ibert_layernorm_params(float(x.scale), weight, bias, input_bits=bits)
+        stats = walker.calibration.stats.get(x_name)
+        sumsq = None if stats is None or not stats.row_sumsq else stats.row_sumsq / float(x.scale) ** 2
+        p = nonlinear.ibert_layernorm_params(float(x.scale), weight, bias, input_bits=bits, max_sumsq=sumsq)
         bias_q = walker.em.const(p.consts["bias"], "int64", f"{layer}.bias")
         y = walker.em.node(p.op, [x.name, bias_q], f"{layer}.layernorm", **p.attrs)
         # |y| <= 2^30 * sqrt(N) + |bias|: the bound that lets the following requant keep a wide multiplier.

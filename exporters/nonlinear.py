@@ -293,12 +293,22 @@ def ilayernorm_params(input_scale, weight, bias, output_scale, *, n_levels: int 
     return OpParams("iLayerNorm", dict(D=D, n_levels=n_levels), input_scale=float(input_scale), output_scale=out, consts=consts)
 
 
-def ibert_layernorm_params(input_scale, weight, bias, *, input_bits: int = 8) -> OpParams:
+# Rows whose variance reaches this many times the calibration data's still fit IBertLayerNorm's
+# 2^32 (a row with 4x the largest RMS deviation calibration saw); the op refuses a row beyond.
+LAYERNORM_SUMSQ_HEADROOM = 16
+
+
+def ibert_layernorm_params(input_scale, weight, bias, *, input_bits: int = 8, max_sumsq: float | None = None) -> OpParams:
     """I-BERT IntLayerNorm: bias_int = floor((bias/weight) / (sqrt(N)/2^30)) per channel.
 
     The integer output y has the per-channel scale sqrt(N)/2^30 * weight (negative where the
-    weight is). `shift` is the smallest that keeps the sum of N squared differences of
-    `input_bits`-bit values below 2^32 (I-BERT raises it at calibration until it does).
+    weight is). `shift` keeps the sum of N squared (shifted) differences below 2^32. Without
+    `max_sumsq` it is the smallest that does for any `input_bits`-bit row. With it (the
+    largest sum of squared deviations from the row mean that calibration saw, in input
+    steps), it is I-BERT's own choice, the smallest shift the calibration rows never
+    overflow, with LAYERNORM_SUMSQ_HEADROOM to spare, and never more than the worst case:
+    every bit of shift drops a bit of the variance's resolution, which at a 16-bit input
+    whose outliers set the scale leaves typical rows a few steps of std.
     """
     s = _positive(input_scale, "IBertLayerNorm")
     w = _float_vector(weight, "weight", "IBertLayerNorm")
@@ -311,6 +321,11 @@ def ibert_layernorm_params(input_scale, weight, bias, *, input_bits: int = 8) ->
     shift = 0
     while n * (max_diff >> shift) ** 2 >= 1 << 32:
         shift += 1
+    if max_sumsq is not None:
+        worst = max_sumsq * LAYERNORM_SUMSQ_HEADROOM
+        # sum((d >> k)^2) <= sum((|d| / 2^k + 1)^2) <= worst / 4^k + 2 sqrt(n * worst) / 2^k + n
+        fits = [k for k in range(shift + 1) if worst / 4**k + 2 * math.sqrt(n * worst) / 2**k + n < 1 << 32]
+        shift = fits[0] if fits else shift
     bias_int = np.floor((b / w) / scaling).astype(np.int64)
     return OpParams("IBertLayerNorm", dict(shift=shift), input_scale=s, output_scale=scaling * w, consts=dict(bias=bias_int))
 

@@ -123,6 +123,11 @@ def linear_inputs(g: Graph) -> list[str]:
     return names
 
 
+def layernorm_inputs(g: Graph) -> list[str]:
+    """The activations entering LayerNormalization nodes (their row variance is calibrated)."""
+    return sorted({node.inputs[0] for node in g.nodes if node.op == "LayerNormalization"})
+
+
 def padding_perturbation(g: Graph):
     """For a model with an attention-mask input: feeds -> the same feeds with other token
     ids where the mask is 0 (see `calibrate`); None for other models."""
@@ -227,7 +232,8 @@ def build(
     if calibration is None:
         calibration = calibrate(lambda ts: FloatRunner(g.to_model(), expose=ts), tensors,
                                 dataset.batches(size, onnx_feed_dtypes(g), exact=exact), options.calib_method,
-                                options.percentile, bar, padding=padding_perturbation(g), layer_inputs=linear_inputs(g))
+                                options.percentile, bar, padding=padding_perturbation(g), layer_inputs=linear_inputs(g),
+                                row_tensors=layernorm_inputs(g))
     else:
         calibration = calibration.with_method(options.calib_method, options.percentile)
     ptq = Ptq(options, calibration)
