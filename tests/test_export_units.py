@@ -33,6 +33,14 @@ def test_sixteen_bit_points_get_one_bit_of_headroom():
     assert stats_of([-3.0, 2.0]).clip(16, "mse") == 6.0
 
 
+def test_row_variance_is_the_largest_over_batches_and_rows():
+    s = TensorStats()
+    s.observe_rows(np.array([[[1.0, 3.0], [0.0, 0.0]]]))  # rows: sum (x - mean)^2 = 2, 0
+    s.observe_rows(np.array([[-2.0, 2.0, 2.0, -2.0]]))  # 16
+    s.observe_rows(np.array([[5.0, 5.0, 5.0, 5.0]]))  # 0
+    assert s.row_sumsq == 16.0
+
+
 def test_percentile_clip_on_a_uniform_distribution():
     # 100001 evenly spaced values in [-1, 1]: the 1st and 99th percentiles are -0.98 and 0.98.
     s = stats_of(np.linspace(-1, 1, 100001))

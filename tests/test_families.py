@@ -60,6 +60,7 @@ def check(folder, name, exporter, shapes, mode):
     report = compare(model, out, data["eval"])
     assert not report.warnings  # among them: evaluation samples that were calibration samples
     pair = report.outputs[family.output]["integer vs fake-quant"]
+    print(f"{name} {exporter} {shapes} {mode}: integer vs fake-quant cosine {pair['cosine']:.5f}")  # shown by -rP
     assert pair["cosine"] >= family.floor(mode), (pair, family.why)
     if family.classes:
         assert pair["top1_agreement"] == 1.0, pair

@@ -226,3 +226,26 @@ def test_nonorm_fidelity(scale):
     assert np.abs(apply(nl.nonorm_params(scale, LN_W, LN_B), x) - expected).max() <= bound
     clipped = np.clip(expected, -128 * OUT_SCALE, 127 * OUT_SCALE)
     assert np.abs(apply(nl.inonorm_params(scale, LN_W, LN_B, OUT_SCALE), x) - clipped).max() <= bound + OUT_SCALE
+
+
+def test_ibert_layernorm_shift_from_calibrated_variance():
+    """A 16-bit LayerNorm input whose outliers set the scale: typical rows are a few dozen
+    steps wide. The worst-case shift (any 16-bit row) leaves them no variance resolution;
+    the calibrated one keeps every row up to 16x the calibration variance below 2^32 and
+    the output near the float LayerNorm."""
+    rng = np.random.default_rng(3)
+    n = 384
+    w, b = rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n)
+    x = np.round(rng.normal(0, 45, (64, n))).astype(np.int16)  # std 45 steps, as MiniLM's FFN output
+    sumsq = float(((x - x.mean(-1, keepdims=True)) ** 2).sum(-1).max())
+    worst = nl.ibert_layernorm_params(1.0, w, b, input_bits=16)
+    calibrated = nl.ibert_layernorm_params(1.0, w, b, input_bits=16, max_sumsq=sumsq)
+    assert worst.attrs["shift"] == 5 and calibrated.attrs["shift"] == 0
+    # a row with 4x the RMS deviation (16x the sum of squares) still fits: no OpError
+    wide = np.round(x[:1] * 4.0).astype(np.int16)
+    assert ops.IBertLayerNorm(wide, calibrated.consts["bias"], **calibrated.attrs).shape == wide.shape
+    expected = layernorm(x.astype(np.float64), w, b, eps=0.0)
+    err = {k: np.abs(apply(p, x) - expected).max() for k, p in (("worst", worst), ("calibrated", calibrated))}
+    assert err["calibrated"] < 0.02 < err["worst"], err
+    # huge calibrated rows never raise the shift beyond the worst case
+    assert nl.ibert_layernorm_params(1.0, w, b, input_bits=16, max_sumsq=1e30).attrs["shift"] == 5
