@@ -698,6 +698,12 @@ class QdqImporter(Importer):
         safe = _nan_guarded_softmax(expr)
         if safe is not None:
             return self.resolve(safe, target, out, qnode)
+        if expr.node.op == "Softmax" and isinstance(expr.inputs[0], FloatOp) and expr.inputs[0].node.op == "Add" \
+                and any(isinstance(v, KeyMask) for v in expr.inputs[0].inputs):
+            raise fail(expr.node, "takes float scores plus a key mask quantized at an infinite scale, with no quantizer "
+                                  "on the sum (NNCF): onnxruntime dequantizes that mask to NaN (0 * inf), so every "
+                                  "probability it computes is NaN (0 after an IsNaN guard); refsim reads such a mask "
+                                  "only through a quantized sum (quantize_static) or QLinearAdd")
         # Where(mask computed from integers, constants, constants): selected below, no float leaves
         computed_condition = expr.node.op == "Where" and isinstance(expr.inputs[0], QTensor) and not expr.inputs[0].is_const
         leaves = {} if computed_condition else self._runtime_leaves(expr)
@@ -742,7 +748,8 @@ class QdqImporter(Importer):
             return replace(target, name=result.name, shape=result.shape)
         if len(leaves) == 1:
             q = next(iter(leaves.values()))
-            why = (f"its input has {q.dtype.bits} bits (a lookup table covers at most {LUT_MAX_BITS})"
+            why = (f"its input has {q.dtype.bits} bits (a lookup table covers at most {LUT_MAX_BITS}); "
+                   "no QuantizeLinear stands between the integer op that made it and this float op"
                    if q.dtype.bits > LUT_MAX_BITS else "it is not elementwise with scalar constants")
         else:
             why = f"it combines {len(leaves)} quantized tensors in a way refsim has no integer form for"
@@ -1050,7 +1057,11 @@ class QdqImporter(Importer):
         if isinstance(x, MaskedScores) and what == "Softmax":
             x = Dequantized(x.q)
         if not isinstance(x, Dequantized) or x.q.is_const or not x.q.per_tensor:
-            raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)")
+            summed = (what == "LayerNormalization" and isinstance(x, FloatOp) and self.float_ops == "integer"
+                      and self.affine_terms(x) is not None)
+            raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)"
+                       + ("; it takes a float sum of quantized tensors, which --float-ops ort sums exactly on one grid"
+                          if summed else ""))
         rank = len(x.q.shape)
         axis = expr.attrs.get("axis", -1)
         if axis % rank != rank - 1:
