@@ -241,14 +241,17 @@ def _nncf(float_path, feeds, preset):
 
 
 @pytest.mark.parametrize("tiny_bert", ["masked"], indirect=True)
-def test_nncf_embeddings_reproduce_onnxruntime(tiny_bert, tmp_path, record_property):
-    """NNCF's default preset up to the embedding LayerNorm's quantizer: Gather from per-tensor
+@pytest.mark.parametrize("preset", ["default", "transformer"])
+def test_nncf_embeddings_reproduce_onnxruntime(tiny_bert, preset, tmp_path, record_property):
+    """NNCF up to the embedding LayerNorm's quantizer. Default preset: Gather from per-tensor
     tables, the word + type sum quantized, then LayerNormalization of the float sum with the
-    position embeddings (no quantizer between). With --requant ort --float-ops ort refsim sums
-    on one grid and runs LayerNormRound: within one step of onnxruntime, the LayerNorm residue
-    (docs/IMPORT.md) the only difference."""
+    position embeddings (no quantizer between). Transformer preset: the tables quantized per row
+    (gathered on one power-of-two grid), summed in float, LayerNorm, SmoothQuant's Mul (folded
+    into the LayerNorm). With --requant ort --float-ops ort refsim sums on one grid and runs
+    LayerNormRound: within one step of onnxruntime, the LayerNorm residue (docs/IMPORT.md) the
+    only difference."""
     paths, _ = tiny_bert
-    model = _nncf(paths["float"], tiny_bert[1], "default")
+    model = _nncf(paths["float"], tiny_bert[1], preset)
     ln_q = next(n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"
                 and "embeddings/LayerNorm" in n.output[0])
     onnx.save(model, tmp_path / "nncf.onnx")
@@ -263,25 +266,30 @@ def test_nncf_embeddings_reproduce_onnxruntime(tiny_bert, tmp_path, record_prope
         want.append(session.run(None, {"input_ids": ids})[0])
         got.append(next(iter(imported.run(quantize_inputs(imported, {"input_ids": ids})).values())))
     diff = np.abs(np.stack(got).astype(int) - np.stack(want).astype(int))
-    record_property("nncf_embeddings_exact", f"{int((diff == 0).sum())}/{diff.size}")
-    print(f"\nNNCF default preset, embedding LayerNorm: {int((diff == 0).sum())}/{diff.size} equal onnxruntime")
+    record_property(f"nncf_{preset}_embeddings_exact", f"{int((diff == 0).sum())}/{diff.size}")
+    print(f"\nNNCF {preset} preset, embedding LayerNorm: {int((diff == 0).sum())}/{diff.size} equal onnxruntime")
     assert diff.max() <= 1 and (diff != 0).mean() < 1e-3
 
 
 @pytest.mark.parametrize("tiny_bert", ["masked", "unmasked"], indirect=True)
 @pytest.mark.parametrize("preset", ["transformer", "default"])
 def test_nncf_models_are_refused_with_the_node_and_why(tiny_bert, preset):
-    """Not yet imported whole (docs/IMPORT.md, NNCF): each is one error line naming the node.
-    Transformer preset: embedding tables quantized per row. Default preset (--float-ops ort,
-    past the embeddings): the masked model adds an infinitely scaled mask to float scores (which
-    onnxruntime itself turns into NaN), the unmasked one applies GELU to a float accumulator."""
+    """Not yet imported whole (docs/IMPORT.md, NNCF): each is one error line naming the node,
+    past the embeddings under --float-ops ort. Transformer preset: the softmax takes float scores
+    plus a float mask (masked), its float probabilities feed the next MatMul unquantized
+    (unmasked). Default preset: the masked model adds an infinitely scaled mask to float scores
+    (which onnxruntime itself turns into NaN), the unmasked one applies GELU to a float
+    accumulator."""
     from refsim.exporters.importers import ImportFailure
 
     paths, feeds = tiny_bert
     masked = any("attention/self/Where" in n.name for n in onnx.load(str(paths["float"])).graph.node)  # the attention sees the mask
     quantized = _nncf(paths["float"], feeds, preset)
-    if preset == "transformer":
-        where, why = r"/bert/embeddings/word_embeddings/Gather' \(Gather\)", r"moves a per-channel quantized tensor \(axis 0\)"
+    if preset == "transformer" and masked:
+        where, why = r"/bert/encoder/layer.0/attention/self/Softmax' \(Softmax\)", r"mixes float values with plain integers"
+    elif preset == "transformer":
+        where, why = r"/bert/encoder/layer.0/attention/self/MatMul_1' \(MatMul\)", \
+            r"the first operand is the float result of node '[^']*Softmax' \(Softmax\)"
     elif masked:
         where, why = r"/bert/encoder/layer.0/attention/self/Softmax' \(Softmax\)", \
             r"takes float scores plus a key mask quantized at an infinite scale.*NaN"
@@ -290,7 +298,7 @@ def test_nncf_models_are_refused_with_the_node_and_why(tiny_bert, preset):
             r".*its input has 32 bits .*no QuantizeLinear stands between"
     with pytest.raises(ImportFailure, match=rf"^node '{where}: {why}"):
         import_model(quantized, requant="ort", float_ops="ort")
-    if preset == "default":
-        with pytest.raises(ImportFailure, match=r"LayerNormalization needs a per-tensor quantized input directly.*"
-                                                r"--float-ops ort sums exactly"):
-            import_model(quantized)
+    # the integer variants (the default) say where --float-ops ort gets further
+    with pytest.raises(ImportFailure, match=r"LayerNormalization needs a per-tensor quantized input directly.*"
+                                            r"--float-ops ort sums exactly"):
+        import_model(quantized)

@@ -291,6 +291,27 @@ class QdqImporter(Importer):
             return float(np.asarray(v.value).reshape(()))
         return None
 
+    def op_Gather(self, node, ins, attrs):
+        data, indices = ins
+        if not (isinstance(data, Dequantized) and data.q.is_const and not data.q.per_tensor and not data.q.block_size):
+            return super().op_Gather(node, ins, attrs)
+        # A table quantized per row (NNCF's embeddings): its float32 rows f32(s_r * (q - z)), as
+        # DequantizeLinear computes them, all lie on one grid 2^-E (every float32 is a dyadic
+        # rational), so the gathered rows are exact integers there at one per-tensor scale.
+        values = np.asarray(self.onnx_dequantize(data.q.data, data.q), np.float64)
+        if isinstance(indices, Const):
+            idx = np.asarray(indices.value).astype(np.int64)
+            return Const(np.take(values.astype(np.float32), idx, axis=attrs.get("axis", 0)))
+        finest = _dyadic_exponent(values)
+        ints = values * 2.0**finest
+        largest = int(np.abs(ints).max(initial=0))
+        if finest > 1074 or largest >= 1 << 62:
+            raise fail(node, "gathers from a table quantized per row whose rows share no int64 grid")
+        dtype = TYPES["int32" if largest < 1 << 31 else "int64"]
+        grid = QTensor(None, dtype, tuple(values.shape), data=ints.astype(dtype.storage), scale=np.asarray(2.0**-finest),
+                       zero_point=np.asarray(0, np.int64), bound=largest)
+        return super().op_Gather(node, [Dequantized(grid), indices], attrs)
+
     # --- ONNX's own Q/DQ arithmetic, for constants and tables ------------------------------
 
     def onnx_dequantize(self, levels: np.ndarray, q: QTensor) -> np.ndarray:
@@ -736,6 +757,8 @@ class QdqImporter(Importer):
             return self.softmax(expr, target, out)
         if op == "LayerNormalization" and len(leaves) == 1:
             return self.layernorm(expr, target, out)
+        if op == "Mul" and isinstance(expr.inputs[0], FloatOp) and expr.inputs[0].node.op == "LayerNormalization":
+            self._row_input(expr.inputs[0], "LayerNormalization")  # SmoothQuant after a LayerNorm: say why the LayerNorm fails
         if op == "Concat":
             parts = []
             for i, v in enumerate(expr.inputs):
@@ -1019,7 +1042,8 @@ class QdqImporter(Importer):
             return None
         bound = int(np.abs(constant).max(initial=0) * 2.0**finest)
         for name, (q, _) in terms.items():
-            bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * rq.type_bound(q.dtype.name, q.zp_scalar())
+            levels = q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar())
+            bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * levels
         if bound >= 1 << 62:
             return None
         total, offset = None, constant * 2.0**finest
@@ -1299,7 +1323,7 @@ def _dyadic_exponent(values: np.ndarray) -> int:
         return 10**6
     mantissa, exponent = np.frexp(np.abs(v))
     m = (mantissa * 2.0**53).astype(np.int64)  # v = m * 2^(exponent - 53), m odd after its trailing zeros
-    trailing = np.array([(int(x) & -int(x)).bit_length() - 1 for x in m])
+    trailing = np.rint(np.log2((m & -m).astype(np.float64))).astype(np.int64)  # m & -m: m's lowest set bit
     return int((53 - exponent - trailing).max())
 
 
