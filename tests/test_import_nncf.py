@@ -15,7 +15,6 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from refsim.exporters.importers import import_model, quantize_inputs
