@@ -35,7 +35,7 @@ def _both(model, feeds):
     return imported, [got[o.name] for o in model.graph.output], want, traced
 
 
-def _residual_layernorm(sa, sb, n=64, rows=512, smooth=True, seed=0):
+def _residual_layernorm(sa, sb, n=64, rows=512, smooth=True, seed=0, pos=True):
     """DQ(a) + DQ(b) + a constant -> LayerNormalization [-> Mul(per channel)] -> Q (int8), NNCF's form."""
     rng = np.random.default_rng(seed)
     inits = {"sa": np.float32(sa), "za": np.int8(3), "sb": np.float32(sb), "zb": np.int8(-1),
@@ -44,8 +44,10 @@ def _residual_layernorm(sa, sb, n=64, rows=512, smooth=True, seed=0):
              "c": (0.5 + rng.random((1, n))).astype(np.float32), "sy": np.float32(0.0213), "zy": np.int8(-2)}
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["ad"]),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
-             helper.make_node("Add", ["ad", "bd"], ["s0"]), helper.make_node("Add", ["s0", "pos"], ["s"]),
-             helper.make_node("LayerNormalization", ["s", "g", "be"], ["ln"], axis=-1, epsilon=1e-12)]
+             helper.make_node("Add", ["ad", "bd"], ["s0" if pos else "s"])]
+    if pos:  # a constant added too (NNCF's position embeddings)
+        nodes.append(helper.make_node("Add", ["s0", "pos"], ["s"]))
+    nodes.append(helper.make_node("LayerNormalization", ["s", "g", "be"], ["ln"], axis=-1, epsilon=1e-12))
     if smooth:
         nodes.append(helper.make_node("Mul", ["ln", "c"], ["lnc"]))
     nodes.append(helper.make_node("QuantizeLinear", ["lnc" if smooth else "ln", "sy", "zy"], ["y"]))
@@ -56,10 +58,10 @@ def _residual_layernorm(sa, sb, n=64, rows=512, smooth=True, seed=0):
     return model, feeds, inits
 
 
-@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("smooth, pos", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("sa, sb", [(0.0213, 0.00377), (0.5, 0.25), (1.7e-3, 3.1e-7)])
-def test_layernorm_of_a_float_sum_matches_onnxruntime(sa, sb, smooth, record_property):
-    model, feeds, _ = _residual_layernorm(sa, sb, smooth=smooth)
+def test_layernorm_of_a_float_sum_matches_onnxruntime(sa, sb, smooth, pos, record_property):
+    model, feeds, _ = _residual_layernorm(sa, sb, smooth=smooth, pos=pos)
     imported, (got,), (want,), _ = _both(model, feeds)
     assert "LayerNormRound" in {n.op for n in imported.graph.nodes}
     diff = np.abs(got.astype(int) - want.astype(int))

@@ -303,10 +303,10 @@ class QdqImporter(Importer):
             idx = np.asarray(indices.value).astype(np.int64)
             return Const(np.take(values.astype(np.float32), idx, axis=attrs.get("axis", 0)))
         finest = _dyadic_exponent(values)
+        if finest + int(np.frexp(np.abs(values).max(initial=0))[1]) > 62:
+            raise fail(node, "gathers from a table quantized per row whose rows share no int64 grid")
         ints = values * 2.0**finest
         largest = int(np.abs(ints).max(initial=0))
-        if finest > 1074 or largest >= 1 << 62:
-            raise fail(node, "gathers from a table quantized per row whose rows share no int64 grid")
         dtype = TYPES["int32" if largest < 1 << 31 else "int64"]
         grid = QTensor(None, dtype, tuple(values.shape), data=ints.astype(dtype.storage), scale=np.asarray(2.0**-finest),
                        zero_point=np.asarray(0, np.int64), bound=largest)
@@ -1059,7 +1059,7 @@ class QdqImporter(Importer):
         drop = max(0, bound.bit_length() - (self.SUM_BITS - 1))
         if drop:
             inputs = [total.name, self.em.const(np.asarray(1)), self.em.const(np.asarray(drop)),
-                      self.em.const(offset, stem=f"{out}.constant") if offset.size == 1 and offset.any() else None, None]
+                      self.em.const(offset.reshape(()), stem=f"{out}.constant") if offset.size == 1 and offset.any() else None, None]
             if offset.size > 1:
                 total = self.qnode("Add", [total.name, self.em.const(offset, stem=f"{out}.constant")], f"{out}.sum", dtype="int64")
                 inputs[0] = total.name
