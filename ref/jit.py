@@ -25,6 +25,7 @@ Numba's setup, done before it first loads:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -84,15 +85,32 @@ def sequential_only() -> bool:
     return _sequential_only
 
 
+def forked_children_run_sequential() -> bool:
+    """Whether a process forked now would have to run sequential twins only (GNU
+    OpenMP's threads have started here)."""
+    if _numba is None or not _threads_launched(_numba) or _numba.threading_layer() != "omp":
+        return False
+    from numba.np.ufunc import omppool
+
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+@contextlib.contextmanager
+def sequential_kernels():
+    """Run the enclosed code on sequential twins only (as a forked child will); compiles
+    them here, once, instead of in every child."""
+    global _sequential_only
+    previous, _sequential_only = _sequential_only, True
+    try:
+        yield
+    finally:
+        _sequential_only = previous
+
+
 def _after_fork_in_child() -> None:
     global _sequential_only
-    if _numba is None or not _threads_launched(_numba):
-        return
-    if _numba.threading_layer() == "omp":
-        from numba.np.ufunc import omppool
-
-        if getattr(omppool, "openmp_vendor", "GNU") == "GNU":
-            _sequential_only = True
+    if forked_children_run_sequential():
+        _sequential_only = True
 
 
 if hasattr(os, "register_at_fork"):
