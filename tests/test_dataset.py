@@ -106,6 +106,34 @@ def test_a_process_forked_after_a_run_runs_the_model():
     assert result.stdout.split() == ["0", "True", "False"], result.stderr[-2000:]
 
 
+WORKERS_AFTER_THREADS = """
+import numpy as np, refsim, refsim.jit as jit
+from refsim.dataset import run_samples
+from refsim.inputs import Sample
+m = refsim.load({model!r})
+m.run({{"x": np.ones((4096, 16), np.int8)}})  # the parent's parallel kernels start Numba's threads
+rng = np.random.default_rng(5)
+samples = [Sample({{"x": rng.integers(-128, 128, (r, 16)).astype(np.int8)}}, str(i)) for i, r in enumerate([1, 3, 2, 2, 1, 3])]
+alone = [m.run(s.feeds)["logits"] for s in samples]
+got = run_samples(m, samples, batch_size=2, workers=2)
+import numba
+gnu = numba.threading_layer() == "omp" and __import__("numba.np.ufunc.omppool", fromlist=["_"]).openmp_vendor == "GNU"
+print(gnu, jit.forked_children_run_sequential(), all(np.array_equal(g["logits"], a) for g, a in zip(got, alone)), len(got))
+"""
+
+
+def test_workers_forked_after_the_parents_threads_started_give_the_same_results():
+    """With GNU OpenMP the parent runs the first batch on the sequential kernels the
+    children will run (compiling them once) and the children the rest; either way every
+    sample's outputs are its own."""
+    result = subprocess.run([sys.executable, "-c", WORKERS_AFTER_THREADS.format(model=str(MODEL))],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    gnu, sequential, same, count = result.stdout.split()
+    assert same == "True" and count == "6", result.stdout
+    assert sequential == gnu  # with GNU OpenMP the path under test ran
+
+
 def test_import_and_version_do_not_load_numba():
     code = "import sys, refsim, refsim.cli; print('numba' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False"]
