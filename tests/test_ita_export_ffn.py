@@ -103,9 +103,10 @@ def test_integer_blocks_agree_with_their_fake_quant_model(exported):
         model.run(feeds, trace=lambda node, name, a: seen.__setitem__(name, np.asarray(a)))
         for b in found:
             f1, f2 = b.steps["F1"], b.steps["F2"]
-            s_x, s_f1, s_act, s_f2 = (t[n].scale for n in (b.x, f1["out"], b.act_out, f2["out"]))
-            w1, w2 = (t[s["weight"]].data * t[s["weight"]].scale for s in (f1, f2))
-            acc1, acc2 = s_x * t[f1["weight"]].scale, s_act * t[f2["weight"]].scale
+            # FF2's weights and output carry one scale per column (the exporter's channel scales)
+            s_x, s_f1, s_act, s_f2 = (np.asarray(t[n].scale) for n in (b.x, f1["out"], b.act_out, f2["out"]))
+            w1, w2 = (t[s["weight"]].data * np.asarray(t[s["weight"]].scale) for s in (f1, f2))
+            acc1, acc2 = s_x * np.asarray(t[f1["weight"]].scale), s_act * np.asarray(t[f2["weight"]].scale)
             h = _fake_quant(seen[b.x] * s_x @ w1 + t[f1["bias"]].data * acc1, s_f1)
             g = _fake_quant(_erf_gelu(h), s_act)
             y = _fake_quant(g @ w2 + t[f2["bias"]].data * acc2, s_f2)
