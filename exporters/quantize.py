@@ -403,7 +403,11 @@ class Walker:
         else:
             out = self.requant(v, scale, bits, name, name)
             self.label(out, name, scale)
-            self.record.tensors[name] = (scale, bits, True)
+            earlier = self.record.tensors.get(name)
+            # A result already stored in fewer bits (an ITA layer's int8 output) keeps that
+            # point in the fake-quant model: it, not the 16-bit output grid, is what loses accuracy.
+            if earlier is None or earlier[1] >= bits:
+                self.record.tensors[name] = (scale, bits, True)
         self.em.builder.output(out)
 
     # --- linear algebra ------------------------------------------------------------------------------
