@@ -86,7 +86,7 @@ def layernorm_params(x, gamma: np.ndarray, beta: np.ndarray, eps: float, out, n:
     """LayerNormRound's integer parameters for y = gamma * (x - mean) / sqrt(var + eps) + beta
     quantized to `out` (x, out QTensors; x in integer units of its scale)."""
     sx, sy = float(np.asarray(x.scale).reshape(-1)[0]), float(np.asarray(out.scale).reshape(-1)[0])
-    bits = x.dtype.bits
+    bits = x.dtype.bits if x.bound is None else x.bound.bit_length() + 1  # a sum's bound, narrower than its type
     # N^2 * var in integer units is at most N^2 * 4^(bits-1); keep (V + eps) * 4^k below 2^62.
     v_bits = 2 * int(np.ceil(np.log2(n))) + 2 * bits
     k = int(max(0, min(30, (61 - v_bits) // 2)))

@@ -291,6 +291,27 @@ class QdqImporter(Importer):
             return float(np.asarray(v.value).reshape(()))
         return None
 
+    def op_Gather(self, node, ins, attrs):
+        data, indices = ins
+        if not (isinstance(data, Dequantized) and data.q.is_const and not data.q.per_tensor and not data.q.block_size):
+            return super().op_Gather(node, ins, attrs)
+        # A table quantized per row (NNCF's embeddings): its float32 rows f32(s_r * (q - z)), as
+        # DequantizeLinear computes them, all lie on one grid 2^-E (every float32 is a dyadic
+        # rational), so the gathered rows are exact integers there at one per-tensor scale.
+        values = np.asarray(self.onnx_dequantize(data.q.data, data.q), np.float64)
+        if isinstance(indices, Const):
+            idx = np.asarray(indices.value).astype(np.int64)
+            return Const(np.take(values.astype(np.float32), idx, axis=attrs.get("axis", 0)))
+        finest = _dyadic_exponent(values)
+        if finest + int(np.frexp(np.abs(values).max(initial=0))[1]) > 62:
+            raise fail(node, "gathers from a table quantized per row whose rows share no int64 grid")
+        ints = values * 2.0**finest
+        largest = int(np.abs(ints).max(initial=0))
+        dtype = TYPES["int32" if largest < 1 << 31 else "int64"]
+        grid = QTensor(None, dtype, tuple(values.shape), data=ints.astype(dtype.storage), scale=np.asarray(2.0**-finest),
+                       zero_point=np.asarray(0, np.int64), bound=largest)
+        return super().op_Gather(node, [Dequantized(grid), indices], attrs)
+
     # --- ONNX's own Q/DQ arithmetic, for constants and tables ------------------------------
 
     def onnx_dequantize(self, levels: np.ndarray, q: QTensor) -> np.ndarray:
@@ -695,6 +716,15 @@ class QdqImporter(Importer):
             for move in moves:
                 q = move.apply(q)
             return q
+        safe = _nan_guarded_softmax(expr)
+        if safe is not None:
+            return self.resolve(safe, target, out, qnode)
+        if expr.node.op == "Softmax" and isinstance(expr.inputs[0], FloatOp) and expr.inputs[0].node.op == "Add" \
+                and any(isinstance(v, KeyMask) for v in expr.inputs[0].inputs):
+            raise fail(expr.node, "takes float scores plus a key mask quantized at an infinite scale, with no quantizer "
+                                  "on the sum (NNCF): onnxruntime dequantizes that mask to NaN (0 * inf), so every "
+                                  "probability it computes is NaN (0 after an IsNaN guard); refsim reads such a mask "
+                                  "only through a quantized sum (quantize_static) or QLinearAdd")
         # Where(mask computed from integers, constants, constants): selected below, no float leaves
         computed_condition = expr.node.op == "Where" and isinstance(expr.inputs[0], QTensor) and not expr.inputs[0].is_const
         leaves = {} if computed_condition else self._runtime_leaves(expr)
@@ -727,6 +757,8 @@ class QdqImporter(Importer):
             return self.softmax(expr, target, out)
         if op == "LayerNormalization" and len(leaves) == 1:
             return self.layernorm(expr, target, out)
+        if op == "Mul" and isinstance(expr.inputs[0], FloatOp) and expr.inputs[0].node.op == "LayerNormalization":
+            self._row_input(expr.inputs[0], "LayerNormalization")  # SmoothQuant after a LayerNorm: say why the LayerNorm fails
         if op == "Concat":
             parts = []
             for i, v in enumerate(expr.inputs):
@@ -739,7 +771,8 @@ class QdqImporter(Importer):
             return replace(target, name=result.name, shape=result.shape)
         if len(leaves) == 1:
             q = next(iter(leaves.values()))
-            why = (f"its input has {q.dtype.bits} bits (a lookup table covers at most {LUT_MAX_BITS})"
+            why = (f"its input has {q.dtype.bits} bits (a lookup table covers at most {LUT_MAX_BITS}); "
+                   "no QuantizeLinear stands between the integer op that made it and this float op"
                    if q.dtype.bits > LUT_MAX_BITS else "it is not elementwise with scalar constants")
         else:
             why = f"it combines {len(leaves)} quantized tensors in a way refsim has no integer form for"
@@ -936,23 +969,105 @@ class QdqImporter(Importer):
                                                  self.em.const(expo, "int16", f"{out}.exp_e")], out, expr.node.name,
                                   y_factor=ort_float.softmax_y_factor(target.scale), zero_point=target.zp_scalar())
             return replace(target, name=result.name, shape=result.shape)
-        if op == "LayerNormalization" and _eight_bit(ins[0]) and not ins[0].q.is_const:
-            q = self._row_input(expr, "LayerNormalization")
-            n = q.shape[-1]
-            if not isinstance(n, int):
-                raise fail(expr.node, "needs a static normalised axis")
-            gamma = np.broadcast_to(np.asarray(self.evaluate(ins[1], None, None), np.float64).reshape(-1), (n,))
-            beta = (np.broadcast_to(np.asarray(self.evaluate(ins[2], None, None), np.float64).reshape(-1), (n,))
-                    if len(ins) > 2 and ins[2] is not None else np.zeros(n))
-            p = ort_float.layernorm_params(q, gamma, beta, float(expr.attrs.get("epsilon", 1e-5)), target, n)
-            x = self.place(q)
-            bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
-            result = self.qnode("LayerNormRound", [x, self.em.const(p["gamma"], stem=f"{out}.gamma"),
-                                                     self.em.const(p["beta"], stem=f"{out}.beta"),
-                                                     self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")],
-                                  out, expr.node.name, eps=p["eps"], k=p["k"], shift=p["shift"], dtype=target.dtype.name, **bounds)
-            return replace(target, name=result.name, shape=result.shape)
+        if op == "Mul" and len(ins) == 2 and isinstance(ins[0], FloatOp) and ins[0].node.op == "LayerNormalization" \
+                and not self._runtime_leaves_of(ins[1]):
+            # NNCF's SmoothQuant Mul after a LayerNorm: a per-channel constant c folds into
+            # gamma and beta (c * (gamma * x_hat + beta) = (c * gamma) * x_hat + c * beta).
+            return self._ort_layernorm(ins[0], target, out, np.asarray(self.evaluate(ins[1], None, None), np.float64))
+        if op == "LayerNormalization":
+            return self._ort_layernorm(expr, target, out)
         return None
+
+    def _ort_layernorm(self, expr: FloatOp, target: QTensor, out: str, post: np.ndarray | None = None) -> QTensor | None:
+        """LayerNormRound for expr quantized at target; `post`, a constant multiplying its result."""
+        from . import ort_float
+
+        ins = expr.inputs
+        if _eight_bit(ins[0]) and not ins[0].q.is_const:
+            q = self._row_input(expr, "LayerNormalization")
+        elif isinstance(ins[0], FloatOp) and self._runtime_leaves(ins[0]):
+            q = self.exact_sum(ins[0], f"{out}.input")
+            if q is None:
+                return None
+            if expr.attrs.get("axis", -1) % len(q.shape) != len(q.shape) - 1:
+                raise fail(expr.node, "LayerNormalization over an axis other than the last is not supported")
+        else:
+            return None
+        n = q.shape[-1]
+        if not isinstance(n, int):
+            raise fail(expr.node, "needs a static normalised axis")
+        gamma = np.broadcast_to(np.asarray(self.evaluate(ins[1], None, None), np.float64).reshape(-1), (n,))
+        beta = (np.broadcast_to(np.asarray(self.evaluate(ins[2], None, None), np.float64).reshape(-1), (n,))
+                if len(ins) > 2 and ins[2] is not None else np.zeros(n))
+        if post is not None:
+            if post.size not in (1, n) or (post.ndim and post.shape[:-1] != (1,) * (post.ndim - 1)):
+                raise fail(expr.node, "is multiplied by a constant that is not one value per channel of the last axis")
+            c = np.broadcast_to(post.reshape(-1), (n,))
+            gamma, beta = gamma * c, beta * c
+        p = ort_float.layernorm_params(q, gamma, beta, float(expr.attrs.get("epsilon", 1e-5)), target, n)
+        x = self.place(q)
+        bounds = {"lo": target.clip[0], "hi": target.clip[1]} if target.clip else {}
+        result = self.qnode("LayerNormRound", [x, self.em.const(p["gamma"], stem=f"{out}.gamma"),
+                                                 self.em.const(p["beta"], stem=f"{out}.beta"),
+                                                 self.em.const(np.asarray(target.zp_scalar()), stem=f"{out}.zero_point")],
+                              out, expr.node.name, eps=p["eps"], k=p["k"], shift=p["shift"], dtype=target.dtype.name, **bounds)
+        return replace(target, name=result.name, shape=result.shape)
+
+    # float sums of quantized tensors (NNCF's residual Add before LayerNorm): integers on one grid
+    SUM_BITS = 24  # the precision onnxruntime's float32 sum keeps at the sum's largest value
+
+    def exact_sum(self, v, out: str) -> QTensor | None:
+        """The float value v = sum_i c_i * (q_i - z_i) + constant as integers on one power-of-two
+        grid. Every float32 scale and constant is a dyadic rational, so the exact sum is an
+        integer multiple of 2^-E (E: the finest bit any coefficient or constant uses), summed
+        exactly in int64. When that grid needs more than SUM_BITS bits for the sum's range it is
+        rounded once (half to even) to the coarsest grid keeping SUM_BITS: the sum onnxruntime
+        computes in float32 is itself rounded to 24 bits of the largest value. None when v is not
+        such a sum (then the caller refuses)."""
+        analysed = self.affine_terms(v)
+        if analysed is None or not analysed[0]:
+            return None
+        terms, constant = analysed
+        shape = tuple(self.float_shape(v)) if isinstance(v, FloatOp) else None
+        rank = len(shape) if shape is not None else max(len(q.shape) for q, _ in terms.values())
+        coefs = {}
+        for name, (q, coef) in terms.items():
+            coef = np.asarray(coef, np.float64)
+            if coef.ndim > rank or coef.size > 1 and coef.reshape(-1).size != coef.shape[-1]:
+                return None  # only a scalar or last-axis coefficient keeps LayerNorm's rows on one grid
+            coefs[name] = coef
+        constant = np.asarray(constant, np.float64)
+        finest = max(_dyadic_exponent(c) for c in [*coefs.values(), constant])
+        if finest > 1000:
+            return None
+        bound = int(np.abs(constant).max(initial=0) * 2.0**finest)
+        for name, (q, _) in terms.items():
+            levels = q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar())
+            bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * levels
+        if bound >= 1 << 62:
+            return None
+        total, offset = None, constant * 2.0**finest
+        for i, (name, (q, _)) in enumerate(terms.items()):
+            m = (coefs[name] * 2.0**finest).astype(np.int64)
+            zp = np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64).reshape(-1)
+            offset = offset - (m * zp if zp.size == 1 else m * zp.reshape(m.shape))
+            if m.ndim:
+                m = m.reshape(-1) if m.size > 1 else m.reshape(())
+            term = self.qnode("Mul", [self.place(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
+            total = term if total is None else self.qnode("Add", [total.name, term.name], f"{out}.sum", dtype="int64")
+        offset = np.asarray(offset, np.int64)
+        drop = max(0, bound.bit_length() - (self.SUM_BITS - 1))
+        if drop:
+            inputs = [total.name, self.em.const(np.asarray(1)), self.em.const(np.asarray(drop)),
+                      self.em.const(offset.reshape(()), stem=f"{out}.constant") if offset.size == 1 and offset.any() else None, None]
+            if offset.size > 1:
+                total = self.qnode("Add", [total.name, self.em.const(offset, stem=f"{out}.constant")], f"{out}.sum", dtype="int64")
+                inputs[0] = total.name
+            total = self.qnode("Requant", inputs, out, rounding="half_even", dtype="int32")
+        elif offset.any():
+            total = self.qnode("Add", [total.name, self.em.const(offset, stem=f"{out}.constant")], out, dtype="int64")
+        return replace(total, scale=np.asarray(2.0 ** (drop - finest), np.float64), zero_point=np.asarray(0, np.int64),
+                       bound=(bound >> drop) + 1)
 
     # --- Softmax and LayerNormalization: refsim's integer variants (mode) ---------------------------
 
@@ -966,7 +1081,11 @@ class QdqImporter(Importer):
         if isinstance(x, MaskedScores) and what == "Softmax":
             x = Dequantized(x.q)
         if not isinstance(x, Dequantized) or x.q.is_const or not x.q.per_tensor:
-            raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)")
+            summed = (what == "LayerNormalization" and isinstance(x, FloatOp) and self.float_ops == "integer"
+                      and self.affine_terms(x) is not None)
+            raise fail(expr.node, f"{what} needs a per-tensor quantized input directly (a DequantizeLinear)"
+                       + ("; it takes a float sum of quantized tensors, which --float-ops ort sums exactly on one grid"
+                          if summed else ""))
         rank = len(x.q.shape)
         axis = expr.attrs.get("axis", -1)
         if axis % rank != rank - 1:
@@ -1178,6 +1297,34 @@ class QdqImporter(Importer):
 def _infinite(scale) -> bool:
     """A constant scale with an infinite entry (quantize_static's scale for a -inf mask)."""
     return isinstance(scale, Const) and np.asarray(scale.value).dtype.kind == "f" and bool(np.any(np.isinf(scale.value)))
+
+
+def _nan_guarded_softmax(expr: FloatOp) -> FloatOp | None:
+    """s for Where(IsNaN(s), 0, s) over a Softmax s (transformers' guard for rows with every key
+    masked). refsim's softmaxes never produce NaN: a row keeps at least its lowest-level keys."""
+    if expr.node.op != "Where" or len(expr.inputs) != 3:
+        return None
+    cond, zero, s = expr.inputs
+    if not (isinstance(cond, FloatOp) and cond.node.op == "IsNaN" and cond.inputs[0] is s
+            and isinstance(s, FloatOp) and s.node.op == "Softmax"):
+        return None
+    if not isinstance(zero, Const) or np.any(np.asarray(zero.value) != 0):
+        return None
+    return s
+
+
+def _dyadic_exponent(values: np.ndarray) -> int:
+    """The least E with every value an integer multiple of 2^-E (values float64, finite)."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    v = v[v != 0]
+    if not v.size:
+        return -1074
+    if not np.all(np.isfinite(v)):
+        return 10**6
+    mantissa, exponent = np.frexp(np.abs(v))
+    m = (mantissa * 2.0**53).astype(np.int64)  # v = m * 2^(exponent - 53), m odd after its trailing zeros
+    trailing = np.rint(np.log2((m & -m).astype(np.float64))).astype(np.int64)  # m & -m: m's lowest set bit
+    return int((53 - exponent - trailing).max())
 
 
 def _eight_bit(v) -> bool:
