@@ -159,6 +159,9 @@ class ExportOptions:
     smooth: bool | None = None
     gptq: bool | None = None
     bias_correction: bool = False
+    # ITA modes: per-column factors folded into the weights of ITA layers that feed the
+    # residual stream, undone by the 16-bit residual Add (Modes.ita_output_channels)
+    ita_channel_scales: bool = True
     residual_bits: int = 16  # residual stream, LayerNorm inputs, concatenations
     output_bits: int = 16  # graph outputs
     embedding_bits: str = "8"  # embedding tables unless layers.json says otherwise

@@ -50,7 +50,7 @@ def record_to_json(record: FakeQuantRecord, tensors: dict | None = None) -> dict
     return {
         # [node, index, scale, bits, signed(, output scale)]
         "edges": [edge_json(n, i, *spec) for (n, i), spec in record.edges.items()],
-        "tensors": [[t, float(s), int(b), bool(sg)] for t, (s, b, sg) in record.tensors.items()],
+        "tensors": [[t, scale_json(s), int(b), bool(sg)] for t, (s, b, sg) in record.tensors.items()],
         # q: a tensor name or {"concat": [...], "axis": a}; scale null: the tensor's own scale
         "consts": [[n, i, q, const_scale(q, s)] for (n, i), (q, s) in record.consts.items()],
     }

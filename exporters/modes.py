@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from . import nonlinear
+from .calibrate import TensorStats, qmax
 from .frontend.graph import Node
 
 ITA_ACC_BITS = 26
@@ -34,6 +35,9 @@ ITA_SOFTMAX_PRESET = "ita_rtl"
 # q_b >= -127, and PyITA (which clips the input to -127 first) and ITA's ita_gelu.sv (which
 # does not) agree on every int8 input (docs/ITA.md): the exporter uses no finer scale.
 ITA_GELU_MIN_SCALE = 0.01963
+# The narrowest range a column of an ITA layer's output is scaled to, relative to its widest
+# (Modes.ita_output_channels): a column 2^7 times narrower keeps about one bit.
+ITA_CHANNEL_FLOOR = 2.0 ** -7
 IBERT_SOFTMAX_INPUT_BITS = 16
 IBERT_GELU_INPUT_BITS = 16
 # I-BERT's output_bit. Its outputs are floored: at 8 bits a row's probabilities summed to
@@ -98,6 +102,39 @@ class Modes:
     def ita_gelu_input_scale(self, walker, tensor: str) -> float:
         """The calibrated 8-bit scale, coarsened to what PyITA's i-GELU can take."""
         return max(walker.scale_of(tensor, 8), ITA_GELU_MIN_SCALE)
+
+    def ita_output_channels(self, walker, x_tensor: str, out_tensor: str, w: np.ndarray, b: np.ndarray | None):
+        """Per-column factors c (or None) for an ITA linear layer whose int8 result only
+        feeds residual Adds, and the per-tensor scale of the scaled result.
+
+        ITA's requantizer has one multiplier per layer, so its int8 output has one scale,
+        and a transformer's feed-forward output has a few columns (the residual stream's
+        outlier dimensions) hundreds of times wider than the rest: at one 8-bit scale the
+        others round to zero. Dividing weight column j and bias j by c_j (folded into the
+        constants, ITA's formats unchanged) gives every column about the same range; the
+        residual Add, computed beside ITA at 16 bits with a multiplier per term, multiplies
+        column j back by c_j (the int8 tensor's scale is s * c, per channel). c_j is the
+        column's largest |y| over the calibration sample relative to the widest column,
+        floored at ITA_CHANNEL_FLOOR; s is the calibration method's clip of y / c."""
+        if not self.options.ita_channel_scales:
+            return None, None
+        users = walker.users.get(out_tensor, [])
+        stats = walker.calibration.inputs.get(x_tensor)
+        if (not users or out_tensor in walker.g.outputs or any(u.op != "Add" for u in users)
+                or stats is None or not stats.rows):
+            return None, None
+        y = stats.rows_sample @ w + (0.0 if b is None else b)
+        absmax = np.abs(y).max(axis=0)
+        if absmax.max(initial=0.0) == 0.0:
+            return None, None
+        c = np.maximum(absmax / absmax.max(), ITA_CHANNEL_FLOOR)
+        t = TensorStats()
+        scaled = y / c
+        t.observe_range(scaled)
+        t.observe_histogram(scaled)
+        method = self.options.calib_method
+        clip = t.clip(8, "mse" if method == "auto" else method, self.options.percentile)
+        return c, clip / qmax(8)
 
     def ita_output_scale(self, walker, tensor: str) -> float:
         """The int8 scale ITA's requantizer gives a matrix product's result: the one its

@@ -237,7 +237,8 @@ class Walker:
         if layer:
             self.layers.setdefault(v.name, layer)
         if quantized_bits is not None:
-            self.record.tensors[tensor] = (float(v.scale), quantized_bits, self.dtype(v.name).signed)
+            scale = v.scale if v.per_channel else float(v.scale)
+            self.record.tensors[tensor] = (scale, quantized_bits, self.dtype(v.name).signed)
             self.label(v.name, tensor, v.scale, layer)
 
     # --- graph analysis ----------------------------------------------------------------------------
@@ -402,7 +403,11 @@ class Walker:
         else:
             out = self.requant(v, scale, bits, name, name)
             self.label(out, name, scale)
-            self.record.tensors[name] = (scale, bits, True)
+            earlier = self.record.tensors.get(name)
+            # A result already stored in fewer bits (an ITA layer's int8 output) keeps that
+            # point in the fake-quant model: it, not the 16-bit output grid, is what loses accuracy.
+            if earlier is None or earlier[1] >= bits:
+                self.record.tensors[name] = (scale, bits, True)
         self.em.builder.output(out)
 
     # --- linear algebra ------------------------------------------------------------------------------
@@ -436,9 +441,18 @@ class Walker:
         hardware = self.modes.on_ita(settings)
         if hardware and settings.per_channel:
             raise ExportError(f"{layer}: ITA takes one requantization multiplier per layer; export without --per-channel")
+        bias = self._bias_of(node)
+        out_tensor = bias[0].outputs[0] if bias is not None else node.outputs[0]
+        columns = scaled_out = None
+        if hardware:
+            # columns scaled to about one range, folded into w and b (Modes.ita_output_channels)
+            b_float = None if bias is None else np.broadcast_to(self.g.const(bias[1]).astype(np.float64).reshape(-1), (w.shape[1],))
+            columns, scaled_out = self.modes.ita_output_channels(self, node.inputs[0], out_tensor, w, b_float)
+            if columns is not None:
+                w = w / columns
         x, wq, bias_shift = self.ptq.linear(self, node, w, settings)
         acc_scale = float(x.scale) * (wq.scale if settings.per_channel else float(wq.scale))
-        bias = self._bias_of(node)
+        factor = 1.0 if columns is None else columns  # real weights and biases: integers * scale * factor
         out_tensor = node.outputs[0]
         inputs = [x.name, self.em.const(wq.q, wq.dtype, f"{layer}.weight"), None, None]
         k = w.shape[0]
@@ -448,7 +462,7 @@ class Walker:
             add, bias_name = bias
             self.done.add(add.name)
             out_tensor = add.outputs[0]
-            b = np.broadcast_to(self.g.const(bias_name).astype(np.float64).reshape(-1), (w.shape[1],))
+            b = np.broadcast_to(self.g.const(bias_name).astype(np.float64).reshape(-1), (w.shape[1],)) / factor
             if bias_shift is not None:
                 b = b + bias_shift
             bias_q = np.rint(b / acc_scale).astype(np.int64)
@@ -461,24 +475,26 @@ class Walker:
             if int(np.abs(bias_q).max(initial=0)) >= lim:
                 raise ExportError(f"{layer}: the quantized bias needs more than {bias_bits} bits (largest {int(np.abs(bias_q).max())})")
             inputs.append(self.em.const(bias_q, f"int{bias_bits}" if bias_bits in (8, 16, 32, 64) else "int32", f"{layer}.bias"))
-            self.record.consts[(add.name, bias_index)] = (inputs[-1], acc_scale)
+            self.record.consts[(add.name, bias_index)] = (inputs[-1], acc_scale * factor)
             self.record.ranges[inputs[-1]] = (1 - lim, lim - 1)
         acc = self.em.node("MatMul", inputs, f"{layer}.acc", acc_bits=acc_bits, overflow=self.modes.overflow(acc_bits))
-        self.record.consts[(node.name, 1)] = (inputs[1], wq.scale if settings.per_channel else float(wq.scale))
+        w_scale = (wq.scale if settings.per_channel else float(wq.scale)) * factor
+        self.record.consts[(node.name, 1)] = (inputs[1], w_scale)
         self.record.ranges[inputs[1]] = weight_range(settings.wbits)[:2]
-        self.label(inputs[1], None, wq.scale if settings.per_channel else float(wq.scale), layer)
+        self.label(inputs[1], None, w_scale, layer)
         self.layers[acc] = layer
-        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer, hardware)
+        self.finish_matmul(out_tensor, Value(acc, acc_scale, "acc", bound=worst), layer, hardware, columns, scaled_out)
 
-    def finish_matmul(self, tensor: str, acc: Value, layer: str, on_ita: bool) -> None:
+    def finish_matmul(self, tensor: str, acc: Value, layer: str, on_ita: bool, columns=None, scaled_scale=None) -> None:
         """An accumulator becomes the tensor's native form; on ITA, the hardware requantizer
-        turns it into int8 at once, as ITA never hands out accumulators."""
+        turns it into int8 at once, as ITA never hands out accumulators (with `columns`, at
+        `scaled_scale`: the int8 result's real scale is scaled_scale * columns)."""
         if not on_ita:
             self.set_native(tensor, acc, layer)
             return
-        scale = self.modes.ita_output_scale(self, tensor)
+        scale = self.modes.ita_output_scale(self, tensor) if columns is None else scaled_scale
         y = self.requant(acc, scale, 8, f"{layer}.out", layer, hardware=True)
-        self.set_native(tensor, Value(y, scale), layer, quantized_bits=8)
+        self.set_native(tensor, Value(y, scale if columns is None else scale * columns), layer, quantized_bits=8)
 
     def _matmul(self, node: Node) -> None:
         layer = self.layer_name(node)
@@ -960,9 +976,18 @@ class Walker:
         x = self.get(m.fc1.x, self.options.layer(self.layer_name(m.fc1.nodes[0])).abits, m.fc1.nodes[0], 0)
         x_2d = x.name if len(shape) == 2 else self.em.node("Reshape", [x.name], f"{name}.x_2d", shape=[seq, width])
         weights, acc_scales, biases = [], [], []
+        # FF2's columns scaled to about one range (Modes.ita_output_channels): c folds into
+        # Wff2 and Bff2, the int8 result's scale is s_f2 * c per channel
+        w2 = self.g.const(m.fc2.weight).astype(np.float64)
+        b2 = None if m.fc2.bias is None else np.broadcast_to(self.g.const(m.fc2.bias).astype(np.float64).reshape(-1), (w2.shape[1],))
+        columns, s_f2_scaled = self.modes.ita_output_channels(self, m.fc2.x, m.fc2.out, w2, b2)
+        unit = np.ones(w2.shape[1]) if columns is None else columns
         for lin in (m.fc1, m.fc2):
             settings = self.options.layer(self.layer_name(lin.nodes[0]))
-            w = quantize_weight(self.g.const(lin.weight).astype(np.float64), settings.wbits, per_channel=False)
+            w_float = self.g.const(lin.weight).astype(np.float64)
+            if lin is m.fc2:
+                w_float = w_float / unit
+            w = quantize_weight(w_float, settings.wbits, per_channel=False)
             if w.dtype not in ("int8", "int4", "int2", "ternary"):
                 raise ExportError(f"{name}: ITA takes 8-bit weights at most, not {w.dtype}")
             weights.append(w)
@@ -980,12 +1005,13 @@ class Walker:
             s_act = self.scale_of(act.outputs[0], 8)
             act_rq = requant(s_f1 / s_act, "the ReLU requantization")
         acc_scales.append(s_act * float(weights[1].scale))
-        s_f2 = self.modes.ita_output_scale(self, m.fc2.out)
+        s_f2 = self.modes.ita_output_scale(self, m.fc2.out) if columns is None else s_f2_scaled
         for lin, w, acc_scale in zip((m.fc1, m.fc2), weights, acc_scales):
             if lin.bias is None:
                 biases.append(None)
                 continue
-            b = np.rint(self.g.const(lin.bias).astype(np.float64).reshape(-1) / acc_scale).astype(np.int64)
+            b_float = self.g.const(lin.bias).astype(np.float64).reshape(-1)
+            b = np.rint((b_float / unit if lin is m.fc2 else b_float) / acc_scale).astype(np.int64)
             if int(np.abs(b).max(initial=0)) >= 1 << 23:
                 raise ExportError(f"{name}: the bias of {self.layer_name(lin.nodes[0])} does not fit ITA's 24-bit biases")
             biases.append(np.broadcast_to(b, (w.q.shape[1],)).copy())
@@ -998,14 +1024,17 @@ class Walker:
         self.unpaired_attention.clear()
         block = add_feedforward_block(self.em.builder, name, x_2d, params)
         y = block.out if len(shape) == 2 else self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
-        self.set_native(m.fc2.out, Value(y, s_f2), name, quantized_bits=8)
-        # What the fake-quant model mirrors: weights, biases and the block's int8 points.
+        out_scale = s_f2 if columns is None else s_f2 * columns
+        self.set_native(m.fc2.out, Value(y, out_scale), name, quantized_bits=8)
+        # What the fake-quant model mirrors: weights, biases and the block's int8 points
+        # (FF2's real weights and biases are the integers times their scale times c).
         for k, (lin, w, acc_scale) in enumerate(zip((m.fc1, m.fc2), weights, acc_scales)):
-            self.record.consts[(lin.nodes[0].name, 1)] = (block.weights[k], float(w.scale))
+            factor = 1.0 if k == 0 or columns is None else columns
+            self.record.consts[(lin.nodes[0].name, 1)] = (block.weights[k], float(w.scale) * factor)
             self.record.ranges[block.weights[k]] = weight_range(self.options.layer(self.layer_name(lin.nodes[0])).wbits)[:2]
             if lin.bias is not None:
                 add = lin.nodes[-1]
-                self.record.consts[(add.name, add.inputs.index(lin.bias))] = (block.biases[k], acc_scale)
+                self.record.consts[(add.name, add.inputs.index(lin.bias))] = (block.biases[k], acc_scale * factor)
                 self.record.ranges[block.biases[k]] = (1 - (1 << 23), (1 << 23) - 1)  # ITA's 24-bit biases
         self.record.tensors[m.fc1.out] = (float(s_f1), 8, True)
         self.record.tensors[act.outputs[0]] = (float(s_act), 8, True)
@@ -1014,6 +1043,6 @@ class Walker:
         self.label(ff["F1"]["out"], m.fc1.out, s_f1, name)
         self.label(ff["activation"]["out"], act.outputs[0], s_act, name)
         self.em.label(x_2d, x.scale)
-        self.em.label(block.out, s_f2)
+        self.em.label(block.out, out_scale)
         for k, w in enumerate(weights):
-            self.label(block.weights[k], None, float(w.scale), name)
+            self.label(block.weights[k], None, float(w.scale) if k == 0 or columns is None else float(w.scale) * columns, name)

@@ -125,10 +125,7 @@ FAMILIES = {f.name: f for f in (
            why="0.99394 (ibert) and 0.99297 (ita) measured, fake-quant vs float 0.9999: its pooler's GELU sits right "
                "before the classifier, and both modes' i-GELU (I-BERT's erf polynomial, 23-24 dB against the exact "
                "GELU whatever the input width) is what fake-quant keeps float"),
-    Family("beit", "image", _image("BeitConfig", "BeitForImageClassification"), inputs=("pixel_values",),
-           floors=(("ita", 0.998), ("ita-partial", 0.998)),
-           why="0.9989 measured in the ita modes (ibert 0.99998): their 8-bit i-GELU (SQNR 23 dB) and the "
-               "classifier's 8-bit output (20 dB) after BEiT's mean-pooled LayerNorm"),
+    Family("beit", "image", _image("BeitConfig", "BeitForImageClassification"), inputs=("pixel_values",)),
     Family("data2vec-vision", "image", _image("Data2VecVisionConfig", "Data2VecVisionForImageClassification"),
            inputs=("pixel_values",)),
     Family("dinov2", "image", _image("Dinov2Config", "Dinov2ForImageClassification", mlp_ratio=2),

@@ -103,9 +103,10 @@ def test_integer_blocks_agree_with_their_fake_quant_model(exported):
         model.run(feeds, trace=lambda node, name, a: seen.__setitem__(name, np.asarray(a)))
         for b in found:
             f1, f2 = b.steps["F1"], b.steps["F2"]
-            s_x, s_f1, s_act, s_f2 = (t[n].scale for n in (b.x, f1["out"], b.act_out, f2["out"]))
-            w1, w2 = (t[s["weight"]].data * t[s["weight"]].scale for s in (f1, f2))
-            acc1, acc2 = s_x * t[f1["weight"]].scale, s_act * t[f2["weight"]].scale
+            # FF2's weights and output carry one scale per column (the exporter's channel scales)
+            s_x, s_f1, s_act, s_f2 = (np.asarray(t[n].scale) for n in (b.x, f1["out"], b.act_out, f2["out"]))
+            w1, w2 = (t[s["weight"]].data * np.asarray(t[s["weight"]].scale) for s in (f1, f2))
+            acc1, acc2 = s_x * np.asarray(t[f1["weight"]].scale), s_act * np.asarray(t[f2["weight"]].scale)
             h = _fake_quant(seen[b.x] * s_x @ w1 + t[f1["bias"]].data * acc1, s_f1)
             g = _fake_quant(_erf_gelu(h), s_act)
             y = _fake_quant(g @ w2 + t[f2["bias"]].data * acc2, s_f2)
@@ -248,3 +249,51 @@ def test_bert_encoder_without_a_mask_gives_the_testbench_folders(tmp_path, pyita
         assert sorted(str(f.relative_to(ours)) for f in ours.rglob("*.txt")) == names
     pairs = compare(tmp_path / "bert.onnx", tmp_path / "bert.intq", tmp_path / "ids.npy", max_samples=4).outputs["logits"]
     assert pairs["integer vs fake-quant"]["cosine"] >= 0.99, pairs
+
+
+def test_ff2_output_columns_carry_their_own_scale(exported):
+    """ITA's one FF2 multiplier gives one int8 scale; the exporter divides each Wff2 column by
+    c_j (its output range relative to the widest), so the int8 tensor's real scale is s * c
+    per column, which the 16-bit residual Add undoes (docs/EXPORT.md)."""
+    _, model = exported
+    t = model.graph.tensors
+    for b in blocks(model):
+        f2 = b.steps["F2"]
+        out, weight = np.asarray(t[f2["out"]].scale), np.asarray(t[f2["weight"]].scale)
+        assert out.shape == weight.shape == (b.E,)
+        c = out / out.max()
+        assert np.allclose(weight / weight.max(), c) and c.min() < 0.9  # columns differ, as the ranges do
+
+
+def test_channel_scales_keep_the_narrow_columns_of_an_outlier_output():
+    """The chooser on a layer whose output has two columns 100x wider than the rest (a
+    transformer's residual outlier dimensions): per-tensor int8 rounds the others to about
+    nothing; with the factors every column keeps its resolution."""
+    from types import SimpleNamespace
+
+    from refsim.exporters.calibrate import Calibration, InputStats
+    from refsim.exporters.config import ExportOptions
+    from refsim.exporters.modes import Modes
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 32))
+    w = rng.normal(size=(32, 16)) * 0.1
+    w[:, :2] *= 100
+    stats = InputStats()
+    stats.observe(x, rng)
+    add = SimpleNamespace(op="Add")
+    walker = SimpleNamespace(users={"y": [add]}, g=SimpleNamespace(outputs=[]), calibration=Calibration(inputs={"x": stats}))
+    c, s = Modes(ExportOptions(mode="ita")).ita_output_channels(walker, "x", "y", w, None)
+    y = x @ w
+    per_channel = np.clip(np.rint(y / c / s), -128, 127) * s * c
+    per_tensor_scale = np.abs(y).max() / 127
+    per_tensor = np.clip(np.rint(y / per_tensor_scale), -128, 127) * per_tensor_scale
+
+    def sqnr(q, cols):
+        return 10 * np.log10(np.sum(y[:, cols] ** 2) / np.sum((y[:, cols] - q[:, cols]) ** 2))
+
+    assert c[:2].min() > 0.5 and c[2:].max() < 0.05
+    assert sqnr(per_channel, slice(2, None)) > sqnr(per_tensor, slice(2, None)) + 20
+    assert Modes(ExportOptions(mode="ita", ita_channel_scales=False)).ita_output_channels(walker, "x", "y", w, None) == (None, None)
+    walker.users["y"] = [SimpleNamespace(op="Gelu")]  # only a residual Add can undo the factors
+    assert Modes(ExportOptions(mode="ita")).ita_output_channels(walker, "x", "y", w, None) == (None, None)

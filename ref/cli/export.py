@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
                    help="GPTQ weight rounding from the calibration Hessian (default on, except in the ita modes)")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
                    help="correct biases for the mean error of the quantized weights (default off)")
+    p.add_argument("--ita-channel-scales", action=argparse.BooleanOptionalAction, default=True,
+                   help="ita modes: give each output column of the layers feeding the residual stream its own "
+                        "range, folded into the weights and undone by the 16-bit residual add (default on)")
     p.add_argument("--percentile", nargs=2, type=float, metavar=("LOW", "HIGH"),
                    help="percentiles for --calib-method percentile (default 0.01 99.99)")
     p.add_argument("--config", metavar="layers.json", help="per-layer bit widths or keep_float, by layer-name pattern")
@@ -71,7 +74,7 @@ def main(args) -> int:
         mode=args.mode, wbits=args.wbits, abits=args.abits,
         per_channel=args.per_channel, calib_method=args.calib_method, percentile=args.percentile,
         smooth=args.smooth, gptq=args.gptq, bias_correction=args.bias_correction,
-        config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
+        ita_channel_scales=args.ita_channel_scales, config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
         max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
     )
     if args.bits_from:
