@@ -82,8 +82,13 @@ class ColdStart:
                     model._execute(attempt, keep, shapes, None if trace is None else lambda *a: seen.append(a))
             except NotCompiled:
                 shapes.bound = bound
-                self.job = _Job.start(model, {n: values[n] for n in model.graph.inputs})
                 self.jobs_started += 1
+                try:
+                    self.job = _Job.start(model, {n: values[n] for n in model.graph.inputs})
+                except OSError:  # no process can be started here (or the cache is not writable)
+                    self.jobs_started = MAX_JOBS
+                    model._execute(values, keep, shapes, trace)  # compiles now
+                    return
             else:
                 self.ready = True
                 values.clear()
@@ -249,6 +254,8 @@ def _job_main(folder: Path) -> int:
         (folder / "done").write_text(json.dumps(took) + "\n")
         return 0
     finally:
+        for copy in [*folder.glob("*.npy"), folder / "model.intq"]:  # the inputs (and model) it was given
+            copy.unlink(missing_ok=True)
         lock.unlink(missing_ok=True)
 
 

@@ -79,6 +79,9 @@ def _flush_and_exit(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # before the command modules and NumPy load
+        print(f"refsim {__version__}")
+        return 0
     try:
         parser = build_parser()  # imports the command modules, and with them NumPy
         args = parser.parse_args(argv)
