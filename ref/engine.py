@@ -80,7 +80,8 @@ class Model:
         self.order = validate(graph)
         self._plans: dict[str, list[_Step]] = {}
         self._cold = warm.ColdStart()  # runs the spec while kernels compile (refsim.warm)
-        self._steps  # noqa: B018  (prepare now, before the file's pages are dropped)
+        with backend.use(self._cold.backend_to_prepare(self)):
+            self._steps  # noqa: B018  (prepare now, before the file's pages are dropped)
         _drop_resident_pages(graph)
 
     @property

@@ -74,7 +74,9 @@ class ColdStart:
         if self.ready or self.jobs_started >= MAX_JOBS:
             model._execute(values, keep, shapes, trace)
             return
-        if self.job is None or self.job.finished():
+        if self.job is None and not compiled_before(model):  # cold for sure: no need to load Numba to find out
+            self._start(model, values)
+        elif self.job is None or self.job.finished():
             attempt, bound = dict(values), dict(shapes.bound)
             seen: list = []
             try:
@@ -82,13 +84,7 @@ class ColdStart:
                     model._execute(attempt, keep, shapes, None if trace is None else lambda *a: seen.append(a))
             except NotCompiled:
                 shapes.bound = bound
-                self.jobs_started += 1
-                try:
-                    self.job = _Job.start(model, {n: values[n] for n in model.graph.inputs})
-                except OSError:  # no process can be started here (or the cache is not writable)
-                    self.jobs_started = MAX_JOBS
-                    model._execute(values, keep, shapes, trace)  # compiles now
-                    return
+                self._start(model, values)
             else:
                 self.ready = True
                 values.clear()
@@ -96,18 +92,54 @@ class ColdStart:
                 for call in seen:
                     trace(*call)
                 return
-        with backend.use("spec"):
+        with backend.use("spec" if self.jobs_started < MAX_JOBS else "numba"):  # numba: no job could start
             model._execute(values, keep, shapes, trace)
+
+    def _start(self, model, values: dict) -> None:
+        self.jobs_started += 1
+        try:
+            self.job = _Job.start(model, {n: values[n] for n in model.graph.inputs})
+        except OSError:  # no process can be started here (or the cache is not writable): compile now
+            self.jobs_started = MAX_JOBS
+
+    @staticmethod
+    def backend_to_prepare(model) -> str:
+        """The backend whose plan a new Model prepares: the spec's when its kernels were
+        never compiled, so that loading it does not load Numba either."""
+        from . import backend
+
+        if backend.use_numba() and mode() == "background" and not compiled_before(model):
+            return "spec"
+        return backend.current()
+
+
+def _model_key(model) -> str | None:
+    if model.path is None:
+        return None
+    stat = os.stat(model.path)
+    text = f"{os.path.abspath(model.path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def compiled_before(model) -> bool:
+    """Whether a compile job (or `refsim warmup`) has finished for this model file: then its
+    kernels are worth trying (they may still be missing for new input types)."""
+    key = _model_key(model)
+    return key is not None and (jobs_dir() / "compiled" / key).exists()
+
+
+def _mark_compiled(model) -> None:
+    key = _model_key(model)
+    if key is not None:
+        folder = jobs_dir() / "compiled"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / key).touch()
 
 
 def _key(model, feeds: dict) -> str:
     """One job per model file (path, size, time) and input shapes."""
     h = hashlib.sha256()
-    if model.path is not None:
-        stat = os.stat(model.path)
-        h.update(f"{os.path.abspath(model.path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    else:
-        h.update(f"memory-{id(model.graph)}-{os.getpid()}".encode())
+    h.update((_model_key(model) or f"memory-{id(model.graph)}-{os.getpid()}").encode())
     for name, array in sorted(feeds.items()):
         h.update(f"\0{name}:{array.dtype.str}:{array.shape}".encode())
     return h.hexdigest()[:20]
@@ -220,6 +252,7 @@ def compile_for(model, feeds: dict) -> None:
     try:
         with backend.use("numba"), both_twins():
             model.run(feeds)
+        _mark_compiled(model)
     finally:
         _compiling_now.on = previous
 

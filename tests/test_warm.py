@@ -115,3 +115,37 @@ def test_warmup_rejects_a_bad_dim(capsys):
 
     assert main(["warmup", str(MODEL), "--dim", "batch"]) == 2
     assert "NAME=SIZE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("REFSIM_SLOW") != "1", reason="about 40 s (the export): runs with REFSIM_SLOW=1; "
+                    "in CI the op tests check every op on the spec's NumPy twins and its float products")
+def test_a_transformer_on_the_spec_backend_equals_its_kernels_tensor_by_tensor(tmp_path):
+    """A small BERT (I-BERT softmax, GELU and LayerNorm, weight and attention products): the
+    spec backend a cold run uses gives every tensor the kernels give, fused steps included."""
+    pytest.importorskip("transformers")
+    import export_helpers as h
+    from refsim.exporters import export
+    from refsim.inputs import load_samples
+
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(h.tokenizer_json())
+    out = tmp_path / "bert.intq"
+    export(h.bert(tmp_path / "bert.onnx", False), out, h.text_data(tmp_path / "calib.txt", 16, 1),
+           tokenizer=str(tokenizer), max_length=h.SEQ, per_channel=True)
+    model = load(out)
+    samples = load_samples(model, h.text_data(tmp_path / "eval.txt", 4, 2))
+    feeds = {k: np.concatenate([s.feeds[k] for s in samples]) for k in samples[0].feeds}
+
+    def traced(name):
+        seen = {}
+        with backend.use(name):
+            model.run(feeds, trace=lambda node, tensor, array: seen.__setitem__(tensor, array))
+        return seen
+
+    spec, kernels = traced("spec"), traced("numba")
+    assert spec.keys() == kernels.keys() and len(spec) > 50
+    ops = {node.op for node in model.graph.nodes}
+    assert {"IBertSoftmax", "IBertGelu", "IBertLayerNorm", "MatMul"} <= ops, ops
+    for name, array in kernels.items():
+        assert spec[name].dtype == array.dtype and np.array_equal(spec[name], array), name
