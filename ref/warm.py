@@ -292,5 +292,7 @@ def _job_main(folder: Path) -> int:
         lock.unlink(missing_ok=True)
 
 
-if __name__ == "__main__":
-    sys.exit(_job_main(Path(sys.argv[1])))
+if __name__ == "__main__":  # `python -m refsim.warm JOB_FOLDER`: run the package's copy of this module
+    from refsim.warm import _job_main as job_main
+
+    sys.exit(job_main(Path(sys.argv[1])))

@@ -50,6 +50,7 @@ def traced():
     return out, seen
 
 first, first_trace = traced()
+assert "numba" not in sys.modules  # never compiled: loading and running needed no Numba
 jobs = [p.name for p in warm.running_jobs()]
 assert m._cold.ready is False and m._cold.job is not None
 assert warm.wait(300), "the compile job did not finish"
@@ -65,9 +66,9 @@ print(json.dumps({{"jobs": jobs, "job_cpu_s": done["cpu_s"]}}))
 
 
 def test_a_cold_run_computes_the_compiled_result_then_switches(tmp_path):
-    """An empty kernel cache: the first run is the spec's (no Numba compile in the
-    foreground), a background job fills the cache, and the next run uses the kernels; both
-    equal a run compiled in the foreground here, tensor by tensor."""
+    """An empty kernel cache: the first run is the spec's (Numba not even loaded), a
+    background job fills the cache, and the next run uses the kernels; both equal a run
+    compiled in the foreground here, and each other tensor by tensor."""
     out = tmp_path / "out.npz"
     result = subprocess.run([sys.executable, "-c", COLD_RUN.format(model=str(MODEL)), str(out)], capture_output=True,
                             text=True, env=_empty_cache_env(tmp_path / "cache"), timeout=600)
