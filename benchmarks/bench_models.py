@@ -85,7 +85,7 @@ def _worker(engine: str, model: str, batch: int, repeats: int) -> dict:
         )
 
         result["weights_mb"] = sum(t.data.nbytes for t in m.graph.tensors.values() if t.is_const) / 1e6
-        result["threading_layer"] = __import__("numba").config.THREADING_LAYER
+        result["threading_layer"] = None  # known once the first run has started Numba's threads
         if engine == "refsim":
             def run():
                 return m.run(feeds)
@@ -101,6 +101,11 @@ def _worker(engine: str, model: str, batch: int, repeats: int) -> dict:
     t1 = time.perf_counter()
     run()
     result["first_run_s"] = time.perf_counter() - t1
+    if engine.startswith("refsim"):
+        try:
+            result["threading_layer"] = __import__("numba").threading_layer()
+        except ValueError:  # no parallel kernel ran
+            pass
     run()
     # Peak memory of the steady runs, apart from loading and compiling: reset the
     # high-water mark (Linux) and read it after the timed runs.

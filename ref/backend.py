@@ -62,9 +62,9 @@ _threads_set: int | None = None
 
 
 def max_threads() -> int:
-    from .jit import materialize
+    from .jit import materialize, sequential_only
 
-    return materialize().config.NUMBA_NUM_THREADS
+    return 1 if sequential_only() else materialize().config.NUMBA_NUM_THREADS
 
 
 def set_threads(wanted: int) -> None:

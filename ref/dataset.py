@@ -10,8 +10,9 @@ exporter declares it): each op then treats the rows of a batch independently. Fo
 models, samples run one at a time whatever `batch_size` says.
 
 Workers: `workers=N` runs batches in N processes. On Linux they are forked from this one,
-so they share the loaded model and the compiled kernels (refsim's threading layer is
-fork-safe, see `refsim.jit`); elsewhere they are spawned and reopen the model from its file
+so they share the loaded model and the compiled kernels (with GNU OpenMP, which is not
+fork-safe, they run sequential kernels, compiled here before the fork; see `refsim.jit`);
+elsewhere they are spawned and reopen the model from its file
 (a `refsim.Model` pickles as its path). `ray=ADDRESS` sends the batches to a Ray cluster
 (`ray.init(address=ADDRESS)`; "local" starts one on this machine); each Ray worker opens the
 model file, so the path must be readable there. Both need a model loaded from a file.
@@ -25,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import jit
 from .errors import InputError, RefsimError
 from .inputs import Sample
 
@@ -128,7 +130,18 @@ def _in_processes(model, jobs, wanted, workers: int):
     if model.path is None:
         raise InputError("--workers needs a model loaded from a file")
     method = "fork" if sys.platform.startswith("linux") else "spawn"
+    first = None
+    if method == "fork" and jit.forked_children_run_sequential():
+        # The children will run sequential kernels (see refsim.jit): the first batch runs
+        # on them here, so they are compiled once, before the fork, not in every child.
+        with jit.sequential_kernels():
+            first = run_batch(model, jobs[0], wanted)
+        jobs = jobs[1:]
     context = multiprocessing.get_context(method)
+    if first is not None:
+        yield first
+        if not jobs:
+            return
     with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(model,)) as pool:
         yield from pool.imap(_worker_batch, [(job, wanted) for job in jobs])
 

@@ -13,11 +13,14 @@ Numba's setup, done before it first loads:
 - compiled kernels are cached in a per-user folder (`$REFSIM_CACHE_DIR`, else
   `$XDG_CACHE_HOME/refsim/numba`, else `~/.cache/refsim/numba`), never in the package
   folder, which may be read-only; NUMBA_CACHE_DIR, when set, wins;
-- the threading layer is Numba's own `workqueue` unless NUMBA_THREADING_LAYER says
-  otherwise: it is fork-safe (GNU OpenMP is not: a child forked after a parallel kernel
-  ran would hang), and on a busy machine it waited less for descheduled workers than
-  OpenMP here. It is not thread-safe: running models from several Python threads at once
-  needs NUMBA_THREADING_LAYER=tbb (`pip install tbb`).
+- the threading layer is Numba's default choice (TBB when its library loads, else OpenMP,
+  else its own `workqueue`) unless NUMBA_THREADING_LAYER says otherwise. `workqueue` made
+  a MiniLM run 1.5x slower than OpenMP or TBB here (its fork/join costs more per kernel).
+  GNU OpenMP is not fork-safe: a child forked after a parallel kernel ran would hang
+  (Numba kills it instead). So a process forked after that runs every kernel as its
+  sequential twin (`sequential_only()`), which is exact and, in worker processes that
+  already split the work between them, the right choice anyway. OpenMP and TBB are
+  thread-safe; `workqueue` is not.
 
 Two switches serve the cold start (`refsim.warm`): inside `no_compile()`, a kernel that
 would have to be compiled now (its types are neither compiled in this process nor in the
@@ -110,19 +113,57 @@ def _writable_cache_dir() -> Path:
 def configure() -> None:
     """Settings Numba reads when it loads (harmless if it already has)."""
     os.environ.setdefault("NUMBA_CACHE_DIR", str(_writable_cache_dir()))
-    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     if "numba" in sys.modules:  # loaded by someone else first: set what can still be set
         import numba
 
         numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
-        if numba.config.THREADING_LAYER == "default" and not _threads_launched(numba):
-            numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
 
 
 def _threads_launched(numba) -> bool:
     from numba.np.ufunc import parallel
 
     return bool(getattr(parallel, "_is_initialized", False))
+
+
+_sequential_only = False
+
+
+def sequential_only() -> bool:
+    """True in a process forked after GNU OpenMP's threads started: parallel kernels
+    must not run here (see the module docstring)."""
+    return _sequential_only
+
+
+def forked_children_run_sequential() -> bool:
+    """Whether a process forked now would have to run sequential twins only (GNU
+    OpenMP's threads have started here)."""
+    if _numba is None or not _threads_launched(_numba) or _numba.threading_layer() != "omp":
+        return False
+    from numba.np.ufunc import omppool
+
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+@contextlib.contextmanager
+def sequential_kernels():
+    """Run the enclosed code on sequential twins only (as a forked child will); compiles
+    them here, once, instead of in every child."""
+    global _sequential_only
+    previous, _sequential_only = _sequential_only, True
+    try:
+        yield
+    finally:
+        _sequential_only = previous
+
+
+def _after_fork_in_child() -> None:
+    global _sequential_only
+    if forked_children_run_sequential():
+        _sequential_only = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Deferred:
@@ -172,7 +213,7 @@ class _Twin:
 
     def __call__(self, first, *rest):
         chosen, other = self.parallel, self.sequential
-        if getattr(first, "size", 0) < self.threshold:
+        if getattr(first, "size", 0) < self.threshold or _sequential_only:
             chosen, other = other, chosen
         if getattr(_switches, "both_twins", False):
             other.compile(tuple(other.typeof_pyval(a) for a in (first, *rest)))

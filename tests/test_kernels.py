@@ -247,3 +247,81 @@ def test_parallel_kernel_and_its_sequential_twin_agree(monkeypatch, rounding):
         assert getattr(twin, name).signatures, f"the {name} variant did not run"
     assert np.array_equal(results["parallel"], expected)
     assert np.array_equal(results["sequential"], expected)
+
+
+ARITH_TYPES = {"int8": (-128, 127), "int16": (-(1 << 15), (1 << 15) - 1), "int32": (-(1 << 31), (1 << 31) - 1),
+               "int64": (-(1 << 63), (1 << 63) - 1)}
+
+
+def _arith_requant_model(op, a_type, b_type, b_const, rows, cols, params, rounding, dtype, fuse=True):
+    (mul, bias, shift, offset) = params
+    b = GraphBuilder("arith_requant")
+    x = b.input("x", a_type, ["batch", cols])
+    y = b.input("y", b_type, ["batch", cols]) if b_const is None else b.const(b_const, b_type, name="c")
+    s = b.node(op, [x, y], outputs="s", dtype="int64", overflow="error")
+    consts = [b.const(p, t, name=n) for p, t, n in ((mul, "int64", "mul"), (shift, "int32", "shift"),
+                                                    (bias, "int64", "bias"), (offset, "int32", "offset"))]
+    b.output(b.node("Requant", [s, *consts], outputs="q", rounding=rounding, dtype=dtype))
+    model = b.model()
+    return model if fuse else Model(model.graph, fuse=False)
+
+
+@st.composite
+def arith_requant_case(draw):
+    op = draw(st.sampled_from(["Add", "Sub", "Mul"]))
+    a_type, b_type = draw(st.sampled_from(sorted(ARITH_TYPES))), draw(st.sampled_from(sorted(ARITH_TYPES)))
+    rows, cols = draw(st.integers(1, 70)), draw(st.integers(1, 300))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def values(type_name, shape):
+        lo, hi = ARITH_TYPES[type_name]
+        narrow = draw(st.booleans())  # mostly small values, so the int64 result usually fits
+        v = rng.integers(-1000, 1001, shape) if narrow else rng.integers(lo, hi, shape, endpoint=True)
+        v = np.clip(v, lo, hi)
+        if draw(st.booleans()):  # the type's extremes
+            v.reshape(-1)[:2] = [lo, hi][: v.size]
+        return v.astype(type_name)
+
+    a = values(a_type, (rows, cols))
+    const = draw(st.sampled_from(["no", "row", "scalar"]))
+    b_values = values(b_type, (rows, cols) if const == "no" else (cols,) if const == "row" else ())
+    (mul, bias, shift, offset), rounding, (_, _, storage) = draw(requant_params(cols))
+    dtype = np.dtype(storage).name
+    return op, a_type, b_type, a, b_values, const != "no", (mul, bias, shift, offset), rounding, dtype
+
+
+@given(arith_requant_case())
+def test_fused_add_sub_mul_and_requant_match_the_ops(case):
+    """An Add, Sub or Mul and the Requant after it run as one pass (the residual sums of
+    an exported encoder): every result, and every refusal, is the two ops' own, on each
+    type's extreme values and with per-tensor and per-channel parameters."""
+    op, a_type, b_type, a, b_values, b_const, params, rounding, dtype = case
+    results = []
+    for backend_name, fuse in (("numpy", False), ("numba", True)):
+        with backend.use(backend_name):
+            model = _arith_requant_model(op, a_type, b_type, b_values if b_const else None, *a.shape, params,
+                                         rounding, dtype, fuse=fuse)
+            if fuse:
+                assert [s.node.op for s in model._steps] == ["Requant"]  # fused into one step
+            feeds = {"x": a} if b_const else {"x": a, "y": b_values}
+            try:
+                results.append(model.run(feeds)["q"])
+            except RefsimError as e:
+                results.append(e)
+    expected, got = results
+    if isinstance(expected, RefsimError):
+        assert isinstance(got, RefsimError), f"the ops refuse ({expected}), the fused step gave {got!r}"
+        return
+    assert not isinstance(got, RefsimError), f"the fused step refused ({got}), the ops give {expected!r}"
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+def test_fused_add_and_requant_give_the_sum_when_traced():
+    params = [np.array([3], np.int64), np.array([5], np.int64), np.array([2], np.int64), np.array([1], np.int64)]
+    model = _arith_requant_model("Add", "int64", "int64", None, 4, 8, params, "half_even", "int8")
+    x = np.arange(32, dtype=np.int64).reshape(4, 8) - 16
+    y = np.full((4, 8), -(1 << 40), np.int64)
+    seen = {}
+    out = model.run({"x": x, "y": y}, trace=lambda node, name, a: seen.__setitem__(name, a.copy()))
+    assert list(seen) == ["s", "q"] and np.array_equal(seen["s"], x + y)
+    assert np.array_equal(out["q"], model.run({"x": x, "y": y})["q"])

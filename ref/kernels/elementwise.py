@@ -16,6 +16,7 @@ from .. import backend
 from ..jit import njit, prange
 from ..ops import elementwise as spec
 from .registry import kernel
+from .requant import requant_one
 
 _OP_CODE = {"Add": 0, "Sub": 1, "Mul": 2}
 INT64_MIN, INT64_MAX = spec.INT64_MIN, spec.INT64_MAX
@@ -37,6 +38,28 @@ def arith_rows(a, b, op, out):
         else:
             for j in range(cols):
                 out[i, j] = np.int64(a[i, j]) * np.int64(b[bi, j])
+
+
+@njit(cache=True, parallel=True)
+def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out):
+    """out[i, j] = requant_one(a[i, j] op b[i or 0, j]) with channel j's parameters: an Add,
+    Sub or Mul and the Requant after it in one pass (the caller has shown that the int64
+    result needs no check). Returns whether some |a op b| exceeded `limit`, the largest
+    input for which the Requant's x*mul + bias stays within int64 (the caller then runs
+    the two ops unfused, and the Requant refuses as it does)."""
+    rows, cols = a.shape
+    b_step = 1 if b.shape[0] > 1 else 0
+    over = np.zeros(rows, np.bool_)
+    for i in prange(rows):
+        bi = i * b_step
+        smallest, largest = np.int64(0), np.int64(0)  # kept in scalars: the loop vectorizes
+        for j in range(cols):
+            x, y = np.int64(a[i, j]), np.int64(b[bi, j])
+            v = x + y if op == 0 else (x - y if op == 1 else x * y)
+            smallest, largest = min(smallest, v), max(largest, v)
+            out[i, j] = requant_one(v, plan, j, lo, hi, mode)
+        over[i] = largest > limit or smallest < -limit
+    return over.any()
 
 
 class Arith:
@@ -62,21 +85,56 @@ class Arith:
         out = self.out_type
         return INT64_MIN <= lo and hi <= INT64_MAX and out.lo <= lo and hi <= out.hi
 
+    @staticmethod
+    def _rows(a, b):
+        """a and b as 2-D rows for the one-pass kernels (b with one row when it is a
+        scalar or runs along the last axis), or None for other shapes."""
+        if not (backend.use_numba() and a.ndim and a.size):
+            return None
+        cols = a.shape[-1]
+        if b.shape == a.shape:
+            b2 = np.ascontiguousarray(b).reshape(-1, cols)
+        elif b.ndim <= a.ndim and (b.size == 1 or (b.shape[-1] == cols and b.size == cols)):
+            b2 = np.ascontiguousarray(np.broadcast_to(b.reshape(-1), cols)).reshape(1, cols)
+        else:
+            return None
+        return np.ascontiguousarray(a).reshape(-1, cols), b2
+
     def __call__(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
-        if backend.use_numba() and a.ndim and a.size:
-            cols = a.shape[-1]
-            b2 = None
-            if b.shape == a.shape:
-                b2 = np.ascontiguousarray(b).reshape(-1, cols)
-            elif b.ndim <= a.ndim and (b.size == 1 or (b.shape[-1] == cols and b.size == cols)):
-                b2 = np.ascontiguousarray(np.broadcast_to(b.reshape(-1), cols)).reshape(1, cols)
-            if b2 is not None and self._unchecked(a, b):
-                a2 = np.ascontiguousarray(a).reshape(-1, cols)
-                out = np.empty(a2.shape, self.out_type.storage)
-                arith_rows(a2, b2, self.code, out)
-                return out.reshape(a.shape)
+        rows = self._rows(a, b)
+        if rows is not None and self._unchecked(a, b):
+            a2, b2 = rows
+            out = np.empty(a2.shape, self.out_type.storage)
+            arith_rows(a2, b2, self.code, out)
+            return out.reshape(a.shape)
         return self.spec(a, b, dtype=self.dtype_attr, overflow=self.overflow)
+
+    def fuse(self, consumer, run_consumer):
+        """This op and the Requant after it (`consumer`, prepared with constant parameters)
+        in one pass. Each decision stays the ops' own: the result must fit int64 and the
+        output type without an overflow policy (from the declared types, else from the
+        operands' extremes, as `_unchecked` decides), and the Requant's x*mul + bias must
+        stay within int64 (from the declared type, else checked value by value in the
+        pass). Traced runs, and what the one-pass kernel does not take, run unfused."""
+        if not hasattr(consumer, "plan_for") or not backend.use_numba():
+            return None
+        code, storage, (lo, hi, mode) = self.code, consumer.storage, consumer.out_range
+        limit = INT64_MAX if consumer.limit is None else consumer.limit
+
+        def fused(a, b, keep=False):
+            a, b = np.asarray(a), np.asarray(b)
+            rows = None if keep else self._rows(a, b)
+            plan = None if rows is None else consumer.plan_for(a.shape[-1])
+            if plan is not None and self._unchecked(a, b):
+                a2, b2 = rows
+                out = np.empty(a2.shape, storage)
+                if not arith_requant_rows(a2, b2, code, plan, limit, lo, hi, mode, out):
+                    return None, out.reshape(a.shape)
+            inner = self(a, b)
+            return inner, run_consumer(inner)
+
+        return fused
 
 
 def _prepare(op_name):
