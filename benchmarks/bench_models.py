@@ -11,7 +11,8 @@ model, refsim's integer model, and refsim with a trace keeping every tensor (wha
 warm-up, its first run separately, and its peak resident memory.
 
 Then, for MiniLM: the cold start (a new process with an empty kernel cache: imports,
-loading and the first run, against the same with the cache filled), and samples per
+loading and the first run, which runs the spec while a background job compiles; against
+the same with the cache filled, and against compiling in the foreground), and samples per
 second over a data set with 1 and 2 worker processes. The summary prints every target of
 issue #14 as a ratio against the peer measured in this run.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,7 +171,8 @@ def _peak_live_bytes(m, feeds) -> int:
 
 def measure(engine: str, model: str, batch: int, repeats: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, model, str(batch), str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "REFSIM_COMPILE": "now"}  # steady state: the kernels, never the cold start's spec
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"engine": engine, "model": model, "batch": batch, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -177,17 +180,18 @@ def measure(engine: str, model: str, batch: int, repeats: int) -> dict:
 
 FIRST_RESULT = """
 import json, sys, time
-started = time.perf_counter()
 sys.path.insert(0, {here!r})
-import models, refsim
+import models, refsim, refsim.warm
 m = refsim.load({intq!r})
 feeds = {{k: v for k, v in models.text_feeds(1).items() if k in {{t.name for t in m.inputs}}}}
-m.run(feeds)
-first = time.perf_counter() - started
+out = m.run(feeds)
+first = time.time()
+import numpy as np
+np.savez({out!r}, **out)
 times = []
 for _ in range(5):
     t = time.perf_counter(); m.run(feeds); times.append(time.perf_counter() - t)
-print(json.dumps({{"first_result_s": first, "steady_run_s": sorted(times)[2]}}))
+print(json.dumps({{"first_result_at": first, "steady_run_s": sorted(times)[2], "kernels": refsim.warm.mode() == "now" or m._cold.ready}}))
 """
 
 
@@ -200,25 +204,56 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _first_result(code: str, env: dict) -> dict:
+    """A new process to its first result (wall time from its launch), and its CPU time."""
+    t, cpu = time.time(), _children_cpu()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    cpu = _children_cpu() - cpu
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:]}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**r, "process_s": r.pop("first_result_at") - t, "cpu_s": cpu}
+
+
 def cold_start(model: str) -> dict:
-    """A new process to its first result with an empty kernel cache (the first run after
-    `pip install`), then the same with the cache that run filled."""
+    """The first run after `pip install` (a new process, empty kernel cache) to its first
+    result: by default the spec runs while a background job compiles the kernels (timed to
+    its end); then a new process with the cache that job filled; then, for comparison, an
+    empty cache with REFSIM_COMPILE=now (compiling in the foreground, as before). The
+    outputs of all three must be identical."""
     import models
+    from refsim import warm
 
     intq = str(models.refsim_intq(model))
-    code = FIRST_RESULT.format(here=str(HERE), intq=intq)
-    with tempfile.TemporaryDirectory() as cache:
+    result: dict = {}
+    outputs = {}
+    for kind, compile_mode in (("cold", "background"), ("warm", "background"), ("cold_now", "now")):
+        if kind != "warm":
+            cache = tempfile.mkdtemp(prefix="refsim-cold-")
         env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-        env["REFSIM_CACHE_DIR"] = cache
-        runs = []
-        for _ in range(2):
-            t, cpu = time.perf_counter(), _children_cpu()
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-            wall, cpu = time.perf_counter() - t, _children_cpu() - cpu
-            if proc.returncode != 0:
-                return {"error": proc.stderr.strip().splitlines()[-1:]}
-            runs.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": wall, "cpu_s": cpu})
-    return {"cold": runs[0], "warm": runs[1]}
+        env.update(REFSIM_CACHE_DIR=cache, REFSIM_COMPILE=compile_mode)
+        out = os.path.join(cache, f"{kind}.npz")
+        started = time.time()
+        r = _first_result(FIRST_RESULT.format(here=str(HERE), intq=intq, out=out), env)
+        if "error" in r:
+            return {"error": r["error"]}
+        jobs = Path(cache) / "numba" / "refsim-jobs"
+        if kind == "cold":
+            warm.wait(3600, jobs)
+            r["background_done_s"] = time.time() - started
+            done = [json.loads(p.read_text()) for p in jobs.glob("*/done")]
+            r["background_cpu_s"] = sum(d["cpu_s"] for d in done)
+        with np.load(out, allow_pickle=False) as saved:
+            outputs[kind] = {k: saved[k] for k in saved.files}
+        result[kind] = r
+        if kind != "cold":
+            shutil.rmtree(cache, ignore_errors=True)
+    result["identical"] = all(
+        outputs[kind].keys() == outputs["cold"].keys()
+        and all(np.array_equal(outputs[kind][k], v) and outputs[kind][k].dtype == v.dtype for k, v in outputs["cold"].items())
+        for kind in ("warm", "cold_now")
+    )
+    return result
 
 
 def _dataset_worker(model: str, count: int, workers: int) -> dict:
@@ -240,7 +275,7 @@ def _dataset_worker(model: str, count: int, workers: int) -> dict:
 
 def dataset_rate(model: str, count: int, workers: int) -> dict:
     cmd = [sys.executable, __file__, "--dataset-worker", model, str(count), str(workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "REFSIM_COMPILE": "now"})
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -279,13 +314,16 @@ def summary(results: dict, cold: dict | None, rates: list[dict]) -> list[str]:
             lines.append(_ratio_line(f"{model} b{batch} peak memory after compilation / (weights + live activations)",
                                      ratio, "<= 1.5", ratio <= 1.5))
     if cold and "cold" in cold:
-        c, w = cold["cold"], cold["warm"]
-        extra = c["process_s"] - c["steady_run_s"]
+        c, w, n = cold["cold"], cold["warm"], cold["cold_now"]
         lines.append(_ratio_line("cold start: new process, empty cache, to first result (s)", c["process_s"], "", None))
         lines.append(_ratio_line("  the same with the kernel cache filled (s)", w["process_s"], "", None))
-        lines.append(_ratio_line("  cold first result minus a warm run (s)", extra, "<= 5 s", extra <= 5))
-        if "cpu_s" in c:
-            lines.append(_ratio_line("  CPU time of the cold process minus the warm one (s)", c["cpu_s"] - w["cpu_s"], "", None))
+        lines.append(_ratio_line("  cold first result minus a warm process's (s)", c["process_s"] - w["process_s"], "<= 5 s",
+                                 c["process_s"] - w["process_s"] <= 5))
+        lines.append(_ratio_line("  cold first result minus a warm run (s)", c["process_s"] - w["steady_run_s"], "<= 5 s",
+                                 c["process_s"] - w["steady_run_s"] <= 5))
+        lines.append(_ratio_line("  background compile done, from the cold launch (s)", c["background_done_s"], "", None))
+        lines.append(_ratio_line("  compiling in the foreground (REFSIM_COMPILE=now), to first result (s)", n["process_s"], "", None))
+        lines.append(_ratio_line("  outputs identical, cold / warm / foreground compile", float(cold["identical"]), "1", cold["identical"]))
     good = [r for r in rates if "samples_per_s" in r]
     for r in good:
         lines.append(_ratio_line(f"minilm data set, {r['workers']} worker(s), batch 8: samples/s", r["samples_per_s"], "", None))
@@ -337,10 +375,16 @@ def main() -> int:
                       f"({(r['intq_bytes'] / r['ideal_bytes'] - 1) * 100:.1f}% over: tokenizer, header, per-channel scales)")
     cold = cold_start("minilm") if "refsim" in engines else None
     if cold and "cold" in cold:
-        for kind in ("cold", "warm"):
+        print(f"load average {os.getloadavg()[0]:.2f} at the end of the cold-start runs")
+        for kind, what in (("cold", "empty kernel cache"), ("warm", "filled kernel cache"),
+                           ("cold_now", "empty kernel cache, REFSIM_COMPILE=now")):
             c = cold[kind]
-            print(f"refsim {kind} kernel cache: new process to first result {c['process_s']:.2f} s, CPU {c['cpu_s']:.2f} s "
-                  f"(in-process {c['first_result_s']:.2f} s), then a run takes {c['steady_run_s'] * 1e3:.1f} ms")
+            print(f"refsim {what}: new process to first result {c['process_s']:.2f} s, CPU {c['cpu_s']:.2f} s, "
+                  f"then a run takes {c['steady_run_s'] * 1e3:.1f} ms ({'kernels' if c['kernels'] else 'spec'})")
+        c = cold["cold"]
+        print(f"  background compile job: done {c['background_done_s']:.1f} s after the cold launch, CPU {c['background_cpu_s']:.1f} s")
+    elif cold:
+        print(f"cold start failed: {cold['error']}")
     rates = [dataset_rate("minilm", 16 if args.quick else 64, w) for w in (1, 2)] if "refsim" in engines else []
     for line in summary(results, cold, rates):
         print(line)

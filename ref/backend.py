@@ -1,8 +1,13 @@
-"""Which implementation runs the hot kernels: Numba (default) or plain NumPy.
+"""Which implementation runs the hot kernels: Numba (default), plain NumPy, or the spec.
 
-Both give identical results; the NumPy path exists so every Numba kernel can be checked
+All give identical results. The NumPy path exists so every Numba kernel can be checked
 against a second, simpler implementation, and for machines where Numba is unavailable.
 Select with the REFSIM_BACKEND environment variable or `with refsim.backend.use("numpy")`.
+
+"spec" is the NumPy path with integer products in exact float BLAS chunks (see
+`refsim.ops.matmul`) instead of NumPy's slow int64 matmul: what a model runs while its
+Numba kernels are not compiled yet (`refsim.warm`), so a first run never waits for the
+compiler. It never loads Numba.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import contextlib
 import importlib.util
 import os
 
-BACKENDS = ("numba", "numpy")
+BACKENDS = ("numba", "numpy", "spec")
 
 _current = os.environ.get("REFSIM_BACKEND", "numba")
 if _current not in BACKENDS:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import backend
+from . import backend, warm
 from .dtypes import check_fits
 from .errors import InputError, OpError, RefsimError, internal_error
 from .ir import Graph, Node, Tensor, validate
@@ -79,7 +79,9 @@ class Model:
         self.fuse = fuse
         self.order = validate(graph)
         self._plans: dict[str, list[_Step]] = {}
-        self._steps  # noqa: B018  (prepare now, before the file's pages are dropped)
+        self._cold = warm.ColdStart()  # runs the spec while kernels compile (refsim.warm)
+        with backend.use(self._cold.backend_to_prepare(self)):
+            self._steps  # noqa: B018  (prepare now, before the file's pages are dropped)
         _drop_resident_pages(graph)
 
     @property
@@ -134,8 +136,8 @@ class Model:
     # --- preparation -------------------------------------------------------------------
 
     def _plan(self, fuse: bool) -> list[_Step]:
-        from . import kernels  # loads Numba
-
+        if backend.use_numba():
+            from . import kernels  # loads Numba
         tensors = self.graph.tensors
         steps = []
         for node in self.order:
@@ -269,7 +271,10 @@ class Model:
                 raise InputError(f"no tensor named {name!r} in the model")
         keep = set(wanted)
         with backend.single_threaded_blas():
-            self._execute(values, keep, shapes, trace)
+            if backend.use_numba() and warm.mode() == "background":
+                self._cold.run(self, values, keep, shapes, trace)
+            else:
+                self._execute(values, keep, shapes, trace)
         return {name: values[name] for name in wanted}
 
     def _execute(self, values, keep, shapes, trace) -> None:

@@ -21,6 +21,12 @@ Numba's setup, done before it first loads:
   sequential twin (`sequential_only()`), which is exact and, in worker processes that
   already split the work between them, the right choice anyway. OpenMP and TBB are
   thread-safe; `workqueue` is not.
+
+Two switches serve the cold start (`refsim.warm`): inside `no_compile()`, a kernel that
+would have to be compiled now (its types are neither compiled in this process nor in the
+on-disk cache) raises `NotCompiled` instead, so the engine can run the spec meanwhile; and
+inside `both_twins()` a parallel kernel also compiles its other twin for the same types,
+so a model's kernels are ready whatever sizes its later inputs have.
 """
 
 from __future__ import annotations
@@ -36,6 +42,49 @@ from pathlib import Path
 _lock = threading.RLock()
 _stand_ins: list[_Deferred] = []
 _numba = None
+_switches = threading.local()  # .no_compile, .both_twins: per thread, as Numba compiles in the caller's
+
+
+class NotCompiled(Exception):
+    """A kernel would be compiled now, inside `no_compile()`."""
+
+
+@contextlib.contextmanager
+def no_compile():
+    """Kernels that are neither compiled nor cached raise NotCompiled instead of compiling."""
+    previous = getattr(_switches, "no_compile", False)
+    _switches.no_compile = True
+    try:
+        yield
+    finally:
+        _switches.no_compile = previous
+
+
+@contextlib.contextmanager
+def both_twins():
+    """A parallel kernel compiles its sequential twin too (and the other way round)."""
+    previous = getattr(_switches, "both_twins", False)
+    _switches.both_twins = True
+    try:
+        yield
+    finally:
+        _switches.both_twins = previous
+
+
+def _guarded(dispatcher):
+    """`dispatcher`, refusing to compile inside `no_compile()`. Numba calls its compiler
+    only after the on-disk cache had nothing for these types, so a cached kernel still
+    loads."""
+    compiler = dispatcher._compiler
+    compile_now = compiler.compile
+
+    def compile(args, return_type):
+        if getattr(_switches, "no_compile", False):
+            raise NotCompiled(f"{dispatcher.py_func.__qualname__}{tuple(args)}")
+        return compile_now(args, return_type)
+
+    compiler.compile = compile
+    return dispatcher
 
 
 def cache_dir() -> Path:
@@ -131,9 +180,11 @@ class _Deferred:
         if self.real is None:
             decorator = getattr(numba, self.kind)
             self.real = decorator(*self.args, **self.kwargs)(self.py_func)
-            if self.kind == "njit" and self.kwargs.get("parallel") is True:
-                sequential = decorator(*self.args, **{**self.kwargs, "parallel": False})(_renamed(self.py_func, "_sequential"))
-                self.real = _Twin(self.real, sequential)
+            if self.kind == "njit":
+                _guarded(self.real)
+                if self.kwargs.get("parallel") is True:
+                    sequential = decorator(*self.args, **{**self.kwargs, "parallel": False})(_renamed(self.py_func, "_sequential"))
+                    self.real = _Twin(self.real, _guarded(sequential))
         return self.real
 
     def __call__(self, *args, **kwargs):
@@ -161,9 +212,12 @@ class _Twin:
         self.__wrapped__ = parallel.py_func
 
     def __call__(self, first, *rest):
-        if getattr(first, "size", 0) >= self.threshold and not _sequential_only:
-            return self.parallel(first, *rest)
-        return self.sequential(first, *rest)
+        chosen, other = self.parallel, self.sequential
+        if getattr(first, "size", 0) < self.threshold or _sequential_only:
+            chosen, other = other, chosen
+        if getattr(_switches, "both_twins", False):
+            other.compile(tuple(other.typeof_pyval(a) for a in (first, *rest)))
+        return chosen(first, *rest)
 
 
 def _renamed(fn, suffix: str):

@@ -14,10 +14,24 @@ settings.register_profile(
 )
 settings.load_profile("refsim")
 
+# Compile kernels in the foreground, as the tests check them: a cold run's spec fallback
+# and background compile (refsim.warm) are tested on their own, in tests/test_warm.py.
+os.environ.setdefault("REFSIM_COMPILE", "now")
+
 
 @pytest.fixture(params=["numba", "numpy"])
 def each_backend(request):
     """Run a test once per kernel backend; both must give identical results."""
+    from refsim import backend
+
+    with backend.use(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=["numba", "numpy", "spec"])
+def every_backend(request):
+    """As each_backend, and also the spec backend a cold run uses (NumPy's formulas with
+    products in exact float chunks, refsim.warm)."""
     from refsim import backend
 
     with backend.use(request.param):

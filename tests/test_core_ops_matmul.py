@@ -12,7 +12,7 @@ from refsim.ops import MatMul
 
 
 @given(CASES["MatMul"])
-def test_matmul_matches_torch(each_backend, case):
+def test_matmul_matches_torch(every_backend, case):
     check_case(case)
 
 
@@ -32,7 +32,7 @@ def _extreme_case(a_value, b_value, a_type, b_type, k, **attrs):
         (-(1 << 31), -(1 << 31), ("int32", "int32"), 1),  # 2^62: int64 only
     ],
 )
-def test_matmul_extreme_values_take_every_exact_path(each_backend, a_value, b_value, types, k):
+def test_matmul_extreme_values_take_every_exact_path(every_backend, a_value, b_value, types, k):
     case = _extreme_case(a_value, b_value, *types, k)
     check_case(case)
 

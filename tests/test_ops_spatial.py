@@ -150,7 +150,7 @@ def conv_cases(draw):
 
 
 @given(conv_cases())
-def test_conv_matches_torch(each_backend, case):
+def test_conv_matches_torch(every_backend, case):
     expected = torch_conv(case["x"], case["w"], case["x_zp"], case["w_zp"], case["bias"],
                           case["strides"], case["pads"], case["dilations"], case["group"])
     got = ops.Conv(case["x"], case["w"], case["x_zp"], case["w_zp"], case["bias"], strides=case["strides"],
@@ -160,7 +160,7 @@ def test_conv_matches_torch(each_backend, case):
 
 
 @given(conv_cases())
-def test_conv_in_a_graph_with_prepared_weights_matches_torch(each_backend, case):
+def test_conv_in_a_graph_with_prepared_weights_matches_torch(every_backend, case):
     b = GraphBuilder("conv")
     x = b.input("x", case["x_type"], case["x"].shape)
     w = b.const(case["w"], case["w_type"])

@@ -28,6 +28,7 @@ COMMANDS = {
     "compare": ("refsim.cli.compare", "compare float, fake-quant and integer models on data"),
     "sensitivity": ("refsim.cli.sensitivity", "measure each layer's sensitivity to its weight bit width (for export --bits-from)"),
     "report": ("refsim.cli.report", "write an HTML report: metrics, per-layer SQNR, sensitivities, histograms"),
+    "warmup": ("refsim.cli.warmup", "compile the kernels of .intq models into the user cache now, not on their first run"),
     "convert": ("refsim.cli.convert", "write a .intq model as ONNX (refsim domain) to view in Netron; `refsim import` reads it back"),
 }
 
@@ -78,6 +79,9 @@ def _flush_and_exit(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # before the command modules and NumPy load
+        print(f"refsim {__version__}")
+        return 0
     try:
         parser = build_parser()  # imports the command modules, and with them NumPy
         args = parser.parse_args(argv)

@@ -10,7 +10,8 @@ sum as long as it stays at or below 2^24 (float64: 2^53). With P the largest pos
 most 2^24 // P, each chunk multiplied by float32 BLAS, and the exact chunk results summed
 in int64. Wider operands go to float64 chunks, then to NumPy's int64 matmul, and a
 product whose exact sum could leave int64 is refused. The NumPy backend always uses the
-int64 matmul, so both backends give the same integers.
+int64 matmul (the second, independent implementation the float route is checked against);
+the Numba and spec backends take the float route.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def exact_matmul(a: np.ndarray, b: np.ndarray, a_bound: int, b_bound: int) -> np
     if product == 0 or k == 0:
         shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
         return np.zeros(shape, np.int64)
-    if not backend.use_numba():
+    if backend.current() == "numpy":
         return _int64_matmul(a, b)
     if product <= FLOAT32_EXACT:
         return _chunked(a, b, FLOAT32_EXACT // product, np.float32)
