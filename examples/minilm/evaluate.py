@@ -3,6 +3,8 @@ setting, on held-out sentences.
 
     python examples/minilm/evaluate.py [WORKDIR] [--only NAME,NAME] [--qat] [--max-length 128]
 
+("W8A3 ..." rows: 3-bit activations, the MobileBERT seed's setting.)
+
 Three disjoint splits (no sentence in two of them):
 
 - calibration_sentences.txt (118): what every export calibrates on;
@@ -49,6 +51,8 @@ ROWS = {
     "ita-partial defaults": ({"mode": "ita-partial"}, None),
     "W4A8 + QAT": ({"wbits": "4"}, 3),
     "ita + QAT": ({"mode": "ita"}, 3),
+    "W8A3 defaults": ({"abits": 3}, None),
+    "W8A3 + QAT": ({"abits": 3}, 3),
 }
 
 
