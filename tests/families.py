@@ -105,10 +105,11 @@ FAMILIES = {f.name: f for f in (
                                        intra_bottleneck_size=32, true_hidden_size=32, num_feedforward_networks=2)),
     Family("roberta", "text", _text("RobertaConfig", "RobertaForSequenceClassification", pad_token_id=1)),
     Family("minilm", "text", _minilm, output="sentence_embedding", classes=False,
-           floors=(("ibert", 0.997), ("ita", 0.93), ("ita-partial", 0.93)),
+           floors=(("ibert", 0.997), ("ita", 0.975), ("ita-partial", 0.975)),
            why="real weights (6 layers, hidden 384, outliers). ibert: 0.99785 measured, I-BERT's second-order erf "
-               "polynomial in i-GELU (28 dB against the exact GELU) being what fake-quant keeps float; ita: ITA's "
-               "8-bit softmax"),
+               "polynomial in i-GELU (28 dB against the exact GELU) being what fake-quant keeps float; ita / "
+               "ita-partial: 0.97726 measured with the output column scales (0.935 before), ITA's 8-bit softmax and "
+               "i-GELU"),
     Family("vit", "image", _image("ViTConfig", "ViTForImageClassification"), inputs=("pixel_values",)),
     Family("deit", "image", _image("DeiTConfig", "DeiTForImageClassification"), inputs=("pixel_values",)),
     # Families the issue does not name, built from the same parts.
