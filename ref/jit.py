@@ -50,25 +50,24 @@ class NotCompiled(Exception):
 
 
 @contextlib.contextmanager
+def _switched_on(name: str):
+    """Turn this thread's switch `name` on for a `with` block, restoring it after."""
+    previous = getattr(_switches, name, False)
+    setattr(_switches, name, True)
+    try:
+        yield
+    finally:
+        setattr(_switches, name, previous)
+
+
 def no_compile():
     """Kernels that are neither compiled nor cached raise NotCompiled instead of compiling."""
-    previous = getattr(_switches, "no_compile", False)
-    _switches.no_compile = True
-    try:
-        yield
-    finally:
-        _switches.no_compile = previous
+    return _switched_on("no_compile")
 
 
-@contextlib.contextmanager
 def both_twins():
     """A parallel kernel compiles its sequential twin too (and the other way round)."""
-    previous = getattr(_switches, "both_twins", False)
-    _switches.both_twins = True
-    try:
-        yield
-    finally:
-        _switches.both_twins = previous
+    return _switched_on("both_twins")
 
 
 def _guarded(dispatcher):
