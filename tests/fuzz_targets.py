@@ -63,26 +63,11 @@ def intq_seeds() -> list[bytes]:
     runtime reads (labels, input quantization, a tokenizer), symbolic shapes, quant fields."""
     from refsim import GraphBuilder
     from refsim.intq import to_bytes
+    from seed_models import sample_graph
 
     seeds = [(ROOT / "examples" / "tiny_mlp.intq").read_bytes()]
     rng = np.random.default_rng(5)
-    b = GraphBuilder("sample")
-    b.metadata["labels"] = ["a", "b", "c"]
-    b.blobs["notes.txt"] = b"hello"
-    x = b.input("x", "int8", ["batch", 8], scale=0.05, zero_point=0)
-    ids = b.input("ids", "int32", ["batch"])
-    w1 = b.const(rng.integers(-8, 8, (8, 6)), "int4", name="w1", scale=[0.1] * 6, zero_point=[0] * 6, quant_axis=1)
-    acc = b.node("MatMul", [x, w1, None, None, b.const(rng.integers(-50, 50, 6), "int32", name="b1")], outputs="acc", name="fc1")
-    h = b.node("Requant", [acc, b.const(77, "int32", name="m1"), b.const(9, "int8", name="s1")], outputs="h", name="rq1", dtype="int8")
-    h = b.node("Relu", [h], outputs="h_relu", name="relu")
-    emb = b.node("Gather", [b.const(rng.integers(-128, 128, (10, 6)), "int8", name="table"), ids], outputs="emb", name="lookup")
-    s = b.node("Add", [h, emb], outputs="sum", name="add")
-    w2 = b.const(rng.integers(-1, 2, (6, 3)), "ternary", name="w2")
-    logits = b.node("MatMul", [s, w2], outputs="logits", name="fc2")
-    sm = b.node("ITAMax", [logits], outputs="probs", name="softmax")
-    label = b.node("ArgMax", [logits], outputs="label", name="argmax", axis=-1, keepdims=False)
-    b.output(logits, label, sm)
-    seeds.append(to_bytes(b.build()))
+    seeds.append(to_bytes(sample_graph(quantized=True, softmax=True)))
 
     b = GraphBuilder("image")
     x = b.input("x", "int8", [1, 1, 4, 4])

@@ -21,29 +21,9 @@ from refsim import GraphBuilder, RefsimError
 from refsim.cli import main as cli_main
 from refsim.errors import AccumulatorOverflow, InputError, IntqFormatError
 from refsim.intq import ALIGN, from_buffer, to_bytes
+from seed_models import sample_graph
 
 PREAMBLE = struct.Struct("<8sIIQQQI20x")
-
-
-def sample_graph():
-    """A small model with packed weights, a blob, metadata and symbolic shapes."""
-    rng = np.random.default_rng(5)
-    b = GraphBuilder("sample")
-    b.metadata["labels"] = ["a", "b", "c"]
-    b.blobs["notes.txt"] = b"hello"
-    x = b.input("x", "int8", ["batch", 8])
-    ids = b.input("ids", "int32", ["batch"])
-    w1 = b.const(rng.integers(-8, 8, (8, 6)), "int4", name="w1")
-    acc = b.node("MatMul", [x, w1, None, None, b.const(rng.integers(-50, 50, 6), "int32", name="b1")], outputs="acc", name="fc1")
-    h = b.node("Requant", [acc, b.const(77, "int32", name="m1"), b.const(9, "int8", name="s1")], outputs="h", name="rq1", dtype="int8")
-    h = b.node("Relu", [h], outputs="h_relu", name="relu")
-    emb = b.node("Gather", [b.const(rng.integers(-128, 128, (10, 6)), "int8", name="table"), ids], outputs="emb", name="lookup")
-    s = b.node("Add", [h, emb], outputs="sum", name="add")
-    w2 = b.const(rng.integers(-1, 2, (6, 3)), "ternary", name="w2")
-    logits = b.node("MatMul", [s, w2], outputs="logits", name="fc2")
-    label = b.node("ArgMax", [logits], outputs="label", name="argmax", axis=-1, keepdims=False)
-    b.output(logits, label)
-    return b.build()
 
 
 VALID = to_bytes(sample_graph())
