@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..dyadic import ExportError
 from .checks import SizeBudget, array_bytes, take_fold
 from .graph import BROADCASTING_OPS, SUB_BYTE_TYPES, Graph, Node, elem_to_numpy
-from .shapes import Sym, Undecidable, dim_text, infer_shapes, known, parse_dim
+from .shapes import Sym, Undecidable, dim_text, infer_shapes, known, parse_dim, product
 
 NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
 UNARY_OPS = ("Cast", "Identity", "Not", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round",
@@ -195,13 +195,8 @@ def _known_results(g: Graph, node: Node, symbolic: dict):
         if any(d is None for d in dims):
             return None
         if node.op == "Size":
-            total = 1
-            try:
-                for d in dims:
-                    total = total * d
-            except Undecidable:
-                return None
-            return [(np.array(total, dtype=object), False)]
+            total = product(dims)
+            return None if total is None else [(np.array(total, dtype=object), False)]
         start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
         return [(np.array(dims[start:end], dtype=object), False)]
     values = []

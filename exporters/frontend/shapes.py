@@ -302,12 +302,12 @@ def _movement_shape(g: Graph, node: Node):
     if not known(in_shape):
         return None
     dims = [parse_dim(d) for d in in_shape]
-    total = _product(dims)
+    total = product(dims)
     if total is None:
         return None
     if node.op == "Flatten":
         axis = node.attrs.get("axis", 1) % max(len(dims), 1)
-        left = _product(dims[:axis])
+        left = product(dims[:axis])
         return None if left is None else [left, _divide(total, left)]
     if len(node.inputs) < 2 or node.inputs[1] not in g.consts:
         return None
@@ -320,7 +320,7 @@ def _movement_shape(g: Graph, node: Node):
         raise ExportError(f"{node.describe()}: its target {target} copies (0) a dimension the input {list(in_shape)} does not have")
     out = [dims[i] if t == 0 and copy else t for i, t in enumerate(target)]
     if -1 in out:
-        rest = _product([d for d in out if d != -1])
+        rest = product([d for d in out if d != -1])
         out[out.index(-1)] = None if rest is None else _divide(total, rest)
     return None if any(d is None for d in out) else out
 
@@ -347,7 +347,8 @@ def _range_shape(g: Graph, node: Node):
     return None if length is None else [length]
 
 
-def _product(dims):
+def product(dims):
+    """The product of (possibly symbolic) dimensions, or None when it cannot be decided."""
     total = 1
     try:
         for d in dims:
