@@ -270,3 +270,19 @@ def test_nncf_default_preset_masked_is_refused_and_onnxruntime_gives_zero_attent
     with pytest.raises(ImportFailure, match=r"^node '/bert/encoder/layer.0/attention/self/Softmax' \(Softmax\): takes float "
                                             r"scores plus a key mask quantized at an infinite scale.*NaN"):
         import_model(model, requant="ort", float_ops="ort")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_nncf_transformer_preset_is_refused_in_one_line(tmp_path_factory, masked):
+    """The transformer preset never quantizes the attention probabilities (nor, masked, the
+    scores plus the mask), and its residual stream stays float: refused at the first attention,
+    naming the node (docs/IMPORT.md, NNCF transformer preset)."""
+    from refsim.exporters.importers import ImportFailure
+
+    model = _nncf_bert(tmp_path_factory, masked=masked, preset="transformer")
+    if masked:
+        where, why = r"Softmax' \(Softmax\)", r"takes float scores plus an attention mask that no QuantizeLinear quantizes"
+    else:
+        where, why = r"MatMul_1' \(MatMul\)", r"the first operand is the float result of node '[^']*Softmax' \(Softmax\)"
+    with pytest.raises(ImportFailure, match=rf"^node '/bert/encoder/layer.0/attention/self/{where}: {why}"):
+        import_model(model, requant="ort", float_ops="ort")

@@ -301,7 +301,8 @@ def test_nncf_models_are_refused_with_the_node_and_why(tiny_bert, preset):
     masked = any("attention/self/Where" in n.name for n in onnx.load(str(paths["float"])).graph.node)  # the attention sees the mask
     quantized = _nncf(paths["float"], feeds, preset)
     if preset == "transformer" and masked:
-        where, why = r"/bert/encoder/layer.0/attention/self/Softmax' \(Softmax\)", r"mixes float values with plain integers"
+        where, why = r"/bert/encoder/layer.0/attention/self/Softmax' \(Softmax\)", \
+            r"takes float scores plus an attention mask that no QuantizeLinear quantizes \(NNCF's transformer preset"
     elif preset == "transformer":
         where, why = r"/bert/encoder/layer.0/attention/self/MatMul_1' \(MatMul\)", \
             r"the first operand is the float result of node '[^']*Softmax' \(Softmax\)"

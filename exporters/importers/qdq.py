@@ -814,6 +814,10 @@ class QdqImporter(Importer):
             elif isinstance(v, (KeyMask, MaskedScores)):
                 raise fail(expr.node, "takes an attention mask quantized at an infinite scale; refsim takes that only "
                                       "into a Softmax over the keys")
+            elif isinstance(v, (QTensor, FloatInput)) and expr.node.op == "Softmax":
+                raise fail(expr.node, "takes float scores plus an attention mask that no QuantizeLinear quantizes (NNCF's "
+                                      "transformer preset keeps attention in float); refsim needs the scores, or their sum "
+                                      "with the mask, quantized")
             elif isinstance(v, (QTensor, FloatInput)):
                 raise fail(expr.node, "mixes float values with plain integers or float inputs")
 
