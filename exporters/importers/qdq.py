@@ -1057,6 +1057,9 @@ class QdqImporter(Importer):
             result = self.qnode("Lut2", [self.place(a), self.place(b), self.em.const(table, target.dtype, f"{out}.table")],
                                   out, expr.node.name)
             return replace(target, name=result.name, shape=result.shape)
+        if op == "Softmax" and len(ins) == 1 and isinstance(ins[0], Dequantized) and not ins[0].q.is_const \
+                and ins[0].q.per_tensor and ins[0].q.dtype.bits > LUT_MAX_BITS and ins[0].q.dtype.bits <= 32:
+            return self._float_softmax(expr, target, out)
         if op == "Softmax" and len(ins) == 1 and (isinstance(ins[0], MaskedScores) or _eight_bit(ins[0]) and not ins[0].q.is_const):
             q = self._row_input(expr, "Softmax")
             if not _eight_bit(Dequantized(q)):
@@ -1086,6 +1089,28 @@ class QdqImporter(Importer):
         if op == "LayerNormalization":
             return self._ort_layernorm(expr, target, out)
         return None
+
+    def _float_softmax(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        """Softmax of a score accumulator (NNCF quantizes only its output): onnxruntime's
+        MatMulIntegerToFloat scale f32(s_a * s_b), float32 Softmax and QuantizeLinear (FloatSoftmax)."""
+        from refsim.ops import float32 as f32
+
+        from . import ort_float
+
+        q = self._row_input(expr, "Softmax")
+        scale = (np.float32(np.asarray(q.factors[0]).reshape(-1)[0]) * np.float32(np.asarray(q.factors[1]).reshape(-1)[0])
+                 if q.factors is not None else np.float32(np.asarray(q.scale).reshape(-1)[0]))
+        k, hi, lo = ort_float.float_softmax_tables(scale)
+        (hm, he), (lm, le) = f32.from_float32(hi), f32.from_float32(lo)
+        (ym,), (ye,) = (np.atleast_1d(v) for v in f32.from_float32(np.float32(np.asarray(target.scale).reshape(-1)[0])))
+        x = self.place(q)
+        if q.zp_scalar():
+            x = self.qnode("Sub", [x, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centred").name
+        result = self.qnode("FloatSoftmax", [x, self.em.const(hm, "int32", f"{out}.hi_m"), self.em.const(he, "int16", f"{out}.hi_e"),
+                                             self.em.const(lm, "int32", f"{out}.lo_m"), self.em.const(le, "int16", f"{out}.lo_e")],
+                            out, expr.node.name, k=k, y_scale_m=int(ym), y_scale_e=int(ye), zero_point=target.zp_scalar(),
+                            dtype=target.dtype.name)
+        return replace(target, name=result.name, shape=result.shape)
 
     def _ort_layernorm(self, expr: FloatOp, target: QTensor, out: str, post: np.ndarray | None = None) -> QTensor | None:
         """LayerNormRound for expr quantized at target; `post`, a constant multiplying its result."""
