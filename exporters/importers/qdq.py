@@ -33,6 +33,7 @@ from refsim.dtypes import TYPES
 
 from ..frontend import integer_ops
 from ..frontend import requant as rq
+from ..frontend.checks import SizeBudget
 from ..frontend.emitter import narrowest_type
 from ..frontend.fold import evaluate
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
@@ -50,6 +51,9 @@ ELEMENTWISE = {
     "ThresholdedRelu",
 }
 LUT_MAX_BITS = 16
+# What one evaluation of a threshold search may allocate (thresholds.CHUNK values, float64, a
+# few ops' results at once).
+THRESHOLD_BUDGET = 1 << 30
 # A float bias (no bias quantizer) is kept to 2^-16 of an accumulator step, not rounded to whole steps.
 FLOAT_BIAS_FRACTION_BITS = 16
 MICROSOFT = "com.microsoft"
@@ -848,8 +852,9 @@ class QdqImporter(Importer):
         walk(expr)
         return ok
 
-    def evaluate(self, v, leaf: QTensor | None, levels: np.ndarray | None):
-        """The float value of an expression, with `leaf` standing for all of its `levels`."""
+    def evaluate(self, v, leaf: QTensor | None, levels: np.ndarray | None, budget=None):
+        """The float value of an expression, with `leaf` standing for all of its `levels`
+        (`budget`: the sizes it may take, the model's folding budget unless given)."""
         if v is None:
             return None
         if isinstance(v, Const):
@@ -862,9 +867,10 @@ class QdqImporter(Importer):
                 return self.onnx_dequantize(levels, leaf)  # leaf: q laid out as `levels` are
             raise fail(None, f"tensor {q.name!r} is not known at import time")
         if isinstance(v, Moved):
-            return v.const_fn(self.evaluate(v.inputs[0], leaf, levels))
+            return v.const_fn(self.evaluate(v.inputs[0], leaf, levels, budget))
         if isinstance(v, FloatOp):
-            return evaluate(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets, self.g.budget)[0]
+            return evaluate(v.node, [self.evaluate(i, leaf, levels, budget) for i in v.inputs], self.g.opsets,
+                            budget or self.g.budget)[0]
         raise fail(None, "an expression holds a value refsim cannot evaluate")
 
     def sink_moves(self, expr: FloatOp) -> tuple[FloatOp, list[Moved]]:
@@ -956,8 +962,10 @@ class QdqImporter(Importer):
         columns = replace(leaf, axis=None if leaf.per_tensor else 1)  # the samples are (M, channels)
 
         def q_of(levels: np.ndarray) -> np.ndarray:
+            # The search's own sizes (thresholds.CHUNK values at a time), not the model's: each
+            # call gets its own budget, freed when it returns.
             with np.errstate(all="ignore"):
-                values = np.asarray(self.evaluate(expr, columns, levels), np.float32)
+                values = np.asarray(self.evaluate(expr, columns, levels, SizeBudget(THRESHOLD_BUDGET)), np.float32)
             values = np.broadcast_to(values, np.broadcast_shapes(values.shape, levels.shape)).reshape(levels.shape)
             return self.quantize_values(values, target).astype(np.int64)
 
