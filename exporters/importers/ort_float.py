@@ -77,6 +77,19 @@ def softmax_table(x_scale, length: int) -> np.ndarray:
     return np.exp((np.arange(256, dtype=np.float64) - 255 + shift) * xs).astype(np.float32)
 
 
+def float_softmax_tables(x_scale) -> tuple[int, np.ndarray, np.ndarray]:
+    """FloatSoftmax's exp tables for scores x * x_scale (x integers): (k, hi, lo) with
+    lo[i] = f32(exp(-i * s)), hi[j] = f32(exp(-j * 2^k * s)), covering differences up to
+    104 / s (exp(-104) is below float32's smallest value), k splitting them evenly."""
+    s = float(F(x_scale))
+    span = 104.0 / s
+    k = int(np.clip(np.ceil(np.log2(span) / 2), 0, 24))
+    count = int(np.ceil(span / 2.0**k)) + 1
+    lo = np.exp(-np.arange(1 << k, dtype=np.float64) * s).astype(np.float32)
+    hi = np.exp(-np.arange(count, dtype=np.float64) * (2.0**k * s)).astype(np.float32)
+    return k, hi, lo
+
+
 def softmax_y_factor(y_scale) -> int:
     """floor(1 / y_scale) in float32, the integer the kernel scales probabilities by."""
     return int(np.floor(F(1.0) / F(y_scale)))

@@ -33,6 +33,7 @@ from refsim.dtypes import TYPES
 
 from ..frontend import integer_ops
 from ..frontend import requant as rq
+from ..frontend.checks import SizeBudget
 from ..frontend.emitter import narrowest_type
 from ..frontend.fold import evaluate
 from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
@@ -50,6 +51,9 @@ ELEMENTWISE = {
     "ThresholdedRelu",
 }
 LUT_MAX_BITS = 16
+# What one evaluation of a threshold search may allocate (thresholds.CHUNK values, float64, a
+# few ops' results at once).
+THRESHOLD_BUDGET = 1 << 30
 # A float bias (no bias quantizer) is kept to 2^-16 of an accumulator step, not rounded to whole steps.
 FLOAT_BIAS_FRACTION_BITS = 16
 MICROSOFT = "com.microsoft"
@@ -66,6 +70,7 @@ class QdqImporter(Importer):
         if mode not in MODES:
             raise fail(None, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.mode = mode
+        self.acc_bounds: dict[str, np.ndarray] = {}  # MatMul accumulators: max |acc| per output column
         h = self.handlers
         for domain in ("", MICROSOFT):
             h[(domain, "QuantizeLinear")] = self.op_QuantizeLinear
@@ -379,7 +384,20 @@ class QdqImporter(Importer):
                   self._zero_point_input(a, node=node, what="the first operand"),
                   self._zero_point_input(b, per_channel_ok=True, node=node), bias]
         acc = self.qnode("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB))
+        if b.is_const and not transA and not transB and a.scale is not None:
+            self.acc_bounds[acc.name] = self._column_bounds(a, b)
+        elif a.scale is not None and b.scale is not None and b.per_tensor and isinstance(a.shape[-1 - bool(transA)], int):
+            terms = a.shape[-2] if transA else a.shape[-1]
+            self.acc_bounds[acc.name] = np.asarray(terms * _largest(a) * _largest(b), np.int64)
         return self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
+
+    @staticmethod
+    def _column_bounds(a: QTensor, w: QTensor) -> np.ndarray:
+        """max |acc[..., c]| over every input: max |a - za| * sum_k |w[k, c] - zw[c]|."""
+        a_max = _largest(a)
+        w_zp = np.asarray(w.zero_point if w.zero_point is not None else 0, np.int64).reshape(-1)
+        centred = np.asarray(w.data, np.int64).reshape(-1, w.shape[-1]) - w_zp
+        return a_max * np.abs(centred).sum(axis=0)
 
     @staticmethod
     def _accumulator(acc: QTensor, a: QTensor, b: QTensor, axis: int) -> QTensor:
@@ -769,6 +787,14 @@ class QdqImporter(Importer):
                              self.requantize(q, exact, target, f"{out}.{i}", expr.node, ort_ratio=ort))
             result = self.qnode("Concat", [self.place(p) for p in parts], out, axis=expr.attrs["axis"])
             return replace(target, name=result.name, shape=result.shape)
+        if op == "ReduceSum" and _summable(expr):
+            return self.reduce_sum(expr, target, out)
+        inner = _inner_sum(expr)
+        if inner is not None:  # elementwise ops on a sum (NNCF's Clip of the mask count): on the exact sum
+            total = self.reduce_sum(inner, None, f"{out}.inner")
+            return self.resolve(_substituted(expr, inner, Dequantized(total)), target, out, qnode)
+        if len(leaves) == 1 and self._threshold_eligible(expr, next(iter(leaves.values())), target):
+            return self.threshold(expr, next(iter(leaves.values())), target, out)
         if len(leaves) == 1:
             q = next(iter(leaves.values()))
             why = (f"its input has {q.dtype.bits} bits (a lookup table covers at most {LUT_MAX_BITS}); "
@@ -792,6 +818,10 @@ class QdqImporter(Importer):
             elif isinstance(v, (KeyMask, MaskedScores)):
                 raise fail(expr.node, "takes an attention mask quantized at an infinite scale; refsim takes that only "
                                       "into a Softmax over the keys")
+            elif isinstance(v, (QTensor, FloatInput)) and expr.node.op == "Softmax":
+                raise fail(expr.node, "takes float scores plus an attention mask that no QuantizeLinear quantizes (NNCF's "
+                                      "transformer preset keeps attention in float); refsim needs the scores, or their sum "
+                                      "with the mask, quantized")
             elif isinstance(v, (QTensor, FloatInput)):
                 raise fail(expr.node, "mixes float values with plain integers or float inputs")
 
@@ -822,8 +852,9 @@ class QdqImporter(Importer):
         walk(expr)
         return ok
 
-    def evaluate(self, v, leaf: QTensor | None, levels: np.ndarray | None):
-        """The float value of an expression, with `leaf` standing for all of its `levels`."""
+    def evaluate(self, v, leaf: QTensor | None, levels: np.ndarray | None, budget=None):
+        """The float value of an expression, with `leaf` standing for all of its `levels`
+        (`budget`: the sizes it may take, the model's folding budget unless given)."""
         if v is None:
             return None
         if isinstance(v, Const):
@@ -833,12 +864,13 @@ class QdqImporter(Importer):
             if q.is_const:
                 return self.onnx_dequantize(q.data, q)
             if leaf is not None and q.name == leaf.name:
-                return self.onnx_dequantize(levels, q)
+                return self.onnx_dequantize(levels, leaf)  # leaf: q laid out as `levels` are
             raise fail(None, f"tensor {q.name!r} is not known at import time")
         if isinstance(v, Moved):
-            return v.const_fn(self.evaluate(v.inputs[0], leaf, levels))
+            return v.const_fn(self.evaluate(v.inputs[0], leaf, levels, budget))
         if isinstance(v, FloatOp):
-            return evaluate(v.node, [self.evaluate(i, leaf, levels) for i in v.inputs], self.g.opsets, self.g.budget)[0]
+            return evaluate(v.node, [self.evaluate(i, leaf, levels, budget) for i in v.inputs], self.g.opsets,
+                            budget or self.g.budget)[0]
         raise fail(None, "an expression holds a value refsim cannot evaluate")
 
     def sink_moves(self, expr: FloatOp) -> tuple[FloatOp, list[Moved]]:
@@ -870,6 +902,84 @@ class QdqImporter(Importer):
         result = self.qnode("Lut", [self.place(leaf), self.em.const(table, target.dtype, f"{out}.table")], out)
         return replace(target, name=result.name, shape=result.shape)
 
+    def reduce_sum(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        """ReduceSum of a per-tensor quantized tensor (NNCF's mean pooling): the exact sum of
+        q - z at q's scale, then one requantization."""
+        q = expr.inputs[0].q
+        axes = self.ints(expr.node, expr.inputs[1], "axes") if len(expr.inputs) > 1 and expr.inputs[1] is not None else expr.attrs.get("axes")
+        if not axes and expr.attrs.get("noop_with_empty_axes", 0):
+            raise fail(expr.node, "ReduceSum with no axes and noop_with_empty_axes is not supported")
+        x = self.place(q)
+        if q.zp_scalar():
+            x = self.qnode("Sub", [x, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centred").name
+        total = self.qnode("ReduceSum", [x], f"{out}.sum", axes=[int(a) for a in axes] if axes else None,
+                           keepdims=bool(expr.attrs.get("keepdims", 1)))
+        lo, hi = q.clip or (q.dtype.lo, q.dtype.hi)
+        count = int(np.prod(q.shape, dtype=np.int64) // max(1, int(np.prod(total.shape, dtype=np.int64))))
+        acc = replace(total, scale=q.scale, zero_point=np.zeros(np.shape(q.scale), np.int64),
+                      bound=count * max(hi - q.zp_scalar(), q.zp_scalar() - lo))
+        if target is None:  # the sum itself, for what follows it
+            return acc
+        exact, ort = ratio_of(acc, target)
+        return self.requantize(acc, exact, target, out, expr.node, ort_ratio=ort)
+
+    # --- elementwise functions of a wide accumulator (NNCF's GELU): thresholds ---------------------
+
+    def _threshold_eligible(self, expr: FloatOp, leaf: QTensor, target: QTensor) -> bool:
+        """expr elementwise in one accumulator of at most 32 bits (per tensor, or per channel of
+        the last axis) with constants that are scalars or one value per channel."""
+        if leaf.is_const or leaf.dtype.bits > 32 or not leaf.shape or not isinstance(leaf.shape[-1], int):
+            return False
+        if not leaf.per_tensor and (leaf.block_size or leaf.axis != len(leaf.shape) - 1):
+            return False
+        if not target.per_tensor or target.block_size:
+            return False
+        channels = leaf.shape[-1]
+
+        def per_channel(value) -> bool:
+            shape = np.shape(value)
+            return np.size(value) == 1 or (shape[-1] == channels and np.size(value) == channels)
+
+        def ok(v) -> bool:
+            if isinstance(v, FloatOp) and not isinstance(v, Moved):
+                if v.node.op not in ELEMENTWISE or (v.node.op == "Cast" and v.attrs.get("to") not in FLOAT_TYPES):
+                    return False
+                return all(i is None or ok(i) for i in v.inputs)
+            if isinstance(v, Const):
+                return per_channel(v.value)
+            if isinstance(v, Dequantized):
+                return v.q.name == leaf.name if not v.q.is_const else per_channel(v.q.data)
+            return False
+
+        return ok(expr)
+
+    def threshold(self, expr: FloatOp, leaf: QTensor, target: QTensor, out: str) -> QTensor:
+        """QuantizeLinear(expr(acc)) as a Threshold op, its thresholds found at import
+        (`thresholds.py`) on the float32 function onnx's reference ops compute."""
+        from .thresholds import step_thresholds
+
+        channels = leaf.shape[-1]
+        columns = replace(leaf, axis=None if leaf.per_tensor else 1)  # the samples are (M, channels)
+
+        def q_of(levels: np.ndarray) -> np.ndarray:
+            # The search's own sizes (thresholds.CHUNK values at a time), not the model's: each
+            # call gets its own budget, freed when it returns.
+            with np.errstate(all="ignore"):
+                values = np.asarray(self.evaluate(expr, columns, levels, SizeBudget(THRESHOLD_BUDGET)), np.float32)
+            values = np.broadcast_to(values, np.broadcast_shapes(values.shape, levels.shape)).reshape(levels.shape)
+            return self.quantize_values(values, target).astype(np.int64)
+
+        bound = self.acc_bounds.get(leaf.name)
+        if bound is None:
+            bound = leaf.bound if leaf.bound is not None else max(-leaf.dtype.lo, leaf.dtype.hi)
+        bound = np.broadcast_to(np.asarray(bound, np.int64).reshape(-1), (channels,))
+        unit = np.broadcast_to(leaf.real_scale().reshape(-1), (channels,))
+        y0, up, down = step_thresholds(q_of, bound, unit)
+        result = self.qnode("Threshold", [self.place(leaf), self.em.const(y0, stem=f"{out}.y0"),
+                                          self.em.const(up, stem=f"{out}.up"), self.em.const(down, stem=f"{out}.down")],
+                            out, expr.node.name, axis=-1, dtype=target.dtype.name)
+        return replace(target, name=result.name, shape=result.shape)
+
     # --- a float tail after the last QuantizeLinear: masked mean pooling ------------------------------
 
     POOL_FRACTION_BITS = 16
@@ -895,8 +1005,11 @@ class QdqImporter(Importer):
         mask = self.place(m)
         if m.zp_scalar():
             mask = self.qnode("Sub", [mask, self.em.const(np.asarray(m.zp_scalar()), m.dtype)], f"{name}.mask").name
-        total = self.qnode("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
-        count = self.qnode("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
+        if axes is None:  # NNCF: the sums were quantized already; Div of the two
+            total, count = self.em.builder.tensors[x], self.em.builder.tensors[mask]
+        else:
+            total = self.qnode("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
+            count = self.qnode("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
         count = self.qnode("Clip", [count.name], f"{name}.count_at_least_one", lo=1)
         mean = self.qnode("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << self.POOL_FRACTION_BITS, eps=0)
         s_x = float(np.prod([np.float64(np.asarray(q.scale).reshape(())) for q in factors]))
@@ -904,9 +1017,13 @@ class QdqImporter(Importer):
         return Dequantized(replace(mean, scale=np.asarray(scale), zero_point=np.asarray(0, np.int64)))
 
     def _mean_pool(self, value: FloatOp):
-        if value.node.op != "Div" or not all(isinstance(v, FloatOp) for v in value.inputs):
+        if value.node.op != "Div" or not all(isinstance(v, (FloatOp, Dequantized)) for v in value.inputs):
             return None
         num, den = value.inputs
+        if all(isinstance(v, Dequantized) and not v.q.is_const and v.q.per_tensor for v in (num, den)):
+            return [num.q], den.q, None  # NNCF: Div(DQ(sum), DQ(count)), each sum quantized
+        if not all(isinstance(v, FloatOp) for v in (num, den)):
+            return None
         if den.node.op == "Clip":
             den = den.inputs[0]
         if not isinstance(den, FloatOp) or num.node.op != "ReduceSum" or den.node.op != "ReduceSum":
@@ -948,6 +1065,9 @@ class QdqImporter(Importer):
             result = self.qnode("Lut2", [self.place(a), self.place(b), self.em.const(table, target.dtype, f"{out}.table")],
                                   out, expr.node.name)
             return replace(target, name=result.name, shape=result.shape)
+        if op == "Softmax" and len(ins) == 1 and isinstance(ins[0], Dequantized) and not ins[0].q.is_const \
+                and ins[0].q.per_tensor and ins[0].q.dtype.bits > LUT_MAX_BITS and ins[0].q.dtype.bits <= 32:
+            return self._float_softmax(expr, target, out)
         if op == "Softmax" and len(ins) == 1 and (isinstance(ins[0], MaskedScores) or _eight_bit(ins[0]) and not ins[0].q.is_const):
             q = self._row_input(expr, "Softmax")
             if not _eight_bit(Dequantized(q)):
@@ -977,6 +1097,28 @@ class QdqImporter(Importer):
         if op == "LayerNormalization":
             return self._ort_layernorm(expr, target, out)
         return None
+
+    def _float_softmax(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        """Softmax of a score accumulator (NNCF quantizes only its output): onnxruntime's
+        MatMulIntegerToFloat scale f32(s_a * s_b), float32 Softmax and QuantizeLinear (FloatSoftmax)."""
+        from refsim.ops import float32 as f32
+
+        from . import ort_float
+
+        q = self._row_input(expr, "Softmax")
+        scale = (np.float32(np.asarray(q.factors[0]).reshape(-1)[0]) * np.float32(np.asarray(q.factors[1]).reshape(-1)[0])
+                 if q.factors is not None else np.float32(np.asarray(q.scale).reshape(-1)[0]))
+        k, hi, lo = ort_float.float_softmax_tables(scale)
+        (hm, he), (lm, le) = f32.from_float32(hi), f32.from_float32(lo)
+        (ym,), (ye,) = (np.atleast_1d(v) for v in f32.from_float32(np.float32(np.asarray(target.scale).reshape(-1)[0])))
+        x = self.place(q)
+        if q.zp_scalar():
+            x = self.qnode("Sub", [x, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centred").name
+        result = self.qnode("FloatSoftmax", [x, self.em.const(hm, "int32", f"{out}.hi_m"), self.em.const(he, "int16", f"{out}.hi_e"),
+                                             self.em.const(lm, "int32", f"{out}.lo_m"), self.em.const(le, "int16", f"{out}.lo_e")],
+                            out, expr.node.name, k=k, y_scale_m=int(ym), y_scale_e=int(ye), zero_point=target.zp_scalar(),
+                            dtype=target.dtype.name)
+        return replace(target, name=result.name, shape=result.shape)
 
     def _ort_layernorm(self, expr: FloatOp, target: QTensor, out: str, post: np.ndarray | None = None) -> QTensor | None:
         """LayerNormRound for expr quantized at target; `post`, a constant multiplying its result."""
@@ -1121,6 +1263,11 @@ class QdqImporter(Importer):
 
         scale = float(np.asarray(q.scale).reshape(-1)[0])
         bound = rq.type_bound(q.dtype.name, q.zp_scalar())
+        if q.dtype.bits > IBERT_SOFTMAX_INPUT_BITS:  # a score accumulator (NNCF): requantized to int16
+            wide = self.acc_bounds.get(q.name, q.bound if q.bound is not None else bound)
+            step = max(IBERT_SOFTMAX_MIN_SCALE, scale * float(np.max(wide)) / (2 ** (IBERT_SOFTMAX_INPUT_BITS - 1) - 1))
+            grid = QTensor(None, TYPES["int16"], q.shape, scale=np.asarray(step), zero_point=np.asarray(0, np.int64))
+            return self.requantize(q, np.asarray(scale / step), grid, out)
         k = 0
         while (bound << (k + 1)) < (1 << (IBERT_SOFTMAX_INPUT_BITS - 1)) and scale / 2.0 ** (k + 1) >= IBERT_SOFTMAX_MIN_SCALE:
             k += 1
@@ -1292,6 +1439,39 @@ class QdqImporter(Importer):
         p = self._accumulator(self.qnode("Mul", centered, f"{out}.product"), qa, qb, axis=0)
         exact, ort = ratio_of(p, target)
         return self.requantize(p, exact, target, out, expr.node, ort_ratio=ort)
+
+
+def _largest(q: QTensor) -> int:
+    """max |q - z| over q's range (per-tensor q)."""
+    lo, hi = q.clip or (q.dtype.lo, q.dtype.hi)
+    return max(hi - q.zp_scalar(), q.zp_scalar() - lo)
+
+
+def _summable(expr) -> bool:
+    """A ReduceSum of one per-tensor quantized tensor."""
+    x = expr.inputs[0]
+    return expr.node.op == "ReduceSum" and isinstance(x, Dequantized) and not x.q.is_const and x.q.per_tensor
+
+
+def _inner_sum(expr) -> FloatOp | None:
+    """The summable ReduceSum under a chain of elementwise ops with constants, if any."""
+    v = expr
+    while isinstance(v, FloatOp) and not isinstance(v, Moved) and v.node.op in ELEMENTWISE:
+        computed = [i for i in v.inputs if isinstance(i, FloatOp)]
+        if len(computed) != 1 or any(isinstance(i, Dequantized) and not i.q.is_const for i in v.inputs):
+            return None
+        v = computed[0]
+        if v.node.op == "ReduceSum":
+            return v if _summable(v) else None
+    return None
+
+
+def _substituted(expr, old, new):
+    if expr is old:
+        return new
+    if isinstance(expr, FloatOp) and not isinstance(expr, Moved):
+        return FloatOp(expr.node, [_substituted(i, old, new) for i in expr.inputs], expr.attrs)
+    return expr
 
 
 def _infinite(scale) -> bool:
