@@ -36,6 +36,7 @@ from typing import Any
 from .dyadic import ExportError
 
 MODES = ("ibert", "ita", "ita-partial")
+GELU_CHOICES = ("table", "ibert")  # ibert mode's GELU (ExportOptions.gelu)
 ACTIVATION_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 WEIGHT_BITS = ("2", "3", "4", "5", "6", "7", "8", "16", "ternary")
 # The IR's signed types; a width between two of them is held in the wider one, clipped.
@@ -162,6 +163,10 @@ class ExportOptions:
     # ITA modes: per-column factors folded into the weights of ITA layers that feed the
     # residual stream, undone by the 16-bit residual Add (Modes.ita_output_channels)
     ita_channel_scales: bool = True
+    # ibert mode's GELU: "table" (LutInterp16, the float GELU interpolated in an int16
+    # table, as TFLite Micro / CMSIS-NN run int16 activations) or "ibert" (I-BERT's
+    # i-GELU polynomial); None: "table". The ITA modes run ITAGelu, ITA's GELU unit.
+    gelu: str | None = None
     residual_bits: int = 16  # residual stream, LayerNorm inputs, concatenations
     output_bits: int = 16  # graph outputs
     embedding_bits: str = "8"  # embedding tables unless layers.json says otherwise
@@ -177,6 +182,12 @@ class ExportOptions:
             self.smooth = not self.ita
         if self.gptq is None:
             self.gptq = not self.ita
+        if self.gelu is not None and self.gelu not in GELU_CHOICES:
+            raise ExportError(f"unknown GELU {self.gelu!r}; choose from {', '.join(GELU_CHOICES)}")
+        if self.ita and self.gelu is not None:
+            raise ExportError(f"gelu={self.gelu!r} is an ibert-mode choice; mode {self.mode} runs ITAGelu, ITA's GELU unit")
+        if self.gelu is None and not self.ita:
+            self.gelu = "table"
 
     @property
     def ita(self) -> bool:

@@ -8,7 +8,7 @@ mode uses and wires it into the graph.
 |---|---|---|
 | matrix products | 32-bit accumulators (64 where the operands' worst sum needs it: 16-bit weights or inputs; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8); a layer with 16-bit weights or inputs runs beside ITA as in `ibert` |
 | softmax | IBertSoftmax on the scores requantized to int16, output 2^-15 steps (uint16) | ITAMax / ITAPartialMax (ITA RTL preset: k=0, 255*256, -128) on int8 scores at the op's input scale, folded into the QK requantization |
-| GELU | IBertGelu on the input requantized to int16 | ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8 |
+| GELU | LutInterp16 (LiteRT's interpolated int16 table of the float GELU) on the input requantized to int16, int16 out; `gelu="ibert"`: IBertGelu | ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8 |
 | LayerNorm | IBertLayerNorm (shift from the calibrated row variance), then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
 | NoNorm | NoNorm (gamma at 16 bits, exact int64) | the same |
 | tanh, kept-float GELU | lookup table on the 8-bit (16-bit) input, exact | the same |
@@ -46,16 +46,6 @@ IBERT_SOFTMAX_OUTPUT_BITS = 15
 # z = (r + b)(r) + c is about 5.1 / S^2 at most and exp_mul below 2^31: S >= sqrt(8 / 2^32)
 # keeps z * exp_mul inside int64.
 IBERT_SOFTMAX_MIN_SCALE = math.sqrt(8 / 2**32)
-
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def gelu_float(x: np.ndarray, approximate: str = "none") -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    if approximate == "tanh":
-        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
-
 
 class Modes:
     def __init__(self, options):
@@ -174,7 +164,7 @@ class Modes:
         layer = walker.layer_name(node)
         approximate = node.attrs.get("approximate", "none")
         if walker.options.layers.matching(layer).get("keep_float"):
-            walker.lookup_table(node, lambda x: gelu_float(x, approximate))
+            walker.lookup_table(node, lambda x: nonlinear.gelu(x, approximate))
             return
         if self.options.ita:
             x = walker.at_scale(node.inputs[0], self.ita_gelu_input_scale(walker, node.inputs[0]), 8, node, 0)
@@ -184,6 +174,15 @@ class Modes:
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=8)
             return
         x = walker.get(node.inputs[0], IBERT_GELU_INPUT_BITS, node, 0)
+        if self.options.gelu == "table":
+            # The float GELU at the input's scale in a 513-entry table, interpolated (about
+            # two output steps from the exact GELU); its int16 output scale is calibrated.
+            p = nonlinear.gelu_table_params(float(x.scale), walker.scale_of(node.outputs[0], 16), approximate)
+            table = walker.em.const(p.consts["table"], "int16", f"{layer}.table")
+            y = walker.em.node(p.op, [x.name, table], f"{layer}.gelu")
+            walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=16)
+            return
+        # I-BERT's i-GELU (an erf polynomial of second order, about 25 dB from the exact GELU).
         p = nonlinear.ibert_gelu_params(float(x.scale))
         y = walker.em.node(p.op, [x.name], f"{layer}.gelu", **p.attrs)
         a = p.attrs

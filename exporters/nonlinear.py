@@ -260,6 +260,65 @@ def pyita_gelu_params(input_scale, output_scale=None, *, requantize: bool = True
     return OpParams("ITAGelu", attrs, input_scale=s, output_scale=out)
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu(x, approximate: str = "none") -> np.ndarray:
+    """The float GELU: 0.5 x (1 + erf(x / sqrt 2)), or ONNX's tanh form (approximate="tanh")."""
+    x = np.asarray(x, np.float64)
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+def _tflite_round(v: np.ndarray) -> np.ndarray:
+    """TfLiteRound: halves away from zero."""
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+# Largest step between neighbouring table entries the exporter allows (LutInterp16 holds the
+# slope in an int16; the margin covers the bias correction).
+_LUT_INTERP_MAX_STEP = 32000
+
+
+def lut_interp16_params(fn, input_scale, output_scale, *, what: str = "LutInterp16") -> OpParams:
+    """LiteRT's LUTPopulate<int16_t> table for y ~ fn(x) on int16 x at `input_scale`, int16 y.
+
+    Entry k holds fn at the start of segment k, x_k = (-32768 + 128 k) * input_scale, in
+    output steps, rounded half away from zero, minus LiteRT's bias correction: half the
+    rounded error of linear interpolation at the segment's midpoint, which halves the
+    largest interpolation error. Entry 512 is fn(32768 * input_scale), rounded (only the
+    last slope uses it). Entries saturate at the int16 ends. (LiteRT spreads its 512
+    segments over the 65535 steps from -32768 to 32767, so its anchors miss the 128-input
+    segments LUTLookup interpolates over by up to one input step; here they fall on them.)
+
+    The output scale is the given one, coarsened where needed so that neighbouring entries
+    differ by at most 32000 (the int16 slope), which only a function far steeper than its
+    output range suggests needs.
+    """
+    s_in = _positive(input_scale, what)
+    s_out = _positive(output_scale, f"{what} output")
+    anchors = (np.arange(513, dtype=np.float64) * 128 - 32768) * s_in
+    f = np.asarray(fn(anchors), np.float64)
+    mid = np.asarray(fn(anchors[:-1] + 64 * s_in), np.float64)
+    if not (np.isfinite(f).all() and np.isfinite(mid).all()):
+        raise ExportError(f"{what}: the function is not finite over the int16 input range at scale {s_in:.4g}")
+    s_out = max(s_out, float(np.abs(np.diff(f)).max(initial=0.0)) / _LUT_INTERP_MAX_STEP)
+    sample = _tflite_round(f / s_out)
+    interpolated_mid = _tflite_round((f[1:] / s_out + sample[:-1]) / 2)
+    bias = _tflite_round((interpolated_mid - _tflite_round(mid / s_out)) / 2)
+    table = np.concatenate([sample[:-1] - bias, sample[-1:]])
+    table = np.clip(table, -(1 << 15), (1 << 15) - 1).astype(np.int64)
+    if np.abs(np.diff(table)).max(initial=0) >= 1 << 15:
+        raise ExportError(f"{what}: neighbouring table entries differ by more than an int16 slope holds")
+    return OpParams("LutInterp16", {}, input_scale=s_in, output_scale=s_out, consts=dict(table=table.astype(np.int16)))
+
+
+def gelu_table_params(input_scale, output_scale, approximate: str = "none") -> OpParams:
+    """GELU (exact erf, or the tanh form) as a LutInterp16 table on int16 inputs."""
+    return lut_interp16_params(lambda x: gelu(x, approximate), input_scale, output_scale, what="GELU table")
+
+
 # --- LayerNorm and NoNorm ---------------------------------------------------------------------
 
 

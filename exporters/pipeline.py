@@ -199,6 +199,7 @@ def build(
     gptq: bool | None = None,
     bias_correction: bool = False,
     ita_channel_scales: bool = True,
+    gelu: str | None = None,
     config: str | os.PathLike | dict | None = None,
     tokenizer: str | os.PathLike | bytes | None = None,
     max_length: int | None = None,
@@ -224,7 +225,7 @@ def build(
     options = ExportOptions(mode=mode, wbits=str(wbits), abits=abits, per_channel=per_channel,
                             calib_method=calib_method, percentile=tuple(percentile) if percentile else None, layers=layers,
                             smooth=smooth, gptq=gptq, bias_correction=bias_correction,
-                            ita_channel_scales=ita_channel_scales)
+                            ita_channel_scales=ita_channel_scales, gelu=gelu)
     bar = Progress(progress)
     proto, g, dataset, encoder, tokenizer_bytes, shapes = prepare(model, os.fspath(calib), tokenizer, max_length, input_shapes)
     if max_samples is not None:
@@ -279,7 +280,7 @@ def build(
         "refsim": __version__, "mode": options.mode, "wbits": options.wbits, "abits": options.abits,
         "per_channel": options.per_channel, "residual_bits": options.residual_bits, "output_bits": options.output_bits,
         "smooth": options.smooth, "gptq": options.gptq, "bias_correction": options.bias_correction,
-        "ita_channel_scales": options.ita_channel_scales if options.ita else None, "ptq": ptq.report,
+        "ita_channel_scales": options.ita_channel_scales if options.ita else None, "gelu": options.gelu, "ptq": ptq.report,
         "layers": [[p, s] for p, s in layers.entries],
     }
     meta["calibration"] = {

@@ -239,6 +239,35 @@ def lut_case(draw):
     return Case("Lut", [x, table], [x_type, table_type], {}, [False, draw(st.booleans())])
 
 
+# Inputs where LutInterp16's segments start, end and round (the position 64 is the tie).
+SEGMENT_EDGES = sorted({-32768 + 128 * k + p for k in (0, 1, 255, 256, 257, 510, 511) for p in (0, 1, 63, 64, 65, 127)})
+
+
+@st.composite
+def lut_interp16_table(draw):
+    """513 int16 entries: a walk with steps up to `step` (clipped to int16), pinned to the
+    type's ends, or arbitrary values (slopes beyond int16, which the op must refuse)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["walk", "walk", "walk", "ends", "arbitrary"]))
+    if kind == "arbitrary":
+        return rng.integers(-32768, 32768, 513).astype(np.int16)
+    if kind == "ends":
+        return rng.choice(np.array([-32768, 32767]), 513).astype(np.int16) if draw(st.booleans()) else \
+            np.where(np.arange(513) % 2, 32767, -32768).astype(np.int16) if draw(st.booleans()) else \
+            np.full(513, draw(st.sampled_from([-32768, 32767])), np.int16)
+    step = draw(st.sampled_from([0, 1, 127, 4096, 32767]))
+    start = draw(values("int16"))
+    walk = start + np.cumsum(rng.integers(-step, step + 1, 513))
+    return np.clip(walk, -32768, 32767).astype(np.int16)
+
+
+@st.composite
+def lut_interp16_case(draw):
+    x = draw(st.one_of(typed_array("int16", draw(shapes())),
+                       st.lists(st.sampled_from(SEGMENT_EDGES), min_size=1, max_size=12).map(lambda v: np.array(v, np.int16))))
+    return Case("LutInterp16", [x, draw(lut_interp16_table())], ["int16", "int16"], {}, [False, draw(st.booleans())])
+
+
 # --- data movement ------------------------------------------------------------------------------
 
 
@@ -365,6 +394,7 @@ CASES = {
     "Clip": clip_case(),
     "Cast": cast_case(),
     "Lut": lut_case(),
+    "LutInterp16": lut_interp16_case(),
     "Reshape": reshape_case(),
     "Transpose": transpose_case(),
     "Slice": slice_case(),

@@ -1,4 +1,4 @@
-"""Add, Sub, Mul, Relu, Clip, Cast and Lut against torch_core, exactly."""
+"""Add, Sub, Mul, Relu, Clip, Cast, Lut and LutInterp16 against torch_core, exactly."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from core_harness import check_case, run_graph
 from core_strategies import CASES, Case
 from hypothesis import given
 from refsim import RefsimError
-from refsim.ops import Add, Cast, Clip, Lut, Mul, Relu, Sub
+from refsim.ops import Add, Cast, Clip, Lut, LutInterp16, Mul, Relu, Sub
 
 
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul"])
@@ -34,6 +34,33 @@ def test_cast_matches_torch(each_backend, case):
 @given(CASES["Lut"])
 def test_lut_matches_torch(each_backend, case):
     check_case(case)
+
+
+@given(CASES["LutInterp16"])
+def test_lut_interp16_matches_torch(each_backend, case):
+    check_case(case)
+
+
+def test_lut_interp16_hand_worked():
+    # f(v) = v on the anchors -32768 + 128 k (the last, 32768, clipped to 32767)
+    ramp = np.clip(np.arange(513) * 128 - 32768, -32768, 32767).astype(np.int16)
+    x = np.array([-32768, -32705, -1, 0, 1, 32639, 32640, 32767], np.int16)
+    # in the last segment the slope is 127, not 128: 32640 + (127 * 127 + 64) // 128 = 32766
+    assert LutInterp16(x, ramp).tolist() == [-32768, -32705, -1, 0, 1, 32639, 32640, 32766]
+    # one segment from 0 to 1: positions 0..63 round down, 64..127 up (ties half up)
+    step = np.zeros(513, np.int16)
+    step[257:] = 1
+    x = np.array([0, 63, 64, 127, 128], np.int16)
+    assert LutInterp16(x, step).tolist() == [0, 0, 1, 1, 1]
+    # a falling segment: -1 over 128 positions rounds -0.5 up to 0
+    assert LutInterp16(x, -step).tolist() == [0, 0, 0, -1, -1]
+    wide = np.zeros(513, np.int16)
+    wide[300] = 32767
+    wide[301] = -32768
+    with pytest.raises(RefsimError, match="slope"):
+        LutInterp16(x, wide)
+    with pytest.raises(RefsimError, match="513"):
+        LutInterp16(x, ramp[:512])
 
 
 def test_arithmetic_result_types_hand_worked():

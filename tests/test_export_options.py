@@ -149,6 +149,20 @@ def test_calibration_fingerprint_is_stored(vit, tmp_path):
     assert cal["samples"] == 32 and len(cal["digests"]) == 32 and len(set(cal["digests"])) == 32
 
 
+def test_gelu_is_a_table_by_default_and_i_gelu_on_request(vit, tmp_path):
+    out = tmp_path / "m.intq"
+    for gelu, op in ((None, "LutInterp16"), ("ibert", "IBertGelu")):
+        export(vit["model"], out, vit["calib"], **({} if gelu is None else {"gelu": gelu}))
+        m = refsim.load(out)
+        ops = {n.op for n in m.graph.nodes}
+        assert op in ops and not ({"LutInterp16", "IBertGelu"} - {op}) & ops, ops
+        assert m.metadata["export"]["gelu"] == (gelu or "table")
+    with pytest.raises(ExportError, match="ibert-mode choice; mode ita runs ITAGelu"):
+        export(vit["model"], out, vit["calib"], mode="ita", gelu="table")
+    with pytest.raises(ExportError, match="unknown GELU 'erf'"):
+        export(vit["model"], out, vit["calib"], gelu="erf")
+
+
 def test_ita_refuses_per_channel_scales(vit, tmp_path):
     with pytest.raises(ExportError, match="one .*multiplier per layer"):
         export(vit["model"], tmp_path / "m.intq", vit["calib"], mode="ita", per_channel=True)

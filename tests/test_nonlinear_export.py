@@ -186,6 +186,38 @@ def test_ibert_gelu_fidelity_on_wide_inputs(scale, dtype):
     assert np.abs(got - gelu(x.astype(np.float64) * scale)).max() <= 0.03
 
 
+ALL_INT16 = np.arange(-32768, 32768).astype(np.int16)
+
+
+def gelu_tanh(v):
+    return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+
+
+@pytest.mark.parametrize("clip", [3.0, 6.0, 10.0, 20.0])
+@pytest.mark.parametrize("approximate, reference", [("none", gelu), ("tanh", gelu_tanh)])
+def test_gelu_table_fidelity_on_every_int16_input(clip, approximate, reference):
+    scale = clip / 32767
+    p = nl.gelu_table_params(scale, scale, approximate)
+    assert p.op == "LutInterp16" and p.output_scale == scale  # no slope needed coarsening
+    got = apply(p, ALL_INT16)
+    assert np.abs(got - reference(ALL_INT16.astype(np.float64) * scale)).max() <= 2 * scale
+
+
+def test_lut_interp16_table_construction():
+    # A line needs no bias correction: its table is the line at the segment starts.
+    p = nl.lut_interp16_params(lambda v: v, 1.0, 1.0)
+    np.testing.assert_array_equal(p.consts["table"], np.clip(np.arange(513) * 128 - 32768, -32768, 32767))
+    # f = 4 (v/128)^2 is 4 m^2 at the start of segment m = k - 256 and 4 m^2 + 4 m + 1 at its
+    # midpoint, where the chord gives 4 m^2 + 4 m + 2: the bias R(1/2) = 1 lowers each sample.
+    p = nl.lut_interp16_params(lambda v: 4 * (v / 128) ** 2, 1.0, 1.0)
+    m = np.arange(512) - 256
+    np.testing.assert_array_equal(p.consts["table"][:512], np.minimum(4 * m * m - 1, 32767))
+    assert p.consts["table"][512] == 32767 and p.output_scale == 1.0  # saturated; steps of 2044 at most
+    # A slope of 300 per input step moves 38400 output steps per segment: the output scale
+    # is coarsened to 38400 / 32000.
+    assert nl.lut_interp16_params(lambda v: 300 * v, 1.0, 1.0).output_scale == pytest.approx(1.2)
+
+
 # --- fidelity: LayerNorm and NoNorm -------------------------------------------------------------
 
 

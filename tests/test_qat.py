@@ -20,11 +20,13 @@ from export_helpers import SEQ, VOCAB_WORDS, _perturb, image_data, text_data, to
 from refsim.exporters.qat import QatModel  # noqa: E402
 
 SLOW = pytest.mark.skipif(os.environ.get("REFSIM_SLOW") != "1", reason="the rest of the model x mode matrix runs with REFSIM_SLOW=1")
-# CI runs one case per mode; REFSIM_SLOW=1 runs all six
+# CI runs one case per mode; REFSIM_SLOW=1 runs all six, and ibert with I-BERT's i-GELU
+# ("ibert/igelu": --gelu ibert) instead of the default GELU table
 CASES = [("bert64", "ibert"), ("vit64", "ita"), ("bert64", "ita-partial"),
          pytest.param("bert64", "ita", marks=[pytest.mark.slow, SLOW]),
          pytest.param("vit64", "ibert", marks=[pytest.mark.slow, SLOW]),
-         pytest.param("vit64", "ita-partial", marks=[pytest.mark.slow, SLOW])]
+         pytest.param("vit64", "ita-partial", marks=[pytest.mark.slow, SLOW]),
+         pytest.param("bert64", "ibert/igelu", marks=[pytest.mark.slow, SLOW])]
 
 
 def _export(model, args, path, names):
@@ -85,7 +87,10 @@ def _refsim_run(path, qat: QatModel, feeds) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(("which", "mode"), CASES)
 def test_trained_export_equals_the_trained_forward_bit_for_bit(which, mode, request, tmp_path):
     case = request.getfixturevalue(which)
-    qat = QatModel.from_onnx(case["model"], case["calib"], mode=mode, **case["options"])
+    mode, _, igelu = mode.partition("/")
+    qat = QatModel.from_onnx(case["model"], case["calib"], mode=mode, **case["options"], **({"gelu": "ibert"} if igelu else {}))
+    expected_gelu = {"ibert": "IBertGelu" if igelu else "LutInterp16"}.get(mode, "ITAGelu")
+    assert expected_gelu in {n.op for n in qat.graph.nodes}
     before = qat.integer.integer_constants()
     feeds = _held_out_feeds(qat, case["held_out"])
     untrained = qat.run(feeds)

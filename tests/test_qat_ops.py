@@ -177,6 +177,18 @@ def test_lut_matches_refsim_and_has_a_slope():
     assert grad[128] > grad[100] > 0 and grad[5] == 0  # flat where the rounded table is flat
 
 
+@settings(max_examples=30)
+@given(scale=st.floats(1e-4, 1e-3), out_ratio=st.floats(0.05, 2.0), approximate=st.sampled_from(["none", "tanh"]))
+def test_lut_interp16_matches_refsim_and_has_the_segment_slope(scale, out_ratio, approximate):
+    p = nonlinear.gelu_table_params(scale, scale * out_ratio, approximate)
+    table = p.consts["table"]
+    x = np.concatenate([np.arange(-32768, 32768, 97), [-32768, -32767, -1, 0, 1, 32639, 32640, 32766, 32767]]).astype(np.int16)
+    assert_exact(run_op("LutInterp16", [x, table], ["int16", "int16"]), ops.LutInterp16(x, table))
+    grad = input_gradient("LutInterp16", [x, table], ["int16", "int16"])
+    segment = (x.astype(np.int64) + 32768) >> 7
+    np.testing.assert_allclose(grad, (table[segment + 1].astype(np.int64) - table[segment]) / 128, rtol=1e-12, atol=0)
+
+
 # --- the nonlinear ops with the exporter's attributes ------------------------------------------
 
 

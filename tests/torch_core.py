@@ -398,6 +398,22 @@ def lut(x, table, *, types, in_graph=False):
     return result(table_t[index], types[1])
 
 
+def lut_interp16(x, table, *, types):
+    """LiteRT's int16 LUTLookup: 512 segments of 128 inputs, linear between table[k] and
+    table[k+1], the step rounded half up in 1/128ths; the slope must fit int16."""
+    X, table_t = T(x), T(table)
+    _require(tuple(table_t.shape) == (513,), "table not 513 entries")
+    _require(bool(((table_t >= -32768) & (table_t <= 32767)).all()), "table value outside int16")
+    slopes = table_t[1:] - table_t[:-1]
+    _require(bool(((slopes >= -32768) & (slopes <= 32767)).all()), "slope outside int16")
+    _require(X.numel() == 0 or (int(X.min()) >= -32768 and int(X.max()) <= 32767), "x outside int16")
+    segment = torch.div(X + 32768, 128, rounding_mode="floor")
+    position = X + 32768 - segment * 128
+    start = table_t[segment]
+    step = torch.div(slopes[segment] * position + 64, 128, rounding_mode="floor")
+    return result(start + step, "int16")
+
+
 # --- data movement -------------------------------------------------------------------------
 
 
@@ -525,6 +541,7 @@ def argmax(x, *, types, axis=-1, keepdims=True, select_last_index=False):
 REFERENCES = {
     "Requant": requant, "RequantShift": requant_shift, "MatMul": matmul,
     "Add": add, "Sub": sub, "Mul": mul, "Relu": relu, "Clip": clip, "Cast": cast, "Lut": lut,
+    "LutInterp16": lut_interp16,
     "Reshape": reshape, "Transpose": transpose, "Slice": slice_, "Concat": concat, "Gather": gather,
     "ReduceSum": reduce_sum, "ReduceMean": reduce_mean, "ArgMax": argmax,
 }

@@ -340,6 +340,27 @@ def lut(node, x, table, *, types):
     return from_float(f)
 
 
+@op("LutInterp16")
+def lut_interp16(node, x, table, *, types):
+    """LiteRT's interpolated int16 lookup; its gradient is the segment's slope (the line
+    through the two table entries, unrounded)."""
+    t = table.e.reshape(-1)
+    if t.numel() != 513:
+        raise QatError(f"{node.name}: LutInterp16 needs a 513-entry table, got {t.numel()}")
+    slope = t[1:] - t[:-1]
+    if bool(((slope < -(1 << 15)) | (slope >= 1 << 15)).any()):
+        raise QatError(f"{node.name}: LutInterp16 table neighbours differ by more than an int16 slope")
+    u = x.e + (1 << 15)
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << 16):
+        raise QatError(f"{node.name}: LutInterp16 input outside int16")
+    segment = torch.bitwise_right_shift(u, 7)
+    position = torch.bitwise_and(u, 127)
+    start, rise = t[segment], slope[segment]
+    e = start + torch.bitwise_right_shift(rise * position + 64, 7)
+    surrogate = start.to(F64) + rise.to(F64) * (x.f + float(1 << 15) - (segment * 128).to(F64)) / 128
+    return ste(e, surrogate)
+
+
 # --- data movement ---------------------------------------------------------------------------
 
 

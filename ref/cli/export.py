@@ -34,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--ita-channel-scales", action=argparse.BooleanOptionalAction, default=True,
                    help="ita modes: give each output column of the layers feeding the residual stream its own "
                         "range, folded into the weights and undone by the 16-bit residual add (default on)")
+    p.add_argument("--gelu", choices=["table", "ibert"], default=None,
+                   help="ibert mode's GELU: table (default; the float GELU in LiteRT's interpolated int16 table, "
+                        "as TFLite Micro / CMSIS-NN run it) or ibert (I-BERT's i-GELU polynomial); the ita modes "
+                        "run ITAGelu")
     p.add_argument("--percentile", nargs=2, type=float, metavar=("LOW", "HIGH"),
                    help="percentiles for --calib-method percentile (default 0.01 99.99)")
     p.add_argument("--config", metavar="layers.json", help="per-layer bit widths or keep_float, by layer-name pattern")
@@ -74,7 +78,7 @@ def main(args) -> int:
         mode=args.mode, wbits=args.wbits, abits=args.abits,
         per_channel=args.per_channel, calib_method=args.calib_method, percentile=args.percentile,
         smooth=args.smooth, gptq=args.gptq, bias_correction=args.bias_correction,
-        ita_channel_scales=args.ita_channel_scales, config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
+        ita_channel_scales=args.ita_channel_scales, gelu=args.gelu, config=args.config, tokenizer=args.tokenizer, max_length=args.max_length, labels=args.labels,
         max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
     )
     if args.bits_from:

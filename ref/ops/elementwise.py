@@ -1,4 +1,4 @@
-"""Elementwise integer ops: Add, Sub, Mul, Relu, Clip, Cast, Lut.
+"""Elementwise integer ops: Add, Sub, Mul, Relu, Clip, Cast, Lut, LutInterp16.
 
 Add, Sub and Mul compute exactly in int64. Without a `dtype` attribute their output type
 is the narrowest standard type that holds every result the input types allow (int8 + int8
@@ -259,3 +259,48 @@ def Lut(x, table):
     if index.size and (int(index.min()) < 0 or int(index.max()) >= table.size):
         raise OpError(f"Lut: input values fall outside the {table.size}-entry table")
     return table[index]
+
+
+# LutInterp16: LiteRT's int16 lookup. 512 segments of 128 inputs cover the int16 range; the
+# table holds the function at each segment's start and one more entry for the last slope.
+LUT_INTERP_SEGMENT_BITS = 7
+LUT_INTERP_SIZE = (1 << (16 - LUT_INTERP_SEGMENT_BITS)) + 1  # 513
+
+
+def _infer_lut_interp16(ins, attrs):
+    x, table = ins
+    if x.dtype.name != "int16":
+        raise GraphError(f"LutInterp16 takes an int16 input, got {x.dtype}")
+    if table.dtype.name != "int16" or len(table.shape) != 1 or (
+            isinstance(table.shape[0], int) and table.shape[0] != LUT_INTERP_SIZE):
+        raise GraphError(f"LutInterp16 needs an int16 table of {LUT_INTERP_SIZE} entries, "
+                         f"got {table.dtype} of shape {list(table.shape)}")
+    return [(table.dtype, x.shape)]
+
+
+@op("LutInterp16", inputs=["x", "table"], infer=_infer_lut_interp16)
+def LutInterp16(x, table):
+    """y = t[i] + (((t[i+1] - t[i]) * f + 64) >> 7), i = (x + 32768) >> 7, f = x & 127:
+    LiteRT's interpolated int16 lookup (LUTLookup) in a 513-entry int16 table, int16 out.
+
+    The result lies between t[i] and t[i+1], so it always fits int16. LiteRT holds the
+    slope t[i+1] - t[i] in an int16; a table whose neighbours differ by more is refused.
+    """
+    x, table = np.asarray(x), np.asarray(table)
+    if x.dtype.kind not in "iu" or table.dtype.kind not in "iu":
+        raise OpError(f"LutInterp16: integer input and table needed, got {x.dtype} and {table.dtype}")
+    if table.shape != (LUT_INTERP_SIZE,):
+        raise OpError(f"LutInterp16: the table must have {LUT_INTERP_SIZE} entries, got shape {list(table.shape)}")
+    t = table.astype(np.int64)
+    if int(t.min()) < -(1 << 15) or int(t.max()) >= 1 << 15:
+        raise OpError("LutInterp16: table values outside int16")
+    slope = np.diff(t)
+    if int(slope.min()) < -(1 << 15) or int(slope.max()) >= 1 << 15:
+        raise OpError("LutInterp16: neighbouring table entries differ by more than an int16 slope holds")
+    offset = x.astype(np.int64) + (1 << 15)  # the input as unsigned: segment index and position
+    if offset.size and (int(offset.min()) < 0 or int(offset.max()) >= 1 << 16):
+        raise OpError("LutInterp16: input values outside int16")
+    i = offset >> LUT_INTERP_SEGMENT_BITS
+    frac = offset & ((1 << LUT_INTERP_SEGMENT_BITS) - 1)
+    half = 1 << (LUT_INTERP_SEGMENT_BITS - 1)
+    return (t[i] + ((slope[i] * frac + half) >> LUT_INTERP_SEGMENT_BITS)).astype(np.int16)
