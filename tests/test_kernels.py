@@ -116,22 +116,41 @@ def test_fused_requantization_matches_requantize(monkeypatch, engine, m, k, n, s
 @pytest.mark.parametrize("module", BYTE_GEMMS)
 @given(t=st.integers(1, 3), m=st.integers(1, 40), k=st.integers(1, 140), n=st.integers(1, 80),
        lo=st.sampled_from([0, -128, 5]), seed=st.integers(0, 2**32 - 1), wide_rows=st.integers(0, 3))
-def test_activation_gemm_is_exact_up_to_lo_plus_256(module, t, m, k, n, lo, seed, wide_rows):
+def test_activation_gemm_is_exact_up_to_lo_plus_its_span(module, t, m, k, n, lo, seed, wide_rows):
+    """a in [lo, lo + A_SPAN] (VNNI: 256, the byte GEMM with its fix-up for 256; AVX2:
+    32767, an int16), b in [-128, 127]; one value beyond is reported, not computed."""
     import importlib
 
     gemm = importlib.import_module(f"refsim.kernels.{module}")
-
     rng = np.random.default_rng(seed)
-    a = rng.integers(lo, lo + 256, (t, m, k)).astype(np.int16)
-    for r in range(min(wide_rows, m)):  # a value of exactly lo + 256 (I-BERT's probability 1)
-        a[:, r, rng.integers(0, k)] = lo + 256
+    a = rng.integers(lo, lo + gemm.A_SPAN, (t, m, k)).astype(np.int32)
+    for r in range(min(wide_rows, m)):  # a value of exactly lo + A_SPAN (I-BERT's probability 1)
+        a[:, r, rng.integers(0, k)] = lo + gemm.A_SPAN
     b = rng.integers(-128, 128, (t, k, n)).astype(np.int8)
     b[:, :, 0] = -128
     out = np.empty((t, m, n), np.int32)
     assert gemm.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
     assert np.array_equal(out, a.astype(np.int64) @ b)
-    a[0, 0, 0] = lo + 257  # beyond what the byte GEMM can take: reported, not computed
+    a[0, 0, 0] = lo + gemm.A_SPAN + 1  # beyond what the GEMM can take: reported, not computed
     assert not gemm.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+
+
+@given(m=st.integers(1, 30), k=st.integers(1, 130), n=st.integers(1, 40), top=st.sampled_from([256, 32767, 65535]),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_product_of_a_uint16_probability_and_int8_values_is_exact(m, k, n, top, seed):
+    """Attention's P.V with P stored as uint16 (I-BERT's softmax, 0..2^15): the integer GEMM
+    where the values allow (AVX2 takes them all, VNNI up to 256), the exact fallback else."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder("pv")
+    p = g.input("p", "uint16", [2, m, k])
+    v = g.input("v", "int8", [2, k, n])
+    g.output(g.node("MatMul", [p, v], outputs="y"))
+    model = g.model()
+    feeds = {"p": rng.integers(0, top + 1, (2, m, k)).astype(np.uint16), "v": rng.integers(-128, 128, (2, k, n)).astype(np.int8)}
+    feeds["p"][0, 0, 0], feeds["v"][0, 0, :] = top, -128
+    got = model.run(feeds)["y"]
+    assert got.dtype == np.int32
+    assert np.array_equal(got, feeds["p"].astype(np.int64) @ feeds["v"])
 
 
 def test_int32_bounds_refuse_what_a_byte_gemm_cannot_hold():

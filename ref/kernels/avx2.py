@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -36,6 +36,7 @@ MR = 6  # rows of C per micro-kernel call
 NV = 2  # ymm vectors of C per row
 NR = 8 * NV  # columns of C per micro-kernel call (one B panel)
 KG = 2  # values of K per VPMADDWD lane
+A_SPAN = 32767  # gemm_activations takes a in [lo, lo + A_SPAN]: a - lo is an int16
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -131,6 +132,7 @@ def pack_b(b: np.ndarray) -> np.ndarray:
 
 
 TASK_BLOCKS = 16  # at most this many micro-kernel row blocks (96 rows of A, in L2) per task
+TASK_MULTIPLE = 4  # tasks come in fours: even shares for 1, 2 or 4 threads
 
 
 @njit(cache=True, inline="always")
@@ -160,10 +162,9 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
     k_groups = kp // KG
     panels = (n + NR - 1) // NR
     blocks = (m + MR - 1) // MR
-    # As few tasks as keep every thread busy and each task's rows of A within L2: every
-    # task streams all of B once.
-    threads = get_num_threads()
-    tasks = min(blocks, threads * ((blocks + threads * TASK_BLOCKS - 1) // (threads * TASK_BLOCKS)))
+    # Few tasks, each with its rows of A within L2, as every task streams all of B once.
+    # (numba.get_num_threads here would stop Numba caching the kernel: a dynamic global.)
+    tasks = min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
     task_blocks = (blocks + tasks - 1) // tasks
     tasks = (blocks + task_blocks - 1) // task_blocks
     keep_acc = acc_out.shape[0] > 0
@@ -188,8 +189,10 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
 
 @njit(cache=True, parallel=True)
 def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out):
-    """`vnni.gemm_activations` (same arguments and results) on the AVX2 micro-kernel. Its
-    int16 operands hold a - lo = 256 as it is, so no row needs the byte GEMM's fix-up."""
+    """`vnni.gemm_activations` (same arguments and results) on the AVX2 micro-kernel, for
+    a in [lo, lo + A_SPAN] (a - lo is an int16: I-BERT's softmax output, 0..2^15, as it is).
+    Returns False, leaving out unfinished, if a value of a lies outside (a type wider than
+    its values: the caller's bounds assumed it)."""
     stacks, m, k = a.shape
     n = b.shape[2]
     kp = (k + KG - 1) // KG * KG
@@ -208,13 +211,13 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
                 colsum[j] += v
                 packed[((j // NR) * k_groups + g) * KG * NR + (j % NR) * KG + q] = np.int16(v)
         abuf = np.zeros((blocks * MR, kp), np.int16)
-        largest = np.int64(0)  # a scalar, not fits[t], keeps the copy loop vectorized
+        smallest, largest = np.int64(0), np.int64(0)  # scalars, not fits[t]: the copy vectorizes
         for i in range(m):
             for kk in range(k):
                 v = np.int64(a[t, i, kk]) - lo
-                largest = max(largest, v)
+                smallest, largest = min(smallest, v), max(largest, v)
                 abuf[i, kk] = np.int16(v)
-        if largest > 256:
+        if largest > A_SPAN or smallest < 0:
             fits[t] = False
             continue
         add = (lo * colsum).astype(np.int32)  # |lo * colsum| <= the result bound the caller checked

@@ -327,11 +327,12 @@ class ActivationMatMul:
         acc_bits = attrs["acc_bits"]
         self.acc_limit = (1 << (acc_bits - 1)) - 1
         self.out = np.int32 if acc_bits <= 32 else np.int64
-        # The byte GEMM takes a in [lo, lo + 256]. A wider declared type (I-BERT's softmax
-        # output, 0..256, is stored as uint16) is checked value by value in the kernel.
+        # The integer GEMM takes a in [lo, lo + A_SPAN] (VNNI 256, AVX2 32767). A wider
+        # declared type (I-BERT's softmax output is stored as uint16) is checked value by
+        # value in the kernel.
         self.gemm = _byte_gemm_module(gemm_engine())
         self.bytes = self.gemm is not None and -128 <= b_type.lo and b_type.hi <= 127 and acc_bits <= 32
-        self.a_hi = min(a_type.hi, a_type.lo + 256)
+        self.a_hi = min(a_type.hi, a_type.lo + (self.gemm.A_SPAN if self.gemm is not None else 256))
 
     def _operands(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
@@ -348,9 +349,10 @@ class ActivationMatMul:
         return a, b, batch
 
     def _byte_gemm_exact(self, k: int) -> bool:
-        """The byte GEMM's int32 sums: raw (a - lo) . b, the 256 corrections, and the result."""
+        """The integer GEMM's int32 sums: raw (a - lo) . b (with the byte GEMM's
+        corrections for a - lo = 256), and the result."""
         b_bound = max(-self.b_type.lo, self.b_type.hi)
-        raw = k * 256 * b_bound
+        raw = k * (self.a_hi - self.a_type.lo) * b_bound
         result = k * max(abs(self.a_type.lo), abs(self.a_hi)) * b_bound
         return self.bytes and raw <= INT32_MAX and result <= self.acc_limit
 
