@@ -20,8 +20,10 @@ from refsim.kernels.requant import requant_plan
 from refsim.ops.rounding import mode_code, requantize
 
 needs_vnni = pytest.mark.skipif(not cpu.vnni_usable(), reason="AVX-512 VNNI not usable on this machine")
+needs_avx2 = pytest.mark.skipif(not cpu.avx2_usable(), reason="AVX2 not usable on this machine")
 ENGINES = [pytest.param("amx", marks=pytest.mark.skipif(not cpu.amx_usable(), reason="AMX int8 not usable here")),
-           pytest.param("vnni", marks=needs_vnni)]
+           pytest.param("vnni", marks=needs_vnni), pytest.param("avx2", marks=needs_avx2)]
+BYTE_GEMMS = [pytest.param("vnni", marks=needs_vnni), pytest.param("avx2", marks=needs_avx2)]
 RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "ternary": (-1, 1), "int2": (-2, 1)}
 
 
@@ -111,23 +113,44 @@ def test_fused_requantization_matches_requantize(monkeypatch, engine, m, k, n, s
     assert np.array_equal(got, requantize(exact, mul, bias, shift, offset, lo, hi, rounding).astype(storage))
 
 
-@needs_vnni
+@pytest.mark.parametrize("module", BYTE_GEMMS)
 @given(t=st.integers(1, 3), m=st.integers(1, 40), k=st.integers(1, 140), n=st.integers(1, 80),
        lo=st.sampled_from([0, -128, 5]), seed=st.integers(0, 2**32 - 1), wide_rows=st.integers(0, 3))
-def test_activation_gemm_is_exact_up_to_lo_plus_256(t, m, k, n, lo, seed, wide_rows):
-    from refsim.kernels import vnni
+def test_activation_gemm_is_exact_up_to_lo_plus_its_span(module, t, m, k, n, lo, seed, wide_rows):
+    """a in [lo, lo + A_SPAN] (VNNI: 256, the byte GEMM with its fix-up for 256; AVX2:
+    32767, an int16), b in [-128, 127]; one value beyond is reported, not computed."""
+    import importlib
 
+    gemm = importlib.import_module(f"refsim.kernels.{module}")
     rng = np.random.default_rng(seed)
-    a = rng.integers(lo, lo + 256, (t, m, k)).astype(np.int16)
-    for r in range(min(wide_rows, m)):  # a value of exactly lo + 256 (I-BERT's probability 1)
-        a[:, r, rng.integers(0, k)] = lo + 256
+    a = rng.integers(lo, lo + gemm.A_SPAN, (t, m, k)).astype(np.int32)
+    for r in range(min(wide_rows, m)):  # a value of exactly lo + A_SPAN (I-BERT's probability 1)
+        a[:, r, rng.integers(0, k)] = lo + gemm.A_SPAN
     b = rng.integers(-128, 128, (t, k, n)).astype(np.int8)
     b[:, :, 0] = -128
     out = np.empty((t, m, n), np.int32)
-    assert vnni.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+    assert gemm.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
     assert np.array_equal(out, a.astype(np.int64) @ b)
-    a[0, 0, 0] = lo + 257  # beyond what the byte GEMM can take: reported, not computed
-    assert not vnni.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+    a[0, 0, 0] = lo + gemm.A_SPAN + 1  # beyond what the GEMM can take: reported, not computed
+    assert not gemm.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+
+
+@given(m=st.integers(1, 30), k=st.integers(1, 130), n=st.integers(1, 40), top=st.sampled_from([256, 32767, 65535]),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_product_of_a_uint16_probability_and_int8_values_is_exact(m, k, n, top, seed):
+    """Attention's P.V with P stored as uint16 (I-BERT's softmax, 0..2^15): the integer GEMM
+    where the values allow (AVX2 takes them all, VNNI up to 256), the exact fallback else."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder("pv")
+    p = g.input("p", "uint16", [2, m, k])
+    v = g.input("v", "int8", [2, k, n])
+    g.output(g.node("MatMul", [p, v], outputs="y"))
+    model = g.model()
+    feeds = {"p": rng.integers(0, top + 1, (2, m, k)).astype(np.uint16), "v": rng.integers(-128, 128, (2, k, n)).astype(np.int8)}
+    feeds["p"][0, 0, 0], feeds["v"][0, 0, :] = top, -128
+    got = model.run(feeds)["y"]
+    assert got.dtype == np.int32
+    assert np.array_equal(got, feeds["p"].astype(np.int64) @ feeds["v"])
 
 
 def test_int32_bounds_refuse_what_a_byte_gemm_cannot_hold():
@@ -139,7 +162,7 @@ def test_int32_bounds_refuse_what_a_byte_gemm_cannot_hold():
     assert kmatmul.PackedWeight.prepare(np.full((4, 4), 200)) is None  # weights beyond int8
 
 
-@needs_vnni
+@pytest.mark.skipif(kmatmul.gemm_engine() is None, reason="no integer GEMM on this machine")
 def test_int8_weights_of_minus_128_bound_the_sums():
     """The bound of an int8 weight holding -128 is 128 (NumPy's abs of an int8 -128 is -128)."""
     weight = kmatmul.PackedWeight.prepare(np.full((4, 1), -128, np.int8))
@@ -174,7 +197,7 @@ def test_fused_steps_give_every_intermediate_when_traced():
     rng = np.random.default_rng(3)
     fused = _dense_model(rng)
     plain = Model(_dense_model(np.random.default_rng(3)).graph, fuse=False)
-    assert any(s.hidden is not None for s in fused._steps) == cpu.vnni_usable()
+    assert any(s.hidden is not None for s in fused._steps) == (kmatmul.gemm_engine() is not None)
     assert all(s.hidden is None for s in plain._steps)
     x = rng.integers(-128, 128, (37, 96)).astype(np.int8)
     x[0] = -128
@@ -190,6 +213,43 @@ def test_fused_steps_give_every_intermediate_when_traced():
     assert np.array_equal(both["acc"], seen["plain"]["acc"][1])
     with backend.use("numpy"):  # the other backend plans its own steps
         assert np.array_equal(fused.run({"x": x})["y"], out_p["y"])
+
+
+def _residual_model(seed, k, n, mul_shape, out_dtype):
+    """MatMul with bias -> Mul by a constant (the residual branch's multiplier)."""
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder("residual")
+    x = b.input("x", "int8", ["batch", k])
+    w = b.const(rng.integers(-128, 128, (k, n)), "int8", name="w")
+    bias = b.const(rng.integers(-(1 << 20), 1 << 20, n), "int32", name="bias")
+    acc = b.node("MatMul", [x, w, None, None, bias], outputs="acc")
+    c = rng.integers(-(1 << 31), 1 << 31, mul_shape)
+    c.reshape(-1)[0] = -(1 << 31)  # the extreme multiplier
+    mul = b.const(c, "int32", name="mul")
+    b.output(b.node("Mul", [acc, mul], outputs="y", dtype=out_dtype))
+    return b.model()
+
+
+@pytest.mark.parametrize("mul_shape", [(), (1,), (70,), (1, 70)])
+@given(m=st.integers(1, 40), k=st.integers(1, 120), seed=st.integers(0, 2**32 - 1))
+def test_matmul_and_mul_by_a_constant_fuse_exactly(mul_shape, m, k, seed):
+    fused = _residual_model(seed, k, 70, mul_shape, "int64")
+    plain = Model(fused.graph, fuse=False)
+    assert any(s.hidden is not None for s in fused._steps) == (kmatmul.gemm_engine() is not None)
+    x = np.random.default_rng(seed).integers(-128, 128, (m, k)).astype(np.int8)
+    x[0] = -128
+    with backend.use("numpy"):
+        expected = plain.run({"x": x}, outputs=["acc", "y"])
+    assert np.array_equal(fused.run({"x": x})["y"], expected["y"])
+    seen = {}
+    fused.run({"x": x}, trace=lambda node, name, a: seen.__setitem__(name, a.copy()))
+    assert list(seen) == ["acc", "y"]
+    assert all(np.array_equal(seen[name], expected[name]) and seen[name].dtype == expected[name].dtype for name in seen)
+
+
+def test_a_mul_whose_output_type_the_values_decide_is_not_fused():
+    fused = _residual_model(5, 30, 70, (70,), "int32")  # int32 * int32 may leave int32
+    assert all(s.hidden is None for s in fused._steps)
 
 
 def test_thread_choice_follows_measured_costs():

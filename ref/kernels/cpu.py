@@ -50,12 +50,12 @@ def _amx_available() -> bool:
     return {"amx-int8", "amx-tile"} <= host_features() and _request_tile_permission()
 
 
-GEMM_CHOICES = ("auto", "amx", "vnni", "blas")
+GEMM_CHOICES = ("auto", "amx", "vnni", "avx2", "blas")
 
 
 def gemm_choice() -> str:
-    """REFSIM_GEMM (read when a model is loaded): auto (default), amx, vnni, or blas (no
-    integer GEMM: float BLAS in exact chunks), to compare kernels."""
+    """REFSIM_GEMM (read when a model is loaded): auto (default), amx, vnni, avx2, or blas
+    (no integer GEMM: float BLAS in exact chunks), to compare kernels."""
     choice = os.environ.get("REFSIM_GEMM", "auto")
     return choice if choice in GEMM_CHOICES else "auto"
 
@@ -69,3 +69,9 @@ def amx_usable() -> bool:
 def vnni_usable() -> bool:
     """AVX-512 VNNI (VPDPBUSD on zmm registers) is present and REFSIM_GEMM allows it."""
     return gemm_choice() in ("auto", "vnni") and {"avx512vnni", "avx512bw", "avx512f"} <= host_features()
+
+
+def avx2_usable() -> bool:
+    """AVX2 (VPMADDWD on ymm registers) is present and REFSIM_GEMM allows it: the exact
+    integer GEMM of CPUs without AVX-512 VNNI."""
+    return gemm_choice() in ("auto", "avx2") and "avx2" in host_features()

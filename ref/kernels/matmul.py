@@ -2,8 +2,9 @@
 spec (`refsim.ops.matmul.MatMul`) computes.
 
 - Constant weights: packed once for the exact u8 x s8 integer GEMM (AMX tiles where the CPU
-  and OS allow, else AVX-512 VNNI), when the declared activation type spans at most 256
-  values and every int32 sum provably fits; else float BLAS in exact chunks.
+  and OS allow, else AVX-512 VNNI, else AVX2's exact int16 VPMADDWD), when the declared
+  activation type spans at most 256 values and every int32 sum provably fits; else float
+  BLAS in exact chunks.
 - Two computed operands (attention's Q.K^T and P.V): packed per call for the same VNNI
   GEMM when the declared types allow, else exact float32 BLAS.
 
@@ -13,7 +14,9 @@ enter as a - lo in [0, 255], and the product is corrected by a constant per colu
     (a - zp) @ b + bias = (a - lo) @ b + ((lo - zp) * colsum(b) + bias)
 
 A weight product's output may be requantized in the same pass, while its int32 block is
-still in cache (`fuse`); the engine asks for that when the next node is a Requant.
+still in cache (`fuse`); the engine asks for that when the next node is a Requant, or a Mul
+by a constant (the residual branch's multiplier), which is the requantization with shift 0
+and no clipping.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .. import backend
 from ..errors import OpError
 from ..ops import matmul as spec
 from ..ops.matmul import FLOAT32_EXACT, FLOAT64_EXACT, INT64_LIMIT
+from ..ops.rounding import FLOOR
 from . import cpu
 from .registry import kernel
 
@@ -31,13 +35,28 @@ INT32_MAX = (1 << 31) - 1
 
 
 def gemm_engine() -> str | None:
-    """'amx', 'vnni' or None: the exact integer GEMM this machine runs (REFSIM_GEMM=blas
-    turns both off, =vnni keeps AMX off)."""
-    choice = cpu.gemm_choice()
-    if choice in ("auto", "amx") and cpu.amx_usable():
+    """'amx', 'vnni', 'avx2' or None: the exact integer GEMM this machine runs
+    (REFSIM_GEMM=blas turns all off, =vnni or =avx2 picks that one)."""
+    if cpu.amx_usable():
         return "amx"
-    if choice in ("auto", "vnni") and cpu.vnni_usable():
+    if cpu.vnni_usable():
         return "vnni"
+    if cpu.avx2_usable():
+        return "avx2"
+    return None
+
+
+def _byte_gemm_module(engine: str | None):
+    """The module whose gemm_weight / gemm_activations run on this engine (AMX machines
+    have VNNI for the per-call products), or None."""
+    if engine in ("amx", "vnni"):
+        from . import vnni
+
+        return vnni
+    if engine == "avx2":
+        from . import avx2
+
+        return avx2
     return None
 
 
@@ -70,10 +89,9 @@ class PackedWeight:
 
             self.packed = amx.pack_b(b.astype(np.int8))
         else:
-            from . import vnni
-
-            self.packed = vnni.pack_b(b.astype(np.int8))
-            self.kp = vnni.padded(self.k, vnni.KG)
+            self.module = _byte_gemm_module(engine)
+            self.packed = self.module.pack_b(b.astype(np.int8))
+            self.kp = self.module.padded(self.k, self.module.KG)
 
     @classmethod
     def prepare(cls, b: np.ndarray) -> "PackedWeight | None":
@@ -105,7 +123,7 @@ class PackedWeight:
             out = np.empty((m, self.n), storage)
             requant_rows(acc, plan, *out_range, out)
             return (acc, out) if keep_acc else out
-        from . import vnni
+        gemm = self.module
 
         if a2.dtype != np.int8:  # int8 as it is, anything else as bytes: two compiled variants
             a2, lo = _shift_to_bytes(a2, lo), 0
@@ -113,11 +131,11 @@ class PackedWeight:
         none = np.empty((0, 0), np.int32)
         if plan is None:
             out = np.empty((m, self.n), np.int32)
-            vnni.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, _NO_PLAN, 0, 0, 0, 0, out, none)
+            gemm.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, _NO_PLAN, 0, 0, 0, 0, out, none)
             return out
         out = np.empty((m, self.n), storage)
         acc = np.empty((m, self.n), np.int32) if keep_acc else none
-        vnni.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, plan, *out_range, 1, out, acc)
+        gemm.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, plan, *out_range, 1, out, acc)
         return (acc, out) if keep_acc else out
 
 
@@ -134,6 +152,51 @@ def _shift_to_bytes(a2: np.ndarray, lo: int) -> np.ndarray:
 
 def _scalar(value) -> int:
     return 0 if value is None else int(np.asarray(value).reshape(-1)[0])
+
+
+class MulAsRequant:
+    """A Mul by a constant that is a scalar or runs along the last axis, posing as a
+    prepared Requant (`plan_for`, `out_range`, `storage`) for a producer to fuse: x * c is
+    requantize(x) with mul c, shift 0, no bias or offset and the output type's range, as
+    long as the product needs no overflow policy (the Mul's own declared-type check)."""
+
+    def __init__(self, constant: np.ndarray, out_type):
+        self.constant = np.asarray(constant, np.int64).reshape(-1)
+        self.out_range = (out_type.lo, out_type.hi, FLOOR)
+        self.storage = out_type.storage
+        self.plans: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, consumer, run_consumer) -> "MulAsRequant | None":
+        from .elementwise import Arith
+
+        if not isinstance(consumer, Arith) or consumer.op_name != "Mul":
+            return None
+        if not (consumer.within_int64 and consumer.fits_output):  # the values would decide
+            return None
+        constants = getattr(run_consumer, "args", (None, None))[1]  # the engine's partial(_call_with, kernel, constants)
+        if not isinstance(constants, list) or len(constants) != 1 or constants[0] is None:
+            return None
+        c = np.asarray(constants[0])
+        if c.ndim > 1 and c.size != 1 and c.shape[:-1] != (1,) * (c.ndim - 1):
+            return None
+        return cls(c, consumer.out_type)
+
+    def plan_for(self, channels: int) -> np.ndarray | None:
+        if self.constant.size not in (1, channels):
+            return None
+        if channels not in self.plans:
+            from .requant import requant_plan
+
+            self.plans[channels] = requant_plan(self.constant, 0, 0, 0, channels)
+        return self.plans[channels]
+
+
+def _as_requant(consumer, run_consumer):
+    """`consumer` if it is a prepared Requant, a Mul by a constant posing as one, or None."""
+    if hasattr(consumer, "plan_for"):
+        return consumer
+    return MulAsRequant.of(consumer, run_consumer)
 
 
 class WeightMatMul:
@@ -208,9 +271,11 @@ class WeightMatMul:
 
     def fuse(self, consumer, run_consumer):
         """A kernel computing this product and then `consumer` (a prepared Requant) in
-        one pass, or None. It takes this node's inputs and returns (int32 product or
-        None, requantized output); the product only when asked (`keep`)."""
-        if self.fixed is None or not hasattr(consumer, "plan_for") or not backend.use_numba():
+        one pass, or None; `consumer` may also be a Mul by a constant (`MulAsRequant`).
+        It takes this node's inputs and returns (int32 product or None, requantized
+        output); the product only when asked (`keep`)."""
+        consumer = _as_requant(consumer, run_consumer) if backend.use_numba() else None
+        if self.fixed is None or consumer is None:
             return None
         plan = consumer.plan_for(self.weight.n)
         if plan is None:
@@ -262,10 +327,12 @@ class ActivationMatMul:
         acc_bits = attrs["acc_bits"]
         self.acc_limit = (1 << (acc_bits - 1)) - 1
         self.out = np.int32 if acc_bits <= 32 else np.int64
-        # The byte GEMM takes a in [lo, lo + 256]. A wider declared type (I-BERT's softmax
-        # output, 0..256, is stored as uint16) is checked value by value in the kernel.
-        self.bytes = cpu.vnni_usable() and -128 <= b_type.lo and b_type.hi <= 127 and acc_bits <= 32
-        self.a_hi = min(a_type.hi, a_type.lo + 256)
+        # The integer GEMM takes a in [lo, lo + A_SPAN] (VNNI 256, AVX2 32767). A wider
+        # declared type (I-BERT's softmax output is stored as uint16) is checked value by
+        # value in the kernel.
+        self.gemm = _byte_gemm_module(gemm_engine())
+        self.bytes = self.gemm is not None and -128 <= b_type.lo and b_type.hi <= 127 and acc_bits <= 32
+        self.a_hi = min(a_type.hi, a_type.lo + (self.gemm.A_SPAN if self.gemm is not None else 256))
 
     def _operands(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
@@ -282,9 +349,10 @@ class ActivationMatMul:
         return a, b, batch
 
     def _byte_gemm_exact(self, k: int) -> bool:
-        """The byte GEMM's int32 sums: raw (a - lo) . b, the 256 corrections, and the result."""
+        """The integer GEMM's int32 sums: raw (a - lo) . b (with the byte GEMM's
+        corrections for a - lo = 256), and the result."""
         b_bound = max(-self.b_type.lo, self.b_type.hi)
-        raw = k * 256 * b_bound
+        raw = k * (self.a_hi - self.a_type.lo) * b_bound
         result = k * max(abs(self.a_type.lo), abs(self.a_hi)) * b_bound
         return self.bytes and raw <= INT32_MAX and result <= self.acc_limit
 
@@ -298,20 +366,19 @@ class ActivationMatMul:
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
         if not self._byte_gemm_exact(k) or 0 in (m, k, n):
             return None
-        from . import vnni
-
+        gemm = self.gemm
         a3 = np.ascontiguousarray(np.broadcast_to(a, batch + (m, k))).reshape(-1, m, k)
         b3 = np.ascontiguousarray(np.broadcast_to(b, batch + (k, n)), dtype=np.int8).reshape(-1, k, n)
         shape = batch + (m, n)
         none = np.empty((0, 0, 0), np.int32)
         if plan is None:
             out = np.empty(a3.shape[:1] + (m, n), np.int32)
-            if not vnni.gemm_activations(a3, self.a_type.lo, b3, _NO_PLAN, 0, 0, 0, 0, out, none):
+            if not gemm.gemm_activations(a3, self.a_type.lo, b3, _NO_PLAN, 0, 0, 0, 0, out, none):
                 return None
             return out.reshape(shape)
         out = np.empty(a3.shape[:1] + (m, n), storage)
         acc = np.empty(out.shape, np.int32) if keep_acc else none
-        if not vnni.gemm_activations(a3, self.a_type.lo, b3, plan, *out_range, 1, out, acc):
+        if not gemm.gemm_activations(a3, self.a_type.lo, b3, plan, *out_range, 1, out, acc):
             return None
         return (acc.reshape(shape), out.reshape(shape)) if keep_acc else out.reshape(shape)
 

@@ -32,6 +32,7 @@ MR = 6  # rows of C per micro-kernel call
 NV = 4  # zmm vectors of C per row
 NR = 16 * NV  # columns of C per micro-kernel call (one B panel)
 KG = 4  # bytes of K per VPDPBUSD lane
+A_SPAN = 256  # gemm_activations takes a in [lo, lo + A_SPAN]
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
