@@ -25,6 +25,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .panels import padded
+
 _I8 = ir.IntType(8)
 _I64 = ir.IntType(64)
 _VOID = ir.VoidType()
@@ -138,10 +140,6 @@ def _gemm(cfg, a_padded, packed_b, k_padded, n_padded, m_padded):
             flat_c, rb * BLOCK_M * n_padded + panel * BLOCK_N, n_padded, k_steps,
         )
     return c
-
-
-def padded(n: int, block: int) -> int:
-    return (n + block - 1) // block * block
 
 
 def pack_b(b: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import njit, prange
+from .panels import pack_panels, padded  # noqa: F401  (padded: the engine module's interface)
 from .requant import requant_one
 
 MR = 6  # rows of C per micro-kernel call
@@ -110,19 +111,9 @@ def micro_kernel(typingctx, a, a_off, lda, b, b_off, c, ldc, k_groups):
     return sig, codegen
 
 
-def padded(n: int, block: int) -> int:
-    return (n + block - 1) // block * block
-
-
 def pack_b(b: np.ndarray) -> np.ndarray:
     """Pack a (K, N) matrix of values in [-128, 127] into VNNI panels (flat int8)."""
-    k, n = b.shape
-    kp, np_ = padded(max(k, 1), KG), padded(max(n, 1), NR)
-    full = np.zeros((kp, np_), np.int8)
-    full[:k, :n] = b
-    # Axes of the reshape: group of K, byte in the group, panel, column in the panel.
-    groups = full.reshape(kp // KG, KG, np_ // NR, NR)
-    return np.ascontiguousarray(groups.transpose(2, 0, 3, 1)).reshape(-1)
+    return pack_panels(b, KG, NR, np.int8)
 
 
 GROUP_BLOCKS = 4  # micro-kernel row blocks per task (24 rows of A stay in L1 across panels)
