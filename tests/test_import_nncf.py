@@ -128,31 +128,22 @@ _WHOLE: dict = {}
 
 def _nncf_bert(tmp_path_factory, masked: bool, preset: str = "default"):
     """A tiny BERT with sentence-transformers' mean pooling, quantized by nncf.quantize."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     nncf = pytest.importorskip("nncf")
     import warnings
 
     import onnx
-    from test_import_producers import _MeanPooled
+    from test_import_producers import export_tiny_bert
 
     key = (masked, preset)
     if key not in _WHOLE:
-        folder = tmp_path_factory.mktemp("nncf_bert")
-        torch.manual_seed(0)
-        config = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=128, max_position_embeddings=32)
-        bert = transformers.BertModel(config, add_pooling_layer=False).eval()
-        ids = torch.randint(0, 50, (2, 8))
-        mask = torch.ones(2, 8, dtype=torch.long)
-        mask[1, 6:] = 0
+        float_path = tmp_path_factory.mktemp("nncf_bert") / "float.onnx"
+        feeds = export_tiny_bert(float_path, masked, hidden=64, layers=2)
+        options = {"model_type": nncf.ModelType.TRANSFORMER} if preset == "transformer" else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_MeanPooled(bert, masked), (ids, mask), str(folder / "float.onnx"), dynamo=False, opset_version=17,
-                              input_names=["input_ids", "attention_mask"], output_names=["emb"])
-            options = {"model_type": nncf.ModelType.TRANSFORMER} if preset == "transformer" else {}
-            feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-            _WHOLE[key] = nncf.quantize(onnx.load(str(folder / "float.onnx")), nncf.Dataset([feeds]), subset_size=1, **options)
+            _WHOLE[key] = nncf.quantize(onnx.load(str(float_path)), nncf.Dataset([feeds]), subset_size=1, **options)
     return _WHOLE[key]
 
 

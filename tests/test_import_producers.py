@@ -91,24 +91,29 @@ class _MeanPooled(torch.nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-@pytest.fixture(scope="module", params=["unmasked", "masked"])
-def tiny_bert(tmp_path_factory, request):
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    masked = request.param == "masked"
+def export_tiny_bert(path, masked: bool, hidden: int, layers: int) -> dict:
+    """A random-initialised mean-pooled BertModel (seed 0) exported by the TorchScript
+    exporter at fixed shapes, 2 sentences of 8 tokens, the second padded after 6; returns
+    the feeds."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=2 * hidden, max_position_embeddings=32)
     bert = transformers.BertModel(config, add_pooling_layer=False).eval()
-
     ids = torch.randint(0, 50, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
-    float_path = folder / "float.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_MeanPooled(bert, masked), (ids, mask), str(float_path), dynamo=False, opset_version=17,
+        torch.onnx.export(_MeanPooled(bert, masked), (ids, mask), str(path), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["emb"])
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+
+
+@pytest.fixture(scope="module", params=["unmasked", "masked"])
+def tiny_bert(tmp_path_factory, request):
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    float_path = folder / "float.onnx"
+    feeds = export_tiny_bert(float_path, request.param == "masked", hidden=32, layers=1)
     paths = quantize_both(float_path, folder, feeds)
     paths["float"] = float_path
     return paths, feeds
