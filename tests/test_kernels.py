@@ -53,7 +53,7 @@ def test_every_kernel_matches_its_op(case):
 
 @pytest.mark.parametrize("engine", ENGINES)
 @given(
-    m=st.integers(1, 70), k=st.integers(1, 200), n=st.integers(1, 140),
+    m=st.integers(0, 70), k=st.integers(1, 200), n=st.integers(1, 140),  # m = 0: an empty batch
     a_type=st.sampled_from(["int8", "uint8", "int4"]), b_type=st.sampled_from(["int8", "int4", "ternary", "int2"]),
     zero_point=st.integers(-8, 8), with_bias=st.booleans(), extremes=st.booleans(), seed=st.integers(0, 2**32 - 1),
 )

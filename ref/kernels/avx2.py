@@ -153,6 +153,8 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
     k_groups = kp // KG
     panels = (n + NR - 1) // NR
     blocks = (m + MR - 1) // MR
+    if blocks == 0:  # no rows of A: nothing to compute (and no tasks to divide them among)
+        return
     # Few tasks, each with its rows of A within L2, as every task streams all of B once.
     # (numba.get_num_threads here would stop Numba caching the kernel: a dynamic global.)
     tasks = min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
