@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from refsim.dtypes import TYPES
 from refsim.exporters.importers import ort_float
 from refsim.exporters.importers.values import QTensor
-from refsim.ops import DynamicQuantizeLinear, LayerNormRound, Lut2, OrtSoftmax
+from refsim.ops import DynamicQuantizeLinear, LayerNormRound, Lut2, OrtSoftmax, RescaleF32
 from refsim.ops import float32 as f32
 
 FLOAT32 = st.floats(min_value=2.0**-100, max_value=2.0**100, width=32, allow_subnormal=False)
@@ -271,3 +271,52 @@ def test_layernorm_round_residue_against_onnxruntime():
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= 1
     assert (diff != 0).mean() < 1e-3, f"{int((diff != 0).sum())} of {diff.size} differ"
+
+
+# --- RescaleF32 ---------------------------------------------------------------------------
+
+
+def torch_rescale(x, a, b, c, shift, lo, hi):
+    """docs/OPS.md's RescaleF32 in torch float32, one operation at a time (no fused ops)."""
+    s = torch.tensor(np.float32(a)) * torch.tensor(np.asarray(b, np.float32))
+    v = torch.tensor(np.asarray(x, np.int64)).to(torch.float32) * s
+    if c is not None:
+        v = v + torch.tensor(np.asarray(c, np.float32))
+    y = torch.round(v.to(torch.float64) * 2.0**shift)  # exact: a float32 times a power of two
+    return torch.clamp(y, lo, hi).to(torch.int64).numpy()
+
+
+SIGNED_F32 = st.one_of(st.just(0.0), FLOAT32.map(lambda v: v * 1e-28), FLOAT32.map(lambda v: -v * 1e-28),
+                       st.floats(-1e4, 1e4, width=32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(-2**31, 2**31 - 1), st.sampled_from([0, 1, -1, 2**31 - 1, -2**31, 2**24 + 1])),
+                min_size=12, max_size=12),
+       st.floats(2.0**-40, 2.0**10, width=32), st.lists(st.floats(2.0**-30, 2.0**4, width=32), min_size=1, max_size=3),
+       st.one_of(st.none(), st.lists(SIGNED_F32, min_size=3, max_size=3)), st.integers(-20, 40),
+       st.sampled_from([(-2**31, 2**31 - 1), (-2**15, 2**15 - 1), (-5, 5)]), st.booleans())
+def test_rescale_f32_matches_torch(x, a, b, c, shift, bounds, cancel):
+    x = np.asarray(x, np.int64).reshape(4, 3)
+    b = np.asarray(b if len(b) in (1, 3) else b[:1], np.float32)
+    if cancel and c is not None:  # a bias that cancels a product exactly: the sum is 0
+        c = list(-(np.float32(x[0, 0]) * (np.float32(a) * b[0])).astype(np.float32).repeat(3))
+    lo, hi = bounds
+    am, ae = f32.from_float32(np.float32(a))
+    bm, be = f32.from_float32(b)
+    inputs = [x, am, ae, bm, be]
+    if c is not None:
+        cm, ce = f32.from_float32(np.abs(np.asarray(c, np.float32)))
+        inputs += [np.where(np.asarray(c, np.float32) < 0, -cm, cm), ce]
+    got = RescaleF32(*inputs, shift=shift, dtype="int32", lo=lo, hi=hi)
+    np.testing.assert_array_equal(got, torch_rescale(x, a, b, c, shift, lo, hi))
+
+
+@settings(max_examples=300, deadline=None)
+@given(SIGNED_F32, SIGNED_F32)
+def test_float32_add_signed_matches_torch(a, b):
+    pa, pb = (f32.from_float32(np.abs(np.float32(v))) for v in (a, b))
+    sign = lambda v, p: (-p[0] if v < 0 else p[0], p[1])  # noqa: E731
+    m, e = f32.add_signed(sign(a, pa), sign(b, pb))
+    want = float(torch.tensor(np.float32(a)) + torch.tensor(np.float32(b)))
+    assert float(np.sign(m)) * float(f32.to_float64(abs(m), e)) == want

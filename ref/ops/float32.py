@@ -99,3 +99,22 @@ def rint(a, limit: int = 1 << 40) -> np.ndarray:
     up = np.where(big, limit, np.left_shift(m, np.clip(e, 0, 62)))
     down = _np_round_shift(m, np.maximum(-e, 0), HALF_EVEN)
     return np.minimum(np.where(e >= 0, up, down), limit)
+
+
+def add_signed(a, b):
+    """float32(a + b) for signed values: pairs (m, e) whose mantissa m carries the sign
+    (|m| < 2^24). The exact sum is formed on the smaller operand's exponent when the two lie
+    within 26 binades (|sum| < 2^51, inside int64) and rounded once; farther apart, the
+    smaller is below an eighth of the larger's ulp (a quarter of the ulp below it when the
+    larger is a power of two), so the rounded sum is the larger one. A zero sum is 0."""
+    (ma, ea), (mb, eb) = (np.broadcast_arrays(*(np.asarray(v, np.int64) for v in p)) for p in (a, b))
+    (na, ea), (nb, eb) = normalise(np.abs(ma), ea), normalise(np.abs(mb), eb)
+    sa, sb = np.where(ma < 0, -1, 1), np.where(mb < 0, -1, 1)
+    a_larger = (na != 0) & ((nb == 0) | (ea > eb) | ((ea == eb) & (na >= nb)))
+    big_m, big_e = np.where(a_larger, sa * na, sb * nb), np.where(a_larger, ea, eb)
+    small_m, small_e = np.where(a_larger, sb * nb, sa * na), np.where(a_larger, eb, ea)
+    gap = np.where(small_m == 0, 0, big_e - small_e)
+    near = gap <= 26
+    total = np.where(near, np.left_shift(big_m, np.clip(gap, 0, 26)) + np.where(near, small_m, 0), big_m)
+    m, e = round24(np.abs(total), np.where(near & (small_m != 0), small_e, big_e))
+    return np.where(total < 0, -m, m), e

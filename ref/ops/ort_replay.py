@@ -13,6 +13,8 @@ performs every float32 operation of the kernel in its order with `refsim.ops.flo
   (which onnxruntime also fuses DequantizeLinear -> Softmax -> QuantizeLinear into).
 - `DynamicQuantizeLinear(x, scale_m, scale_e, zero_point)`: ONNX DynamicQuantizeLinear of
   the dequantized tensor `float32(scale * (x - zero_point))`, as onnxruntime computes it.
+- `RescaleF32(x, a, b, c; shift)`: quantize_dynamic's Cast -> Mul(a * b) -> Add(c) after a
+  MatMulInteger, a its run-time scale, in float32, put on the fixed grid 2^-shift.
 """
 
 from __future__ import annotations
@@ -193,4 +195,48 @@ def LayerNormRound(x, gamma, beta, offset=None, *, eps, k, shift, dtype="int8", 
         raise OpError("LayerNormRound: (N*x - S) * gamma * 2^k leaves int64; lower k or gamma's precision")
     scaled = round_div((centred * gamma) << k, root, "half_even") + beta
     y = round_shift(scaled, np.int64(shift), "half_even") + (0 if offset is None else np.asarray(offset, np.int64).reshape(()))
+    return np.clip(y, lo, hi).astype(TYPES[dtype].storage)
+
+
+# --- RescaleF32 ---------------------------------------------------------------------------
+
+
+def _rescale_infer(ins, attrs):
+    x, a_m, a_e, b_m, b_e, c_m, c_e = ins
+    channels = x.shape[-1] if x.shape else None
+    for name, t in (("a_m", a_m), ("a_e", a_e)):
+        if not shapes_compatible(t.shape, ()):
+            raise GraphError(f"{name} must be a scalar (the run-time scale)")
+    for name, t in (("b_m", b_m), ("b_e", b_e), ("c_m", c_m), ("c_e", c_e)):
+        if t is not None and (len(t.shape) > 1 or (len(t.shape) == 1 and isinstance(channels, int)
+                                                    and t.shape[0] not in (1, channels))):
+            raise GraphError(f"{name} must be a scalar or one value per channel of the last axis")
+    if (c_m is None) != (c_e is None):
+        raise GraphError("c_m and c_e come together")
+    from .requant import output_bounds
+
+    output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "RescaleF32")
+    return [(TYPES[attrs["dtype"]], x.shape)]
+
+
+@op("RescaleF32", inputs=["x", "a_m", "a_e", "b_m", "b_e", "c_m?", "c_e?"], infer=_rescale_infer,
+    attrs=dict(shift=Int(min=-150, max=200), dtype=TypeNameAttr(), lo=Int(optional=True), hi=Int(optional=True)))
+def RescaleF32(x, a_m, a_e, b_m, b_e, c_m=None, c_e=None, *, shift, dtype="int32", lo=None, hi=None):
+    """v = f32(f32(f32(x) * f32(a * b)) + c) (float32 steps, c signed), y = clip(rint(v * 2^shift), lo, hi)."""
+    from .requant import output_bounds
+
+    x = np.asarray(x).astype(np.int64)
+    lo, hi = output_bounds(dtype, lo, hi, "RescaleF32")
+    a = (np.asarray(a_m, np.int64).reshape(()), np.asarray(a_e, np.int64).reshape(()))
+    b = (np.asarray(b_m, np.int64).reshape(-1), np.asarray(b_e, np.int64).reshape(-1))
+    if int(a[0]) < 0 or np.any(b[0] < 0):
+        raise OpError("RescaleF32: the scales must not be negative")
+    scale = f32.mul(a, b)  # onnxruntime's Mul of the two scales
+    magnitude = f32.mul(f32.from_int(np.abs(x)), scale)  # Cast, then Mul by the scale
+    v = (np.where(x < 0, -magnitude[0], magnitude[0]), magnitude[1])
+    if c_m is not None:  # the bias Add
+        v = f32.add_signed(v, (np.asarray(c_m, np.int64).reshape(-1), np.asarray(c_e, np.int64).reshape(-1)))
+    limit = 1 << 62
+    y = f32.rint((np.abs(v[0]), v[1] + shift), limit)  # v * 2^shift is exact: only the exponent moves
+    y = np.where(v[0] < 0, -y, y)
     return np.clip(y, lo, hi).astype(TYPES[dtype].storage)
