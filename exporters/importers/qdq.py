@@ -40,6 +40,7 @@ from ..frontend.graph import FLOAT_TYPES, INTEGER_TYPES, Node, type_name
 from ..frontend.integer_ops import INTEGER_OPS, lower
 from ..frontend.masks import MASK_VERY_NEGATIVE
 from .base import FloatInput, Importer, describe, fail
+from .dynamic import DynamicMixin
 from .values import Const, Dequantized, FloatOp, KeyMask, MaskedScores, Moved, QTensor, ratio_of
 
 # Elementwise float ops a lookup table can stand for (one quantized input, scalar constants).
@@ -61,7 +62,7 @@ MICROSOFT = "com.microsoft"
 MODES = ("ibert", "deeploy")
 
 
-class QdqImporter(Importer):
+class QdqImporter(DynamicMixin, Importer):
     format_name = "qdq"
     KEEP = ("DequantizeLinear",)
 
@@ -173,19 +174,6 @@ class QdqImporter(Importer):
             exact, ort = ratio_of(one, target)
             return self.requantize(one, exact, target, out, node, ort_ratio=ort)
         raise fail(node, "quantizes a value refsim cannot represent")
-
-    def op_DynamicQuantizeLinear(self, node, ins, attrs):
-        """quantize_dynamic's activations: a scale computed at run time from the tensor's range.
-        The op itself has an exact integer replay (refsim.ops.DynamicQuantizeLinear), but its
-        input here is float32 computed in float (quantize_dynamic quantizes only the MatMul
-        inputs: embeddings, LayerNorm, Softmax, GELU and the bias adds stay float32, on
-        tensors whose scale exists only at run time), which integers cannot reproduce."""
-        x = ins[0]
-        source = (f"the float result of {describe(x.node)}" if isinstance(x, FloatOp) else
-                  f"the float graph input {x.info.name!r}" if isinstance(x, FloatInput) else "a dequantized tensor")
-        raise fail(node, f"computes its scale at run time (onnxruntime quantize_dynamic) from {source}; the float32 "
-                         "arithmetic around it (float embeddings, LayerNorm, Softmax, GELU, the rescaling after "
-                         "MatMulInteger) has no integer form: quantize the model with quantize_static (QDQ or QOperator)")
 
     def _value_shape(self, node, x):
         if isinstance(x, FloatInput):
@@ -383,12 +371,21 @@ class QdqImporter(Importer):
         inputs = [self.place(a), self.place(b),
                   self._zero_point_input(a, node=node, what="the first operand"),
                   self._zero_point_input(b, per_channel_ok=True, node=node), bias]
-        acc = self.qnode("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB))
+        wide = {}
+        if self.dynamic and a.scale is not None and b.scale is not None:  # fine grids (quantize_dynamic's float MatMul)
+            terms = a.shape[-2] if transA else a.shape[-1]
+            if isinstance(terms, int) and terms * _largest(a) * _largest(b) >= 1 << 31:
+                wide = {"acc_bits": 64}
+        acc = self.qnode("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB), **wide)
         if b.is_const and not transA and not transB and a.scale is not None:
             self.acc_bounds[acc.name] = self._column_bounds(a, b)
         elif a.scale is not None and b.scale is not None and b.per_tensor and isinstance(a.shape[-1 - bool(transA)], int):
             terms = a.shape[-2] if transA else a.shape[-1]
             self.acc_bounds[acc.name] = np.asarray(terms * _largest(a) * _largest(b), np.int64)
+            if self.dynamic:  # fine grids: the bound sizes the grids after it
+                if a.name in self.probabilities and not transA:  # rows of probabilities sum to at most 1 (+ rounding)
+                    self.acc_bounds[acc.name] = np.asarray((_largest(a) + terms) * _largest(b), np.int64)
+                acc = replace(acc, bound=int(self.acc_bounds[acc.name]))
         return self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
 
     @staticmethod
@@ -541,6 +538,8 @@ class QdqImporter(Importer):
         return self.requantize(acc, exact, target, node.outputs[0], node, ort_ratio=ort, axis=acc.axis)
 
     def op_MatMulInteger(self, node, ins, attrs):
+        if self.runtime_zero_point(ins):
+            return self.dynamic_matmul_integer(node, ins, attrs)
         a = self.integer(node, ins[0], "A")
         b = self.integer(node, ins[1], "B")
         za = self.integer(node, ins[2], "a_zero_point") if len(ins) > 2 and ins[2] is not None else None
@@ -1001,20 +1000,37 @@ class QdqImporter(Importer):
             if q.zp_scalar():
                 t = self.qnode("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{name}.centred").name
             centred.append(t)
-        x = centred[0] if len(centred) == 1 else self.qnode("Mul", centred, f"{name}.product").name
+        if not (self.dynamic and len(factors) == 2 and axes == [1] and self._pooled_by_matmul(factors)):
+            x = centred[0] if len(centred) == 1 else self.qnode("Mul", centred, f"{name}.product").name
         mask = self.place(m)
         if m.zp_scalar():
             mask = self.qnode("Sub", [mask, self.em.const(np.asarray(m.zp_scalar()), m.dtype)], f"{name}.mask").name
         if axes is None:  # NNCF: the sums were quantized already; Div of the two
             total, count = self.em.builder.tensors[x], self.em.builder.tensors[mask]
+        elif self.dynamic and len(factors) == 2 and axes == [1] and self._pooled_by_matmul(factors):
+            # quantize_dynamic: h on a 24-bit grid times an integer mask; sum_t h[b,t,:] * m[b,t]
+            # as one MatMul into int64 (exact; a product's declared int64 type cannot be summed)
+            h, w = (0, 1) if factors[1].shape[-1] == 1 else (1, 0)
+            weights = self.qnode("Transpose", [centred[w]], f"{name}.weights", perm=[0, 2, 1])
+            summed = self.qnode("MatMul", [weights.name, centred[h]], f"{name}.weighted", acc_bits=64)
+            total = self.qnode("Reshape", [summed.name], f"{name}.sum", shape=[0, -1])
+            count = self.qnode("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
         else:
             total = self.qnode("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
             count = self.qnode("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
         count = self.qnode("Clip", [count.name], f"{name}.count_at_least_one", lo=1)
-        mean = self.qnode("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << self.POOL_FRACTION_BITS, eps=0)
+        # quantize_dynamic's h is on a 24-bit grid already: the mean keeps that grid (int32)
+        fraction = 0 if self.dynamic else self.POOL_FRACTION_BITS
+        mean = self.qnode("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << fraction, eps=0)
         s_x = float(np.prod([np.float64(np.asarray(q.scale).reshape(())) for q in factors]))
-        scale = np.float64(np.float32(s_x / float(np.asarray(m.scale).reshape(())) / 2.0**self.POOL_FRACTION_BITS))
+        scale = np.float64(np.float32(s_x / float(np.asarray(m.scale).reshape(())) / 2.0**fraction))
         return Dequantized(replace(mean, scale=np.asarray(scale), zero_point=np.asarray(0, np.int64)))
+
+    @staticmethod
+    def _pooled_by_matmul(factors) -> bool:
+        shapes = [tuple(q.shape) for q in factors]
+        return all(len(s) == 3 for s in shapes) and sorted(s[-1] == 1 for s in shapes) == [False, True] \
+            and shapes[0][:2] == shapes[1][:2]
 
     def _mean_pool(self, value: FloatOp):
         if value.node.op != "Div" or not all(isinstance(v, (FloatOp, Dequantized)) for v in value.inputs):

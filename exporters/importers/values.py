@@ -14,6 +14,9 @@ Every ONNX value name maps to one of:
 - `FloatOp`: a float op waiting for the QuantizeLinear that fixes its output scale;
   `Moved`, a float result moved by Reshape/Transpose/... before that QuantizeLinear.
 - `Const`: a constant (float or integer) that folds at import time.
+- `RuntimeScale`, `Rescaled`: onnxruntime quantize_dynamic's values, a DynamicQuantizeLinear
+  scale known only at run time (refsim tensors holding its float32 (m, e) pair) and an
+  integer accumulator rescaled by it in float32 (`dynamic.py`).
 - `KeyMask(keep)`, `MaskedScores(q, keep)`: an additive key-padding mask (0 for kept keys,
   -inf for masked ones) and attention scores with it added, which quantize_static quantizes
   at an infinite scale; a Softmax reads them as scores with masked keys left out.
@@ -127,3 +130,28 @@ def ratio_of(src: QTensor, target: QTensor) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(all="ignore"):
             ort = np.asarray(src.scale, np.float32) / t
     return exact, np.asarray(ort, np.float32)
+
+
+@dataclass
+class RuntimeScale:
+    """A float32 scale computed at run time (DynamicQuantizeLinear's): refsim tensors `m`, `e`
+    with value m * 2^e, at most `largest`; `factor`, a float32 constant it was multiplied by
+    (onnxruntime's f32(scale * factor), replayed by RescaleF32)."""
+
+    m: str
+    e: str
+    largest: float
+    node: Node
+    factor: np.ndarray | None = None
+
+
+@dataclass
+class Rescaled:
+    """f32(f32(acc) * scale) (+ a float32 bias): a MatMulInteger accumulator as quantize_dynamic
+    rescales it (Cast, Mul, Add), waiting for its consumer to put it on a fixed grid."""
+
+    acc: QTensor
+    scale: RuntimeScale
+    column_bound: np.ndarray  # max |acc| per output column
+    node: Node
+    bias: np.ndarray | None = None
