@@ -269,7 +269,7 @@ class DynamicMixin:
 
     def fine_resolve(self, expr: FloatOp, out: str) -> QTensor:
         """QuantizeLinear(expr) at a fine grid, with the importer's float replays."""
-        from .qdq import _nan_guarded_softmax, _substituted
+        from .qdq import _nan_guarded_softmax
 
         safe = _nan_guarded_softmax(expr)
         if safe is not None:
