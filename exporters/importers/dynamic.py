@@ -277,11 +277,26 @@ class DynamicMixin:
         shape = self.float_shape(expr)
         op = expr.node.op
         if op == "Softmax":
-            q = self._row_input(expr, "Softmax")
+            scores, keep, infinite = self._masked_scores(expr.inputs[0])
+            q = self._row_input(FloatOp(expr.node, [scores], expr.attrs), "Softmax")
             if q.dtype.bits > 32:  # FloatSoftmax takes 32 bits: the exact scores rounded once
                 q = self.narrow_grid(q, f"{out}.scores", 32)
+            if keep is not None:
+                # masked keys below every score: their exponential is 0 as onnxruntime's is
+                # (f32(s + mask) is the mask, exp of it minus the row maximum underflows)
+                lowest = self.em.const(np.asarray(-(1 << 31)), "int32", f"{out}.lowest")
+                from ..frontend import integer_ops
+
+                x = integer_ops.select(self.em, self.place(keep), self.place(q), lowest, f"{out}.masked")
+                q = replace(q, name=x, dtype=self.em.dtype(x), bound=None, clip=None)
             target = self.fine_target(shape, 1.0, signed=False)
-            p = self._float_softmax(FloatOp(expr.node, [Dequantized(q)], expr.attrs), target, out)
+            p = self._float_softmax(FloatOp(expr.node, [Dequantized(q)], expr.attrs), target, f"{out}.all" if infinite else out)
+            if infinite:
+                # every key masked by -inf: onnxruntime computes NaN there, which the graph's IsNaN
+                # guard makes 0; refsim's row would be uniform, so rows with no kept key are zeroed
+                kept = self.qnode("ReduceSum", [self.place(keep)], f"{out}.kept", axes=[-1], keepdims=True)
+                alive = self.qnode("Clip", [kept.name], f"{out}.alive", lo=0, hi=1)
+                p = replace(p, name=self.qnode("Mul", [p.name, alive.name], out, dtype=p.dtype.name).name)
             self.probabilities.add(p.name)
             return p
         target = self.fine_target(shape, self.real_bound(expr))
@@ -344,6 +359,27 @@ class DynamicMixin:
         total = self.qnode("Add", [base.name, between.name], f"{out}.sum", dtype="int32")
         result = self.qnode("Clip", [total.name], out, expr.node.name, lo=lo, hi=hi)
         return replace(target, name=result.name, shape=result.shape)
+
+    def _masked_scores(self, x):
+        """(scores, keep, infinite) for Add(scores, Where(cond, 0, very negative)) (transformers'
+        additive key mask computed from the integer attention mask), else (x, None, False)."""
+        from ..frontend.masks import MASK_VERY_NEGATIVE
+
+        if not (isinstance(x, FloatOp) and x.node.op == "Add" and len(x.inputs) == 2):
+            return x, None, False
+        for scores, mask in (x.inputs, x.inputs[::-1]):
+            if isinstance(mask, FloatOp) and mask.node.op == "Where" and isinstance(mask.inputs[0], QTensor) \
+                    and isinstance(scores, Dequantized):
+                fills = [float(np.asarray(v.value).reshape(-1)[0]) if isinstance(v, Const) and np.size(v.value) == 1
+                         else None for v in mask.inputs[1:]]
+                cond = mask.inputs[0]
+                if fills[0] == 0.0 and fills[1] is not None and fills[1] <= MASK_VERY_NEGATIVE:
+                    return scores, cond, np.isinf(fills[1])
+                if fills[1] == 0.0 and fills[0] is not None and fills[0] <= MASK_VERY_NEGATIVE:
+                    keep = self.qnode("Sub", [self.em.const(1, "uint8"), self.place(cond)], f"{mask.node.outputs[0]}.keep",
+                                      dtype="uint8")
+                    return scores, keep, np.isinf(fills[0])
+        return x, None, False
 
     def _elementwise(self, expr) -> bool:
         from .qdq import ELEMENTWISE
