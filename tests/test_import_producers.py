@@ -9,7 +9,7 @@ and the pooled embedding must reach a cosine of 0.999 (the pooling tail is float
 onnxruntime, rational in refsim). A masked model's `-inf` mask is quantized at an infinite
 scale, which onnxruntime computes as NaN; its oracle is the same model with finite mask
 scales that keep every kept score and saturate every masked one (`finite_mask_scales`).
-`quantize_dynamic` is refused with one line. The real MiniLM runs with REFSIM_SLOW=1.
+`quantize_dynamic` models: tests/test_import_dynamic.py. The real MiniLM runs with REFSIM_SLOW=1.
 """
 
 from __future__ import annotations
@@ -161,22 +161,6 @@ def test_integer_variants_stay_the_default(tiny_bert):
     paths, _ = tiny_bert
     ops = {n.op for n in import_model(paths["QDQ"]).graph.nodes}
     assert "IBertSoftmax" in ops and "IBertLayerNorm" in ops and not ops & {"OrtSoftmax", "LayerNormRound", "Lut2"}
-
-
-@pytest.mark.parametrize("tiny_bert", ["masked"], indirect=True)
-def test_quantize_dynamic_is_refused_naming_the_node_and_why(tiny_bert, tmp_path):
-    """quantize_dynamic leaves the embeddings, LayerNorm, Softmax and GELU in float32 with scales
-    known only at run time: refused with one line naming the first DynamicQuantizeLinear."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from refsim.exporters.importers import ImportFailure
-
-    paths, _ = tiny_bert
-    dynamic = tmp_path / "dynamic.onnx"
-    quantize_dynamic(str(paths["float"]), str(dynamic), weight_type=QuantType.QInt8)
-    with pytest.raises(ImportFailure, match=r"^node '[^']+' \(DynamicQuantizeLinear\): computes its scale at run time "
-                                            r"\(onnxruntime quantize_dynamic\) from the float result of node '[^']+' "
-                                            r"\(LayerNormalization\); .* quantize_static"):
-        import_model(dynamic)
 
 
 def _real_minilm_float(folder, *, masked: bool):
