@@ -108,6 +108,9 @@ def test_quantize_dynamic_reproduces_onnxruntime(float_bert, weight_type, per_ch
           f"embedding cosine min {min(cos):.10f}")
     assert quantized_equal >= 0.99 * quantized_total
     assert min(cos) >= 0.99999
+    # the options for quantize_static models change nothing here
+    _, _, with_options = refsim_run(path, feeds, requant="ort", float_ops="ort")
+    np.testing.assert_array_equal(with_options, emb)
 
 
 @pytest.mark.parametrize("weight_type,per_channel,reduce_range", WEIGHTS)
@@ -193,8 +196,8 @@ def test_int8_weights_without_reduce_range_onnxruntime_saturates_refsim_is_exact
     w, zw = inits[first.input[1]].astype(np.int64), inits[first.input[3]].astype(np.int64)
     exact = (a - za) @ (w - zw)
     np.testing.assert_array_equal(traced[first.output[0]], exact)
-    saturating = not np.array_equal(reference[first.output[0]], exact)
-    print(f"\nonnxruntime's int8 MatMulInteger {'differs from' if saturating else 'equals'} the exact product on this CPU")
+    differing = int((reference[first.output[0]] != exact).sum())
+    print(f"\nonnxruntime's int8 MatMulInteger: {differing}/{exact.size} accumulators differ from the exact product on this CPU")
 
 
 def test_dynamic_quantize_linear_of_a_float_graph_input_is_refused(tmp_path):

@@ -409,4 +409,11 @@ class DynamicMixin:
         scale = float(np.asarray(q.scale, np.float64).reshape(-1)[0]) * 2.0**drop
         target = QTensor(None, TYPES["int32" if bits > 16 else "int16"], tuple(q.shape), scale=np.asarray(scale),
                          zero_point=np.asarray(0, np.int64), bound=(bound >> drop) + 1, clip=(-_limit(bits), _limit(bits)))
-        return self.requantize(q, np.asarray(2.0**-drop), target, out, value_bits=bound.bit_length() + 1)
+        x = self.place(q)
+        if q.zp_scalar():
+            x = self.qnode("Sub", [x, self.em.const(np.asarray(q.zp_scalar()), stem=f"{out}.zero_point")], f"{out}.centred",
+                           dtype="int64").name
+        # a plain rounding shift whatever --requant says (RequantF32 would round x to 24 bits first)
+        result = self.qnode("Requant", [x, self.em.const(np.asarray(1)), self.em.const(np.asarray(drop))], out,
+                            rounding="half_even", dtype=target.dtype.name, lo=target.clip[0], hi=target.clip[1])
+        return replace(target, name=result.name, shape=result.shape)
