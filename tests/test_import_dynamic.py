@@ -19,6 +19,8 @@ the exact product.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -215,3 +217,26 @@ def test_dynamic_quantize_linear_of_a_float_graph_input_is_refused(tmp_path):
     with pytest.raises(ImportFailure, match=r"^node 'dql' \(DynamicQuantizeLinear\): computes its scale at run time "
                                             r"from the float graph input 'x'"):
         import_model(path)
+
+
+@pytest.mark.skipif(not os.environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
+@pytest.mark.parametrize("masked", [True, False])
+def test_real_minilm_quantize_dynamic_reproduces_onnxruntime(tmp_path, masked, record_property):
+    """all-MiniLM-L6-v2 (6 layers, hidden 384), mean-pooled, 16 development sentences padded
+    to 16 tokens, quantize_dynamic with uint8 weights: imported with no options."""
+    from test_import_producers import _real_minilm_float
+
+    float_path, feeds = _real_minilm_float(tmp_path, masked=masked)
+    path = tmp_path / "dynamic.onnx"
+    quantization.quantize_dynamic(str(float_path), str(path), weight_type=quantization.QuantType.QUInt8)
+    reference, integer = onnxruntime_run(path, feeds)
+    _, traced, emb = refsim_run(path, feeds)
+    exact = sum(np.array_equal(traced[n].astype(np.int64), reference[n].astype(np.int64)) for n in integer)
+    quantized = [n for n in integer if reference[n].dtype == np.uint8 and reference[n].size > 1]
+    equal = sum(int((traced[n] == reference[n]).sum()) for n in quantized)
+    total = sum(reference[n].size for n in quantized)
+    cos = cosines(emb, reference["emb"])
+    record_property("integer_tensors_exact", f"{exact}/{len(integer)}")
+    print(f"\nMiniLM quantize_dynamic (masked={masked}): {exact}/{len(integer)} integer tensors exact, "
+          f"DynamicQuantizeLinear values {equal}/{total}; cosine min {min(cos):.7f}, mean {np.mean(cos):.7f}")
+    assert min(cos) >= 0.999

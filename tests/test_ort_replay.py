@@ -213,6 +213,53 @@ def test_dynamic_quantize_linear_matches_onnxruntime():
         assert float(f32.to_float64(gm, ge)) == float(ys) and int(gz) == int(yz)
 
 
+@settings(max_examples=120, deadline=None)
+@given(st.integers(-40, 10), st.integers(0, 2**32 - 1), st.sampled_from(["random", "positive", "negative", "zero", "one", "extreme"]))
+def test_dynamic_quantize_linear_of_a_fine_grid_matches_torch(exponent, seed, kind):
+    """quantize_dynamic's inputs as refsim holds them: int32 values of up to 24 bits at a
+    power-of-two scale (zero point 0), including the all-zero tensor (scale 1, zero point 0),
+    one-sided ranges and a single non-zero value."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-(1 << 23) + 1, 1 << 23, size=(3, 11)).astype(np.int32)
+    if kind == "positive":
+        q = np.abs(q)
+    elif kind == "negative":
+        q = -np.abs(q)
+    elif kind == "zero":
+        q[:] = 0
+    elif kind == "one":
+        q[:] = 0
+        q[1, 2] = rng.choice([-1, 1]) * int(rng.integers(1, 1 << 23))
+    elif kind == "extreme":
+        q[0, 0], q[0, 1] = (1 << 23) - 1, -(1 << 23) + 1
+    scale = 2.0**exponent
+    m, e = f32.from_float32(np.float32(scale))
+    y, ym, ye, yz = DynamicQuantizeLinear(q, m, e, np.int32(0))
+    want_y, want_scale, want_zp = torch_dynamic_quantize(q, scale, 0)
+    np.testing.assert_array_equal(y, want_y)
+    assert float(f32.to_float64(ym, ye)) == want_scale and int(yz) == want_zp
+
+
+def test_dynamic_quantize_linear_of_a_fine_grid_matches_onnxruntime():
+    rng = np.random.default_rng(2)
+    for trial in range(12):
+        q = rng.integers(-(1 << 23) + 1, 1 << 23, size=(4, 19)).astype(np.int32)
+        if trial % 4 == 1:
+            q = np.abs(q)
+        elif trial % 4 == 2:
+            q[:] = 0
+        scale = np.float32(2.0 ** -int(rng.integers(10, 30)))
+        nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["x"]), helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "ys", "yz"])]
+        outs = [helper.make_tensor_value_info(n, t, None) for n, t in (("y", TensorProto.UINT8), ("ys", TensorProto.FLOAT), ("yz", TensorProto.UINT8))]
+        session = _session(nodes, [helper.make_tensor_value_info("q", TensorProto.INT32, list(q.shape))], outs,
+                           [numpy_helper.from_array(scale, "s")])
+        y, ys, yz = session.run(None, {"q": q})
+        m, e = f32.from_float32(scale)
+        gy, gm, ge, gz = DynamicQuantizeLinear(q, m, e, np.int32(0))
+        np.testing.assert_array_equal(gy, y)
+        assert float(f32.to_float64(gm, ge)) == float(ys) and int(gz) == int(yz)
+
+
 # --- LayerNormRound -----------------------------------------------------------------------
 
 
