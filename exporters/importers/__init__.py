@@ -39,7 +39,7 @@ DEEPLOY_OPS = {"RequantShift", "ITAMax", "ITAPartialMax", "iSoftmax", "iGELU", "
                "iLayerNorm", "iNoNorm", "IntegerMean", "IntegerDiv"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
            "ConvInteger", "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearSigmoid",
-           "QLinearLeakyRelu", "QLinearConcat"}
+           "QLinearLeakyRelu", "QLinearConcat", "DynamicQuantizeLinear"}
 
 
 def detect_format(model: onnx.ModelProto | Graph) -> str:

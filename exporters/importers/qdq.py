@@ -17,6 +17,9 @@ the ops between them are computed in integers:
 - Data movement (Reshape, Transpose, Gather, Slice, Concat, MaxPool, Pad, ...) acts on the
   integers and keeps the scale.
 
+onnxruntime quantize_dynamic's DynamicQuantizeLinear / MatMulInteger graphs, whose float
+regions refsim holds on fine fixed grids: `dynamic.py` (a mixin of QdqImporter).
+
 Float graph inputs must go through a QuantizeLinear: the refsim model takes the quantized
 integers (`quantize_inputs` applies ONNX's QuantizeLinear on the host). Dequantized graph
 outputs stay integers with their scale recorded (`dequantize_outputs` on the host).
