@@ -347,6 +347,8 @@ class Importer:
             extra = [self.place(e) for e in extra_inputs]
             result = self.qnode(op, [self.place(q), *extra], node.outputs[0], node.name, **params)
             out = replace(q, name=result.name, shape=result.shape, data=None, axis=new_axis)
+        if q.row_norm is not None:
+            out = replace(out, row_norm=_moved_row_norm(op, params, tuple(q.shape), tuple(out.shape), q.row_norm))
         return Dequantized(out) if wrapped else out
 
     def _shape_of(self, node, value) -> tuple:
@@ -621,6 +623,24 @@ class Importer:
             return Pad(a, pads=pads, mode=mode, value=level)
         return self._move(node, ins[0], "Pad", {"pads": pads, "mode": mode, "value": level}, const_fn,
                           lambda a: a if pads[a] == pads[rank + a] == 0 else None)
+
+
+def _moved_row_norm(op: str, params: dict, before: tuple, after: tuple, norm: float) -> float | None:
+    """A bound on the L2 norm of each row (last axis) after a movement, from one before it:
+    rows that stay rows, or split (Reshape to a divisor of the last axis, in C order), keep it;
+    c rows merged into one multiply it by sqrt(c); anything else loses it."""
+    if not before or not after or not isinstance(before[-1], int) or not isinstance(after[-1], int):
+        return None
+    if op == "Transpose":
+        return norm if list(params.get("perm") or [])[-1:] == [len(before) - 1] else None
+    if op == "Slice":
+        return norm
+    if op == "Reshape":
+        if before[-1] % after[-1] == 0:
+            return norm
+        if after[-1] % before[-1] == 0:
+            return norm * float(np.sqrt(after[-1] // before[-1]))
+    return None
 
 
 def _onnx_reshape(array: np.ndarray, shape: list[int]) -> np.ndarray:

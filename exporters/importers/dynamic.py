@@ -47,6 +47,10 @@ NONLINEAR_HEADS = ("LayerNormalization", "Softmax")
 PRODUCTS = ("MatMul", "Gemm", "DynamicQuantizeLinear")
 
 
+def shape_of(target, result):
+    return result.shape[-1] if result.shape else None
+
+
 def _limit(bits: int = FINE_BITS) -> int:
     return (1 << (bits - 1)) - 1
 
@@ -68,6 +72,13 @@ class DynamicMixin:
         if not hasattr(self, "_fine_names"):
             self._fine_names = {}
         return self._fine_names
+
+    @property
+    def rescaled_weights(self) -> dict[str, np.ndarray]:
+        """MatMulInteger accumulator -> its weights minus their zero points (for row-norm bounds)."""
+        if not hasattr(self, "_rescaled_weights_"):
+            self._rescaled_weights_ = {}
+        return self._rescaled_weights_
 
     @property
     def probabilities(self) -> set[str]:
@@ -136,7 +147,13 @@ class DynamicMixin:
         # the span max(0, max v) - min(0, min v) is at most the grid's whole range
         largest = (max(hi, q.zp_scalar()) - min(lo, q.zp_scalar())) * float(scale) / 255 * (1 + 2.0**-20)
         y = QTensor(names[0], TYPES["uint8"], tuple(q.shape))
-        return [y, RuntimeScale(names[1], names[2], largest, node), QTensor(names[3], TYPES["uint8"], ())]
+        terms = q.shape[-1] if q.shape and isinstance(q.shape[-1], int) else 0
+        row_norm = q.row_norm
+        if terms:  # each row's L2 norm is at most sqrt(terms) times its largest value
+            largest_value = (max(hi - q.zp_scalar(), q.zp_scalar() - lo)) * float(scale)
+            row_norm = min(row_norm if row_norm is not None else np.inf, np.sqrt(terms) * largest_value)
+        scale_value = RuntimeScale(names[1], names[2], largest, node, row_norm=row_norm, terms=terms)
+        return [y, scale_value, QTensor(names[3], TYPES["uint8"], ())]
 
     @staticmethod
     def runtime_zero_point(ins) -> bool:
@@ -158,6 +175,7 @@ class DynamicMixin:
         centred = np.asarray(b.data, np.int64) - (0 if zb_data is None else zb_data.astype(np.int64))
         a_max = max(a.dtype.hi - a.dtype.lo, 0)  # |a - za| for any zero point of a's type
         self.acc_bounds[acc.name] = a_max * np.abs(centred).sum(axis=0)
+        self.rescaled_weights[acc.name] = centred.astype(np.float64)
         return acc
 
     def dynamic_op(self, node, ins):
@@ -206,8 +224,17 @@ class DynamicMixin:
     def rescale(self, r: Rescaled, out: str) -> QTensor:
         factor = np.float32(1.0) if r.scale.factor is None else r.scale.factor
         bias = np.zeros(1, np.float32) if r.bias is None else r.bias
-        bound = float(np.max(np.asarray(r.column_bound, np.float64) * r.scale.largest * np.asarray(factor, np.float64)
-                             + np.abs(np.asarray(bias, np.float64))))
+        columns = np.asarray(r.column_bound, np.float64) * r.scale.largest * np.asarray(factor, np.float64)
+        row_norm = None
+        weights = self._rescaled_weights(r)
+        if weights is not None and r.scale.row_norm is not None and r.scale.terms == weights.shape[0]:
+            # ys * (y - zp) is the quantized tensor x within 0.51 ys (rounding, and float32's
+            # own errors), so by Cauchy-Schwarz |v_c| <= (|x| + 0.51 ys sqrt(K)) * |W_c| + |b_c|
+            # per row: far below 255 * sum|w - zw| * ys when x is a LayerNorm output
+            x2 = r.scale.row_norm + 0.51 * r.scale.largest * np.sqrt(r.scale.terms)
+            columns = np.minimum(columns, x2 * np.linalg.norm(weights, axis=0))
+            row_norm = (x2 * float(np.linalg.norm(weights, 2)) + float(np.linalg.norm(np.asarray(bias, np.float64)))) * (1 + 2.0**-18)
+        bound = float(np.max(columns + np.abs(np.asarray(bias, np.float64))))
         shift = _shift_for(bound)
         (fm, fe), (cm, ce) = f32.from_float32(np.atleast_1d(factor)), f32.from_float32(np.abs(np.atleast_1d(bias)))
         cm = np.where(np.atleast_1d(bias) < 0, -cm, cm)
@@ -217,7 +244,15 @@ class DynamicMixin:
             inputs += [self.em.const(cm, "int32", f"{out}.bias_m"), self.em.const(ce, "int16", f"{out}.bias_e")]
         y = self.qnode("RescaleF32", inputs, out, r.node.name, shift=shift, dtype="int32", lo=-_limit(), hi=_limit())
         return replace(y, scale=np.asarray(2.0**-shift), zero_point=np.asarray(0, np.int64), bound=_limit(),
-                       clip=(-_limit(), _limit()))
+                       clip=(-_limit(), _limit()), row_norm=row_norm)
+
+    def _rescaled_weights(self, r: Rescaled) -> np.ndarray | None:
+        """(w - zw) * w_scale per column of the MatMulInteger behind r, float64, or None."""
+        weights = self.rescaled_weights.get(r.acc.name)
+        if weights is None:
+            return None
+        factor = np.float32(1.0) if r.scale.factor is None else r.scale.factor
+        return weights * np.asarray(factor, np.float64).reshape(1, -1)
 
     def fine_target(self, shape, bound: float, bits: int = FINE_BITS, signed: bool = True) -> QTensor:
         shift = _shift_for(bound, bits)
@@ -304,7 +339,14 @@ class DynamicMixin:
             result = self._ort_layernorm(expr, target, out)
             if result is None:
                 raise fail(expr.node, "takes a float value refsim does not hold as an exact sum on one grid")
-            return result
+            # sum(x_hat^2) = n var / (var + eps) <= n: |gamma * x_hat + beta| <= max|gamma| sqrt(n) + |beta|,
+            # plus half a step per value for the rounding
+            n = shape[-1]
+            gamma = np.abs(np.asarray(self.evaluate(expr.inputs[1], None, None), np.float64)).max(initial=0)
+            beta = (np.broadcast_to(np.asarray(self.evaluate(expr.inputs[2], None, None), np.float64).reshape(-1), (n,))
+                    if len(expr.inputs) > 2 and expr.inputs[2] is not None else np.zeros(n))
+            norm = gamma * np.sqrt(n) + float(np.linalg.norm(beta)) + np.sqrt(n) * float(target.scale)
+            return replace(result, row_norm=float(norm) * (1 + 2.0**-18))
         affine = self.affine(expr, target, out)
         if affine is not None:
             return affine
@@ -358,7 +400,18 @@ class DynamicMixin:
                                          None, None], f"{out}.between", rounding="half_even", dtype="int32")
         total = self.qnode("Add", [base.name, between.name], f"{out}.sum", dtype="int32")
         result = self.qnode("Clip", [total.name], out, expr.node.name, lo=lo, hi=hi)
-        return replace(target, name=result.name, shape=result.shape)
+        row_norm = None
+        if leaf.row_norm is not None and isinstance(shape_of(target, result), int):
+            # |f(x)| <= L |x| + c on the table (L: the largest |T_j| / |x_j| away from 0, c: |T| near 0);
+            # between table points the interpolation stays within its two ends
+            xs = (levels.astype(np.float64)) * scale * 2.0**k
+            ys = table.astype(np.float64) * float(target.scale)
+            far = np.abs(xs) >= 2 * scale * 2.0**k
+            slope = float(np.max(np.abs(ys[far]) / np.abs(xs[far]), initial=0)) * (1 + 2.0**-10)
+            near = float(np.abs(ys[~far]).max(initial=0)) + 2 * float(target.scale)
+            n = shape_of(target, result)
+            row_norm = slope * (leaf.row_norm + np.sqrt(n) * scale * 2.0**k) + np.sqrt(n) * near
+        return replace(target, name=result.name, shape=result.shape, row_norm=row_norm)
 
     def _masked_scores(self, x):
         """(scores, keep, infinite) for Add(scores, Where(cond, 0, very negative)) (transformers'

@@ -386,9 +386,12 @@ class QdqImporter(DynamicMixin, Importer):
             terms = a.shape[-2] if transA else a.shape[-1]
             self.acc_bounds[acc.name] = np.asarray(terms * _largest(a) * _largest(b), np.int64)
             if self.dynamic:  # fine grids: the bound sizes the grids after it
+                row_norm = None
                 if a.name in self.probabilities and not transA:  # rows of probabilities sum to at most 1 (+ rounding)
                     self.acc_bounds[acc.name] = np.asarray((_largest(a) + terms) * _largest(b), np.int64)
-                acc = replace(acc, bound=int(self.acc_bounds[acc.name]))
+                    if b.row_norm is not None and not transB:  # a row of P @ V: a convex combination of V's rows
+                        row_norm = b.row_norm * (1 + terms * 2.0**-22)
+                acc = replace(acc, bound=int(self.acc_bounds[acc.name]), row_norm=row_norm)
         return self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
 
     @staticmethod

@@ -55,6 +55,8 @@ class QTensor:
     clip: tuple[int, int] | None = None  # a range narrower than dtype's (narrow int8, 3-bit in int4)
     rounding: str | None = None  # how values are rounded onto this grid (None: round half to even)
     bound: int | None = None  # |q - zero_point| <= bound when that is below what dtype allows
+    # the real values' L2 norm over the last axis is at most this (quantize_dynamic's fine grids)
+    row_norm: float | None = None
 
     @property
     def is_const(self) -> bool:
@@ -143,6 +145,8 @@ class RuntimeScale:
     largest: float
     node: Node
     factor: np.ndarray | None = None
+    row_norm: float | None = None  # the quantized tensor's rows (last axis): L2 norm of the real values at most this
+    terms: int = 0  # their length
 
 
 @dataclass
