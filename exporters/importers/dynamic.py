@@ -1,4 +1,4 @@
-"""onnxruntime `quantize_dynamic` graphs (and optimum's ORTQuantizer, which writes the same).
+"""onnxruntime `quantize_dynamic` graphs (optimum's ORTQuantizer calls the same quantizer).
 
 quantize_dynamic quantizes only the MatMul inputs, and at run time: each is a
 DynamicQuantizeLinear of a float32 tensor (uint8, its scale `(max(0, max x) - min(0, min x)) /
@@ -8,8 +8,9 @@ those, everything (embedding sum, LayerNorm, attention scores, Softmax, GELU, re
 pooling) stays float32.
 
 refsim holds every such float tensor as integers on a fixed grid 2^-F, F chosen at import so
-that the largest value the tensor can take (a static bound) uses FINE_BITS bits: about
-float32's precision at that bound. On that:
+that the largest value the tensor can take uses FINE_BITS bits: about float32's precision at
+that bound. The bound is proved at import, elementwise or, much tighter, through the L2 norm
+of each row (QTensor.row_norm: LayerNorm outputs, Cauchy-Schwarz through the weights). On that:
 
 - DynamicQuantizeLinear is the exact integer replay of onnxruntime's kernel on the dequantized
   grid values (`refsim.ops.DynamicQuantizeLinear`): its scale and zero point become refsim
@@ -20,7 +21,8 @@ float32's precision at that bound. On that:
   replayed exactly, then put on the consumer's fixed grid (`Rescaled` until a consumer needs it).
 - The float ops after it use the importer's float replays with a fine target instead of a
   QuantizeLinear's: LayerNorm `LayerNormRound` (its input an exact sum), Softmax
-  `FloatSoftmax`, elementwise chains (GELU) a `Lut` on the input requantized to 16 bits,
+  `FloatSoftmax`, elementwise chains (GELU) a table every 2^k input steps with linear
+  interpolation,
   additions and constant products exact integer sums, float MatMul the exact product.
 
 Where onnxruntime computes in float32 (everything but DynamicQuantizeLinear and MatMulInteger)
@@ -38,16 +40,17 @@ import numpy as np
 from refsim.dtypes import TYPES
 from refsim.ops import float32 as f32
 
-from .base import describe, fail
+from .base import FloatInput, describe, fail
 from .values import Const, Dequantized, FloatOp, Moved, QTensor, Rescaled, RuntimeScale
 
 FINE_BITS = 24  # |q| < 2^23 on a fine grid: float32's precision at the tensor's bound, exact in f32(q)
-LUT_INPUT_BITS = 16  # an elementwise chain (GELU) reads its input requantized to this many bits
+LUT_INPUT_BITS = 16  # an elementwise chain's (GELU's) table index has this many bits
 NONLINEAR_HEADS = ("LayerNormalization", "Softmax")
 PRODUCTS = ("MatMul", "Gemm", "DynamicQuantizeLinear")
 
 
 def shape_of(target, result):
+    """The length of result's rows (its last axis)."""
     return result.shape[-1] if result.shape else None
 
 
@@ -67,31 +70,10 @@ def _shift_for(bound: float, bits: int = FINE_BITS) -> int:
 class DynamicMixin:
     """The quantize_dynamic part of QdqImporter (exporters/importers/qdq.py)."""
 
-    @property
-    def fine_names(self) -> dict[str, str]:
-        if not hasattr(self, "_fine_names"):
-            self._fine_names = {}
-        return self._fine_names
-
-    @property
-    def rescaled_weights(self) -> dict[str, np.ndarray]:
-        """MatMulInteger accumulator -> its weights minus their zero points (for row-norm bounds)."""
-        if not hasattr(self, "_rescaled_weights_"):
-            self._rescaled_weights_ = {}
-        return self._rescaled_weights_
-
-    @property
-    def probabilities(self) -> set[str]:
-        """Fine-grid Softmax outputs (integers at 2^-23 whose rows sum to about 2^23)."""
-        if not hasattr(self, "_probabilities"):
-            self._probabilities = set()
-        return self._probabilities
-
-    @property
-    def dynamic(self) -> bool:
-        if not hasattr(self, "_dynamic"):
-            self._dynamic = any(n.op == "DynamicQuantizeLinear" for n in self.g.nodes)
-        return self._dynamic
+    def init_dynamic(self) -> None:
+        self.dynamic = any(n.op == "DynamicQuantizeLinear" for n in self.g.nodes)
+        self.probabilities: set[str] = set()  # fine-grid Softmax outputs (2^-23 steps, rows summing to about 2^23)
+        self.rescaled_weights: dict[str, np.ndarray] = {}  # MatMulInteger accumulator -> w - zw (row-norm bounds)
 
     def _visit(self, node) -> None:
         ins = [self.values.get(n) for n in node.inputs]
@@ -126,7 +108,7 @@ class DynamicMixin:
             x = self.materialize(x, node.inputs[0])
             self.values[node.inputs[0]] = x
         if not isinstance(x, Dequantized) or x.q.is_const or not x.q.per_tensor:
-            what = f"the float graph input {x.info.name!r}" if hasattr(x, "info") else "a value refsim holds no grid for"
+            what = f"the float graph input {x.info.name!r}" if isinstance(x, FloatInput) else "a value refsim holds no grid for"
             raise fail(node, f"computes its scale at run time from {what}; refsim replays DynamicQuantizeLinear on "
                              "integers at a known scale (quantize_dynamic's float tensors after a quantized embedding)")
         q = x.q
@@ -218,7 +200,6 @@ class DynamicMixin:
             for move in moves:
                 q = move.apply(q)
         self.em.label(q.name, float(np.asarray(q.scale).reshape(-1)[0]), q.zp_scalar())
-        self.fine_names[q.name] = name  # the ONNX float tensor it stands for (`refsim compare`)
         return Dequantized(q)
 
     def rescale(self, r: Rescaled, out: str) -> QTensor:

@@ -75,6 +75,7 @@ class QdqImporter(DynamicMixin, Importer):
             raise fail(None, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.mode = mode
         self.acc_bounds: dict[str, np.ndarray] = {}  # MatMul accumulators: max |acc| per output column
+        self.init_dynamic()
         h = self.handlers
         for domain in ("", MICROSOFT):
             h[(domain, "QuantizeLinear")] = self.op_QuantizeLinear
