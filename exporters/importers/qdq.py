@@ -739,10 +739,7 @@ class QdqImporter(Importer):
             return self.resolve(safe, target, out, qnode)
         if expr.node.op == "Softmax" and isinstance(expr.inputs[0], FloatOp) and expr.inputs[0].node.op == "Add" \
                 and any(isinstance(v, KeyMask) for v in expr.inputs[0].inputs):
-            raise fail(expr.node, "takes float scores plus a key mask quantized at an infinite scale, with no quantizer "
-                                  "on the sum (NNCF): onnxruntime dequantizes that mask to NaN (0 * inf), so every "
-                                  "probability it computes is NaN (0 after an IsNaN guard); refsim reads such a mask "
-                                  "only through a quantized sum (quantize_static) or QLinearAdd")
+            return self._key_masked_float_softmax(expr, target, out)
         # Where(mask computed from integers, constants, constants): selected below, no float leaves
         computed_condition = expr.node.op == "Where" and isinstance(expr.inputs[0], QTensor) and not expr.inputs[0].is_const
         leaves = {} if computed_condition else self._runtime_leaves(expr)
@@ -1114,6 +1111,49 @@ class QdqImporter(Importer):
         x = self.place(q)
         if q.zp_scalar():
             x = self.qnode("Sub", [x, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{out}.centred").name
+        result = self.qnode("FloatSoftmax", [x, self.em.const(hm, "int32", f"{out}.hi_m"), self.em.const(he, "int16", f"{out}.hi_e"),
+                                             self.em.const(lm, "int32", f"{out}.lo_m"), self.em.const(le, "int16", f"{out}.lo_e")],
+                            out, expr.node.name, k=k, y_scale_m=int(ym), y_scale_e=int(ye), zero_point=target.zp_scalar(),
+                            dtype=target.dtype.name)
+        return replace(target, name=result.name, shape=result.shape)
+
+    def _key_masked_float_softmax(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        """Softmax(DequantizeLinear(scores) + mask) with the mask quantized at an infinite scale
+        and no quantizer on the sum (NNCF's default preset). onnxruntime dequantizes such a mask
+        to NaN (0 * inf) and the IsNaN guard zeroes every probability; the graph means a
+        key-padding mask, as quantize_static's infinitely scaled mask does (`infinitely_scaled`).
+        In float32 a masked score plus the mask is far below -104 / s, so its exp is 0 and the
+        row is the float32 Softmax of the kept scores: FloatSoftmax of q - z with masked keys
+        set to a sentinel past the exp table's end, whose exp is 0 there too."""
+        from refsim.ops import float32 as f32
+
+        from . import ort_float
+
+        add = expr.inputs[0]
+        mask = next(v for v in add.inputs if isinstance(v, KeyMask))
+        scores = next((v for v in add.inputs if v is not mask), None)
+        if not (isinstance(scores, Dequantized) and not scores.q.is_const and scores.q.per_tensor
+                and scores.q.dtype.bits <= 16 and len(add.inputs) == 2):
+            raise fail(expr.node, "takes float scores plus a key mask quantized at an infinite scale, with no quantizer "
+                                  "on the sum: refsim reads that mask only when the scores themselves are quantized "
+                                  "per tensor (NNCF) or through a quantized sum (quantize_static) or QLinearAdd")
+        q = self._row_input(FloatOp(expr.node, [scores], expr.attrs), "Softmax")
+        self.notes.append(f"node {mask.node.name!r} ({mask.node.op}): the attention mask is quantized at an infinite "
+                          "scale, which onnxruntime dequantizes to NaN (0 * inf): there every attention probability "
+                          "is 0. refsim reads it as the key-padding mask the model means; to run the model as "
+                          "meant in onnxruntime too, leave the mask out of quantization (NNCF: ignored_scope)")
+        scale = np.float32(np.asarray(q.scale).reshape(-1)[0])
+        k, hi, lo = ort_float.float_softmax_tables(scale)
+        sentinel = -(1 << 31)
+        lowest_kept = q.dtype.lo - (q.zp_scalar() or 0)
+        if (lowest_kept - sentinel) >> k < hi.size:  # only for scales below about 5e-8
+            raise fail(expr.node, f"takes scores at scale {float(scale):g}, too fine for refsim's masked-key sentinel")
+        (hm, he), (lm, le) = f32.from_float32(hi), f32.from_float32(lo)
+        (ym,), (ye,) = (np.atleast_1d(v) for v in f32.from_float32(np.float32(np.asarray(target.scale).reshape(-1)[0])))
+        x = self.qnode("Sub", [self.place(q), self.em.const(np.asarray(q.zp_scalar() or 0), q.dtype)],
+                       f"{out}.centred", dtype="int32").name
+        x = integer_ops.select(self.em, self.place(mask.keep), x, self.em.const(np.asarray(sentinel), "int32", f"{out}.masked_key"),
+                               f"{out}.masked")
         result = self.qnode("FloatSoftmax", [x, self.em.const(hm, "int32", f"{out}.hi_m"), self.em.const(he, "int16", f"{out}.hi_e"),
                                              self.em.const(lm, "int32", f"{out}.lo_m"), self.em.const(le, "int16", f"{out}.lo_e")],
                             out, expr.node.name, k=k, y_scale_m=int(ym), y_scale_e=int(ye), zero_point=target.zp_scalar(),
