@@ -71,6 +71,7 @@ class QdqImporter(Importer):
             raise fail(None, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.mode = mode
         self.acc_bounds: dict[str, np.ndarray] = {}  # MatMul accumulators: max |acc| per output column
+        self.unquantized: dict[tuple, QTensor | None] = {}  # LayerNorm outputs used with no quantizer (`unquantized_layernorm`)
         h = self.handlers
         for domain in ("", MICROSOFT):
             h[(domain, "QuantizeLinear")] = self.op_QuantizeLinear
@@ -738,7 +739,7 @@ class QdqImporter(Importer):
         if safe is not None:
             return self.resolve(safe, target, out, qnode)
         if expr.node.op == "Softmax" and isinstance(expr.inputs[0], FloatOp) and expr.inputs[0].node.op == "Add" \
-                and any(isinstance(v, KeyMask) for v in expr.inputs[0].inputs):
+                and any(isinstance(v, KeyMask) or self._float_key_mask(v) is not None for v in expr.inputs[0].inputs):
             return self._key_masked_float_softmax(expr, target, out)
         # Where(mask computed from integers, constants, constants): selected below, no float leaves
         computed_condition = expr.node.op == "Where" and isinstance(expr.inputs[0], QTensor) and not expr.inputs[0].is_const
@@ -998,7 +999,10 @@ class QdqImporter(Importer):
             if q.zp_scalar():
                 t = self.qnode("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{name}.centred").name
             centred.append(t)
-        x = centred[0] if len(centred) == 1 else self.qnode("Mul", centred, f"{name}.product").name
+        levels = [q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar()) for q in factors]
+        # the product's bound, not its operands' types, decides its type (so that the sum after it can be taken)
+        product_type = {"dtype": "int32"} if len(factors) > 1 and int(np.prod([float(v) for v in levels])) < 1 << 31 else {}
+        x = centred[0] if len(centred) == 1 else self.qnode("Mul", centred, f"{name}.product", **product_type).name
         mask = self.place(m)
         if m.zp_scalar():
             mask = self.qnode("Sub", [mask, self.em.const(np.asarray(m.zp_scalar()), m.dtype)], f"{name}.mask").name
@@ -1008,9 +1012,13 @@ class QdqImporter(Importer):
             total = self.qnode("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
             count = self.qnode("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
         count = self.qnode("Clip", [count.name], f"{name}.count_at_least_one", lo=1)
-        mean = self.qnode("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << self.POOL_FRACTION_BITS, eps=0)
+        # A mean over a 0/1 (or any non-negative) mask is at most the hidden states' largest value:
+        # fraction bits where that leaves room in IntegerDiv's int32 (all 16 for 8-bit states)
+        hidden = [lv for q, lv in zip(factors, levels) if q.name != m.name] or levels
+        fraction = max(0, min(self.POOL_FRACTION_BITS, 30 - int(max(hidden)).bit_length()))
+        mean = self.qnode("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << fraction, eps=0)
         s_x = float(np.prod([np.float64(np.asarray(q.scale).reshape(())) for q in factors]))
-        scale = np.float64(np.float32(s_x / float(np.asarray(m.scale).reshape(())) / 2.0**self.POOL_FRACTION_BITS))
+        scale = np.float64(np.float32(s_x / float(np.asarray(m.scale).reshape(())) / 2.0**fraction))
         return Dequantized(replace(mean, scale=np.asarray(scale), zero_point=np.asarray(0, np.int64)))
 
     def _mean_pool(self, value: FloatOp):
@@ -1033,6 +1041,24 @@ class QdqImporter(Importer):
         if axes is None or list(axes) != list(den_axes or []) or not isinstance(mask, Dequantized) or not mask.q.per_tensor:
             return None
         x = num.inputs[0]
+        if isinstance(x, FloatOp) and x.node.op == "Mul" and self.float_ops == "ort":
+            # the hidden states straight from a LayerNorm, unquantized (NNCF's transformer preset)
+            # (on a grid coarse enough that its product with the other factor stays in int32). A
+            # mask that is a plain integer input (scale 1) is taken as int8, checked at run time.
+            inputs = []
+            for v in x.inputs:
+                if isinstance(v, Dequantized) and v.q.dtype.bits > 8 and not v.q.zp_scalar() \
+                        and np.array_equal(np.asarray(v.q.scale, np.float64).reshape(-1), [1.0]):
+                    narrow = self.qnode("Cast", [self.place(v.q)], f"{v.q.name}.int8", dtype="int8", overflow="error")
+                    v = Dequantized(replace(v.q, name=narrow.name, dtype=narrow.dtype))
+                inputs.append(v)
+            x = replace(x, inputs=inputs)
+            others = [v.q for v in x.inputs if isinstance(v, Dequantized)]
+            spare = 30 - max((rq.type_bound(q.dtype.name, q.zp_scalar()) for q in others), default=1).bit_length()
+            bits = min(self.UNQUANTIZED_LN_BITS, spare)
+            unquantized = [self.unquantized_layernorm(v, bits) if isinstance(v, FloatOp) and v.node.op == "LayerNormalization"
+                           else None for v in x.inputs]
+            x = replace(x, inputs=[Dequantized(u) if u is not None else v for u, v in zip(unquantized, x.inputs)])
         if isinstance(x, FloatOp) and x.node.op == "Mul" and all(isinstance(v, Dequantized) for v in x.inputs):
             factors = [v.q for v in x.inputs]
         elif isinstance(x, Dequantized):
@@ -1130,22 +1156,29 @@ class QdqImporter(Importer):
         from . import ort_float
 
         add = expr.inputs[0]
-        mask = next(v for v in add.inputs if isinstance(v, KeyMask))
-        scores = next((v for v in add.inputs if v is not mask), None)
+        mask = next((v for v in add.inputs if isinstance(v, KeyMask)), None)
+        if mask is None:  # a float Where(keep, 0, -inf), unquantized (NNCF's transformer preset)
+            mask = next(self._float_key_mask(v) for v in add.inputs if self._float_key_mask(v) is not None)
+            masks = [v for v in add.inputs if self._float_key_mask(v) is not None]
+        else:
+            masks = [mask]
+            self.notes.append(f"node {mask.node.name!r} ({mask.node.op}): the attention mask is quantized at an infinite "
+                              "scale, which onnxruntime dequantizes to NaN (0 * inf): there every attention probability "
+                              "is 0. refsim reads it as the key-padding mask the model means; to run the model as "
+                              "meant in onnxruntime too, leave the mask out of quantization (NNCF: ignored_scope)")
+        scores = next((v for v in add.inputs if v is not masks[0]), None)
         if not (isinstance(scores, Dequantized) and not scores.q.is_const and scores.q.per_tensor
-                and scores.q.dtype.bits <= 16 and len(add.inputs) == 2):
-            raise fail(expr.node, "takes float scores plus a key mask quantized at an infinite scale, with no quantizer "
-                                  "on the sum: refsim reads that mask only when the scores themselves are quantized "
-                                  "per tensor (NNCF) or through a quantized sum (quantize_static) or QLinearAdd")
+                and scores.q.dtype.bits <= 32 and len(add.inputs) == 2):
+            raise fail(expr.node, "takes float scores plus a key mask (0 or -inf), with no quantizer on the sum: refsim "
+                                  "reads that only when the scores are quantized per tensor or an integer accumulator "
+                                  "of quantized tensors (NNCF), or through a quantized sum (quantize_static) or QLinearAdd")
         q = self._row_input(FloatOp(expr.node, [scores], expr.attrs), "Softmax")
-        self.notes.append(f"node {mask.node.name!r} ({mask.node.op}): the attention mask is quantized at an infinite "
-                          "scale, which onnxruntime dequantizes to NaN (0 * inf): there every attention probability "
-                          "is 0. refsim reads it as the key-padding mask the model means; to run the model as "
-                          "meant in onnxruntime too, leave the mask out of quantization (NNCF: ignored_scope)")
-        scale = np.float32(np.asarray(q.scale).reshape(-1)[0])
+        scale = (np.float32(np.asarray(q.factors[0]).reshape(-1)[0]) * np.float32(np.asarray(q.factors[1]).reshape(-1)[0])
+                 if q.factors is not None else np.float32(np.asarray(q.scale).reshape(-1)[0]))
         k, hi, lo = ort_float.float_softmax_tables(scale)
         sentinel = -(1 << 31)
-        lowest_kept = q.dtype.lo - (q.zp_scalar() or 0)
+        bound = q.bound if q.bound is not None else self.acc_bounds.get(q.name)  # an accumulator's, from its operands
+        lowest_kept = -int(np.max(bound)) if bound is not None else q.dtype.lo - (q.zp_scalar() or 0)
         if (lowest_kept - sentinel) >> k < hi.size:  # only for scales below about 5e-8
             raise fail(expr.node, f"takes scores at scale {float(scale):g}, too fine for refsim's masked-key sentinel")
         (hm, he), (lm, le) = f32.from_float32(hi), f32.from_float32(lo)
@@ -1159,6 +1192,17 @@ class QdqImporter(Importer):
                             out, expr.node.name, k=k, y_scale_m=int(ym), y_scale_e=int(ye), zero_point=target.zp_scalar(),
                             dtype=target.dtype.name)
         return replace(target, name=result.name, shape=result.shape)
+
+    def _float_key_mask(self, v) -> KeyMask | None:
+        """Where(keep, 0, very negative) computed in float from an integer condition, quantized
+        nowhere: a key-padding mask (read as `KeyMask`)."""
+        if not (isinstance(v, FloatOp) and v.node.op == "Where" and isinstance(v.inputs[0], QTensor)
+                and not v.inputs[0].is_const):
+            return None
+        fills = [self._scalar(x) for x in v.inputs[1:]]
+        if fills[0] == 0.0 and fills[1] is not None and fills[1] <= MASK_VERY_NEGATIVE:
+            return KeyMask(v.inputs[0], v.node)
+        return None
 
     def _ort_layernorm(self, expr: FloatOp, target: QTensor, out: str, post: np.ndarray | None = None) -> QTensor | None:
         """LayerNormRound for expr quantized at target; `post`, a constant multiplying its result."""
@@ -1195,8 +1239,42 @@ class QdqImporter(Importer):
                               out, expr.node.name, eps=p["eps"], k=p["k"], shift=p["shift"], dtype=target.dtype.name, **bounds)
         return replace(target, name=result.name, shape=result.shape)
 
+    # The float32 precision a LayerNorm output keeps when it is used unquantized (24 bits at the
+    # largest value the output can take, as float32's mantissa at that value)
+    UNQUANTIZED_LN_BITS = 24
+
+    def unquantized_layernorm(self, expr: FloatOp, bits: int | None = None) -> QTensor | None:
+        """A LayerNormalization whose float output is used with no quantizer (NNCF's transformer
+        preset adds it to the next block's float result: the residual stream stays float) as
+        integers on a power-of-two grid 2^-UNQUANTIZED_LN_BITS of its largest possible value
+        (|y| <= max|gamma| * sqrt(N - 1) + max|beta|): `LayerNormRound`, the exact LayerNorm
+        rounded once. onnxruntime keeps float32, 24 bits relative to each value; the grid keeps
+        24 bits relative to the largest, so smaller values keep fewer (docs/IMPORT.md, residue).
+        None when expr is not such a LayerNorm. `bits` narrows the grid (a product must fit int32)."""
+        bits = self.UNQUANTIZED_LN_BITS if bits is None else bits
+        key = (expr.node.outputs[0], bits)
+        if key in self.unquantized:
+            return self.unquantized[key]
+        ins = expr.inputs
+        n = self.float_shape(expr)[-1] if isinstance(expr, FloatOp) else None
+        if not isinstance(n, int):
+            return None
+        gamma = np.asarray(self.evaluate(ins[1], None, None), np.float64).reshape(-1)
+        beta = (np.asarray(self.evaluate(ins[2], None, None), np.float64).reshape(-1)
+                if len(ins) > 2 and ins[2] is not None else np.zeros(1))
+        largest = float(np.abs(gamma).max(initial=0)) * np.sqrt(max(n - 1, 1)) + float(np.abs(beta).max(initial=0))
+        scale = 2.0 ** (int(np.ceil(np.log2(max(largest, 2.0**-60)))) - bits)
+        target = QTensor(None, TYPES["int32"], tuple(self.float_shape(expr)), scale=np.asarray(scale, np.float64),
+                         zero_point=np.asarray(0, np.int64))
+        q = self._ort_layernorm(expr, target, f"{key[0]}.unquantized{bits}")
+        if q is not None:
+            q = replace(q, bound=1 << (bits + 1))
+        self.unquantized[key] = q
+        return q
+
     # float sums of quantized tensors (NNCF's residual Add before LayerNorm): integers on one grid
     SUM_BITS = 24  # the precision onnxruntime's float32 sum keeps at the sum's largest value
+    TERM_EXTRA_BITS = 8  # how much finer than that each term is rounded when the exact sum needs over 62 bits
 
     def exact_sum(self, v, out: str) -> QTensor | None:
         """The float value v = sum_i c_i * (q_i - z_i) + constant as integers on one power-of-two
@@ -1222,22 +1300,41 @@ class QdqImporter(Importer):
         finest = max(_dyadic_exponent(c) for c in [*coefs.values(), constant])
         if finest > 1000:
             return None
+        levels = {name: q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar())
+                  for name, (q, _) in terms.items()}
         bound = int(np.abs(constant).max(initial=0) * 2.0**finest)
-        for name, (q, _) in terms.items():
-            levels = q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar())
-            bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * levels
-        if bound >= 1 << 62:
-            return None
+        for name in terms:
+            bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * levels[name]
+        rounded_terms = bound >= 1 << 62
+        if rounded_terms:
+            # The exact sum does not fit int64 (an accumulator at the product of two float32
+            # scales beside a grid of its own): each term is rounded first, to a grid
+            # TERM_EXTRA_BITS finer than the SUM_BITS the sum keeps; then summed exactly.
+            largest = float(np.abs(constant).max(initial=0)) + sum(
+                float(np.abs(coefs[name]).max(initial=0)) * levels[name] for name in terms)
+            finest = self.SUM_BITS + self.TERM_EXTRA_BITS - int(np.ceil(np.log2(largest)))
+            bound = 1 << (self.SUM_BITS + self.TERM_EXTRA_BITS + 1)
         total, offset = None, constant * 2.0**finest
         for i, (name, (q, _)) in enumerate(terms.items()):
-            m = (coefs[name] * 2.0**finest).astype(np.int64)
-            zp = np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64).reshape(-1)
-            offset = offset - (m * zp if zp.size == 1 else m * zp.reshape(m.shape))
-            if m.ndim:
-                m = m.reshape(-1) if m.size > 1 else m.reshape(())
-            term = self.qnode("Mul", [self.place(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
+            m = coefs[name] * 2.0**finest
+            if rounded_terms and not np.array_equal(m, np.rint(m)):
+                zp = np.unique(np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64))
+                if zp.size > 1:
+                    return None  # per-channel zero points: not a term refsim rounds
+                ratio = m.reshape(-1) if m.size > 1 else m.reshape(())
+                term_name = rq.requantize(self.em, self.place(q), ratio, bound=levels[name], dtype="int64", policy="dyadic",
+                                          input_zero_point=int(zp[0]), rounding="half_even", axis=-1,
+                                          stem=f"{out}.term{i}", what=out)
+                term = QTensor(term_name, TYPES["int64"], tuple(self.em.builder.tensors[term_name].shape))
+            else:
+                m = m.astype(np.int64)
+                zp = np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64).reshape(-1)
+                offset = offset - (m * zp if zp.size == 1 else m * zp.reshape(m.shape))
+                if m.ndim:
+                    m = m.reshape(-1) if m.size > 1 else m.reshape(())
+                term = self.qnode("Mul", [self.place(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
             total = term if total is None else self.qnode("Add", [total.name, term.name], f"{out}.sum", dtype="int64")
-        offset = np.asarray(offset, np.int64)
+        offset = np.asarray(np.rint(offset) if rounded_terms else offset, np.int64)
         drop = max(0, bound.bit_length() - (self.SUM_BITS - 1))
         if drop:
             inputs = [total.name, self.em.const(np.asarray(1)), self.em.const(np.asarray(drop)),
@@ -1378,6 +1475,9 @@ class QdqImporter(Importer):
         op, ins = v.node.op, v.inputs
         if op in ("Identity",):
             return self.affine_terms(ins[0])
+        if op == "LayerNormalization" and self.float_ops == "ort":
+            q = self.unquantized_layernorm(v)
+            return None if q is None else ({q.name: (q, np.asarray(q.scale, np.float64))}, np.float64(0.0))
         if op in ("Add", "Sub", "Neg"):
             parts = [self.affine_terms(i) for i in ins]
             if any(p is None for p in parts):
