@@ -359,11 +359,57 @@ class QdqImporter(Importer):
             return q
         if isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
             raise fail(node, f"{what} is a float constant; quantize it (QuantizeLinear/DequantizeLinear) first")
+        if isinstance(value, FloatOp) and self.float_ops == "ort":
+            unquantized = self.unquantized_softmax(value)
+            if unquantized is None:
+                unquantized = self.unquantized_affine(value)
+            if unquantized is not None:
+                return unquantized
         if isinstance(value, FloatOp):
             raise fail(node, f"{what} is the float result of {describe(value.node)}; it needs a QuantizeLinear first")
         if isinstance(value, FloatInput):
             raise fail(node, f"{what} is float input {value.info.name!r}; it needs a QuantizeLinear first")
         return self.integer(node, value, what)
+
+    def unquantized_affine(self, expr: FloatOp) -> QTensor | None:
+        """A float sum of quantized tensors and constants (an accumulator plus its float bias),
+        moved by Reshape/Transpose, used unquantized as a MatMul operand (NNCF's transformer
+        preset: the value projection, attention unmasked): the sum on one grid (`exact_sum`, rounded
+        to SUM_BITS where onnxruntime keeps float32), then moved. None when expr is not such a sum."""
+        key = ("affine", expr.node.outputs[0])
+        if key not in self.unquantized:
+            unmoved, moves = self.sink_moves(expr)
+            q = self.exact_sum(unmoved, f"{expr.node.outputs[0]}.unquantized") if isinstance(unmoved, FloatOp) else None
+            for move in moves if q is not None else []:
+                q = move.apply(q)
+            self.unquantized[key] = q
+        return self.unquantized[key]
+
+    # Attention probabilities used with no quantizer, on a 2^-15 grid in uint16 (1.0 fits)
+    UNQUANTIZED_SOFTMAX_BITS = 15
+
+    def unquantized_softmax(self, expr: FloatOp) -> QTensor | None:
+        """A Softmax whose float probabilities go unquantized into the next MatMul (NNCF's
+        transformer preset, attention unmasked): onnxruntime's float32 Softmax replayed
+        (`FloatSoftmax`) and rounded once to 2^-UNQUANTIZED_SOFTMAX_BITS, where onnxruntime keeps
+        float32 (docs/IMPORT.md, residue). None when expr is not such a Softmax."""
+        expr = _nan_guarded_softmax(expr) or expr
+        if expr.node.op != "Softmax":
+            return None
+        key = expr.node.outputs[0]
+        if key not in self.unquantized:
+            target = QTensor(None, TYPES["uint16"], tuple(self.float_shape(expr)),
+                             scale=np.asarray(2.0**-self.UNQUANTIZED_SOFTMAX_BITS), zero_point=np.asarray(0, np.int64))
+            x = expr.inputs[0]
+            out = f"{key}.unquantized"
+            q = None
+            if isinstance(x, FloatOp) and x.node.op == "Add" and any(
+                    isinstance(v, KeyMask) or self._float_key_mask(v) is not None for v in x.inputs):
+                q = self._key_masked_float_softmax(expr, target, out)
+            elif isinstance(x, Dequantized) and not x.q.is_const and x.q.per_tensor and x.q.dtype.bits <= 32:
+                q = self._float_softmax(expr, target, out)
+            self.unquantized[key] = None if q is None else replace(q, bound=1 << self.UNQUANTIZED_SOFTMAX_BITS)
+        return self.unquantized[key]
 
     def _zero_point_input(self, q: QTensor, dtype=None, per_channel_ok=False, node=None, what=""):
         if q.zero_point is None or not np.any(q.zero_point):
@@ -384,13 +430,20 @@ class QdqImporter(Importer):
         inputs = [self.place(a), self.place(b),
                   self._zero_point_input(a, node=node, what="the first operand"),
                   self._zero_point_input(b, per_channel_ok=True, node=node), bias]
-        acc = self.qnode("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB))
+        terms = a.shape[-2] if transA else a.shape[-1]
+        wide = {}
+        if isinstance(terms, int) and terms * self.levels(a) * self.levels(b) >= 1 << 31:
+            wide = {"acc_bits": 64}  # wide operands (unquantized values on a fine grid): an int64 accumulator
+        acc = self.qnode("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB), **wide)
         if b.is_const and not transA and not transB and a.scale is not None:
             self.acc_bounds[acc.name] = self._column_bounds(a, b)
         elif a.scale is not None and b.scale is not None and b.per_tensor and isinstance(a.shape[-1 - bool(transA)], int):
             terms = a.shape[-2] if transA else a.shape[-1]
             self.acc_bounds[acc.name] = np.asarray(terms * _largest(a) * _largest(b), np.int64)
-        return self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
+        acc = self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
+        if wide:  # its requantization takes its multiplier bits from this bound, not from int64's range
+            acc = replace(acc, bound=terms * self.levels(a) * self.levels(b))
+        return acc
 
     @staticmethod
     def _column_bounds(a: QTensor, w: QTensor) -> np.ndarray:
@@ -1272,6 +1325,14 @@ class QdqImporter(Importer):
         self.unquantized[key] = q
         return q
 
+    def levels(self, q: QTensor) -> int:
+        """The bound on |q - zero_point|: its own, a MatMul accumulator's from its operands, or its type's."""
+        if q.bound is not None:
+            return int(q.bound)
+        if q.name in self.acc_bounds:
+            return int(np.max(self.acc_bounds[q.name]))
+        return rq.type_bound(q.dtype.name, q.zp_scalar())
+
     # float sums of quantized tensors (NNCF's residual Add before LayerNorm): integers on one grid
     SUM_BITS = 24  # the precision onnxruntime's float32 sum keeps at the sum's largest value
     TERM_EXTRA_BITS = 8  # how much finer than that each term is rounded when the exact sum needs over 62 bits
@@ -1300,8 +1361,7 @@ class QdqImporter(Importer):
         finest = max(_dyadic_exponent(c) for c in [*coefs.values(), constant])
         if finest > 1000:
             return None
-        levels = {name: q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar())
-                  for name, (q, _) in terms.items()}
+        levels = {name: self.levels(q) for name, (q, _) in terms.items()}
         bound = int(np.abs(constant).max(initial=0) * 2.0**finest)
         for name in terms:
             bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * levels[name]
@@ -1533,7 +1593,9 @@ class QdqImporter(Importer):
         largest = max(float(np.max(np.abs(r))) for r in ratios.values())
         if largest == 0.0:
             return None
-        widest = max(q.dtype.bits for q, _ in terms.values()) + 1
+        # an int64 operand (a wide accumulator) counts by its bound, else no multiplier bits are left
+        widest = max(q.dtype.bits if q.dtype.bits <= 32 else min(64, self.levels(q).bit_length() + 1)
+                     for q, _ in terms.values()) + 1
         mul_bits = min(30, 60 - widest - len(terms).bit_length())
         shift = int(mul_bits - np.frexp(largest)[1])
         if shift < 0:
