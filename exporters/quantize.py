@@ -124,6 +124,10 @@ class Walker:
         self.producers = g.producers()
         self.skipped = self._mask_only()
         self.unpaired_attention: list[str] = []  # ITA attention blocks no feed-forward block follows yet
+        # The GELUs ITA's activation unit computes (Modes.on_ita_gelu): feed-forward layers'
+        # activations whose first linear layer runs on ITA.
+        self.ita_activations = {ff.activation.name for ff in match_feedforward(g)
+                                if self.modes.on_ita(self.options.layer(self.layer_name(ff.fc1.nodes[0])))} if options.ita else set()
 
     # --- integer tensors ------------------------------------------------------------------------
 
