@@ -116,7 +116,7 @@ FAMILIES = {f.name: f for f in (
                "about 0.5 dB of each other at every point both store, 26 dB at layer 0's Q/K/V; its constants are the float ones "
                "to half a step, tests/test_ita_gelu_placement.py). The fake-quant model is itself that sensitive: "
                "relative noise of 1e-4 (80 dB) on its embedding LayerNorm output alone moves its embedding to cosine "
-               "0.983 against itself (0.995 with the 24 int8 LayerNorm-output points left float, 0.99999 with all 96 "
+               "0.983 against itself (ibert's fake-quant: 0.99905; ita's 0.995 with the 24 int8 LayerNorm-output points left float, 0.99999 with all 96 "
                "int8 points float): ITA's int8 per-tensor points on MiniLM's outlier dimensions (LayerNorm outputs "
                "21-30 dB, GELU outputs 16-28 dB, scores on the ln 2 grid 17-24 dB) turn any difference into "
                "independent rounding"),
