@@ -8,7 +8,7 @@ mode uses and wires it into the graph.
 |---|---|---|
 | matrix products | 32-bit accumulators (64 where the operands' worst sum needs it: 16-bit weights or inputs; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8); a layer with 16-bit weights or inputs runs beside ITA as in `ibert` |
 | softmax | IBertSoftmax on the scores requantized to int16, output 2^-15 steps (uint16) | ITAMax / ITAPartialMax (ITA RTL preset: k=0, 255*256, -128) on int8 scores at the op's input scale, folded into the QK requantization |
-| GELU | LutInterp16 (LiteRT's interpolated int16 table of the float GELU) on the input requantized to int16, int16 out; `gelu="ibert"`: IBertGelu | ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8 |
+| GELU | LutInterp16 (LiteRT's interpolated int16 table of the float GELU) on the input requantized to int16, int16 out; `gelu="ibert"`: IBertGelu | a feed-forward layer's (first linear layer on ITA): ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8; any other GELU (a pooler's) runs beside ITA: LutInterp16 as in `ibert` |
 | LayerNorm | IBertLayerNorm (shift from the calibrated row variance), then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
 | NoNorm | NoNorm (gamma at 16 bits, exact int64) | the same |
 | tanh, kept-float GELU | lookup table on the 8-bit (16-bit) input, exact | the same |
@@ -89,6 +89,19 @@ class Modes:
         """The scale an ITA softmax needs on its int8 input (None: calibrated)."""
         return self.softmax_params().input_scale if self.options.ita else None
 
+    def on_ita_gelu(self, walker, node: Node) -> bool:
+        """Whether ITA's activation unit computes this GELU. ITA has a GELU only between the
+        two layers of its feed-forward layer (docs/ITA.md: F1, act, F2), so a GELU is ITA's
+        when it is a feed-forward layer's activation whose first linear layer runs on ITA
+        (`Walker.ita_activations`), in block form or layer by layer. Any other GELU, such as
+        DeBERTa's pooler GELU on the class token right before the classifier, is no step of
+        ITA's: it runs beside ITA with the table GELU of `ibert` mode (LutInterp16, about two
+        int16 steps from the exact GELU). ITAGelu there (I-BERT's erf polynomial, 23-24 dB
+        from the exact GELU) cost DeBERTa-v2 its integer vs fake-quant cosine (0.993), at a
+        point no ITA datapath constrains."""
+        return (self.options.ita and node.op == "Gelu" and node.name in walker.ita_activations
+                and not walker.options.layers.matching(walker.layer_name(node)).get("keep_float"))
+
     def ita_gelu_input_scale(self, walker, tensor: str) -> float:
         """The calibrated 8-bit scale, coarsened to what PyITA's i-GELU can take."""
         return max(walker.scale_of(tensor, 8), ITA_GELU_MIN_SCALE)
@@ -133,7 +146,7 @@ class Modes:
         if factor is not None:
             return self.softmax_input_scale() / factor
         users = walker.users.get(tensor, [])
-        if len(users) == 1 and users[0].op == "Gelu" and not walker.options.layers.matching(walker.layer_name(users[0])).get("keep_float"):
+        if len(users) == 1 and self.on_ita_gelu(walker, users[0]):
             return self.ita_gelu_input_scale(walker, tensor)
         return walker.scale_of(tensor, 8)
 
@@ -157,7 +170,7 @@ class Modes:
     def activation_input_bits(self, walker, node: Node) -> int:
         layer = walker.layer_name(node)
         if node.op == "Gelu" and not walker.options.layers.matching(layer).get("keep_float"):
-            return 8 if self.options.ita else IBERT_GELU_INPUT_BITS
+            return 8 if self.on_ita_gelu(walker, node) else IBERT_GELU_INPUT_BITS
         return self.options.activation_bits(layer, 8)
 
     def gelu(self, walker, node: Node) -> None:
@@ -166,7 +179,7 @@ class Modes:
         if walker.options.layers.matching(layer).get("keep_float"):
             walker.lookup_table(node, lambda x: nonlinear.gelu(x, approximate))
             return
-        if self.options.ita:
+        if self.on_ita_gelu(walker, node):
             x = walker.at_scale(node.inputs[0], self.ita_gelu_input_scale(walker, node.inputs[0]), 8, node, 0)
             out_scale = walker.scale_of(node.outputs[0], 8)
             p = nonlinear.pyita_gelu_params(float(x.scale), out_scale)
@@ -174,7 +187,7 @@ class Modes:
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=8)
             return
         x = walker.get(node.inputs[0], IBERT_GELU_INPUT_BITS, node, 0)
-        if self.options.gelu == "table":
+        if self.options.gelu == "table" or self.options.ita:  # beside ITA: the table (on_ita_gelu)
             # The float GELU at the input's scale in a 513-entry table, interpolated (about
             # two output steps from the exact GELU); its int16 output scale is calibrated.
             p = nonlinear.gelu_table_params(float(x.scale), walker.scale_of(node.outputs[0], 16), approximate)

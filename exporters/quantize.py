@@ -39,6 +39,7 @@ from . import nonlinear
 from .calibrate import Calibration, quantize_weight, weight_range
 from .config import ExportOptions, signed_type
 from .dyadic import ExportError
+from .frontend import patterns
 from .frontend import requant as rq
 from .frontend.emitter import Emitter
 from .frontend.graph import Graph, Node
@@ -124,6 +125,11 @@ class Walker:
         self.producers = g.producers()
         self.skipped = self._mask_only()
         self.unpaired_attention: list[str] = []  # ITA attention blocks no feed-forward block follows yet
+        # The GELUs ITA's activation unit computes (Modes.on_ita_gelu): feed-forward layers'
+        # activations whose first linear layer runs on ITA, in block form or layer by layer
+        # (`patterns.match_feedforward`, apart from `run`'s block-form choice, which tests turn off).
+        self.ita_activations = {ff.activation.name for ff in patterns.match_feedforward(g)
+                                if self.modes.on_ita(self.options.layer(self.layer_name(ff.fc1.nodes[0])))} if options.ita else set()
 
     # --- integer tensors ------------------------------------------------------------------------
 

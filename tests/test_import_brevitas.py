@@ -96,11 +96,12 @@ def test_export_onnx_qcdq_4bit_clip_narrows_and_equals_brevitas(tmp_path, record
     assert {"int4", "uint4"} <= {t.dtype.name for t in model.graph.tensors.values()}
 
 
-def test_export_qonnx_multihead_attention_within_one_step_of_qonnx(tmp_path, record_property):
+def test_export_qonnx_multihead_attention_matches_qonnx(tmp_path, record_property):
     """The projections' float Add results are reshaped and transposed (and the query divided
     by sqrt(d)) before their Quant nodes: refsim quantizes first and moves the integers.
-    qonnx computes the Softmax of the wide score accumulator in float32; refsim's integer
-    softmax stands for it, so outputs are within one output step (the documented residue)."""
+    qonnx computes the Softmax of the wide score accumulator in float32 (onnxruntime): with
+    --float-ops ort refsim replays it (FloatSoftmax) and every output equals qonnx's; refsim's
+    integer softmax, the default, is within one output step (the documented residue)."""
     from brevitas.export import export_qonnx
 
     class Attention(torch.nn.Module):
@@ -129,3 +130,7 @@ def test_export_qonnx_multihead_attention_within_one_step_of_qonnx(tmp_path, rec
     print(f"\nQuantMultiheadAttention: {exact}/{want.size} outputs equal qonnx's, the rest one step ({step}) off")
     assert np.max(np.abs(got - want)) <= step * (1 + 1e-6)
     assert exact >= want.size * 0.6
+    replayed, model = _run(path, x.numpy(), float_ops="ort")
+    assert "FloatSoftmax" in {n.op for n in model.graph.nodes}
+    record_property("brevitas_mha_float_ops_ort_exact", f"{int(np.sum(replayed == want))}/{want.size}")
+    np.testing.assert_array_equal(replayed, want)

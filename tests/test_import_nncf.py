@@ -238,13 +238,34 @@ def test_nncf_gelu_threshold_matches_onnxruntime(tmp_path_factory, tmp_path):
     assert diff.max() <= 1 and (diff != 0).mean() < 2e-3
 
 
-def test_nncf_default_preset_masked_is_refused_and_onnxruntime_gives_zero_attention(tmp_path_factory):
-    """The masked default preset: NNCF quantizes the additive mask at an infinite scale and adds
-    it, unquantized, to the float scores. onnxruntime dequantizes it to NaN (0 * inf) and
-    transformers' IsNaN guard turns every probability into 0 (checked here), so its output is
-    not the model's meaning; refsim refuses in one line naming the Softmax."""
+def finite_mask_scale(model):
+    """onnxruntime's oracle for NNCF's attention mask quantized at an infinite scale (int8, zero
+    point -128, so that 0 and -inf both quantize to -128 and dequantize to NaN = 0 * inf): the
+    same model with that quantizer at scale 1e4 and zero point 127. A kept key's 0 then stays 0
+    and a masked key's -inf becomes -2.55e6, whose exp is 0 in float32: the key-padding mask
+    the model means."""
+    import copy
+
     import onnx
-    from refsim.exporters.importers import ImportFailure
+
+    model = copy.deepcopy(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in inits \
+                and np.isinf(onnx.numpy_helper.to_array(inits[node.input[1]])).any():
+            inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(np.float32(1e4), node.input[1]))
+            inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(np.int8(127), node.input[2]))
+            changed += 1
+    assert changed, "no quantizer at an infinite scale: the test model changed"
+    return model
+
+
+def test_nncf_default_preset_masked_gives_zero_attention_in_onnxruntime(tmp_path_factory):
+    """Why the masked model's oracle is edited: NNCF quantizes the additive mask at an infinite
+    scale and adds it, unquantized, to the float scores. onnxruntime dequantizes it to NaN
+    (0 * inf) and transformers' IsNaN guard turns every probability into 0."""
+    import onnx
 
     model = _nncf_bert(tmp_path_factory, masked=True)
     probs = next(n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and "layer.0/attention/self/Where_1" in n.output[0])  # after the IsNaN guard
@@ -253,30 +274,107 @@ def test_nncf_default_preset_masked_is_refused_and_onnxruntime_gives_zero_attent
     probe.graph.output.append(onnx.ValueInfoProto(name=probs))
     mask = np.ones((2, 8), np.int64)
     mask[1, 6:] = 0
-    got = _session(probe, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run([probs], {"input_ids": np.zeros((2, 8), np.int64),
-                                                                                   "attention_mask": mask})[0]
+    feeds = {"input_ids": np.zeros((2, 8), np.int64), "attention_mask": mask}
+    got = _session(probe, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run([probs], feeds)[0]
     zero_point = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                       if t.name == next(n.input[2] for n in model.graph.node if n.output[0] == probs))
     assert np.all(got == zero_point)
-    with pytest.raises(ImportFailure, match=r"^node '/bert/encoder/layer.0/attention/self/Softmax' \(Softmax\): takes float "
-                                            r"scores plus a key mask quantized at an infinite scale.*NaN"):
-        import_model(model, requant="ort", float_ops="ort")
+    meant = onnx.ModelProto()
+    meant.CopyFrom(finite_mask_scale(probe))
+    kept = _session(meant, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run([probs], feeds)[0]
+    assert np.any(kept != zero_point)  # with a finite mask scale the probabilities are there
+
+
+@pytest.mark.parametrize("level", ["basic", "all"])
+def test_nncf_default_preset_masked_imports_whole(tmp_path_factory, level, record_property, capsys):
+    """The masked default preset, end to end: the scores quantized, the mask at an infinite
+    scale added in float, Softmax, the IsNaN guard, the probabilities' quantizer. refsim reads
+    the mask as the key-padding mask the model means (FloatSoftmax of the scores with masked keys
+    left out) and says so in a note naming the mask's node; the oracle is onnxruntime running the
+    same model with a finite mask scale (`finite_mask_scale`). Measured at ORT_ENABLE_BASIC
+    230,544/230,544 quantized values equal, cosine 1.0000000; at ORT_ENABLE_ALL QGemm's int16
+    saturation (u8s8 on AVX2) moves some (docs/IMPORT.md, NNCF)."""
+    model = _nncf_bert(tmp_path_factory, masked=True)
+    imported = import_model(model, requant="ort", float_ops="ort")
+    assert "FloatSoftmax" in {n.op for n in imported.graph.nodes}
+    notes = imported.metadata["import"]["notes"]
+    assert len(notes) == 2 and all("quantized at an infinite scale" in n and "attention/self/Where" in n for n in notes), notes
+    exact, total, cosines = _agreement(finite_mask_scale(model), imported, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                                       if level == "basic" else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    record_property(f"nncf_default_masked_{level}", f"{exact}/{total}, cosine min {cosines.min():.6f}")
+    print(f"\nNNCF default preset, masked, vs onnxruntime ({level}, finite mask scale): {exact}/{total} integer "
+          f"values equal, output cosine min {cosines.min():.6f}, mean {cosines.mean():.6f}")
+    if level == "basic":
+        assert exact == total and cosines.min() >= 0.99999
+        import onnx
+        from refsim.cli import main
+
+        folder = tmp_path_factory.mktemp("nncf_masked_cli")
+        onnx.save(model, folder / "nncf.onnx")
+        assert main(["import", str(folder / "nncf.onnx"), "-o", str(folder / "m.intq"), "--requant", "ort",
+                     "--float-ops", "ort"]) == 0
+        lines = capsys.readouterr().err.splitlines()
+        assert sum(line.startswith("refsim: note: node '/bert/encoder/layer.") and "infinite scale" in line
+                   for line in lines) == 2, lines
+    else:  # measured 188,057/230,544, cosine min 0.999951
+        assert exact / total >= 0.8 and cosines.min() >= 0.9998
+
+
+def _per_tensor(model, imported, level, trials=8):
+    """{QuantizeLinear output: (equal, total, max |difference|)} against onnxruntime."""
+    import onnx
+
+    quantized = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=q) for q in quantized)
+    session = _session(probe, level)
+    names = {v: k for k, v in imported.metadata["onnx_names"].items()}
+    rng = np.random.default_rng(0)
+    stats = {}
+    for trial in range(trials):
+        mask = np.ones((2, 8), np.int64)
+        mask[1, 5 + trial % 3:] = 0
+        feeds = {"input_ids": rng.integers(0, 50, (2, 8)), "attention_mask": mask}
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        traced = quantize_inputs(imported, feeds)
+        imported.run(dict(traced), trace=lambda node, name, a: traced.__setitem__(name, np.asarray(a)))
+        for q in quantized:
+            mine = traced.get(names.get(q))
+            if mine is not None and mine.size == want[q].size:
+                d = np.abs(mine.reshape(-1).astype(int) - want[q].reshape(-1).astype(int))
+                e, t, m = stats.get(q, (0, 0, 0))
+                stats[q] = (e + int((d == 0).sum()), t + d.size, max(m, int(d.max())))
+    return stats
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_nncf_transformer_preset_is_refused_in_one_line(tmp_path_factory, masked):
-    """The transformer preset never quantizes the attention probabilities (nor, masked, the
-    scores plus the mask), and its residual stream stays float: refused at the first attention,
-    naming the node (docs/IMPORT.md, NNCF transformer preset)."""
-    from refsim.exporters.importers import ImportFailure
-
+def test_nncf_transformer_preset_imports_whole(tmp_path_factory, masked, record_property):
+    """The transformer preset (SmoothQuant) leaves float what onnxruntime computes in float32: the
+    attention scores (masked: plus a float -inf mask) into the Softmax, the probabilities (unmasked:
+    unquantized into the context MatMul, with the value projection's float result), the residual
+    stream (each LayerNorm's float output added to the next block's result) and the pooled output.
+    refsim carries those on fine integer grids (docs/IMPORT.md, NNCF transformer preset: the
+    residues). Against onnxruntime (basic: DequantizeLinear, float MatMul), every quantized
+    tensor up to the first block's scores exact, the first that differs by one step, and the
+    embedding's cosine 1 - 1e-6."""
     model = _nncf_bert(tmp_path_factory, masked=masked, preset="transformer")
-    if masked:
-        where, why = r"Softmax' \(Softmax\)", r"takes float scores plus an attention mask that no QuantizeLinear quantizes"
-    else:
-        where, why = r"MatMul_1' \(MatMul\)", r"the first operand is the float result of node '[^']*Softmax' \(Softmax\)"
-    with pytest.raises(ImportFailure, match=rf"^node '/bert/encoder/layer.0/attention/self/{where}: {why}"):
-        import_model(model, requant="ort", float_ops="ort")
+    imported = import_model(model, requant="ort", float_ops="ort")
+    assert "FloatSoftmax" in {n.op for n in imported.graph.nodes}
+    stats = _per_tensor(model, imported, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    exact, total = sum(v[0] for v in stats.values()), sum(v[1] for v in stats.values())
+    worst = max(v[2] for v in stats.values())
+    _, _, cosines = _agreement(model, imported, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    record_property(f"nncf_transformer_{'masked' if masked else 'unmasked'}", f"{exact}/{total}, max {worst}, "
+                    f"cosine min {cosines.min():.7f}")
+    print(f"\nNNCF transformer preset, {'masked' if masked else 'unmasked'}, vs onnxruntime (basic): {exact}/{total} "
+          f"quantized values equal, largest difference {worst} step(s), embedding cosine min {cosines.min():.7f}")
+    first = [q for q in stats if "layer.0/attention/self/Mul" in q]
+    assert first and all(stats[q][0] == stats[q][1] for q in first)  # up to the scores: no float region yet
+    # each float region's residue is one step where it begins; the next block's softmax can widen
+    # a one-step difference in its scores (measured: 3 steps in a few masked context values)
+    divergent = next(v for v in stats.values() if v[0] < v[1])
+    assert divergent[2] == 1 and worst <= 4 and exact / total >= 0.99 and cosines.min() >= 0.999999
 
 
 @pytest.mark.slow
@@ -329,3 +427,63 @@ def test_real_minilm_nncf_default_unmasked_reproduces_onnxruntime(tmp_path, reco
           f"min {mine.min():.4f}, mean {mine.mean():.4f}; onnxruntime all vs basic min {theirs.min():.4f}, "
           f"mean {theirs.mean():.4f}; refsim vs all min {cosine(got, every).min():.4f}")
     assert mine.mean() >= theirs.mean() - 0.02 and mine.min() >= theirs.min() - 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
+def test_real_minilm_nncf_default_masked_reproduces_onnxruntime(tmp_path, record_property):
+    """The real all-MiniLM-L6-v2 with its attention mask, NNCF's default preset calibrated on the
+    16 development sentences, imported whole and compared on them with onnxruntime running the
+    same model at a finite mask scale (`finite_mask_scale`; the file itself gives all-zero
+    attention there). The model is as sensitive as the unmasked one (above), so refsim must be
+    no further from onnxruntime (basic) than onnxruntime's own two graph levels are apart."""
+    from refsim.exporters.importers import dequantize_outputs
+    from test_import_producers import _nncf, _real_minilm_float
+
+    float_path, feeds = _real_minilm_float(tmp_path, masked=True)
+    model = _nncf(float_path, feeds, "default")
+    imported = import_model(model, requant="ort", float_ops="ort")
+    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, feeds)))["emb"].astype(np.float64)
+    meant = finite_mask_scale(model)
+    basic, every = (_session(meant, level).run(None, feeds)[0].astype(np.float64)
+                    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
+
+    def cosine(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    mine, theirs = cosine(got, basic), cosine(every, basic)
+    record_property("minilm_nncf_default_masked_cosine_min", float(mine.min()))
+    print(f"\nreal MiniLM, NNCF default preset, masked: cosine to onnxruntime (basic, finite mask scale) "
+          f"min {mine.min():.4f}, mean {mine.mean():.4f}; onnxruntime all vs basic min {theirs.min():.4f}, "
+          f"mean {theirs.mean():.4f}")
+    assert mine.mean() >= theirs.mean() - 0.02 and mine.min() >= theirs.min() - 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
+@pytest.mark.parametrize("masked", [False, True])
+def test_real_minilm_nncf_transformer_preset_reproduces_onnxruntime(tmp_path, masked, record_property):
+    """The real all-MiniLM-L6-v2, NNCF's transformer preset calibrated on the 16 development
+    sentences, imported whole: its float regions on refsim's fine grids (docs/IMPORT.md), against
+    onnxruntime (basic) on those sentences. Measured: cosine min 0.99905 unmasked, 0.99929 masked;
+    onnxruntime's own ALL and BASIC levels (MLAS float32 kernels in another order) are min 0.99984
+    and 0.99897 apart: the float32 rounding of six layers of float residual stream, not refsim's
+    grids, sets this, so refsim must be within 0.001 of how far onnxruntime is from itself."""
+    from refsim.exporters.importers import dequantize_outputs
+    from test_import_producers import _nncf, _real_minilm_float
+
+    float_path, feeds = _real_minilm_float(tmp_path, masked=masked)
+    model = _nncf(float_path, feeds, "transformer")
+    imported = import_model(model, requant="ort", float_ops="ort")
+    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, feeds)))["emb"].astype(np.float64)
+    basic, every = (_session(model, level).run(None, feeds)[0].astype(np.float64)
+                    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
+
+    def cosine(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    mine, theirs = cosine(got, basic), cosine(every, basic)
+    record_property(f"minilm_nncf_transformer_{masked}_cosine_min", float(mine.min()))
+    print(f"\nreal MiniLM, NNCF transformer preset, {'masked' if masked else 'unmasked'}: cosine to onnxruntime (basic) "
+          f"min {mine.min():.6f}, mean {mine.mean():.6f}; onnxruntime all vs basic min {theirs.min():.6f}")
+    assert mine.min() >= min(0.999, theirs.min()) - 0.001

@@ -45,8 +45,8 @@ def cases(draw):
     x = np.array(draw(st.lists(values, min_size=rows * length, max_size=rows * length)), x_dtype).reshape(rows, length)
     if draw(st.booleans()):
         x[0, 0], x[-1, -1] = info.max, info.min  # extremes: differences past hi's end
-    y_scale = np.float32(draw(st.floats(2.0**-12, 0.5, width=32)))
-    dtype = draw(st.sampled_from(["uint8", "int8"]))
+    y_scale = np.float32(draw(st.floats(2.0**-16, 0.5, width=32)))
+    dtype = draw(st.sampled_from(["uint8", "int8", "uint16"]))  # uint16: unquantized probabilities (2^-15)
     zero_point = draw(st.integers(TYPES[dtype].lo, TYPES[dtype].hi))
     return x, hi, lo, k, y_scale, zero_point, dtype
 

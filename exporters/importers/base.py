@@ -79,6 +79,9 @@ class Importer:
         self.handlers: dict[tuple[str, str], Handler] = {}
         self.input_quantization: dict[str, dict] = {}
         self.const_types: dict[str, int] = {}  # ONNX element type of folded sub-byte constants
+        # Readings of the graph a user should know of (each names its node), kept in the
+        # .intq's import metadata and printed by `refsim import`.
+        self.notes: list[str] = []
         for op in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Slice", "Concat",
                    "Split", "Identity", "MaxPool", "Pad", "Shape", "Size"):
             self.handlers[("", op)] = getattr(self, f"op_{op}")
@@ -254,6 +257,8 @@ class Importer:
             "float_ops": self.float_ops,
             "producer": self.g.producer,
         }
+        if self.notes:
+            b.metadata["import"]["notes"] = list(dict.fromkeys(self.notes))
         b.metadata["boundary"] = {"inputs": self.input_quantization, "outputs": outputs}
         b.metadata["onnx_names"] = self.record_onnx_names()
         try:

@@ -75,6 +75,7 @@ class QdqImporter(DynamicMixin, Importer):
             raise fail(None, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         self.mode = mode
         self.acc_bounds: dict[str, np.ndarray] = {}  # MatMul accumulators: max |acc| per output column
+        self.unquantized: dict[tuple, QTensor | None] = {}  # LayerNorm outputs used with no quantizer (`unquantized_layernorm`)
         self.init_dynamic()
         h = self.handlers
         for domain in ("", MICROSOFT):
@@ -350,11 +351,57 @@ class QdqImporter(DynamicMixin, Importer):
             return q
         if isinstance(value, Const) and np.asarray(value.value).dtype.kind == "f":
             raise fail(node, f"{what} is a float constant; quantize it (QuantizeLinear/DequantizeLinear) first")
+        if isinstance(value, FloatOp) and self.float_ops == "ort":
+            unquantized = self.unquantized_softmax(value)
+            if unquantized is None:
+                unquantized = self.unquantized_affine(value)
+            if unquantized is not None:
+                return unquantized
         if isinstance(value, FloatOp):
             raise fail(node, f"{what} is the float result of {describe(value.node)}; it needs a QuantizeLinear first")
         if isinstance(value, FloatInput):
             raise fail(node, f"{what} is float input {value.info.name!r}; it needs a QuantizeLinear first")
         return self.integer(node, value, what)
+
+    def unquantized_affine(self, expr: FloatOp) -> QTensor | None:
+        """A float sum of quantized tensors and constants (an accumulator plus its float bias),
+        moved by Reshape/Transpose, used unquantized as a MatMul operand (NNCF's transformer
+        preset: the value projection, attention unmasked): the sum on one grid (`exact_sum`, rounded
+        to SUM_BITS where onnxruntime keeps float32), then moved. None when expr is not such a sum."""
+        key = ("affine", expr.node.outputs[0])
+        if key not in self.unquantized:
+            unmoved, moves = self.sink_moves(expr)
+            q = self.exact_sum(unmoved, f"{expr.node.outputs[0]}.unquantized") if isinstance(unmoved, FloatOp) else None
+            for move in moves if q is not None else []:
+                q = move.apply(q)
+            self.unquantized[key] = q
+        return self.unquantized[key]
+
+    # Attention probabilities used with no quantizer, on a 2^-15 grid in uint16 (1.0 fits)
+    UNQUANTIZED_SOFTMAX_BITS = 15
+
+    def unquantized_softmax(self, expr: FloatOp) -> QTensor | None:
+        """A Softmax whose float probabilities go unquantized into the next MatMul (NNCF's
+        transformer preset, attention unmasked): onnxruntime's float32 Softmax replayed
+        (`FloatSoftmax`) and rounded once to 2^-UNQUANTIZED_SOFTMAX_BITS, where onnxruntime keeps
+        float32 (docs/IMPORT.md, residue). None when expr is not such a Softmax."""
+        expr = _nan_guarded_softmax(expr) or expr
+        if expr.node.op != "Softmax":
+            return None
+        key = expr.node.outputs[0]
+        if key not in self.unquantized:
+            target = QTensor(None, TYPES["uint16"], tuple(self.float_shape(expr)),
+                             scale=np.asarray(2.0**-self.UNQUANTIZED_SOFTMAX_BITS), zero_point=np.asarray(0, np.int64))
+            x = expr.inputs[0]
+            out = f"{key}.unquantized"
+            q = None
+            if isinstance(x, FloatOp) and x.node.op == "Add" and any(
+                    isinstance(v, KeyMask) or self._float_key_mask(v) is not None for v in x.inputs):
+                q = self._key_masked_float_softmax(expr, target, out)
+            elif isinstance(x, Dequantized) and not x.q.is_const and x.q.per_tensor and x.q.dtype.bits <= 32:
+                q = self._float_softmax(expr, target, out)
+            self.unquantized[key] = None if q is None else replace(q, bound=1 << self.UNQUANTIZED_SOFTMAX_BITS)
+        return self.unquantized[key]
 
     def _zero_point_input(self, q: QTensor, dtype=None, per_channel_ok=False, node=None, what=""):
         if q.zero_point is None or not np.any(q.zero_point):
@@ -375,25 +422,28 @@ class QdqImporter(DynamicMixin, Importer):
         inputs = [self.place(a), self.place(b),
                   self._zero_point_input(a, node=node, what="the first operand"),
                   self._zero_point_input(b, per_channel_ok=True, node=node), bias]
+        terms = a.shape[-2] if transA else a.shape[-1]
         wide = {}
-        if self.dynamic and a.scale is not None and b.scale is not None:  # fine grids (quantize_dynamic's float MatMul)
-            terms = a.shape[-2] if transA else a.shape[-1]
-            if isinstance(terms, int) and terms * _largest(a) * _largest(b) >= 1 << 31:
-                wide = {"acc_bits": 64}
+        if isinstance(terms, int) and terms * self.levels(a) * self.levels(b) >= 1 << 31:
+            wide = {"acc_bits": 64}  # wide operands (unquantized values on a fine grid): an int64 accumulator
         acc = self.qnode("MatMul", inputs, out, node.name, transA=bool(transA), transB=bool(transB), **wide)
         if b.is_const and not transA and not transB and a.scale is not None:
             self.acc_bounds[acc.name] = self._column_bounds(a, b)
         elif a.scale is not None and b.scale is not None and b.per_tensor and isinstance(a.shape[-1 - bool(transA)], int):
             terms = a.shape[-2] if transA else a.shape[-1]
             self.acc_bounds[acc.name] = np.asarray(terms * _largest(a) * _largest(b), np.int64)
-            if self.dynamic:  # fine grids: the bound sizes the grids after it
-                row_norm = None
-                if a.name in self.probabilities and not transA:  # rows of probabilities sum to at most 1 (+ rounding)
-                    self.acc_bounds[acc.name] = np.asarray((_largest(a) + terms) * _largest(b), np.int64)
-                    if b.row_norm is not None and not transB:  # a row of P @ V: a convex combination of V's rows
-                        row_norm = b.row_norm * (1 + terms * 2.0**-22)
-                acc = replace(acc, bound=int(self.acc_bounds[acc.name]), row_norm=row_norm)
-        return self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
+        row_norm = None
+        if self.dynamic and a.name in self.probabilities and not transA and isinstance(terms, int):
+            # rows of probabilities sum to at most 1 (+ rounding): |P @ V| is at most max |V|
+            self.acc_bounds[acc.name] = np.asarray((_largest(a) + terms) * _largest(b), np.int64)
+            if b.row_norm is not None and not transB:  # a row of P @ V: a convex combination of V's rows
+                row_norm = b.row_norm * (1 + terms * 2.0**-22)
+        acc = self._accumulator(acc, a, b, axis=len(acc.shape) - 1)
+        if wide:  # its requantization takes its multiplier bits from this bound, not from int64's range
+            acc = replace(acc, bound=terms * self.levels(a) * self.levels(b))
+        if self.dynamic and acc.name in self.acc_bounds:  # fine grids: the bound sizes the grids after it
+            acc = replace(acc, bound=int(np.max(self.acc_bounds[acc.name])), row_norm=row_norm)
+        return acc
 
     @staticmethod
     def _column_bounds(a: QTensor, w: QTensor) -> np.ndarray:
@@ -744,11 +794,8 @@ class QdqImporter(DynamicMixin, Importer):
         if safe is not None:
             return self.resolve(safe, target, out, qnode)
         if expr.node.op == "Softmax" and isinstance(expr.inputs[0], FloatOp) and expr.inputs[0].node.op == "Add" \
-                and any(isinstance(v, KeyMask) for v in expr.inputs[0].inputs):
-            raise fail(expr.node, "takes float scores plus a key mask quantized at an infinite scale, with no quantizer "
-                                  "on the sum (NNCF): onnxruntime dequantizes that mask to NaN (0 * inf), so every "
-                                  "probability it computes is NaN (0 after an IsNaN guard); refsim reads such a mask "
-                                  "only through a quantized sum (quantize_static) or QLinearAdd")
+                and any(isinstance(v, KeyMask) or self._float_key_mask(v) is not None for v in expr.inputs[0].inputs):
+            return self._key_masked_float_softmax(expr, target, out)
         # Where(mask computed from integers, constants, constants): selected below, no float leaves
         computed_condition = expr.node.op == "Where" and isinstance(expr.inputs[0], QTensor) and not expr.inputs[0].is_const
         leaves = {} if computed_condition else self._runtime_leaves(expr)
@@ -1007,14 +1054,18 @@ class QdqImporter(DynamicMixin, Importer):
             if q.zp_scalar():
                 t = self.qnode("Sub", [t, self.em.const(np.asarray(q.zp_scalar()), q.dtype)], f"{name}.centred").name
             centred.append(t)
-        if not (self.dynamic and len(factors) == 2 and axes == [1] and self._pooled_by_matmul(factors)):
-            x = centred[0] if len(centred) == 1 else self.qnode("Mul", centred, f"{name}.product").name
+        levels = [q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar()) for q in factors]
+        pooled_by_matmul = self.dynamic and len(factors) == 2 and axes == [1] and self._pooled_by_matmul(factors)
+        # the product's bound, not its operands' types, decides its type (so that the sum after it can be taken)
+        product_type = {"dtype": "int32"} if len(factors) > 1 and int(np.prod([float(v) for v in levels])) < 1 << 31 else {}
+        if not pooled_by_matmul:
+            x = centred[0] if len(centred) == 1 else self.qnode("Mul", centred, f"{name}.product", **product_type).name
         mask = self.place(m)
         if m.zp_scalar():
             mask = self.qnode("Sub", [mask, self.em.const(np.asarray(m.zp_scalar()), m.dtype)], f"{name}.mask").name
         if axes is None:  # NNCF: the sums were quantized already; Div of the two
             total, count = self.em.builder.tensors[x], self.em.builder.tensors[mask]
-        elif self.dynamic and len(factors) == 2 and axes == [1] and self._pooled_by_matmul(factors):
+        elif pooled_by_matmul:
             # quantize_dynamic: h on a 24-bit grid times an integer mask; sum_t h[b,t,:] * m[b,t]
             # as one MatMul into int64 (exact; a product's declared int64 type cannot be summed)
             h, w = (0, 1) if factors[1].shape[-1] == 1 else (1, 0)
@@ -1026,8 +1077,10 @@ class QdqImporter(DynamicMixin, Importer):
             total = self.qnode("ReduceSum", [x], f"{name}.sum", axes=axes, keepdims=False)
             count = self.qnode("ReduceSum", [mask], f"{name}.count", axes=axes, keepdims=False)
         count = self.qnode("Clip", [count.name], f"{name}.count_at_least_one", lo=1)
-        # quantize_dynamic's h is on a 24-bit grid already: the mean keeps that grid (int32)
-        fraction = 0 if self.dynamic else self.POOL_FRACTION_BITS
+        # A mean over a 0/1 (or any non-negative) mask is at most the hidden states' largest value:
+        # fraction bits where that leaves room in IntegerDiv's int32 (all 16 for 8-bit states)
+        hidden = [lv for q, lv in zip(factors, levels) if q.name != m.name] or levels
+        fraction = max(0, min(self.POOL_FRACTION_BITS, 30 - int(max(hidden)).bit_length()))
         mean = self.qnode("IntegerDiv", [total.name, count.name], f"{name}.mean", Delta=1 << fraction, eps=0)
         s_x = float(np.prod([np.float64(np.asarray(q.scale).reshape(())) for q in factors]))
         scale = np.float64(np.float32(s_x / float(np.asarray(m.scale).reshape(())) / 2.0**fraction))
@@ -1059,6 +1112,24 @@ class QdqImporter(DynamicMixin, Importer):
         if axes is None or list(axes) != list(den_axes or []) or not isinstance(mask, Dequantized) or not mask.q.per_tensor:
             return None
         x = num.inputs[0]
+        if isinstance(x, FloatOp) and x.node.op == "Mul" and self.float_ops == "ort":
+            # the hidden states straight from a LayerNorm, unquantized (NNCF's transformer preset)
+            # (on a grid coarse enough that its product with the other factor stays in int32). A
+            # mask that is a plain integer input (scale 1) is taken as int8, checked at run time.
+            inputs = []
+            for v in x.inputs:
+                if isinstance(v, Dequantized) and v.q.dtype.bits > 8 and not v.q.zp_scalar() \
+                        and np.array_equal(np.asarray(v.q.scale, np.float64).reshape(-1), [1.0]):
+                    narrow = self.qnode("Cast", [self.place(v.q)], f"{v.q.name}.int8", dtype="int8", overflow="error")
+                    v = Dequantized(replace(v.q, name=narrow.name, dtype=narrow.dtype))
+                inputs.append(v)
+            x = replace(x, inputs=inputs)
+            others = [v.q for v in x.inputs if isinstance(v, Dequantized)]
+            spare = 30 - max((rq.type_bound(q.dtype.name, q.zp_scalar()) for q in others), default=1).bit_length()
+            bits = min(self.UNQUANTIZED_LN_BITS, spare)
+            unquantized = [self.unquantized_layernorm(v, bits) if isinstance(v, FloatOp) and v.node.op == "LayerNormalization"
+                           else None for v in x.inputs]
+            x = replace(x, inputs=[Dequantized(u) if u is not None else v for u, v in zip(unquantized, x.inputs)])
         if isinstance(x, FloatOp) and x.node.op == "Mul" and all(isinstance(v, Dequantized) for v in x.inputs):
             factors = [v.q for v in x.inputs]
         elif isinstance(x, Dequantized):
@@ -1143,6 +1214,67 @@ class QdqImporter(DynamicMixin, Importer):
                             dtype=target.dtype.name)
         return replace(target, name=result.name, shape=result.shape)
 
+    def _key_masked_float_softmax(self, expr: FloatOp, target: QTensor, out: str) -> QTensor:
+        """Softmax(DequantizeLinear(scores) + mask) with the mask quantized at an infinite scale
+        and no quantizer on the sum (NNCF's default preset). onnxruntime dequantizes such a mask
+        to NaN (0 * inf) and the IsNaN guard zeroes every probability; the graph means a
+        key-padding mask, as quantize_static's infinitely scaled mask does (`infinitely_scaled`).
+        In float32 a masked score plus the mask is far below -104 / s, so its exp is 0 and the
+        row is the float32 Softmax of the kept scores: FloatSoftmax of q - z with masked keys
+        set to a sentinel past the exp table's end, whose exp is 0 there too."""
+        from refsim.ops import float32 as f32
+
+        from . import ort_float
+
+        add = expr.inputs[0]
+        mask = next((v for v in add.inputs if isinstance(v, KeyMask)), None)
+        if mask is None:  # a float Where(keep, 0, -inf), unquantized (NNCF's transformer preset)
+            mask = next(self._float_key_mask(v) for v in add.inputs if self._float_key_mask(v) is not None)
+            masks = [v for v in add.inputs if self._float_key_mask(v) is not None]
+        else:
+            masks = [mask]
+            self.notes.append(f"node {mask.node.name!r} ({mask.node.op}): the attention mask is quantized at an infinite "
+                              "scale, which onnxruntime dequantizes to NaN (0 * inf): there every attention probability "
+                              "is 0. refsim reads it as the key-padding mask the model means; to run the model as "
+                              "meant in onnxruntime too, leave the mask out of quantization (NNCF: ignored_scope)")
+        scores = next((v for v in add.inputs if v is not masks[0]), None)
+        if not (isinstance(scores, Dequantized) and not scores.q.is_const and scores.q.per_tensor
+                and scores.q.dtype.bits <= 32 and len(add.inputs) == 2):
+            raise fail(expr.node, "takes float scores plus a key mask (0 or -inf), with no quantizer on the sum: refsim "
+                                  "reads that only when the scores are quantized per tensor or an integer accumulator "
+                                  "of quantized tensors (NNCF), or through a quantized sum (quantize_static) or QLinearAdd")
+        q = self._row_input(FloatOp(expr.node, [scores], expr.attrs), "Softmax")
+        scale = (np.float32(np.asarray(q.factors[0]).reshape(-1)[0]) * np.float32(np.asarray(q.factors[1]).reshape(-1)[0])
+                 if q.factors is not None else np.float32(np.asarray(q.scale).reshape(-1)[0]))
+        k, hi, lo = ort_float.float_softmax_tables(scale)
+        sentinel = -(1 << 31)
+        bound = q.bound if q.bound is not None else self.acc_bounds.get(q.name)  # an accumulator's, from its operands
+        lowest_kept = -int(np.max(bound)) if bound is not None else q.dtype.lo - (q.zp_scalar() or 0)
+        if (lowest_kept - sentinel) >> k < hi.size:  # only for scales below about 5e-8
+            raise fail(expr.node, f"takes scores at scale {float(scale):g}, too fine for refsim's masked-key sentinel")
+        (hm, he), (lm, le) = f32.from_float32(hi), f32.from_float32(lo)
+        (ym,), (ye,) = (np.atleast_1d(v) for v in f32.from_float32(np.float32(np.asarray(target.scale).reshape(-1)[0])))
+        x = self.qnode("Sub", [self.place(q), self.em.const(np.asarray(q.zp_scalar() or 0), q.dtype)],
+                       f"{out}.centred", dtype="int32").name
+        x = integer_ops.select(self.em, self.place(mask.keep), x, self.em.const(np.asarray(sentinel), "int32", f"{out}.masked_key"),
+                               f"{out}.masked")
+        result = self.qnode("FloatSoftmax", [x, self.em.const(hm, "int32", f"{out}.hi_m"), self.em.const(he, "int16", f"{out}.hi_e"),
+                                             self.em.const(lm, "int32", f"{out}.lo_m"), self.em.const(le, "int16", f"{out}.lo_e")],
+                            out, expr.node.name, k=k, y_scale_m=int(ym), y_scale_e=int(ye), zero_point=target.zp_scalar(),
+                            dtype=target.dtype.name)
+        return replace(target, name=result.name, shape=result.shape)
+
+    def _float_key_mask(self, v) -> KeyMask | None:
+        """Where(keep, 0, very negative) computed in float from an integer condition, quantized
+        nowhere: a key-padding mask (read as `KeyMask`)."""
+        if not (isinstance(v, FloatOp) and v.node.op == "Where" and isinstance(v.inputs[0], QTensor)
+                and not v.inputs[0].is_const):
+            return None
+        fills = [self._scalar(x) for x in v.inputs[1:]]
+        if fills[0] == 0.0 and fills[1] is not None and fills[1] <= MASK_VERY_NEGATIVE:
+            return KeyMask(v.inputs[0], v.node)
+        return None
+
     def _ort_layernorm(self, expr: FloatOp, target: QTensor, out: str, post: np.ndarray | None = None) -> QTensor | None:
         """LayerNormRound for expr quantized at target; `post`, a constant multiplying its result."""
         from . import ort_float
@@ -1178,8 +1310,50 @@ class QdqImporter(DynamicMixin, Importer):
                               out, expr.node.name, eps=p["eps"], k=p["k"], shift=p["shift"], dtype=target.dtype.name, **bounds)
         return replace(target, name=result.name, shape=result.shape)
 
+    # The float32 precision a LayerNorm output keeps when it is used unquantized (24 bits at the
+    # largest value the output can take, as float32's mantissa at that value)
+    UNQUANTIZED_LN_BITS = 24
+
+    def unquantized_layernorm(self, expr: FloatOp, bits: int | None = None) -> QTensor | None:
+        """A LayerNormalization whose float output is used with no quantizer (NNCF's transformer
+        preset adds it to the next block's float result: the residual stream stays float) as
+        integers on a power-of-two grid 2^-UNQUANTIZED_LN_BITS of its largest possible value
+        (|y| <= max|gamma| * sqrt(N - 1) + max|beta|): `LayerNormRound`, the exact LayerNorm
+        rounded once. onnxruntime keeps float32, 24 bits relative to each value; the grid keeps
+        24 bits relative to the largest, so smaller values keep fewer (docs/IMPORT.md, residue).
+        None when expr is not such a LayerNorm. `bits` narrows the grid (a product must fit int32)."""
+        bits = self.UNQUANTIZED_LN_BITS if bits is None else bits
+        key = (expr.node.outputs[0], bits)
+        if key in self.unquantized:
+            return self.unquantized[key]
+        ins = expr.inputs
+        n = self.float_shape(expr)[-1] if isinstance(expr, FloatOp) else None
+        if not isinstance(n, int):
+            return None
+        gamma = np.asarray(self.evaluate(ins[1], None, None), np.float64).reshape(-1)
+        beta = (np.asarray(self.evaluate(ins[2], None, None), np.float64).reshape(-1)
+                if len(ins) > 2 and ins[2] is not None else np.zeros(1))
+        largest = float(np.abs(gamma).max(initial=0)) * np.sqrt(max(n - 1, 1)) + float(np.abs(beta).max(initial=0))
+        scale = 2.0 ** (int(np.ceil(np.log2(max(largest, 2.0**-60)))) - bits)
+        target = QTensor(None, TYPES["int32"], tuple(self.float_shape(expr)), scale=np.asarray(scale, np.float64),
+                         zero_point=np.asarray(0, np.int64))
+        q = self._ort_layernorm(expr, target, f"{key[0]}.unquantized{bits}")
+        if q is not None:
+            q = replace(q, bound=1 << (bits + 1))
+        self.unquantized[key] = q
+        return q
+
+    def levels(self, q: QTensor) -> int:
+        """The bound on |q - zero_point|: its own, a MatMul accumulator's from its operands, or its type's."""
+        if q.bound is not None:
+            return int(q.bound)
+        if q.name in self.acc_bounds:
+            return int(np.max(self.acc_bounds[q.name]))
+        return rq.type_bound(q.dtype.name, q.zp_scalar())
+
     # float sums of quantized tensors (NNCF's residual Add before LayerNorm): integers on one grid
     SUM_BITS = 24  # the precision onnxruntime's float32 sum keeps at the sum's largest value
+    TERM_EXTRA_BITS = 8  # how much finer than that each term is rounded when the exact sum needs over 62 bits
 
     def exact_sum(self, v, out: str) -> QTensor | None:
         """The float value v = sum_i c_i * (q_i - z_i) + constant as integers on one power-of-two
@@ -1205,22 +1379,40 @@ class QdqImporter(DynamicMixin, Importer):
         finest = max(_dyadic_exponent(c) for c in [*coefs.values(), constant])
         if finest > 1000:
             return None
+        levels = {name: self.levels(q) for name, (q, _) in terms.items()}
         bound = int(np.abs(constant).max(initial=0) * 2.0**finest)
-        for name, (q, _) in terms.items():
-            levels = q.bound if q.bound is not None else rq.type_bound(q.dtype.name, q.zp_scalar())
-            bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * levels
-        if bound >= 1 << 62:
-            return None
+        for name in terms:
+            bound += int(np.abs(coefs[name]).max(initial=0) * 2.0**finest) * levels[name]
+        rounded_terms = bound >= 1 << 62
+        if rounded_terms:
+            # The exact sum does not fit int64 (an accumulator at the product of two float32
+            # scales beside a grid of its own): each term is rounded first, to a grid
+            # TERM_EXTRA_BITS finer than the SUM_BITS the sum keeps; then summed exactly.
+            largest = float(np.abs(constant).max(initial=0)) + sum(
+                float(np.abs(coefs[name]).max(initial=0)) * levels[name] for name in terms)
+            finest = self.SUM_BITS + self.TERM_EXTRA_BITS - int(np.ceil(np.log2(largest)))
+            bound = 1 << (self.SUM_BITS + self.TERM_EXTRA_BITS + 1)
         total, offset = None, constant * 2.0**finest
         for i, (name, (q, _)) in enumerate(terms.items()):
-            m = (coefs[name] * 2.0**finest).astype(np.int64)
-            zp = np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64).reshape(-1)
-            offset = offset - (m * zp if zp.size == 1 else m * zp.reshape(m.shape))
-            if m.ndim:
-                m = m.reshape(-1) if m.size > 1 else m.reshape(())
-            term = self.qnode("Mul", [self.place(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
+            m = coefs[name] * 2.0**finest
+            if rounded_terms and not np.array_equal(m, np.rint(m)):
+                zp = np.unique(np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64))
+                if zp.size > 1:
+                    return None  # per-channel zero points: not a term refsim rounds
+                ratio = m.reshape(-1) if m.size > 1 else m.reshape(())
+                term_name = rq.requantize(self.em, self.place(q), ratio, bound=levels[name], dtype="int64", policy="dyadic",
+                                          input_zero_point=int(zp[0]), rounding="half_even", axis=-1,
+                                          stem=f"{out}.term{i}", what=out)
+                term = QTensor(term_name, TYPES["int64"], tuple(self.em.builder.tensors[term_name].shape))
+            else:
+                m = m.astype(np.int64)
+                zp = np.asarray(q.zero_point if q.zero_point is not None else 0, np.int64).reshape(-1)
+                offset = offset - (m * zp if zp.size == 1 else m * zp.reshape(m.shape))
+                if m.ndim:
+                    m = m.reshape(-1) if m.size > 1 else m.reshape(())
+                term = self.qnode("Mul", [self.place(q), self.em.const(m, stem=f"{out}.mul{i}")], f"{out}.term{i}", dtype="int64")
             total = term if total is None else self.qnode("Add", [total.name, term.name], f"{out}.sum", dtype="int64")
-        offset = np.asarray(offset, np.int64)
+        offset = np.asarray(np.rint(offset) if rounded_terms else offset, np.int64)
         drop = max(0, bound.bit_length() - (self.SUM_BITS - 1))
         if drop:
             inputs = [total.name, self.em.const(np.asarray(1)), self.em.const(np.asarray(drop)),
@@ -1361,6 +1553,9 @@ class QdqImporter(DynamicMixin, Importer):
         op, ins = v.node.op, v.inputs
         if op in ("Identity",):
             return self.affine_terms(ins[0])
+        if op == "LayerNormalization" and self.float_ops == "ort":
+            q = self.unquantized_layernorm(v)
+            return None if q is None else ({q.name: (q, np.asarray(q.scale, np.float64))}, np.float64(0.0))
         if op in ("Add", "Sub", "Neg"):
             parts = [self.affine_terms(i) for i in ins]
             if any(p is None for p in parts):
@@ -1416,7 +1611,9 @@ class QdqImporter(DynamicMixin, Importer):
         largest = max(float(np.max(np.abs(r))) for r in ratios.values())
         if largest == 0.0:
             return None
-        widest = max(q.dtype.bits for q, _ in terms.values()) + 1
+        # an int64 operand (a wide accumulator) counts by its bound, else no multiplier bits are left
+        widest = max(q.dtype.bits if q.dtype.bits <= 32 else min(64, self.levels(q).bit_length() + 1)
+                     for q, _ in terms.values()) + 1
         mul_bits = min(30, 60 - widest - len(terms).bit_length())
         shift = int(mul_bits - np.frexp(largest)[1])
         if shift < 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def _shape(text: str):
     name, _, dims = text.partition("=")
@@ -68,4 +70,6 @@ def main(args) -> int:
     ops = sorted({n.op for n in model.graph.nodes})
     how = f"{info['format']}, requant {info['requant']}" if info else "a refsim graph written by `refsim convert`"
     print(f"imported {args.model} ({how}) -> {args.output}: {len(model.graph.nodes)} nodes ({', '.join(ops)})")
+    for note in (info or {}).get("notes", []):
+        print(f"refsim: note: {note}", file=sys.stderr)
     return 0
