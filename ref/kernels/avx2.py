@@ -171,15 +171,16 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
         return
     # Few tasks, each with its rows of A within L2, as every task streams all of B once.
     # (numba.get_num_threads here would stop Numba caching the kernel: a dynamic global.)
+    # Blocks are dealt out evenly (22 blocks, 128 rows: 5, 6, 5, 6, so two threads get 11
+    # each; whole shares of task_blocks gave 12 and 10).
     tasks = min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
-    task_blocks = (blocks + tasks - 1) // tasks
-    tasks = (blocks + task_blocks - 1) // task_blocks
     keep_acc = acc_out.shape[0] > 0
     add = corr.astype(np.int32)
     for g in prange(tasks):
-        row0 = g * task_blocks * MR
-        rows = min(m - row0, task_blocks * MR)
-        nblocks = (rows + MR - 1) // MR
+        first, last = g * blocks // tasks, (g + 1) * blocks // tasks
+        row0 = first * MR
+        rows = min(m - row0, (last - first) * MR)
+        nblocks = last - first
         abuf = np.zeros((nblocks * MR, kp), np.int16)
         for i in range(rows):
             for kk in range(k):
