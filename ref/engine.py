@@ -2,11 +2,12 @@
 
 The engine knows no op by name. Preparing a node picks its kernel: the first registered
 fast kernel that applies (`refsim.kernels`), else the op's own prepared kernel, else the
-op's formula. Then a fusion pass lets a kernel absorb the next node when that node is the
-only reader of its output and takes nothing else computed (a weight product and the
-Requant after it run as one pass over each block while it is in cache). A fused step
-returns the intermediate it skips when asked, so a traced run sees every tensor exactly as
-an unfused one.
+op's formula. Then a fusion pass lets a kernel absorb the first reader of its output when
+that node takes nothing else computed (a weight product and the Requant after it run as
+one pass over each block while it is in cache). A fused step returns the intermediate it
+skips when asked, so a traced run sees every tensor exactly as an unfused one; when other
+nodes read that intermediate too, only a kernel that always returns it may fuse (a
+LayerNorm, whose output the residual branch reads, and its Requant).
 
 For each step the engine calls the kernel, checks that the result has the declared storage
 type and shape, hands it to the trace callback, and frees intermediates after their last
@@ -47,6 +48,7 @@ class _Step:
     producer: Node | None = None
     hidden: Tensor | None = None
     threads: backend.ThreadChoice | None = None  # None: always one thread
+    shared: bool = False  # later steps read the hidden output too: always ask for it
 
 
 class _Shapes:
@@ -159,7 +161,8 @@ class Model:
         return steps
 
     def _fuse(self, steps: list[_Step]) -> list[_Step]:
-        """Merge each step whose kernel can absorb the only reader of its single output."""
+        """Merge each step whose kernel can absorb the first reader of its single output (the
+        only reader, unless the fused kernel always returns that output for the others)."""
         tensors = self.graph.tensors
         readers: dict[str, list[int]] = {}
         for index, step in enumerate(steps):
@@ -172,24 +175,31 @@ class Model:
         for index, step in enumerate(steps):
             if index in absorbed:
                 continue
-            fused = None
+            fused, shared = None, False
             if hasattr(step.kernel, "fuse") and len(step.outputs) == 1 and step.outputs[0].name not in outputs:
                 name = step.outputs[0].name
                 users = readers.get(name, [])
-                if len(users) == 1 and users[0] not in absorbed:
-                    consumer = steps[users[0]]
+                shared = len(users) > 1
+                for consumer_index in users:  # the first reader that this kernel can absorb
+                    consumer = steps[consumer_index]
                     others = consumer.inputs[1:]
-                    if (consumer.inputs[0] == name and len(consumer.outputs) == 1
-                            and all(not n or tensors[n].is_const for n in others)):
-                        args = [tensors[n].data if n else None for n in others]
-                        run_consumer = functools.partial(_call_with, consumer.kernel, args)
-                        fused = step.kernel.fuse(consumer.kernel, run_consumer)
+                    if (consumer_index in absorbed or consumer.inputs[0] != name or len(consumer.outputs) != 1
+                            or any(n and not tensors[n].is_const for n in others)):
+                        continue
+                    args = [tensors[n].data if n else None for n in others]
+                    run_consumer = functools.partial(_call_with, consumer.kernel, args)
+                    fused = step.kernel.fuse(consumer.kernel, run_consumer)
+                    # Other nodes read the output too: only a kernel that always returns it fuses.
+                    if fused is not None and shared and not getattr(fused, "keeps_output", False):
+                        fused = None
+                    if fused is not None or not shared:
+                        break
             if fused is None:
                 merged.append(step)
                 continue
-            absorbed.add(users[0])
+            absorbed.add(consumer_index)
             merged.append(_Step(consumer.node, fused, step.inputs, consumer.outputs, [], step.computed,
-                                producer=step.node, hidden=step.outputs[0]))
+                                producer=step.node, hidden=step.outputs[0], shared=shared))
         return merged
 
     def _releases(self, steps: list[_Step]) -> None:
@@ -291,7 +301,7 @@ class Model:
             if numba_backend:
                 backend.set_threads(choice.counts[option] if choice is not None else 1)
             hidden = step.hidden
-            keep_hidden = hidden is not None and (trace is not None or hidden.name in keep or not numba_backend)
+            keep_hidden = hidden is not None and (step.shared or trace is not None or hidden.name in keep or not numba_backend)
             started = clock()
             try:
                 if hidden is None:

@@ -65,3 +65,52 @@ def test_lut_interp16_with_a_computed_table_runs_the_op():
     with backend.use("numpy"):
         expected = model.run({"x": x, "table": table})["q"]
     assert np.array_equal(model.run({"x": x, "table": table})["q"], expected)
+
+
+def _layernorm_requant_model(x_type, cols, bias, shift, params, rounding, dtype, fuse=True):
+    """IBertLayerNorm -> Requant, with the LayerNorm's output also read by a Mul (the
+    residual branch of an encoder)."""
+    mul, rq_bias, rq_shift, offset = params
+    b = GraphBuilder("layernorm_requant")
+    x = b.input("x", x_type, ["batch", cols])
+    inputs = [x] if bias is None else [x, b.const(bias, "int64", name="bias")]
+    n = b.node("IBertLayerNorm", inputs, outputs="n", shift=shift)
+    consts = [b.const(p, ty, name=nm) for p, ty, nm in ((mul, "int64", "mul"), (rq_shift, "int32", "shift"),
+                                                        (rq_bias, "int64", "rq_bias"), (offset, "int32", "offset"))]
+    b.output(b.node("Requant", [n, *consts], outputs="q", rounding=rounding, dtype=dtype))
+    b.output(b.node("Mul", [n, b.const(np.array(3), "int8", name="three")], outputs="r", dtype="int64", overflow="wrap"))
+    model = b.model()
+    return model if fuse else Model(model.graph, fuse=False)
+
+
+LN_TYPES = {"int8": (-128, 127), "int16": (-(1 << 15), (1 << 15) - 1), "int32": (-(1 << 31), (1 << 31) - 1)}
+
+
+@given(x_type=st.sampled_from(sorted(LN_TYPES)), rows=st.integers(1, 6), cols=st.integers(1, 70),
+       shift=st.integers(0, 30), bias_kind=st.sampled_from(["none", "scalar", "row"]), narrow=st.booleans(),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_fused_layernorm_and_requant_match_the_ops(x_type, rows, cols, shift, bias_kind, narrow, seed, data):
+    """IBertLayerNorm and its Requant as one step that still hands its int64 output to
+    the other reader: results, traced intermediates and refusals (a sum of squares past
+    2^32, a Requant whose x*mul + bias leaves int64) are the ops' own."""
+    rng = np.random.default_rng(seed)
+    lo, hi = LN_TYPES[x_type]
+    x = rng.integers(-300, 301, (rows, cols)) if narrow else rng.integers(lo, hi, (rows, cols), endpoint=True)
+    x.reshape(-1)[:2] = [lo, hi][: x.size]
+    x = np.clip(x, lo, hi).astype(x_type)
+    bias = None if bias_kind == "none" else rng.integers(-(1 << 40), 1 << 40, 1 if bias_kind == "scalar" else cols)
+    params, rounding, (_, _, storage) = data.draw(requant_params(cols))
+    args = (x_type, cols, bias, shift, params, rounding, np.dtype(storage).name)
+    with backend.use("numpy"):
+        expected = _outcome(lambda: _layernorm_requant_model(*args, fuse=False).run({"x": x}, outputs=["n", "q", "r"]))
+    fused = _layernorm_requant_model(*args)
+    seen = {}
+    got = _outcome(lambda: fused.run({"x": x}))
+    traced = _outcome(lambda: fused.run({"x": x}, trace=lambda node, name, a: seen.__setitem__(name, a.copy())))
+    if isinstance(expected, RefsimError):
+        assert isinstance(got, RefsimError) and isinstance(traced, RefsimError)
+        return
+    assert [s.node.op for s in fused._steps] == ["Requant", "Mul"]  # the LayerNorm fused, its output shared
+    assert all(got[n].dtype == expected[n].dtype and np.array_equal(got[n], expected[n]) for n in ("q", "r"))
+    assert list(seen) == ["n", "q", "r"]
+    assert all(seen[n].dtype == expected[n].dtype and np.array_equal(seen[n], expected[n]) for n in seen)
