@@ -56,9 +56,21 @@ class _Shapes:
 
     def __init__(self):
         self.bound: dict[str, int] = {}
+        # Declared shapes already matched, with the shape they matched: the same pair
+        # again binds nothing new (most tensors of a run share a few shapes).
+        self.matched: dict[tuple, tuple] = {}
 
     def match(self, declared: tuple, actual: tuple) -> str | None:
         """None if `actual` fits `declared` (binding new symbols), else a reason."""
+        known = type(declared) is tuple
+        if known and self.matched.get(declared) == actual:
+            return None
+        problem = self._match(declared, actual)
+        if problem is None and known:
+            self.matched[declared] = actual
+        return problem
+
+    def _match(self, declared: tuple, actual: tuple) -> str | None:
         if len(declared) != len(actual):
             return f"rank {len(actual)} instead of {len(declared)}"
         for axis, (d, a) in enumerate(zip(declared, actual)):
@@ -81,6 +93,7 @@ class Model:
         self.fuse = fuse
         self.order = validate(graph)
         self._plans: dict[str, list[_Step]] = {}
+        self._constants: dict[str, np.ndarray] | None = None  # name -> data, gathered on the first run
         self._cold = warm.ColdStart()  # runs the spec while kernels compile (refsim.warm)
         with backend.use(self._cold.backend_to_prepare(self)):
             self._steps  # noqa: B018  (prepare now, before the file's pages are dropped)
@@ -273,7 +286,9 @@ class Model:
         array)` is called for every tensor a node produces, in execution order.
         """
         shapes = _Shapes()
-        values: dict[str, np.ndarray] = {n: t.data for n, t in self.graph.tensors.items() if t.is_const}
+        if self._constants is None:
+            self._constants = {n: t.data for n, t in self.graph.tensors.items() if t.is_const}
+        values: dict[str, np.ndarray] = dict(self._constants)
         values.update(self.check_feeds(feeds, shapes))
         wanted = list(self.graph.outputs if outputs is None else outputs)
         for name in wanted:
