@@ -3,10 +3,12 @@ what the unfused ops give under NumPy (their readable formulas), refuse what the
 and hand a traced run every intermediate exactly."""
 
 import numpy as np
-from core_strategies import lut_interp16_case
+from core_strategies import ROUNDINGS, lut_interp16_case
 from hypothesis import given
 from hypothesis import strategies as st
 from refsim import GraphBuilder, Model, RefsimError, backend
+from refsim.kernels.requant import NARROW, requant_plan, requant_rows
+from refsim.ops.rounding import mode_code, requantize
 from test_kernels import requant_params
 
 
@@ -114,3 +116,35 @@ def test_fused_layernorm_and_requant_match_the_ops(x_type, rows, cols, shift, bi
     assert all(got[n].dtype == expected[n].dtype and np.array_equal(got[n], expected[n]) for n in ("q", "r"))
     assert list(seen) == ["n", "q", "r"]
     assert all(seen[n].dtype == expected[n].dtype and np.array_equal(seen[n], expected[n]) for n in seen)
+
+
+@given(rows=st.integers(1, 5), cols=st.integers(1, 40), per_channel=st.booleans(), rounding=st.sampled_from(ROUNDINGS),
+       ties=st.booleans(), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_narrow_plans_requantize_as_the_formula(rows, cols, per_channel, rounding, ties, seed, data):
+    """A plan whose multipliers fit int32 and whose shifts lie in [1, 62] takes the narrow
+    path (a 32 x 32-bit product) for inputs within int32: exactly `requantize`, on the
+    int32 extremes and on exact ties (x * mul + bias an odd multiple of 2^(shift - 1))."""
+    rng = np.random.default_rng(seed)
+    width = cols if per_channel else 1
+    shift = data.draw(st.lists(st.sampled_from([1, 2, 30, 31, 62]) | st.integers(1, 62), min_size=width, max_size=width))
+    shift = np.array(shift, np.int64)
+    mul = rng.integers(-(1 << 31), 1 << 31, width, endpoint=False)
+    mul[0] = data.draw(st.sampled_from([-(1 << 31), (1 << 31) - 1, int(mul[0])]))
+    bias = rng.integers(-(1 << 61), 1 << 61, width)
+    offset = rng.integers(-300, 301, width)
+    x = rng.integers(-(1 << 31), 1 << 31, (rows, cols)).astype(np.int32)
+    x.reshape(-1)[:2] = [-(1 << 31), (1 << 31) - 1][: x.size]
+    if ties:  # mul 1 and a bias that puts x = 0 on a tie: multiples of 2^shift stay ties, odd and even
+        mul[:] = 1
+        shift = np.minimum(shift, 20)  # |x| up to 2^10 * 2^20: within int32
+        bias = np.left_shift(np.int64(1), shift - 1) + rng.integers(-3, 4, width) * np.left_shift(np.int64(1), shift)
+        x = rng.integers(-(1 << 10), 1 << 10, (rows, cols)).astype(np.int64)
+        x = (x << np.broadcast_to(shift, (cols,)) if per_channel else x << int(shift[0]))
+        x = x.astype(np.int32)
+    lo, hi, storage = (-(1 << 15), (1 << 15) - 1, np.int16)
+    plan = requant_plan(mul, bias, shift, offset, cols)
+    assert plan[NARROW, 0] == 1
+    out = np.empty(x.shape, storage)
+    requant_rows(x, plan, lo, hi, mode_code(rounding), out)
+    expected = requantize(x.astype(np.int64), mul, bias, shift, offset, lo, hi, rounding)
+    assert np.array_equal(out, expected.astype(storage))

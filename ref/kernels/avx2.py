@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from ..jit import njit, prange
 from .panels import pack_panels, padded  # noqa: F401  (padded: the engine module's interface)
-from .requant import requant_one
+from .requant import NARROW, requant_narrow, requant_one
 
 MR = 6  # rows of C per micro-kernel call
 NV = 2  # ymm vectors of C per row
@@ -149,7 +149,11 @@ def _epilogue(tile, rows, row0, c0, cols, add, plan, out_lo, out_hi, mode, requa
         for i in range(rows):
             for jj in range(cols):
                 acc_out[row0 + i, c0 + jj] = tile[i, jj] + add[jj]
-    if requant:
+    if requant and plan[NARROW, 0]:  # the corrected sums fit int32 (matmul.int32_exact)
+        for i in range(rows):
+            for jj in range(cols):
+                out[row0 + i, c0 + jj] = requant_narrow(tile[i, jj] + add[jj], plan, jj, out_lo, out_hi, mode)
+    elif requant:
         for i in range(rows):
             for jj in range(cols):
                 out[row0 + i, c0 + jj] = requant_one(np.int64(tile[i, jj] + add[jj]), plan, jj, out_lo, out_hi, mode)

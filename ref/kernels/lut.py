@@ -15,7 +15,7 @@ from .. import backend
 from ..jit import njit, prange
 from ..ops.elementwise import LUT_INTERP_SEGMENT_BITS, LUT_INTERP_SIZE, LutInterp16
 from .registry import kernel
-from .requant import requant_one
+from .requant import NARROW, requant_narrow, requant_one
 
 _HALF = 1 << (LUT_INTERP_SEGMENT_BITS - 1)
 _FRACTION = (1 << LUT_INTERP_SEGMENT_BITS) - 1
@@ -43,8 +43,12 @@ def lut_interp16_requant_rows(x, start, slope, plan, lo, hi, mode, out, looked_u
     looked-up values are also written to looked_up when it has rows (a traced run)."""
     rows, cols = x.shape
     keep = looked_up.shape[0] > 0
+    narrow = plan[NARROW, 0] != 0
     for r in prange(rows):
-        if keep:
+        if narrow and not keep:
+            for j in range(cols):
+                out[r, j] = requant_narrow(_lookup(x[r, j], start, slope), plan, j, lo, hi, mode)
+        elif keep:
             for j in range(cols):
                 y = _lookup(x[r, j], start, slope)
                 looked_up[r, j] = np.int16(y)
