@@ -6,7 +6,8 @@ Each step's kernel is wrapped with a timer; a step's time is the fastest of its 
 machine is shared: the minimum is the least disturbed), summed per kind of step (a fused
 step is named "Producer+Consumer"). "engine loop" is the smallest, over the runs, of a run's
 time minus its kernels' times: the engine's own per-step work (checks, thread
-choice, the trace callback). `--trace` profiles a run that keeps every tensor.
+choice, the trace callback). `--trace` profiles a run that keeps every tensor. `--cpu` runs
+on one thread and counts CPU time: on a shared machine, the one measure the load leaves alone.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _timed(kernel, slot: list):
-    clock = time.perf_counter
+def _timed(kernel, slot: list, clock):
 
     def run(*args, **kwargs):
         t = clock()
@@ -40,7 +40,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--trace", action="store_true", help="keep every tensor, as `refsim golden` does")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--cpu", action="store_true",
+                   help="one thread, timed in CPU seconds of this thread: what a step costs, whatever the machine's load")
     args = p.parse_args()
+    if args.cpu:
+        os.environ["NUMBA_NUM_THREADS"] = "1"  # read when Numba loads
+    clock = time.thread_time if args.cpu else time.perf_counter
 
     import models
     import refsim
@@ -59,21 +64,21 @@ def main() -> int:
         run()
     plain = []
     for _ in range(args.repeats):
-        t = time.perf_counter()
+        t = clock()
         run()
-        plain.append(time.perf_counter() - t)
+        plain.append(clock() - t)
 
     steps = m._steps
     slots = [[] for _ in steps]
     originals = [s.kernel for s in steps]
     for s, slot in zip(steps, slots):
-        s.kernel = _timed(s.kernel, slot)
+        s.kernel = _timed(s.kernel, slot, clock)
     totals = []
     try:
         for _ in range(args.repeats):
-            t = time.perf_counter()
+            t = clock()
             run()
-            totals.append(time.perf_counter() - t)
+            totals.append(clock() - t)
     finally:
         for s, k in zip(steps, originals):
             s.kernel = k
