@@ -68,6 +68,27 @@ def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out, sums):
     return over.any()
 
 
+@njit(cache=True, parallel=True)
+def row_extremes(x):
+    """(min, max) of a 2-D array in one pass (NumPy's min() and max() make two)."""
+    rows, cols = x.shape
+    lows, highs = np.empty(rows, np.int64), np.empty(rows, np.int64)
+    for i in prange(rows):
+        lo, hi = np.int64(x[i, 0]), np.int64(x[i, 0])  # scalars: the loop vectorizes
+        for j in range(cols):
+            v = np.int64(x[i, j])
+            lo, hi = min(lo, v), max(hi, v)
+        lows[i], highs[i] = lo, hi
+    return lows.min(), highs.max()
+
+
+def _extremes(x2) -> tuple[int, int]:
+    if x2.shape[0] == 1 or x2.size < 4096:  # a constant row, or too little to matter
+        return int(x2.min()), int(x2.max())
+    lo, hi = row_extremes(x2)
+    return int(lo), int(hi)
+
+
 class Arith:
     """A prepared Add, Sub or Mul for operands of the same shape, or a second operand that
     is a scalar or runs along the last axis."""
@@ -80,14 +101,16 @@ class Arith:
         self.within_int64 = INT64_MIN <= lo and hi <= INT64_MAX
         self.fits_output = out_type.lo <= lo and hi <= out_type.hi
 
-    def _unchecked(self, a, b) -> bool:
-        """Whether a plain int64 pass is exact and needs no policy, for these values."""
+    def _unchecked(self, a, b, rows) -> bool:
+        """Whether a plain int64 pass is exact and needs no policy, for these values
+        (`rows`: a and b as `_rows` gives them)."""
         if self.within_int64:
             return self.fits_output
         # The op decides from the operands' extremes; so does this.
         if not a.size or not b.size:
             return False
-        lo, hi = spec._RESULT_RANGE[self.op_name]((int(a.min()), int(a.max())), (int(b.min()), int(b.max())))
+        a2, b2 = rows
+        lo, hi = spec._RESULT_RANGE[self.op_name](_extremes(a2), _extremes(b2))
         out = self.out_type
         return INT64_MIN <= lo and hi <= INT64_MAX and out.lo <= lo and hi <= out.hi
 
@@ -109,7 +132,7 @@ class Arith:
     def __call__(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
         rows = self._rows(a, b)
-        if rows is not None and self._unchecked(a, b):
+        if rows is not None and self._unchecked(a, b, rows):
             a2, b2 = rows
             out = np.empty(a2.shape, self.out_type.storage)
             arith_rows(a2, b2, self.code, out)
@@ -135,7 +158,7 @@ class Arith:
             a, b = np.asarray(a), np.asarray(b)
             rows = self._rows(a, b)
             plan = None if rows is None else consumer.plan_for(a.shape[-1])
-            if plan is not None and self._unchecked(a, b):
+            if plan is not None and self._unchecked(a, b, rows):
                 a2, b2 = rows
                 out = np.empty(a2.shape, storage)
                 sums = np.empty(a2.shape, inner_storage) if keep else none
