@@ -2,11 +2,12 @@
 
 The engine knows no op by name. Preparing a node picks its kernel: the first registered
 fast kernel that applies (`refsim.kernels`), else the op's own prepared kernel, else the
-op's formula. Then a fusion pass lets a kernel absorb the next node when that node is the
-only reader of its output and takes nothing else computed (a weight product and the
-Requant after it run as one pass over each block while it is in cache). A fused step
-returns the intermediate it skips when asked, so a traced run sees every tensor exactly as
-an unfused one.
+op's formula. Then a fusion pass lets a kernel absorb the first reader of its output when
+that node takes nothing else computed (a weight product and the Requant after it run as
+one pass over each block while it is in cache). A fused step returns the intermediate it
+skips when asked, so a traced run sees every tensor exactly as an unfused one; when other
+nodes read that intermediate too, only a kernel that always returns it may fuse (a
+LayerNorm, whose output the residual branch reads, and its Requant).
 
 For each step the engine calls the kernel, checks that the result has the declared storage
 type and shape, hands it to the trace callback, and frees intermediates after their last
@@ -47,6 +48,7 @@ class _Step:
     producer: Node | None = None
     hidden: Tensor | None = None
     threads: backend.ThreadChoice | None = None  # None: always one thread
+    shared: bool = False  # later steps read the hidden output too: always ask for it
 
 
 class _Shapes:
@@ -54,9 +56,21 @@ class _Shapes:
 
     def __init__(self):
         self.bound: dict[str, int] = {}
+        # Declared shapes already matched, with the shape they matched: the same pair
+        # again binds nothing new (most tensors of a run share a few shapes).
+        self.matched: dict[tuple, tuple] = {}
 
     def match(self, declared: tuple, actual: tuple) -> str | None:
         """None if `actual` fits `declared` (binding new symbols), else a reason."""
+        known = type(declared) is tuple
+        if known and self.matched.get(declared) == actual:
+            return None
+        problem = self._match(declared, actual)
+        if problem is None and known:
+            self.matched[declared] = actual
+        return problem
+
+    def _match(self, declared: tuple, actual: tuple) -> str | None:
         if len(declared) != len(actual):
             return f"rank {len(actual)} instead of {len(declared)}"
         for axis, (d, a) in enumerate(zip(declared, actual)):
@@ -79,6 +93,7 @@ class Model:
         self.fuse = fuse
         self.order = validate(graph)
         self._plans: dict[str, list[_Step]] = {}
+        self._constants: dict[str, np.ndarray] | None = None  # name -> data, gathered on the first run
         self._cold = warm.ColdStart()  # runs the spec while kernels compile (refsim.warm)
         with backend.use(self._cold.backend_to_prepare(self)):
             self._steps  # noqa: B018  (prepare now, before the file's pages are dropped)
@@ -159,7 +174,8 @@ class Model:
         return steps
 
     def _fuse(self, steps: list[_Step]) -> list[_Step]:
-        """Merge each step whose kernel can absorb the only reader of its single output."""
+        """Merge each step whose kernel can absorb the first reader of its single output (the
+        only reader, unless the fused kernel always returns that output for the others)."""
         tensors = self.graph.tensors
         readers: dict[str, list[int]] = {}
         for index, step in enumerate(steps):
@@ -172,24 +188,31 @@ class Model:
         for index, step in enumerate(steps):
             if index in absorbed:
                 continue
-            fused = None
+            fused, shared = None, False
             if hasattr(step.kernel, "fuse") and len(step.outputs) == 1 and step.outputs[0].name not in outputs:
                 name = step.outputs[0].name
                 users = readers.get(name, [])
-                if len(users) == 1 and users[0] not in absorbed:
-                    consumer = steps[users[0]]
+                shared = len(users) > 1
+                for consumer_index in users:  # the first reader that this kernel can absorb
+                    consumer = steps[consumer_index]
                     others = consumer.inputs[1:]
-                    if (consumer.inputs[0] == name and len(consumer.outputs) == 1
-                            and all(not n or tensors[n].is_const for n in others)):
-                        args = [tensors[n].data if n else None for n in others]
-                        run_consumer = functools.partial(_call_with, consumer.kernel, args)
-                        fused = step.kernel.fuse(consumer.kernel, run_consumer)
+                    if (consumer_index in absorbed or consumer.inputs[0] != name or len(consumer.outputs) != 1
+                            or any(n and not tensors[n].is_const for n in others)):
+                        continue
+                    args = [tensors[n].data if n else None for n in others]
+                    run_consumer = functools.partial(_call_with, consumer.kernel, args)
+                    fused = step.kernel.fuse(consumer.kernel, run_consumer)
+                    # Other nodes read the output too: only a kernel that always returns it fuses.
+                    if fused is not None and shared and not getattr(fused, "keeps_output", False):
+                        fused = None
+                    if fused is not None or not shared:
+                        break
             if fused is None:
                 merged.append(step)
                 continue
-            absorbed.add(users[0])
+            absorbed.add(consumer_index)
             merged.append(_Step(consumer.node, fused, step.inputs, consumer.outputs, [], step.computed,
-                                producer=step.node, hidden=step.outputs[0]))
+                                producer=step.node, hidden=step.outputs[0], shared=shared))
         return merged
 
     def _releases(self, steps: list[_Step]) -> None:
@@ -263,13 +286,17 @@ class Model:
         array)` is called for every tensor a node produces, in execution order.
         """
         shapes = _Shapes()
-        values: dict[str, np.ndarray] = {n: t.data for n, t in self.graph.tensors.items() if t.is_const}
+        if self._constants is None:
+            self._constants = {n: t.data for n, t in self.graph.tensors.items() if t.is_const}
+        values: dict[str, np.ndarray] = dict(self._constants)
         values.update(self.check_feeds(feeds, shapes))
         wanted = list(self.graph.outputs if outputs is None else outputs)
         for name in wanted:
             if name not in self.graph.tensors:
                 raise InputError(f"no tensor named {name!r} in the model")
         keep = set(wanted)
+        if trace is not None:
+            _keep_freed_memory()
         with backend.single_threaded_blas():
             if backend.use_numba() and warm.mode() == "background":
                 self._cold.run(self, values, keep, shapes, trace)
@@ -291,7 +318,7 @@ class Model:
             if numba_backend:
                 backend.set_threads(choice.counts[option] if choice is not None else 1)
             hidden = step.hidden
-            keep_hidden = hidden is not None and (trace is not None or hidden.name in keep or not numba_backend)
+            keep_hidden = hidden is not None and (step.shared or trace is not None or hidden.name in keep or not numba_backend)
             started = clock()
             try:
                 if hidden is None:
@@ -339,6 +366,39 @@ class Model:
         from .intq import save
 
         save(self.graph, path)
+
+
+_MALLOC_TUNED = False
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc keep the memory a traced run frees, for the next one (once per process).
+
+    A trace hands out every tensor, so nothing is freed during the run and each of its
+    arrays is fresh memory; when the caller drops them, glibc gives the whole heap top back
+    to the OS (and arrays of a few hundred KiB were mmapped apart, each unmapped on free),
+    so the next traced run page-faults every page in again: 11,800 faults, 46 MB, per
+    MiniLM run, a large part of a trace's cost. Arrays below 16 MiB now come from the heap,
+    which keeps up to 1 GiB of free space for reuse (a traced MiniLM batch 8 holds 450 MB;
+    at 256 MiB its trace still cost 1.7x a plain run, at 1 GiB 1.2x). The memory kept is
+    what the traced run itself needed at its peak. Elsewhere than glibc: nothing."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 16 << 20)
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 def _drop_resident_pages(graph: Graph) -> None:

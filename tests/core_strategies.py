@@ -383,6 +383,22 @@ def argmax_case(draw):
                 keepdims=draw(st.booleans()), select_last_index=draw(st.booleans())), [False])
 
 
+@st.composite
+def ibert_layernorm_case(draw):
+    """Rows of int8, int16 or int32 (the types' extremes among them), a bias per tensor,
+    per channel, or none, and shifts up to I-BERT's 30: sums of squares past 2^32 too."""
+    t = draw(st.sampled_from(["int8", "int16", "int32"]))
+    shape = draw(shapes(1, 3, 1, 6))
+    x = draw(typed_array(t, shape))
+    kind = draw(st.sampled_from(["none", "scalar", "row"]))
+    if kind == "none":
+        inputs, types, const = [x], [t], [False]
+    else:
+        bias = draw(typed_array("int32", (1,) if kind == "scalar" else (shape[-1],))).astype(np.int64) << 8
+        inputs, types, const = [x, bias], [t, "int64"], [False, draw(st.booleans())]
+    return Case("IBertLayerNorm", inputs, types, dict(shift=draw(st.integers(0, 30))), const)
+
+
 CASES = {
     "Requant": st.one_of(requant_case(), tflite_requant_case(), tie_case()),
     "RequantShift": requant_shift_case(),
@@ -395,6 +411,7 @@ CASES = {
     "Cast": cast_case(),
     "Lut": lut_case(),
     "LutInterp16": lut_interp16_case(),
+    "IBertLayerNorm": ibert_layernorm_case(),
     "Reshape": reshape_case(),
     "Transpose": transpose_case(),
     "Slice": slice_case(),

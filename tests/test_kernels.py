@@ -357,7 +357,9 @@ def test_fused_add_sub_mul_and_requant_match_the_ops(case):
     type's extreme values and with per-tensor and per-channel parameters."""
     op, a_type, b_type, a, b_values, b_const, params, rounding, dtype = case
     results = []
-    for backend_name, fuse in (("numpy", False), ("numba", True)):
+    seen = {}
+    for backend_name, fuse, trace in (("numpy", False, None), ("numba", True, None),
+                                      ("numba", True, lambda node, name, x: seen.__setitem__(name, x.copy()))):
         with backend.use(backend_name):
             model = _arith_requant_model(op, a_type, b_type, b_values if b_const else None, *a.shape, params,
                                          rounding, dtype, fuse=fuse)
@@ -365,15 +367,18 @@ def test_fused_add_sub_mul_and_requant_match_the_ops(case):
                 assert [s.node.op for s in model._steps] == ["Requant"]  # fused into one step
             feeds = {"x": a} if b_const else {"x": a, "y": b_values}
             try:
-                results.append(model.run(feeds)["q"])
+                results.append(model.run(feeds, trace=trace, outputs=None if fuse else ["s", "q"]))
             except RefsimError as e:
                 results.append(e)
-    expected, got = results
+    expected, got, traced = results
     if isinstance(expected, RefsimError):
         assert isinstance(got, RefsimError), f"the ops refuse ({expected}), the fused step gave {got!r}"
+        assert isinstance(traced, RefsimError)
         return
     assert not isinstance(got, RefsimError), f"the fused step refused ({got}), the ops give {expected!r}"
-    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert got["q"].dtype == expected["q"].dtype and np.array_equal(got["q"], expected["q"])
+    assert list(seen) == ["s", "q"]  # a traced run: the sum too, from the same pass
+    assert all(seen[n].dtype == expected[n].dtype and np.array_equal(seen[n], expected[n]) for n in seen)
 
 
 def test_fused_add_and_requant_give_the_sum_when_traced():

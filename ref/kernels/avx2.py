@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from ..jit import njit, prange
 from .panels import pack_panels, padded  # noqa: F401  (padded: the engine module's interface)
-from .requant import requant_one
+from .requant import NARROW, requant_narrow, requant_one
 
 MR = 6  # rows of C per micro-kernel call
 NV = 2  # ymm vectors of C per row
@@ -127,22 +127,40 @@ TASK_MULTIPLE = 4  # tasks come in fours: even shares for 1, 2 or 4 threads
 
 
 @njit(cache=True, inline="always")
+def _panel_params(plan, add, c0, cols, requant, panel_plan, panel_add):
+    """Copy one panel's columns of the requantization plan and the column correction into
+    small contiguous buffers. The plan's rows lie n * 8 bytes apart: for n = 1536 (12 KiB,
+    a multiple of 4 KiB) all ten map to the same L1 set, and reading them in place made
+    the epilogue of a 256-row product five times slower than its GEMM."""
+    if requant:  # else the plan is a placeholder
+        for r in range(plan.shape[0]):
+            for jj in range(cols):
+                panel_plan[r, jj] = plan[r, c0 + jj]
+    for jj in range(cols):
+        panel_add[jj] = add[c0 + jj]
+
+
+@njit(cache=True, inline="always")
 def _epilogue(tile, rows, row0, c0, cols, add, plan, out_lo, out_hi, mode, requant, out, acc_out, keep_acc):
-    """out[row0 + i, c0 + jj] = epilogue(tile[i, jj] + add[c0 + jj]). Each case is its own
-    loop, so the plain sums vectorize (a branch inside the loop kept it scalar)."""
+    """out[row0 + i, c0 + jj] = epilogue(tile[i, jj] + add[jj]), with this panel's
+    correction and plan (`_panel_params`). Each case is its own loop, so the plain sums
+    vectorize (a branch inside the loop kept it scalar)."""
     if keep_acc:
         for i in range(rows):
             for jj in range(cols):
-                acc_out[row0 + i, c0 + jj] = tile[i, jj] + add[c0 + jj]
-    if requant:
+                acc_out[row0 + i, c0 + jj] = tile[i, jj] + add[jj]
+    if requant and plan[NARROW, 0]:  # the corrected sums fit int32 (matmul.int32_exact)
         for i in range(rows):
             for jj in range(cols):
-                j = c0 + jj
-                out[row0 + i, j] = requant_one(np.int64(tile[i, jj] + add[j]), plan, j, out_lo, out_hi, mode)
+                out[row0 + i, c0 + jj] = requant_narrow(tile[i, jj] + add[jj], plan, jj, out_lo, out_hi, mode)
+    elif requant:
+        for i in range(rows):
+            for jj in range(cols):
+                out[row0 + i, c0 + jj] = requant_one(np.int64(tile[i, jj] + add[jj]), plan, jj, out_lo, out_hi, mode)
     else:
         for i in range(rows):
             for jj in range(cols):
-                out[row0 + i, c0 + jj] = tile[i, jj] + add[c0 + jj]
+                out[row0 + i, c0 + jj] = tile[i, jj] + add[jj]
 
 
 @njit(cache=True, parallel=True)
@@ -157,26 +175,30 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
         return
     # Few tasks, each with its rows of A within L2, as every task streams all of B once.
     # (numba.get_num_threads here would stop Numba caching the kernel: a dynamic global.)
+    # Blocks are dealt out evenly (22 blocks, 128 rows: 5, 6, 5, 6, so two threads get 11
+    # each; whole shares of task_blocks gave 12 and 10).
     tasks = min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
-    task_blocks = (blocks + tasks - 1) // tasks
-    tasks = (blocks + task_blocks - 1) // task_blocks
     keep_acc = acc_out.shape[0] > 0
     add = corr.astype(np.int32)
     for g in prange(tasks):
-        row0 = g * task_blocks * MR
-        rows = min(m - row0, task_blocks * MR)
-        nblocks = (rows + MR - 1) // MR
+        first, last = g * blocks // tasks, (g + 1) * blocks // tasks
+        row0 = first * MR
+        rows = min(m - row0, (last - first) * MR)
+        nblocks = last - first
         abuf = np.zeros((nblocks * MR, kp), np.int16)
         for i in range(rows):
             for kk in range(k):
                 abuf[i, kk] = np.int16(a[row0 + i, kk]) - np.int16(lo)
         flat_a = abuf.reshape(-1)
         tile = np.empty((nblocks * MR, NR), np.int32)
+        panel_plan, panel_add = np.zeros((plan.shape[0], NR), np.int64), np.zeros(NR, np.int32)
         for p in range(panels):
             b_off = p * k_groups * KG * NR
             for bb in range(nblocks):
                 micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
-            _epilogue(tile, rows, row0, p * NR, min(NR, n - p * NR), add, plan, out_lo, out_hi, mode, requant, out,
+            cols = min(NR, n - p * NR)
+            _panel_params(plan, add, p * NR, cols, requant, panel_plan, panel_add)
+            _epilogue(tile, rows, row0, p * NR, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out,
                       acc_out, keep_acc)
 
 
@@ -217,10 +239,13 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
         flat_a = abuf.reshape(-1)
         tile = np.empty((blocks * MR, NR), np.int32)
         acc_t = acc_out[t] if keep_acc else acc_out.reshape((0, 0))
+        panel_plan, panel_add = np.zeros((plan.shape[0], NR), np.int64), np.zeros(NR, np.int32)
         for p in range(panels):
             b_off = p * k_groups * KG * NR
             for bb in range(blocks):
                 micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
-            _epilogue(tile, m, 0, p * NR, min(NR, n - p * NR), add, plan, out_lo, out_hi, mode, requant, out[t],
+            cols = min(NR, n - p * NR)
+            _panel_params(plan, add, p * NR, cols, requant, panel_plan, panel_add)
+            _epilogue(tile, m, 0, p * NR, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out[t],
                       acc_t, keep_acc)
     return fits.all()

