@@ -224,9 +224,17 @@ class Modes:
             return
         stats = walker.calibration.stats.get(x_name)
         sumsq = None if stats is None or not stats.row_sumsq else stats.row_sumsq / float(x.scale) ** 2
-        p = nonlinear.ibert_layernorm_params(float(x.scale), weight, bias, input_bits=bits, max_sumsq=sumsq)
+        # x * 2^up (exact, int32): fraction bits for the op's rounded row mean
+        # (nonlinear.LAYERNORM_FACTOR_BITS says why and how many).
+        up = nonlinear.ibert_layernorm_upshift(sumsq, bits)
+        x_in, in_scale = x.name, float(x.scale)
+        if up:
+            x_in = walker.em.node("Mul", [x.name, walker.em.const(np.asarray(1 << up), "int32", f"{layer}.upshift")],
+                                  f"{layer}.upshift", dtype="int32")
+            in_scale, sumsq = in_scale / (1 << up), sumsq * 4.0**up
+        p = nonlinear.ibert_layernorm_params(in_scale, weight, bias, input_bits=bits + up, max_sumsq=sumsq)
         bias_q = walker.em.const(p.consts["bias"], "int64", f"{layer}.bias")
-        y = walker.em.node(p.op, [x.name, bias_q], f"{layer}.layernorm", **p.attrs)
+        y = walker.em.node(p.op, [x_in, bias_q], f"{layer}.layernorm", **p.attrs)
         # |y| <= 2^30 * sqrt(N) + |bias|: the bound that lets the following requant keep a wide multiplier.
         bound = int(2**30 * math.sqrt(width)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
         walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "acc", bound=bound), layer)

@@ -391,6 +391,28 @@ def ibert_layernorm_params(input_scale, weight, bias, *, input_bits: int = 8, ma
     return OpParams("IBertLayerNorm", dict(shift=shift), input_scale=s, output_scale=scaling * w, consts=dict(bias=bias_int))
 
 
+# IBertLayerNorm rounds the row mean to a whole input step, and its factor 2^31 // std loses
+# relative precision std / 2^31 (std = sqrt of the row's sum of squared deviations, in input
+# steps). On a 16-bit residual stream whose scale an outlier channel sets (MiniLM: +-442 after
+# the first feed-forward block), the mean's half step is up to 1e-3 of a typical row's spread
+# and moves every output of the row by it. Scaling the input up by 2^p before the op gives
+# the mean p fraction bits and costs the factor p bits: the exporter takes the largest p that
+# keeps the factor >= 2^LAYERNORM_FACTOR_BITS on the widest calibration row (both errors are
+# then about 1e-5 .. 1e-4 of a row's spread). Wider rows seen later still run exactly, with a
+# coarser factor.
+LAYERNORM_FACTOR_BITS = 14
+LAYERNORM_MAX_UPSHIFT = 8
+
+
+def ibert_layernorm_upshift(max_sumsq: float | None, input_bits: int) -> int:
+    """p for an IBertLayerNorm input scaled by 2^p (see LAYERNORM_FACTOR_BITS): 0 without
+    calibration statistics; `input_bits + p` stays <= 24, so the input fits int32."""
+    if not max_sumsq or max_sumsq <= 0:
+        return 0
+    room = (31 - LAYERNORM_FACTOR_BITS) - 0.5 * math.log2(max_sumsq)  # log2 of 2^31 / 2^bits / widest std
+    return int(max(0, min(math.floor(room), LAYERNORM_MAX_UPSHIFT, 24 - input_bits)))
+
+
 def _symmetric(values: np.ndarray, bits: int):
     limit = (1 << (bits - 1)) - 1
     largest = float(np.abs(values).max(initial=0.0))

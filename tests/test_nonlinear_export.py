@@ -281,3 +281,36 @@ def test_ibert_layernorm_shift_from_calibrated_variance():
     assert err["calibrated"] < 0.02 < err["worst"], err
     # huge calibrated rows never raise the shift beyond the worst case
     assert nl.ibert_layernorm_params(1.0, w, b, input_bits=16, max_sumsq=1e30).attrs["shift"] == 5
+
+
+def test_ibert_layernorm_upshift_gives_the_row_mean_fraction_bits():
+    """A 16-bit residual whose scale one outlier channel sets (MiniLM after its first
+    feed-forward block): IBertLayerNorm rounds the row mean to a whole step, a few percent of
+    the other channels' spread. The input scaled by 2^p (nonlinear.ibert_layernorm_upshift)
+    brings the LayerNorm of those channels several times closer to the float one, while its
+    factor 2^31 // std keeps >= 14 bits on the widest calibration row."""
+    rng = np.random.default_rng(4)
+    n = 384
+    w, b = rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n)
+    x = rng.normal(0, 6, (64, n))  # typical channels: std 6 steps
+    x[:, 7] = rng.choice([-1, 1], 64) * rng.uniform(5000, 8000, 64)  # the outlier channel
+    x = np.round(x).astype(np.int16)
+    d = x - x.mean(-1, keepdims=True)
+    sumsq = float((d * d).sum(-1).max())
+    p = nl.ibert_layernorm_upshift(sumsq, 16)
+    assert p == math.floor(31 - nl.LAYERNORM_FACTOR_BITS - 0.5 * math.log2(sumsq)) > 0
+    assert 2**31 // (math.isqrt(int(sumsq)) << p) >= 2**nl.LAYERNORM_FACTOR_BITS
+    plain = nl.ibert_layernorm_params(1.0, w, b, input_bits=16, max_sumsq=sumsq)
+    shifted = nl.ibert_layernorm_params(2.0**-p, w, b, input_bits=16 + p, max_sumsq=sumsq * 4.0**p)
+    expected = layernorm(x.astype(np.float64), w, b, eps=0.0)
+    typical = np.arange(n) != 7
+    err_plain = np.abs(apply(plain, x) - expected)[:, typical]
+    err_shifted = np.abs(apply(shifted, x.astype(np.int32) << p) - expected)[:, typical]
+    assert np.sqrt((err_shifted**2).mean()) < 0.4 * np.sqrt((err_plain**2).mean()), (err_shifted.mean(), err_plain.mean())
+
+
+@pytest.mark.parametrize("sumsq, bits, p", [(None, 16, 0), (0.0, 16, 0), (2.0**28, 16, 3), (2.0**30, 16, 2),
+                                            (2.0**34, 16, 0), (2.0**40, 16, 0), (4.0, 16, 8), (4.0, 20, 4), (4.0, 24, 0)])
+def test_ibert_layernorm_upshift_bounds(sumsq, bits, p):
+    """p: the factor keeps LAYERNORM_FACTOR_BITS on the widest row, at most 8, the input in 24 bits."""
+    assert nl.ibert_layernorm_upshift(sumsq, bits) == p
