@@ -9,7 +9,7 @@ mode uses and wires it into the graph.
 | matrix products | 32-bit accumulators (64 where the operands' worst sum needs it: 16-bit weights or inputs; overflow is an error), int32 multipliers | 26-bit accumulators saturating as PyITA's, 24-bit biases, then ITA's requantizer at once (8-bit unsigned multiplier, shift, int8 add, half up, int8); a layer with 16-bit weights or inputs runs beside ITA as in `ibert` |
 | softmax | IBertSoftmax on the scores requantized to int16, output 2^-15 steps (uint16) | ITAMax / ITAPartialMax (ITA RTL preset: k=0, 255*256, -128) on int8 scores at the op's input scale, folded into the QK requantization |
 | GELU | LutInterp16 (LiteRT's interpolated int16 table of the float GELU) on the input requantized to int16, int16 out; `gelu="ibert"`: IBertGelu | a feed-forward layer's (first linear layer on ITA): ITAGelu (PyITA i-GELU) on int8 with ITA's activation requantizer to int8; any other GELU (a pooler's) runs beside ITA: LutInterp16 as in `ibert` |
-| LayerNorm | IBertLayerNorm (shift from the calibrated row variance), then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
+| LayerNorm | IBertLayerNorm (shift from the calibrated row variance) on the input times 2^p (p fraction bits for its rounded row mean, `nonlinear.ibert_layernorm_upshift`), then per-channel requantization applying gamma | iLayerNorm (quantlib/Deeploy) with a 16-bit output |
 | NoNorm | NoNorm (gamma at 16 bits, exact int64) | the same |
 | tanh, kept-float GELU | lookup table on the 8-bit (16-bit) input, exact | the same |
 
