@@ -14,8 +14,7 @@ import numpy as np
 
 from .. import backend
 from ..jit import njit, prange
-from ..ops.intmath import div_half_even, isqrt_scalar
-from ..ops.layernorm import _BIAS_LIMIT, _FACTOR_NUMERATOR, _TERM_LIMIT, _VAR_LIMIT, IBertLayerNorm
+from ..ops.layernorm import _BIAS_LIMIT, IBertLayerNorm, ibert_row_mean_factor
 from .registry import kernel
 from .requant import INT64_MAX, requant_one
 
@@ -28,21 +27,10 @@ def ibert_layernorm_requant_rows(x, bias, shift, plan, limit, lo, hi, mode, y, o
     rows, n = x.shape
     bad = np.zeros(rows, np.bool_)
     for r in prange(rows):
-        total = np.int64(0)
-        for j in range(n):
-            total += x[r, j]
-        mean = div_half_even(total, n)
-        var = np.int64(0)
-        for j in range(n):
-            d = (np.int64(x[r, j]) - mean) >> shift
-            var += d * d if abs(d) < _TERM_LIMIT else _VAR_LIMIT
-            if var >= _VAR_LIMIT:
-                break
-        if var >= _VAR_LIMIT:
+        mean, factor = ibert_row_mean_factor(x, r, shift)
+        if factor < 0:
             bad[r] = True
             continue
-        std = isqrt_scalar(var) << shift
-        factor = _FACTOR_NUMERATOR // max(std, 1)
         smallest, largest = np.int64(0), np.int64(0)  # scalars: the loop vectorizes
         for j in range(n):
             v = (((np.int64(x[r, j]) - mean) * factor) >> 1) + bias[j]

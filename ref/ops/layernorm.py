@@ -143,25 +143,34 @@ _FACTOR_NUMERATOR = 1 << 31  # I-BERT's floor(2^31 / std), exactly
 _BIAS_LIMIT = 1 << 62
 
 
+@njit(cache=True)  # a call LLVM inlines (as `requant_one`)
+def ibert_row_mean_factor(x, r, shift):
+    """Row r's mean rounded half to even and I-BERT's factor floor(2^31 / std); the factor is
+    -1 when the row's sum of squares of (x - mean) >> shift reaches 2^32 (the op refuses it).
+    Shared by this op's kernel and the fused one in ref/kernels/layernorm.py."""
+    n = x.shape[1]
+    total = np.int64(0)
+    for j in range(n):
+        total += x[r, j]
+    mean = div_half_even(total, n)
+    var = np.int64(0)
+    for j in range(n):
+        d = (np.int64(x[r, j]) - mean) >> shift
+        var += d * d if abs(d) < _TERM_LIMIT else _VAR_LIMIT
+        if var >= _VAR_LIMIT:
+            return mean, np.int64(-1)
+    std = isqrt_scalar(var) << shift
+    return mean, _FACTOR_NUMERATOR // max(std, 1)
+
+
 @njit(cache=True, parallel=True)
 def _ibert_layernorm_kernel(x, bias, shift, out, var_too_big):
     rows, n = x.shape
     for r in prange(rows):
-        total = np.int64(0)
-        for j in range(n):
-            total += x[r, j]
-        mean = div_half_even(total, n)
-        var = np.int64(0)
-        for j in range(n):
-            d = (np.int64(x[r, j]) - mean) >> shift
-            var += d * d if abs(d) < _TERM_LIMIT else _VAR_LIMIT
-            if var >= _VAR_LIMIT:
-                var_too_big[r] = True
-                break
-        if var_too_big[r]:
+        mean, factor = ibert_row_mean_factor(x, r, shift)
+        if factor < 0:
+            var_too_big[r] = True
             continue
-        std = isqrt_scalar(var) << shift
-        factor = _FACTOR_NUMERATOR // max(std, 1)
         for j in range(n):
             out[r, j] = (((np.int64(x[r, j]) - mean) * factor) >> 1) + bias[j]
 
