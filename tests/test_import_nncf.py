@@ -377,6 +377,22 @@ def test_nncf_transformer_preset_imports_whole(tmp_path_factory, masked, record_
     assert divergent[2] == 1 and worst <= 4 and exact / total >= 0.99 and cosines.min() >= 0.999999
 
 
+def _embedding_cosines(imported, oracle, feeds):
+    """Per sentence: refsim's embedding against onnxruntime running `oracle` at ORT_ENABLE_BASIC,
+    onnxruntime's ORT_ENABLE_ALL against its BASIC (how far onnxruntime is from itself), and
+    refsim against ALL."""
+    from refsim.exporters.importers import dequantize_outputs
+
+    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, feeds)))["emb"].astype(np.float64)
+    basic, every = (_session(oracle, level).run(None, feeds)[0].astype(np.float64)
+                    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
+
+    def cosine(a, b):
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    return cosine(got, basic), cosine(every, basic), cosine(got, every)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").environ.get("REFSIM_SLOW"), reason="the real MiniLM runs with REFSIM_SLOW=1")
 def test_real_minilm_nncf_default_unmasked_reproduces_onnxruntime(tmp_path, record_property):
@@ -389,7 +405,6 @@ def test_real_minilm_nncf_default_unmasked_reproduces_onnxruntime(tmp_path, reco
     import time
 
     import onnx
-    from refsim.exporters.importers import dequantize_outputs
     from test_import_producers import _nncf, _real_minilm_float
 
     float_path, feeds = _real_minilm_float(tmp_path, masked=False)
@@ -414,18 +429,11 @@ def test_real_minilm_nncf_default_unmasked_reproduces_onnxruntime(tmp_path, reco
     start = time.perf_counter()
     imported = import_model(model, requant="ort", float_ops="ort")
     seconds = time.perf_counter() - start
-    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, feeds)))["emb"].astype(np.float64)
-    basic, every = (_session(model, level).run(None, feeds)[0].astype(np.float64)
-                    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
-
-    def cosine(a, b):
-        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-    mine, theirs = cosine(got, basic), cosine(every, basic)
+    mine, theirs, to_all = _embedding_cosines(imported, model, feeds)
     record_property("minilm_nncf_default_unmasked_cosine_min", float(mine.min()))
     print(f"\nreal MiniLM, NNCF default preset, unmasked: imported in {seconds:.0f} s; cosine to onnxruntime (basic) "
           f"min {mine.min():.4f}, mean {mine.mean():.4f}; onnxruntime all vs basic min {theirs.min():.4f}, "
-          f"mean {theirs.mean():.4f}; refsim vs all min {cosine(got, every).min():.4f}")
+          f"mean {theirs.mean():.4f}; refsim vs all min {to_all.min():.4f}")
     assert mine.mean() >= theirs.mean() - 0.02 and mine.min() >= theirs.min() - 0.05
 
 
@@ -437,21 +445,12 @@ def test_real_minilm_nncf_default_masked_reproduces_onnxruntime(tmp_path, record
     same model at a finite mask scale (`finite_mask_scale`; the file itself gives all-zero
     attention there). The model is as sensitive as the unmasked one (above), so refsim must be
     no further from onnxruntime (basic) than onnxruntime's own two graph levels are apart."""
-    from refsim.exporters.importers import dequantize_outputs
     from test_import_producers import _nncf, _real_minilm_float
 
     float_path, feeds = _real_minilm_float(tmp_path, masked=True)
     model = _nncf(float_path, feeds, "default")
     imported = import_model(model, requant="ort", float_ops="ort")
-    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, feeds)))["emb"].astype(np.float64)
-    meant = finite_mask_scale(model)
-    basic, every = (_session(meant, level).run(None, feeds)[0].astype(np.float64)
-                    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
-
-    def cosine(a, b):
-        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-    mine, theirs = cosine(got, basic), cosine(every, basic)
+    mine, theirs, _ = _embedding_cosines(imported, finite_mask_scale(model), feeds)
     record_property("minilm_nncf_default_masked_cosine_min", float(mine.min()))
     print(f"\nreal MiniLM, NNCF default preset, masked: cosine to onnxruntime (basic, finite mask scale) "
           f"min {mine.min():.4f}, mean {mine.mean():.4f}; onnxruntime all vs basic min {theirs.min():.4f}, "
@@ -469,20 +468,12 @@ def test_real_minilm_nncf_transformer_preset_reproduces_onnxruntime(tmp_path, ma
     onnxruntime's own ALL and BASIC levels (MLAS float32 kernels in another order) are min 0.99984
     and 0.99897 apart: the float32 rounding of six layers of float residual stream, not refsim's
     grids, sets this, so refsim must be within 0.001 of how far onnxruntime is from itself."""
-    from refsim.exporters.importers import dequantize_outputs
     from test_import_producers import _nncf, _real_minilm_float
 
     float_path, feeds = _real_minilm_float(tmp_path, masked=masked)
     model = _nncf(float_path, feeds, "transformer")
     imported = import_model(model, requant="ort", float_ops="ort")
-    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, feeds)))["emb"].astype(np.float64)
-    basic, every = (_session(model, level).run(None, feeds)[0].astype(np.float64)
-                    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
-
-    def cosine(a, b):
-        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-    mine, theirs = cosine(got, basic), cosine(every, basic)
+    mine, theirs, _ = _embedding_cosines(imported, model, feeds)
     record_property(f"minilm_nncf_transformer_{masked}_cosine_min", float(mine.min()))
     print(f"\nreal MiniLM, NNCF transformer preset, {'masked' if masked else 'unmasked'}: cosine to onnxruntime (basic) "
           f"min {mine.min():.6f}, mean {mine.mean():.6f}; onnxruntime all vs basic min {theirs.min():.6f}")
