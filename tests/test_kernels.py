@@ -390,3 +390,38 @@ def test_fused_add_and_requant_give_the_sum_when_traced():
     out = model.run({"x": x, "y": y}, trace=lambda node, name, a: seen.__setitem__(name, a.copy()))
     assert list(seen) == ["s", "q"] and np.array_equal(seen["s"], x + y)
     assert np.array_equal(out["q"], model.run({"x": x, "y": y})["q"])
+
+
+@given(
+    a_type=st.sampled_from(["int8", "int16", "int32"]), out=st.sampled_from(["int16", "int32"]),
+    const=st.sampled_from(["scalar", "row"]), power=st.integers(0, 30), policy=st.sampled_from(["error", "saturate"]),
+    rows=st.integers(1, 40), cols=st.integers(1, 90), seed=st.integers(0, 2**32 - 1),
+)
+def test_mul_by_a_constant_is_bounded_by_the_constants_values(a_type, out, const, power, policy, rows, cols, seed):
+    """A Mul by a constant declared wider than its values (LayerNorm's 2^p upshift: an int32
+    scalar) is bounded by the constant's own extremes: the unchecked pass runs where they
+    keep every product in the output type, the overflow policy where they do not; either
+    way every result and refusal is the op's."""
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(a_type)
+    x = rng.integers(info.min, info.max, (rows, cols), dtype=a_type, endpoint=True)
+    x.reshape(-1)[:2] = [info.min, info.max][: x.size]
+    c = np.full(() if const == "scalar" else (cols,), 1 << power, np.int32)
+    if const == "row":
+        c[rng.integers(0, cols)] = -(1 << power)
+    results = []
+    for backend_name in ("numpy", "numba"):
+        with backend.use(backend_name):
+            b = GraphBuilder("mul_const")
+            y = b.node("Mul", [b.input("x", a_type, ["batch", cols]), b.const(c, "int32", name="c")], outputs="y",
+                       dtype=out, overflow=policy)
+            b.output(y)
+            try:
+                results.append(b.model().run({"x": x})["y"])
+            except RefsimError as e:
+                results.append(e)
+    expected, got = results
+    if isinstance(expected, RefsimError):
+        assert isinstance(got, RefsimError), f"the op refuses ({expected}), the kernel gave {got!r}"
+    else:
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)

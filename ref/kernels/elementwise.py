@@ -93,11 +93,13 @@ class Arith:
     """A prepared Add, Sub or Mul for operands of the same shape, or a second operand that
     is a scalar or runs along the last axis."""
 
-    def __init__(self, op_name: str, a_type, b_type, out_type, overflow: str, dtype_attr):
+    def __init__(self, op_name: str, a_range, b_range, out_type, overflow: str, dtype_attr):
+        """a_range, b_range: bounds of each operand's values (its declared type's, or a
+        constant's own extremes)."""
         self.op_name, self.code = op_name, _OP_CODE[op_name]
         self.out_type, self.overflow, self.dtype_attr = out_type, overflow, dtype_attr
         self.spec = spec._ARITH_FNS[op_name]
-        lo, hi = spec._RESULT_RANGE[op_name]((a_type.lo, a_type.hi), (b_type.lo, b_type.hi))
+        lo, hi = spec._RESULT_RANGE[op_name](a_range, b_range)
         self.within_int64 = INT64_MIN <= lo and hi <= INT64_MAX
         self.fits_output = out_type.lo <= lo and hi <= out_type.hi
 
@@ -170,6 +172,17 @@ class Arith:
         return fused
 
 
+def _operand_range(position: int, consts, declared) -> tuple[int, int]:
+    """What an operand's values can be: a constant's own extremes (a scale such as 2^p
+    declared int32 would otherwise bound an int16 x 2^p product by int16 x int32 and
+    send every run through the overflow checks), else its declared type's range."""
+    value = consts.get(position)
+    if value is not None and value.size:
+        return int(value.min()), int(value.max())
+    t = declared[position].dtype
+    return t.lo, t.hi
+
+
 def _prepare(op_name):
     def prepare(attrs, consts, declared):
         a, b = declared[0].dtype, declared[1].dtype
@@ -177,7 +190,8 @@ def _prepare(op_name):
             out = spec._arith_type(op_name, a, b, attrs["dtype"])
         except Exception:
             return None  # the op reports it at run time, naming the node
-        return Arith(op_name, a, b, out, attrs["overflow"], out.name)
+        return Arith(op_name, _operand_range(0, consts, declared), _operand_range(1, consts, declared), out,
+                     attrs["overflow"], out.name)
 
     return prepare
 
