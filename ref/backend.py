@@ -68,13 +68,16 @@ def max_threads() -> int:
 
 
 def set_threads(wanted: int) -> None:
-    """Numba threads for the next kernels (cheap when unchanged)."""
+    """Numba threads for the next kernels (cheap when unchanged); on one thread, parallel
+    kernels run as their sequential twins (`jit.one_thread`)."""
     global _threads_set
-    if wanted != _threads_set and HAVE_NUMBA:
-        from .jit import materialize
+    if HAVE_NUMBA:
+        from . import jit
 
-        materialize().set_num_threads(wanted)
-        _threads_set = wanted
+        jit.one_thread(wanted == 1)
+        if wanted != _threads_set:
+            jit.materialize().set_num_threads(wanted)
+            _threads_set = wanted
 
 
 class ThreadChoice:

@@ -42,7 +42,7 @@ from pathlib import Path
 _lock = threading.RLock()
 _stand_ins: list[_Deferred] = []
 _numba = None
-_switches = threading.local()  # .no_compile, .both_twins: per thread, as Numba compiles in the caller's
+_switches = threading.local()  # .no_compile, .both_twins, .one_thread: per thread, as Numba compiles in the caller's
 
 
 class NotCompiled(Exception):
@@ -68,6 +68,14 @@ def no_compile():
 def both_twins():
     """A parallel kernel compiles its sequential twin too (and the other way round)."""
     return _switched_on("both_twins")
+
+
+def one_thread(on: bool) -> None:
+    """Whether the next parallel kernels this thread calls run on one thread: then they run
+    as their sequential twins, which compute the same without the parallel launch (about
+    20 us a call here: a Requant of 49k values took 62 us as the parallel kernel on one
+    thread, 38 us as its twin). Set by `backend.set_threads`."""
+    _switches.one_thread = on
 
 
 def _guarded(dispatcher):
@@ -200,7 +208,7 @@ class _Twin:
     would ever spread over threads (`backend.MEASURE_MIN_ELEMENTS` elements in the
     first argument, every such kernel's input) runs the sequential one: compiling a
     parallel kernel costs two to three times as much, and small models and most tests
-    never need it."""
+    never need it. So does work the engine runs on one thread (`one_thread`)."""
 
     def __init__(self, parallel, sequential):
         from .backend import MEASURE_MIN_ELEMENTS
@@ -212,7 +220,7 @@ class _Twin:
 
     def __call__(self, first, *rest):
         chosen, other = self.parallel, self.sequential
-        if getattr(first, "size", 0) < self.threshold or _sequential_only:
+        if getattr(first, "size", 0) < self.threshold or _sequential_only or getattr(_switches, "one_thread", False):
             chosen, other = other, chosen
         if getattr(_switches, "both_twins", False):
             other.compile(tuple(other.typeof_pyval(a) for a in (first, *rest)))

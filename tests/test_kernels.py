@@ -286,8 +286,10 @@ def test_requant_with_the_int64_minimum_multiplier_is_refused_like_the_op():
 def test_parallel_kernel_and_its_sequential_twin_agree(monkeypatch, rounding):
     """A parallel kernel runs as its sequential twin below the threading threshold: both
     compute the op's formula (here the planned requantization, on extreme int32 inputs)."""
+    from refsim import jit
     from refsim.kernels import requant as krequant
 
+    jit.one_thread(False)  # an earlier run on one thread would pick the twin whatever the size
     twin = krequant.requant_rows
     rng = np.random.default_rng(7)
     x = rng.integers(-(2**31), 2**31, size=(96, 200), dtype=np.int64).astype(np.int32)
@@ -307,6 +309,31 @@ def test_parallel_kernel_and_its_sequential_twin_agree(monkeypatch, rounding):
         assert getattr(twin, name).signatures, f"the {name} variant did not run"
     assert np.array_equal(results["parallel"], expected)
     assert np.array_equal(results["sequential"], expected)
+
+
+def test_a_kernel_the_engine_runs_on_one_thread_runs_as_its_sequential_twin(monkeypatch):
+    """On one thread a parallel kernel's launch is pure cost: the twin runs instead, at
+    any size, and the parallel kernel again when all threads are asked for."""
+    from refsim.kernels import requant as krequant
+
+    if backend.max_threads() < 2:
+        pytest.skip("one Numba thread here")
+    twin = krequant.requant_rows
+    calls = []
+    for name in ("parallel", "sequential"):
+        kernel = getattr(twin, name)
+        monkeypatch.setattr(twin, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    x = np.arange(-(1 << 15), 1 << 15, dtype=np.int32).reshape(256, 256)  # above the threading threshold
+    plan = requant_plan(3, 0, 2, 0, 256)
+    out = np.empty(x.shape, np.int8)
+    try:
+        for threads in (1, backend.max_threads()):
+            backend.set_threads(threads)
+            twin(x, plan, -128, 127, mode_code("half_even"), out)
+    finally:
+        backend.set_threads(1)
+    assert calls == ["sequential", "parallel"]
+    assert np.array_equal(out, requantize(x, 3, 0, 2, 0, -128, 127, "half_even").astype(np.int8))
 
 
 ARITH_TYPES = {"int8": (-128, 127), "int16": (-(1 << 15), (1 << 15) - 1), "int32": (-(1 << 31), (1 << 31) - 1),

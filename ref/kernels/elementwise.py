@@ -4,8 +4,10 @@ The formula is `refsim.ops.elementwise` (exact int64, fitted into the output typ
 overflow policy; refused where a result may leave int64, judged as the op judges it). The
 declared input types bound the results; when that bound fits both int64 and the output
 type, a run is one pass with no check at all. When it does not fit int64, the operands'
-extremes decide (as the op does, from their values); when it does not fit the output type,
-the one-pass kernel with the policy runs (`refsim.ops.elementwise._arith_rows`).
+extremes decide (as the op does, from their values): the same pass finds them, and its
+results stand only if they show that every result fitted (else the op runs). When the
+bound does not fit the output type, the one-pass kernel with the policy runs
+(`refsim.ops.elementwise._arith_rows`). A constant operand is bounded by its own values.
 """
 
 from __future__ import annotations
@@ -24,39 +26,53 @@ INT64_MIN, INT64_MAX = spec.INT64_MIN, spec.INT64_MAX
 
 @njit(cache=True, parallel=True)
 def arith_rows(a, b, op, out):
-    """out[i, j] = a[i, j] op b[i or 0, j] in int64 (the caller has shown it fits)."""
+    """out[i, j] = a[i, j] op b[i or 0, j] in int64, and (min a, max a, min b, max b): the
+    operands' extremes, from which the caller decides afterwards whether every result
+    fitted (as the op decides), without passes of their own. Results computed past int64
+    are discarded by that decision."""
     rows, cols = a.shape
     b_step = 1 if b.shape[0] > 1 else 0
+    lows_a, highs_a = np.empty(rows, np.int64), np.empty(rows, np.int64)
+    lows_b, highs_b = np.empty(rows, np.int64), np.empty(rows, np.int64)
     for i in prange(rows):
         bi = i * b_step
-        if op == 0:
-            for j in range(cols):
-                out[i, j] = np.int64(a[i, j]) + np.int64(b[bi, j])
-        elif op == 1:
-            for j in range(cols):
-                out[i, j] = np.int64(a[i, j]) - np.int64(b[bi, j])
-        else:
-            for j in range(cols):
-                out[i, j] = np.int64(a[i, j]) * np.int64(b[bi, j])
+        a_lo, a_hi = np.int64(a[i, 0]), np.int64(a[i, 0])  # scalars: the loops vectorize
+        b_lo, b_hi = np.int64(b[bi, 0]), np.int64(b[bi, 0])
+        for j in range(cols):
+            x, y = np.int64(a[i, j]), np.int64(b[bi, j])
+            a_lo, a_hi, b_lo, b_hi = min(a_lo, x), max(a_hi, x), min(b_lo, y), max(b_hi, y)
+            if op == 0:
+                out[i, j] = x + y
+            elif op == 1:
+                out[i, j] = x - y
+            else:
+                out[i, j] = x * y
+        lows_a[i], highs_a[i], lows_b[i], highs_b[i] = a_lo, a_hi, b_lo, b_hi
+    return lows_a.min(), highs_a.max(), lows_b.min(), highs_b.max()
 
 
 @njit(cache=True, parallel=True)
 def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out, sums):
     """out[i, j] = requant_one(a[i, j] op b[i or 0, j]) with channel j's parameters: an Add,
-    Sub or Mul and the Requant after it in one pass (the caller has shown that the int64
-    result needs no check); the int64 results go to sums as well when it has rows (a
-    traced run). Returns whether some |a op b| exceeded `limit`, the largest input for
-    which the Requant's x*mul + bias stays within int64 (the caller then runs the two ops
-    unfused, and the Requant refuses as it does)."""
+    Sub or Mul and the Requant after it in one pass; the int64 results go to sums as well
+    when it has rows (a traced run). Returns whether some |a op b| exceeded `limit`, the
+    largest input for which the Requant's x*mul + bias stays within int64 (the caller then
+    runs the two ops unfused, and the Requant refuses as it does), and the operands'
+    extremes (as `arith_rows`), from which the caller decides whether the results fitted."""
     rows, cols = a.shape
     b_step = 1 if b.shape[0] > 1 else 0
     keep = sums.shape[0] > 0
     over = np.zeros(rows, np.bool_)
+    lows_a, highs_a = np.empty(rows, np.int64), np.empty(rows, np.int64)
+    lows_b, highs_b = np.empty(rows, np.int64), np.empty(rows, np.int64)
     for i in prange(rows):
         bi = i * b_step
         smallest, largest = np.int64(0), np.int64(0)  # kept in scalars: the loop vectorizes
+        a_lo, a_hi = np.int64(a[i, 0]), np.int64(a[i, 0])
+        b_lo, b_hi = np.int64(b[bi, 0]), np.int64(b[bi, 0])
         for j in range(cols):
             x, y = np.int64(a[i, j]), np.int64(b[bi, j])
+            a_lo, a_hi, b_lo, b_hi = min(a_lo, x), max(a_hi, x), min(b_lo, y), max(b_hi, y)
             v = x + y if op == 0 else (x - y if op == 1 else x * y)
             smallest, largest = min(smallest, v), max(largest, v)
             out[i, j] = requant_one(v, plan, j, lo, hi, mode)
@@ -65,28 +81,8 @@ def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out, sums):
                 x, y = np.int64(a[i, j]), np.int64(b[bi, j])
                 sums[i, j] = x + y if op == 0 else (x - y if op == 1 else x * y)
         over[i] = largest > limit or smallest < -limit
-    return over.any()
-
-
-@njit(cache=True, parallel=True)
-def row_extremes(x):
-    """(min, max) of a 2-D array in one pass (NumPy's min() and max() make two)."""
-    rows, cols = x.shape
-    lows, highs = np.empty(rows, np.int64), np.empty(rows, np.int64)
-    for i in prange(rows):
-        lo, hi = np.int64(x[i, 0]), np.int64(x[i, 0])  # scalars: the loop vectorizes
-        for j in range(cols):
-            v = np.int64(x[i, j])
-            lo, hi = min(lo, v), max(hi, v)
-        lows[i], highs[i] = lo, hi
-    return lows.min(), highs.max()
-
-
-def _extremes(x2) -> tuple[int, int]:
-    if x2.shape[0] == 1 or x2.size < 4096:  # a constant row, or too little to matter
-        return int(x2.min()), int(x2.max())
-    lo, hi = row_extremes(x2)
-    return int(lo), int(hi)
+        lows_a[i], highs_a[i], lows_b[i], highs_b[i] = a_lo, a_hi, b_lo, b_hi
+    return over.any(), lows_a.min(), highs_a.max(), lows_b.min(), highs_b.max()
 
 
 class Arith:
@@ -103,18 +99,20 @@ class Arith:
         self.within_int64 = INT64_MIN <= lo and hi <= INT64_MAX
         self.fits_output = out_type.lo <= lo and hi <= out_type.hi
 
-    def _unchecked(self, a, b, rows) -> bool:
-        """Whether a plain int64 pass is exact and needs no policy, for these values
-        (`rows`: a and b as `_rows` gives them)."""
-        if self.within_int64:
-            return self.fits_output
-        # The op decides from the operands' extremes; so does this.
-        if not a.size or not b.size:
-            return False
-        a2, b2 = rows
-        lo, hi = spec._RESULT_RANGE[self.op_name](_extremes(a2), _extremes(b2))
+    def _fitted(self, a_range, b_range) -> bool:
+        """Whether every result fitted int64 and the output type with no policy, for
+        operands within these extremes: the op decides so from its operands' values."""
+        lo, hi = spec._RESULT_RANGE[self.op_name](a_range, b_range)
         out = self.out_type
         return INT64_MIN <= lo and hi <= INT64_MAX and out.lo <= lo and hi <= out.hi
+
+    def _may_run(self, a, b) -> bool:
+        """Whether the one-pass kernels may run: always when the declared bounds prove the
+        results fit; else when the operands are not empty and the extremes the pass returns
+        will decide (`_fitted`)."""
+        if self.within_int64:
+            return self.fits_output
+        return bool(a.size and b.size)
 
     @staticmethod
     def _rows(a, b):
@@ -134,18 +132,21 @@ class Arith:
     def __call__(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
         rows = self._rows(a, b)
-        if rows is not None and self._unchecked(a, b, rows):
+        if rows is not None and self._may_run(a, b):
             a2, b2 = rows
             out = np.empty(a2.shape, self.out_type.storage)
-            arith_rows(a2, b2, self.code, out)
-            return out.reshape(a.shape)
+            a_lo, a_hi, b_lo, b_hi = arith_rows(a2, b2, self.code, out)
+            # Past the declared bounds the results count only if the extremes show that
+            # every one fitted (else the op's policy decides, below).
+            if self.within_int64 or self._fitted((int(a_lo), int(a_hi)), (int(b_lo), int(b_hi))):
+                return out.reshape(a.shape)
         return self.spec(a, b, dtype=self.dtype_attr, overflow=self.overflow)
 
     def fuse(self, consumer, run_consumer):
         """This op and the Requant after it (`consumer`, prepared with constant parameters)
         in one pass. Each decision stays the ops' own: the result must fit int64 and the
         output type without an overflow policy (from the declared types, else from the
-        operands' extremes, as `_unchecked` decides), and the Requant's x*mul + bias must
+        operands' extremes, which the pass returns), and the Requant's x*mul + bias must
         stay within int64 (from the declared type, else checked value by value in the
         pass). A traced run gets the sum from the same pass; what the one-pass kernel does
         not take runs unfused."""
@@ -160,11 +161,12 @@ class Arith:
             a, b = np.asarray(a), np.asarray(b)
             rows = self._rows(a, b)
             plan = None if rows is None else consumer.plan_for(a.shape[-1])
-            if plan is not None and self._unchecked(a, b, rows):
+            if plan is not None and self._may_run(a, b):
                 a2, b2 = rows
                 out = np.empty(a2.shape, storage)
                 sums = np.empty(a2.shape, inner_storage) if keep else none
-                if not arith_requant_rows(a2, b2, code, plan, limit, lo, hi, mode, out, sums):
+                over, a_lo, a_hi, b_lo, b_hi = arith_requant_rows(a2, b2, code, plan, limit, lo, hi, mode, out, sums)
+                if not over and (self.within_int64 or self._fitted((int(a_lo), int(a_hi)), (int(b_lo), int(b_hi)))):
                     return (sums.reshape(a.shape) if keep else None), out.reshape(a.shape)
             inner = self(a, b)
             return inner, run_consumer(inner)
