@@ -214,24 +214,35 @@ def test_identities_dropout_and_nan_guards_are_removed():
     assert_same(model, g, rng_feeds(x=(2, 4)))
 
 
-def decomposed_layernorm(width=6):
+def decomposed_layernorm(width=6, form="div"):
+    """x's LayerNorm as exporters decompose it: `div` y = d / sqrt(var + eps); `reciprocal`
+    d * Reciprocal(sqrt(eps + var)); `no_eps` d / sqrt(var) (the eps dropped)."""
     nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["mean"]), helper.make_node("Sub", ["x", "mean"], ["d"]),
-             helper.make_node("Pow", ["d", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq", "axes"], ["var"]),
-             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
-             helper.make_node("Div", ["d", "std"], ["n"]), helper.make_node("Mul", ["n", "gamma"], ["ng"]),
-             helper.make_node("Add", ["ng", "beta"], ["y"])]
+             helper.make_node("Pow", ["d", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq", "axes"], ["var"])]
+    if form == "no_eps":
+        nodes.append(helper.make_node("Sqrt", ["var"], ["std"]))
+    else:
+        nodes += [helper.make_node("Add", ["var", "eps"] if form == "div" else ["eps", "var"], ["ve"]),
+                  helper.make_node("Sqrt", ["ve"], ["std"])]
+    if form == "reciprocal":
+        nodes += [helper.make_node("Reciprocal", ["std"], ["inv"]), helper.make_node("Mul", ["inv", "d"], ["n"])]
+    else:
+        nodes.append(helper.make_node("Div", ["d", "std"], ["n"]))
+    nodes += [helper.make_node("Mul", ["n", "gamma"], ["ng"]), helper.make_node("Add", ["ng", "beta"], ["y"])]
     rng = np.random.default_rng(1)
     inits = {"axes": np.array([-1], np.int64), "two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32),
              "gamma": rng.standard_normal(width).astype(np.float32), "beta": rng.standard_normal(width).astype(np.float32)}
     return model_of(nodes, [vi("x", F, ["N", 3, width])], [vi("y", F, None)], inits, opset=18)
 
 
-def test_decomposed_layernorm_is_fused():
-    model = decomposed_layernorm()
+@pytest.mark.parametrize("form", ["div", "reciprocal", "no_eps"])
+def test_decomposed_layernorm_is_fused(form):
+    model = decomposed_layernorm(form=form)
     g = graph_of(model)
     rewrites.fuse_layernorm(g)
     (ln,) = g.nodes
-    assert ln.op == "LayerNormalization" and ln.attrs["epsilon"] == pytest.approx(1e-5)
+    assert ln.op == "LayerNormalization"
+    assert ln.attrs["epsilon"] == (0.0 if form == "no_eps" else pytest.approx(1e-5))
     assert_same(model, g, rng_feeds(x=(2, 3, 6)), atol=1e-4)
 
 

@@ -87,7 +87,10 @@ def common_scope(nodes: list[Node]) -> str:
 
 
 def fuse_layernorm(g: Graph) -> None:
-    """ReduceMean-Sub-Pow-ReduceMean-Add(eps)-Sqrt-Div[-Mul(gamma)][-Add(beta)] -> LayerNormalization."""
+    """ReduceMean-Sub-Pow-ReduceMean[-Add(eps)]-Sqrt-Div[-Mul(gamma)][-Add(beta)] ->
+    LayerNormalization. The division may be a Mul by Reciprocal(Sqrt); an epsilon the
+    exporter dropped (Hugging Face's I-BERT in float mode: `y / sqrt(eps + var)` came out
+    of the dynamo exporter as Sqrt(var)) is 0."""
     for mean in [n for n in g.nodes if n.op == "ReduceMean"]:
         if mean not in g.nodes:
             continue
@@ -102,20 +105,33 @@ def fuse_layernorm(g: Graph) -> None:
         d_users = users.get(d, [])
         square = next((u for u in d_users if (u.op == "Pow" and g.scalar(u.inputs[1]) == 2.0)
                        or (u.op == "Mul" and u.inputs == [d, d])), None)
-        div = next((u for u in d_users if u.op == "Div" and u.inputs[0] == d), None)
-        if square is None or div is None or len(d_users) != 2:
+        divide = next((u for u in d_users if u is not square and u.op in ("Div", "Mul") and d in u.inputs
+                       and (u.op == "Mul" or u.inputs[0] == d)), None)
+        if square is None or divide is None or len(d_users) != 2:
             continue
         var = g.single_user(square.outputs[0], users)
         if var is None or var.op != "ReduceMean" or not _last_axis(g, _reduce_axes(g, var), square.outputs[0]):
             continue
         add_eps = g.single_user(var.outputs[0], users)
-        if add_eps is None or add_eps.op != "Add":
+        eps = 0.0
+        if add_eps is not None and add_eps.op == "Add":
+            eps = g.scalar(add_eps.inputs[1]) if add_eps.inputs[0] == var.outputs[0] else g.scalar(add_eps.inputs[0])
+            std_input = add_eps.outputs[0]
+        else:
+            add_eps, std_input = None, var.outputs[0]
+        sqrt = g.single_user(std_input, users)
+        if eps is None or sqrt is None or sqrt.op != "Sqrt":
             continue
-        eps = g.scalar(add_eps.inputs[1]) if add_eps.inputs[0] == var.outputs[0] else g.scalar(add_eps.inputs[0])
-        sqrt = g.single_user(add_eps.outputs[0], users)
-        if eps is None or sqrt is None or sqrt.op != "Sqrt" or div.inputs[1] != sqrt.outputs[0]:
+        steps = [sqrt]
+        if divide.op == "Mul":  # d * Reciprocal(sqrt)
+            inverse = g.single_user(sqrt.outputs[0], users)
+            if inverse is None or inverse.op != "Reciprocal" or sorted(divide.inputs) != sorted([d, inverse.outputs[0]]):
+                continue
+            steps.append(inverse)
+        elif divide.inputs[1] != sqrt.outputs[0]:
             continue
-        matched = [mean, sub, square, var, add_eps, sqrt, div]
+        div = divide
+        matched = [mean, sub, square, var, *([add_eps] if add_eps is not None else []), *steps, div]
         width = g.concrete_shape(x)[-1]
         out = div.outputs[0]
         gamma = np.ones(width, np.float32)
