@@ -234,8 +234,19 @@ class Walker:
 
     def value(self, tensor: str) -> Value:
         if tensor not in self.native:
-            raise ExportError(f"internal: tensor {tensor!r} has no integer form yet")
+            raise self._no_integer_form(tensor)
         return self.native[tensor]
+
+    def _no_integer_form(self, tensor: str) -> ExportError:
+        """Why `tensor` has no integer form: a tensor the model computes from no input data
+        (folded to a constant; MRA traced without its kernels fills its attention output
+        with zeros) is the model's to fix; anything else is ours."""
+        if self.g.is_const(tensor):
+            readers = ", ".join(n.describe() for n in self.users.get(tensor, [])) or "its reader"
+            return ExportError(f"{readers}: reads {tensor!r}, which the model computes from no input data (it folds "
+                               "to a constant, e.g. an attention traced as zeros); refsim expects a computed tensor "
+                               "here: check how the model was traced")
+        return ExportError(f"internal: tensor {tensor!r} has no integer form yet")
 
     def set_native(self, tensor: str, v: Value, layer: str = "", quantized_bits: int | None = None) -> None:
         """Make `v` the native form of `tensor`; `quantized_bits` marks a stored result."""

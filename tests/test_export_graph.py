@@ -134,6 +134,31 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
 
 
+def test_a_tensor_computed_from_no_data_is_a_one_line_error_naming_its_reader(tmp_path):
+    """MRA traced by TorchScript fills its attention output from the input's shape alone
+    (ConstantOfShape); the product that reads it gets one line naming that node, not an
+    internal error, and no file is written."""
+    from onnx import TensorProto, helper, numpy_helper
+    from refsim.exporters import export
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["z"], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+             helper.make_node("MatMul", ["z", "w"], ["m"]), helper.make_node("Add", ["x", "m"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path, calib, out = tmp_path / "zeros.onnx", tmp_path / "calib.npy", tmp_path / "zeros.intq"
+    path.write_bytes(model.SerializeToString())
+    np.save(calib, np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32))
+    with pytest.raises(ExportError) as e:
+        export(path, out, str(calib))
+    message = str(e.value)
+    assert "\n" not in message and not message.startswith("internal") and not out.exists()
+    assert "(MatMul): reads 'z', which the model computes from no input data" in message
+
+
 def test_batch_dependent_sizes():
     b = Sym(1)
     assert str(b) == "batch" and str(b * 4) == "batch*4" and parse_dim("batch*4") == b * 4
