@@ -1,0 +1,225 @@
+"""IBertSoftmax (I-BERT's i-exp softmax) with its exponential tabulated once per node.
+
+The formula is `refsim.ops.softmax.IBertSoftmax` (docs/OPS.md): per row, with d = x -
+max(kept x), e = iexp(d), out = (e * (2^32 // sum(e))) >> (32 - output_bit). The
+exponential depends on d alone, so it is tabulated at plan time from the op's own NumPy
+`_np_ibert_exp`; the table is exact by construction. It is also short:
+
+- iexp clamps d at n*x0_int first, so every d <= n*x0_int gives iexp(n*x0_int): a table of
+  the differences 0 .. -n*x0_int, read at min(-d, last), holds every difference there is;
+- its trailing run of equal entries (the zeros past where the exponential has rounded to
+  0: from 5520 on for MiniLM's attributes, of the 65536 an int16 input can reach) needs
+  only its first entry, read for every larger difference.
+
+When -n*x0_int is beyond 16 bits' span the table stops at 65535 and serves inputs of at
+most 16 bits only. Entries lie in [0, 2^(exp_bit-1) - 1] and are stored in the narrowest
+unsigned type that holds them (uint16 for exp_bit 16: MiniLM's table is 11 KiB, in L1).
+
+A mask that is the same for every row (a key-padding mask (batch=1, 1, 1, cols), or one
+of x's last axis) is read as the list of kept columns, never broadcast to x's shape: only
+those are computed, the others output 0. Any other mask is broadcast as the op does.
+Each element's exponential is looked up once into a row buffer. Anything the kernel does
+not take (other dtypes, an empty or 0-d input, a mask that does not broadcast, attributes
+the op refuses) goes to the op, which computes it or raises its error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..errors import OpError
+from ..jit import njit, prange
+from ..ops.softmax import IBertSoftmax, _check_ibert_softmax_bounds, _ibert_softmax_type, _np_ibert_exp, _zero_exp_message
+from .registry import kernel
+
+_SPAN16 = (1 << 16) - 1  # the largest difference a 16-bit input can have
+_TASKS = 16  # row blocks, each with its own row buffer (a fixed count: Numba caches the kernel)
+_WORK32, _WORK64 = np.empty(0, np.int32), np.empty(0, np.int64)  # row buffer types (see the kernel)
+
+
+class _AllColumns(dict):
+    """n -> arange(n): no mask keeps every column."""
+
+    def __missing__(self, n):
+        self[n] = cols = np.arange(n)
+        return cols
+
+
+@njit(cache=True, inline="always")
+def _scaled(e, factor, out_shift):
+    """(e * factor) >> out_shift for a row whose exponentials sum to at least 2: then
+    factor = 2^32 // sum <= 2^31 and e <= 2^31 - 1, a 32 x 32 -> 64-bit product (one
+    vector multiply for AVX2)."""
+    return (np.uint64(e) * np.uint64(np.uint32(factor))) >> np.uint64(out_shift)
+
+
+@njit(cache=True, parallel=True)
+def ibert_softmax_shared_mask(x, cols, work, table, last, out_shift, out, zero_rows):
+    """IBertSoftmax of each row of x over the kept columns `cols` (ascending; all of them
+    when there are x.shape[1]), the same for every row; the others output 0. `work` gives
+    the row buffer's type (int32 holds the differences of a 16-bit input, int64 those of
+    32 bits). Rows whose exponentials sum to 0 are flagged in zero_rows, their outputs
+    unwritten."""
+    rows, n = x.shape
+    k = cols.shape[0]
+    every = k == n
+    tasks = min(rows, _TASKS)
+    for t in prange(tasks):
+        xs = np.empty(k, work.dtype)
+        es = np.empty(k, np.uint32)  # the row's exponentials, each looked up once
+        for r in range(t * rows // tasks, (t + 1) * rows // tasks):
+            if every:  # contiguous: the copy and the max vectorize
+                for j in range(n):
+                    xs[j] = x[r, j]
+            else:
+                for i in range(k):
+                    xs[i] = x[r, cols[i]]
+            top = xs[0]
+            for i in range(1, k):
+                top = max(top, xs[i])
+            total = np.int64(0)
+            for i in range(k):  # an unsigned index: no wraparound for negative ones (1.4x faster)
+                e = table[min(np.uint64(top - xs[i]), last)]
+                es[i] = e
+                total += e
+            if total == 0:
+                zero_rows[r] = True
+                continue
+            if not every:
+                for j in range(n):
+                    out[r, j] = 0
+            if total == 1:  # factor 2^32: the one exponential of 1 gives 2^output_bit
+                for i in range(k):
+                    out[r, i if every else cols[i]] = (np.int64(es[i]) << 32) >> out_shift
+            elif every:
+                factor = (np.int64(1) << 32) // total
+                for j in range(n):
+                    out[r, j] = _scaled(es[j], factor, out_shift)
+            else:
+                factor = (np.int64(1) << 32) // total
+                for i in range(k):
+                    out[r, cols[i]] = _scaled(es[i], factor, out_shift)
+
+
+@njit(cache=True, parallel=True)
+def ibert_softmax_row_masks(x, keep, table, last, out_shift, out, zero_rows):
+    """IBertSoftmax of each row of x over the columns keep[r] marks; out is 0 elsewhere
+    (and in rows with nothing kept)."""
+    rows, n = x.shape
+    tasks = min(rows, _TASKS)
+    for t in prange(tasks):
+        es = np.empty(n, np.uint32)
+        for r in range(t * rows // tasks, (t + 1) * rows // tasks):
+            seen = False
+            top = np.int64(0)
+            for j in range(n):
+                if keep[r, j] and (not seen or np.int64(x[r, j]) > top):
+                    top, seen = np.int64(x[r, j]), True
+            if not seen:
+                for j in range(n):
+                    out[r, j] = 0
+                continue
+            total = np.int64(0)
+            for j in range(n):
+                e = table[min(np.uint64(top - np.int64(x[r, j])), last)] if keep[r, j] else 0
+                es[j] = e
+                total += e
+            if total == 0:
+                zero_rows[r] = True
+            elif total == 1:
+                for j in range(n):
+                    out[r, j] = (np.int64(es[j]) << 32) >> out_shift
+            else:
+                factor = (np.int64(1) << 32) // total
+                for j in range(n):
+                    out[r, j] = _scaled(es[j], factor, out_shift)
+
+
+def exp_table(x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_bit):
+    """(table, complete): iexp(-i) = table[min(i, len(table) - 1)] for every difference i
+    >= 0 when complete, for i <= 65535 otherwise (see the module docstring)."""
+    clamp = -n * x0_int  # iexp(-i) = iexp(-clamp) for every i >= clamp
+    complete = clamp <= _SPAN16
+    params = (x0_int, b_int, c_int, n, exp_mul, exp_shift, (1 << (exp_bit - 1)) - 1)
+    e = _np_ibert_exp(-np.arange(min(clamp, _SPAN16) + 1, dtype=np.int64), *params)
+    differs = np.flatnonzero(e != e[-1])
+    e = e[: (int(differs[-1]) + 2 if differs.size else 1)]  # the trailing run's first entry ends it
+    storage = np.uint8 if e.max() <= 0xFF else np.uint16 if e.max() <= 0xFFFF else np.uint32
+    table = e.astype(storage)
+    table.setflags(write=False)
+    return table, complete
+
+
+class IBertSoftmaxKernel:
+    """IBertSoftmax on a table prepared for the node's attributes."""
+
+    def __init__(self, attrs):
+        self.attrs = dict(attrs)
+        self.table, complete = exp_table(*(attrs[k] for k in ("x0_int", "b_int", "c_int", "n", "exp_mul", "exp_shift", "exp_bit")))
+        self.last = np.uint64(self.table.size - 1)
+        # Input dtypes whose differences the table covers (beyond 32 bits: the op's int64 differences may wrap).
+        self.dtypes = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16) + ((np.int32, np.uint32) if complete else ())}
+        self.storage = _ibert_softmax_type(attrs["output_bit"]).storage
+        self.out_shift = 32 - attrs["output_bit"]
+        self._columns: dict[tuple, np.ndarray] = {}
+        self._every = _AllColumns()
+
+    @classmethod
+    def prepare(cls, attrs, declared) -> "IBertSoftmaxKernel | None":
+        try:
+            _check_ibert_softmax_bounds(*(attrs[k] for k in ("x0_int", "b_int", "c_int", "n", "exp_mul", "exp_shift")), "")
+        except OpError:
+            return None  # the op refuses these attributes, naming the node
+        chosen = cls(attrs)
+        x = declared[0] if declared else None
+        if x is not None and np.dtype(x.dtype.storage) not in chosen.dtypes:
+            return None
+        return chosen
+
+    def _shared_columns(self, mask, shape):
+        """The kept columns (int64, ascending) when the mask is the same for every row of
+        x, else None."""
+        mask = np.asarray(mask)
+        n = shape[-1]
+        if mask.ndim > len(shape) or mask.size not in (1, n) or mask.shape[-1:] not in ((), (1,), (n,)):
+            return None  # (size 1 or n, last axis 1 or n: every other axis is 1)
+        key = (mask.dtype.str, mask.size, mask.tobytes())
+        cols = self._columns.get(key)
+        if cols is None:
+            keep = mask.reshape(-1) != 0
+            cols = np.flatnonzero(keep) if keep.size == n else np.arange(n if keep[0] else 0)
+            if len(self._columns) < 64:  # a model sees few distinct masks: padding lengths
+                self._columns[key] = cols
+        return cols
+
+    def __call__(self, x, mask=None):
+        x = np.asarray(x)
+        if not (backend.use_numba() and x.dtype in self.dtypes and x.ndim and x.size):
+            return IBertSoftmax(x, mask, **self.attrs)
+        n = x.shape[-1]
+        x2 = np.ascontiguousarray(x).reshape(-1, n)
+        zero_rows = np.zeros(x2.shape[0], np.bool_)
+        cols = self._every[n] if mask is None else self._shared_columns(mask, x.shape)
+        if cols is not None:
+            if not cols.size:
+                return np.zeros(x.shape, self.storage)  # every position masked: probability 0 everywhere
+            out = np.empty(x2.shape, self.storage)
+            work = _WORK32 if x.dtype.itemsize <= 2 else _WORK64
+            ibert_softmax_shared_mask(x2, cols, work, self.table, self.last, self.out_shift, out, zero_rows)
+        else:
+            try:
+                keep = np.broadcast_to(np.asarray(mask) != 0, x.shape)
+            except ValueError:
+                return IBertSoftmax(x, mask, **self.attrs)  # which names the shapes
+            out = np.empty(x2.shape, self.storage)
+            ibert_softmax_row_masks(x2, np.ascontiguousarray(keep).reshape(x2.shape), self.table, self.last, self.out_shift, out, zero_rows)
+        if zero_rows.any():
+            raise OpError(_zero_exp_message("IBertSoftmax", int(np.argmax(zero_rows))))
+        return out.reshape(x.shape)
+
+
+@kernel("IBertSoftmax")
+def ibert_softmax(attrs, consts, declared):
+    """Attributes the op accepts, an input of at most 16 bits (32 when the table is complete)."""
+    return IBertSoftmaxKernel.prepare(attrs, declared)
