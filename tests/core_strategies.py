@@ -456,8 +456,9 @@ def _ibert_edges(attrs) -> list[int]:
 def ibert_softmax_case(draw):
     """Rows of a narrow or an int32 input, its extremes or values at chosen differences
     below the row's top (table edges: past the last nonzero exponential, the clamp), and
-    a mask: none, a key-padding one (1, .., 1, cols) or (cols,), one per row, x's full
-    shape, or any broadcastable one; all-masked rows among them."""
+    a mask: none, a key-padding one (1, .., 1, cols) or (cols,), one per matrix
+    (batch, heads, 1, cols), one per row, x's full shape, or any broadcastable one;
+    all-masked rows among them."""
     attrs = draw(ibert_softmax_attrs())
     t = draw(st.sampled_from(("int8", "int16", "uint8", "uint16", "int4", "int32")))
     lo, hi, _ = TYPES[t]
@@ -470,12 +471,13 @@ def ibert_softmax_case(draw):
         edge = st.sampled_from(_ibert_edges(attrs))
         ds = draw(st.lists(st.one_of(edge, st.integers(0, hi - lo)), min_size=count, max_size=count))
         x = np.clip(top - np.array(ds, dtype=object), lo, hi).astype(STORAGE[t]).reshape(shape)
-    kind = draw(st.sampled_from(("none", "padding", "padding", "row", "full", "broadcast")))
+    kind = draw(st.sampled_from(("none", "padding", "padding", "matrix", "row", "full", "broadcast")))
     if kind == "none":
         return Case("IBertSoftmax", [x], [t], attrs, [False])
     rank, cols = len(shape), shape[-1]
     mshape = {
         "padding": (1,) * draw(st.integers(0, rank - 1)) + (cols,),
+        "matrix": shape[:-2] + (1, cols) if rank > 1 else (cols,),  # per sentence (and head)
         "row": shape[:-1] + (1,),
         "full": shape,
         "broadcast": draw(broadcastable(shape)),

@@ -86,14 +86,17 @@ def _minilm_scores(seed, shape=(1, 12, 128, 128)):
     return x.astype(np.int16)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "padding", "all kept", "per row", "full", "all masked"])
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "batch padding", "per head", "all kept", "per row", "full", "all masked"])
 def test_kernel_at_minilm_size(mask_kind):
-    """1536 rows of 128: the parallel kernel, on one and two threads."""
-    x = _minilm_scores(1)
+    """1536 rows of 128 (three sentences for "batch padding"): the parallel kernel, on one
+    and two threads."""
+    x = _minilm_scores(1, (3, 12, 128, 128) if mask_kind == "batch padding" else (1, 12, 128, 128))
     rng = np.random.default_rng(2)
     masks = {
         "none": None,
         "padding": (np.arange(128) < 11).astype(np.uint8).reshape(1, 1, 1, 128),
+        "batch padding": (np.arange(128) < np.array([[11], [128], [0]])).astype(np.int64).reshape(3, 1, 1, 128),
+        "per head": rng.integers(0, 2, (1, 12, 1, 128)).astype(np.uint8),
         "all kept": np.ones((1, 1, 1, 128), np.uint8),
         "per row": rng.integers(0, 2, (1, 12, 128, 1)).astype(np.uint8),
         "full": rng.integers(0, 2, (1, 12, 128, 128)).astype(np.uint8),

@@ -25,6 +25,8 @@ the op refuses) goes to the op, which computes it or raises its error.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import backend
@@ -38,14 +40,6 @@ _TASKS = 16  # row blocks, each with its own row buffer (a fixed count: Numba ca
 _WORK32, _WORK64 = np.empty(0, np.int32), np.empty(0, np.int64)  # row buffer types (see the kernel)
 
 
-class _AllColumns(dict):
-    """n -> arange(n): no mask keeps every column."""
-
-    def __missing__(self, n):
-        self[n] = cols = np.arange(n)
-        return cols
-
-
 @njit(cache=True, inline="always")
 def _scaled(e, factor, out_shift):
     """(e * factor) >> out_shift for a row whose exponentials sum to at least 2: then
@@ -55,26 +49,32 @@ def _scaled(e, factor, out_shift):
 
 
 @njit(cache=True, parallel=True)
-def ibert_softmax_shared_mask(x, cols, work, table, last, out_shift, out, zero_rows):
-    """IBertSoftmax of each row of x over the kept columns `cols` (ascending; all of them
-    when there are x.shape[1]), the same for every row; the others output 0. `work` gives
-    the row buffer's type (int32 holds the differences of a 16-bit input, int64 those of
-    32 bits). Rows whose exponentials sum to 0 are flagged in zero_rows, their outputs
-    unwritten."""
+def ibert_softmax_column_lists(x, starts, cols, group_rows, work, table, last, out_shift, out, zero_rows):
+    """IBertSoftmax of each row r of x over the kept columns of its group g = r //
+    group_rows, cols[starts[g]:starts[g + 1]] (ascending); the others output 0. `work`
+    gives the row buffer's type (int32 holds the differences of a 16-bit input, int64
+    those of 32 bits). Rows whose exponentials sum to 0 are flagged in zero_rows, their
+    outputs unwritten."""
     rows, n = x.shape
-    k = cols.shape[0]
-    every = k == n
     tasks = min(rows, _TASKS)
     for t in prange(tasks):
-        xs = np.empty(k, work.dtype)
-        es = np.empty(k, np.uint32)  # the row's exponentials, each looked up once
+        xs = np.empty(n, work.dtype)
+        es = np.empty(n, np.uint32)  # the row's exponentials, each looked up once
         for r in range(t * rows // tasks, (t + 1) * rows // tasks):
-            if every:  # contiguous: the copy and the max vectorize
+            g = r // group_rows
+            kept = cols[starts[g]:starts[g + 1]]
+            k = kept.shape[0]
+            every = k == n
+            if not every:
+                for j in range(n):
+                    out[r, j] = 0
+                if k == 0:
+                    continue
+                for i in range(k):
+                    xs[i] = x[r, kept[i]]
+            else:  # contiguous: the copy and the max vectorize
                 for j in range(n):
                     xs[j] = x[r, j]
-            else:
-                for i in range(k):
-                    xs[i] = x[r, cols[i]]
             top = xs[0]
             for i in range(1, k):
                 top = max(top, xs[i])
@@ -85,13 +85,9 @@ def ibert_softmax_shared_mask(x, cols, work, table, last, out_shift, out, zero_r
                 total += e
             if total == 0:
                 zero_rows[r] = True
-                continue
-            if not every:
-                for j in range(n):
-                    out[r, j] = 0
-            if total == 1:  # factor 2^32: the one exponential of 1 gives 2^output_bit
+            elif total == 1:  # factor 2^32: the one exponential of 1 gives 2^output_bit
                 for i in range(k):
-                    out[r, i if every else cols[i]] = (np.int64(es[i]) << 32) >> out_shift
+                    out[r, i if every else kept[i]] = (np.int64(es[i]) << 32) >> out_shift
             elif every:
                 factor = (np.int64(1) << 32) // total
                 for j in range(n):
@@ -99,7 +95,7 @@ def ibert_softmax_shared_mask(x, cols, work, table, last, out_shift, out, zero_r
             else:
                 factor = (np.int64(1) << 32) // total
                 for i in range(k):
-                    out[r, cols[i]] = _scaled(es[i], factor, out_shift)
+                    out[r, kept[i]] = _scaled(es[i], factor, out_shift)
 
 
 @njit(cache=True, parallel=True)
@@ -162,8 +158,7 @@ class IBertSoftmaxKernel:
         self.dtypes = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16) + ((np.int32, np.uint32) if complete else ())}
         self.storage = _ibert_softmax_type(attrs["output_bit"]).storage
         self.out_shift = 32 - attrs["output_bit"]
-        self._columns: dict[tuple, np.ndarray] = {}
-        self._every = _AllColumns()
+        self._lists: dict[tuple, tuple] = {}
 
     @classmethod
     def prepare(cls, attrs, declared) -> "IBertSoftmaxKernel | None":
@@ -177,21 +172,33 @@ class IBertSoftmaxKernel:
             return None
         return chosen
 
-    def _shared_columns(self, mask, shape):
-        """The kept columns (int64, ascending) when the mask is the same for every row of
-        x, else None."""
-        mask = np.asarray(mask)
+    def _column_lists(self, mask, shape):
+        """(starts, cols, group_rows) for `ibert_softmax_column_lists` when the mask is
+        the same along x's rows axis (None: every column), else None."""
         n = shape[-1]
-        if mask.ndim > len(shape) or mask.size not in (1, n) or mask.shape[-1:] not in ((), (1,), (n,)):
-            return None  # (size 1 or n, last axis 1 or n: every other axis is 1)
-        key = (mask.dtype.str, mask.size, mask.tobytes())
-        cols = self._columns.get(key)
-        if cols is None:
-            keep = mask.reshape(-1) != 0
-            cols = np.flatnonzero(keep) if keep.size == n else np.arange(n if keep[0] else 0)
-            if len(self._columns) < 64:  # a model sees few distinct masks: padding lengths
-                self._columns[key] = cols
-        return cols
+        rows_axis = shape[-2] if len(shape) > 1 else 1
+        if mask is None:
+            return np.array([0, n]), np.arange(n), math.prod(shape[:-1])
+        mask = np.asarray(mask)
+        if mask.ndim > 1 and mask.shape[-2] != 1 and rows_axis != 1:
+            return None  # it differs from row to row
+        try:
+            if np.broadcast_shapes(mask.shape, shape) != shape:
+                return None
+        except ValueError:
+            return None
+        key = (mask.shape, mask.dtype.str, shape[:-1], mask.tobytes()) if mask.size <= 1 << 12 else None
+        lists = self._lists.get(key)
+        if lists is None:
+            groups = shape[:-2] + (1, n)  # one kept-column list per matrix of x
+            keep = (np.broadcast_to(mask, groups) != 0).reshape(-1, n)
+            group, cols = np.nonzero(keep)
+            starts = np.zeros(keep.shape[0] + 1, np.int64)
+            np.cumsum(np.bincount(group, minlength=keep.shape[0]), out=starts[1:])
+            lists = starts, cols, rows_axis
+            if key is not None and len(self._lists) < 64:  # a model sees few masks: its padding lengths
+                self._lists[key] = lists
+        return lists
 
     def __call__(self, x, mask=None):
         x = np.asarray(x)
@@ -200,19 +207,17 @@ class IBertSoftmaxKernel:
         n = x.shape[-1]
         x2 = np.ascontiguousarray(x).reshape(-1, n)
         zero_rows = np.zeros(x2.shape[0], np.bool_)
-        cols = self._every[n] if mask is None else self._shared_columns(mask, x.shape)
-        if cols is not None:
-            if not cols.size:
-                return np.zeros(x.shape, self.storage)  # every position masked: probability 0 everywhere
-            out = np.empty(x2.shape, self.storage)
+        out = np.empty(x2.shape, self.storage)
+        lists = self._column_lists(mask, x.shape)
+        if lists is not None:
+            starts, cols, group_rows = lists
             work = _WORK32 if x.dtype.itemsize <= 2 else _WORK64
-            ibert_softmax_shared_mask(x2, cols, work, self.table, self.last, self.out_shift, out, zero_rows)
+            ibert_softmax_column_lists(x2, starts, cols, group_rows, work, self.table, self.last, self.out_shift, out, zero_rows)
         else:
             try:
                 keep = np.broadcast_to(np.asarray(mask) != 0, x.shape)
             except ValueError:
                 return IBertSoftmax(x, mask, **self.attrs)  # which names the shapes
-            out = np.empty(x2.shape, self.storage)
             ibert_softmax_row_masks(x2, np.ascontiguousarray(keep).reshape(x2.shape), self.table, self.last, self.out_shift, out, zero_rows)
         if zero_rows.any():
             raise OpError(_zero_exp_message("IBertSoftmax", int(np.argmax(zero_rows))))
