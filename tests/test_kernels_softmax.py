@@ -12,8 +12,10 @@ from core_harness import build_graph
 from core_strategies import CASES, IBERT_SOFTMAX_PRESETS, ibert_softmax_attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from refsim import RefsimError, backend, ops
+from refsim import GraphBuilder, RefsimError, backend, ops
 from refsim.errors import OpError
+from refsim.exporters import nonlinear as nl
+from refsim.kernels import choose
 from refsim.kernels import softmax as ksoftmax
 from refsim.ops.softmax import _np_ibert_exp
 
@@ -49,15 +51,17 @@ def _spec_exp(attrs, differences):
     return _np_ibert_exp(-np.asarray(differences, np.int64), *params)
 
 
-@given(attrs=ibert_softmax_attrs(), far=st.lists(st.integers(0, (1 << 32) - 1), max_size=20))
-def test_table_read_at_a_clamped_index_is_the_exponential(attrs, far):
+@given(attrs=ibert_softmax_attrs(), far=st.lists(st.integers(0, (1 << 32) - 1), max_size=20),
+       span=st.sampled_from([(1 << 16) - 1, 1 << 20]))
+def test_table_read_at_a_clamped_index_is_the_exponential(attrs, far, span):
     """table[min(d, last)] = iexp(-d) for every difference a 16-bit input has, and for any
     difference up to 2^32 - 1 when the table says it is complete."""
     try:
         ops.IBertSoftmax(np.zeros(1, np.int8), **attrs)
     except OpError:
         return  # attributes the op refuses; the kernel is not prepared for them
-    table, complete = ksoftmax.exp_table(*(attrs[k] for k in TABLE_KEYS))
+    table, complete = ksoftmax.exp_table(*(attrs[k] for k in TABLE_KEYS), span)
+    assert complete == (-attrs["n"] * attrs["x0_int"] <= span)
     assert table.dtype.kind == "u" and table.size <= 1 << 16
     d = np.arange(1 << 16)
     if complete:
@@ -138,3 +142,26 @@ def test_inputs_it_does_not_take_go_to_the_op():
         kernel(np.zeros((2, 4), np.int16), np.ones((3, 4), np.uint8))
     too_wide = dict(MINILM, exp_mul=(1 << 31) - 1, exp_shift=0)  # z*exp_mul << 30 leaves int64
     assert ksoftmax.IBertSoftmaxKernel.prepare(too_wide, []) is None
+
+
+def test_int32_scores_at_a_fine_scale():
+    """I-BERT's own int32 scores (S = 2e-4: the clamp at 103980 is past 16 bits): a 32-bit
+    input gets the whole table (to 55456, where it reaches 0), and any difference up to
+    2^32 - 1 is exact."""
+    attrs = nl.ibert_softmax_params(2e-4).attrs
+    g = GraphBuilder("scores")
+    g.output(g.node("IBertSoftmax", [g.input("x", "int32", [2, 64, 128]), g.input("m", "uint8", [2, 1, 128])], **attrs))
+    model = g.model()
+    rng = np.random.default_rng(3)
+    x = rng.integers(-200_000, 200_000, (2, 64, 128))
+    x[0, :, :4] = rng.integers(-(1 << 31), 1 << 31, (64, 4))
+    x.reshape(-1)[:2] = (-(1 << 31), (1 << 31) - 1)
+    feeds = {"x": x.astype(np.int32), "m": (np.arange(128) < np.array([[90], [128]])).astype(np.uint8).reshape(2, 1, 128)}
+    [node] = model.graph.nodes
+    chosen = choose("IBertSoftmax", attrs, {}, [model.graph.tensors[name] for name in node.inputs])
+    assert isinstance(chosen, ksoftmax.IBertSoftmaxKernel) and np.dtype(np.int32) in chosen.dtypes  # the whole table
+    with backend.use("numpy"):
+        expected = ops.IBertSoftmax(feeds["x"], feeds["m"], **attrs)
+    with backend.use("numba"):
+        [got] = model.run(feeds).values()
+    assert np.array_equal(got, expected)

@@ -11,14 +11,19 @@ exponential depends on d alone, so it is tabulated at plan time from the op's ow
   0: from 5520 on for MiniLM's attributes, of the 65536 an int16 input can reach) needs
   only its first entry, read for every larger difference.
 
-When -n*x0_int is beyond 16 bits' span the table stops at 65535 and serves inputs of at
-most 16 bits only. Entries lie in [0, 2^(exp_bit-1) - 1] and are stored in the narrowest
-unsigned type that holds them (uint16 for exp_bit 16: MiniLM's table is 11 KiB, in L1).
+The exponential need not fall monotonically for every b_int and c_int the op takes, so
+the cut relies on the clamp and on the run of equal entries found, nothing else. For an
+input of at most 16 bits the table stops at the difference 65535; for a 32-bit input it
+must reach the clamp (tables up to 2^20 entries are built: -n*x0_int <= 2^20, an input
+scale of 2e-5 or coarser), else the op computes it. Entries lie in [0, 2^(exp_bit-1) - 1]
+and are stored in the narrowest unsigned type that holds them (uint16 for exp_bit 16:
+MiniLM's table is 11 KiB, in L1).
 
-A mask that is the same for every row (a key-padding mask (batch=1, 1, 1, cols), or one
-of x's last axis) is read as the list of kept columns, never broadcast to x's shape: only
-those are computed, the others output 0. Any other mask is broadcast as the op does.
-Each element's exponential is looked up once into a row buffer. Anything the kernel does
+A mask that is the same along x's rows axis (key padding (batch, 1, 1, cols), per head
+(batch, heads, 1, cols), one of the last axis) is read as one list of kept columns per
+matrix of x, never broadcast to x's shape: only those columns are computed, the others
+output 0. Any other mask (causal, per row) is broadcast as the op does. Each element's
+exponential is looked up once into a row buffer. Anything the kernel does
 not take (other dtypes, an empty or 0-d input, a mask that does not broadcast, attributes
 the op refuses) goes to the op, which computes it or raises its error.
 """
@@ -36,6 +41,7 @@ from ..ops.softmax import IBertSoftmax, _check_ibert_softmax_bounds, _ibert_soft
 from .registry import kernel
 
 _SPAN16 = (1 << 16) - 1  # the largest difference a 16-bit input can have
+_SPAN32 = 1 << 20  # the longest table built for a 32-bit input (its clamp -n*x0_int: S >= 2e-5)
 _TASKS = 16  # row blocks, each with its own row buffer (a fixed count: Numba caches the kernel)
 _WORK32, _WORK64 = np.empty(0, np.int32), np.empty(0, np.int64)  # row buffer types (see the kernel)
 
@@ -132,27 +138,28 @@ def ibert_softmax_row_masks(x, keep, table, last, out_shift, out, zero_rows):
                     out[r, j] = _scaled(es[j], factor, out_shift)
 
 
-def exp_table(x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_bit):
+def exp_table(x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_bit, span=_SPAN16):
     """(table, complete): iexp(-i) = table[min(i, len(table) - 1)] for every difference i
-    >= 0 when complete, for i <= 65535 otherwise (see the module docstring)."""
+    >= 0 when complete, for i <= span otherwise (see the module docstring)."""
     clamp = -n * x0_int  # iexp(-i) = iexp(-clamp) for every i >= clamp
-    complete = clamp <= _SPAN16
     params = (x0_int, b_int, c_int, n, exp_mul, exp_shift, (1 << (exp_bit - 1)) - 1)
-    e = _np_ibert_exp(-np.arange(min(clamp, _SPAN16) + 1, dtype=np.int64), *params)
+    size = min(clamp, span) + 1
+    step = 1 << 16  # in pieces: the formula's int64 temporaries stay small
+    e = np.concatenate([_np_ibert_exp(-np.arange(i, min(i + step, size), dtype=np.int64), *params) for i in range(0, size, step)])
     differs = np.flatnonzero(e != e[-1])
     e = e[: (int(differs[-1]) + 2 if differs.size else 1)]  # the trailing run's first entry ends it
     storage = np.uint8 if e.max() <= 0xFF else np.uint16 if e.max() <= 0xFFFF else np.uint32
     table = e.astype(storage)
     table.setflags(write=False)
-    return table, complete
+    return table, clamp <= span
 
 
 class IBertSoftmaxKernel:
     """IBertSoftmax on a table prepared for the node's attributes."""
 
-    def __init__(self, attrs):
+    def __init__(self, attrs, span=_SPAN16):
         self.attrs = dict(attrs)
-        self.table, complete = exp_table(*(attrs[k] for k in ("x0_int", "b_int", "c_int", "n", "exp_mul", "exp_shift", "exp_bit")))
+        self.table, complete = exp_table(*(attrs[k] for k in ("x0_int", "b_int", "c_int", "n", "exp_mul", "exp_shift", "exp_bit")), span)
         self.last = np.uint64(self.table.size - 1)
         # Input dtypes whose differences the table covers (beyond 32 bits: the op's int64 differences may wrap).
         self.dtypes = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16) + ((np.int32, np.uint32) if complete else ())}
@@ -166,8 +173,10 @@ class IBertSoftmaxKernel:
             _check_ibert_softmax_bounds(*(attrs[k] for k in ("x0_int", "b_int", "c_int", "n", "exp_mul", "exp_shift")), "")
         except OpError:
             return None  # the op refuses these attributes, naming the node
-        chosen = cls(attrs)
         x = declared[0] if declared else None
+        wide = x is not None and np.dtype(x.dtype.storage).itemsize > 2
+        # A 32-bit input needs the whole table, up to the clamp (at most _SPAN32 entries).
+        chosen = cls(attrs, _SPAN32 if wide else _SPAN16)
         if x is not None and np.dtype(x.dtype.storage) not in chosen.dtypes:
             return None
         return chosen
