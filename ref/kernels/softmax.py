@@ -54,6 +54,47 @@ def _scaled(e, factor, out_shift):
     return (np.uint64(e) * np.uint64(np.uint32(factor))) >> np.uint64(out_shift)
 
 
+@njit(cache=True, inline="always")
+def _softmax_row(x, r, kept, table, last, out_shift, xs, es, out, zero_rows):
+    """Row r of out: IBertSoftmax of x[r] over the columns `kept` (ascending; all of
+    them when there are x.shape[1]), 0 elsewhere; or zero_rows[r] set when the kept
+    exponentials sum to 0. xs and es are the row's buffers (values, exponentials)."""
+    n = x.shape[1]
+    k = kept.shape[0]
+    every = k == n
+    if not every:
+        for j in range(n):
+            out[r, j] = 0
+        if k == 0:
+            return
+        for i in range(k):
+            xs[i] = x[r, kept[i]]
+    else:  # contiguous: the copy and the max vectorize
+        for j in range(n):
+            xs[j] = x[r, j]
+    top = xs[0]
+    for i in range(1, k):
+        top = max(top, xs[i])
+    total = np.int64(0)
+    for i in range(k):  # an unsigned index: no wraparound for negative ones (1.4x faster)
+        e = table[min(np.uint64(top - xs[i]), last)]
+        es[i] = e
+        total += e
+    if total == 0:
+        zero_rows[r] = True
+    elif total == 1:  # factor 2^32: the one exponential of 1 gives 2^output_bit
+        for i in range(k):
+            out[r, i if every else kept[i]] = (np.int64(es[i]) << 32) >> out_shift
+    elif every:
+        factor = (np.int64(1) << 32) // total
+        for j in range(n):
+            out[r, j] = _scaled(es[j], factor, out_shift)
+    else:
+        factor = (np.int64(1) << 32) // total
+        for i in range(k):
+            out[r, kept[i]] = _scaled(es[i], factor, out_shift)
+
+
 @njit(cache=True, parallel=True)
 def ibert_softmax_column_lists(x, starts, cols, group_rows, work, table, last, out_shift, out, zero_rows):
     """IBertSoftmax of each row r of x over the kept columns of its group g = r //
@@ -68,74 +109,24 @@ def ibert_softmax_column_lists(x, starts, cols, group_rows, work, table, last, o
         es = np.empty(n, np.uint32)  # the row's exponentials, each looked up once
         for r in range(t * rows // tasks, (t + 1) * rows // tasks):
             g = r // group_rows
-            kept = cols[starts[g]:starts[g + 1]]
-            k = kept.shape[0]
-            every = k == n
-            if not every:
-                for j in range(n):
-                    out[r, j] = 0
-                if k == 0:
-                    continue
-                for i in range(k):
-                    xs[i] = x[r, kept[i]]
-            else:  # contiguous: the copy and the max vectorize
-                for j in range(n):
-                    xs[j] = x[r, j]
-            top = xs[0]
-            for i in range(1, k):
-                top = max(top, xs[i])
-            total = np.int64(0)
-            for i in range(k):  # an unsigned index: no wraparound for negative ones (1.4x faster)
-                e = table[min(np.uint64(top - xs[i]), last)]
-                es[i] = e
-                total += e
-            if total == 0:
-                zero_rows[r] = True
-            elif total == 1:  # factor 2^32: the one exponential of 1 gives 2^output_bit
-                for i in range(k):
-                    out[r, i if every else kept[i]] = (np.int64(es[i]) << 32) >> out_shift
-            elif every:
-                factor = (np.int64(1) << 32) // total
-                for j in range(n):
-                    out[r, j] = _scaled(es[j], factor, out_shift)
-            else:
-                factor = (np.int64(1) << 32) // total
-                for i in range(k):
-                    out[r, kept[i]] = _scaled(es[i], factor, out_shift)
+            _softmax_row(x, r, cols[starts[g]:starts[g + 1]], table, last, out_shift, xs, es, out, zero_rows)
 
 
 @njit(cache=True, parallel=True)
-def ibert_softmax_row_masks(x, keep, table, last, out_shift, out, zero_rows):
-    """IBertSoftmax of each row of x over the columns keep[r] marks; out is 0 elsewhere
-    (and in rows with nothing kept)."""
+def ibert_softmax_row_masks(x, keep, work, table, last, out_shift, out, zero_rows):
+    """The same with each row's own kept columns, where keep[r] is nonzero."""
     rows, n = x.shape
     tasks = min(rows, _TASKS)
     for t in prange(tasks):
+        xs = np.empty(n, work.dtype)
         es = np.empty(n, np.uint32)
+        cols = np.empty(n, np.int64)
         for r in range(t * rows // tasks, (t + 1) * rows // tasks):
-            seen = False
-            top = np.int64(0)
-            for j in range(n):
-                if keep[r, j] and (not seen or np.int64(x[r, j]) > top):
-                    top, seen = np.int64(x[r, j]), True
-            if not seen:
-                for j in range(n):
-                    out[r, j] = 0
-                continue
-            total = np.int64(0)
-            for j in range(n):
-                e = table[min(np.uint64(top - np.int64(x[r, j])), last)] if keep[r, j] else 0
-                es[j] = e
-                total += e
-            if total == 0:
-                zero_rows[r] = True
-            elif total == 1:
-                for j in range(n):
-                    out[r, j] = (np.int64(es[j]) << 32) >> out_shift
-            else:
-                factor = (np.int64(1) << 32) // total
-                for j in range(n):
-                    out[r, j] = _scaled(es[j], factor, out_shift)
+            k = 0
+            for j in range(n):  # the row's kept columns, without a branch a random mask mispredicts
+                cols[k] = j
+                k += keep[r, j] != 0
+            _softmax_row(x, r, cols[:k], table, last, out_shift, xs, es, out, zero_rows)
 
 
 def exp_table(x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_bit, span=_SPAN16):
@@ -218,16 +209,17 @@ class IBertSoftmaxKernel:
         zero_rows = np.zeros(x2.shape[0], np.bool_)
         out = np.empty(x2.shape, self.storage)
         lists = self._column_lists(mask, x.shape)
+        work = _WORK32 if x.dtype.itemsize <= 2 else _WORK64
         if lists is not None:
             starts, cols, group_rows = lists
-            work = _WORK32 if x.dtype.itemsize <= 2 else _WORK64
             ibert_softmax_column_lists(x2, starts, cols, group_rows, work, self.table, self.last, self.out_shift, out, zero_rows)
         else:
             try:
                 keep = np.broadcast_to(np.asarray(mask) != 0, x.shape)
             except ValueError:
                 return IBertSoftmax(x, mask, **self.attrs)  # which names the shapes
-            ibert_softmax_row_masks(x2, np.ascontiguousarray(keep).reshape(x2.shape), self.table, self.last, self.out_shift, out, zero_rows)
+            keep = np.ascontiguousarray(keep).reshape(x2.shape)
+            ibert_softmax_row_masks(x2, keep, work, self.table, self.last, self.out_shift, out, zero_rows)
         if zero_rows.any():
             raise OpError(_zero_exp_message("IBertSoftmax", int(np.argmax(zero_rows))))
         return out.reshape(x.shape)
