@@ -22,8 +22,9 @@ MiniLM's table is 11 KiB, in L1).
 A mask that is the same along x's rows axis (key padding (batch, 1, 1, cols), per head
 (batch, heads, 1, cols), one of the last axis) is read as one list of kept columns per
 matrix of x, never broadcast to x's shape: only those columns are computed, the others
-output 0. Any other mask (causal, per row) is broadcast as the op does. Each element's
-exponential is looked up once into a row buffer. Anything the kernel does
+output 0. Any other mask (causal, per row) is broadcast as the op does, and each row's
+kept columns are listed without branches (a random mask mispredicts every other one).
+Each element's exponential is looked up once into a row buffer. Anything the kernel does
 not take (other dtypes, an empty or 0-d input, a mask that does not broadcast, attributes
 the op refuses) goes to the op, which computes it or raises its error.
 """
@@ -123,7 +124,7 @@ def ibert_softmax_row_masks(x, keep, work, table, last, out_shift, out, zero_row
         cols = np.empty(n, np.int64)
         for r in range(t * rows // tasks, (t + 1) * rows // tasks):
             k = 0
-            for j in range(n):  # the row's kept columns, without a branch a random mask mispredicts
+            for j in range(n):  # the row's kept columns, without a branch
                 cols[k] = j
                 k += keep[r, j] != 0
             _softmax_row(x, r, cols[:k], table, last, out_shift, xs, es, out, zero_rows)
