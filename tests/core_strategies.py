@@ -399,6 +399,98 @@ def ibert_layernorm_case(draw):
     return Case("IBertLayerNorm", inputs, types, dict(shift=draw(st.integers(0, 30))), const)
 
 
+# --- IBertSoftmax -------------------------------------------------------------------------------
+
+# Attribute sets the exporter makes: MiniLM's scores (int16 at S ~ 2^-10.5: the exponential
+# rounds to 0 from the difference 5520 on, and n*x0_int clamps at 10350) and I-BERT's for
+# S = 0.1 (clamp at 210, inside int8's span).
+IBERT_SOFTMAX_PRESETS = (
+    dict(x0_int=-345, b_int=1346, c_int=690914, n=30, exp_mul=1629530190, exp_shift=65, exp_bit=16, output_bit=15),
+    dict(x0_int=-7, b_int=27, c_int=279, n=30, exp_mul=1968898441, exp_shift=54, exp_bit=16, output_bit=8),
+    # Every exponential 0: any row with a kept position divides by 0 (refused).
+    dict(x0_int=-7, b_int=27, c_int=279, n=30, exp_mul=0, exp_shift=54, exp_bit=16, output_bit=8),
+    # z = r^2 - 5 <= 0 at r = 0: a row of equal values sums to 0, others do not.
+    dict(x0_int=-9, b_int=0, c_int=-5, n=4, exp_mul=3, exp_shift=2, exp_bit=8, output_bit=7),
+)
+
+
+@st.composite
+def ibert_softmax_attrs(draw):
+    """A preset, or arbitrary attributes (some too large for int64: both refuse those)."""
+    if draw(st.booleans()):
+        return dict(draw(st.sampled_from(IBERT_SOFTMAX_PRESETS)))
+    n = draw(st.integers(0, 40))
+    return dict(
+        x0_int=draw(st.one_of(st.integers(-400, -1), st.sampled_from((-1, -2000, -(1 << 20))))),
+        b_int=draw(st.integers(-50, 2000)),
+        c_int=draw(st.one_of(st.integers(-10, 1 << 20), st.sampled_from((0, -1, 1)))),
+        n=n,
+        exp_mul=draw(st.one_of(st.integers(0, (1 << 31) - 1), st.integers(0, 4))),
+        exp_shift=draw(st.integers(max(0, n - 8), n + 60)),
+        exp_bit=draw(st.sampled_from((2, 8, 9, 16, 17, 32))),
+        output_bit=draw(st.sampled_from((1, 7, 8, 15, 16, 31))),
+    )
+
+
+def _ibert_edges(attrs) -> list[int]:
+    """Differences where the exponential's table changes: around the clamp at n*x0_int,
+    around the last nonzero exponential (from the spec: it only picks inputs), and 0."""
+    from refsim.ops.softmax import _np_ibert_exp
+
+    clamp = -attrs["n"] * attrs["x0_int"]
+    edges = {0, 1, clamp - 1, clamp, clamp + 1}
+    exp_max = (1 << (attrs["exp_bit"] - 1)) - 1
+    params = [attrs[k] for k in ("x0_int", "b_int", "c_int", "n", "exp_mul", "exp_shift")] + [exp_max]
+    try:
+        e = _np_ibert_exp(-np.arange(min(clamp, 1 << 16) + 1, dtype=np.int64), *params)
+    except (OverflowError, ValueError):
+        e = np.zeros(0)
+    nonzero = np.flatnonzero(e)
+    if nonzero.size:
+        last = int(nonzero[-1])
+        edges |= {last - 1, last, last + 1, last + 2}
+    return sorted(d for d in edges if d >= 0)
+
+
+@st.composite
+def ibert_softmax_case(draw):
+    """Rows of a narrow or an int32 input, its extremes or values at chosen differences
+    below the row's top (table edges: past the last nonzero exponential, the clamp), and
+    a mask: none, a key-padding one (1, .., 1, cols) or (cols,), one per matrix
+    (batch, heads, 1, cols), one per row, x's full shape, or any broadcastable one;
+    all-masked rows among them."""
+    attrs = draw(ibert_softmax_attrs())
+    t = draw(st.sampled_from(("int8", "int16", "uint8", "uint16", "int4", "int32")))
+    lo, hi, _ = TYPES[t]
+    shape = draw(st.one_of(shapes(1, 4, 1, 5), st.tuples(st.integers(1, 3), st.integers(1, 40))))
+    if draw(st.booleans()):
+        x = draw(typed_array(t, shape))
+    else:  # top - d for differences d at the table's edges (clipped into the type)
+        top = draw(values(t))
+        count = math.prod(shape)
+        edge = st.sampled_from(_ibert_edges(attrs))
+        ds = draw(st.lists(st.one_of(edge, st.integers(0, hi - lo)), min_size=count, max_size=count))
+        x = np.clip(top - np.array(ds, dtype=object), lo, hi).astype(STORAGE[t]).reshape(shape)
+    kind = draw(st.sampled_from(("none", "padding", "padding", "matrix", "row", "full", "broadcast")))
+    if kind == "none":
+        return Case("IBertSoftmax", [x], [t], attrs, [False])
+    rank, cols = len(shape), shape[-1]
+    mshape = {
+        "padding": (1,) * draw(st.integers(0, rank - 1)) + (cols,),
+        "matrix": shape[:-2] + (1, cols) if rank > 1 else (cols,),  # per sentence (and head)
+        "row": shape[:-1] + (1,),
+        "full": shape,
+        "broadcast": draw(broadcastable(shape)),
+    }[kind]
+    m_type = draw(st.sampled_from(("uint8", "uint8", "int64", "int8")))
+    keep = draw(st.sampled_from(("some", "some", "none", "all")))
+    count = math.prod(mshape)
+    pool = {"some": (0, 1, 1, 1, -1 if m_type != "uint8" else 255), "none": (0,), "all": (1,)}[keep]
+    mask = np.array(draw(st.lists(st.sampled_from(pool), min_size=count, max_size=count)), dtype=object)
+    mask = mask.astype(STORAGE[m_type]).reshape(mshape)
+    return Case("IBertSoftmax", [x, mask], [t, m_type], attrs, [False, draw(st.booleans())])
+
+
 CASES = {
     "Requant": st.one_of(requant_case(), tflite_requant_case(), tie_case()),
     "RequantShift": requant_shift_case(),
@@ -412,6 +504,7 @@ CASES = {
     "Lut": lut_case(),
     "LutInterp16": lut_interp16_case(),
     "IBertLayerNorm": ibert_layernorm_case(),
+    "IBertSoftmax": ibert_softmax_case(),
     "Reshape": reshape_case(),
     "Transpose": transpose_case(),
     "Slice": slice_case(),

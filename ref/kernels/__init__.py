@@ -9,7 +9,7 @@ from ..jit import materialize
 
 materialize()  # Numba up, and the ops' jitted helpers real, before kernels import them
 
-from . import elementwise, layernorm, lut, matmul, requant  # noqa: E402, F401  (registration)
+from . import elementwise, layernorm, lut, matmul, requant, softmax  # noqa: E402, F401  (registration)
 from .registry import KERNELS, choose, kernel  # noqa: E402
 
 __all__ = ["KERNELS", "choose", "kernel"]

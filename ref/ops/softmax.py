@@ -7,10 +7,11 @@ convention). A masked position takes no part in the row maximum or the sum and o
 integer that stands for probability 0; a row with every position masked outputs that value
 everywhere. The exact formulas are in docs/OPS.md.
 
-Every kernel runs per row: a Numba kernel (`prange` over rows) and a NumPy twin that
-computes the same integers with whole-array operations. The exponential of the I-BERT,
-iSoftmax and TFLite variants depends only on `x - max(row)`, so for inputs of at most 16
-bits the Numba path evaluates it once per possible difference into a table.
+Each op runs per row: a Numba kernel (`prange` over rows) and a NumPy twin that computes
+the same integers with whole-array operations. The exponential of the iSoftmax and TFLite
+variants depends only on `x - max(row)`, so for inputs of at most 16 bits the Numba path
+evaluates it once per possible difference into a table. IBertSoftmax is its NumPy formula
+only; its fast path is a kernel prepared per node (`refsim.kernels.softmax`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .fixedpoint import (
 from .intmath import INT32_MAX, INT32_MIN, INT64_MAX, clz32, np_clz32, np_shr, shr
 from .registry import OVERFLOW_POLICIES, Int, OneOf, broadcast_shapes, op
 from .requant import levels_type
-from .rounding import HALF_EVEN, _np_round_shift, round_shift_scalar
+from .rounding import HALF_EVEN, _np_round_shift
 
 _NO_MASK = np.zeros((1, 1), dtype=np.bool_)
 
@@ -520,21 +521,8 @@ def iSoftmax(x, mask=None, *, coeffA, coeffB, coeffC, log2, n_levels=256):
 # --- I-BERT i-exp softmax -------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
-def _ibert_exp(d, x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max):
-    """I-BERT's i-exp of d = x - max <= 0, requantized to exp_bit bits (half to even)."""
-    x = max(d, n * x0_int)
-    q = x // x0_int
-    r = x - x0_int * q
-    z = (r + b_int) * r + c_int
-    if z <= 0:
-        return np.int64(0)
-    s = exp_shift - (n - q)
-    v = round_shift_scalar(z * exp_mul, s, HALF_EVEN) if s >= 0 else (z * exp_mul) << (-s)
-    return min(v, exp_max)
-
-
 def _np_ibert_exp(d, x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max):
+    """I-BERT's i-exp of d = x - max <= 0, requantized to exp_bit bits (half to even)."""
     x = np.maximum(d, n * x0_int)
     q = x // x0_int
     r = x - x0_int * q
@@ -543,50 +531,6 @@ def _np_ibert_exp(d, x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max):
     right = _np_round_shift(z * exp_mul, np.maximum(s, 0), HALF_EVEN)
     left = (z * exp_mul) << np.maximum(-s, 0)
     return np.minimum(np.where(s >= 0, right, left), exp_max)
-
-
-@njit(cache=True)
-def _ibert_exp_table(span, x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max):
-    table = np.empty(span + 1, np.int64)
-    for i in range(span + 1):
-        table[i] = _ibert_exp(-np.int64(i), x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max)
-    return table
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_ibert_exp_table(span, *params):
-    table = _ibert_exp_table(span, *params)
-    table.setflags(write=False)
-    return table
-
-
-@njit(cache=True, parallel=True)
-def _ibert_softmax_kernel(x, keep, has_mask, table, use_table, x0_int, b_int, c_int, n, exp_mul,
-                          exp_shift, exp_max, out_shift, out, zero_rows):
-    rows, cols = x.shape
-    for r in prange(rows):
-        m, seen = _kept_max(x, keep, has_mask, r, 0, cols)
-        if not seen:
-            for j in range(cols):
-                out[r, j] = 0
-            continue
-        total = np.int64(0)
-        for j in range(cols):
-            if has_mask and not keep[r, j]:
-                continue
-            d = np.int64(x[r, j]) - m
-            total += table[-d] if use_table else _ibert_exp(d, x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max)
-        if total == 0:
-            zero_rows[r] = True
-            continue
-        factor = (np.int64(1) << 32) // total
-        for j in range(cols):
-            if has_mask and not keep[r, j]:
-                out[r, j] = 0
-                continue
-            d = np.int64(x[r, j]) - m
-            e = table[-d] if use_table else _ibert_exp(d, x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max)
-            out[r, j] = (e * factor) >> out_shift
 
 
 def _ibert_softmax_type(output_bit: int) -> IntType:
@@ -618,22 +562,15 @@ def _check_ibert_softmax_bounds(x0_int, b_int, c_int, n, exp_mul, exp_shift, wha
     infer=_infer_softmax(lambda dtype, a: _ibert_softmax_type(a["output_bit"])),
 )
 def IBertSoftmax(x, mask=None, *, x0_int, b_int, c_int, n=30, exp_mul, exp_shift, exp_bit=16, output_bit=8):
-    """I-BERT's integer softmax (IntSoftmax) with its 16-bit exp requantization done in integers."""
+    """I-BERT's integer softmax (IntSoftmax) with its 16-bit exp requantization done in integers.
+
+    The formula only: the fast path is the registered kernel `refsim.kernels.softmax`."""
     what = "IBertSoftmax"
     t = _ibert_softmax_type(output_bit)
     x2, keep = _rows(x, mask, what)
     _check_ibert_softmax_bounds(x0_int, b_int, c_int, n, exp_mul, exp_shift, what)
     exp_max = (1 << (exp_bit - 1)) - 1
     params = (x0_int, b_int, c_int, n, exp_mul, exp_shift, exp_max)
-    if backend.use_numba():
-        span = _input_span(x2.dtype)
-        table = _cached_ibert_exp_table(span, *params) if span is not None else np.zeros(1, np.int64)
-        out = np.empty(x2.shape, t.storage)
-        zero_rows = np.zeros(x2.shape[0], np.bool_)
-        _ibert_softmax_kernel(x2, *_keep_args(keep), table, span is not None, *params, 32 - output_bit, out, zero_rows)
-        if zero_rows.any():
-            raise OpError(_zero_exp_message(what, int(np.argmax(zero_rows))))
-        return out.reshape(np.shape(x))
     xs = x2.astype(np.int64)
     kept = np.ones(xs.shape, bool) if keep is None else keep
     m = np.where(kept, xs, np.iinfo(np.int64).min).max(axis=1, keepdims=True) if xs.shape[1] else 0
