@@ -141,33 +141,55 @@ _VAR_LIMIT = 1 << 32  # I-BERT keeps the sum of squares below 2^32 (it raises `s
 _TERM_LIMIT = 1 << 16  # one (d >> shift) this large already puts the sum past 2^32
 _FACTOR_NUMERATOR = 1 << 31  # I-BERT's floor(2^31 / std), exactly
 _BIAS_LIMIT = 1 << 62
+_INT32_LIMIT = 1 << 31
 
 
 @njit(cache=True)  # a call LLVM inlines (as `requant_one`)
 def ibert_row_mean_factor(x, r, shift):
-    """Row r's mean rounded half to even and I-BERT's factor floor(2^31 / std); the factor is
-    -1 when the row's sum of squares of (x - mean) >> shift reaches 2^32 (the op refuses it).
-    Shared by this op's kernel and the fused one in ref/kernels/layernorm.py."""
+    """Row r's mean rounded half to even, I-BERT's factor floor(2^31 / std) and the row's
+    spread max |x - mean|; the factor is -1 when the row's sum of squares of
+    (x - mean) >> shift reaches 2^32 (the op refuses it). Shared by this op's kernel and the
+    fused one in ref/kernels/layernorm.py.
+
+    For x of at most 32 bits the sum cannot wrap (n < 2^31 values below 2^32) and the mean
+    lies in [min, max], so every |x - mean| <= spread; a spread within int32 lets the sum
+    of squares run on int32 differences. Each of its terms is at most 2^32 (a larger one
+    is counted as 2^32), so n < 2^31 of them stay within int64 and the sum reaches 2^32
+    exactly when some partial sum does: no early exit, and the loop vectorizes (the
+    early exit kept it scalar, 2.5x slower). Other rows take the int64 loop with the exit,
+    and their spread is given as -1."""
     n = x.shape[1]
     total = np.int64(0)
+    small, large = np.int64(x[r, 0]), np.int64(x[r, 0])
     for j in range(n):
-        total += x[r, j]
+        v = np.int64(x[r, j])
+        total += v
+        small, large = min(small, v), max(large, v)
     mean = div_half_even(total, n)
+    spread = max(large - mean, mean - small)
     var = np.int64(0)
-    for j in range(n):
-        d = (np.int64(x[r, j]) - mean) >> shift
-        var += d * d if abs(d) < _TERM_LIMIT else _VAR_LIMIT
+    if x.itemsize <= 4 and n < _INT32_LIMIT and spread < _INT32_LIMIT:
+        for j in range(n):
+            d = np.int32(np.int32(np.int64(x[r, j]) - mean) >> shift)
+            var += np.int64(d) * np.int64(d) if abs(d) < _TERM_LIMIT else _VAR_LIMIT
         if var >= _VAR_LIMIT:
-            return mean, np.int64(-1)
+            return mean, np.int64(-1), spread
+    else:
+        spread = np.int64(-1)
+        for j in range(n):
+            d = (np.int64(x[r, j]) - mean) >> shift
+            var += d * d if abs(d) < _TERM_LIMIT else _VAR_LIMIT
+            if var >= _VAR_LIMIT:
+                return mean, np.int64(-1), spread
     std = isqrt_scalar(var) << shift
-    return mean, _FACTOR_NUMERATOR // max(std, 1)
+    return mean, _FACTOR_NUMERATOR // max(std, 1), spread
 
 
 @njit(cache=True, parallel=True)
 def _ibert_layernorm_kernel(x, bias, shift, out, var_too_big):
     rows, n = x.shape
     for r in prange(rows):
-        mean, factor = ibert_row_mean_factor(x, r, shift)
+        mean, factor, _ = ibert_row_mean_factor(x, r, shift)
         if factor < 0:
             var_too_big[r] = True
             continue
