@@ -35,8 +35,13 @@ def lut_interp16_rows(x, full, out):
 
 @njit(cache=True, inline="always")
 def _narrow_row(x, r, full, plan, lo, hi, mode, out):
+    """Row r looked up into a buffer, then requantized from it: in one loop the table
+    read kept the requantization from vectorizing in the sequential twin (2.3x slower)."""
+    y = np.empty(x.shape[1], np.int16)
     for j in range(x.shape[1]):
-        out[r, j] = requant_narrow(full[np.int32(x[r, j]) + _INT16_OFFSET], plan, j, lo, hi, mode)
+        y[j] = full[np.int32(x[r, j]) + _INT16_OFFSET]
+    for j in range(x.shape[1]):
+        out[r, j] = requant_narrow(y[j], plan, j, lo, hi, mode)
 
 
 @njit(cache=True, parallel=True)
