@@ -156,14 +156,19 @@ def test_narrow_plans_requantize_as_the_formula(rows, cols, per_channel, roundin
     assert np.array_equal(out, expected.astype(storage))
 
 
-def _narrow_plan_params(rng, data, cols, bias_bits):
+def _narrow_plan_params(rng, data, cols, bias_bits, x_bits):
     """Per-channel or per-tensor parameters of a narrow plan (multipliers within int32,
-    shifts in [1, 62], |bias| and |offset| below 2^62), mostly, or a wide one."""
+    shifts in [1, 62], |bias| and |offset| below 2^62), mostly, or a wide one. Half the
+    time each shift brings |x * mul| (x below 2^x_bits) to about 2^7, so that the results
+    are rounded rather than all clipped."""
     width = cols if data.draw(st.booleans()) else 1
     mul = rng.integers(-(1 << 31), 1 << 31, width)
     mul[0] = data.draw(st.sampled_from([-(1 << 31), (1 << 31) - 1, 1, int(mul[0])]))
     shift = np.array(data.draw(st.lists(st.sampled_from([1, 2, 30, 31, 47, 62]) | st.integers(1, 62),
                                         min_size=width, max_size=width)), np.int64)
+    if data.draw(st.booleans()):
+        bits = np.array([abs(int(m)).bit_length() for m in mul])
+        shift = np.clip(bits + x_bits - 7 + rng.integers(-2, 3, width), 1, 62)
     if data.draw(st.integers(0, 3)) == 0:
         shift[-1] = data.draw(st.sampled_from([0, 63, 64, 70]))  # a wide plan: the general loop
     bias = rng.integers(-(1 << bias_bits), (1 << bias_bits) + 1, width)
@@ -188,7 +193,7 @@ def test_fused_lut_interp16_and_requant_on_every_int16_input(table, rounding, ou
             LutInterp16(x, table)
         return
     rng = np.random.default_rng(seed)
-    mul, bias, shift, offset = _narrow_plan_params(rng, data, 512, data.draw(st.sampled_from([0, 20, 40, 61])))
+    mul, bias, shift, offset = _narrow_plan_params(rng, data, 512, data.draw(st.sampled_from([0, 20, 40, 61])), 15)
     lo, hi, storage = out_range
     looked_up = LutInterp16(x, table)
     expected = requantize(looked_up.astype(np.int64), mul, bias, shift, offset, lo, hi, rounding).astype(storage)
@@ -221,7 +226,7 @@ def test_fused_layernorm_and_requant_rows_in_both_twins(rows, cols, shift, sprea
         x[0, :2] = [-(1 << 31), (1 << 31) - 1][:cols]
     x = x.astype(np.int32)
     ln_bias = rng.integers(-(1 << bias_bits), (1 << bias_bits) + 1, cols)
-    mul, bias, rq_shift, offset = _narrow_plan_params(rng, data, cols, data.draw(st.sampled_from([0, 20, 61])))
+    mul, bias, rq_shift, offset = _narrow_plan_params(rng, data, cols, data.draw(st.sampled_from([0, 20, 61])), 31)
     lo, hi, storage = out_range
     rest = int(np.abs(bias).max()) + int(np.abs(offset).max())
     largest_mul = int(np.abs(mul).max())
