@@ -26,13 +26,26 @@ _INT32_MAX = (1 << 31) - 1
 def _narrow_row(x, r, mean, factor, bias, plan, lo, hi, mode, y, out):
     """Row r when its differences and factor fit int32 and every |y| is at most
     min(limit, 2^31 - 1) (`narrow_row_bound`): one 32 x 32-bit product per value and the
-    narrow requantization, no per-value bound check."""
+    narrow requantization, no per-value bound check. Two loops, the second reading the
+    row back from L1: a fifth faster than one."""
     f32 = np.int32(factor)
     for j in range(x.shape[1]):
         d = np.int32(np.int64(x[r, j]) - mean)
-        v = ((np.int64(d) * np.int64(f32)) >> 1) + bias[j]
+        y[r, j] = ((np.int64(d) * np.int64(f32)) >> 1) + bias[j]
+    for j in range(x.shape[1]):
+        out[r, j] = requant_narrow(y[r, j], plan, j, lo, hi, mode)
+
+
+@njit(cache=True)  # not inlined: in the caller's loop it made the narrow rows a third slower
+def _row(x, r, mean, factor, bias, plan, limit, lo, hi, mode, y, out):
+    """Any other row, in int64; returns whether some |y| exceeds `limit`."""
+    smallest, largest = np.int64(0), np.int64(0)  # scalars: the loop vectorizes
+    for j in range(x.shape[1]):
+        v = (((np.int64(x[r, j]) - mean) * factor) >> 1) + bias[j]
         y[r, j] = v
-        out[r, j] = requant_narrow(v, plan, j, lo, hi, mode)
+        smallest, largest = min(smallest, v), max(largest, v)
+        out[r, j] = requant_one(v, plan, j, lo, hi, mode)
+    return largest > limit or smallest < -limit
 
 
 @njit(cache=True)
@@ -68,13 +81,7 @@ def ibert_layernorm_requant_rows(x, bias, bias_bound, shift, plan, limit, lo, hi
             else:
                 _narrow_row(x, r, mean, factor, bias, plan, lo, hi, mode, y, out)
             continue
-        smallest, largest = np.int64(0), np.int64(0)  # scalars: the loop vectorizes
-        for j in range(n):
-            v = (((np.int64(x[r, j]) - mean) * factor) >> 1) + bias[j]
-            y[r, j] = v
-            smallest, largest = min(smallest, v), max(largest, v)
-            out[r, j] = requant_one(v, plan, j, lo, hi, mode)
-        bad[r] = largest > limit or smallest < -limit
+        bad[r] = _row(x, r, mean, factor, bias, plan, limit, lo, hi, mode, y, out)
     return bad.any()
 
 
