@@ -245,3 +245,27 @@ def test_fused_layernorm_and_requant_rows_in_both_twins(rows, cols, shift, sprea
             continue
         assert not bad and np.array_equal(got_y, y)
         assert np.array_equal(out, requantize(y, mul, bias, rq_shift, offset, lo, hi, rounding).astype(storage))
+
+
+@pytest.mark.parametrize("shift", [0, 1, 15, 16, 17, 30])
+def test_layernorm_rows_whose_spread_reaches_2_to_31(shift):
+    """Rows holding int32's ends, whose |x - mean| reaches 2^31 or passes it (the mean off
+    zero): the op's kernel and both twins of the fused one take the int64 differences and
+    give the spec's output, or refuse as it does (a shift of 15 puts a term at 2^16; at 0
+    two squares already pass 2^63)."""
+    ends = [-(1 << 31), (1 << 31) - 1]
+    x = np.array([ends + [v] for v in (-(1 << 31), -(1 << 30), -5, -1, 0, 1, 1 << 30, (1 << 31) - 1)], np.int32)
+    x = np.concatenate([x, x[:, [1, 0, 2]], np.array([[-(1 << 31), -(1 << 31), (1 << 31) - 1]] * 3, np.int32)])
+    bias = np.array([0, -7, 1 << 40])
+    with backend.use("numpy"):
+        expected = _outcome(lambda: IBertLayerNorm(x, bias, shift=shift))
+    got = _outcome(lambda: IBertLayerNorm(x, bias, shift=shift))
+    assert isinstance(got, RefsimError) if isinstance(expected, RefsimError) else np.array_equal(got, expected)
+    plan = requant_plan(np.array([1]), np.array([0]), np.array([20]), np.array([0]), 3)
+    for twin in (ibert_layernorm_requant_rows.parallel, ibert_layernorm_requant_rows.sequential):
+        y, out = np.empty(x.shape, np.int64), np.empty(x.shape, np.int16)
+        bad = twin(x, bias, 1 << 40, shift, plan, INT64_MAX, -(1 << 15), (1 << 15) - 1, mode_code("half_even"), y, out)
+        assert bad == isinstance(expected, RefsimError)
+        if not bad:
+            assert np.array_equal(y, expected)
+            assert np.array_equal(out, requantize(expected, 1, 0, 20, 0, -(1 << 15), (1 << 15) - 1, "half_even"))
