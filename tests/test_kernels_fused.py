@@ -3,12 +3,18 @@ what the unfused ops give under NumPy (their readable formulas), refuse what the
 and hand a traced run every intermediate exactly."""
 
 import numpy as np
-from core_strategies import ROUNDINGS, lut_interp16_case
-from hypothesis import given
+import pytest
+from core_strategies import ROUNDINGS, lut_interp16_case, lut_interp16_table
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from refsim import GraphBuilder, Model, RefsimError, backend
+from refsim.errors import OpError
+from refsim.kernels.layernorm import ibert_layernorm_requant_rows
+from refsim.kernels.lut import LutInterp16Kernel, lut_interp16_requant_rows
 from refsim.kernels.requant import NARROW, requant_plan, requant_rows
-from refsim.ops.rounding import mode_code, requantize
+from refsim.ops.elementwise import LutInterp16
+from refsim.ops.layernorm import IBertLayerNorm
+from refsim.ops.rounding import INT64_MAX, mode_code, requantize
 from test_kernels import requant_params
 
 
@@ -148,3 +154,118 @@ def test_narrow_plans_requantize_as_the_formula(rows, cols, per_channel, roundin
     requant_rows(x, plan, lo, hi, mode_code(rounding), out)
     expected = requantize(x.astype(np.int64), mul, bias, shift, offset, lo, hi, rounding)
     assert np.array_equal(out, expected.astype(storage))
+
+
+def _narrow_plan_params(rng, data, cols, bias_bits, x_bits):
+    """Per-channel or per-tensor parameters of a narrow plan (multipliers within int32,
+    shifts in [1, 62], |bias| and |offset| below 2^62), mostly, or a wide one. Half the
+    time each shift brings |x * mul| (x below 2^x_bits) to about 2^7, so that the results
+    are rounded rather than all clipped."""
+    width = cols if data.draw(st.booleans()) else 1
+    mul = rng.integers(-(1 << 31), 1 << 31, width)
+    mul[0] = data.draw(st.sampled_from([-(1 << 31), (1 << 31) - 1, 1, int(mul[0])]))
+    shift = np.array(data.draw(st.lists(st.sampled_from([1, 2, 30, 31, 47, 62]) | st.integers(1, 62),
+                                        min_size=width, max_size=width)), np.int64)
+    if data.draw(st.booleans()):
+        bits = np.array([abs(int(m)).bit_length() for m in mul])
+        shift = np.clip(bits + x_bits - 7 + rng.integers(-2, 3, width), 1, 62)
+    if data.draw(st.integers(0, 3)) == 0:
+        shift[-1] = data.draw(st.sampled_from([0, 63, 64, 70]))  # a wide plan: the general loop
+    bias = rng.integers(-(1 << bias_bits), (1 << bias_bits) + 1, width)
+    offset = rng.integers(-300, 301, width)
+    return mul, bias, shift, offset
+
+
+OUT_RANGES = [(-128, 127, np.int8), (-32768, 32767, np.int16), (0, 255, np.uint8), (-7, 100, np.int8)]
+
+
+@given(table=lut_interp16_table(), rounding=st.sampled_from(ROUNDINGS), out_range=st.sampled_from(OUT_RANGES),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+@settings(max_examples=30, deadline=None)
+def test_fused_lut_interp16_and_requant_on_every_int16_input(table, rounding, out_range, seed, data):
+    """Both twins of the fused kernel on all 65536 int16 inputs (512 channels, above the
+    parallel threshold), with and without the looked-up values kept: the full table and
+    the rounding made a constant (half_even) or left a variable give the ops' results."""
+    kernel = LutInterp16Kernel.prepare(table)
+    x = np.arange(-(1 << 15), 1 << 15, dtype=np.int16).reshape(128, 512)
+    if kernel is None:  # the op refuses the table
+        with pytest.raises(OpError):
+            LutInterp16(x, table)
+        return
+    rng = np.random.default_rng(seed)
+    mul, bias, shift, offset = _narrow_plan_params(rng, data, 512, data.draw(st.sampled_from([0, 20, 40, 61])), 15)
+    lo, hi, storage = out_range
+    looked_up = LutInterp16(x, table)
+    expected = requantize(looked_up.astype(np.int64), mul, bias, shift, offset, lo, hi, rounding).astype(storage)
+    plan = requant_plan(mul, bias, shift, offset, 512)
+    for twin in (lut_interp16_requant_rows.parallel, lut_interp16_requant_rows.sequential):
+        for keep in (False, True):
+            out, kept = np.empty(x.shape, storage), np.empty(x.shape if keep else (0, 0), np.int16)
+            twin(x, kernel.full, plan, lo, hi, mode_code(rounding), out, kept)
+            assert np.array_equal(out, expected)
+            assert not keep or np.array_equal(kept, looked_up)
+
+
+@given(rows=st.integers(1, 140), cols=st.sampled_from([1, 2, 3, 17, 384]), shift=st.integers(0, 30),
+       spread_bits=st.sampled_from([0, 4, 15, 24, 29, 30, 31]), bias_bits=st.sampled_from([0, 20, 29, 40, 61]),
+       rounding=st.sampled_from(ROUNDINGS), out_range=st.sampled_from(OUT_RANGES), extremes=st.booleans(),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_fused_layernorm_and_requant_rows_in_both_twins(rows, cols, shift, spread_bits, bias_bits, rounding,
+                                                         out_range, extremes, seed, data):
+    """Both twins of the fused LayerNorm+Requant at MiniLM's width and around it, on rows
+    whose spread max |x - mean| lies below and at 2^31 (the int32 loop and the narrow row
+    against the int64 ones), with biases near and past the narrow row's int32 bound:
+    the LayerNorm's output and its requantization are the ops', and a refused row (a sum of
+    squares past 2^32, a |y| past the Requant's limit) is reported."""
+    rng = np.random.default_rng(seed)
+    half = 1 << spread_bits
+    center = int(rng.integers(-(1 << 31) + half, (1 << 31) - half, endpoint=True)) if spread_bits < 31 else 0
+    x = np.clip(center + rng.integers(-half, half, (rows, cols), endpoint=True), -(1 << 31), (1 << 31) - 1)
+    if extremes:  # int32's ends in one row: its spread reaches 2^31, the general loop
+        x[0, :2] = [-(1 << 31), (1 << 31) - 1][:cols]
+    x = x.astype(np.int32)
+    ln_bias = rng.integers(-(1 << bias_bits), (1 << bias_bits) + 1, cols)
+    mul, bias, rq_shift, offset = _narrow_plan_params(rng, data, cols, data.draw(st.sampled_from([0, 20, 61])), 31)
+    lo, hi, storage = out_range
+    rest = int(np.abs(bias).max()) + int(np.abs(offset).max())
+    largest_mul = int(np.abs(mul).max())
+    limit = (INT64_MAX - rest) // largest_mul if largest_mul else INT64_MAX  # as the planned Requant's
+    with backend.use("numpy"):
+        try:
+            y = IBertLayerNorm(x, ln_bias, shift=shift)
+        except OpError:
+            y = None
+    plan = requant_plan(mul, bias, rq_shift, offset, cols)
+    for twin in (ibert_layernorm_requant_rows.parallel, ibert_layernorm_requant_rows.sequential):
+        got_y, out = np.empty(x.shape, np.int64), np.empty(x.shape, storage)
+        bad = twin(x, ln_bias, int(np.abs(ln_bias).max()), shift, plan, limit, lo, hi, mode_code(rounding), got_y, out)
+        if y is None or int(np.abs(y).max()) > limit:
+            assert bad
+            continue
+        assert not bad and np.array_equal(got_y, y)
+        assert np.array_equal(out, requantize(y, mul, bias, rq_shift, offset, lo, hi, rounding).astype(storage))
+
+
+@pytest.mark.parametrize("shift", [0, 1, 15, 16, 17, 30])
+def test_layernorm_rows_whose_spread_reaches_2_to_31(shift):
+    """Rows holding int32's ends, whose |x - mean| reaches 2^31 or passes it (the mean off
+    zero): the op's kernel and both twins of the fused one take the int64 differences and
+    give the spec's output, or refuse as it does (a shift of 15 puts a term at 2^16; at 0
+    two squares already pass 2^63)."""
+    ends = [-(1 << 31), (1 << 31) - 1]
+    x = np.array([ends + [v] for v in (-(1 << 31), -(1 << 30), -5, -1, 0, 1, 1 << 30, (1 << 31) - 1)], np.int32)
+    x = np.concatenate([x, x[:, [1, 0, 2]], np.array([[-(1 << 31), -(1 << 31), (1 << 31) - 1]] * 3, np.int32)])
+    bias = np.array([0, -7, 1 << 40])
+    with backend.use("numpy"):
+        expected = _outcome(lambda: IBertLayerNorm(x, bias, shift=shift))
+    got = _outcome(lambda: IBertLayerNorm(x, bias, shift=shift))
+    assert isinstance(got, RefsimError) if isinstance(expected, RefsimError) else np.array_equal(got, expected)
+    plan = requant_plan(np.array([1]), np.array([0]), np.array([20]), np.array([0]), 3)
+    for twin in (ibert_layernorm_requant_rows.parallel, ibert_layernorm_requant_rows.sequential):
+        y, out = np.empty(x.shape, np.int64), np.empty(x.shape, np.int16)
+        bad = twin(x, bias, 1 << 40, shift, plan, INT64_MAX, -(1 << 15), (1 << 15) - 1, mode_code("half_even"), y, out)
+        assert bad == isinstance(expected, RefsimError)
+        if not bad:
+            assert np.array_equal(y, expected)
+            assert np.array_equal(out, requantize(expected, 1, 0, 20, 0, -(1 << 15), (1 << 15) - 1, "half_even"))
