@@ -237,7 +237,7 @@ def cold_start(model: str) -> dict:
         r = _first_result(FIRST_RESULT.format(here=str(HERE), intq=intq, out=out), env)
         if "error" in r:
             return {"error": r["error"]}
-        jobs = Path(cache) / "numba" / "refsim-jobs"
+        jobs = next(Path(cache).glob("numba/*/refsim-jobs"), Path(cache) / "numba" / "refsim-jobs")  # jit.cache_dir()
         if kind == "cold":
             warm.wait(3600, jobs)
             r["background_done_s"] = time.time() - started

@@ -10,8 +10,9 @@ is Numba's. A ufunc (`vectorize` with signatures compiles when built) is built a
 first call; ufuncs are only called from Python.
 
 Numba's setup, done before it first loads:
-- compiled kernels are cached in a per-user folder (`$REFSIM_CACHE_DIR`, else
-  `$XDG_CACHE_HOME/refsim/numba`, else `~/.cache/refsim/numba`), never in the package
+- compiled kernels are cached in a per-user folder (`$REFSIM_CACHE_DIR/numba`, else
+  `$XDG_CACHE_HOME/refsim/numba`, else `~/.cache/refsim/numba`), in a subfolder named
+  after a digest of refsim's sources (`source_fingerprint`), never in the package
   folder, which may be read-only; NUMBA_CACHE_DIR, when set, wins;
 - the threading layer is Numba's default choice (TBB when its library loads, else OpenMP,
   else its own `workqueue`) unless NUMBA_THREADING_LAYER says otherwise. `workqueue` made
@@ -32,6 +33,8 @@ so a model's kernels are ready whatever sizes its later inputs have.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import sys
 import tempfile
@@ -94,14 +97,33 @@ def _guarded(dispatcher):
     return dispatcher
 
 
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """A digest of refsim's own source files. Numba checks a cached kernel against its own
+    file only, so a kernel that inlines a function from another file (every fused kernel
+    calls `requant_one` from kernels/requant.py) would keep running the old code after that
+    file changed: an editable install, or an upgrade that left a file's stamp. Kernels are
+    cached under this digest, so any change to the sources starts a fresh cache."""
+    return sources_digest(Path(__file__).resolve().parent)
+
+
+def sources_digest(folder: Path) -> str:
+    """16 hex digits of SHA-256 over every .py file under `folder`: names and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
-    """Where compiled kernels are kept between processes."""
+    """Where compiled kernels are kept between processes (per state of the sources:
+    `source_fingerprint`)."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return Path(os.environ["NUMBA_CACHE_DIR"])
     if os.environ.get("REFSIM_CACHE_DIR"):
-        return Path(os.environ["REFSIM_CACHE_DIR"]) / "numba"
+        return Path(os.environ["REFSIM_CACHE_DIR"]) / "numba" / source_fingerprint()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "refsim" / "numba"
+    return Path(base) / "refsim" / "numba" / source_fingerprint()
 
 
 def _writable_cache_dir() -> Path:
@@ -114,7 +136,8 @@ def _writable_cache_dir() -> Path:
             return preferred
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"refsim-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"refsim-numba-{user}" / source_fingerprint()
 
 
 def configure() -> None:

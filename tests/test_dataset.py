@@ -150,13 +150,30 @@ print(numba.config.CACHE_DIR, numba.config.THREADING_LAYER)
 """
 
 
+def test_the_kernel_cache_follows_every_source_file(tmp_path):
+    """Numba checks a cached kernel against its own file only; a kernel inlining a helper
+    from another file must not outlive a change to that file, so the cache folder is named
+    after all the sources: a change to any one (a callee's) names another folder."""
+    from refsim.jit import sources_digest
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "matmul.py").write_text("from .requant import requant_one\n")
+    (tmp_path / "kernels" / "requant.py").write_text("def requant_one(x): return x >> 1\n")
+    before = sources_digest(tmp_path)
+    assert sources_digest(tmp_path) == before  # stable
+    (tmp_path / "kernels" / "requant.py").write_text("def requant_one(x): return x >> 2\n")
+    assert sources_digest(tmp_path) != before
+
+
 def test_compiled_kernels_go_to_the_user_cache(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
     env["REFSIM_CACHE_DIR"] = str(tmp_path)
     result = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     cache, layer = result.stdout.split()
-    assert Path(cache) == tmp_path / "numba" and layer == "default"  # Numba's own order: tbb, omp, workqueue
+    from refsim.jit import source_fingerprint
+
+    assert Path(cache) == tmp_path / "numba" / source_fingerprint() and layer == "default"  # Numba's own order
     assert list((tmp_path / "numba").rglob("*.nbi")), "no Numba index file in the user cache"
 
 
