@@ -268,9 +268,11 @@ def _dataset_worker(model: str, count: int, workers: int) -> dict:
     samples = load_samples(m, f.name)
     os.unlink(f.name)
     # Warm-up: compilation and thread choices; with workers, also the sequential twins the
-    # forked workers run (compiled in this process before the fork, once): the timed run
-    # is the steady rate, not the first compilation of those twins.
-    run_samples(m, samples[:16], batch_size=8, workers=workers)
+    # forked workers run (loaded in this process before the fork, once): the timed run is
+    # the steady rate, not the first compilation of those twins.
+    run_samples(m, samples[:16], batch_size=8)
+    if workers > 1:
+        run_samples(m, samples[:24], batch_size=8, workers=workers)
     t = time.perf_counter()
     run_samples(m, samples, batch_size=8, workers=workers)
     return {"samples": len(samples), "workers": workers, "samples_per_s": len(samples) / (time.perf_counter() - t)}

@@ -119,6 +119,9 @@ _worker_model = None
 def _init_worker(model) -> None:
     global _worker_model
     _worker_model = model
+    # The workers split the work between them: threads inside each would only compete for
+    # the same cores, and the sequential twins are the kernels the parent has loaded.
+    jit.run_sequential_only()
 
 
 def _worker_batch(job):
@@ -131,9 +134,11 @@ def _in_processes(model, jobs, wanted, workers: int):
         raise InputError("--workers needs a model loaded from a file")
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     first = None
-    if method == "fork" and jit.forked_children_run_sequential():
-        # The children will run sequential kernels (see refsim.jit): the first batch runs
-        # on them here, so they are compiled once, before the fork, not in every child.
+    if method == "fork":
+        # The children run sequential kernels (see refsim.jit and `_init_worker`): the first
+        # batch runs on them here, so they are compiled or loaded from the cache once,
+        # before the fork, not in every child (each child loading them itself took about
+        # 2.5 s per child for MiniLM: 2 workers were slower than 1).
         with jit.sequential_kernels():
             first = run_batch(model, jobs[0], wanted)
         jobs = jobs[1:]

@@ -99,18 +99,24 @@ def _guarded(dispatcher):
 
 @functools.lru_cache(maxsize=1)
 def source_fingerprint() -> str:
-    """A digest of refsim's own source files. Numba checks a cached kernel against its own
+    """A digest of refsim's compiled source files. Numba checks a cached kernel against its own
     file only, so a kernel that inlines a function from another file (every fused kernel
     calls `requant_one` from kernels/requant.py) would keep running the old code after that
     file changed: an editable install, or an upgrade that left a file's stamp. Kernels are
     cached under this digest, so any change to the sources starts a fresh cache."""
-    return sources_digest(Path(__file__).resolve().parent)
+    return sources_digest(Path(__file__).resolve().parent, _COMPILED_SOURCES)
 
 
-def sources_digest(folder: Path) -> str:
-    """16 hex digits of SHA-256 over every .py file under `folder`: names and contents."""
+# Every file holding jitted code (ops/, kernels/, this module), and dtypes.py, whose
+# constants compiled code may capture; editing the engine or the CLI keeps the cache.
+_COMPILED_SOURCES = ("jit.py", "dtypes.py", "ops/**/*.py", "kernels/**/*.py")
+
+
+def sources_digest(folder: Path, patterns=("**/*.py",)) -> str:
+    """16 hex digits of SHA-256 over the files under `folder` that match `patterns`:
+    their names and contents."""
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
+    for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -184,6 +190,13 @@ def sequential_kernels():
         yield
     finally:
         _sequential_only = previous
+
+
+def run_sequential_only() -> None:
+    """From now on this process runs every kernel as its sequential twin (a worker process
+    that shares the work with others)."""
+    global _sequential_only
+    _sequential_only = True
 
 
 def _after_fork_in_child() -> None:

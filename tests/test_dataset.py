@@ -153,16 +153,20 @@ print(numba.config.CACHE_DIR, numba.config.THREADING_LAYER)
 def test_the_kernel_cache_follows_every_source_file(tmp_path):
     """Numba checks a cached kernel against its own file only; a kernel inlining a helper
     from another file must not outlive a change to that file, so the cache folder is named
-    after all the sources: a change to any one (a callee's) names another folder."""
-    from refsim.jit import sources_digest
+    after every file holding compiled code: a change to any one (a callee's) names another
+    folder; a change elsewhere (the engine) keeps it."""
+    from refsim.jit import _COMPILED_SOURCES, sources_digest
 
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "matmul.py").write_text("from .requant import requant_one\n")
     (tmp_path / "kernels" / "requant.py").write_text("def requant_one(x): return x >> 1\n")
-    before = sources_digest(tmp_path)
-    assert sources_digest(tmp_path) == before  # stable
+    (tmp_path / "engine.py").write_text("steps = []\n")
+    before = sources_digest(tmp_path, _COMPILED_SOURCES)
+    assert sources_digest(tmp_path, _COMPILED_SOURCES) == before  # stable
+    (tmp_path / "engine.py").write_text("steps = [1]\n")  # no compiled code: the cache stays
+    assert sources_digest(tmp_path, _COMPILED_SOURCES) == before
     (tmp_path / "kernels" / "requant.py").write_text("def requant_one(x): return x >> 2\n")
-    assert sources_digest(tmp_path) != before
+    assert sources_digest(tmp_path, _COMPILED_SOURCES) != before
 
 
 def test_compiled_kernels_go_to_the_user_cache(tmp_path):
