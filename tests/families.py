@@ -166,6 +166,16 @@ FAMILIES = {f.name: f for f in (
            inputs=("pixel_values",)),
     Family("dinov2", "image", _image("Dinov2Config", "Dinov2ForImageClassification", mlp_ratio=2),
            inputs=("pixel_values",)),
+    # Probed beyond the named list (2026-12-03), built from the same parts.
+    Family("esm", "text", _text("EsmConfig", "EsmForSequenceClassification", pad_token_id=1,
+                                position_embedding_type="absolute")),
+    Family("flaubert", "text", _text("FlaubertConfig", "FlaubertForSequenceClassification", emb_dim=64, n_layers=2,
+                                     n_heads=4)),
+    Family("rembert", "text", _text("RemBertConfig", "RemBertForSequenceClassification", input_embedding_size=32,
+                                    output_embedding_size=32)),
+    Family("xlm", "text", _text("XLMConfig", "XLMForSequenceClassification", emb_dim=64, n_layers=2, n_heads=4)),
+    Family("bigbird", "text", _text("BigBirdConfig", "BigBirdForSequenceClassification", attention_type="original_full")),
+    Family("vit-msn", "image", _image("ViTMSNConfig", "ViTMSNForImageClassification"), inputs=("pixel_values",)),
     Family("swin", "image", _swin, inputs=("pixel_values",), torch_fails=("dynamo",),
            refused=tuple((e, "dynamic", "reshapes a constant repeated for every sample .*fixed batch size")
                          for e in EXPORTERS)),
