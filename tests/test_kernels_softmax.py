@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from core_harness import build_graph
 from core_strategies import CASES, IBERT_SOFTMAX_PRESETS, ibert_softmax_attrs
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from refsim import GraphBuilder, RefsimError, backend, ops
 from refsim.errors import OpError
@@ -53,6 +53,8 @@ def _spec_exp(attrs, differences):
 
 @given(attrs=ibert_softmax_attrs(), far=st.lists(st.integers(0, (1 << 32) - 1), max_size=20),
        span=st.sampled_from([(1 << 16) - 1, 1 << 20]))
+@example(attrs=dict(x0_int=-(1 << 20), b_int=0, c_int=1, n=37, exp_mul=2052, exp_shift=49, exp_bit=2, output_bit=1),
+         far=[], span=1 << 20)  # a complete 32-bit table of 2^20 + 1 entries with no trailing run to cut
 def test_table_read_at_a_clamped_index_is_the_exponential(attrs, far, span):
     """table[min(d, last)] = iexp(-d) for every difference a 16-bit input has, and for any
     difference up to 2^32 - 1 when the table says it is complete."""
@@ -62,7 +64,7 @@ def test_table_read_at_a_clamped_index_is_the_exponential(attrs, far, span):
         return  # attributes the op refuses; the kernel is not prepared for them
     table, complete = ksoftmax.exp_table(*(attrs[k] for k in TABLE_KEYS), span)
     assert complete == (-attrs["n"] * attrs["x0_int"] <= span)
-    assert table.dtype.kind == "u" and table.size <= 1 << 16
+    assert table.dtype.kind == "u" and table.size <= span + 1  # up to the clamp, or the 16-bit span
     d = np.arange(1 << 16)
     if complete:
         d = np.concatenate([d, np.array(far, np.int64), [(1 << 32) - 1]])
