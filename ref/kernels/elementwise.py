@@ -99,17 +99,20 @@ class Arith:
         self.within_int64 = INT64_MIN <= lo and hi <= INT64_MAX
         self.fits_output = out_type.lo <= lo and hi <= out_type.hi
 
-    def _fitted(self, a_range, b_range) -> bool:
-        """Whether every result fitted int64 and the output type with no policy, for
-        operands within these extremes: the op decides so from its operands' values."""
-        lo, hi = spec._RESULT_RANGE[self.op_name](a_range, b_range)
+    def _pass_fitted(self, a_lo, a_hi, b_lo, b_hi) -> bool:
+        """Whether a one-pass kernel's results stand: the declared bounds proved they fit
+        (`_may_run`), or the operands' extremes the pass returned show that every result
+        fitted int64 and the output type with no policy, as the op decides from them."""
+        if self.within_int64:
+            return True
+        lo, hi = spec._RESULT_RANGE[self.op_name]((int(a_lo), int(a_hi)), (int(b_lo), int(b_hi)))
         out = self.out_type
         return INT64_MIN <= lo and hi <= INT64_MAX and out.lo <= lo and hi <= out.hi
 
     def _may_run(self, a, b) -> bool:
         """Whether the one-pass kernels may run: always when the declared bounds prove the
         results fit; else when the operands are not empty and the extremes the pass returns
-        will decide (`_fitted`)."""
+        will decide (`_pass_fitted`)."""
         if self.within_int64:
             return self.fits_output
         return bool(a.size and b.size)
@@ -135,11 +138,8 @@ class Arith:
         if rows is not None and self._may_run(a, b):
             a2, b2 = rows
             out = np.empty(a2.shape, self.out_type.storage)
-            a_lo, a_hi, b_lo, b_hi = arith_rows(a2, b2, self.code, out)
-            # Past the declared bounds the results count only if the extremes show that
-            # every one fitted (else the op's policy decides, below).
-            if self.within_int64 or self._fitted((int(a_lo), int(a_hi)), (int(b_lo), int(b_hi))):
-                return out.reshape(a.shape)
+            if self._pass_fitted(*arith_rows(a2, b2, self.code, out)):
+                return out.reshape(a.shape)  # else the op's policy decides, below
         return self.spec(a, b, dtype=self.dtype_attr, overflow=self.overflow)
 
     def fuse(self, consumer, run_consumer):
@@ -165,8 +165,8 @@ class Arith:
                 a2, b2 = rows
                 out = np.empty(a2.shape, storage)
                 sums = np.empty(a2.shape, inner_storage) if keep else none
-                over, a_lo, a_hi, b_lo, b_hi = arith_requant_rows(a2, b2, code, plan, limit, lo, hi, mode, out, sums)
-                if not over and (self.within_int64 or self._fitted((int(a_lo), int(a_hi)), (int(b_lo), int(b_hi)))):
+                over, *extremes = arith_requant_rows(a2, b2, code, plan, limit, lo, hi, mode, out, sums)
+                if not over and self._pass_fitted(*extremes):
                     return (sums.reshape(a.shape) if keep else None), out.reshape(a.shape)
             inner = self(a, b)
             return inner, run_consumer(inner)
