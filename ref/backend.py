@@ -16,6 +16,8 @@ import contextlib
 import importlib.util
 import os
 
+from . import jit  # stdlib only until a kernel runs: Numba itself loads later
+
 BACKENDS = ("numba", "numpy", "spec")
 
 _current = os.environ.get("REFSIM_BACKEND", "numba")
@@ -62,9 +64,7 @@ _threads_set: int | None = None
 
 
 def max_threads() -> int:
-    from .jit import materialize, sequential_only
-
-    return 1 if sequential_only() else materialize().config.NUMBA_NUM_THREADS
+    return 1 if jit.sequential_only() else jit.materialize().config.NUMBA_NUM_THREADS
 
 
 def set_threads(wanted: int) -> None:
@@ -72,8 +72,6 @@ def set_threads(wanted: int) -> None:
     kernels run as their sequential twins (`jit.one_thread`)."""
     global _threads_set
     if HAVE_NUMBA:
-        from . import jit
-
         jit.one_thread(wanted == 1)
         if wanted != _threads_set:
             jit.materialize().set_num_threads(wanted)
