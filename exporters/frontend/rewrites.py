@@ -105,9 +105,9 @@ def fuse_layernorm(g: Graph) -> None:
         d_users = users.get(d, [])
         square = next((u for u in d_users if (u.op == "Pow" and g.scalar(u.inputs[1]) == 2.0)
                        or (u.op == "Mul" and u.inputs == [d, d])), None)
-        divide = next((u for u in d_users if u is not square and u.op in ("Div", "Mul") and d in u.inputs
+        div = next((u for u in d_users if u is not square and u.op in ("Div", "Mul") and d in u.inputs
                        and (u.op == "Mul" or u.inputs[0] == d)), None)
-        if square is None or divide is None or len(d_users) != 2:
+        if square is None or div is None or len(d_users) != 2:
             continue
         var = g.single_user(square.outputs[0], users)
         if var is None or var.op != "ReduceMean" or not _last_axis(g, _reduce_axes(g, var), square.outputs[0]):
@@ -123,14 +123,13 @@ def fuse_layernorm(g: Graph) -> None:
         if eps is None or sqrt is None or sqrt.op != "Sqrt":
             continue
         steps = [sqrt]
-        if divide.op == "Mul":  # d * Reciprocal(sqrt)
+        if div.op == "Mul":  # d * Reciprocal(sqrt)
             inverse = g.single_user(sqrt.outputs[0], users)
-            if inverse is None or inverse.op != "Reciprocal" or sorted(divide.inputs) != sorted([d, inverse.outputs[0]]):
+            if inverse is None or inverse.op != "Reciprocal" or sorted(div.inputs) != sorted([d, inverse.outputs[0]]):
                 continue
             steps.append(inverse)
-        elif divide.inputs[1] != sqrt.outputs[0]:
+        elif div.inputs[1] != sqrt.outputs[0]:
             continue
-        div = divide
         matched = [mean, sub, square, var, *([add_eps] if add_eps is not None else []), *steps, div]
         width = g.concrete_shape(x)[-1]
         out = div.outputs[0]
