@@ -12,7 +12,7 @@ first call; ufuncs are only called from Python.
 Numba's setup, done before it first loads:
 - compiled kernels are cached in a per-user folder (`$REFSIM_CACHE_DIR/numba`, else
   `$XDG_CACHE_HOME/refsim/numba`, else `~/.cache/refsim/numba`), in a subfolder named
-  after a digest of refsim's sources (`source_fingerprint`), never in the package
+  after a digest of the sources holding compiled code (`source_fingerprint`), never in the package
   folder, which may be read-only; NUMBA_CACHE_DIR, when set, wins;
 - the threading layer is Numba's default choice (TBB when its library loads, else OpenMP,
   else its own `workqueue`) unless NUMBA_THREADING_LAYER says otherwise. `workqueue` made
@@ -103,7 +103,7 @@ def source_fingerprint() -> str:
     file only, so a kernel that inlines a function from another file (every fused kernel
     calls `requant_one` from kernels/requant.py) would keep running the old code after that
     file changed: an editable install, or an upgrade that left a file's stamp. Kernels are
-    cached under this digest, so any change to the sources starts a fresh cache."""
+    cached under this digest, so any change to those sources starts a fresh cache."""
     return sources_digest(Path(__file__).resolve().parent, _COMPILED_SOURCES)
 
 
@@ -200,9 +200,8 @@ def run_sequential_only() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _sequential_only
     if forked_children_run_sequential():
-        _sequential_only = True
+        run_sequential_only()
 
 
 if hasattr(os, "register_at_fork"):
