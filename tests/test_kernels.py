@@ -117,22 +117,48 @@ def test_fused_requantization_matches_requantize(monkeypatch, engine, m, k, n, s
 @given(t=st.integers(1, 3), m=st.integers(1, 40), k=st.integers(1, 140), n=st.integers(1, 80),
        lo=st.sampled_from([0, -128, 5]), seed=st.integers(0, 2**32 - 1), wide_rows=st.integers(0, 3))
 def test_activation_gemm_is_exact_up_to_lo_plus_its_span(module, t, m, k, n, lo, seed, wide_rows):
-    """a in [lo, lo + A_SPAN] (VNNI: 256, the byte GEMM with its fix-up for 256; AVX2:
-    32767, an int16), b in [-128, 127]; one value beyond is reported, not computed."""
+    """a with a - lo in [A_LOW, A_SPAN] (VNNI: [0, 256], the byte GEMM with its fix-up for
+    256; AVX2: any int16), b in [-128, 127]; one value beyond either end is reported, not
+    computed."""
     import importlib
 
     gemm = importlib.import_module(f"refsim.kernels.{module}")
     rng = np.random.default_rng(seed)
-    a = rng.integers(lo, lo + gemm.A_SPAN, (t, m, k)).astype(np.int32)
-    for r in range(min(wide_rows, m)):  # a value of exactly lo + A_SPAN (I-BERT's probability 1)
+    a = rng.integers(lo + gemm.A_LOW, lo + gemm.A_SPAN, (t, m, k)).astype(np.int32)
+    for r in range(min(wide_rows, m)):  # values at both ends (VNNI's 256: I-BERT's probability 1 at 8 bits)
         a[:, r, rng.integers(0, k)] = lo + gemm.A_SPAN
+        a[:, r, rng.integers(0, k)] = lo + gemm.A_LOW
     b = rng.integers(-128, 128, (t, k, n)).astype(np.int8)
     b[:, :, 0] = -128
     out = np.empty((t, m, n), np.int32)
-    assert gemm.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+    none = np.empty((0, 0, 0), np.int32)
+    assert gemm.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, none)
     assert np.array_equal(out, a.astype(np.int64) @ b)
-    a[0, 0, 0] = lo + gemm.A_SPAN + 1  # beyond what the GEMM can take: reported, not computed
-    assert not gemm.gemm_activations(a, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, np.empty((0, 0, 0), np.int32))
+    for beyond in (lo + gemm.A_SPAN + 1, lo + gemm.A_LOW - 1):  # beyond what the GEMM can take
+        wrong = a.copy()
+        wrong[0, 0, 0] = beyond
+        assert not gemm.gemm_activations(wrong, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, none)
+
+
+@pytest.mark.skipif(kmatmul.gemm_engine() is None, reason="no integer GEMM on this machine")
+@pytest.mark.parametrize("dtype", ["uint16", "int16"])
+def test_a_16_bit_activation_product_runs_on_the_integer_gemm(dtype):
+    """P.V with P a full 16-bit type (I-BERT's softmax output is uint16, 0..2^15) takes the
+    integer GEMM for every value of its type, on VNNI machines too (through AVX2's words),
+    not the int64 fallback; exact at both ends of the type."""
+    from refsim.dtypes import int_type
+
+    info = np.iinfo(dtype)
+    kernel = kmatmul.ActivationMatMul(dict(transA=False, transB=False, acc_bits=32, overflow="error"),
+                                      int_type(dtype), int_type("int8"))
+    rng = np.random.default_rng(0)
+    a = rng.integers(info.min, int(info.max) + 1, (3, 20, 128)).astype(dtype)
+    a[0, 0, :], a[0, 1, :] = info.max, info.min
+    b = rng.integers(-128, 128, (3, 128, 40)).astype(np.int8)
+    b[0, :, 0], b[0, :, 1] = -128, 127
+    got = kernel.product(a, b)
+    assert got is not None and got.dtype == np.int32
+    assert np.array_equal(got, a.astype(np.int64) @ b)
 
 
 @given(m=st.integers(1, 30), k=st.integers(1, 130), n=st.integers(1, 40), top=st.sampled_from([256, 32767, 65535]),

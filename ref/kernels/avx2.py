@@ -37,7 +37,10 @@ MR = 6  # rows of C per micro-kernel call
 NV = 2  # ymm vectors of C per row
 NR = 8 * NV  # columns of C per micro-kernel call (one B panel)
 KG = 2  # values of K per VPMADDWD lane
-A_SPAN = 32767  # gemm_activations takes a in [lo, lo + A_SPAN]: a - lo is an int16
+# gemm_activations takes a with a - lo in [A_LOW, A_SPAN]: any int16, since VPMADDWD
+# multiplies signed words. A caller with a wider unsigned type (I-BERT's softmax output,
+# 0..2^15, stored as uint16) passes lo = its type's low end + 2^15.
+A_LOW, A_SPAN = -(1 << 15), (1 << 15) - 1
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -205,9 +208,8 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
 @njit(cache=True, parallel=True)
 def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out):
     """`vnni.gemm_activations` (same arguments and results) on the AVX2 micro-kernel, for
-    a in [lo, lo + A_SPAN] (a - lo is an int16: I-BERT's softmax output, 0..2^15, as it is).
-    Returns False, leaving out unfinished, if a value of a lies outside (a type wider than
-    its values: the caller's bounds assumed it)."""
+    a with a - lo in [A_LOW, A_SPAN] (an int16). Returns False, leaving out unfinished, if a
+    value of a lies outside (a type wider than its values: the caller's bounds assumed it)."""
     stacks, m, k = a.shape
     n = b.shape[2]
     kp = (k + KG - 1) // KG * KG
@@ -232,7 +234,7 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
                 v = np.int64(a[t, i, kk]) - lo
                 smallest, largest = min(smallest, v), max(largest, v)
                 abuf[i, kk] = np.int16(v)
-        if largest > A_SPAN or smallest < 0:
+        if largest > A_SPAN or smallest < A_LOW:
             fits[t] = False
             continue
         add = (lo * colsum).astype(np.int32)  # |lo * colsum| <= the result bound the caller checked

@@ -328,12 +328,19 @@ class ActivationMatMul:
         acc_bits = attrs["acc_bits"]
         self.acc_limit = (1 << (acc_bits - 1)) - 1
         self.out = np.int32 if acc_bits <= 32 else np.int64
-        # The integer GEMM takes a in [lo, lo + A_SPAN] (VNNI 256, AVX2 32767). A wider
-        # declared type (I-BERT's softmax output is stored as uint16) is checked value by
-        # value in the kernel.
-        self.gemm = _byte_gemm_module(gemm_engine())
+        # The integer GEMM takes a with a - base in [A_LOW, A_SPAN]: VNNI's bytes [0, 256],
+        # AVX2's words [-2^15, 2^15 - 1]. A type wider than bytes (I-BERT's softmax output,
+        # 0..2^15, is stored as uint16) runs on AVX2's words, which every VNNI machine also
+        # has, centred on the type's middle when it spans more than 2^15; a type wider
+        # still is checked value by value in the kernel.
+        engine = gemm_engine()
+        self.gemm = _byte_gemm_module(engine)
+        if self.gemm is not None and a_type.hi - a_type.lo > self.gemm.A_SPAN and engine != "avx2" and cpu.avx2_usable():
+            self.gemm = _byte_gemm_module("avx2")
         self.bytes = self.gemm is not None and -128 <= b_type.lo and b_type.hi <= 127 and acc_bits <= 32
-        self.a_hi = min(a_type.hi, a_type.lo + (self.gemm.A_SPAN if self.gemm is not None else 256))
+        low, span = (self.gemm.A_LOW, self.gemm.A_SPAN) if self.gemm is not None else (0, 256)
+        self.a_base = a_type.lo if a_type.hi - a_type.lo <= span else a_type.lo - low
+        self.a_hi = min(a_type.hi, self.a_base + span)
 
     def _operands(self, a, b):
         a, b = np.asarray(a), np.asarray(b)
@@ -353,7 +360,7 @@ class ActivationMatMul:
         """The integer GEMM's int32 sums: raw (a - lo) . b (with the byte GEMM's
         corrections for a - lo = 256), and the result."""
         b_bound = max(-self.b_type.lo, self.b_type.hi)
-        raw = k * (self.a_hi - self.a_type.lo) * b_bound
+        raw = k * max(self.a_base - self.a_type.lo, self.a_hi - self.a_base) * b_bound
         result = k * max(abs(self.a_type.lo), abs(self.a_hi)) * b_bound
         return self.bytes and raw <= INT32_MAX and result <= self.acc_limit
 
@@ -374,12 +381,12 @@ class ActivationMatMul:
         none = np.empty((0, 0, 0), np.int32)
         if plan is None:
             out = np.empty(a3.shape[:1] + (m, n), np.int32)
-            if not gemm.gemm_activations(a3, self.a_type.lo, b3, _NO_PLAN, 0, 0, 0, 0, out, none):
+            if not gemm.gemm_activations(a3, self.a_base, b3, _NO_PLAN, 0, 0, 0, 0, out, none):
                 return None
             return out.reshape(shape)
         out = np.empty(a3.shape[:1] + (m, n), storage)
         acc = np.empty(out.shape, np.int32) if keep_acc else none
-        if not gemm.gemm_activations(a3, self.a_type.lo, b3, plan, *out_range, 1, out, acc):
+        if not gemm.gemm_activations(a3, self.a_base, b3, plan, *out_range, 1, out, acc):
             return None
         return (acc.reshape(shape), out.reshape(shape)) if keep_acc else out.reshape(shape)
 

@@ -33,7 +33,7 @@ MR = 6  # rows of C per micro-kernel call
 NV = 4  # zmm vectors of C per row
 NR = 16 * NV  # columns of C per micro-kernel call (one B panel)
 KG = 4  # bytes of K per VPDPBUSD lane
-A_SPAN = 256  # gemm_activations takes a in [lo, lo + A_SPAN]
+A_LOW, A_SPAN = 0, 256  # gemm_activations takes a with a - lo in [A_LOW, A_SPAN]
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -176,7 +176,7 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
     here. A value of exactly lo + 256 enters the byte GEMM as 255 and its row gets the
     missing b[k, :] added afterwards (I-BERT's softmax output, 0..256, is one such type).
     requant and acc_out as in `gemm_weight`. Returns False, leaving out unfinished, if a
-    value of a lies above lo + 256 (a type wider than its values: the caller checks).
+    value of a lies outside [lo, lo + 256] (a type wider than its values: the caller checks).
     """
     stacks, m, k = a.shape
     n = b.shape[2]
@@ -200,7 +200,10 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
         for i in range(m):
             for kk in range(k):
                 v = np.int64(a[t, i, kk]) - lo
-                if v > 255:
+                if v < 0:  # below the caller's bound: reported, not wrapped
+                    fits[t] = False
+                    v = 0
+                elif v > 255:
                     wide[i] = True
                     fits[t] &= v == 256
                     v = 255
