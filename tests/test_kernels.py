@@ -89,6 +89,8 @@ def requant_params(draw, n):
     shift = draw(st.lists(PLAN_SHIFTS, min_size=width, max_size=width))
     bias = draw(st.lists(st.integers(-(1 << 40), 1 << 40), min_size=width, max_size=width))
     offset = draw(st.lists(st.integers(-300, 300), min_size=width, max_size=width))
+    if draw(st.integers(0, 3)) == 0:  # a Mul by a constant posing as a requantization (MULTIPLY_ONLY plans)
+        shift, bias, offset = [0] * width, [0] * width, [0] * width
     rounding = draw(st.sampled_from(ROUNDINGS))
     out = draw(st.sampled_from([(-128, 127, np.int8), (-32768, 32767, np.int16), (0, 255, np.uint8), (-7, 100, np.int8)]))
     return [np.array(p, np.int64) for p in (mul, bias, shift, offset)], rounding, out
@@ -138,6 +140,30 @@ def test_activation_gemm_is_exact_up_to_lo_plus_its_span(module, t, m, k, n, lo,
         wrong = a.copy()
         wrong[0, 0, 0] = beyond
         assert not gemm.gemm_activations(wrong, lo, b, np.zeros((10, 1), np.int64), 0, 0, 0, 0, out, none)
+
+
+@pytest.mark.parametrize("module", BYTE_GEMMS)
+@given(t=st.integers(1, 3), m=st.integers(1, 30), k=st.integers(1, 100), n=st.integers(1, 130),
+       lo=st.sampled_from([0, -128, 5]), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_activation_gemm_requantizes_as_requantize(module, t, m, k, n, lo, seed, data):
+    """Attention's Q.K^T with its Requant fused: every plan (narrow, wide, multiply-only)
+    and rounding, the int32 sums kept alongside, values at both ends of the GEMM's span."""
+    import importlib
+
+    gemm = importlib.import_module(f"refsim.kernels.{module}")
+    rng = np.random.default_rng(seed)
+    span_lo, span_hi = lo + max(gemm.A_LOW, -128), lo + min(gemm.A_SPAN, 256)  # int32 sums for k <= 100
+    a = rng.integers(span_lo, span_hi + 1, (t, m, k)).astype(np.int32)
+    a[0, 0, 0], a[-1, -1, -1] = span_lo, span_hi
+    b = rng.integers(-128, 128, (t, k, n)).astype(np.int8)
+    b[:, :, 0] = -128
+    (mul, bias, shift, offset), rounding, (out_lo, out_hi, storage) = data.draw(requant_params(n))
+    plan = requant_plan(mul, bias, shift, offset, n)
+    out, acc = np.empty((t, m, n), storage), np.empty((t, m, n), np.int32)
+    assert gemm.gemm_activations(a, lo, b, plan, out_lo, out_hi, mode_code(rounding), 1, out, acc)
+    exact = a.astype(np.int64) @ b
+    assert np.array_equal(acc, exact)
+    assert np.array_equal(out, requantize(exact, mul, bias, shift, offset, out_lo, out_hi, rounding).astype(storage))
 
 
 @pytest.mark.skipif(kmatmul.gemm_engine() is None, reason="no integer GEMM on this machine")

@@ -30,8 +30,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import njit, prange
+from .epilogue import epilogue, panel_params
 from .panels import pack_panels, padded  # noqa: F401  (padded: the engine module's interface)
-from .requant import NARROW, requant_narrow, requant_one
 
 MR = 6  # rows of C per micro-kernel call
 NV = 2  # ymm vectors of C per row
@@ -129,43 +129,6 @@ TASK_BLOCKS = 16  # at most this many micro-kernel row blocks (96 rows of A, in 
 TASK_MULTIPLE = 4  # tasks come in fours: even shares for 1, 2 or 4 threads
 
 
-@njit(cache=True, inline="always")
-def _panel_params(plan, add, c0, cols, requant, panel_plan, panel_add):
-    """Copy one panel's columns of the requantization plan and the column correction into
-    small contiguous buffers. The plan's rows lie n * 8 bytes apart: for n = 1536 (12 KiB,
-    a multiple of 4 KiB) all ten map to the same L1 set, and reading them in place made
-    the epilogue of a 256-row product five times slower than its GEMM."""
-    if requant:  # else the plan is a placeholder
-        for r in range(plan.shape[0]):
-            for jj in range(cols):
-                panel_plan[r, jj] = plan[r, c0 + jj]
-    for jj in range(cols):
-        panel_add[jj] = add[c0 + jj]
-
-
-@njit(cache=True, inline="always")
-def _epilogue(tile, rows, row0, c0, cols, add, plan, out_lo, out_hi, mode, requant, out, acc_out, keep_acc):
-    """out[row0 + i, c0 + jj] = epilogue(tile[i, jj] + add[jj]), with this panel's
-    correction and plan (`_panel_params`). Each case is its own loop, so the plain sums
-    vectorize (a branch inside the loop kept it scalar)."""
-    if keep_acc:
-        for i in range(rows):
-            for jj in range(cols):
-                acc_out[row0 + i, c0 + jj] = tile[i, jj] + add[jj]
-    if requant and plan[NARROW, 0]:  # the corrected sums fit int32 (matmul.int32_exact)
-        for i in range(rows):
-            for jj in range(cols):
-                out[row0 + i, c0 + jj] = requant_narrow(tile[i, jj] + add[jj], plan, jj, out_lo, out_hi, mode)
-    elif requant:
-        for i in range(rows):
-            for jj in range(cols):
-                out[row0 + i, c0 + jj] = requant_one(np.int64(tile[i, jj] + add[jj]), plan, jj, out_lo, out_hi, mode)
-    else:
-        for i in range(rows):
-            for jj in range(cols):
-                out[row0 + i, c0 + jj] = tile[i, jj] + add[jj]
-
-
 @njit(cache=True, parallel=True)
 def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant, out, acc_out):
     """`vnni.gemm_weight` (same arguments and results) on the AVX2 micro-kernel: packed
@@ -200,8 +163,8 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
             for bb in range(nblocks):
                 micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
             cols = min(NR, n - p * NR)
-            _panel_params(plan, add, p * NR, cols, requant, panel_plan, panel_add)
-            _epilogue(tile, rows, row0, p * NR, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out,
+            panel_params(plan, add, p * NR, cols, requant, panel_plan, panel_add)
+            epilogue(tile, rows, row0, p * NR, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out,
                       acc_out, keep_acc)
 
 
@@ -247,7 +210,7 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
             for bb in range(blocks):
                 micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
             cols = min(NR, n - p * NR)
-            _panel_params(plan, add, p * NR, cols, requant, panel_plan, panel_add)
-            _epilogue(tile, m, 0, p * NR, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out[t],
+            panel_params(plan, add, p * NR, cols, requant, panel_plan, panel_add)
+            epilogue(tile, m, 0, p * NR, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out[t],
                       acc_t, keep_acc)
     return fits.all()

@@ -6,11 +6,13 @@ everything that makes the rounding branch-free (so LLVM vectorizes it): the clam
 shifts, masks of the bits below the half bit and below the shift, and flags for shifts past
 63 and for no shift at all. One int64 array of shape (PLAN_ROWS, channels) carries it, so
 every kernel that ends in a requantization (the Requant op, a matrix product with its
-requantization fused, a residual sum) takes the same argument. Its last row says whether
+requantization fused, a residual sum) takes the same argument. Its NARROW row says whether
 the plan is narrow: every multiplier fits int32 and every shift lies in [1, 62], so for
 an input within int32 `requant_narrow` computes the same with a 32 x 32-bit product
 (one VPMULDQ where the int64 product takes three multiplies) and without the branches
-for shifts of 0 or past 63: measured a third faster.
+for shifts of 0 or past 63: measured a third faster. Its MULTIPLY_ONLY row says that the
+plan only multiplies (shift, bias and offset all 0, multipliers within int32): a Mul by a
+constant fused into the product before it, computed as a clipped product.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from ..ops.requant import Requant, output_bounds
 from ..ops.rounding import FLOOR, HALF_AWAY, HALF_EVEN, HALF_UP, INT64_MAX, mode_code
 from .registry import kernel
 
-MUL, BIAS, SQ, SH, BELOW_HALF, HALF_WIDE, BELOW_SHIFT, SHIFT_WIDE, NO_SHIFT, OFFSET, NARROW = range(11)
-PLAN_ROWS = 11
+MUL, BIAS, SQ, SH, BELOW_HALF, HALF_WIDE, BELOW_SHIFT, SHIFT_WIDE, NO_SHIFT, OFFSET, NARROW, MULTIPLY_ONLY = range(12)
+PLAN_ROWS = 12
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
@@ -51,6 +53,10 @@ def requant_plan(mul, bias, shift, offset, channels: int) -> np.ndarray:
     small = lambda p: bool(np.all(np.abs(p) < (1 << 62)))  # noqa: E731
     plan[NARROW] = bool(np.all((mul >= _INT32_MIN) & (mul <= _INT32_MAX) & (shift >= 1) & (shift <= 62))) \
         and small(bias) and small(offset)
+    # A Mul by a constant posing as a requantization (no shift, bias or offset): for x and
+    # mul within int32 the result is clip(x * mul), whatever the rounding.
+    plan[MULTIPLY_ONLY] = bool(np.all((mul >= _INT32_MIN) & (mul <= _INT32_MAX) & (shift == 0) & (bias == 0)
+                                      & (offset == 0)))
     return plan
 
 

@@ -26,8 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import njit, prange
+from .epilogue import epilogue, panel_params
 from .panels import pack_panels, padded  # noqa: F401  (padded: the engine module's interface)
-from .requant import requant_one
 
 MR = 6  # rows of C per micro-kernel call
 NV = 4  # zmm vectors of C per row
@@ -130,7 +130,8 @@ def _copy_shifted(a, row0, rows, k, lo, abuf):
 @njit(cache=True, parallel=True)
 def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant, out, acc_out):
     """out = epilogue((a - lo) . B + corr) for a (M, K) integer matrix and the packed (K, N)
-    int8 matrix B; corr (int64, one per column) folds in zero points and bias.
+    int8 matrix B; corr (int64, one per column, within int32: `matmul.int32_exact`) folds in
+    zero points and bias.
 
     requant = 0: out (int32) receives the sum; 1: out receives its requantization by
     `plan` (see kernels.requant). acc_out, if it has rows, also receives the int32 sum
@@ -142,6 +143,7 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
     blocks = (m + MR - 1) // MR
     groups = (blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS
     keep_acc = acc_out.shape[0] > 0
+    add = corr.astype(np.int32)  # the caller's bounds (matmul.int32_exact) keep it and every sum in int32
     for g in prange(groups):
         row0 = g * GROUP_BLOCKS * MR
         rows = min(m - row0, GROUP_BLOCKS * MR)
@@ -150,23 +152,15 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
         _copy_shifted(a, row0, rows, k, lo, abuf)
         flat_a = abuf.reshape(-1)
         tile = np.empty((nblocks * MR, NR), np.int32)
+        panel_plan, panel_add = np.zeros((plan.shape[0], NR), np.int64), np.zeros(NR, np.int32)
         for p in range(panels):
             b_off = p * k_groups * KG * NR
             for bb in range(nblocks):
                 micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
-            c0 = p * NR
-            cols = min(NR, n - c0)
-            for i in range(rows):
-                r = row0 + i
-                for jj in range(cols):
-                    j = c0 + jj
-                    acc = np.int64(tile[i, jj]) + corr[j]
-                    if keep_acc:
-                        acc_out[r, j] = acc
-                    if requant:
-                        out[r, j] = requant_one(acc, plan, j, out_lo, out_hi, mode)
-                    else:
-                        out[r, j] = acc
+            cols = min(NR, n - p * NR)
+            panel_params(plan, add, p * NR, cols, requant, panel_plan, panel_add)
+            epilogue(tile, rows, row0, p * NR, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out,
+                     acc_out, keep_acc)
 
 
 @njit(cache=True, parallel=True)
@@ -210,27 +204,24 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
                 abuf[i, kk] = np.uint8(v)
         if not fits[t]:
             continue
+        add = (lo * colsum).astype(np.int32)  # |lo * colsum| <= the result bound the caller checked
         flat_a = abuf.reshape(-1)
         tile = np.empty((blocks * MR, NR), np.int32)
+        acc_t = acc_out[t] if keep_acc else acc_out.reshape((0, 0))
+        panel_plan, panel_add = np.zeros((plan.shape[0], NR), np.int64), np.zeros(NR, np.int32)
         for p in range(panels):
             b_off = p * k_groups * KG * NR
             for bb in range(blocks):
                 micro_kernel(flat_a, bb * MR * kp, kp, packed, b_off, tile[bb * MR:], NR, k_groups)
             c0 = p * NR
             cols = min(NR, n - c0)
-            for i in range(m):
+            for i in range(m):  # the rows holding lo + 256, which entered as 255
                 if wide[i]:
                     for kk in range(k):
                         if np.int64(a[t, i, kk]) - lo > 255:
                             for jj in range(cols):
                                 tile[i, jj] += b[t, kk, c0 + jj]
-                for jj in range(cols):
-                    j = c0 + jj
-                    acc = np.int64(tile[i, jj]) + lo * colsum[j]
-                    if keep_acc:
-                        acc_out[t, i, j] = acc
-                    if requant:
-                        out[t, i, j] = requant_one(acc, plan, j, out_lo, out_hi, mode)
-                    else:
-                        out[t, i, j] = acc
+            panel_params(plan, add, c0, cols, requant, panel_plan, panel_add)
+            epilogue(tile, m, 0, c0, cols, panel_add, panel_plan, out_lo, out_hi, mode, requant, out[t], acc_t,
+                     keep_acc)
     return fits.all()
