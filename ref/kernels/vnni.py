@@ -190,20 +190,20 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
                 colsum[j] += v
                 packed[((j // NR) * k_groups + g) * KG * NR + (j % NR) * KG + q] = np.int8(v)
         abuf = np.zeros((blocks * MR, kp), np.uint8)
-        wide = np.zeros(m, np.bool_)
+        smallest, largest = np.int64(0), np.int64(0)  # scalars and no branch: the copy vectorizes
         for i in range(m):
             for kk in range(k):
                 v = np.int64(a[t, i, kk]) - lo
-                if v < 0:  # below the caller's bound: reported, not wrapped
-                    fits[t] = False
-                    v = 0
-                elif v > 255:
-                    wide[i] = True
-                    fits[t] &= v == 256
-                    v = 255
-                abuf[i, kk] = np.uint8(v)
-        if not fits[t]:
+                smallest, largest = min(smallest, v), max(largest, v)
+                abuf[i, kk] = np.uint8(min(v, 255))
+        if smallest < 0 or largest > 256:  # beyond the caller's bounds: reported, not wrapped
+            fits[t] = False
             continue
+        wide = np.zeros(m, np.bool_)
+        if largest == 256:
+            for i in range(m):
+                for kk in range(k):
+                    wide[i] |= np.int64(a[t, i, kk]) - lo == 256
         add = (lo * colsum).astype(np.int32)  # |lo * colsum| <= the result bound the caller checked
         flat_a = abuf.reshape(-1)
         tile = np.empty((blocks * MR, NR), np.int32)
