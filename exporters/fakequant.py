@@ -50,7 +50,9 @@ def record_to_json(record: FakeQuantRecord, tensors: dict | None = None) -> dict
     return {
         # [node, index, scale, bits, signed(, output scale)]
         "edges": [edge_json(n, i, *spec) for (n, i), spec in record.edges.items()],
-        "tensors": [[t, scale_json(s), int(b), bool(sg)] for t, (s, b, sg) in record.tensors.items()],
+        # [tensor, scale, bits, signed(, rounding scale)]
+        "tensors": [[t, scale_json(s), int(b), bool(sg), *(scale_json(r) for r in rounding)]
+                    for t, (s, b, sg, *rounding) in record.tensors.items()],
         # q: a tensor name or {"concat": [...], "axis": a}; scale null: the tensor's own scale
         "consts": [[n, i, q, const_scale(q, s)] for (n, i), (q, s) in record.consts.items()],
     }
@@ -110,9 +112,11 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
             fg.batch_rows.add(replaced)
         node.inputs[index] = replaced
 
-    for tensor, scale, bits, signed in record.get("tensors", []):
+    for tensor, scale, bits, signed, *rounding in record.get("tensors", []):
+        # rounded at the scale the integer graph's requantizer realizes, dequantized by `scale`
+        rounding_scale, out_scale = (rounding[0], scale) if rounding else (scale, None)
         if tensor in fg.inputs:
-            chain, out = fq_chain(tensor, scale, bits, signed)
+            chain, out = fq_chain(tensor, rounding_scale, bits, signed, out_scale=out_scale)
             for n in fg.nodes:
                 n.inputs = [out if i == tensor else i for i in n.inputs]
             added.extend((0, n) for n in chain)
@@ -122,7 +126,7 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
             raise ExportError(f"the .intq's fake-quant record names tensor {tensor!r}, which this ONNX model does not compute")
         raw = fg.fresh(f"{tensor}.float")
         producer.outputs = [raw if o == tensor else o for o in producer.outputs]
-        chain, _ = fq_chain(raw, scale, bits, signed, out=tensor)
+        chain, _ = fq_chain(raw, rounding_scale, bits, signed, out=tensor, out_scale=out_scale)
         added.extend((position_after(raw), n) for n in chain)
 
     for node_name, index, scale, bits, signed, *out_scale in record.get("edges", []):

@@ -184,7 +184,8 @@ class Modes:
             out_scale = walker.scale_of(node.outputs[0], 8)
             p = nonlinear.pyita_gelu_params(float(x.scale), out_scale)
             y = walker.em.node(p.op, [x.name], f"{layer}.gelu", **p.attrs)
-            walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=8)
+            walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=8,
+                              gain=nonlinear.pyita_gelu_gain(p))
             return
         x = walker.get(node.inputs[0], IBERT_GELU_INPUT_BITS, node, 0)
         if self.options.gelu == "table" or self.options.ita:  # beside ITA: the table (on_ita_gelu)

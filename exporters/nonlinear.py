@@ -263,6 +263,15 @@ def pyita_gelu_params(input_scale, output_scale=None, *, requantize: bool = True
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
+def pyita_gelu_gain(p: OpParams):
+    """The rounding gain of ITAGelu's output requantizer (`frontend.requant.rounding_gain`):
+    eps_mul / 2^eps_shift against the exact raw-to-output scale ratio."""
+    from .frontend.requant import rounding_gain
+
+    raw = pyita_gelu_params(p.input_scale, requantize=False).output_scale
+    return rounding_gain(raw / p.output_scale, p.attrs["eps_mul"], p.attrs["eps_shift"])
+
+
 def gelu(x, approximate: str = "none") -> np.ndarray:
     """The float GELU: 0.5 x (1 + erf(x / sqrt 2)), or ONNX's tanh form (approximate="tanh")."""
     x = np.asarray(x, np.float64)

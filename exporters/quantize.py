@@ -95,7 +95,10 @@ class FakeQuantRecord:
     # clip(round(x / scale)) * (output scale, default: scale); a per-channel scale (smoothing)
     # is a vector along the last axis
     edges: dict[tuple[str, int], tuple] = field(default_factory=dict)
-    tensors: dict[str, tuple[float, int, bool]] = field(default_factory=dict)
+    # tensor -> (scale, bits, signed[, rounding scale]): the tensor becomes
+    # clip(round(x / rounding scale)) * scale, where the integer graph's requantizer realizes
+    # a factor other than the exact one (`frontend.requant.rounding_gain`; default: scale)
+    tensors: dict[str, tuple] = field(default_factory=dict)
     # (node, input index) -> (integer constant, scale): the input becomes q * scale
     consts: dict[tuple[str, int], tuple[str, Any]] = field(default_factory=dict)
     # integer constant -> the range its quantizer clips to, where narrower than its type's
@@ -117,6 +120,9 @@ class Walker:
         self.at_bits: dict[tuple[str, int], Value] = {}
         self.masked_scores: dict[str, tuple[Value, str]] = {}
         self.record = FakeQuantRecord()
+        # integer tensor -> the gain of the Requant that made it (frontend.requant.rounding_gain):
+        # the fake-quant model rounds at its scale times that gain, as the integer graph does
+        self.rounding_gains: dict[str, Any] = {}
         self.float_tensors: dict[str, str] = {}  # integer tensor -> float tensor it represents
         self.layers: dict[str, str] = {}  # integer tensor -> layer name
         self.mask_tensors: dict[tuple[str, str], str] = {}
@@ -167,8 +173,21 @@ class Walker:
         ratio = np.asarray(v.scale, np.float64) / to_scale
         dtype, lo, hi = activation_type(bits)
         policy = "ita" if hardware and self.options.ita else "dyadic"
-        return rq.requantize(self.em, v.name, ratio, bound=self.bound_of(v), dtype=dtype, policy=policy, lo=lo, hi=hi,
-                             rounding=self.rounding, stem=stem, what=layer)
+        y = rq.requantize(self.em, v.name, ratio, bound=self.bound_of(v), dtype=dtype, policy=policy, lo=lo, hi=hi,
+                          rounding=self.rounding, stem=stem, what=layer)
+        gain = rq.requant_gain(self.em.builder, y, ratio)
+        if gain is not None:
+            self.rounding_gains[y] = gain
+        return y
+
+    def edge_spec(self, v: Value, bits: int, rounding_scale=None) -> tuple:
+        """The fake-quant record's (scale, bits, signed[, output scale]) for an edge reading
+        v, `bits`-bit: rounded at v's scale times its Requant's gain, dequantized by v's scale."""
+        gain = self.rounding_gains.get(v.name)
+        scale = float(v.scale) if rounding_scale is None else rounding_scale
+        if gain is None:
+            return (scale, bits, True) if rounding_scale is None else (scale, bits, True, float(v.scale))
+        return (scale * gain, bits, True, float(v.scale))
 
     @property
     def rounding(self) -> str:
@@ -191,7 +210,7 @@ class Walker:
                 self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
         out = self.at_bits[key]
         if consumer is not None and out.name != v.name:
-            self.record.edges[(consumer.name, index)] = (float(out.scale), bits, True)
+            self.record.edges[(consumer.name, index)] = self.edge_spec(out, bits)
         return out
 
     def needs_requant(self, tensor: str, bits: int) -> bool:
@@ -212,7 +231,7 @@ class Walker:
             self.label(name, tensor, scale * factors, layer)  # q * scale * factors is the float tensor
             self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
         out = self.at_bits[key]
-        self.record.edges[(consumer.name, index)] = (scale * factors, bits, True, scale)
+        self.record.edges[(consumer.name, index)] = self.edge_spec(out, bits, rounding_scale=scale * factors)
         return out
 
     def at_scale(self, tensor: str, scale: float, bits: int, consumer: Node | None = None, index: int = 0) -> Value:
@@ -229,7 +248,7 @@ class Walker:
             self.at_bits[key] = Value(name, scale, bound=1 << (bits - 1))
         out = self.at_bits[key]
         if consumer is not None:
-            self.record.edges[(consumer.name, index)] = (float(scale), bits, True)
+            self.record.edges[(consumer.name, index)] = self.edge_spec(out, bits)
         return out
 
     def value(self, tensor: str) -> Value:
@@ -248,15 +267,24 @@ class Walker:
                                "here: check how the model was traced")
         return ExportError(f"internal: tensor {tensor!r} has no integer form yet")
 
-    def set_native(self, tensor: str, v: Value, layer: str = "", quantized_bits: int | None = None) -> None:
-        """Make `v` the native form of `tensor`; `quantized_bits` marks a stored result."""
+    def set_native(self, tensor: str, v: Value, layer: str = "", quantized_bits: int | None = None, gain=None) -> None:
+        """Make `v` the native form of `tensor`; `quantized_bits` marks a stored result,
+        rounded at its scale times `gain` (default: that of the Requant that made it)."""
         self.native[tensor] = v
         if layer:
             self.layers.setdefault(v.name, layer)
         if quantized_bits is not None:
-            scale = v.scale if v.per_channel else float(v.scale)
-            self.record.tensors[tensor] = (scale, quantized_bits, self.dtype(v.name).signed)
+            self.record_tensor(tensor, v.scale, quantized_bits, self.dtype(v.name).signed,
+                               self.rounding_gains.get(v.name) if gain is None else gain)
             self.label(v.name, tensor, v.scale, layer)
+
+    def record_tensor(self, tensor: str, scale, bits: int, signed: bool, gain=None) -> None:
+        """Record a stored result for the fake-quant model, rounded at scale * gain."""
+        scale = np.asarray(scale, np.float64) if np.ndim(scale) > 0 else float(scale)
+        if gain is None:
+            self.record.tensors[tensor] = (scale, bits, signed)
+        else:
+            self.record.tensors[tensor] = (scale, bits, signed, scale * gain)
 
     # --- graph analysis ----------------------------------------------------------------------------
 
@@ -424,7 +452,7 @@ class Walker:
             # A result already stored in fewer bits (an ITA layer's int8 output) keeps that
             # point in the fake-quant model: it, not the 16-bit output grid, is what loses accuracy.
             if earlier is None or earlier[1] >= bits:
-                self.record.tensors[name] = (scale, bits, True)
+                self.record_tensor(name, scale, bits, True, self.rounding_gains.get(out))
         self.em.builder.output(out)
 
     # --- linear algebra ------------------------------------------------------------------------------
@@ -812,7 +840,7 @@ class Walker:
                     parts.append(v.name)
                 else:
                     r = self.requant(v, scale, bits, f"{layer}.input{index}", layer)
-                    self.record.edges[(node.name, index)] = (scale, bits, True)
+                    self.record.edges[(node.name, index)] = self.edge_spec(Value(r, scale), bits)
                     parts.append(r)
         y = self.em.node("Concat", parts, f"{layer}.concat", axis=axis)
         self.set_native(node.outputs[0], Value(y, scale), layer, quantized_bits=bits)
@@ -882,18 +910,23 @@ class Walker:
                               f"declares a batch of {batch}; export it at batch 1 or with a free batch")
         heads, p = m.heads, m.head_dim
 
+        gains = {}  # step -> its requantizer's rounding gain (frontend.requant.rounding_gain)
+
         def requant(ratio: float, what: str) -> ItaRequant:
             d = rq.ita_dyadic(ratio, f"{name}: {what}")
+            gains[what] = rq.rounding_gain(ratio, d.mul, d.shift)
             return ItaRequant(int(d.mul), int(d.shift), 0)
 
+        sources = {}
+
         def as_2d(tensor: str, consumer: Node) -> Value:
-            v = self.get(tensor, 8, consumer, 0)
+            v = sources[tensor] = self.get(tensor, 8, consumer, 0)
             return Value(self.em.node("Reshape", [v.name], f"{name}.{'q' if tensor == m.q.x else 'kv'}_2d", shape=[seq, width]), v.scale)
 
         x_q = as_2d(m.q.x, m.q.nodes[0])
         x_kv = x_q if m.k.x == m.q.x else as_2d(m.k.x, m.k.nodes[0])
-        self.record.edges[(m.k.nodes[0].name, 0)] = (float(x_kv.scale), 8, True)
-        self.record.edges[(m.v.nodes[0].name, 0)] = (float(x_kv.scale), 8, True)
+        self.record.edges[(m.k.nodes[0].name, 0)] = self.edge_spec(sources[m.k.x], 8)
+        self.record.edges[(m.v.nodes[0].name, 0)] = self.edge_spec(sources[m.k.x], 8)
         settings = self.options.layer(m.q.nodes[0].scope or name)
         softmax = self.modes.softmax_params()
         scales = {}
@@ -938,7 +971,8 @@ class Walker:
         block = add_attention_block(self.em.builder, name, x_q.name, x_kv.name, params)
         self.unpaired_attention.append(name)
         y = self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
-        self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8)
+        # Each head's output projection is rounded at s_out * gain; their sum (factor 1) is exact.
+        self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8, gain=gains["OW"])
         # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
         step_of = {"q": "Q", "k": "K", "v": "V", "o": "OW"}
         for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o)):
@@ -954,9 +988,10 @@ class Walker:
                     self.record.consts[(add.name, index)] = (block.biases[step][0], acc_scale[key])
                 else:
                     self.record.consts[(add.name, index)] = ({"concat": block.biases[step], "axis": 0}, acc_scale[key])
-        for tensor, scale, signed in ((m.q.out, s_q, True), (m.k.out, s_k, True), (m.v.out, s_v, True),
-                                      (m.scores, s_in, True), (m.probs, s_a, False), (m.context, s_av, True)):
-            self.record.tensors[tensor] = (float(scale), 8, signed)
+        for tensor, scale, signed, step in ((m.q.out, s_q, True, "Q"), (m.k.out, s_k, True, "K"), (m.v.out, s_v, True, "V"),
+                                            (m.scores, s_in, True, "QK"), (m.probs, s_a, False, None),
+                                            (m.context, s_av, True, "AV")):
+            self.record_tensor(tensor, float(scale), 8, signed, gains.get(step))
 
     # --- ITA feed-forward blocks ---------------------------------------------------------------
 
@@ -986,8 +1021,11 @@ class Walker:
         shape = self.g.concrete_shape(m.fc1.x)
         seq, width = shape[-2:]
 
+        gains = {}  # step -> its requantizer's rounding gain (frontend.requant.rounding_gain)
+
         def requant(ratio: float, what: str) -> ItaRequant:
             d = rq.ita_dyadic(ratio, f"{name}: {what}")
+            gains[what] = rq.rounding_gain(ratio, d.mul, d.shift)
             return ItaRequant(int(d.mul), int(d.shift), 0)
 
         x = self.get(m.fc1.x, self.options.layer(self.layer_name(m.fc1.nodes[0])).abits, m.fc1.nodes[0], 0)
@@ -1018,9 +1056,10 @@ class Walker:
             gelu = ItaGeluConstants(int(a["q_1"]), int(a["q_b"]), int(a["q_c"]))
             act_rq = ItaRequant(int(a["eps_mul"]), int(a["eps_shift"]), int(a["eps_add"]))
             s_act = float(p.output_scale)
+            gains["activation"] = nonlinear.pyita_gelu_gain(p)
         else:
             s_act = self.scale_of(act.outputs[0], 8)
-            act_rq = requant(s_f1 / s_act, "the ReLU requantization")
+            act_rq = requant(s_f1 / s_act, "activation")
         acc_scales.append(s_act * float(weights[1].scale))
         s_f2 = self.modes.ita_output_scale(self, m.fc2.out) if columns is None else s_f2_scaled
         for lin, w, acc_scale in zip((m.fc1, m.fc2), weights, acc_scales):
@@ -1042,7 +1081,7 @@ class Walker:
         block = add_feedforward_block(self.em.builder, name, x_2d, params)
         y = block.out if len(shape) == 2 else self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         out_scale = s_f2 if columns is None else s_f2 * columns
-        self.set_native(m.fc2.out, Value(y, out_scale), name, quantized_bits=8)
+        self.set_native(m.fc2.out, Value(y, out_scale), name, quantized_bits=8, gain=gains["FF2"])
         # What the fake-quant model mirrors: weights, biases and the block's int8 points
         # (FF2's real weights and biases are the integers times their scale times c).
         for k, (lin, w, acc_scale) in enumerate(zip((m.fc1, m.fc2), weights, acc_scales)):
@@ -1053,8 +1092,8 @@ class Walker:
                 add = lin.nodes[-1]
                 self.record.consts[(add.name, add.inputs.index(lin.bias))] = (block.biases[k], acc_scale * factor)
                 self.record.ranges[block.biases[k]] = (1 - (1 << 23), (1 << 23) - 1)  # ITA's 24-bit biases
-        self.record.tensors[m.fc1.out] = (float(s_f1), 8, True)
-        self.record.tensors[act.outputs[0]] = (float(s_act), 8, True)
+        self.record_tensor(m.fc1.out, float(s_f1), 8, True, gains["FF1"])
+        self.record_tensor(act.outputs[0], float(s_act), 8, True, gains["activation"])
         # Scales on the block's integer points and weights (`refsim compare` reports their SQNR).
         ff = self.em.builder.metadata["feedforward_blocks"][-1]
         self.label(ff["F1"]["out"], m.fc1.out, s_f1, name)
