@@ -504,3 +504,30 @@ def test_mul_by_a_constant_is_bounded_by_the_constants_values(a_type, out, const
         assert isinstance(got, RefsimError), f"the op refuses ({expected}), the kernel gave {got!r}"
     else:
         assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("mul, shift, identity", [
+    (2147483615, 31, True),  # a scale within a rounding of its own (MiniLM's Q and K before Q.K^T)
+    (1073741870, 30, True),
+    ((1 << 31) - (1 << 24), 31, False),  # x * (1 - 2^-7): 127 -> 126, one value off
+    (1 << 30, 31, False),  # halves
+])
+def test_a_requant_that_maps_every_value_to_itself_is_no_pass(mul, shift, identity):
+    """A Requant whose formula returns every value of its int8 input unchanged (checked at
+    prepare time on all 256) returns its input; one that moves any value runs the plan. Both
+    give the formula's integers on every value of the type."""
+    from refsim.kernels.requant import PlannedRequant
+
+    g = GraphBuilder("rq")
+    x = g.input("x", "int8", ["batch", 256])
+    y = g.node("Requant", [x, g.const(np.array(mul), "int32"), g.const(np.array(shift), "int8")], outputs="y",
+               dtype="int8", rounding="half_even")
+    g.output(y)
+    model = g.model()
+    values = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
+    kernel = next(s.kernel for s in model._steps if s.node.op == "Requant")
+    assert isinstance(kernel, PlannedRequant) and kernel.identity == identity
+    got = model.run({"x": values})["y"]
+    expected = requantize(values.astype(np.int64), mul, 0, shift, 0, -128, 127, "half_even")
+    assert np.array_equal(got, expected) and got.dtype == np.int8
+    assert np.array_equal(got, values) == identity

@@ -157,6 +157,7 @@ class PlannedRequant:
         self.out_range = (lo, hi, self.mode)
         self.storage = storage
         self.plans: dict[int, np.ndarray] = {}
+        self.identity = False  # set by `planned_requant` when every input value maps to itself
 
     def plan_for(self, channels: int) -> np.ndarray | None:
         """The plan for an input whose last axis has `channels` entries, or None when
@@ -169,6 +170,8 @@ class PlannedRequant:
         return self.plans[channels]
 
     def __call__(self, x, *_params):
+        if self.identity and x.dtype == self.storage and backend.use_numba():
+            return x  # the same integers (checked for every value of the type): no pass at all
         plan = None
         if backend.use_numba() and x.ndim and x.size:
             plan = self.plan_for(x.shape[-1])
@@ -221,4 +224,28 @@ def planned_requant(attrs, consts, declared):
         lo, hi = output_bounds(attrs["dtype"], attrs["lo"], attrs["hi"], "Requant")
     except OpError:
         return None
-    return PlannedRequant(attrs, params, max(sizes) if sizes else 1, lo, hi, int_type(attrs["dtype"]).storage, limit)
+    kernel = PlannedRequant(attrs, params, max(sizes) if sizes else 1, lo, hi, int_type(attrs["dtype"]).storage, limit)
+    kernel.identity = _maps_every_value_to_itself(kernel, x.dtype)
+    return kernel
+
+
+IDENTITY_CHECK_LIMIT = 1 << 17  # values x channels tried at prepare time, at most
+
+
+def _maps_every_value_to_itself(kernel: PlannedRequant, x_type) -> bool:
+    """Whether the Requant returns every value of its declared input type unchanged, in the
+    same storage: the op's own formula on all of them, at prepare time. An exporter
+    requantizing a tensor to a scale within a rounding of its own (per-channel values made
+    per-tensor, at an equal scale; mul = 2^31 - 33 with shift 31) writes such a node: at
+    run time it is then no pass at all."""
+    if kernel.storage != x_type.storage or kernel.limit is not None:
+        return False
+    count = x_type.hi - x_type.lo + 1
+    if count * kernel.width > IDENTITY_CHECK_LIMIT:
+        return False
+    values = np.arange(x_type.lo, x_type.hi + 1, dtype=np.int64).astype(x_type.storage)
+    grid = np.ascontiguousarray(np.broadcast_to(values[:, None], (count, kernel.width)))
+    p = kernel.params
+    with backend.use("numpy"):  # the formula itself, and nothing to compile
+        y = Requant(grid, p["mul"], p["shift"], p["bias"], p["offset"], **{**kernel.attrs, "axis": -1})
+    return bool(np.array_equal(y, grid))
