@@ -81,15 +81,20 @@ def set_threads(wanted: int) -> None:
 class ThreadChoice:
     """One step's choice between one thread and all: each option's cost is a running
     estimate of its recent runs; the cheaper one runs, and every PROBE-th run tries the
-    other, so the choice follows the machine's load."""
+    other, so the choice follows the machine's load. Each option's first run is not
+    counted: it pays for compiling its kernel (the parallel and the sequential twin are
+    two kernels) or loading it from the cache, seconds against microseconds, which the
+    running estimate would take hundreds of runs to forget (measured: MiniLM's every step
+    stayed on one thread through a whole benchmark)."""
 
     PROBE = 16
-    __slots__ = ("counts", "cost", "runs")
+    __slots__ = ("counts", "cost", "runs", "seen")
 
     def __init__(self, threads: int):
         self.counts = (1, threads)
         self.cost = [float("inf"), float("inf")]
         self.runs = 0
+        self.seen = [0, 0]
 
     def pick(self) -> int:
         self.runs += 1
@@ -99,6 +104,9 @@ class ThreadChoice:
         return 1 - best if self.runs % self.PROBE == 0 else best
 
     def record(self, option: int, seconds: float) -> None:
+        self.seen[option] += 1
+        if self.seen[option] == 1:  # the kernel's first run: compiling or loading it
+            return
         old = self.cost[option]
         self.cost[option] = seconds if old == float("inf") else 0.75 * old + 0.25 * seconds
 

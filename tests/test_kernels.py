@@ -308,8 +308,12 @@ def test_thread_choice_follows_measured_costs():
     choice = backend.ThreadChoice(2)
     tried = [choice.pick() for _ in range(4)]
     assert sorted(tried) == [0, 0, 1, 1]  # each option tried twice first
-    for option in (0, 1):
+    for option in (1, 0):  # each option's first run compiles or loads its kernel: not counted
+        choice.record(option, 1000.0 if option else 0.1)
+    assert choice.cost == [float("inf"), float("inf")]
+    for option in (1, 0):
         choice.record(option, 1.0 if option else 3.0)  # all threads cheaper
+    assert choice.cost == [3.0, 1.0]
     picks = []
     for _ in range(64):
         option = choice.pick()
