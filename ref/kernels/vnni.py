@@ -116,7 +116,8 @@ def pack_b(b: np.ndarray) -> np.ndarray:
     return pack_panels(b, KG, NR, np.int8)
 
 
-GROUP_BLOCKS = 4  # micro-kernel row blocks per task (24 rows of A stay in L1 across panels)
+TASK_BLOCKS = 16  # at most this many micro-kernel row blocks (96 rows of A, in L2) per task
+TASK_MULTIPLE = 4  # tasks come in fours: even shares for 1, 2 or 4 threads
 
 
 @njit(cache=True, inline="always")
@@ -141,13 +142,18 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
     k_groups = kp // KG
     panels = (n + NR - 1) // NR
     blocks = (m + MR - 1) // MR
-    groups = (blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS
+    if blocks == 0:  # no rows of A: nothing to compute (and no tasks to divide them among)
+        return
+    # Few tasks, as every task streams all of B once (BERT-base's 768 x 3072 weights, 2.4 MB,
+    # stay in no core's L2), dealt out evenly for 1, 2 or 4 threads (as the AVX2 GEMM's).
+    tasks = min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
     keep_acc = acc_out.shape[0] > 0
     add = corr.astype(np.int32)  # the caller's bounds (matmul.int32_exact) keep it and every sum in int32
-    for g in prange(groups):
-        row0 = g * GROUP_BLOCKS * MR
-        rows = min(m - row0, GROUP_BLOCKS * MR)
-        nblocks = (rows + MR - 1) // MR
+    for g in prange(tasks):
+        first, last = g * blocks // tasks, (g + 1) * blocks // tasks
+        row0 = first * MR
+        rows = min(m - row0, (last - first) * MR)
+        nblocks = last - first
         abuf = np.zeros((nblocks * MR, kp), np.uint8)
         _copy_shifted(a, row0, rows, k, lo, abuf)
         flat_a = abuf.reshape(-1)
