@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from ..jit import njit, prange
 from .epilogue import epilogue, panel_params
-from .panels import pack_panels, padded  # noqa: F401  (padded: the engine module's interface)
+from .panels import pack_panels, padded, task_count, task_rows  # noqa: F401  (padded: the engine module's interface)
 
 MR = 6  # rows of C per micro-kernel call
 NV = 2  # ymm vectors of C per row
@@ -125,10 +125,6 @@ def pack_b(b: np.ndarray) -> np.ndarray:
     return pack_panels(b, KG, NR, np.int16)
 
 
-TASK_BLOCKS = 16  # at most this many micro-kernel row blocks (96 rows of A, in L2) per task
-TASK_MULTIPLE = 4  # tasks come in fours: even shares for 1, 2 or 4 threads
-
-
 @njit(cache=True, parallel=True)
 def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant, out, acc_out):
     """`vnni.gemm_weight` (same arguments and results) on the AVX2 micro-kernel: packed
@@ -139,18 +135,11 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
     blocks = (m + MR - 1) // MR
     if blocks == 0:  # no rows of A: nothing to compute (and no tasks to divide them among)
         return
-    # Few tasks, each with its rows of A within L2, as every task streams all of B once.
-    # (numba.get_num_threads here would stop Numba caching the kernel: a dynamic global.)
-    # Blocks are dealt out evenly (22 blocks, 128 rows: 5, 6, 5, 6, so two threads get 11
-    # each; whole shares of task_blocks gave 12 and 10).
-    tasks = min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
+    tasks = task_count(blocks)
     keep_acc = acc_out.shape[0] > 0
     add = corr.astype(np.int32)
     for g in prange(tasks):
-        first, last = g * blocks // tasks, (g + 1) * blocks // tasks
-        row0 = first * MR
-        rows = min(m - row0, (last - first) * MR)
-        nblocks = last - first
+        row0, rows, nblocks = task_rows(g, tasks, blocks, MR, m)
         abuf = np.zeros((nblocks * MR, kp), np.int16)
         for i in range(rows):
             for kk in range(k):

@@ -1,4 +1,5 @@
-"""Packing a constant B matrix into the column panels the SIMD GEMM micro-kernels read.
+"""What the SIMD GEMMs share: packing a constant B matrix into the column panels their
+micro-kernels read, and dealing the rows of A out into tasks.
 
 Shared by the VNNI (int8, K in groups of 4) and AVX2 (int16, K in pairs) kernels, which
 differ only in the element type and the group size."""
@@ -6,6 +7,11 @@ differ only in the element type and the group size."""
 from __future__ import annotations
 
 import numpy as np
+
+from ..jit import njit
+
+TASK_BLOCKS = 16  # at most this many micro-kernel row blocks (96 rows of A, in L2) per task
+TASK_MULTIPLE = 4  # tasks come in fours: even shares for 1, 2 or 4 threads
 
 
 def padded(n: int, block: int) -> int:
@@ -24,3 +30,22 @@ def pack_panels(b: np.ndarray, group: int, panel: int, dtype) -> np.ndarray:
     # Axes of the reshape: group of K, value in the group, panel, column in the panel.
     groups = full.reshape(kp // group, group, np_ // panel, panel)
     return np.ascontiguousarray(groups.transpose(2, 0, 3, 1)).reshape(-1)
+
+
+@njit(cache=True, inline="always")
+def task_count(blocks):
+    """How many tasks a weight GEMM deals its `blocks` row blocks into: few, since every task
+    streams all of B once (BERT-base's 768 x 3072 weights, 2.4 MB, fit no core's L2), each
+    with its rows of A within L2. (numba.get_num_threads here would stop Numba caching the
+    kernel: a dynamic global.)"""
+    return min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
+
+
+@njit(cache=True, inline="always")
+def task_rows(g, tasks, blocks, rows_per_block, m):
+    """Task g's first row, row count and block count. Blocks are dealt out evenly (22 blocks,
+    128 rows: 5, 6, 5, 6, so two threads get 11 each; whole shares of TASK_BLOCKS gave 12
+    and 10)."""
+    first, last = g * blocks // tasks, (g + 1) * blocks // tasks
+    row0 = first * rows_per_block
+    return row0, min(m - row0, (last - first) * rows_per_block), last - first

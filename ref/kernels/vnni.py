@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 
 from ..jit import njit, prange
 from .epilogue import epilogue, panel_params
-from .panels import pack_panels, padded  # noqa: F401  (padded: the engine module's interface)
+from .panels import pack_panels, padded, task_count, task_rows  # noqa: F401  (padded: the engine module's interface)
 
 MR = 6  # rows of C per micro-kernel call
 NV = 4  # zmm vectors of C per row
@@ -116,10 +116,6 @@ def pack_b(b: np.ndarray) -> np.ndarray:
     return pack_panels(b, KG, NR, np.int8)
 
 
-TASK_BLOCKS = 16  # at most this many micro-kernel row blocks (96 rows of A, in L2) per task
-TASK_MULTIPLE = 4  # tasks come in fours: even shares for 1, 2 or 4 threads
-
-
 @njit(cache=True, inline="always")
 def _copy_shifted(a, row0, rows, k, lo, abuf):
     """abuf[i, :k] = a[row0 + i, :] - lo as bytes (the caller's bounds put it in [0, 255])."""
@@ -144,16 +140,11 @@ def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant,
     blocks = (m + MR - 1) // MR
     if blocks == 0:  # no rows of A: nothing to compute (and no tasks to divide them among)
         return
-    # Few tasks, as every task streams all of B once (BERT-base's 768 x 3072 weights, 2.4 MB,
-    # stay in no core's L2), dealt out evenly for 1, 2 or 4 threads (as the AVX2 GEMM's).
-    tasks = min(blocks, TASK_MULTIPLE * ((blocks + TASK_MULTIPLE * TASK_BLOCKS - 1) // (TASK_MULTIPLE * TASK_BLOCKS)))
+    tasks = task_count(blocks)
     keep_acc = acc_out.shape[0] > 0
     add = corr.astype(np.int32)  # the caller's bounds (matmul.int32_exact) keep it and every sum in int32
     for g in prange(tasks):
-        first, last = g * blocks // tasks, (g + 1) * blocks // tasks
-        row0 = first * MR
-        rows = min(m - row0, (last - first) * MR)
-        nblocks = last - first
+        row0, rows, nblocks = task_rows(g, tasks, blocks, MR, m)
         abuf = np.zeros((nblocks * MR, kp), np.uint8)
         _copy_shifted(a, row0, rows, k, lo, abuf)
         flat_a = abuf.reshape(-1)
