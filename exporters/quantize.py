@@ -106,6 +106,21 @@ class FakeQuantRecord:
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+def _ita_steps(block: str, gains: dict):
+    """requant(ratio, step): ITA's requantizer constants for one step of `block`
+    (`frontend.requant.ita_dyadic`, errors naming block and step), its rounding gain kept in
+    gains[step] for the fake-quant record."""
+
+    from refsim.blocks.ita import ItaRequant
+
+    def requant(ratio: float, step: str) -> ItaRequant:
+        d = rq.ita_dyadic(ratio, f"{block}: {step}")
+        gains[step] = rq.rounding_gain(ratio, d.mul, d.shift)
+        return ItaRequant(int(d.mul), int(d.shift), 0)
+
+    return requant
+
+
 class Walker:
     """Builds the integer graph for one canonical graph (see the module docstring)."""
 
@@ -900,7 +915,7 @@ class Walker:
         """Emit one attention layer in ITA's graph form (refsim.blocks.ita), per head:
         projections, QK, softmax, AV and output projection, each a 26-bit MatMul and ITA's
         requantizer; the heads summed and requantized once more."""
-        from refsim.blocks.ita import ItaAttention, ItaHead, ItaRequant, ItaSoftmax, add_attention_block
+        from refsim.blocks.ita import ItaAttention, ItaHead, ItaSoftmax, add_attention_block
 
         name = self.em.name(m.name)
         self.done.update(n.name for n in m.nodes)
@@ -911,11 +926,7 @@ class Walker:
         heads, p = m.heads, m.head_dim
 
         gains = {}  # step -> its requantizer's rounding gain (frontend.requant.rounding_gain)
-
-        def requant(ratio: float, what: str) -> ItaRequant:
-            d = rq.ita_dyadic(ratio, f"{name}: {what}")
-            gains[what] = rq.rounding_gain(ratio, d.mul, d.shift)
-            return ItaRequant(int(d.mul), int(d.shift), 0)
+        requant = _ita_steps(name, gains)
 
         sources = {}
 
@@ -1022,11 +1033,7 @@ class Walker:
         seq, width = shape[-2:]
 
         gains = {}  # step -> its requantizer's rounding gain (frontend.requant.rounding_gain)
-
-        def requant(ratio: float, what: str) -> ItaRequant:
-            d = rq.ita_dyadic(ratio, f"{name}: {what}")
-            gains[what] = rq.rounding_gain(ratio, d.mul, d.shift)
-            return ItaRequant(int(d.mul), int(d.shift), 0)
+        requant = _ita_steps(name, gains)
 
         x = self.get(m.fc1.x, self.options.layer(self.layer_name(m.fc1.nodes[0])).abits, m.fc1.nodes[0], 0)
         x_2d = x.name if len(shape) == 2 else self.em.node("Reshape", [x.name], f"{name}.x_2d", shape=[seq, width])
