@@ -177,3 +177,47 @@ def test_reshape_targets_for_every_batch():
     assert reshape_target((1, 16, 64), (1, 16, 4, 16)) == [1, 16, 4, 16]  # a fixed batch stays fixed
     with pytest.raises(ExportError, match="merges the batch"):
         reshape_target(("batch", 6), ("batch*2", "batch*3"))
+
+
+class _FusedQkvBlock(torch.nn.Module if torch else object):
+    """A pre-norm ViT block with timm's attention: one fused QKV projection, reshaped and
+    `unbind` into q, k, v (TorchScript writes the unbind as a Split)."""
+
+    def __init__(self, width=32, heads=2):
+        super().__init__()
+        self.heads, self.norm1, self.norm2 = heads, torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_fused_qkv_projection_split_by_unbind_exports(tmp_path, dynamo):
+    from refsim.exporters import compare, export
+
+    torch.manual_seed(0)
+    model = _FusedQkvBlock().eval()
+    path = tmp_path / "fused_qkv.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {} if dynamo else {"opset_version": 17}
+        torch.onnx.export(model, (torch.randn(1, 8, 32),), path, input_names=["x"], output_names=["y"], dynamo=dynamo, **kwargs)
+    raw = collections.Counter(n.op_type for n in load_onnx(path).graph.node)
+    if not dynamo:
+        assert raw["Split"] == 1  # what the pass exists for
+    assert "Split" not in ops(canonicalize(load_onnx(path), {"x": [1, 8, 32]}))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 8, 32)).astype(np.float32))
+    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 8, 32)).astype(np.float32))
+    export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
+    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    assert pair["cosine"] >= 0.999, pair

@@ -280,6 +280,38 @@ def test_gemm_becomes_matmul_and_bias():
     assert_same(model, g, rng_feeds(x=(2, 4)))
 
 
+@pytest.mark.parametrize("form", ["sizes input", "equal parts", "opset 18 num_outputs", "uneven last part"])
+def test_split_becomes_one_slice_per_part(form):
+    """TorchScript's `unbind`/`chunk` of a fused QKV projection (timm's attention) is a Split."""
+    inits, attrs, inputs, opset, width, parts = {}, {"axis": 2}, ["x"], 20, 12, 3
+    if form == "sizes input":
+        inits["sizes"] = np.array([2, 4, 6], np.int64)
+        inputs.append("sizes")
+    elif form == "equal parts":
+        opset = 17  # before opset 18, a Split without sizes makes one equal part per output
+    elif form == "opset 18 num_outputs":
+        attrs["num_outputs"] = 3
+        opset = 18
+    elif form == "uneven last part":
+        attrs["num_outputs"], width = 3, 11  # ONNX: parts of ceil(11/3) = 4, 4, 3
+    outs = [f"y{i}" for i in range(parts)]
+    model = model_of([helper.make_node("Split", inputs, outs, **attrs)], [vi("x", F, ["N", 5, width])],
+                     [vi(o, F, None) for o in outs], inits, opset=opset)
+    g = graph_of(model)
+    rewrites.split_to_slices(g)
+    assert ops(g) == {"Slice": 3}
+    assert_same(model, g, rng_feeds(x=(2, 5, width)))
+
+
+def test_a_split_with_sizes_computed_at_run_time_is_one_line():
+    model = model_of([helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=0)],
+                     [vi("x", F, [4]), vi("sizes", I64, [2])], [vi("a", F, None), vi("b", F, None)])
+    g = graph_of(model)
+    with pytest.raises(ExportError, match=r"Split with part sizes computed at run time") as e:
+        rewrites.split_to_slices(g)
+    assert "\n" not in str(e.value)
+
+
 def test_global_average_pool_becomes_a_mean():
     model = model_of([helper.make_node("GlobalAveragePool", ["x"], ["y"])], [vi("x", F, ["N", 4, 6])], [vi("y", F, None)])
     g = graph_of(model)

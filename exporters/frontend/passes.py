@@ -12,6 +12,7 @@ symbolic batch and sequence) into a `Graph` in the quantizer's vocabulary, by ru
 | `remove_identities` | Identity, Dropout, softmax NaN guards removed |
 | `fuse_layernorm`, `fuse_gelu` | decomposed LayerNorm and GELU (erf or tanh form) -> `LayerNormalization`, `Gelu` |
 | `gemm_to_matmul` | `Gemm` -> `MatMul` + `Add` |
+| `split_to_slices` | `Split` -> one `Slice` per part (TorchScript's `unbind` / `chunk` of a fused QKV projection) |
 | `global_pools` | `GlobalAveragePool` -> `ReduceMean` over the spatial axes |
 | `conv_patches` | a `Conv` whose stride is its kernel (a patch embedding) -> patch reshapes + `MatMul` |
 | `constant_arithmetic` | `x - c` -> `x + (-c)`, `x / c` -> `x * (1/c)` |
@@ -51,6 +52,7 @@ from .rewrites import (
     gemm_to_matmul,
     global_pools,
     remove_identities,
+    split_to_slices,
 )
 from .shapes import bind_inputs, infer_shapes
 
@@ -72,6 +74,7 @@ EXPORT_PASSES: tuple[Pass, ...] = (
     fuse_layernorm,
     fuse_gelu,
     gemm_to_matmul,
+    split_to_slices,
     global_pools,
     conv_patches,
     constant_arithmetic,

@@ -349,6 +349,41 @@ def conv_patches(g: Graph) -> None:
         g.nodes[position:position + 1] = steps
 
 
+def split_to_slices(g: Graph) -> None:
+    """Split -> one Slice per output (TorchScript writes a fused QKV projection's `unbind` or
+    `chunk`, as timm's attention does, as a Split). The part sizes are the `split` input or
+    attribute, or equal parts (`num_outputs`, or one per output) of the axis' fixed size."""
+    for node in [n for n in g.nodes if n.op == "Split"]:
+        x = node.inputs[0]
+        axis = int(node.attrs.get("axis", 0)) % g.rank(x)
+        sizes_input = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] else None
+        if sizes_input is not None:
+            if sizes_input not in g.consts:
+                raise ExportError(f"{node.describe()}: Split with part sizes computed at run time is not supported")
+            sizes = [int(v) for v in g.consts[sizes_input].reshape(-1)]
+        elif "split" in node.attrs:
+            sizes = [int(v) for v in node.attrs["split"]]
+        else:
+            length = g.shape(x)[axis]
+            if not isinstance(length, int):
+                raise ExportError(f"{node.describe()}: Split into equal parts of a symbolic axis ({length}) is not supported")
+            parts = len(node.outputs)
+            step = -(-length // parts)  # ONNX: equal parts, the last one smaller if need be
+            sizes = [min(step, length - i * step) for i in range(parts)]
+        if len(sizes) != len(node.outputs):
+            raise ExportError(f"{node.describe()}: {len(sizes)} part sizes for {len(node.outputs)} outputs")
+        slices, start = [], 0
+        for out, size in zip(node.outputs, sizes):
+            piece = g.make_node("Slice", [x, g.add_const(np.array([start], np.int64), "starts"),
+                                          g.add_const(np.array([start + size], np.int64), "ends"),
+                                          g.add_const(np.array([axis], np.int64), "axes")], f"{node.name}.part", node.scope)
+            piece.outputs = [out]
+            slices.append(piece)
+            start += size
+        position = g.nodes.index(node)
+        g.nodes[position:position + 1] = [s for s, out in zip(slices, node.outputs) if out]
+
+
 def constant_arithmetic(g: Graph) -> None:
     """x - c -> x + (-c); x / c -> x * (1/c), for a constant c."""
     for node in g.nodes:
