@@ -8,6 +8,7 @@ import warnings
 import export_helpers as h
 import numpy as np
 import pytest
+import refsim
 from refsim.exporters.dyadic import ExportError
 from refsim.exporters.frontend.graph import load as load_onnx
 from refsim.exporters.frontend.passes import CANONICAL_OPS, canonicalize
@@ -221,3 +222,6 @@ def test_a_fused_qkv_projection_split_by_unbind_exports(tmp_path, dynamo):
     export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
     pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
     assert pair["cosine"] >= 0.999, pair
+    # split into three projections, the attention is an ITA attention block
+    export(path, tmp_path / "ita.intq", tmp_path / "calib.npy", mode="ita")
+    assert len(refsim.load(tmp_path / "ita.intq").metadata["attention_blocks"]) == 1

@@ -404,6 +404,43 @@ def test_movement_chains_collapse_to_what_they_amount_to():
 # --- attention without a head split --------------------------------------------------------------
 
 
+def fused_qkv_model(cut_axis=0):
+    """timm's attention input: qkv = x @ W + b, reshaped to [B, N, 3, H, D], permuted to
+    [3, B, H, N, D] and cut into q, k, v along `cut_axis` of the permuted tensor."""
+    rng = np.random.default_rng(5)
+    n, heads, d = 4, 2, 3
+    e = heads * d
+    parts = 3 if cut_axis == 0 else n
+    inits = {"w": rng.standard_normal((e, 3 * e)).astype(np.float32), "b": rng.standard_normal(3 * e).astype(np.float32),
+             "shape": np.array([0, n, 3, heads, d], np.int64), "zero": np.array([0], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"]),
+             helper.make_node("Reshape", ["y", "shape"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 3, 1, 4])]
+    outs = []
+    for i in range(parts):
+        inits[f"s{i}"], inits[f"e{i}"], inits[f"a{i}"] = (np.array([v], np.int64) for v in (i, i + 1, [0, 3][cut_axis != 0]))
+        nodes += [helper.make_node("Slice", ["t", f"s{i}", f"e{i}", f"a{i}"], [f"p{i}"]),
+                  helper.make_node("Squeeze", [f"p{i}", f"a{i}"], [f"q{i}"])]
+        outs.append(f"q{i}")
+    return model_of(nodes, [vi("x", F, ["N", n, e])], [vi(o, F, None) for o in outs], inits), rng.standard_normal((2, n, e)).astype(np.float32)
+
+
+def test_a_fused_qkv_projection_becomes_three_projections():
+    model, x = fused_qkv_model()
+    g = graph_of(model)
+    movement.split_fused_projections(g)
+    assert ops(g)["MatMul"] == 3 and "Slice" not in ops(g)
+    assert all(g.consts[n.inputs[1]].shape == (6, 6) for n in g.nodes if n.op == "MatMul")
+    assert_same(model, g, {"x": x})
+
+
+def test_parts_that_are_not_whole_columns_stay_fused():
+    model, x = fused_qkv_model(cut_axis=3)  # cut along the tokens: every part needs every column
+    g = graph_of(model)
+    movement.split_fused_projections(g)
+    assert ops(g)["MatMul"] == 1 and ops(g)["Slice"] == 4
+    assert_same(model, g, {"x": x})
+
+
 def test_single_head_attention_is_matched():
     """q @ k.transpose(-1, -2) on [batch, seq, width], no head split."""
     rng = np.random.default_rng(5)

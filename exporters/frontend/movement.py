@@ -137,3 +137,117 @@ def _single_movement(g: Graph, x: str, out: str, index, moved, scope) -> list[No
                 g.shapes[t] = tuple(in_shape[p] for p in perm)
                 return [transpose(x, t, perm), reshape(t, out, out_shape)]
     return None
+
+
+# --- fused projections ---------------------------------------------------------------------------
+
+
+def _selected(node: Node, g: Graph, array: np.ndarray) -> np.ndarray | None:
+    """A Slice with constant bounds (step 1) or a Gather of one constant index, applied to a
+    concrete array; None for anything else."""
+    if node.op == "Gather" and node.inputs[1] in g.consts and g.consts[node.inputs[1]].size == 1:
+        return np.take(array, int(g.consts[node.inputs[1]].reshape(-1)[0]), axis=int(node.attrs.get("axis", 0)))
+    if node.op != "Slice" or not all(i in g.consts for i in node.inputs[1:] if i):
+        return None
+    starts, ends = (g.consts[node.inputs[k]].reshape(-1).tolist() for k in (1, 2))
+    axes = g.consts[node.inputs[3]].reshape(-1).tolist() if len(node.inputs) > 3 and node.inputs[3] else range(len(starts))
+    steps = g.consts[node.inputs[4]].reshape(-1).tolist() if len(node.inputs) > 4 and node.inputs[4] else [1] * len(starts)
+    if any(s != 1 for s in steps):
+        return None
+    index = [slice(None)] * array.ndim
+    for a, s, e in zip(axes, starts, ends):
+        index[a] = slice(s, e)
+    return array[tuple(index)]
+
+
+def _chain_from(g: Graph, name: str, users) -> list[Node]:
+    """The static movement nodes that follow `name`, each the only user of the one before."""
+    chain = []
+    while True:
+        nxt = g.single_user(chain[-1].outputs[0] if chain else name, users)
+        if nxt is None or not _static_movement(g, nxt):
+            return chain
+        chain.append(nxt)
+
+
+def split_fused_projections(g: Graph) -> None:
+    """A linear layer whose output is only moved and then cut into parts (timm's fused QKV
+    projection: reshaped to [B, N, 3, H, D], permuted, unbound into q, k and v) becomes one
+    linear layer per part, each on its own columns of the weight and bias, followed by the
+    movement that puts its columns where the part had them. The attention pattern then sees
+    three projections, as in BERT, and the ITA modes can map it onto an attention block.
+    Left alone unless every part is the whole of a set of the layer's output columns."""
+    users = g.consumer_map()
+    for mm in [n for n in g.nodes if n.op == "MatMul" and n.inputs[1] in g.consts and g.consts[n.inputs[1]].ndim == 2]:
+        weight = g.consts[mm.inputs[1]]
+        width = weight.shape[1]
+        y, bias, add = mm.outputs[0], None, g.single_user(mm.outputs[0], users)
+        if add is not None and add.op == "Add":
+            other = add.inputs[1] if add.inputs[0] == y else add.inputs[0]
+            if other in g.consts and g.consts[other].reshape(-1).size == width:
+                y, bias = add.outputs[0], g.consts[other].reshape(-1)
+        if bias is None:
+            add = None
+        if y in g.outputs or len(g.shape(y)) < 2:
+            continue
+        moves = _chain_from(g, y, users)
+        cut = moves[-1].outputs[0] if moves else y
+        selectors = users.get(cut, [])
+        if len(selectors) < 2 or cut in g.outputs:
+            continue
+        index = index_array(g, y)
+        moved = index
+        for node in moves:
+            moved = movement_output(node, g, moved)
+        parts = []
+        for sel in selectors:
+            part = _selected(sel, g, moved)
+            if part is None:
+                break
+            after = _chain_from(g, sel.outputs[0], users)
+            for node in after:
+                part = movement_output(node, g, part)
+            parts.append((sel, after, part))
+        if len(parts) != len(selectors):
+            continue
+        rows = index.size // width
+        plans = []
+        for sel, after, part in parts:
+            columns = np.unique(part % width)
+            if part.size != rows * len(columns) or np.unique(part).size != part.size:
+                break  # not every row of these columns: not a projection of its own
+            position = np.searchsorted(columns, part % width)
+            plans.append((sel, after, columns, (part // width) * len(columns) + position))
+        if len(plans) != len(parts):
+            continue
+        scope, position = mm.scope, g.nodes.index(mm)
+        x_shape = g.shape(mm.inputs[0])
+        replacement, replaced = [], {id(n) for n in (mm, *moves, *([add] if add else []))}
+        for k, (sel, after, columns, part_index) in enumerate(plans):
+            out = (after[-1] if after else sel).outputs[0]
+            replaced |= {id(n) for n in (sel, *after)}
+            product = Node("MatMul", [mm.inputs[0], g.add_const(np.ascontiguousarray(weight[:, columns]), "weight")],
+                           [g.fresh(f"{y}.part{k}")], {}, g.fresh(f"{mm.name}.part{k}"), scope)
+            g.shapes[product.outputs[0]] = (*x_shape[:-1], len(columns))
+            replacement.append(product)
+            source = product.outputs[0]
+            if bias is not None:
+                biased = Node("Add", [source, g.add_const(bias[columns].astype(np.float32), "bias")], [g.fresh(f"{y}.part{k}.biased")],
+                              {}, g.fresh(f"{mm.name}.part{k}.bias"), scope)
+                g.shapes[biased.outputs[0]] = g.shapes[source]
+                replacement.append(biased)
+                source = biased.outputs[0]
+            part_source = index_array(g, source)
+            if part_index.shape == part_source.shape and np.array_equal(part_index, part_source):
+                replacement[-1].outputs = [out]  # the part is these columns as they come
+                g.shapes[out] = g.shapes[source]
+                continue
+            move = _single_movement(g, source, out, part_source, part_index, scope)
+            if move is None:
+                break
+            replacement.extend(move)
+        else:
+            g.nodes = [n for n in g.nodes[:position] if id(n) not in replaced] + replacement + \
+                      [n for n in g.nodes[position:] if id(n) not in replaced]
+            users = g.consumer_map()
+        # else a part no single movement produces: the layer stays fused

@@ -19,6 +19,7 @@ symbolic batch and sequence) into a `Graph` in the quantizer's vocabulary, by ru
 | `fold_affine_into_linear` | per-channel `Mul`/`Add` right after a linear layer folded into it (NoNorm) |
 | `drop_neutral` | `+ 0`, `* 1` removed |
 | `compress_movement` | chains of Reshape/Transpose/Squeeze/Unsqueeze/Flatten -> the one they amount to |
+| `split_fused_projections` | a linear layer whose output is moved and cut into parts (timm's fused QKV) -> one linear layer per part |
 
 Shapes are inferred again after every pass (`frontend.shapes`). The canonical graph is then
 checked against the original model on calibration data, at the shapes the graph declares
@@ -41,7 +42,7 @@ from ..runtime import FloatRunner
 from .fold import batch_dependent_uses, fold_constants
 from .graph import Graph, load
 from .masks import canonical_masks
-from .movement import compress_movement
+from .movement import compress_movement, split_fused_projections
 from .rewrites import (
     constant_arithmetic,
     conv_patches,
@@ -81,6 +82,7 @@ EXPORT_PASSES: tuple[Pass, ...] = (
     fold_affine_into_linear,
     drop_neutral,
     compress_movement,
+    split_fused_projections,
 )
 
 
