@@ -261,3 +261,25 @@ def test_real_minilm_quantize_dynamic_reproduces_onnxruntime(tmp_path, masked, r
     assert min(cos) >= 0.99
     unit = lambda v: np.asarray(v, np.float64) / np.linalg.norm(np.asarray(v, np.float64), axis=1, keepdims=True)  # noqa: E731
     assert np.argmax(unit(emb) @ unit(reference["emb"]).T, axis=1).tolist() == list(range(len(cos)))  # nearest neighbours
+
+
+def test_a_graph_output_straight_from_a_rescaled_product_imports(tmp_path):
+    """A classifier's logits: the last MatMulInteger's rescaled float32 result is the graph
+    output itself (no consumer puts it on a grid). It was an internal error ('Rescaled' object
+    has no attribute 'name'); it now gets the fine grid and reproduces onnxruntime."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 3)).eval()
+    float_path, path = tmp_path / "float.onnx", tmp_path / "dynamic.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 4, dtype=torch.long),), float_path, input_names=["ids"], output_names=["logits"],
+                      dynamo=False, opset_version=17)
+    quantization.quantize_dynamic(str(float_path), str(path), weight_type=quantization.QuantType.QInt8)
+    assert onnx.load(str(path)).graph.output[0].name == "logits"
+    feeds = {"ids": np.array([[1, 5, 7, 9]], np.int64)}
+    reference, _ = onnxruntime_run(path, feeds)
+    imported = import_model(path)
+    got = dequantize_outputs(imported, imported.run(quantize_inputs(imported, feeds)))["logits"]
+    assert got.shape == reference["logits"].shape
+    assert min(cosines(got.reshape(4, 3), reference["logits"].reshape(4, 3))) >= 0.99999

@@ -100,6 +100,14 @@ class DynamicMixin:
             head = head.inputs[0]
         return isinstance(head, FloatOp) and head.node.op in NONLINEAR_HEADS
 
+    def finish(self):
+        # A graph output straight from a rescaled MatMulInteger (a classifier's logits) has no
+        # consumer to give it a grid: it gets the fine grid a consumer would put it on.
+        for name in self.g.outputs:
+            if isinstance(self.values.get(name), Rescaled):
+                self.values[name] = self.materialize(self.values[name], name)
+        return super().finish()
+
     # --- the quantize_dynamic pattern ---------------------------------------------------------
 
     def op_DynamicQuantizeLinear(self, node, ins, attrs):
