@@ -91,14 +91,21 @@ class _MeanPooled(torch.nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-def export_tiny_bert(path, masked: bool, hidden: int, layers: int) -> dict:
+def export_tiny_bert(path, masked: bool, hidden: int, layers: int, biases: bool = False) -> dict:
     """A random-initialised mean-pooled BertModel (seed 0) exported by the TorchScript
     exporter at fixed shapes, 2 sentences of 8 tokens, the second padded after 6; returns
-    the feeds."""
+    the feeds. `biases`: biases and LayerNorm shifts drawn from N(0, 0.1^2), not zero (the
+    exporter shares one initializer among equal constants, which onnxruntime's QOperator
+    quantizer then gives a QGemm as a uint8 bias)."""
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                                      intermediate_size=2 * hidden, max_position_embeddings=32)
     bert = transformers.BertModel(config, add_pooling_layer=False).eval()
+    if biases:
+        with torch.no_grad():
+            for name, p in bert.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape) * 0.1)
     ids = torch.randint(0, 50, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
@@ -127,9 +134,41 @@ def _ort_tensors(path, feeds, names):
     return dict(zip([o.name for o in model.graph.output], session.run(None, feeds)))
 
 
+@pytest.fixture(scope="module")
+def preprocessed_qoperator_bert(tmp_path_factory):
+    """onnxruntime's documented first step, quant_pre_process, fuses MatMul + Add into Gemm,
+    which quantize_static's QOperator format writes as com.microsoft QGemm."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    folder = tmp_path_factory.mktemp("qgemm")
+    feeds = export_tiny_bert(folder / "float.onnx", True, hidden=32, layers=1, biases=True)
+    quant_pre_process(str(folder / "float.onnx"), str(folder / "preprocessed.onnx"))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([feeds])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(folder / "preprocessed.onnx"), str(folder / "QGemm.onnx"), Reader(), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    assert any(n.op_type == "QGemm" for n in onnx.load(str(folder / "QGemm.onnx")).graph.node)
+    return {"QGemm": folder / "QGemm.onnx"}, feeds
+
+
 @pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
 def test_onnxruntime_quantize_static_reproduced(tiny_bert, fmt, record_property, tmp_path):
-    paths, feeds = tiny_bert
+    check_reproduced(*tiny_bert, fmt, record_property, tmp_path)
+
+
+def test_onnxruntime_qgemm_reproduced(preprocessed_qoperator_bert, record_property, tmp_path):
+    check_reproduced(*preprocessed_qoperator_bert, "QGemm", record_property, tmp_path)
+
+
+def check_reproduced(paths, feeds, fmt, record_property, tmp_path):
+    """Every integer tensor refsim and onnxruntime share is equal, and so is what compare lines up."""
     model = import_model(paths[fmt], requant="ort", float_ops="ort")
     inferred = onnx.shape_inference.infer_shapes(onnx.load(str(paths[fmt])))
     onnx_types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}

@@ -83,7 +83,7 @@ class QdqImporter(DynamicMixin, Importer):
             h[(domain, "DequantizeLinear")] = self.op_DequantizeLinear
         for op in ("MatMul", "Gemm", "Conv", "QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger"):
             h[("", op)] = getattr(self, f"op_{op}")
-        for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax"):
+        for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax", "QGemm"):
             h[(MICROSOFT, op)] = getattr(self, f"op_{op}")
         h[("", "DynamicQuantizeLinear")] = self.op_DynamicQuantizeLinear
 
@@ -591,6 +591,27 @@ class QdqImporter(DynamicMixin, Importer):
         b = self._qlinear_operand(node, 3, "b", axis=len(self.integer(node, ins[3], "b").shape) - 1)
         acc = self.matmul(node, a, b, node.outputs[0] + ".acc")
         target = self._target(node, 6, acc.shape, a.dtype.name)
+        exact, ort = ratio_of(acc, target)
+        return self.requantize(acc, exact, target, node.outputs[0], node, ort_ratio=ort, axis=acc.axis)
+
+    def op_QGemm(self, node, ins, attrs):
+        """com.microsoft QGemm (quantize_static's QOperator form of a linear layer): A and B
+        quantized, C an int32 bias at scale a_scale * b_scale, the result requantized to
+        y_scale, or left on the accumulator's grid (a float output) without it."""
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0):
+            raise fail(node, "QGemm with alpha other than 1 or a transposed A is not supported")
+        trans_b = bool(attrs.get("transB", 0))
+        a = self._qlinear_operand(node, 0, "A")
+        b = self._qlinear_operand(node, 3, "B", axis=0 if trans_b else len(self.integer(node, ins[3], "B").shape) - 1)
+        bias = None
+        if len(ins) > 6 and ins[6] is not None:
+            data = np.asarray(self.integer(node, ins[6], "C").data, np.int64).reshape(-1)
+            bias = self.em.const(data, "int32", stem=f"{node.outputs[0]}.bias")
+        requantized = len(node.inputs) > 7 and bool(node.inputs[7])
+        acc = self.matmul(node, a, b, node.outputs[0] + (".acc" if requantized else ""), False, trans_b, bias)
+        if not requantized:
+            return Dequantized(acc)
+        target = self._target(node, 7, acc.shape, a.dtype.name)
         exact, ort = ratio_of(acc, target)
         return self.requantize(acc, exact, target, node.outputs[0], node, ort_ratio=ort, axis=acc.axis)
 
