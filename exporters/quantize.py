@@ -28,12 +28,12 @@ rescale them exactly: `y = round((a*Ma + b*Mb) / 2^k)` with `Ma = round(s_a/s_y 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 from refsim import GraphBuilder
-from refsim.dtypes import TYPES, IntType
+from refsim.dtypes import TYPES, IntType, type_for_range
 
 from . import nonlinear
 from .calibrate import Calibration, quantize_weight, weight_range
@@ -50,7 +50,8 @@ from .ptq.plan import Ptq
 # What the walker recognises, for the one-line error on anything else.
 SUPPORTED = (
     "MatMul/Gemm with constant weights (+ bias Add), MatMul of two activations, Add (residual, bias, "
-    "embeddings, key-padding mask), Mul by a constant (scalar or per channel: NoNorm) or by a token mask, "
+    "embeddings, key-padding mask), Mul by a constant (scalar, per channel: NoNorm, or a table: rotary cos/sin), "
+    "by a token mask or of two activations (a gated feed-forward), Neg, "
     "Div by a token count (mean pooling), LayerNormalization, Gelu, Relu, Tanh, Softmax, Reshape, "
     "Transpose, Squeeze/Unsqueeze/Flatten, Gather (embedding or index), Slice, Concat, Pad (zeros), "
     "ReduceSum, ReduceMean, Conv (patch embedding)"
@@ -624,18 +625,20 @@ class Walker:
                 return
         c = self._scalar_const(node)
         if c is not None:
-            if c <= 0:
-                raise unsupported(node, "multiplying by a constant <= 0")
+            if c == 0:
+                raise unsupported(node, "multiplying by zero")
             x = a if self.g.is_const(b) else b
-            v = self.value(x)
-            self.set_native(node.outputs[0], Value(v.name, np.asarray(v.scale) * c if v.per_channel else float(v.scale) * c, v.kind), layer)
+            v = self.value(x) if c > 0 else self._negated(self.value(x), node, layer)
+            c = abs(c)
+            self.set_native(node.outputs[0], replace(v, scale=np.asarray(v.scale) * c if v.per_channel else float(v.scale) * c), layer)
             return
         for x, cname in ((a, b), (b, a)):
             if self.g.is_const(cname) and not self.g.is_const(x):
                 width = self.g.concrete_shape(x)[-1]
                 gamma = self.g.const(cname).astype(np.float64)
                 if gamma.size != width or gamma.shape[-1] != width:
-                    raise unsupported(node, "a constant factor that is neither a scalar nor one per channel")
+                    self._times_table(node, x, cname, layer)
+                    return
                 gamma = gamma.reshape(-1)
                 beta, out = np.zeros(width), node.outputs[0]
                 users = self.users.get(out, [])
@@ -647,7 +650,45 @@ class Walker:
                         self.done.add(add.name)
                 self.modes.nonorm(self, node, x, gamma, beta, out)
                 return
-        raise unsupported(node, "a product of two activations")
+        # Two activations (a gated feed-forward's GELU(x1) * x2): their 8-bit integers
+        # multiplied exactly, at the product of their scales.
+        bits = self.options.activation_bits(layer, 8)
+        x1, x2 = self.get(a, bits, node, 0), self.get(b, bits, node, 1)
+        y = self.em.node("Mul", [x1.name, x2.name], f"{layer}.product", dtype="int32")
+        self.set_native(node.outputs[0], Value(y, float(x1.scale) * float(x2.scale), "acc",
+                                               bound=self.bound_of(x1) * self.bound_of(x2)), layer)
+
+    def _times_table(self, node: Node, x: str, cname: str, layer: str) -> None:
+        """x times a constant that broadcasts along more than the channels (a rotary
+        embedding's cos and sin tables): the constant in 16 bits, one scale, times x's 8-bit
+        integers, exactly."""
+        table = self.g.const(cname).astype(np.float64)
+        if not np.any(table):
+            raise unsupported(node, "multiplying by zeros")
+        bits = self.options.activation_bits(layer, 8)
+        v = self.get(x, bits, node, node.inputs.index(x))
+        wq = quantize_weight(table, 16, per_channel=False)
+        q = self.em.const(wq.q, wq.dtype, f"{layer}.factor")
+        self.label(q, None, float(wq.scale), layer)
+        self.record.consts[(node.name, node.inputs.index(cname))] = (q, float(wq.scale))
+        y = self.em.node("Mul", [v.name, q], f"{layer}.product", dtype="int32")
+        bound = self.bound_of(v) * int(np.abs(wq.q).max(initial=0))
+        self.set_native(node.outputs[0], Value(y, float(v.scale) * float(wq.scale), "acc", bound=bound), layer)
+
+    def _negated(self, v: Value, node: Node, layer: str) -> Value:
+        """-v: its integers negated, in a type that holds the negated range, same scale."""
+        if v.kind in ("mask", "index"):
+            raise unsupported(node, "negating an integer input")
+        t = self.dtype(v.name)
+        bound = self.bound_of(v)
+        lo, hi = max(t.lo, -bound), min(t.hi, bound)
+        out = type_for_range(-hi, -lo)
+        y = self.em.node("Mul", [v.name, self.em.const(-1, "int8", f"{layer}.minus_one")], f"{layer}.negated", dtype=out.name)
+        return Value(y, v.scale, "acc" if v.kind == "prob" else v.kind, bound=bound)
+
+    def _visit_Neg(self, node: Node) -> None:
+        layer = self.layer_name(node)
+        self.set_native(node.outputs[0], self._negated(self.value(node.inputs[0]), node, layer), layer)
 
     def _visit_Div(self, node: Node) -> None:
         layer = self.layer_name(node)
@@ -839,6 +880,18 @@ class Walker:
         reference = next((i for i in node.inputs if not self.g.is_const(i)), None)
         if reference is None:
             raise unsupported(node, "a concatenation of constants only")
+        values = [self.value(t) for t in node.inputs if not self.g.is_const(t)]
+        if len(values) == len(node.inputs) and all(not v.per_channel and v.kind in ("int", "acc") for v in values) \
+                and len({float(v.scale) for v in values}) == 1:
+            # Parts on one grid (a rotary embedding's halves, one of them negated): joined
+            # exactly, in the widest of their types, without a requantization.
+            wide = type_for_range(min(self.dtype(v.name).lo for v in values), max(self.dtype(v.name).hi for v in values))
+            parts = [v.name if self.dtype(v.name).name == wide.name else
+                     self.em.node("Cast", [v.name], f"{layer}.widened", dtype=wide.name) for v in values]
+            y = self.em.node("Concat", parts, f"{layer}.concat", axis=axis)
+            kind = "int" if all(v.kind == "int" for v in values) else "acc"
+            self.set_native(node.outputs[0], Value(y, values[0].scale, kind, bound=max(self.bound_of(v) for v in values)), layer)
+            return
         parts = []
         for index, t in enumerate(node.inputs):
             if self.g.is_const(t):
