@@ -321,6 +321,28 @@ def test_global_average_pool_becomes_a_mean():
     assert_same(model, g, rng_feeds(x=(2, 4, 6)))
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_a_pointwise_conv_becomes_a_matmul_on_the_channels(groups):
+    """SqueezeBERT's projections: Conv1d with kernel 1 on [B, C, S], grouped."""
+    rng = np.random.default_rng(3)
+    inits = {"w": rng.standard_normal((8, 8 // groups, 1)).astype(np.float32), "b": rng.standard_normal(8).astype(np.float32)}
+    model = model_of([helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[1], group=groups)],
+                     [vi("x", F, ["N", 8, 5])], [vi("y", F, None)], inits)
+    g = graph_of(model)
+    rewrites.pointwise_convs(g)
+    assert ops(g) == {"Transpose": 2, "MatMul": 1, "Add": 1}
+    assert_same(model, g, rng_feeds(x=(2, 8, 5)))
+
+
+def test_other_convs_are_left_to_the_patch_rewrite():
+    w = np.ones((4, 4, 3), np.float32)
+    model = model_of([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3], pads=[1, 1])],
+                     [vi("x", F, ["N", 4, 5])], [vi("y", F, None)], {"w": w})
+    g = graph_of(model)
+    rewrites.pointwise_convs(g)
+    assert ops(g) == {"Conv": 1}
+
+
 def test_patch_embedding_conv_becomes_a_matmul():
     rng = np.random.default_rng(3)
     inits = {"w": rng.standard_normal((5, 2, 2, 2)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}

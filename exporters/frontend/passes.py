@@ -14,6 +14,7 @@ symbolic batch and sequence) into a `Graph` in the quantizer's vocabulary, by ru
 | `gemm_to_matmul` | `Gemm` -> `MatMul` + `Add` |
 | `split_to_slices` | `Split` -> one `Slice` per part (TorchScript's `unbind` / `chunk` of a fused QKV projection) |
 | `global_pools` | `GlobalAveragePool` -> `ReduceMean` over the spatial axes |
+| `pointwise_convs` | a 1-D `Conv` with kernel 1 (any groups; SqueezeBERT) -> `Transpose` + `MatMul` (block-diagonal weight) + `Transpose` |
 | `conv_patches` | a `Conv` whose stride is its kernel (a patch embedding) -> patch reshapes + `MatMul` |
 | `constant_arithmetic` | `x - c` -> `x + (-c)`, `x / c` -> `x * (1/c)` |
 | `fold_affine_into_linear` | per-channel `Mul`/`Add` right after a linear layer folded into it (NoNorm) |
@@ -52,6 +53,7 @@ from .rewrites import (
     fuse_layernorm,
     gemm_to_matmul,
     global_pools,
+    pointwise_convs,
     remove_identities,
     split_to_slices,
 )
@@ -77,6 +79,7 @@ EXPORT_PASSES: tuple[Pass, ...] = (
     gemm_to_matmul,
     split_to_slices,
     global_pools,
+    pointwise_convs,
     conv_patches,
     constant_arithmetic,
     fold_affine_into_linear,

@@ -301,6 +301,40 @@ def gemm_to_matmul(g: Graph) -> None:
             g.nodes.insert(position + 1, add)
 
 
+def pointwise_convs(g: Graph) -> None:
+    """A 1-D Conv with kernel 1 (stride 1, no padding; any number of groups) is a linear layer
+    on the channels of each position (SqueezeBERT's projections on [B, C, S]): transposed to
+    [B, S, C], a MatMul by the block-diagonal weight of its groups, transposed back."""
+    for node in [n for n in g.nodes if n.op == "Conv"]:
+        x, w_name = node.inputs[0], node.inputs[1]
+        if w_name not in g.consts or g.consts[w_name].ndim != 3:
+            continue
+        w = g.consts[w_name].astype(np.float32)
+        a = node.attrs
+        if list(a.get("kernel_shape", w.shape[2:])) != [1] or list(a.get("strides", [1])) != [1] \
+                or any(a.get("pads", [0, 0])) or list(a.get("dilations", [1])) != [1] \
+                or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            continue
+        groups = int(a.get("group", 1))
+        c_out, c_group, _ = w.shape
+        weight = np.zeros((c_group * groups, c_out), np.float32)
+        per = c_out // groups
+        for k in range(groups):
+            weight[k * c_group:(k + 1) * c_group, k * per:(k + 1) * per] = w[k * per:(k + 1) * per, :, 0].T
+        scope = node.scope
+        steps = [g.make_node("Transpose", [x], f"{scope or 'conv'}.positions", scope, perm=[0, 2, 1])]
+        steps.append(Node("MatMul", [steps[-1].outputs[0], g.add_const(weight, "weight")], [g.fresh(f"{scope}.matmul")], {},
+                          node.name, scope))
+        if len(node.inputs) > 2 and node.inputs[2]:
+            steps.append(g.make_node("Add", [steps[-1].outputs[0], g.add_const(g.consts[node.inputs[2]].astype(np.float32), "bias")],
+                                     f"{scope or 'conv'}.bias", scope))
+        back = g.make_node("Transpose", [steps[-1].outputs[0]], f"{scope or 'conv'}.channels", scope, perm=[0, 2, 1])
+        back.outputs = [node.outputs[0]]
+        steps.append(back)
+        position = g.nodes.index(node)
+        g.nodes[position:position + 1] = steps
+
+
 def conv_patches(g: Graph) -> None:
     """Conv with stride == kernel, no padding or dilation, one group: a linear layer on
     non-overlapping patches (the ViT patch embedding)."""
