@@ -37,6 +37,8 @@ from typing import Callable
 import numpy as np
 
 MIRRORS: dict[str, Callable] = {}
+DOUBLE = 11  # onnx.TensorProto.DOUBLE
+BOOL = 9
 
 
 def mirrors(*op_types: str):
@@ -67,6 +69,32 @@ def const(fg, value, stem: str = "mirror") -> str:
     return fg.add_const(np.asarray(value, np.float64), stem)
 
 
+def as_double(fg, flag: str) -> str:
+    """A BOOL tensor as DOUBLE 0/1."""
+    return emit(fg, "Cast", [flag], "mirror.flag", to=DOUBLE)
+
+
+def at_most(fg, a: str, b: str, stem: str) -> str:
+    """DOUBLE 0/1: a <= b (Not(Greater): LessOrEqual needs opset 12, the float model may be older)."""
+    return as_double(fg, emit(fg, "Not", [emit(fg, "Greater", [a, b], stem)], stem))
+
+
+def odd(fg, v: str, stem: str) -> str:
+    """DOUBLE 0/1: whether the integer-valued v (|v| < 2^53) is odd."""
+    half = emit(fg, "Floor", [emit(fg, "Mul", [v, const(fg, 0.5, f"{stem}.half")], stem)], stem)
+    return emit(fg, "Sub", [v, emit(fg, "Add", [half, half], stem)], stem)
+
+
+def reduce_last(fg, op: str, x: str, stem: str) -> str:
+    """ReduceSum / ReduceMax over the last axis, keeping it; axes is an input from opset 13
+    (ReduceSum) / 18 (ReduceMax) on, an attribute before."""
+    since = 13 if op == "ReduceSum" else 18
+    if fg.opset >= since:
+        axes = fg.add_const(np.array([-1], np.int64), f"{stem}.axes")
+        return emit(fg, op, [x, axes], stem, keepdims=1)
+    return emit(fg, op, [x], stem, axes=[-1], keepdims=1)
+
+
 def floor_div(fg, a: str, b: str, stem: str) -> str:
     """floor(a / b) exactly, for integer-valued DOUBLE a and b > 0 with |a|, |b| < 2^53.
 
@@ -74,22 +102,18 @@ def floor_div(fg, a: str, b: str, stem: str) -> str:
     be one off either way; q * b > a and (q + 1) * b <= a detect it (the products are exact
     integers below 2^53 because |q * b| <= |a| + b)."""
     q = emit(fg, "Floor", [emit(fg, "Div", [a, b], stem)], stem)
-    over = emit(fg, "Cast", [emit(fg, "Greater", [emit(fg, "Mul", [q, b], stem), a], stem)], stem, to=11)
-    q = emit(fg, "Sub", [q, over], stem)
+    q = emit(fg, "Sub", [q, as_double(fg, emit(fg, "Greater", [emit(fg, "Mul", [q, b], stem), a], stem))], stem)
     q1 = emit(fg, "Add", [q, const(fg, 1.0, f"{stem}.one")], stem)
-    under = emit(fg, "Cast", [emit(fg, "LessOrEqual", [emit(fg, "Mul", [q1, b], stem), a], stem)], stem, to=11)
-    return emit(fg, "Add", [q, under], stem)
+    return emit(fg, "Add", [q, at_most(fg, emit(fg, "Mul", [q1, b], stem), a, stem)], stem)
 
 
 def isqrt(fg, v: str, stem: str) -> str:
     """floor(sqrt(v)) exactly for integer-valued DOUBLE 0 <= v < 2^52: sqrt is correctly
     rounded, so floor(fl(sqrt(v))) is off by at most one; fix y*y > v and (y+1)^2 <= v."""
     y = emit(fg, "Floor", [emit(fg, "Sqrt", [v], stem)], stem)
-    over = emit(fg, "Cast", [emit(fg, "Greater", [emit(fg, "Mul", [y, y], stem), v], stem)], stem, to=11)
-    y = emit(fg, "Sub", [y, over], stem)
+    y = emit(fg, "Sub", [y, as_double(fg, emit(fg, "Greater", [emit(fg, "Mul", [y, y], stem), v], stem))], stem)
     y1 = emit(fg, "Add", [y, const(fg, 1.0, f"{stem}.one")], stem)
-    under = emit(fg, "Cast", [emit(fg, "LessOrEqual", [emit(fg, "Mul", [y1, y1], stem), v], stem)], stem, to=11)
-    return emit(fg, "Add", [y, under], stem)
+    return emit(fg, "Add", [y, at_most(fg, emit(fg, "Mul", [y1, y1], stem), v, stem)], stem)
 
 
 def builder(op_type: str) -> Callable | None:
@@ -114,4 +138,5 @@ def _load() -> None:
                 raise
 
 
-__all__ = ["MIRRORS", "mirrors", "builder", "emit", "const", "floor_div", "isqrt"]
+__all__ = ["MIRRORS", "mirrors", "builder", "emit", "const", "as_double", "at_most", "odd", "reduce_last",
+           "floor_div", "isqrt", "DOUBLE", "BOOL"]
