@@ -55,7 +55,13 @@ def record_to_json(record: FakeQuantRecord, tensors: dict | None = None) -> dict
                     for t, (s, b, sg, *rounding) in record.tensors.items()],
         # q: a tensor name or {"concat": [...], "axis": a}; scale null: the tensor's own scale
         "consts": [[n, i, q, const_scale(q, s)] for (n, i), (q, s) in record.consts.items()],
+        **head_sums_json(record),
     }
+
+
+def head_sums_json(record: FakeQuantRecord) -> dict:
+    """The ITA attention blocks' per-head output roundings (`ita_head_sums`), when any."""
+    return {"head_sums": [{"tensor": t, **spec} for t, spec in record.head_sums.items()]} if record.head_sums else {}
 
 
 def _levels(bits: int, signed: bool) -> tuple[int, int]:
@@ -112,6 +118,8 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
             fg.batch_rows.add(replaced)
         node.inputs[index] = replaced
 
+    ita_head_sums(fg, record.get("head_sums", []), fq_chain)
+
     for tensor, scale, bits, signed, *rounding in record.get("tensors", []):
         # rounded at the scale the integer graph's requantizer realizes, dequantized by `scale`
         rounding_scale, out_scale = (rounding[0], scale) if rounding else (scale, None)
@@ -145,6 +153,45 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
     fg.nodes.extend(n for _, n in added)
     fg.toposort()
     return fg
+
+
+def ita_head_sums(fg: Graph, entries: list[dict], fq_chain) -> None:
+    """Mirror how an ITA attention block computes its output projection (recorded by
+    `Walker._record_head_sums`): the block rounds each head's share AV_h @ Wo_h (+ Bo in head
+    0) to int8 at its requantizer's scale, then sums the heads' integers and clips the sum to
+    int8; the float graph computes the whole product x @ Wo + Bo and would round it once. Here
+    the product becomes H products of the head's columns of x (its context, heads concatenated
+    along the last axis) with the head's rows of the (already fake-quantized) Wo, each rounded,
+    summed, and the sum fake-quantized by the head sum's requantizer. Runs after the constants
+    are replaced (it slices the quantized Wo)."""
+    by_name = {n.name: n for n in fg.nodes}
+    for e in entries:
+        matmul = by_name.get(e["matmul"])
+        add = by_name.get(e["bias_add"]) if e.get("bias_add") else None
+        if matmul is None or (e.get("bias_add") and add is None) or matmul.inputs[1] not in fg.consts:
+            raise ExportError(f"the .intq's fake-quant record names the output projection {e['matmul']!r}, which this ONNX "
+                              f"model does not compute: is it the model the .intq was exported from?")
+        x, w = matmul.inputs[0], np.asarray(fg.consts[matmul.inputs[1]])
+        bias = None if add is None else next(i for i in add.inputs if i != matmul.outputs[0])
+        heads, p, bits = int(e["heads"]), int(e["head_dim"]), int(e["bits"])
+        fg.nodes = [n for n in fg.nodes if n is not matmul and n is not add]
+        shares = []
+        for h in range(heads):
+            start, stop = fg.add_const(np.array([h * p], np.int64), "fq.head"), fg.add_const(np.array([(h + 1) * p], np.int64), "fq.head")
+            xs = fg.make_node("Slice", [x, start, stop, fg.add_const(np.array([-1], np.int64), "fq.head")], f"{x}.head{h}")
+            y = fg.make_node("MatMul", [xs.outputs[0], fg.add_const(w[h * p:(h + 1) * p], "fq.head_weight")], f"{x}.head{h}")
+            nodes = [xs, y]
+            if h == 0 and bias is not None:  # the block adds Bo in head 0 only
+                y = fg.make_node("Add", [y.outputs[0], bias], f"{x}.head{h}")
+                nodes.append(y)
+            chain, share = fq_chain(y.outputs[0], e["rounding"], bits, True, out_scale=e["scale"])
+            fg.nodes.extend(nodes + chain)
+            shares.append(share)
+        total = fg.make_node("Sum", shares, f"{e['tensor']}.heads") if heads > 1 else None
+        fg.nodes.extend([total] if total else [])
+        chain, _ = fq_chain(total.outputs[0] if total else shares[0], e["sum_rounding"], bits, True,
+                            out=e["tensor"], out_scale=e["scale"])
+        fg.nodes.extend(chain)
 
 
 def fake_quant_model(g: Graph, record: dict, integer_consts: dict[str, np.ndarray],

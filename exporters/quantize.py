@@ -104,6 +104,9 @@ class FakeQuantRecord:
     # integer constant -> the range its quantizer clips to, where narrower than its type's
     # (3-bit weights in int4, 24-bit ITA biases in int32): what training must keep it within
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # output projection's output tensor -> how an ITA attention block computes it
+    # (`Walker._record_head_sums`): each head's share rounded to int8 on its own, then summed
+    head_sums: dict[str, dict] = field(default_factory=dict)
 
 
 def _ita_steps(block: str, gains: dict):
@@ -984,6 +987,7 @@ class Walker:
         y = self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         # Each head's output projection is rounded at s_out * gain; their sum (factor 1) is exact.
         self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8, gain=gains["OW"])
+        self._record_head_sums(m, heads, p, s_out, gains)
         # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
         step_of = {"q": "Q", "k": "K", "v": "V", "o": "OW"}
         for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o)):
@@ -1003,6 +1007,24 @@ class Walker:
                                             (m.scores, s_in, True, "QK"), (m.probs, s_a, False, None),
                                             (m.context, s_av, True, "AV")):
             self.record_tensor(tensor, float(scale), 8, signed, gains.get(step))
+
+    def _record_head_sums(self, m: AttentionMatch, heads: int, head_dim: int, s_out: float, gains: dict) -> None:
+        """The block rounds each head's output projection (AV_h @ Wo_h, plus Bo in head 0) to
+        int8 at s_out * gain and sums the heads' integers (then clips the sum to int8 with the
+        head sum's requantizer); the float graph computes one product over all heads. The
+        fake-quant model mirrors the block (`fakequant.ita_head_sums`): it slices the product
+        per head, rounds each share, sums. This replaces the one rounding of the sum that
+        set_native recorded, which is where the two models would part."""
+        lin = m.o
+        if [n.op for n in lin.nodes] not in (["MatMul"], ["MatMul", "Add"]) or (lin.bias is None) != (len(lin.nodes) == 1):
+            return  # another form of the projection: the fake-quant model rounds the sum once, as before
+        sum_gain = gains.get("the head sum")
+        self.record.tensors.pop(lin.out)
+        self.record.head_sums[lin.out] = dict(
+            matmul=lin.nodes[0].name, bias_add=lin.nodes[1].name if lin.bias is not None else None,
+            heads=int(heads), head_dim=int(head_dim), scale=float(s_out),
+            rounding=float(s_out * (gains.get("OW") or 1.0)), sum_rounding=float(s_out * (sum_gain or 1.0)), bits=8,
+        )
 
     # --- ITA feed-forward blocks ---------------------------------------------------------------
 

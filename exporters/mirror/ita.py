@@ -19,14 +19,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import emit as emit_node
-from . import floor_div, isqrt, mirrors
+from . import floor_div, isqrt, mirrors, reduce_last
 
 _STEM = "mirror.ita"
 
 
 class _Emit:
-    """Appends DOUBLE nodes to the fake-quant graph `fg` (one place for the opset-dependent
-    forms: ReduceMax takes its axes as an input from opset 18, ReduceSum from 13)."""
+    """Appends DOUBLE nodes to the fake-quant graph `fg`, with the package's exact helpers."""
 
     def __init__(self, fg):
         self.fg = fg
@@ -39,9 +38,7 @@ class _Emit:
 
     def reduce(self, op: str, x: str) -> str:
         """op over the last axis, keepdims."""
-        if self.fg.opset >= (18 if op == "ReduceMax" else 13):
-            return self(op, x, self.const([-1], np.int64), keepdims=1)
-        return self(op, x, axes=[-1], keepdims=1)
+        return reduce_last(self.fg, op, x, _STEM)
 
     def pow2(self, s: str) -> str:
         """2^s, exact for integer s (inf beyond 2^1023, which only divides to 0 here)."""
