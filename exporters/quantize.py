@@ -104,9 +104,27 @@ class FakeQuantRecord:
     # integer constant -> the range its quantizer clips to, where narrower than its type's
     # (3-bit weights in int4, 24-bit ITA biases in int32): what training must keep it within
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # float nonlinear node (softmax, GELU, LayerNorm, table) -> the integer op computing it
+    # (`Nonlinear`): the fake-quant model computes that op exactly in its place
+    # (`exporters.mirror`), on round(input / input_scale) * input_mul
+    nonlinear: dict[str, Nonlinear] = field(default_factory=dict)
     # output projection's output tensor -> how an ITA attention block computes it
     # (`Walker._record_head_sums`): each head's share rounded to int8 on its own, then summed
     head_sums: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Nonlinear:
+    """An integer nonlinear op as the fake-quant model mirrors it (`Walker.record_nonlinear`)."""
+
+    node: str  # the integer op's output tensor
+    op: str
+    attrs: dict
+    consts: dict[int, str]  # input position -> integer constant
+    input_scale: Any  # the scale of the integer tensor the float node's input 0 is quantized at
+    output_scale: Any  # real value = integer output * output_scale (per channel: a vector)
+    input_mul: int = 1  # the op's input is that integer times input_mul (a LayerNorm's upshift)
+    mask: tuple[str, list[int]] | None = None  # the mask input and the shape its keep tensor takes
 
 
 def _ita_steps(block: str, gains: dict):
@@ -295,6 +313,20 @@ class Walker:
             self.record_tensor(tensor, v.scale, quantized_bits, self.dtype(v.name).signed,
                                self.rounding_gains.get(v.name) if gain is None else gain)
             self.label(v.name, tensor, v.scale, layer)
+
+    def record_nonlinear(self, node: Node, integer: str, op: str, attrs: dict, consts: dict[int, str], input_scale,
+                         output_scale, input_mul: int = 1, mask: str | None = None) -> None:
+        """Record that the integer op `op` (output `integer`) computes float node `node`, on
+        its input 0 at `input_scale` (times `input_mul`), with key mask `mask` (a
+        `mask_tensor` result), for the fake-quant model's mirror of it."""
+        mask_spec = None
+        if mask is not None:
+            (mask_input, kind), = [k for k, v in self.mask_tensors.items() if v == mask]
+            seq = self.g.concrete_shape(mask_input)[-1]
+            mask_spec = (mask_input, {"keys": [0, 1, 1, seq], "tokens": [0, seq, 1]}[kind])
+        scale = (lambda s: np.asarray(s, np.float64) if np.ndim(s) > 0 else float(s))
+        self.record.nonlinear[node.name] = Nonlinear(integer, op, dict(attrs), dict(consts), scale(input_scale),
+                                                     scale(output_scale), int(input_mul), mask_spec)
 
     def record_tensor(self, tensor: str, scale, bits: int, signed: bool, gain=None) -> None:
         """Record a stored result for the fake-quant model, rounded at scale * gain."""
@@ -699,7 +731,9 @@ class Walker:
         grid = np.arange(t.lo, t.hi + 1, dtype=np.float64) * float(x.scale)
         out_type, lo, hi = signed_type(out_bits)
         table = np.clip(np.rint(fn(grid) / out_scale), lo, hi).astype(np.int64)
-        y = self.em.node("Lut", [x.name, self.em.const(table, out_type, f"{layer}.table")], f"{layer}.lut")
+        table_name = self.em.const(table, out_type, f"{layer}.table")
+        y = self.em.node("Lut", [x.name, table_name], f"{layer}.lut")
+        self.record_nonlinear(node, y, "Lut", {}, {1: table_name}, x.scale, out_scale)
         self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=out_bits)
 
     def _visit_Softmax(self, node: Node) -> None:
