@@ -1017,6 +1017,9 @@ class Walker:
             ))
         params = ItaAttention(head_list, requant(1.0, "the head sum"), ItaSoftmax(softmax.op, dict(softmax.attrs)))
         block = add_attention_block(self.em.builder, name, x_q.name, x_kv.name, params)
+        # Every head's softmax is one op with one set of attributes: the float graph's softmax
+        # over all heads is mirrored by it (on the scores at s_in, rows along the last axis).
+        self.record_nonlinear(m.softmax, f"{name}.h0.A", softmax.op, softmax.attrs, {}, s_in, s_a)
         self.unpaired_attention.append(name)
         y = self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         # Each head's output projection is rounded at s_out * gain; their sum (factor 1) is exact.
@@ -1142,6 +1145,8 @@ class Walker:
         )
         self.unpaired_attention.clear()
         block = add_feedforward_block(self.em.builder, name, x_2d, params)
+        if act.op == "Gelu":  # ITA's activation unit: the i-GELU with its requantizer, on F1 at s_f1
+            self.record_nonlinear(act, f"{name}.act", "ITAGelu", p.attrs, {}, s_f1, s_act)
         y = block.out if len(shape) == 2 else self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         out_scale = s_f2 if columns is None else s_f2 * columns
         self.set_native(m.fc2.out, Value(y, out_scale), name, quantized_bits=8, gain=gains["FF2"])
