@@ -140,9 +140,11 @@ def _partial_loop_body(opset: int, group_width: int, k: int, acc_bits: int, over
         c = max(kept x_i in group);  if c > gmax: s = rs(c - gmax), gmax = c  else s = 0
         acc = fit((acc >> s) + sum_{i in g, kept} (256 >> rs(gmax - x_i)))
 
-    x and keep are carried unchanged (so the graph's dependencies stay explicit). acc stays
-    below max(n * 256, 2^acc_bits) <= 2^62... in practice n * 256 for the policies that bound
-    it; every value is an integer below 2^53 for acc_bits <= 52 or rows under 2^45 columns."""
+    x and keep are carried unchanged (the body reads them as loop state, not from the outer
+    scope, so the graph's own dependencies name them). Exact: each group adds at most
+    group_width * 256 to an accumulator that shifts only shrink (and wrap or saturate only
+    lower), so acc <= 256 n < 2^53 for rows under 2^45 columns; gmax - x < 2^33 for x of up
+    to 32 bits, and 2^s past 2^1023 is inf, whose quotients floor to 0 as the shifts do."""
     nodes, inits = [], []
     counter = [0]
 
