@@ -262,6 +262,7 @@ class Modes:
         b = walker.em.const(p.consts["beta"], "int32", f"{layer}.beta")
         if gamma_at is not None:
             walker.record.consts[gamma_at] = (g, p.output_scale / p.input_scale)
+            walker.record.ranges[g] = (-32767, 32767)  # 16-bit symmetric (nonlinear.nonorm_params)
         if beta_at is not None:
             walker.record.consts[beta_at] = (b, p.output_scale)
         y = walker.em.node(p.op, [x.name, g, b], f"{layer}.nonorm", dtype="int64")
