@@ -4,9 +4,20 @@ quantizes, at the same scales.
 `fq(x) = clip(round(x / s), lo, hi) * s` (ONNX `Round` rounds half to even) is inserted
 on each edge where the integer graph requantizes a tensor for a consumer and after each
 tensor the integer graph stores in fewer bits; constants (weights, biases, embedding
-tables, constants added or concatenated) are replaced by their quantized values times
-their scales. Everything else, nonlinearities included, stays float: the difference
-between the fake-quant and the integer model is what integer arithmetic itself costs.
+tables, constants added or concatenated, NoNorm's gamma and beta) are replaced by their
+quantized values times their scales.
+
+Each nonlinearity the integer graph computes with an integer op (softmax, GELU,
+LayerNorm, lookup tables: `FakeQuantRecord.nonlinear`) is computed as that op computes it,
+QAT-style (as I-BERT's own quantization-aware modules do): its float node is replaced by
+Cast to DOUBLE, round(x / input_scale) (the op's exact integer input), the op's mirror
+(`exporters.mirror`: float64 ops exact on integers), times its output scale, Cast to
+FLOAT. Everything else stays float: the difference between the fake-quant and the integer
+model is what integer arithmetic costs elsewhere (float32 rounding, accumulators,
+requantizers' ties). Records without `nonlinear` (older .intq files), ops without a
+mirror, and `nonlinear="float"` (`refsim compare --float-nonlinear`) keep the float
+nonlinearity: the fake-quant model then also measures what the integer approximations
+cost.
 
 The record of where to quantize is JSON (kept in the `.intq` metadata under
 `fake_quant`), so `refsim compare` rebuilds this model from the ONNX file and the `.intq`.

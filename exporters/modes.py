@@ -247,8 +247,12 @@ class Modes:
         bound = int(2**30 * math.sqrt(width)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
         walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "acc", bound=bound), layer)
 
-    def nonorm(self, walker, node: Node, x_name: str, gamma: np.ndarray, beta: np.ndarray, out_tensor: str) -> None:
-        """MobileBERT's NoNorm x*gamma + beta, exact in int64 with gamma at 16 bits."""
+    def nonorm(self, walker, node: Node, x_name: str, gamma: np.ndarray, beta: np.ndarray, out_tensor: str,
+               gamma_at: tuple[str, int] | None = None, beta_at: tuple[str, int] | None = None) -> None:
+        """MobileBERT's NoNorm x*gamma + beta, exact in int64 with gamma at 16 bits. The
+        fake-quant model multiplies and adds the quantized gamma and beta in their place
+        (`gamma_at`, `beta_at`: the float nodes' inputs holding them): an affine map needs
+        no mirror."""
         layer = walker.layer_name(node)
         x = walker.value(x_name)
         if x.per_channel or x.kind not in ("int", "acc"):
@@ -256,6 +260,11 @@ class Modes:
         p = nonlinear.nonorm_params(float(x.scale), gamma, beta, weight_bits=16)
         g = walker.em.const(p.consts["gamma"], "int32", f"{layer}.gamma")
         b = walker.em.const(p.consts["beta"], "int32", f"{layer}.beta")
+        if gamma_at is not None:
+            walker.record.consts[gamma_at] = (g, p.output_scale / p.input_scale)
+            walker.record.ranges[g] = (-32767, 32767)  # 16-bit symmetric (nonlinear.nonorm_params)
+        if beta_at is not None:
+            walker.record.consts[beta_at] = (b, p.output_scale)
         y = walker.em.node(p.op, [x.name, g, b], f"{layer}.nonorm", dtype="int64")
         bound = walker.bound_of(x) * int(np.abs(p.consts["gamma"]).max(initial=0)) + int(np.abs(p.consts["beta"]).max(initial=0))
         walker.set_native(out_tensor, walker.value_of(y, p.output_scale, "acc", bound=bound), layer)

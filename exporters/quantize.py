@@ -672,15 +672,16 @@ class Walker:
                 if gamma.size != width or gamma.shape[-1] != width:
                     raise unsupported(node, "a constant factor that is neither a scalar nor one per channel")
                 gamma = gamma.reshape(-1)
-                beta, out = np.zeros(width), node.outputs[0]
+                beta, out, beta_at = np.zeros(width), node.outputs[0], None
                 users = self.users.get(out, [])
                 if len(users) == 1 and users[0].op == "Add" and out not in self.g.outputs:
                     add = users[0]
                     other = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
                     if self.g.is_const(other) and self.g.const(other).size == width:
                         beta, out = self.g.const(other).astype(np.float64).reshape(-1), add.outputs[0]
+                        beta_at = (add.name, add.inputs.index(other))
                         self.done.add(add.name)
-                self.modes.nonorm(self, node, x, gamma, beta, out)
+                self.modes.nonorm(self, node, x, gamma, beta, out, (node.name, node.inputs.index(cname)), beta_at)
                 return
         raise unsupported(node, "a product of two activations")
 
