@@ -214,7 +214,8 @@ NAMED = ("bert", "distilbert", "mobilebert", "roberta", "vit", "deit", "minilm")
 # softmax, LayerNorm and GELU, the tables; MobileBERT's NoNorm with its integer gamma and beta), every ibert
 # pair but MobileBERT's reaches the floor: TorchScript fixed, integer vs fake-quant went from 0.99260-0.99983
 # to 0.99956-1.0 with 24/24 top-1 (BERT 0.99781 -> 0.99986, RoBERTa 0.99747 -> 0.99981, ViT 0.99842 ->
-# 0.99999); MobileBERT ibert 0.86047 -> 0.98580 (24/24), still amplified as its entry below says. The ita
+# 0.99999); MobileBERT ibert 0.86047 -> 0.98580 (24/24), still amplified as its entry below says (its ita
+# pairs 0.73787 -> 0.75333, 17 -> 18/24, from NoNorm's integer gamma and beta in the fake-quant model). The ita
 # pairs keep float ITAMax / ITAGelu / iLayerNorm until their mirrors (exporters/mirror/ita.py) exist, and
 # the analysis below, measured against float nonlinearities, is theirs (and ibert's before the mirrors).
 # Why, measured (`perturb`'s docstring has the model side):
@@ -240,8 +241,8 @@ NAMED = ("bert", "distilbert", "mobilebert", "roberta", "vit", "deit", "minilm")
 BELOW_FLOOR = {
     ("bert", "ita"): "0.96849, 22/24", ("bert", "ita-partial"): "0.96849, 22/24",
     ("distilbert", "ita"): "0.98837, 23/24", ("distilbert", "ita-partial"): "0.98837, 23/24",
-    ("mobilebert", "ibert"): "0.98580, 24/24", ("mobilebert", "ita"): "0.73787, 17/24",
-    ("mobilebert", "ita-partial"): "0.73787, 17/24",
+    ("mobilebert", "ibert"): "0.98580, 24/24", ("mobilebert", "ita"): "0.75333, 18/24",
+    ("mobilebert", "ita-partial"): "0.75333, 18/24",
     ("roberta", "ita"): "0.97786, 24/24", ("roberta", "ita-partial"): "0.97786, 24/24",
     ("vit", "ita"): "0.99335, 23/24", ("vit", "ita-partial"): "0.99364, 23/24",
     ("deit", "ita"): "0.99383, 24/24", ("deit", "ita-partial"): "0.99521, 24/24",
