@@ -1038,6 +1038,10 @@ class Walker:
                                             (m.scores, s_in, True, "QK"), (m.probs, s_a, False, None),
                                             (m.context, s_av, True, "AV")):
             self.record_tensor(tensor, float(scale), 8, signed, gains.get(step))
+        # the block's softmax, on its int8 scores (m.scores, rounded as the QK step rounds them)
+        softmax_node = self.producers.get(m.probs)
+        if softmax_node is not None and softmax_node.op == "Softmax" and softmax_node.inputs[0] == m.scores:
+            self.record_nonlinear(softmax_node, block.out, softmax.op, softmax.attrs, {}, s_in, s_a)
 
     # --- ITA feed-forward blocks ---------------------------------------------------------------
 
@@ -1138,6 +1142,8 @@ class Walker:
         self.record_tensor(act.outputs[0], float(s_act), 8, True, gains["activation"])
         # Scales on the block's integer points and weights (`refsim compare` reports their SQNR).
         ff = self.em.builder.metadata["feedforward_blocks"][-1]
+        if act.op == "Gelu" and act.inputs[0] == m.fc1.out:  # ITA's GELU on FF1's int8 output
+            self.record_nonlinear(act, ff["activation"]["out"], p.op, p.attrs, {}, s_f1, s_act)
         self.label(ff["F1"]["out"], m.fc1.out, s_f1, name)
         self.label(ff["activation"]["out"], act.outputs[0], s_act, name)
         self.em.label(x_2d, x.scale)
