@@ -272,7 +272,10 @@ def _mirror_node(fg: Graph, node: Node, build, spec: dict, integer_consts: dict[
     inputs = [x]
     if spec.get("mask"):
         mask_input, shape = spec["mask"]
-        keep = emit(fg, "Cast", [mask_input], stem, to=onnx.TensorProto.DOUBLE)
+        # 0/1: a nonzero mask value keeps a position (refsim.ops.softmax)
+        mask = emit(fg, "Cast", [mask_input], stem, to=onnx.TensorProto.DOUBLE)
+        masked = emit(fg, "Equal", [mask, fg.add_const(np.asarray(0.0), "fq.nl_zero")], stem)
+        keep = emit(fg, "Cast", [emit(fg, "Not", [masked], stem)], stem, to=onnx.TensorProto.DOUBLE)
         inputs.append(emit(fg, "Reshape", [keep, fg.add_const(np.asarray(shape, np.int64), "fq.nl_shape")], stem))
     consts = {int(i): np.asarray(integer_consts[c]) for i, c in spec.get("consts", {}).items()}
     try:

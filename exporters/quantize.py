@@ -1018,9 +1018,6 @@ class Walker:
             ))
         params = ItaAttention(head_list, requant(1.0, "the head sum"), ItaSoftmax(softmax.op, dict(softmax.attrs)))
         block = add_attention_block(self.em.builder, name, x_q.name, x_kv.name, params)
-        # Every head's softmax is one op with one set of attributes: the float graph's softmax
-        # over all heads is mirrored by it (on the scores at s_in, rows along the last axis).
-        self.record_nonlinear(m.softmax, f"{name}.h0.A", softmax.op, softmax.attrs, {}, s_in, s_a)
         self.unpaired_attention.append(name)
         y = self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         # Each head's output projection is rounded at s_out * gain; their sum (factor 1) is exact.
@@ -1045,6 +1042,10 @@ class Walker:
                                             (m.scores, s_in, True, "QK"), (m.probs, s_a, False, None),
                                             (m.context, s_av, True, "AV")):
             self.record_tensor(tensor, float(scale), 8, signed, gains.get(step))
+        # the block's softmax, on its int8 scores (m.scores, rounded as the QK step rounds them)
+        softmax_node = self.producers.get(m.probs)
+        if softmax_node is not None and softmax_node.op == "Softmax" and softmax_node.inputs[0] == m.scores:
+            self.record_nonlinear(softmax_node, block.out, softmax.op, softmax.attrs, {}, s_in, s_a)
 
     def _record_head_sums(self, m: AttentionMatch, heads: int, head_dim: int, s_out: float, gains: dict) -> None:
         """The block rounds each head's output projection (AV_h @ Wo_h, plus Bo in head 0) to
@@ -1146,8 +1147,6 @@ class Walker:
         )
         self.unpaired_attention.clear()
         block = add_feedforward_block(self.em.builder, name, x_2d, params)
-        if act.op == "Gelu":  # ITA's activation unit: the i-GELU with its requantizer, on F1 at s_f1
-            self.record_nonlinear(act, f"{name}.act", "ITAGelu", p.attrs, {}, s_f1, s_act)
         y = block.out if len(shape) == 2 else self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         out_scale = s_f2 if columns is None else s_f2 * columns
         self.set_native(m.fc2.out, Value(y, out_scale), name, quantized_bits=8, gain=gains["FF2"])
@@ -1165,6 +1164,8 @@ class Walker:
         self.record_tensor(act.outputs[0], float(s_act), 8, True, gains["activation"])
         # Scales on the block's integer points and weights (`refsim compare` reports their SQNR).
         ff = self.em.builder.metadata["feedforward_blocks"][-1]
+        if act.op == "Gelu" and act.inputs[0] == m.fc1.out:  # ITA's GELU on FF1's int8 output
+            self.record_nonlinear(act, ff["activation"]["out"], p.op, p.attrs, {}, s_f1, s_act)
         self.label(ff["F1"]["out"], m.fc1.out, s_f1, name)
         self.label(ff["activation"]["out"], act.outputs[0], s_act, name)
         self.em.label(x_2d, x.scale)

@@ -216,16 +216,16 @@ NAMED = ("bert", "distilbert", "mobilebert", "roberta", "vit", "deit", "minilm")
 # to 0.99956-1.0 with 24/24 top-1 (BERT 0.99781 -> 0.99986, RoBERTa 0.99747 -> 0.99981, ViT 0.99842 ->
 # 0.99999); MobileBERT ibert 0.86047 -> 0.98580 (24/24), still amplified as its entry below says.
 # The ita and ita-partial pairs likewise, with ITAMax / ITAPartialMax / ITAGelu / iLayerNorm mirrored
-# (exporters/mirror/ita.py) and each ITA attention block's output projection rounded to int8 per head
-# before the heads are summed, as the block computes it (fakequant.ita_head_sums): TorchScript fixed,
-# 0.96849-0.99521 (MobileBERT aside) -> 0.99878-1.0 (BERT 0.96849 -> 0.99999, ViT 0.99335 -> 0.99995, which is 0.99779 with
+# (exporters/mirror/ita.py) and each ITA attention block's output projection rounded to int8 per head before
+# the heads are summed, as the block computes it (fakequant.ita_head_sums): TorchScript fixed, 0.96849-0.99521
+# (MobileBERT aside) -> 0.99878-1.0 (BERT 0.96849 -> 0.99999, ViT 0.99335 -> 0.99995, which is 0.99779 with
 # the mirrors but one rounding of the heads' sum), 24/24 but MobileBERT's. Still below the floor: MobileBERT
-# (0.77085, as its entry below says), Electra 0.99583, XLM-RoBERTa and CamemBERT 0.99631, DeBERTa-v2
-# 0.99878. Their first differences are ties of ITA's half-up requantizers, which the float32 fake-quant
-# model breaks one way or the other by its own rounding (CamemBERT's first attention output projection
-# requantizes by 128 / 2^14: 0.80% of its values are exact ties, 0.61% come out a step off; 0.15% of
-# Electra's first scores are ties), then amplified as below. The analysis below, measured against float
-# nonlinearities, is from before the mirrors.
+# (0.77085: 0.73787 before, 0.75333 with NoNorm's integer gamma and beta alone; as its entry below says),
+# Electra 0.99583, XLM-RoBERTa and CamemBERT 0.99631, DeBERTa-v2 0.99878. Their first differences are ties of
+# ITA's half-up requantizers, which the float32 fake-quant model breaks one way or the other by its own
+# rounding (CamemBERT's first attention output projection requantizes by 128 / 2^14: 0.80% of its values are
+# exact ties, 0.61% come out a step off; 0.15% of Electra's first scores are ties), then amplified as below.
+# The analysis below, measured against float nonlinearities, is from before the mirrors.
 # Why, measured (`perturb`'s docstring has the model side):
 # - the fake-quant model itself is that sensitive: relative noise of 1e-4 (80 dB) on one tensor, its first
 #   LayerNorm's output, moves its logits to cosine 0.9982 against itself (BERT ibert), 0.9972 (RoBERTa ibert),

@@ -121,3 +121,32 @@ def test_compare_reports_both_fake_quant_models(bert_ibert, capsys):
     assert cli(["compare", case["model"], str(case["intq"]), case["eval"], "--json", "--quiet", "--float-nonlinear"]) == 0
     old = json.loads(capsys.readouterr().out)["outputs"]["logits"]["integer vs fake-quant"]
     assert mirrored["cosine"] >= 0.9999 and mirrored["cosine"] > old["cosine"], (mirrored, old)
+
+
+def test_ita_blocks_record_their_softmax_and_gelu(tmp_path):
+    """ITA's attention and feed-forward blocks record the softmax and GELU inside them (for
+    the ITA mirrors, exporters/mirror/ita.py); a float node whose op has no mirror stays float."""
+    from pathlib import Path
+
+    from refsim.exporters.fakequant import fake_quant_graph
+    from refsim.exporters.frontend.graph import load
+    from refsim.exporters.frontend.passes import canonicalize
+    from refsim.exporters.mirror import builder
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "ita"
+    intq = tmp_path / "vit_ita.intq"
+    export(example / "vit_ita.onnx", intq, example / "calib.npy", mode="ita")
+    m = refsim.load(intq)
+    meta = m.metadata
+    assert meta.get("attention_blocks") and meta.get("feedforward_blocks")
+    record = dict(meta["fake_quant"]["nonlinear"])
+    assert {spec["op"] for spec in record.values()} == {"ITAMax", "ITAGelu", "iLayerNorm"}
+    g = canonicalize(load(example / "vit_ita.onnx"), {k: list(v) for k, v in meta["source_model"]["input_shapes"].items()})
+    float_ops = {n.name: n.op for n in g.nodes}
+    assert sum(op == "Softmax" for op in float_ops.values()) == sum(spec["op"] == "ITAMax" for spec in record.values())
+    tensors = m.graph.tensors
+    fg = fake_quant_graph(g, meta["fake_quant"], {n: t.data for n, t in tensors.items() if t.is_const},
+                          {n: t.scale for n, t in tensors.items() if t.is_const})
+    left = {n.name for n in fg.nodes}
+    for name, spec in record.items():
+        assert (name in left) == (builder(spec["op"]) is None), (name, spec["op"])
