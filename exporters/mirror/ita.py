@@ -7,9 +7,11 @@ integer op's exact integer inputs, exactly the integers the refsim op computes (
 docs/OPS.md). float64 holds every integer below 2^53 exactly, and adds, subtracts and
 multiplies them exactly while the result stays below 2^53; dividing by a power of two is
 exact (a dyadic result) and `Floor` of it is the integer shift. Divisions by other integers
-are not exact: `_floor_div` corrects the rounded quotient by one where fl(a/b) rounds across
-an integer, and `_isqrt` corrects floor(fl(sqrt(v))) likewise. Every builder states the bound
-that keeps its intermediates below 2^53.
+are not exact: the package's `floor_div` corrects the rounded quotient by one where fl(a/b)
+rounds across an integer, and `isqrt` corrects floor(fl(sqrt(v))) likewise. Every builder
+states the bound that keeps its intermediates below 2^53. A mask input is the 0/1 keep
+tensor: masked positions are multiplied out (to a finite 0) wherever they would enter a
+maximum, a sum or an output.
 """
 
 from __future__ import annotations
