@@ -18,6 +18,11 @@ reports:
   order; the lowest SQNR and the largest drop from one point to the next name the layers
   that lose accuracy;
 - a warning when evaluation samples were also calibration samples.
+
+The fake-quant model computes the export mode's integer softmax, GELU, LayerNorm and
+lookup tables exactly (`exporters.mirror`), as QAT would: integer vs fake-quant then
+measures what integer arithmetic costs elsewhere. `nonlinear="float"` (`refsim compare
+--float-nonlinear`) keeps them float, to see what the integer approximations cost.
 """
 
 from __future__ import annotations
@@ -155,10 +160,11 @@ def _parse_labels(raw: list[str], names: list[str] | None, count: int, width: in
 
 
 def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: bool = False, max_samples: int | None = None,
-            observe=None) -> CompareReport:
+            observe=None, nonlinear: str = "integer") -> CompareReport:
     """Compare float, fake-quant and integer models on DATA (see the module docstring).
     `observe(tensor, float_values, integer_values)` sees every compared quantization point
-    of every batch (kept tokens only), e.g. for histograms."""
+    of every batch (kept tokens only), e.g. for histograms. `nonlinear="float"`: the
+    fake-quant model keeps float softmax, GELU and LayerNorm (`exporters.fakequant`)."""
     m = refsim.load(intq)
     meta = m.metadata
     warnings = []
@@ -189,7 +195,7 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     wanted_float = sorted({float_tensors[n] for n in order} | set(g.outputs))
     float_runner = FloatRunner(g.to_model(), expose=wanted_float)
     scales = {n: t.scale for n, t in m.graph.tensors.items() if t.is_const}
-    fq_runner = FloatRunner(fake_quant_model(g, meta["fake_quant"], consts, scales))
+    fq_runner = FloatRunner(fake_quant_model(g, meta["fake_quant"], consts, scales, nonlinear))
     dtypes = onnx_feed_dtypes(g)
     outputs = list(g.outputs)
     collected = {kind: {o: [] for o in outputs} for kind in ("float", "fake-quant", "integer")}

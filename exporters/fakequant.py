@@ -4,9 +4,20 @@ quantizes, at the same scales.
 `fq(x) = clip(round(x / s), lo, hi) * s` (ONNX `Round` rounds half to even) is inserted
 on each edge where the integer graph requantizes a tensor for a consumer and after each
 tensor the integer graph stores in fewer bits; constants (weights, biases, embedding
-tables, constants added or concatenated) are replaced by their quantized values times
-their scales. Everything else, nonlinearities included, stays float: the difference
-between the fake-quant and the integer model is what integer arithmetic itself costs.
+tables, constants added or concatenated, NoNorm's gamma and beta) are replaced by their
+quantized values times their scales.
+
+Each nonlinearity the integer graph computes with an integer op (softmax, GELU,
+LayerNorm, lookup tables: `FakeQuantRecord.nonlinear`) is computed as that op computes it,
+QAT-style (as I-BERT's own quantization-aware modules do): its float node is replaced by
+Cast to DOUBLE, round(x / input_scale) (the op's exact integer input), the op's mirror
+(`exporters.mirror`: float64 ops exact on integers), times its output scale, Cast to
+FLOAT. Everything else stays float: the difference between the fake-quant and the integer
+model is what integer arithmetic costs elsewhere (float32 rounding, accumulators,
+requantizers' ties). Records without `nonlinear` (older .intq files), ops without a
+mirror, and `nonlinear="float"` (`refsim compare --float-nonlinear`) keep the float
+nonlinearity: the fake-quant model then also measures what the integer approximations
+cost.
 
 The record of where to quantize is JSON (kept in the `.intq` metadata under
 `fake_quant`), so `refsim compare` rebuilds this model from the ONNX file and the `.intq`.
@@ -55,20 +66,53 @@ def record_to_json(record: FakeQuantRecord, tensors: dict | None = None) -> dict
                     for t, (s, b, sg, *rounding) in record.tensors.items()],
         # q: a tensor name or {"concat": [...], "axis": a}; scale null: the tensor's own scale
         "consts": [[n, i, q, const_scale(q, s)] for (n, i), (q, s) in record.consts.items()],
+        # [float node, {node, op, attrs, consts, input_scale, input_mul, output_scale, mask}]
+        "nonlinear": [[name, {"node": nl.node, "op": nl.op, "attrs": {k: _json_value(v) for k, v in nl.attrs.items()},
+                              "consts": {str(i): c for i, c in nl.consts.items()},
+                              "input_scale": scale_json(nl.input_scale), "input_mul": int(nl.input_mul),
+                              "output_scale": scale_json(nl.output_scale),
+                              "mask": None if nl.mask is None else [nl.mask[0], [int(d) for d in nl.mask[1]]]}]
+                      for name, nl in record.nonlinear.items()],
+        **head_sums_json(record),
     }
+
+
+def _json_value(v):
+    """An op attribute as JSON: NumPy scalars and arrays become numbers and lists."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_json_value(e) for e in v]
+    return v
+
+
+def head_sums_json(record: FakeQuantRecord) -> dict:
+    """The ITA attention blocks' per-head output roundings (`ita_head_sums`), when any."""
+    return {"head_sums": [{"tensor": t, **spec} for t, spec in record.head_sums.items()]} if record.head_sums else {}
 
 
 def _levels(bits: int, signed: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
+NONLINEAR_MODES = ("integer", "float")
+
+
 def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarray],
-                     integer_scales: dict | None = None) -> Graph:
+                     integer_scales: dict | None = None, nonlinear: str = "integer") -> Graph:
     """A copy of `g` with the recorded quantization applied (see the module docstring).
     `integer_scales` gives the `scale` metadata of the integer constants, for records
-    that refer to it (a null scale)."""
+    that refer to it (a null scale). `nonlinear="float"` keeps every nonlinearity float
+    (the fake-quant model before the mirrors)."""
+    if nonlinear not in NONLINEAR_MODES:
+        raise ExportError(f"nonlinear must be one of {', '.join(NONLINEAR_MODES)}, got {nonlinear!r}")
     fg = copy.deepcopy(g)
     by_name = {n.name: n for n in fg.nodes}
+    mirrored = _mirrored(record, by_name, integer_consts) if nonlinear == "integer" else {}
+    # a mirror computes its op's integers exactly: its output is not rounded again
+    mirrored_outputs = {by_name[name].outputs[0] for name in mirrored}
     added: list[tuple[int, Node]] = []  # (position to insert before, node)
     cache: dict[tuple, str] = {}
 
@@ -112,7 +156,11 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
             fg.batch_rows.add(replaced)
         node.inputs[index] = replaced
 
+    ita_head_sums(fg, record.get("head_sums", []), fq_chain)
+
     for tensor, scale, bits, signed, *rounding in record.get("tensors", []):
+        if tensor in mirrored_outputs:
+            continue
         # rounded at the scale the integer graph's requantizer realizes, dequantized by `scale`
         rounding_scale, out_scale = (rounding[0], scale) if rounding else (scale, None)
         if tensor in fg.inputs:
@@ -143,10 +191,104 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
         node.inputs[index] = cache[key]
 
     fg.nodes.extend(n for _, n in added)
+    for name, (build, spec) in mirrored.items():
+        _mirror_node(fg, by_name[name], build, spec, integer_consts)
     fg.toposort()
     return fg
 
 
+def ita_head_sums(fg: Graph, entries: list[dict], fq_chain) -> None:
+    """Mirror how an ITA attention block computes its output projection (recorded by
+    `Walker._record_head_sums`): the block rounds each head's share AV_h @ Wo_h (+ Bo in head
+    0) to int8 at its requantizer's scale, then sums the heads' integers and clips the sum to
+    int8; the float graph computes the whole product x @ Wo + Bo and would round it once. Here
+    the product becomes H products of the head's columns of x (its context, heads concatenated
+    along the last axis) with the head's rows of the (already fake-quantized) Wo, each rounded,
+    summed, and the sum fake-quantized by the head sum's requantizer. Runs after the constants
+    are replaced (it slices the quantized Wo)."""
+    by_name = {n.name: n for n in fg.nodes}
+    for e in entries:
+        matmul = by_name.get(e["matmul"])
+        add = by_name.get(e["bias_add"]) if e.get("bias_add") else None
+        if matmul is None or (e.get("bias_add") and add is None) or matmul.inputs[1] not in fg.consts:
+            raise ExportError(f"the .intq's fake-quant record names the output projection {e['matmul']!r}, which this ONNX "
+                              f"model does not compute: is it the model the .intq was exported from?")
+        x, w = matmul.inputs[0], np.asarray(fg.consts[matmul.inputs[1]])
+        bias = None if add is None else next(i for i in add.inputs if i != matmul.outputs[0])
+        heads, p, bits = int(e["heads"]), int(e["head_dim"]), int(e["bits"])
+        fg.nodes = [n for n in fg.nodes if n is not matmul and n is not add]
+        shares = []
+        for h in range(heads):
+            start, stop = fg.add_const(np.array([h * p], np.int64), "fq.head"), fg.add_const(np.array([(h + 1) * p], np.int64), "fq.head")
+            xs = fg.make_node("Slice", [x, start, stop, fg.add_const(np.array([-1], np.int64), "fq.head")], f"{x}.head{h}")
+            y = fg.make_node("MatMul", [xs.outputs[0], fg.add_const(w[h * p:(h + 1) * p], "fq.head_weight")], f"{x}.head{h}")
+            nodes = [xs, y]
+            if h == 0 and bias is not None:  # the block adds Bo in head 0 only
+                y = fg.make_node("Add", [y.outputs[0], bias], f"{x}.head{h}")
+                nodes.append(y)
+            chain, share = fq_chain(y.outputs[0], e["rounding"], bits, True, out_scale=e["scale"])
+            fg.nodes.extend(nodes + chain)
+            shares.append(share)
+        total = fg.make_node("Sum", shares, f"{e['tensor']}.heads") if heads > 1 else None
+        fg.nodes.extend([total] if total else [])
+        chain, _ = fq_chain(total.outputs[0] if total else shares[0], e["sum_rounding"], bits, True,
+                            out=e["tensor"], out_scale=e["scale"])
+        fg.nodes.extend(chain)
+
+
+def _mirrored(record: dict, by_name: dict[str, Node], integer_consts: dict[str, np.ndarray]) -> dict:
+    """float node -> (builder, record entry) for the recorded nonlinear nodes that have a
+    mirror (`exporters.mirror`); a node whose integer op has none stays float."""
+    from .mirror import builder
+
+    out = {}
+    for name, spec in record.get("nonlinear", []):
+        if name not in by_name:
+            raise ExportError(f"the .intq's fake-quant record names node {name!r}, which this ONNX model does not have")
+        missing = [c for c in spec.get("consts", {}).values() if c not in integer_consts]
+        if missing:
+            raise ExportError(f"the .intq's fake-quant record takes constant {missing[0]!r} for node {name!r}, "
+                              f"which the .intq does not have")
+        build = builder(spec["op"])
+        if build is not None:
+            out[name] = (build, spec)
+    return out
+
+
+def _scale_const(fg: Graph, scale) -> str:
+    return fg.add_const(np.asarray(scale, np.float64), "fq.nl_scale")
+
+
+def _mirror_node(fg: Graph, node: Node, build, spec: dict, integer_consts: dict[str, np.ndarray]) -> None:
+    """Replace float `node` by Cast to DOUBLE, round(x / input_scale) * input_mul (the
+    integer op's exact input), the mirror, times output_scale, Cast back to FLOAT."""
+    from .mirror import emit
+
+    stem = f"{node.name}.mirror"
+    x = emit(fg, "Cast", [node.inputs[0]], stem, to=onnx.TensorProto.DOUBLE)
+    x = emit(fg, "Round", [emit(fg, "Div", [x, _scale_const(fg, spec["input_scale"])], stem)], stem)
+    if spec.get("input_mul", 1) != 1:
+        x = emit(fg, "Mul", [x, _scale_const(fg, float(spec["input_mul"]))], stem)
+    inputs = [x]
+    if spec.get("mask"):
+        mask_input, shape = spec["mask"]
+        # 0/1: a nonzero mask value keeps a position (refsim.ops.softmax)
+        mask = emit(fg, "Cast", [mask_input], stem, to=onnx.TensorProto.DOUBLE)
+        masked = emit(fg, "Equal", [mask, fg.add_const(np.asarray(0.0), "fq.nl_zero")], stem)
+        keep = emit(fg, "Cast", [emit(fg, "Not", [masked], stem)], stem, to=onnx.TensorProto.DOUBLE)
+        inputs.append(emit(fg, "Reshape", [keep, fg.add_const(np.asarray(shape, np.int64), "fq.nl_shape")], stem))
+    consts = {int(i): np.asarray(integer_consts[c]) for i, c in spec.get("consts", {}).items()}
+    try:
+        y = build(fg, inputs, spec.get("attrs", {}), consts)
+    except ExportError as e:
+        raise ExportError(f"{node.describe()}: {e}") from None
+    y = emit(fg, "Mul", [y, _scale_const(fg, spec["output_scale"])], stem)
+    out = fg.make_node("Cast", [y], stem, to=onnx.TensorProto.FLOAT)
+    out.outputs = [node.outputs[0]]
+    fg.nodes.remove(node)
+    fg.nodes.append(out)
+
+
 def fake_quant_model(g: Graph, record: dict, integer_consts: dict[str, np.ndarray],
-                     integer_scales: dict | None = None) -> onnx.ModelProto:
-    return fake_quant_graph(g, record, integer_consts, integer_scales).to_model()
+                     integer_scales: dict | None = None, nonlinear: str = "integer") -> onnx.ModelProto:
+    return fake_quant_graph(g, record, integer_consts, integer_scales, nonlinear).to_model()

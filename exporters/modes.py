@@ -162,6 +162,7 @@ class Modes:
             x = walker.at_scale(scores, scale, IBERT_SOFTMAX_INPUT_BITS, node, 0)
             p = nonlinear.ibert_softmax_params(float(x.scale), output_bit=IBERT_SOFTMAX_OUTPUT_BITS)
         y = walker.em.node(p.op, [x.name, mask], f"{layer}.softmax", **p.attrs)
+        walker.record_nonlinear(node, y, p.op, p.attrs, {}, x.scale, p.output_scale, mask=mask)
         t = walker.dtype(y)
         walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "prob"), layer, quantized_bits=t.bits)
 
@@ -184,6 +185,7 @@ class Modes:
             out_scale = walker.scale_of(node.outputs[0], 8)
             p = nonlinear.pyita_gelu_params(float(x.scale), out_scale)
             y = walker.em.node(p.op, [x.name], f"{layer}.gelu", **p.attrs)
+            walker.record_nonlinear(node, y, p.op, p.attrs, {}, x.scale, p.output_scale)
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=8,
                               gain=nonlinear.pyita_gelu_gain(p))
             return
@@ -194,11 +196,13 @@ class Modes:
             p = nonlinear.gelu_table_params(float(x.scale), walker.scale_of(node.outputs[0], 16), approximate)
             table = walker.em.const(p.consts["table"], "int16", f"{layer}.table")
             y = walker.em.node(p.op, [x.name, table], f"{layer}.gelu")
+            walker.record_nonlinear(node, y, p.op, {}, {1: table}, x.scale, p.output_scale)
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=16)
             return
         # I-BERT's i-GELU (an erf polynomial of second order, about 25 dB from the exact GELU).
         p = nonlinear.ibert_gelu_params(float(x.scale))
         y = walker.em.node(p.op, [x.name], f"{layer}.gelu", **p.attrs)
+        walker.record_nonlinear(node, y, p.op, p.attrs, {}, x.scale, p.output_scale)
         a = p.attrs
         # |y| <= |x| * (|L| + |shift_int|) with |L| <= ((b^2 + |c|) >> n) + 1 (docs/OPS.md).
         bound = walker.bound_of(x) * ((((a["b_int"] ** 2) + abs(a["c_int"])) >> a["n"]) + 1 + abs(a["shift_int"]))
@@ -221,6 +225,7 @@ class Modes:
             consts = [walker.em.const(p.consts["weight"], "int32", f"{layer}.weight"),
                       walker.em.const(p.consts["bias"], "int32", f"{layer}.bias")]
             y = walker.em.node(p.op, [x.name, *consts], f"{layer}.layernorm", **p.attrs)
+            walker.record_nonlinear(node, y, p.op, p.attrs, {1: consts[0], 2: consts[1]}, x.scale, p.output_scale)
             walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "int"), layer, quantized_bits=bits)
             return
         stats = walker.calibration.stats.get(x_name)
@@ -236,12 +241,18 @@ class Modes:
         p = nonlinear.ibert_layernorm_params(in_scale, weight, bias, input_bits=bits + up, max_sumsq=sumsq)
         bias_q = walker.em.const(p.consts["bias"], "int64", f"{layer}.bias")
         y = walker.em.node(p.op, [x_in, bias_q], f"{layer}.layernorm", **p.attrs)
+        # the mirror reads the LayerNorm's input at x's scale and applies the upshift itself
+        walker.record_nonlinear(node, y, p.op, p.attrs, {1: bias_q}, x.scale, p.output_scale, input_mul=1 << up)
         # |y| <= 2^30 * sqrt(N) + |bias|: the bound that lets the following requant keep a wide multiplier.
         bound = int(2**30 * math.sqrt(width)) + int(np.abs(p.consts["bias"]).max(initial=0)) + 1
         walker.set_native(node.outputs[0], walker.value_of(y, p.output_scale, "acc", bound=bound), layer)
 
-    def nonorm(self, walker, node: Node, x_name: str, gamma: np.ndarray, beta: np.ndarray, out_tensor: str) -> None:
-        """MobileBERT's NoNorm x*gamma + beta, exact in int64 with gamma at 16 bits."""
+    def nonorm(self, walker, node: Node, x_name: str, gamma: np.ndarray, beta: np.ndarray, out_tensor: str,
+               gamma_at: tuple[str, int] | None = None, beta_at: tuple[str, int] | None = None) -> None:
+        """MobileBERT's NoNorm x*gamma + beta, exact in int64 with gamma at 16 bits. The
+        fake-quant model multiplies and adds the quantized gamma and beta in their place
+        (`gamma_at`, `beta_at`: the float nodes' inputs holding them): an affine map needs
+        no mirror."""
         layer = walker.layer_name(node)
         x = walker.value(x_name)
         if x.per_channel or x.kind not in ("int", "acc"):
@@ -249,6 +260,11 @@ class Modes:
         p = nonlinear.nonorm_params(float(x.scale), gamma, beta, weight_bits=16)
         g = walker.em.const(p.consts["gamma"], "int32", f"{layer}.gamma")
         b = walker.em.const(p.consts["beta"], "int32", f"{layer}.beta")
+        if gamma_at is not None:
+            walker.record.consts[gamma_at] = (g, p.output_scale / p.input_scale)
+            walker.record.ranges[g] = (-32767, 32767)  # 16-bit symmetric (nonlinear.nonorm_params)
+        if beta_at is not None:
+            walker.record.consts[beta_at] = (b, p.output_scale)
         y = walker.em.node(p.op, [x.name, g, b], f"{layer}.nonorm", dtype="int64")
         bound = walker.bound_of(x) * int(np.abs(p.consts["gamma"]).max(initial=0)) + int(np.abs(p.consts["beta"]).max(initial=0))
         walker.set_native(out_tensor, walker.value_of(y, p.output_scale, "acc", bound=bound), layer)

@@ -105,6 +105,27 @@ class FakeQuantRecord:
     # integer constant -> the range its quantizer clips to, where narrower than its type's
     # (3-bit weights in int4, 24-bit ITA biases in int32): what training must keep it within
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # float nonlinear node (softmax, GELU, LayerNorm, table) -> the integer op computing it
+    # (`Nonlinear`): the fake-quant model computes that op exactly in its place
+    # (`exporters.mirror`), on round(input / input_scale) * input_mul
+    nonlinear: dict[str, Nonlinear] = field(default_factory=dict)
+    # output projection's output tensor -> how an ITA attention block computes it
+    # (`Walker._record_head_sums`): each head's share rounded to int8 on its own, then summed
+    head_sums: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Nonlinear:
+    """An integer nonlinear op as the fake-quant model mirrors it (`Walker.record_nonlinear`)."""
+
+    node: str  # the integer op's output tensor
+    op: str
+    attrs: dict
+    consts: dict[int, str]  # input position -> integer constant
+    input_scale: Any  # the scale of the integer tensor the float node's input 0 is quantized at
+    output_scale: Any  # real value = integer output * output_scale (per channel: a vector)
+    input_mul: int = 1  # the op's input is that integer times input_mul (a LayerNorm's upshift)
+    mask: tuple[str, list[int]] | None = None  # the mask input and the shape its keep tensor takes
 
 
 def _ita_steps(block: str, gains: dict):
@@ -293,6 +314,20 @@ class Walker:
             self.record_tensor(tensor, v.scale, quantized_bits, self.dtype(v.name).signed,
                                self.rounding_gains.get(v.name) if gain is None else gain)
             self.label(v.name, tensor, v.scale, layer)
+
+    def record_nonlinear(self, node: Node, integer: str, op: str, attrs: dict, consts: dict[int, str], input_scale,
+                         output_scale, input_mul: int = 1, mask: str | None = None) -> None:
+        """Record that the integer op `op` (output `integer`) computes float node `node`, on
+        its input 0 at `input_scale` (times `input_mul`), with key mask `mask` (a
+        `mask_tensor` result), for the fake-quant model's mirror of it."""
+        mask_spec = None
+        if mask is not None:
+            (mask_input, kind), = [k for k, v in self.mask_tensors.items() if v == mask]
+            seq = self.g.concrete_shape(mask_input)[-1]
+            mask_spec = (mask_input, {"keys": [0, 1, 1, seq], "tokens": [0, seq, 1]}[kind])
+        scale = (lambda s: np.asarray(s, np.float64) if np.ndim(s) > 0 else float(s))
+        self.record.nonlinear[node.name] = Nonlinear(integer, op, dict(attrs), dict(consts), scale(input_scale),
+                                                     scale(output_scale), int(input_mul), mask_spec)
 
     def record_tensor(self, tensor: str, scale, bits: int, signed: bool, gain=None) -> None:
         """Record a stored result for the fake-quant model, rounded at scale * gain."""
@@ -640,15 +675,16 @@ class Walker:
                     self._times_table(node, x, cname, layer)
                     return
                 gamma = gamma.reshape(-1)
-                beta, out = np.zeros(width), node.outputs[0]
+                beta, out, beta_at = np.zeros(width), node.outputs[0], None
                 users = self.users.get(out, [])
                 if len(users) == 1 and users[0].op == "Add" and out not in self.g.outputs:
                     add = users[0]
                     other = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
                     if self.g.is_const(other) and self.g.const(other).size == width:
                         beta, out = self.g.const(other).astype(np.float64).reshape(-1), add.outputs[0]
+                        beta_at = (add.name, add.inputs.index(other))
                         self.done.add(add.name)
-                self.modes.nonorm(self, node, x, gamma, beta, out)
+                self.modes.nonorm(self, node, x, gamma, beta, out, (node.name, node.inputs.index(cname)), beta_at)
                 return
         # Two activations (a gated feed-forward's GELU(x1) * x2): their 8-bit integers
         # multiplied exactly, at the product of their scales.
@@ -737,7 +773,9 @@ class Walker:
         grid = np.arange(t.lo, t.hi + 1, dtype=np.float64) * float(x.scale)
         out_type, lo, hi = signed_type(out_bits)
         table = np.clip(np.rint(fn(grid) / out_scale), lo, hi).astype(np.int64)
-        y = self.em.node("Lut", [x.name, self.em.const(table, out_type, f"{layer}.table")], f"{layer}.lut")
+        table_name = self.em.const(table, out_type, f"{layer}.table")
+        y = self.em.node("Lut", [x.name, table_name], f"{layer}.lut")
+        self.record_nonlinear(node, y, "Lut", {}, {1: table_name}, x.scale, out_scale)
         self.set_native(node.outputs[0], Value(y, out_scale), layer, quantized_bits=out_bits)
 
     def _visit_Softmax(self, node: Node) -> None:
@@ -1037,6 +1075,7 @@ class Walker:
         y = self.em.node("Reshape", [block.out], f"{name}.out_3d", shape=[1, seq, width])
         # Each head's output projection is rounded at s_out * gain; their sum (factor 1) is exact.
         self.set_native(m.o.out, Value(y, s_out), name, quantized_bits=8, gain=gains["OW"])
+        self._record_head_sums(m, heads, p, s_out, gains)
         # What the fake-quant model mirrors: weights, biases and every int8 point of the block.
         step_of = {"q": "Q", "k": "K", "v": "V", "o": "OW"}
         for key, lin in (("q", m.q), ("k", m.k), ("v", m.v), ("o", m.o)):
@@ -1056,6 +1095,28 @@ class Walker:
                                             (m.scores, s_in, True, "QK"), (m.probs, s_a, False, None),
                                             (m.context, s_av, True, "AV")):
             self.record_tensor(tensor, float(scale), 8, signed, gains.get(step))
+        # the block's softmax, on its int8 scores (m.scores, rounded as the QK step rounds them)
+        softmax_node = self.producers.get(m.probs)
+        if softmax_node is not None and softmax_node.op == "Softmax" and softmax_node.inputs[0] == m.scores:
+            self.record_nonlinear(softmax_node, block.out, softmax.op, softmax.attrs, {}, s_in, s_a)
+
+    def _record_head_sums(self, m: AttentionMatch, heads: int, head_dim: int, s_out: float, gains: dict) -> None:
+        """The block rounds each head's output projection (AV_h @ Wo_h, plus Bo in head 0) to
+        int8 at s_out * gain and sums the heads' integers (then clips the sum to int8 with the
+        head sum's requantizer); the float graph computes one product over all heads. The
+        fake-quant model mirrors the block (`fakequant.ita_head_sums`): it slices the product
+        per head, rounds each share, sums. This replaces the one rounding of the sum that
+        set_native recorded, which is where the two models would part."""
+        lin = m.o
+        if [n.op for n in lin.nodes] not in (["MatMul"], ["MatMul", "Add"]) or (lin.bias is None) != (len(lin.nodes) == 1):
+            return  # another form of the projection: the fake-quant model rounds the sum once, as before
+        sum_gain = gains.get("the head sum")
+        self.record.tensors.pop(lin.out)
+        self.record.head_sums[lin.out] = dict(
+            matmul=lin.nodes[0].name, bias_add=lin.nodes[1].name if lin.bias is not None else None,
+            heads=int(heads), head_dim=int(head_dim), scale=float(s_out),
+            rounding=float(s_out * (gains.get("OW") or 1.0)), sum_rounding=float(s_out * (sum_gain or 1.0)), bits=8,
+        )
 
     # --- ITA feed-forward blocks ---------------------------------------------------------------
 
@@ -1156,6 +1217,8 @@ class Walker:
         self.record_tensor(act.outputs[0], float(s_act), 8, True, gains["activation"])
         # Scales on the block's integer points and weights (`refsim compare` reports their SQNR).
         ff = self.em.builder.metadata["feedforward_blocks"][-1]
+        if act.op == "Gelu" and act.inputs[0] == m.fc1.out:  # ITA's GELU on FF1's int8 output
+            self.record_nonlinear(act, ff["activation"]["out"], p.op, p.attrs, {}, s_f1, s_act)
         self.label(ff["F1"]["out"], m.fc1.out, s_f1, name)
         self.label(ff["activation"]["out"], act.outputs[0], s_act, name)
         self.em.label(x_2d, x.scale)

@@ -17,6 +17,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-samples", type=int, metavar="N", help="use the first N samples only")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per run (default 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--float-nonlinear", action="store_true",
+                   help="the fake-quant model keeps float softmax, GELU and LayerNorm instead of computing the "
+                        "integer model's approximations exactly (shows what those approximations cost)")
 
 
 def main(args) -> int:
@@ -33,7 +36,8 @@ def main(args) -> int:
         report = lineup(args.model, args.intq, args.data, max_samples=args.max_samples)
     else:
         report = compare(args.model, args.intq, args.data, labels=args.labels, batch_size=args.batch_size,
-                         progress=not args.quiet, max_samples=args.max_samples)
+                         progress=not args.quiet, max_samples=args.max_samples,
+                         nonlinear="float" if args.float_nonlinear else "integer")
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
