@@ -178,6 +178,14 @@ FAMILIES = {f.name: f for f in (
     Family("xlm", "text", _text("XLMConfig", "XLMForSequenceClassification", emb_dim=64, n_layers=2, n_heads=4)),
     Family("bigbird", "text", _text("BigBirdConfig", "BigBirdForSequenceClassification", attention_type="original_full")),
     Family("vit-msn", "image", _image("ViTMSNConfig", "ViTMSNForImageClassification"), inputs=("pixel_values",)),
+    # Beyond BERT's parts (2026-12-04): a fused QKV projection cut by unbind, rotary position
+    # embeddings (Neg, Concat, Mul by cos/sin tables), GeGLU (a product of two activations),
+    # bias-free LayerNorms (ModernBERT); interleaved rotary (RoFormer); grouped 1x1 Conv1d
+    # projections on [B, C, S] (SqueezeBERT).
+    Family("modernbert", "text", _text("ModernBertConfig", "ModernBertForSequenceClassification", global_attn_every_n_layers=1,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    Family("roformer", "text", _text("RoFormerConfig", "RoFormerForSequenceClassification", embedding_size=64)),
+    Family("squeezebert", "text", _text("SqueezeBertConfig", "SqueezeBertForSequenceClassification", embedding_size=64)),
     Family("swin", "image", _swin, inputs=("pixel_values",), torch_fails=("dynamo",),
            refused=tuple((e, "dynamic", "reshapes a constant repeated for every sample .*fixed batch size")
                          for e in EXPORTERS)),
@@ -253,7 +261,21 @@ BELOW_FLOOR = {
     ("xlm-roberta", "ita"): "0.99631, 24/24", ("xlm-roberta", "ita-partial"): "0.99631, 24/24",
     ("camembert", "ita"): "0.99631, 24/24", ("camembert", "ita-partial"): "0.99631, 24/24",
     ("deberta-v2", "ita"): "0.99878, 24/24", ("deberta-v2", "ita-partial"): "0.99878, 24/24",
+    # The families added on 2026-12-04 (their other pairs reach the floor: ModernBERT ibert 0.99949,
+    # RoFormer ita / ita-partial 1.0, SqueezeBERT ibert 0.99989). Their attention has no ITA block (rotary
+    # or convolutions between the projections and the scores), so its matrix products requantize with ITA's
+    # half-up requantizer one by one, whose ties the float32 fake-quant model breaks either way (above):
+    # ModernBERT's first difference is 0.73% of its first output projection a step off, SqueezeBERT's alike.
+    # RoFormer ibert: 0.99918 with one sample of 24 whose top-1 is a near tie.
+    ("modernbert", "ita"): "0.99323, 24/24", ("modernbert", "ita-partial"): "0.99323, 24/24",
+    ("squeezebert", "ita"): "0.99880, 24/24", ("squeezebert", "ita-partial"): "0.99880, 24/24",
+    ("roformer", "ibert"): "0.99918, 23/24",
 }
+
+
+# Random families whose classifier input varies from input to input less than the 10% the others reach
+# (measured 0.095 and 0.065 at INIT_STD), with the share they must keep.
+LESS_VARYING = {"roformer": 0.09, "squeezebert": 0.06}
 
 
 # Every weight matrix, embedding table and token of the random models is drawn from N(0, INIT_STD^2)
