@@ -42,6 +42,7 @@ from .dyadic import ExportError
 from .fakequant import fake_quant_model
 from .frontend.graph import load
 from .frontend.passes import canonicalize
+from .mirror import builder
 from .pipeline import _file_sha256, batch_size_for, onnx_feed_dtypes
 from .progress import Progress
 from .runtime import FloatRunner
@@ -56,12 +57,20 @@ class CompareReport:
     task: dict[str, dict[str, float]] | None
     sqnr: list[dict]
     warnings: list[str] = field(default_factory=list)
+    # how the fake-quant model computes the nonlinearities: "integer" (their mirrors) or
+    # "float", and how many of the recorded ones it mirrors
+    fake_quant: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"samples": self.samples, "outputs": self.outputs, "task": self.task, "sqnr": self.sqnr, "warnings": self.warnings}
+        return {"samples": self.samples, "outputs": self.outputs, "task": self.task, "sqnr": self.sqnr, "warnings": self.warnings,
+                "fake_quant": self.fake_quant}
 
     def text(self) -> str:
         lines = [f"{self.samples} samples"]
+        if self.fake_quant.get("recorded"):
+            fq = self.fake_quant
+            lines.append(f"fake-quant model: {fq['mirrored']} of {fq['recorded']} nonlinearities computed as the integer model does"
+                         if fq["nonlinear"] == "integer" else "fake-quant model: float nonlinearities")
         for w in self.warnings:
             lines.append(f"warning: {w}")
         for name, pairs in self.outputs.items():
@@ -278,7 +287,10 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
         row["drop_db"] = round(previous - row["sqnr_db"], 3) if previous is not None else None
         previous = row["sqnr_db"]
         sqnr.append(row)
-    return CompareReport(len(dataset), out_metrics, task, sqnr, warnings)
+    recorded = meta["fake_quant"].get("nonlinear", [])
+    mirrored = sum(builder(spec["op"]) is not None for _, spec in recorded) if nonlinear == "integer" else 0
+    return CompareReport(len(dataset), out_metrics, task, sqnr, warnings,
+                         dict(nonlinear=nonlinear, mirrored=mirrored, recorded=len(recorded)))
 
 
 def _kept_tokens(batch: dict, mask_inputs) -> np.ndarray | None:

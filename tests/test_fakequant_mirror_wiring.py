@@ -116,10 +116,16 @@ def test_the_first_softmax_is_the_integer_ones(bert_ibert):
 
 def test_compare_reports_both_fake_quant_models(bert_ibert, capsys):
     case = bert_ibert
-    mirrored = compare(case["model"], case["intq"], case["eval"]).outputs["logits"]["integer vs fake-quant"]
+    report = compare(case["model"], case["intq"], case["eval"])
+    mirrored = report.outputs["logits"]["integer vs fake-quant"]
+    recorded = report.fake_quant["recorded"]
+    assert report.fake_quant == {"nonlinear": "integer", "mirrored": recorded, "recorded": recorded} and recorded > 0
+    assert f"{recorded} of {recorded} nonlinearities computed as the integer model does" in report.text()
     capsys.readouterr()
     assert cli(["compare", case["model"], str(case["intq"]), case["eval"], "--json", "--quiet", "--float-nonlinear"]) == 0
-    old = json.loads(capsys.readouterr().out)["outputs"]["logits"]["integer vs fake-quant"]
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fake_quant"]["nonlinear"] == "float"
+    old = doc["outputs"]["logits"]["integer vs fake-quant"]
     assert mirrored["cosine"] >= 0.9999 and mirrored["cosine"] > old["cosine"], (mirrored, old)
 
 
