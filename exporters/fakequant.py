@@ -1,20 +1,23 @@
 """The fake-quantized model: the float graph with quantize/dequantize where the integer graph
 quantizes, at the same scales.
 
-`fq(x) = clip(round(x / s), lo, hi) * s` (ONNX `Round` rounds half to even) is inserted
-on each edge where the integer graph requantizes a tensor for a consumer and after each
-tensor the integer graph stores in fewer bits; constants (weights, biases, embedding
-tables, constants added or concatenated, NoNorm's gamma and beta) are replaced by their
-quantized values times their scales.
+`fq(x) = clip(round(x / s), lo, hi) * s` is inserted on each edge where the integer graph
+requantizes a tensor for a consumer and after each tensor the integer graph stores in fewer
+bits; constants (weights, biases, embedding tables, constants added or concatenated, NoNorm's
+gamma and beta) are replaced by their quantized values times their scales. The model runs in
+float64 (`_in_float64`), where its products of quantized values are the integer model's to
+about 1e-16, and `round` breaks an exact tie as the integer graph's requantizers do (the
+record's `rounding`: half up for ITA, to even for I-BERT; `_rounded`). Records from before
+(no `rounding`) keep float32 and ONNX's `Round`.
 
 Each nonlinearity the integer graph computes with an integer op (softmax, GELU,
 LayerNorm, lookup tables: `FakeQuantRecord.nonlinear`) is computed as that op computes it,
 QAT-style (as I-BERT's own quantization-aware modules do): its float node is replaced by
 Cast to DOUBLE, round(x / input_scale) (the op's exact integer input), the op's mirror
 (`exporters.mirror`: float64 ops exact on integers), times its output scale, Cast to
-FLOAT. Everything else stays float: the difference between the fake-quant and the integer
-model is what integer arithmetic costs elsewhere (float32 rounding, accumulators,
-requantizers' ties). Records without `nonlinear` (older .intq files), ops without a
+FLOAT (DOUBLE in the float64 model). The difference between the fake-quant and the integer
+model is then what the integer graph computes differently from its record: a defect of
+refsim's, or a part the record does not describe. Records without `nonlinear` (older .intq files), ops without a
 mirror, and `nonlinear="float"` (`refsim compare --float-nonlinear`) keep the float
 nonlinearity: the fake-quant model then also measures what the integer approximations
 cost.
@@ -66,6 +69,7 @@ def record_to_json(record: FakeQuantRecord, tensors: dict | None = None) -> dict
                     for t, (s, b, sg, *rounding) in record.tensors.items()],
         # q: a tensor name or {"concat": [...], "axis": a}; scale null: the tensor's own scale
         "consts": [[n, i, q, const_scale(q, s)] for (n, i), (q, s) in record.consts.items()],
+        "rounding": record.rounding,
         # [float node, {node, op, attrs, consts, input_scale, input_mul, output_scale, mask}]
         "nonlinear": [[name, {"node": nl.node, "op": nl.op, "attrs": {k: _json_value(v) for k, v in nl.attrs.items()},
                               "consts": {str(i): c for i, c in nl.consts.items()},
@@ -116,19 +120,22 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
     added: list[tuple[int, Node]] = []  # (position to insert before, node)
     cache: dict[tuple, str] = {}
 
+    ties = record.get("rounding")  # how the requantizers break ties; None: a record from before the float64 model
+    real = np.float64 if ties else np.float32
+
     def fq_chain(x: str, scale, bits: int, signed: bool, out: str | None = None, out_scale=None) -> tuple[list[Node], str]:
         lo, hi = _levels(bits, signed)
-        s = fg.add_const(np.array(scale, np.float32), "fq.scale")
-        s_out = s if out_scale is None else fg.add_const(np.array(out_scale, np.float32), "fq.scale")
-        lo_c = fg.add_const(np.array(lo, np.float32), "fq.lo")
-        hi_c = fg.add_const(np.array(hi, np.float32), "fq.hi")
+        s = fg.add_const(np.array(scale, real), "fq.scale")
+        s_out = s if out_scale is None else fg.add_const(np.array(out_scale, real), "fq.scale")
+        lo_c = fg.add_const(np.array(lo, real), "fq.lo")
+        hi_c = fg.add_const(np.array(hi, real), "fq.hi")
         d = fg.make_node("Div", [x, s], f"{x}.fq")
-        r = fg.make_node("Round", d.outputs, f"{x}.fq")
-        c = fg.make_node("Clip", [r.outputs[0], lo_c, hi_c], f"{x}.fq")
+        steps = [d, *(_rounded(fg, d.outputs[0], ties, f"{x}.fq") if ties else [fg.make_node("Round", d.outputs, f"{x}.fq")])]
+        c = fg.make_node("Clip", [steps[-1].outputs[0], lo_c, hi_c], f"{x}.fq")
         m = fg.make_node("Mul", [c.outputs[0], s_out], f"{x}.fq")
         if out is not None:
             m.outputs = [out]
-        return [d, r, c, m], m.outputs[0]
+        return [*steps, c, m], m.outputs[0]
 
     def position_after(tensor: str) -> int:
         for i, n in enumerate(fg.nodes):
@@ -151,7 +158,7 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
             if scale is None:
                 raise ExportError(f"the .intq's fake-quant record takes the scale of constant {parts[0]!r}, which has none")
         value = q * np.asarray(scale, np.float64)
-        replaced = fg.add_const(value.reshape(original.shape).astype(np.float32), "fq.const")
+        replaced = fg.add_const(value.reshape(original.shape).astype(real), "fq.const")
         if node.inputs[index] in fg.batch_rows:
             fg.batch_rows.add(replaced)
         node.inputs[index] = replaced
@@ -193,8 +200,87 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
     fg.nodes.extend(n for _, n in added)
     for name, (build, spec) in mirrored.items():
         _mirror_node(fg, by_name[name], build, spec, integer_consts)
+    if ties:
+        _in_float64(fg)
     fg.toposort()
     return fg
+
+
+# An exact tie of the integer requantizer (its value is a multiple of 2^-shift, and ITA's 8-bit
+# multipliers make half-way values common: 0.8% of CamemBERT's first output projection) reaches
+# the fake-quant model as k + 1/2 within float64's error of the float products, about 1e-11 at
+# |x / s| < 2^16. Values within TIE of k + 1/2 are taken for the tie: above any float64 error
+# and below the spacing 2^-shift of real values for shift <= 30 (ITA's requantizers); for the
+# 31-bit dyadic multipliers it takes 2^-29 of all values, near-ties, for ties.
+TIE = 2.0 ** -30
+
+
+def _rounded(fg: Graph, v: str, rounding: str, stem: str) -> list[Node]:
+    """Nodes rounding v to an integer as the integer graph's requantizers do, an exact tie
+    (within TIE) half up (ITA) or to even (I-BERT)."""
+    tie = fg.add_const(np.array(TIE, np.float64), "fq.tie")
+    half = fg.add_const(np.array(0.5, np.float64), "fq.half")
+    shifted = fg.make_node("Add", [v, half], stem)
+    nudged = fg.make_node("Add", [shifted.outputs[0], tie], stem)
+    up = fg.make_node("Floor", nudged.outputs, stem)  # k + 1/2 (within TIE) -> k + 1
+    if rounding == "half_up":
+        return [shifted, nudged, up]
+    # to even: a tie whose upper neighbour is odd goes down
+    gap = fg.make_node("Sub", [shifted.outputs[0], up.outputs[0]], stem)
+    size = fg.make_node("Abs", gap.outputs, stem)
+    at_tie = fg.make_node("Less", [size.outputs[0], tie], stem)
+    parity = fg.make_node("Mod", [up.outputs[0], fg.add_const(np.array(2.0, np.float64), "fq.two")], stem, fmod=1)
+    even = fg.make_node("Equal", [parity.outputs[0], fg.add_const(np.array(0.0, np.float64), "fq.zero")], stem)
+    odd = fg.make_node("Not", even.outputs, stem)
+    down = fg.make_node("And", [at_tie.outputs[0], odd.outputs[0]], stem)
+    lower = fg.make_node("Sub", [up.outputs[0], fg.add_const(np.array(1.0, np.float64), "fq.one")], stem)
+    result = fg.make_node("Where", [down.outputs[0], lower.outputs[0], up.outputs[0]], stem)
+    return [shifted, nudged, up, gap, size, at_tie, parity, even, odd, down, lower, result]
+
+
+# onnxruntime has no float64 kernel for these: they run in float32 between two Casts.
+FLOAT32_ONLY_OPS = ("Gelu", "Erf")
+
+
+def _in_float64(fg: Graph) -> None:
+    """The whole fake-quant model in float64: its float products of quantized values are then
+    the integer model's exact ones to about 1e-16, so it rounds where the integer model rounds,
+    ties included (`_rounded`). Float inputs are cast on entry and outputs back to float32."""
+    for name, value in list(fg.consts.items()):
+        if np.asarray(value).dtype == np.float32:
+            fg.consts[name] = np.asarray(value, np.float64)
+            if fg.const_types.get(name) == onnx.TensorProto.FLOAT:
+                fg.const_types[name] = onnx.TensorProto.DOUBLE
+    for node in list(fg.nodes):
+        if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT:
+            node.attrs["to"] = onnx.TensorProto.DOUBLE
+        elif node.op in FLOAT32_ONLY_OPS:
+            narrowed = fg.make_node("Cast", [node.inputs[0]], f"{node.name}.f32", node.scope, to=onnx.TensorProto.FLOAT)
+            widened = fg.make_node("Cast", [fg.fresh(f"{node.outputs[0]}.f32")], f"{node.name}.f64", node.scope,
+                                   to=onnx.TensorProto.DOUBLE)
+            widened.outputs, node.outputs = [node.outputs[0]], list(widened.inputs)
+            node.inputs = [narrowed.outputs[0], *node.inputs[1:]]
+            position = fg.nodes.index(node)
+            fg.nodes[position:position + 1] = [narrowed, node, widened]
+    for name in fg.inputs:
+        if fg.input_types[name][0] != onnx.TensorProto.FLOAT:
+            continue
+        wide = fg.make_node("Cast", [name], f"{name}.f64", to=onnx.TensorProto.DOUBLE)
+        for node in fg.nodes:
+            node.inputs = [wide.outputs[0] if i == name else i for i in node.inputs]
+        fg.nodes.insert(0, wide)
+    for k, name in enumerate(fg.outputs):
+        if fg.output_types.get(name, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            continue
+        producer = next(n for n in fg.nodes if name in n.outputs)
+        inner = fg.fresh(f"{name}.f64")
+        producer.outputs = [inner if o == name else o for o in producer.outputs]
+        for node in fg.nodes:
+            node.inputs = [inner if i == name else i for i in node.inputs]
+        back = fg.make_node("Cast", [inner], f"{name}.f32", to=onnx.TensorProto.FLOAT)
+        back.outputs = [name]
+        fg.nodes.append(back)
+        fg.output_types[name] = onnx.TensorProto.FLOAT
 
 
 def ita_head_sums(fg: Graph, entries: list[dict], fq_chain) -> None:

@@ -112,6 +112,9 @@ class FakeQuantRecord:
     # output projection's output tensor -> how an ITA attention block computes it
     # (`Walker._record_head_sums`): each head's share rounded to int8 on its own, then summed
     head_sums: dict[str, dict] = field(default_factory=dict)
+    # how the integer graph's requantizers round ("half_up": ITA's; "half_even": I-BERT's
+    # dyadic ones): the fake-quant model breaks exact ties the same way
+    rounding: str = "half_even"
 
 
 @dataclass
@@ -157,6 +160,7 @@ class Walker:
         self.at_bits: dict[tuple[str, int], Value] = {}
         self.masked_scores: dict[str, tuple[Value, str]] = {}
         self.record = FakeQuantRecord()
+        self.record.rounding = self.rounding
         # integer tensor -> the gain of the Requant that made it (frontend.requant.rounding_gain):
         # the fake-quant model rounds at its scale times that gain, as the integer graph does
         self.rounding_gains: dict[str, Any] = {}

@@ -233,6 +233,16 @@ NAMED = ("bert", "distilbert", "mobilebert", "roberta", "vit", "deit", "minilm")
 # ITA's half-up requantizers, which the float32 fake-quant model breaks one way or the other by its own
 # rounding (CamemBERT's first attention output projection requantizes by 128 / 2^14: 0.80% of its values are
 # exact ties, 0.61% come out a step off; 0.15% of Electra's first scores are ties), then amplified as below.
+# Those ties are now broken as the integer model breaks them: the fake-quant model runs in float64, where its
+# products of quantized values are the integer ones to about 1e-16, and rounds a value within 2^-30 of
+# k + 1/2 half up (ITA) or to even (I-BERT), as the record's `rounding` says (exporters/fakequant._rounded).
+# TorchScript fixed: Electra ita 0.99583 -> 0.99982, XLM-RoBERTa and CamemBERT 0.99631 -> 1.0, DeBERTa-v2
+# 0.99878 -> 1.0, ModernBERT ita 0.99323 -> 1.0, SqueezeBERT ita 0.99880 -> 1.0; BERT ibert 0.99986 -> 0.99991,
+# ita 0.99999 -> 1.0. Left: MobileBERT (ibert 0.99678; ita 0.68930, whose first difference is its first
+# feed-forward block's residual sum, 50% of the values up to 3 steps off with every point before it equal:
+# a fake-quant record that does not match the integer graph there, not yet found; the model amplifies any
+# difference, as its entry below says) and RoFormer ibert (0.99921, one sample of 24 whose top-1 is a near
+# tie between two logits).
 # The analysis below, measured against float nonlinearities, is from before the mirrors.
 # Why, measured (`perturb`'s docstring has the model side):
 # - the fake-quant model itself is that sensitive: relative noise of 1e-4 (80 dB) on one tensor, its first
@@ -255,21 +265,9 @@ NAMED = ("bert", "distilbert", "mobilebert", "roberta", "vit", "deit", "minilm")
 # - MobileBERT (NoNorm: nothing re-normalises its residual stream, which grows to std 60 by the pooler, whose
 #   tanh saturates) loses to quantization itself: fake-quant vs float -0.12 (ibert), -0.10 (ita).
 BELOW_FLOOR = {
-    ("mobilebert", "ibert"): "0.98580, 24/24", ("mobilebert", "ita"): "0.77085, 18/24",
-    ("mobilebert", "ita-partial"): "0.77085, 18/24",
-    ("electra", "ita"): "0.99583, 24/24", ("electra", "ita-partial"): "0.99583, 24/24",
-    ("xlm-roberta", "ita"): "0.99631, 24/24", ("xlm-roberta", "ita-partial"): "0.99631, 24/24",
-    ("camembert", "ita"): "0.99631, 24/24", ("camembert", "ita-partial"): "0.99631, 24/24",
-    ("deberta-v2", "ita"): "0.99878, 24/24", ("deberta-v2", "ita-partial"): "0.99878, 24/24",
-    # The families added on 2026-12-04 (their other pairs reach the floor: ModernBERT ibert 0.99949,
-    # RoFormer ita / ita-partial 1.0, SqueezeBERT ibert 0.99989). Their attention has no ITA block (rotary
-    # or convolutions between the projections and the scores), so its matrix products requantize with ITA's
-    # half-up requantizer one by one, whose ties the float32 fake-quant model breaks either way (above):
-    # ModernBERT's first difference is 0.73% of its first output projection a step off, SqueezeBERT's alike.
-    # RoFormer ibert: 0.99918 with one sample of 24 whose top-1 is a near tie.
-    ("modernbert", "ita"): "0.99323, 24/24", ("modernbert", "ita-partial"): "0.99323, 24/24",
-    ("squeezebert", "ita"): "0.99880, 24/24", ("squeezebert", "ita-partial"): "0.99880, 24/24",
-    ("roformer", "ibert"): "0.99918, 23/24",
+    ("mobilebert", "ibert"): "0.99678, 24/24", ("mobilebert", "ita"): "0.68930, 18/24",
+    ("mobilebert", "ita-partial"): "0.68930, 18/24",
+    ("roformer", "ibert"): "0.99921, 23/24",
 }
 
 

@@ -106,3 +106,44 @@ def test_the_fake_quant_model_reproduces_an_ita_layers_int8_result(vit_ita):
     nominal = dict(record, tensors=[row[:4] for row in record["tensors"]])
     ints, fqs, _ = _first_ita_point(vit_ita, nominal)
     assert np.mean(np.rint(fqs) != ints) > 0.01
+
+
+def _fake_quant_rounding(values: np.ndarray, ties: str) -> np.ndarray:
+    """exporters.fakequant._rounded on float64 values, run by onnxruntime."""
+    import onnx
+    from refsim.exporters.fakequant import _rounded
+    from refsim.exporters.frontend.graph import Graph
+    from refsim.exporters.runtime import FloatRunner
+
+    g = Graph()
+    g.inputs, g.input_types = ["v"], {"v": (onnx.TensorProto.DOUBLE, ("n",))}
+    g.opsets = {"": 20}
+    g.nodes = _rounded(g, "v", ties, "r")
+    g.outputs, g.output_types = [g.nodes[-1].outputs[0]], {g.nodes[-1].outputs[0]: onnx.TensorProto.DOUBLE}
+    return FloatRunner(g.to_model()).run({"v": values})[g.outputs[0]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_float64_fake_quant_model_breaks_ties_as_the_requantizer(seed):
+    """ITA's requantizer rounds acc * mul / 2^shift half up; its exact ties reach the float64
+    fake-quant model as acc * s_acc / (s_out * g), k + 1/2 within float64's error. They are
+    rounded half up (ITA) or to even (I-BERT) like the integer graph; every other value as
+    np.rint."""
+    rng = np.random.default_rng(seed)
+    s_acc, ratio = float(rng.uniform(1e-5, 1e-3)), float(rng.uniform(1e-4, 1e-2))
+    s_out = s_acc / ratio
+    d = ita_dyadic(ratio, "test")
+    mul, shift = int(d.mul), int(d.shift)
+    acc = rng.integers(-(1 << 20), 1 << 20, 200_000)
+    tie = (acc * mul) % (1 << shift) == 1 << (shift - 1)
+    acc = np.concatenate([acc, (np.arange(-500, 500) * (1 << shift) + (1 << (shift - 1))) // np.gcd(mul, 1 << shift)])
+    tie = (acc * mul) % (1 << shift) == 1 << (shift - 1)
+    assert tie.sum() >= 500
+    v = acc * s_acc / (s_out * rounding_gain(ratio, mul, shift))  # the fake-quant model's float64 value
+    half_up = _fake_quant_rounding(v, "half_up").astype(np.int64)
+    assert np.array_equal(half_up, _half_up(acc, mul, shift))
+    q = acc * mul  # to even: exact, from the integers
+    floor, rest = q >> shift, q & ((1 << shift) - 1)
+    even = floor + ((rest > (1 << (shift - 1))) | ((rest == (1 << (shift - 1))) & (floor % 2 == 1)))
+    assert np.array_equal(_fake_quant_rounding(v, "half_even").astype(np.int64), even)
+    assert not np.array_equal(np.rint(v).astype(np.int64)[tie], half_up[tie])  # what Round alone gives
