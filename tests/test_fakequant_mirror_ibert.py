@@ -4,6 +4,7 @@ one-node mirror graph, run in onnxruntime on float64, equals the refsim op's spe
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -218,3 +219,34 @@ def test_round_shift_in_two_limbs(cases):
     small = np.abs(expected) < 2**53
     assert np.array_equal(got[small], expected[small].astype(np.float64)), (got[small], expected[small])
     assert np.allclose(got[~small], expected[~small].astype(np.float64), rtol=2**-50)
+
+
+@functools.cache
+def _helper_session():
+    from refsim.exporters.mirror import floor_div, isqrt
+
+    g = Graph("helpers", {"": 17})
+    for name in ("a", "b", "v"):
+        g.inputs.append(name)
+        g.input_types[name] = (11, ("n",))
+    g.outputs = [floor_div(g, "a", "b", "div"), isqrt(g, "v", "sqrt")]
+    g.output_types.update({o: 11 for o in g.outputs})
+    g.toposort()
+    return ort.InferenceSession(g.to_model().SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@given(st.lists(st.tuples(st.integers(-(2**52), 2**52), st.integers(1, 2**52), st.integers(0, math.isqrt(2**53 - 1)),
+                          st.sampled_from([-1, 0, 1]), st.booleans()), min_size=1, max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_floor_div_and_isqrt_are_exact(cases):
+    """The shared helpers on the values where float rounding bites: quotients next to an
+    integer (a = q * b + {-1, 0, 1}), perfect squares and their neighbours, below 2^53."""
+    a, b, v = [], [], []
+    for x, y, root, near, multiple in cases:
+        a.append(max(-(2**52), min(2**52, (x // y) * y + near)) if multiple else x)
+        b.append(y)
+        v.append(min(max(root * root + near, 0), 2**53 - 1))
+    got_div, got_sqrt = _helper_session().run(None, {"a": np.array(a, np.float64), "b": np.array(b, np.float64),
+                                                     "v": np.array(v, np.float64)})
+    assert [int(q) for q in got_div] == [x // y for x, y in zip(a, b)]
+    assert [int(r) for r in got_sqrt] == [math.isqrt(x) for x in v]

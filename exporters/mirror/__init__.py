@@ -108,8 +108,10 @@ def floor_div(fg, a: str, b: str, stem: str) -> str:
 
 
 def isqrt(fg, v: str, stem: str) -> str:
-    """floor(sqrt(v)) exactly for integer-valued DOUBLE 0 <= v < 2^52: sqrt is correctly
-    rounded, so floor(fl(sqrt(v))) is off by at most one; fix y*y > v and (y+1)^2 <= v."""
+    """floor(sqrt(v)) exactly for integer-valued DOUBLE 0 <= v < 2^53: sqrt is correctly
+    rounded, so floor(fl(sqrt(v))) is off by at most one (below 2^52 never; from 2^52 on,
+    sqrt(k^2 - 1) rounds up to k); fix y*y > v and (y+1)^2 <= v (a square past 2^53 rounds,
+    but to a value still above v)."""
     y = emit(fg, "Floor", [emit(fg, "Sqrt", [v], stem)], stem)
     y = emit(fg, "Sub", [y, as_double(fg, emit(fg, "Greater", [emit(fg, "Mul", [y, y], stem), v], stem))], stem)
     y1 = emit(fg, "Add", [y, const(fg, 1.0, f"{stem}.one")], stem)
