@@ -61,7 +61,6 @@ def micro_kernel_rate(repeats: int) -> float:
 
     jit.materialize()
     from numba import njit
-
     from refsim.kernels import vnni
 
     kernel = vnni.micro_kernel
@@ -69,7 +68,7 @@ def micro_kernel_rate(repeats: int) -> float:
     @njit
     def spin(a, b, c, k_groups, calls):
         for _ in range(calls):
-            kernel(a, 0, 4 * k_groups, b, 0, c, vnni.NR, k_groups)
+            kernel(a, 0, 4 * k_groups, b, 0, c, vnni.NR, k_groups, False)
 
     k_groups, calls = 64, 20000
     a = np.ones(vnni.MR * 4 * k_groups, np.uint8)
