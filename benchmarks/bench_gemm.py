@@ -6,7 +6,7 @@ Prints, per shape (M x K x N) and thread count (1: the sequential twin, as the e
 one-thread steps; 2: the parallel kernel), refsim's GMAC/s with its requantization fused
 (--plain: int32 sums only), onnxruntime's int8 MatMulInteger (uint8 x int8 -> int32, B a
 constant initializer, so prepacked) on the same operands in the same run, and the ratio.
-Then the micro-kernel alone on L1-resident operands (6 rows x 64 columns, K = 256): the
+Then the micro-kernel alone on L1-resident operands (MR rows x NR columns, K = 256): the
 VPDPBUSD throughput the whole GEMM is bounded by.
 
 Each figure is the fastest of `repeats` runs (the machine is shared: the minimum is the
@@ -120,8 +120,10 @@ def main() -> int:
                 theirs = macs / fastest(lambda: session.run(None, feed), args.repeats) / 1e9
             print(f"  {k:>5}x{n:<5} {threads:>3} {ours:13.1f} {theirs:10.1f} {ours / theirs:6.2f}")
     backend.set_threads(1)
+    from refsim.kernels import vnni
+
     rate = micro_kernel_rate(args.repeats)
-    print(f"micro-kernel alone (6 x 64, K = 256, in L1), one thread: {rate:.1f} GMAC/s = "
+    print(f"micro-kernel alone ({vnni.MR} x {vnni.NR}, K = 256, in L1), one thread: {rate:.1f} GMAC/s = "
           f"{rate / 2.8 / 64:.2f} VPDPBUSD zmm per cycle at the nominal 2.8 GHz")
     return 0
 

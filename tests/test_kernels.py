@@ -140,9 +140,10 @@ def _vnni_weight_gemm(a, b, corr, threads, requant=None, keep_acc=True):
 def test_vnni_weight_gemm_is_exact_however_its_tasks_fall(threads, m, k, n, fused, seed, data):
     """However many threads the VNNI weight GEMM is told it runs on (few rows: each takes
     a share of the columns, `panels.task_grid`; 8 threads: more than 300 columns have
-    panels), and wherever K is cut into chunks that stay in L1 (B_CHUNK_GROUPS: K past
-    384 has two, past 768 three), the sum and its fused requantization are exact; both
-    twins run (inputs from 16k values on run the parallel one)."""
+    panels), and wherever K is cut into chunks that stay in L1 (B_CHUNK_GROUPS: 48-column
+    panels cut K past 512 in two, past 1024 in three), the sum and its fused
+    requantization are exact; both twins run (inputs from 16k values on run the parallel
+    one)."""
     rng = np.random.default_rng(seed)
     a = rng.integers(-128, 128, (m, k)).astype(np.int8)
     b = rng.integers(-128, 128, (k, n))
@@ -169,7 +170,7 @@ def test_vnni_weight_gemm_splits_many_rows_into_row_tasks(threads):
     from refsim.kernels import vnni
 
     m, k, n = 301, 2001, 130
-    assert m * k > vnni.A_TASK_BYTES
+    assert m * k > vnni.A_TASK_BYTES and k > 2 * vnni.KG * vnni.B_CHUNK_GROUPS
     rng = np.random.default_rng(threads)
     a = rng.integers(-128, 128, (m, k)).astype(np.int8)
     b = rng.integers(-128, 128, (k, n))
@@ -187,13 +188,14 @@ def test_task_grid_splits_rows_first_then_columns():
     at most task_bytes, a whole multiple of the threads; columns only when rows are few."""
     from refsim.kernels.panels import task_grid
 
-    assert task_grid(22, 6 * 768, 12, 1, 512 << 10) == (1, 1)  # BERT-base b1, one thread: one task
-    assert task_grid(22, 6 * 768, 12, 2, 512 << 10) == (1, 2)  # two threads: half the columns each
-    assert task_grid(22, 6 * 768, 1, 2, 512 << 10) == (1, 1)  # one panel: nothing to split
-    assert task_grid(171, 6 * 768, 12, 2, 512 << 10) == (2, 1)  # batch 8 (1024 rows): two row tasks
-    assert task_grid(171, 6 * 3072, 12, 2, 512 << 10) == (8, 1)  # K = 3072: seven row tasks, rounded to eight
-    assert task_grid(171, 6 * 768, 12, 0, 512 << 10) == (2, 1)  # no thread count: taken as one
-    assert task_grid(3, 6 * 100000, 12, 2, 512 << 10) == (3, 1)  # never more row tasks than blocks
+    assert task_grid(16, 8 * 768, 16, 1, 512 << 10) == (1, 1)  # BERT-base b1, one thread: one task
+    assert task_grid(16, 8 * 768, 16, 2, 512 << 10) == (1, 2)  # two threads: half the columns each
+    assert task_grid(16, 8 * 768, 1, 2, 512 << 10) == (1, 1)  # one panel: nothing to split
+    assert task_grid(128, 8 * 768, 16, 2, 512 << 10) == (2, 1)  # batch 8 (1024 rows): two row tasks
+    assert task_grid(128, 8 * 3072, 16, 2, 512 << 10) == (6, 1)  # K = 3072: six row tasks
+    assert task_grid(128, 8 * 2400, 16, 2, 512 << 10) == (6, 1)  # five, rounded up to a multiple of the threads
+    assert task_grid(128, 8 * 768, 16, 0, 512 << 10) == (2, 1)  # no thread count: taken as one
+    assert task_grid(3, 8 * 100000, 16, 2, 512 << 10) == (3, 1)  # never more row tasks than blocks
 
 
 @pytest.mark.parametrize("module", BYTE_GEMMS)

@@ -5,16 +5,20 @@ signed bytes of the other and adds the four products to the lane's int32, with n
 intermediate rounding or saturation: exact as long as no int32 sum overflows (the caller
 checks that from the operand bounds).
 
-Register plan of the micro-kernel: a block of MR = 6 rows x NR = 64 columns of C lives in
-24 zmm accumulators (6 rows x 4 vectors of 16 int32 lanes) for the whole reduction. Each
-step over 4 values of K loads 4 vectors of B (the 4 bytes of K for each of 64 columns) and
-broadcasts 4 bytes of each of the 6 rows of A, then issues 24 VPDPBUSD: 1536 multiply-adds
-for 10 loads.
+Register plan of the micro-kernel: a block of MR = 8 rows x NR = 48 columns of C lives in
+24 zmm accumulators (8 rows x 3 vectors of 16 int32 lanes) for the whole reduction. Each
+step over 4 values of K loads 3 vectors of B (the 4 bytes of K for each of 48 columns) and
+broadcasts 4 bytes of each of the 8 rows of A, then issues 24 VPDPBUSD: 1536 multiply-adds
+for 11 loads. Measured here against 6 x 64 and 12 x 32 (same 24 accumulators), B in L1,
+128 rows: 8 x 48 ran 300-330 GMAC/s on one core where 6 x 64 ran 265-290 (128 rows are 16
+blocks of 8, where blocks of 6 compute 132) and 12 x 32 255-300. The micro-kernel alone,
+operands in L1, runs about 300-320 GMAC/s: two VPDPBUSD zmm per cycle, near enough.
 
-B is packed once (weights) or per call (activation x activation): panels of 64 columns,
-and within a panel, for each group of 4 rows of K, 256 bytes ordered [column][byte of the
-group]. A is a row-major uint8 buffer whose rows hold K padded to a multiple of 4; padded
-bytes of A meet zero rows of B, so they are harmless, and padded rows of C are never used.
+B is packed once (weights) or per call (activation x activation): panels of NR columns,
+and within a panel, for each group of 4 rows of K, NR * 4 bytes ordered [column][byte of
+the group]. A is a row-major uint8 buffer whose rows hold K padded to a multiple of 4;
+padded bytes of A meet zero rows of B, so they are harmless, and padded rows of C are
+never used.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from ..jit import njit, prange
 from .epilogue import epilogue, panel_params
 from .panels import pack_panels, padded, share, task_grid  # noqa: F401  (padded: the engine module's interface)
 
-MR = 6  # rows of C per micro-kernel call
-NV = 4  # zmm vectors of C per row
+MR = 8  # rows of C per micro-kernel call
+NV = 3  # zmm vectors of C per row
 NR = 16 * NV  # columns of C per micro-kernel call (one B panel)
 KG = 4  # bytes of K per VPDPBUSD lane
 A_LOW, A_SPAN = 0, 256  # gemm_activations takes a with a - lo in [A_LOW, A_SPAN]
