@@ -84,6 +84,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--plain", action="store_true", help="int32 sums, no fused requantization")
     p.add_argument("--no-ort", action="store_true")
+    p.add_argument("--no-micro", action="store_true", help="skip the micro-kernel alone")
     p.add_argument("--shapes", default="", help="K x N pairs, e.g. 768x3072,3072x768")
     args = p.parse_args()
 
@@ -120,6 +121,8 @@ def main() -> int:
                 theirs = macs / fastest(lambda: session.run(None, feed), args.repeats) / 1e9
             print(f"  {k:>5}x{n:<5} {threads:>3} {ours:13.1f} {theirs:10.1f} {ours / theirs:6.2f}")
     backend.set_threads(1)
+    if args.no_micro:
+        return 0
     from refsim.kernels import vnni
 
     rate = micro_kernel_rate(args.repeats)

@@ -70,7 +70,9 @@ def epilogue(tile, rows, row0, c0, cols, add, plan, out_lo, out_hi, mode, requan
         for i in range(rows):
             dst = out[row0 + i, c0:c0 + cols]
             for jj in range(cols):
-                product = np.int64(tile[i, jj] + add[jj]) * plan[MUL, jj]
+                # Both factors within int32 (the plan's flag, the caller's bounds): written so,
+                # LLVM multiplies with VPMULDQ instead of the three-multiply int64 product.
+                product = np.int64(np.int32(tile[i, jj] + add[jj])) * np.int64(np.int32(plan[MUL, jj]))
                 dst[jj] = min(max(product, out_lo), out_hi)
     elif requant:
         for i in range(rows):
