@@ -81,6 +81,16 @@ def one_thread(on: bool) -> None:
     _switches.one_thread = on
 
 
+def kernel_threads() -> int:
+    """How many threads the next parallel kernel this thread calls runs on: 1 inside
+    `one_thread` or `sequential_only` (its sequential twin), else Numba's thread count.
+    Kernels that shape their tasks by it take it as an argument (reading Numba's count
+    inside compiled code would stop Numba caching the kernel: a dynamic global)."""
+    if _sequential_only or getattr(_switches, "one_thread", False):
+        return 1
+    return materialize().get_num_threads()
+
+
 def _guarded(dispatcher):
     """`dispatcher`, refusing to compile inside `no_compile()`. Numba calls its compiler
     only after the on-disk cache had nothing for these types, so a cached kernel still

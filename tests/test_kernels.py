@@ -115,6 +115,89 @@ def test_fused_requantization_matches_requantize(monkeypatch, engine, m, k, n, s
     assert np.array_equal(got, requantize(exact, mul, bias, shift, offset, lo, hi, rounding).astype(storage))
 
 
+def _vnni_weight_gemm(a, b, corr, threads, requant=None, keep_acc=True):
+    """vnni.gemm_weight called directly (int8 a, lo = -128) on `threads` threads' tasks:
+    (out, acc), where acc is the int32 sum (requant None: out itself)."""
+    from refsim.kernels import vnni
+
+    m, n = a.shape[0], b.shape[1]
+    packed, kp = vnni.pack_b(b.astype(np.int8)), vnni.padded(b.shape[0], vnni.KG)
+    none = np.empty((0, 0), np.int32)
+    if requant is None:
+        out = np.empty((m, n), np.int32)
+        vnni.gemm_weight(a, -128, packed, kp, n, corr, np.zeros((12, 1), np.int64), 0, 0, 0, 0, out, none, threads)
+        return out, out
+    plan, (lo, hi, mode), storage = requant
+    out, acc = np.empty((m, n), storage), np.empty((m, n), np.int32) if keep_acc else none
+    vnni.gemm_weight(a, -128, packed, kp, n, corr, plan, lo, hi, mode, 1, out, acc, threads)
+    return out, acc
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@given(m=st.integers(1, 40), k=st.integers(1, 1100), n=st.integers(1, 300), fused=st.booleans(),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_vnni_weight_gemm_is_exact_however_its_tasks_fall(threads, m, k, n, fused, seed, data):
+    """However many threads the VNNI weight GEMM is told it runs on (few rows: each takes
+    a share of the columns, `panels.task_grid`; 8 threads: more than 300 columns have
+    panels), and wherever K is cut into chunks that stay in L1 (B_CHUNK_GROUPS: 48-column
+    panels cut K past 512 in two, past 1024 in three), the sum and its fused
+    requantization are exact; both twins run (inputs from 16k values on run the parallel
+    one)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (k, n))
+    a[0], b[:, -1] = -128, -128  # the largest sums
+    corr = 128 * b.sum(axis=0) + rng.integers(-(1 << 20), 1 << 20, n)
+    exact = (a.astype(np.int64) + 128) @ b + corr
+    if not fused:
+        got, _ = _vnni_weight_gemm(a, b, corr, threads)
+        assert np.array_equal(got, exact)
+        return
+    (mul, bias, shift, offset), rounding, (lo, hi, storage) = data.draw(requant_params(n))
+    plan = requant_plan(mul, bias, shift, offset, n)
+    got, acc = _vnni_weight_gemm(a, b, corr, threads, (plan, (lo, hi, mode_code(rounding)), storage))
+    assert np.array_equal(acc, exact)
+    assert np.array_equal(got, requantize(exact, mul, bias, shift, offset, lo, hi, rounding).astype(storage))
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_vnni_weight_gemm_splits_many_rows_into_row_tasks(threads):
+    """Rows whose copy of A exceeds a task's share of L2 (A_TASK_BYTES; 300 x 2000 bytes:
+    two tasks, four or three on 2 or 3 threads) are split by rows, each task with all the
+    panels, an uneven last row block and K in chunks, its requantization fused."""
+    from refsim.kernels import vnni
+
+    m, k, n = 301, 2001, 130
+    assert m * k > vnni.A_TASK_BYTES and k > 2 * vnni.KG * vnni.B_CHUNK_GROUPS
+    rng = np.random.default_rng(threads)
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (k, n))
+    a[-1], b[:, 0] = -128, -128
+    corr = 128 * b.sum(axis=0)
+    exact = ((a.astype(np.float64) + 128) @ b.astype(np.float64)).astype(np.int64) + corr  # |sums| < 2^53: exact
+    plan = requant_plan(rng.integers(1, 1 << 20, n), 7, 21, -3, n)
+    got, acc = _vnni_weight_gemm(a, b, corr, threads, (plan, (-128, 127, mode_code("half_even")), np.int8))
+    assert np.array_equal(acc, exact)
+    assert np.array_equal(got, requantize(exact, plan[0], 7, 21, -3, -128, 127, "half_even").astype(np.int8))
+
+
+def test_task_grid_splits_rows_first_then_columns():
+    """What `panels.task_grid` deals (compiled, called from Python here): rows in tasks of
+    at most task_bytes, a whole multiple of the threads; columns only when rows are few."""
+    from refsim.kernels.panels import task_grid
+
+    assert task_grid(16, 8 * 768, 16, 1, 512 << 10) == (1, 1)  # BERT-base b1, one thread: one task
+    assert task_grid(16, 8 * 768, 16, 2, 512 << 10) == (1, 2)  # two threads: half the columns each
+    assert task_grid(16, 8 * 768, 1, 2, 512 << 10) == (1, 1)  # one panel: nothing to split
+    assert task_grid(128, 8 * 768, 16, 2, 512 << 10) == (2, 1)  # batch 8 (1024 rows): two row tasks
+    assert task_grid(128, 8 * 3072, 16, 2, 512 << 10) == (6, 1)  # K = 3072: six row tasks
+    assert task_grid(128, 8 * 2400, 16, 2, 512 << 10) == (6, 1)  # five, rounded up to a multiple of the threads
+    assert task_grid(128, 8 * 768, 16, 0, 512 << 10) == (2, 1)  # no thread count: taken as one
+    assert task_grid(3, 8 * 100000, 16, 2, 512 << 10) == (3, 1)  # never more row tasks than blocks
+
+
 @pytest.mark.parametrize("module", BYTE_GEMMS)
 @given(t=st.integers(1, 3), m=st.integers(1, 40), k=st.integers(1, 140), n=st.integers(1, 80),
        lo=st.sampled_from([0, -128, 5]), seed=st.integers(0, 2**32 - 1), wide_rows=st.integers(0, 3))

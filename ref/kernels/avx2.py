@@ -126,9 +126,11 @@ def pack_b(b: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, parallel=True)
-def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant, out, acc_out):
+def gemm_weight(a, lo, packed, kp, n, corr, plan, out_lo, out_hi, mode, requant, out, acc_out, threads):
     """`vnni.gemm_weight` (same arguments and results) on the AVX2 micro-kernel: packed
-    comes from this module's `pack_b`; corr must fit int32 (`matmul.int32_exact`)."""
+    comes from this module's `pack_b`; corr must fit int32 (`matmul.int32_exact`). Its
+    tasks are row blocks only (`panels.task_count`): threads is taken for the common
+    interface and not used."""
     m, k = a.shape
     k_groups = kp // KG
     panels = (n + NR - 1) // NR

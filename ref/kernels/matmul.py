@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, jit
 from ..errors import OpError
 from ..ops import matmul as spec
 from ..ops.matmul import FLOAT32_EXACT, FLOAT64_EXACT, INT64_LIMIT
@@ -130,13 +130,14 @@ class PackedWeight:
             a2, lo = _shift_to_bytes(a2, lo), 0
         a2 = np.ascontiguousarray(a2)
         none = np.empty((0, 0), np.int32)
+        threads = jit.kernel_threads() if a2.size >= backend.MEASURE_MIN_ELEMENTS else 1  # the twin that will run
         if plan is None:
             out = np.empty((m, self.n), np.int32)
-            gemm.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, _NO_PLAN, 0, 0, 0, 0, out, none)
+            gemm.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, _NO_PLAN, 0, 0, 0, 0, out, none, threads)
             return out
         out = np.empty((m, self.n), storage)
         acc = np.empty((m, self.n), np.int32) if keep_acc else none
-        gemm.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, plan, *out_range, 1, out, acc)
+        gemm.gemm_weight(a2, lo, self.packed, self.kp, self.n, corr, plan, *out_range, 1, out, acc, threads)
         return (acc, out) if keep_acc else out
 
 

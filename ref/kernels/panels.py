@@ -49,3 +49,24 @@ def task_rows(g, tasks, blocks, rows_per_block, m):
     first, last = g * blocks // tasks, (g + 1) * blocks // tasks
     row0 = first * rows_per_block
     return row0, min(m - row0, (last - first) * rows_per_block), last - first
+
+
+@njit(cache=True, inline="always")
+def share(i, parts, total):
+    """Part i's range [first, last) of `total` things dealt into `parts` even parts."""
+    return i * total // parts, (i + 1) * total // parts
+
+
+@njit(cache=True, inline="always")
+def task_grid(blocks, block_bytes, panels, threads, task_bytes):
+    """(row tasks, column tasks) for a weight GEMM of `blocks` row blocks (block_bytes of A
+    each) and `panels` B panels on `threads` threads. Rows are split first, into tasks of at
+    most task_bytes of A (a whole multiple of the threads, so each gets even work); when
+    there are fewer row tasks than threads (a batch of one), the columns are split too, so
+    that each thread streams only its share of B, once (BERT-base's 768 x 3072 weights,
+    2.4 MB, fit no core's L2), and copies A once."""
+    threads = max(threads, 1)
+    row_tasks = max(1, min(blocks, (blocks * block_bytes + task_bytes - 1) // task_bytes))
+    if row_tasks >= threads:
+        return min(blocks, (row_tasks + threads - 1) // threads * threads), 1
+    return row_tasks, max(1, min(panels, (threads + row_tasks - 1) // row_tasks))
