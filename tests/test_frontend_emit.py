@@ -114,6 +114,39 @@ def test_exact_sum_fraction_bits_follow_the_rule():
     assert m >= 2**31  # one more bit would break the multiplier limit
 
 
+def test_an_exact_sum_of_far_apart_ratios_takes_int64_multipliers():
+    """MobileBERT's residual sum: an int8 feed-forward output (ratio 104) plus an int64 NoNorm
+    term (ratio 2.2e-5, |x| < 2^30). int32 multipliers put the grid at k = 24, where the NoNorm
+    term's multiplier has 9 bits (371) and the term is off by up to 32 output steps; the sum
+    takes int64 multipliers instead, and every term stays within SUM_TOLERANCE of its real
+    value and below the 62-bit bound."""
+    ratios, bounds = (104.08, 2.2e-5), (128, 1 << 30)
+    em = Emitter("g")
+    a = em.input("a", "int8", [64])
+    b = em.input("b", "int64", [64])
+    terms = [rq.Term(a, np.array(ratios[0]), bounds[0]), rq.Term(b, np.array(ratios[1]), bounds[1])]
+    y, _, k = rq.exact_sum(em, terms, dtype="int16", rounding="half_up", stem="y", what="t")
+    assert k > 31
+    for r, bound in zip(ratios, bounds):
+        m = int(np.rint(r * 2.0**k))
+        assert abs(Fraction(m, 1 << k) - Fraction(r)) * bound <= Fraction(rq.SUM_TOLERANCE) and m * bound < 2**61
+    rng = np.random.default_rng(1)
+    av = rng.integers(-128, 128, 64).astype(np.int8)
+    bv = rng.integers(-(1 << 30), 1 << 30, 64).astype(np.int64)
+    got = run(em, y, {"a": av, "b": bv})
+    real = [Fraction(int(x)) * Fraction(ratios[0]) + Fraction(int(z)) * Fraction(ratios[1]) for x, z in zip(av, bv)]
+    assert all(abs(Fraction(int(g)) - min(max(v, Fraction(-32768)), Fraction(32767))) <= Fraction(1, 2) + Fraction(rq.SUM_TOLERANCE)
+               for g, v in zip(got, real))
+
+
+def test_an_exact_sum_of_near_ratios_keeps_int32_multipliers():
+    """Residual sums of int8 / int16 terms at ratios within a few powers of two: the int32 grid
+    already keeps every term within SUM_TOLERANCE, and stays."""
+    terms = [rq.Term("a", np.array(0.9), 32767), rq.Term("b", np.array(13.0), 127)]
+    k = rq.sum_fraction_bits(terms)
+    assert np.rint(13.0 * 2.0**k) < 2**31 <= np.rint(13.0 * 2.0 ** (k + 1))
+
+
 def test_exact_sum_is_one_rounding_of_the_exact_integer_sum():
     em = Emitter("g")
     a = em.input("a", "int16", [2, 4])

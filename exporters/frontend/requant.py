@@ -17,7 +17,8 @@ source bounded by |x - z_in| <= B that gives the `dyadic` multiplier
 y = round(sum_i (x_i - z_i) * r_i + c) (residual adds, embedding sums, QDQ Add/Sub/affine
 chains) puts every term on one grid of k fraction bits, M_i = round(r_i * 2^k), with k
 the largest for which every |M_i| < 2^31 and each of the n terms (constants included)
-stays below 2^62 / 2^ceil(log2 n), so the sum does too (`sum_fraction_bits`).
+stays below 2^62 / 2^ceil(log2 n), so the sum does too; where int32 multipliers would leave a
+term off by more than 2^-10 of an output step, the M_i are int64 (`sum_fraction_bits`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ POLICIES = ("dyadic", "ort", "ita")
 PRODUCT_BITS = 62
 MAX_MUL_BITS = 31
 MIN_MUL_BITS = 8
+# The largest error, in output steps, an exact sum's int32 multipliers may put on a term
+# before the sum takes int64 ones (`sum_fraction_bits`).
+SUM_TOLERANCE = 2.0 ** -10
 
 
 def multiplier_bits(bound: int) -> int:
@@ -166,19 +170,31 @@ class Term:
 
 
 def sum_fraction_bits(terms: list[Term], constants: list[np.ndarray] = (), what: str = "sum") -> int:
-    """The fraction bits k of an exact sum's common grid (module docstring)."""
+    """The fraction bits k of an exact sum's common grid (module docstring).
+
+    The grid is first sized for int32 multipliers. When the terms' ratios are far apart, that
+    leaves the small-ratio terms few bits: a term x_i with |x_i| <= B_i is off by up to
+    B_i * 2^-(k+1) output steps (MobileBERT's residual sum of an int8 feed-forward output,
+    ratio 104, and its int64 NoNorm term, ratio 2.2e-5, got a 9-bit multiplier, 371 / 2^24,
+    and half its sums a step or two off). Where some term could be off by more than
+    SUM_TOLERANCE steps, the grid takes int64 multipliers, as fine as the 62-bit bound allows."""
     count = len(terms) + len(constants) + (1 if any(np.any(t.zero_point) for t in terms) else 0)
     limit = 2.0 ** (PRODUCT_BITS - math.ceil(math.log2(max(count, 1))))
-    for k in range(PRODUCT_BITS, -1, -1):
-        ok = True
+
+    def fits(k: int, mul_bits: int) -> bool:
         for t in terms:
             m = np.abs(np.rint(np.asarray(t.ratio, np.float64) * 2.0**k))
-            if np.any(m >= 2.0**MAX_MUL_BITS) or np.any(m * (t.bound + np.abs(np.asarray(t.zero_point))) >= limit):
-                ok = False
-                break
-        if ok and all(np.all(np.abs(np.rint(np.asarray(c, np.float64) * 2.0**k)) < limit) for c in constants):
-            return k
-    raise ExportError(f"{what}: the operands' scales are too far apart for an exact integer sum")
+            if np.any(m >= 2.0**mul_bits) or np.any(m * (t.bound + np.abs(np.asarray(t.zero_point))) >= limit):
+                return False
+        return all(np.all(np.abs(np.rint(np.asarray(c, np.float64) * 2.0**k)) < limit) for c in constants)
+
+    k = next((k for k in range(PRODUCT_BITS, -1, -1) if fits(k, MAX_MUL_BITS)), None)
+    worst = max((t.bound + int(np.max(np.abs(t.zero_point)))) * 2.0 ** -((k or 0) + 1) for t in terms) if terms else 0.0
+    if k is None or worst > SUM_TOLERANCE:
+        k = next((j for j in range(PRODUCT_BITS, (k or 0), -1) if fits(j, PRODUCT_BITS)), k)
+    if k is None:
+        raise ExportError(f"{what}: the operands' scales are too far apart for an exact integer sum")
+    return k
 
 
 def exact_sum(em: Emitter, terms: list[Term], constants: list[tuple[np.ndarray, str]] = (), *, dtype: str,
@@ -195,7 +211,7 @@ def exact_sum(em: Emitter, terms: list[Term], constants: list[tuple[np.ndarray, 
         zp = np.asarray(t.zero_point, np.int64)
         if np.any(zp):
             bias = bias - m * zp
-        mul = em.const(m, "int32", f"{stem}.term{i}.mul")
+        mul = em.const(m, "int32" if np.all(np.abs(m) < 2**MAX_MUL_BITS) else "int64", f"{stem}.term{i}.mul")
         part = em.node("Mul", [t.tensor, mul], f"{stem}.term{i}", dtype="int64")
         total = part if total is None else em.node("Add", [total, part], f"{stem}.sum", dtype="int64")
     names = []
