@@ -3,12 +3,13 @@ quantizes, at the same scales.
 
 `fq(x) = clip(round(x / s), lo, hi) * s` is inserted on each edge where the integer graph
 requantizes a tensor for a consumer and after each tensor the integer graph stores in fewer
-bits; constants (weights, biases, embedding tables, constants added or concatenated, NoNorm's
-gamma and beta) are replaced by their quantized values times their scales. The model runs in
-float64 (`_in_float64`), where its products of quantized values are the integer model's to
-about 1e-16, and `round` breaks an exact tie as the integer graph's requantizers do (the
-record's `rounding`: half up for ITA, to even for I-BERT; `_rounded`). Records from before
-(no `rounding`) keep float32 and ONNX's `Round`.
+bits (a softmax's input before its key-padding mask, which the integer softmax takes as an
+input of its own: `_key_masked`); constants (weights, biases, embedding tables, constants
+added or concatenated, NoNorm's gamma and beta) are replaced by their quantized values
+times their scales. The model runs in float64 (`_in_float64`), where its products of
+quantized values are the integer model's to about 1e-16, and `round` breaks an exact tie
+as the integer graph's requantizers do (the record's `rounding`: half up for ITA, to even
+for I-BERT; `_rounded`). Records from before (no `rounding`) keep float32 and ONNX's `Round`.
 
 Each nonlinearity the integer graph computes with an integer op (softmax, GELU,
 LayerNorm, lookup tables: `FakeQuantRecord.nonlinear`) is computed as that op computes it,
