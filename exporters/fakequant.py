@@ -3,12 +3,13 @@ quantizes, at the same scales.
 
 `fq(x) = clip(round(x / s), lo, hi) * s` is inserted on each edge where the integer graph
 requantizes a tensor for a consumer and after each tensor the integer graph stores in fewer
-bits; constants (weights, biases, embedding tables, constants added or concatenated, NoNorm's
-gamma and beta) are replaced by their quantized values times their scales. The model runs in
-float64 (`_in_float64`), where its products of quantized values are the integer model's to
-about 1e-16, and `round` breaks an exact tie as the integer graph's requantizers do (the
-record's `rounding`: half up for ITA, to even for I-BERT; `_rounded`). Records from before
-(no `rounding`) keep float32 and ONNX's `Round`.
+bits (a softmax's input before its key-padding mask, which the integer softmax takes as an
+input of its own: `_key_masked`); constants (weights, biases, embedding tables, constants
+added or concatenated, NoNorm's gamma and beta) are replaced by their quantized values
+times their scales. The model runs in float64 (`_in_float64`), where its products of
+quantized values are the integer model's to about 1e-16, and `round` breaks an exact tie
+as the integer graph's requantizers do (the record's `rounding`: half up for ITA, to even
+for I-BERT; `_rounded`). Records from before (no `rounding`) keep float32 and ONNX's `Round`.
 
 Each nonlinearity the integer graph computes with an integer op (softmax, GELU,
 LayerNorm, lookup tables: `FakeQuantRecord.nonlinear`) is computed as that op computes it,
@@ -188,6 +189,13 @@ def fake_quant_graph(g: Graph, record: dict, integer_consts: dict[str, np.ndarra
         node = by_name.get(node_name)
         if node is None:
             raise ExportError(f"the .intq's fake-quant record names node {node_name!r}, which this ONNX model does not have")
+        masked = _key_masked(fg, node.inputs[index]) if node.op == "Softmax" and index == 0 else None
+        if masked is not None:
+            # The integer graph quantizes the scores and masks keys in the softmax: quantized
+            # after the mask, a masked score would be clipped to the grid's finite minimum and
+            # its key keep a share of the float softmax. Quantized before it, the masked
+            # scores stay at the mask's lowest float and exp gives exactly 0, as in the float model.
+            node, index = masked, next(i for i, t in enumerate(masked.inputs) if t not in fg.key_padding_masks)
         x = node.inputs[index]
         out_scale = out_scale[0] if out_scale else None
         key = (x, np.asarray(scale).tobytes(), bits, signed, None if out_scale is None else np.asarray(out_scale).tobytes())
@@ -341,6 +349,15 @@ def _mirrored(record: dict, by_name: dict[str, Node], integer_consts: dict[str, 
     return out
 
 
+def _key_masked(fg: Graph, tensor: str) -> Node | None:
+    """The Add that puts a key-padding mask (`Graph.key_padding_masks`, the canonical
+    additive mask) on the scores `tensor` is made of, if it is one."""
+    producer = next((n for n in fg.nodes if tensor in n.outputs), None)
+    if producer is None or producer.op != "Add" or not any(i in fg.key_padding_masks for i in producer.inputs):
+        return None
+    return producer
+
+
 def _scale_const(fg: Graph, scale) -> str:
     return fg.add_const(np.asarray(scale, np.float64), "fq.nl_scale")
 
@@ -351,7 +368,14 @@ def _mirror_node(fg: Graph, node: Node, build, spec: dict, integer_consts: dict[
     from .mirror import emit
 
     stem = f"{node.name}.mirror"
-    x = emit(fg, "Cast", [node.inputs[0]], stem, to=onnx.TensorProto.DOUBLE)
+    x = node.inputs[0]
+    masked = _key_masked(fg, x) if spec.get("mask") else None
+    if masked is not None:
+        # The integer op takes the scores before the mask, and the mask as its own input (below).
+        x = next(i for i in masked.inputs if i not in fg.key_padding_masks)
+        if all(masked.outputs[0] not in n.inputs for n in fg.nodes if n is not node):
+            fg.nodes.remove(masked)
+    x = emit(fg, "Cast", [x], stem, to=onnx.TensorProto.DOUBLE)
     x = emit(fg, "Round", [emit(fg, "Div", [x, _scale_const(fg, spec["input_scale"])], stem)], stem)
     if spec.get("input_mul", 1) != 1:
         x = emit(fg, "Mul", [x, _scale_const(fg, float(spec["input_mul"]))], stem)
