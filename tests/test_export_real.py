@@ -98,7 +98,8 @@ def _lines(path: Path, count: int, target: Path) -> Path:
 
 def test_minilm_w8a8_sentence_embeddings(minilm, tmp_path):
     """W8A8 I-BERT: mean cosine of integer vs float sentence embeddings >= 0.98, and integer vs
-    its own fake-quant model to tests/families.py's minilm-real floor (0.99898 measured here;
+    its own fake-quant model to the issue's 0.999 (0.99898 measured here before exact sums took
+    int64 multipliers where int32 ones were too coarse, 0.99958 since; integer vs float 0.99641;
     the family matrix's CI cross-section leaves the real weights to this test)."""
     calib = _lines(MINILM / "calibration_sentences.txt", 40, tmp_path / "calib.txt")
     sentences = _lines(ROOT / "examples" / "sentences.txt", 48, tmp_path / "eval.txt")
@@ -107,7 +108,8 @@ def test_minilm_w8a8_sentence_embeddings(minilm, tmp_path):
     report = compare(minilm, out, sentences)
     pairs = report.outputs["sentence_embedding"]
     assert pairs["integer vs float"]["cosine"] >= 0.98, pairs
-    assert pairs["integer vs fake-quant"]["cosine"] >= 0.9985, pairs
+    assert pairs["integer vs fake-quant"]["cosine"] >= 0.999, pairs
+    print(f"MiniLM W8A8: {pairs}")  # shown by -rP
     assert not report.warnings
 
 
