@@ -321,6 +321,48 @@ def test_global_average_pool_becomes_a_mean():
     assert_same(model, g, rng_feeds(x=(2, 4, 6)))
 
 
+def l2_normalized(guard: str):
+    """sentence-transformers' Normalize as the exporters write F.normalize: ReduceL2 over the
+    last axis, kept, clamped from below (Clip or Max) or not, expanded, and a Div."""
+    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["n"], keepdims=1)]
+    norm = "n"
+    if guard == "clip":
+        nodes.append(helper.make_node("Clip", ["n", "eps", ""], ["c"]))
+        norm = "c"
+    elif guard == "max":
+        nodes.append(helper.make_node("Max", ["n", "eps"], ["c"]))
+        norm = "c"
+    nodes += [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Expand", [norm, "s"], ["e"]),
+              helper.make_node("Div", ["x", "e"], ["y"])]
+    inits = {"axes": np.array([-1], np.int64), "eps": np.array(1e-12, np.float32)}
+    return model_of(nodes, [vi("x", F, ["N", 8])], [vi("y", F, None)], inits)
+
+
+@pytest.mark.parametrize("guard", ["clip", "max", "none"])
+def test_an_l2_normalization_becomes_a_layernorm_of_x_and_minus_x(guard):
+    model = l2_normalized(guard)
+    g = graph_of(model)
+    fold.fold_constants(g)
+    rewrites.l2_normalize(g)
+    assert ops(g) == {"Neg": 1, "Concat": 1, "LayerNormalization": 1, "Slice": 1}, ops(g)
+    feeds = rng_feeds(x=(3, 8))
+    feeds["x"][1] *= 1e-3  # a small row: the guard's epsilon stays negligible
+    assert_same(model, g, feeds)
+
+
+def test_a_norm_over_another_axis_or_with_a_large_clamp_is_left_alone():
+    model = l2_normalized("clip")
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array(0.5, np.float32), "eps"))
+    g = graph_of(model)
+    rewrites.l2_normalize(g)
+    assert "LayerNormalization" not in ops(g)
+    model = l2_normalized("none")
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+    g = graph_of(model)
+    rewrites.l2_normalize(g)
+    assert "LayerNormalization" not in ops(g)
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_a_pointwise_conv_becomes_a_matmul_on_the_channels(groups):
     """SqueezeBERT's projections: Conv1d with kernel 1 on [B, C, S], grouped."""

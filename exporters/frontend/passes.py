@@ -11,6 +11,7 @@ symbolic batch and sequence) into a `Graph` in the quantizer's vocabulary, by ru
 | `canonical_masks` | HF attention masks, whatever their chain, replaced by canonical expressions (`frontend.masks`) |
 | `remove_identities` | Identity, Dropout, softmax NaN guards removed |
 | `fuse_layernorm`, `fuse_gelu` | decomposed LayerNorm and GELU (erf or tanh form) -> `LayerNormalization`, `Gelu` |
+| `l2_normalize` | x / max(||x||, eps) over the last axis (sentence-transformers' Normalize) -> the first half of `LayerNormalization([x, -x])` |
 | `gemm_to_matmul` | `Gemm` -> `MatMul` + `Add` |
 | `split_to_slices` | `Split` -> one `Slice` per part (TorchScript's `unbind` / `chunk` of a fused QKV projection) |
 | `global_pools` | `GlobalAveragePool` -> `ReduceMean` over the spatial axes |
@@ -53,6 +54,7 @@ from .rewrites import (
     fuse_layernorm,
     gemm_to_matmul,
     global_pools,
+    l2_normalize,
     pointwise_convs,
     remove_identities,
     split_to_slices,
@@ -76,6 +78,7 @@ EXPORT_PASSES: tuple[Pass, ...] = (
     remove_identities,
     fuse_layernorm,
     fuse_gelu,
+    l2_normalize,
     gemm_to_matmul,
     split_to_slices,
     global_pools,

@@ -159,6 +159,65 @@ def fuse_layernorm(g: Graph) -> None:
     g.toposort()
 
 
+# The largest clamp of a norm taken as a guard against dividing by zero (F.normalize: 1e-12).
+NORM_GUARD = 1e-6
+
+
+def _norm_of(g: Graph, x: str, name: str, producers) -> float | None:
+    """The epsilon guarding `name` when it is max(||x||_2, eps) over x's last axis, kept as
+    a dimension (ReduceL2 -> optional Clip(min) or Max -> optional Expand): 0.0 for an
+    unguarded norm, None when `name` is no such norm."""
+    eps = 0.0
+    node = producers.get(name)
+    while node is not None and node.op in ("Expand", "Clip", "Max"):
+        if node.op == "Clip":
+            low = g.scalar(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+            if low is None or not 0 <= low <= NORM_GUARD or (len(node.inputs) > 2 and node.inputs[2]):
+                return None
+            eps = max(eps, low)
+        elif node.op == "Max":
+            if len(node.inputs) != 2 or node.inputs[1] not in g.consts or g.consts[node.inputs[1]].size != 1:
+                return None
+            low = g.scalar(node.inputs[1])
+            if low is None or not 0 <= low <= NORM_GUARD:
+                return None
+            eps = max(eps, low)
+        node = producers.get(node.inputs[0])
+    if node is None or node.op != "ReduceL2" or node.inputs[0] != x or not node.attrs.get("keepdims", 1):
+        return None
+    return eps if _last_axis(g, _reduce_axes(g, node), x) else None
+
+
+def l2_normalize(g: Graph) -> None:
+    """x / max(||x||_2, eps) over the last axis (sentence-transformers' Normalize,
+    F.normalize, x / x.norm(dim=-1, keepdim=True)) -> the first half of
+    LayerNormalization([x, -x]) with gamma 1/sqrt(D), D the width of x: [x, -x] has mean 0
+    exactly and mean square ||x||^2 / D, so LayerNorm divides it by ||x|| / sqrt(D), and the
+    integer LayerNorm computes the norm (an epsilon of eps^2 / D stands for the guard)."""
+    producers = g.producers()
+    for div in [n for n in g.nodes if n.op == "Div"]:
+        x, norm = div.inputs
+        eps = _norm_of(g, x, norm, producers)
+        width = g.shape(x)[-1] if g.rank(x) else None
+        if eps is None or not isinstance(width, int) or g.shape(div.outputs[0]) != g.shape(x):
+            continue
+        scope = div.scope
+        neg = g.make_node("Neg", [x], f"{scope or 'normalize'}.negated", scope)
+        both = g.make_node("Concat", [x, neg.outputs[0]], f"{scope or 'normalize'}.signed", scope, axis=-1)
+        gamma = np.full(2 * width, 1 / math.sqrt(width), np.float32)
+        ln = g.make_node("LayerNormalization", [both.outputs[0], g.add_const(gamma, "normalize.weight"),
+                                               g.add_const(np.zeros(2 * width, np.float32), "normalize.bias")],
+                         f"{scope or 'normalize'}.norm", scope, axis=-1, epsilon=float(eps * eps / width))
+        half = g.make_node("Slice", [ln.outputs[0], g.add_const(np.array([0], np.int64), "starts"),
+                                     g.add_const(np.array([width], np.int64), "ends"),
+                                     g.add_const(np.array([g.rank(x) - 1], np.int64), "axes")],
+                           f"{scope or 'normalize'}.half", scope)
+        half.outputs = [div.outputs[0]]
+        position = g.nodes.index(div)
+        g.nodes[position:position + 1] = [neg, both, ln, half]
+    g.prune()
+
+
 def fuse_gelu(g: Graph) -> None:
     """0.5 * x * (1 + erf(x / sqrt 2)) in any association -> Gelu (and the tanh form)."""
     for erf in [n for n in g.nodes if n.op in ("Erf", "Tanh")]:
