@@ -87,6 +87,52 @@ def _image(config_name: str, model_name: str, **overrides):
     return build
 
 
+def _sentence(config_name: str, **overrides):
+    """An encoder as sentence-transformers runs it: mean pooling over the tokens the mask
+    keeps, then its Normalize module (F.normalize: x / max(||x||, 1e-12))."""
+    def build():
+        import torch
+
+        class Sentence(torch.nn.Module):
+            def __init__(self, encoder):
+                super().__init__()
+                self.encoder = encoder
+
+            def forward(self, input_ids, attention_mask):
+                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+        return Sentence(_text(config_name, config_name.replace("Config", "Model"), **overrides)())
+    return build
+
+
+def _logits_of(build_model, *names: str):
+    """The model called with `names` (by keyword, as `model(**tokenizer(...))` calls it)
+    returning its logits: the inputs a user exports (BERT with token_type_ids passed, or
+    input_ids alone: no attention_mask, HF builds an all-ones one). An explicit signature:
+    the dynamo exporter's dynamic shapes follow it."""
+    def build():
+        import torch
+
+        class WithTypes(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+        class IdsOnly(WithTypes):
+            def forward(self, input_ids):
+                return self.inner(input_ids=input_ids).logits
+
+        forms = {("input_ids", "attention_mask", "token_type_ids"): WithTypes, ("input_ids",): IdsOnly}
+        return forms[names](build_model())
+    return build
+
+
 def _swin():
     """Swin: 2 stages (a window block and a shifted-window block, patch merging, one block),
     embed dim 32 -> hidden 64, windows of 4 patches."""
@@ -189,6 +235,20 @@ FAMILIES = {f.name: f for f in (
     Family("swin", "image", _swin, inputs=("pixel_values",), torch_fails=("dynamo",),
            refused=tuple((e, "dynamic", "reshapes a constant repeated for every sample .*fixed batch size")
                          for e in EXPORTERS)),
+    # Probed 2026-12-04 (second sweep): HF's I-BERT in float mode (quant_mode=False, RoBERTa's
+    # embeddings), LUKE without entities, sentence-transformers' mean pooling + Normalize on RoBERTa
+    # (the L2 normalization: frontend.rewrites.l2_normalize), BERT called with token_type_ids and
+    # BERT called with input_ids alone (no attention_mask: HF builds an all-ones mask).
+    Family("ibert", "text", _text("IBertConfig", "IBertForSequenceClassification", quant_mode=False, pad_token_id=1)),
+    Family("luke", "text", _text("LukeConfig", "LukeForSequenceClassification", entity_vocab_size=10, entity_emb_size=32,
+                                 pad_token_id=1)),
+    Family("sentence-roberta", "text", _sentence("RobertaConfig", pad_token_id=1), output="sentence_embedding",
+           classes=False),
+    Family("bert-token-types", "text", _logits_of(_text("BertConfig", "BertForSequenceClassification"), "input_ids",
+                                                  "attention_mask", "token_type_ids"),
+           inputs=("input_ids", "attention_mask", "token_type_ids")),
+    Family("bert-ids-only", "text", _logits_of(_text("BertConfig", "BertForSequenceClassification"), "input_ids"),
+           inputs=("input_ids",)),
     # The real all-MiniLM-L6-v2 (`minilm` is its architecture, random): an extra, stricter check
     # on real outlier weights.
     Family("minilm-real", "text", _minilm_real, output="sentence_embedding", classes=False,
@@ -375,7 +435,8 @@ def export(family: Family, exporter: str, shapes: str, path: Path) -> Path:
     batch = 1 if shapes == "fixed" else 2
     if family.kind == "text":
         ids = torch.randint(5, VOCAB if family.pretrained is None else 1000, (batch, family.seq))
-        args = (ids, torch.ones_like(ids))
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        args = tuple(example[n] for n in family.inputs)
         dynamic_axes = {n: {0: "batch", 1: "seq"} for n in family.inputs}
     else:
         args = (torch.randn(batch, 3, IMAGE, IMAGE),)
@@ -410,12 +471,12 @@ def images(which: str) -> np.ndarray:
 def torch_inputs(family: Family, which: str) -> tuple:
     """The `which` data set as the model's torch arguments (tokenized as refsim does)."""
     import torch
-    from refsim.text import TextEncoder
+    from refsim.text import DEFAULT_INPUTS, TextEncoder
 
     if family.kind == "image":
         return (torch.from_numpy(images(which)),)
     encoded = TextEncoder(h.tokenizer_json(), family.seq).encode(sentences(family, which))
-    return torch.from_numpy(encoded["ids"]), torch.from_numpy(encoded["attention_mask"])
+    return tuple(torch.from_numpy(encoded[DEFAULT_INPUTS[n]]) for n in family.inputs)
 
 
 def data(family: Family, folder: Path) -> dict[str, str]:
