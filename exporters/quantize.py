@@ -52,7 +52,7 @@ SUPPORTED = (
     "MatMul/Gemm with constant weights (+ bias Add), MatMul of two activations, Add (residual, bias, "
     "embeddings, key-padding mask), Mul by a constant (scalar, per channel: NoNorm, or a table: rotary cos/sin), "
     "by a token mask or of two activations (a gated feed-forward), Neg, "
-    "Div by a token count (mean pooling), LayerNormalization, Gelu, Relu, Tanh, Softmax, Reshape, "
+    "Div by a token count (mean pooling), LayerNormalization, Gelu, Relu, Tanh, Sigmoid, Softmax, Reshape, "
     "Transpose, Squeeze/Unsqueeze/Flatten, Gather (embedding or index), Slice, Concat, Pad (zeros), "
     "ReduceSum, ReduceMean, Conv (patch embedding)"
 )
@@ -405,7 +405,7 @@ class Walker:
                     bits.append(self.options.layer(self.layer_name(user)).abits)
                 else:
                     bits.append(self.options.abits)
-            elif user.op in ("Gelu", "Tanh"):
+            elif user.op in ("Gelu", "Tanh", "Sigmoid"):
                 bits.append(self.modes.activation_input_bits(self, user))
             else:
                 bits.append(self.options.residual_bits)
@@ -761,6 +761,10 @@ class Walker:
 
     def _visit_Tanh(self, node: Node) -> None:
         self.lookup_table(node, np.tanh)
+
+    def _visit_Sigmoid(self, node: Node) -> None:
+        # SiLU / SwiGLU (x * sigmoid(x): NomicBERT's gated feed-forward) is this table and a product of two activations
+        self.lookup_table(node, lambda x: 1 / (1 + np.exp(-x)))
 
     def _visit_Gelu(self, node: Node) -> None:
         self.modes.gelu(self, node)

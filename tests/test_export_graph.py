@@ -225,3 +225,37 @@ def test_a_fused_qkv_projection_split_by_unbind_exports(tmp_path, dynamo):
     # split into three projections, the attention is an ITA attention block
     export(path, tmp_path / "ita.intq", tmp_path / "calib.npy", mode="ita")
     assert len(refsim.load(tmp_path / "ita.intq").metadata["attention_blocks"]) == 1
+
+
+class _SwiGluBlock(torch.nn.Module):
+    """NomicBERT's feed-forward: SwiGLU, silu(x W1) * (x W2) W3, with silu(a) = a * sigmoid(a)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_sigmoid_is_a_table_and_silu_a_product(tmp_path, dynamo):
+    from refsim.exporters import compare, export
+    torch.manual_seed(0)
+    model = _SwiGluBlock().eval()
+    path = tmp_path / "swiglu.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {} if dynamo else {"opset_version": 17}
+        torch.onnx.export(model, (torch.randn(1, 8, 16),), path, input_names=["x"], output_names=["y"], dynamo=dynamo, **kwargs)
+    assert ops(canonicalize(load_onnx(path), {"x": [1, 8, 16]}))["Sigmoid"] == 1
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 8, 16)).astype(np.float32))
+    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 8, 16)).astype(np.float32))
+    export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
+    m = refsim.load(tmp_path / "m.intq")
+    (lut,) = [n for n in m.graph.nodes if n.op == "Lut"]
+    table = m.graph.tensors[lut.inputs[1]].data.astype(np.float64)
+    assert np.all(np.diff(table) >= 0) and table.min() >= 0  # sigmoid: increasing, positive
+    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    assert pair["cosine"] >= 0.999, pair

@@ -66,7 +66,7 @@ MIN_OPSET = 20  # LayerNormalization (17) and Gelu (20) are ONNX ops from here o
 # The op vocabulary of a canonical graph.
 CANONICAL_OPS = (
     "Add", "Cast", "Clip", "Concat", "Div", "Expand", "Gather", "Gelu", "LayerNormalization",
-    "MatMul", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Slice", "Softmax",
+    "MatMul", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Slice", "Softmax",
     "Tanh", "Transpose", "Unsqueeze", "Where",
 )
 
