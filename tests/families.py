@@ -128,7 +128,12 @@ def _logits_of(build_model, *names: str):
             def forward(self, input_ids):
                 return self.inner(input_ids=input_ids).logits
 
-        forms = {("input_ids", "attention_mask", "token_type_ids"): WithTypes, ("input_ids",): IdsOnly}
+        class WithBoxes(WithTypes):
+            def forward(self, input_ids, attention_mask, bbox):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask, bbox=bbox).logits
+
+        forms = {("input_ids", "attention_mask", "token_type_ids"): WithTypes, ("input_ids",): IdsOnly,
+                 ("input_ids", "attention_mask", "bbox"): WithBoxes}
         return forms[names](build_model())
     return build
 
@@ -247,6 +252,8 @@ FAMILIES = {f.name: f for f in (
     Family("bert-token-types", "text", _logits_of(_text("BertConfig", "BertForSequenceClassification"), "input_ids",
                                                   "attention_mask", "token_type_ids"),
            inputs=("input_ids", "attention_mask", "token_type_ids")),
+    Family("layoutlm", "text", _logits_of(_text("LayoutLMConfig", "LayoutLMForSequenceClassification"), "input_ids",
+                                          "attention_mask", "bbox"), inputs=("input_ids", "attention_mask", "bbox")),
     Family("bert-ids-only", "text", _logits_of(_text("BertConfig", "BertForSequenceClassification"), "input_ids"),
            inputs=("input_ids",)),
     # The real all-MiniLM-L6-v2 (`minilm` is its architecture, random): an extra, stricter check
@@ -435,7 +442,8 @@ def export(family: Family, exporter: str, shapes: str, path: Path) -> Path:
     batch = 1 if shapes == "fixed" else 2
     if family.kind == "text":
         ids = torch.randint(5, VOCAB if family.pretrained is None else 1000, (batch, family.seq))
-        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+                   "bbox": torch.from_numpy(boxes(batch, family.seq, 0))}
         args = tuple(example[n] for n in family.inputs)
         dynamic_axes = {n: {0: "batch", 1: "seq"} for n in family.inputs}
     else:
@@ -471,17 +479,38 @@ def images(which: str) -> np.ndarray:
 def torch_inputs(family: Family, which: str) -> tuple:
     """The `which` data set as the model's torch arguments (tokenized as refsim does)."""
     import torch
-    from refsim.text import DEFAULT_INPUTS, TextEncoder
 
     if family.kind == "image":
         return (torch.from_numpy(images(which)),)
+    return tuple(torch.from_numpy(a) for a in text_arrays(family, which).values())
+
+
+def boxes(count: int, seq: int, seed: int) -> np.ndarray:
+    """LayoutLM's bbox input: a word box (x0, y0, x1, y1) per token on its 0-1000 page grid."""
+    rng = np.random.default_rng(seed)
+    x0, y0 = rng.integers(0, 500, (count, seq)), rng.integers(0, 500, (count, seq))
+    return np.stack([x0, y0, x0 + rng.integers(0, 500, (count, seq)), y0 + rng.integers(0, 500, (count, seq))], -1)
+
+
+def text_arrays(family: Family, which: str) -> dict[str, np.ndarray]:
+    """The `which` data set as arrays per input: tokenized as refsim does; an input no tokenizer gives (bbox) drawn
+    with the data set's seed."""
+    from refsim.text import DEFAULT_INPUTS, TextEncoder
+
     encoded = TextEncoder(h.tokenizer_json(), family.seq).encode(sentences(family, which))
-    return tuple(torch.from_numpy(encoded[DEFAULT_INPUTS[n]]) for n in family.inputs)
+    return {n: encoded[DEFAULT_INPUTS[n]] if n in DEFAULT_INPUTS else boxes(SAMPLES, family.seq, SEEDS[which])
+            for n in family.inputs}
 
 
 def data(family: Family, folder: Path) -> dict[str, str]:
     """Calibration and evaluation data, disjoint (different seeds), and the tokenizer."""
+    from refsim.text import DEFAULT_INPUTS
+
     folder.mkdir(parents=True, exist_ok=True)
+    if family.kind == "text" and not set(family.inputs) <= set(DEFAULT_INPUTS):  # arrays: bbox comes from no tokenizer
+        for which in ("calib", "eval"):
+            np.savez(folder / f"{which}.npz", **text_arrays(family, which))
+        return {"calib": str(folder / "calib.npz"), "eval": str(folder / "eval.npz"), "tokenizer": None}
     if family.kind == "text":
         tok = folder / "tokenizer.json"
         if family.pretrained is not None:

@@ -51,7 +51,7 @@ def check(folder, name, exporter, shapes, mode, strict=False):
     data = fam.data(family, folder / name)
     model = onnx_model(folder, family, exporter, shapes)
     out = folder / f"{name}_{exporter}_{shapes}_{mode}.intq"
-    kwargs = dict(mode=mode, tokenizer=data["tokenizer"], max_length=family.seq if family.kind == "text" else None)
+    kwargs = dict(mode=mode, tokenizer=data["tokenizer"], max_length=family.seq if data["tokenizer"] else None)
     refusal = family.refusal(exporter, shapes)
     if refusal is not None:
         with pytest.raises(ExportError, match=refusal) as e:

@@ -517,3 +517,15 @@ def test_single_head_attention_is_matched():
     g = graph_of(model_of(nodes, [vi("x", F, ["N", 5, 8])], [vi("y", F, None)], inits))
     (m,) = match_attention(g)
     assert (m.heads, m.head_dim, m.mask) == (1, 8, None) and m.factor == pytest.approx(1 / np.sqrt(8))
+
+
+def test_a_model_drawing_random_numbers_is_one_line():
+    """ViTMAE's random patch masking (torch.rand_like noise) stays in the graph: refused by name, never checked
+    against itself as an internal error."""
+    from refsim.exporters.frontend.passes import canonicalize
+
+    model = model_of([helper.make_node("RandomUniformLike", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])],
+                     [vi("x", F, [1, 4])], [vi("y", F, None)])
+    with pytest.raises(ExportError, match=r"^node .*\(RandomUniformLike\): the model draws random numbers") as e:
+        canonicalize(model)
+    assert "\n" not in str(e.value)

@@ -41,7 +41,7 @@ import onnx
 
 from ..dyadic import ExportError
 from ..runtime import FloatRunner
-from .fold import batch_dependent_uses, fold_constants
+from .fold import NONDETERMINISTIC, batch_dependent_uses, fold_constants
 from .graph import Graph, load
 from .masks import canonical_masks
 from .movement import compress_movement, split_fused_projections
@@ -127,6 +127,11 @@ def canonicalize(model, input_shapes: dict[str, Iterable[int]] | None = None) ->
                               f"(an already-quantized model? use refsim import)")
     g.bindings = bind_inputs(g, input_shapes, free_batch=True)
     run_passes(g, EXPORT_PASSES)
+    drawn = next((n for n in g.nodes if n.op in NONDETERMINISTIC), None)
+    if drawn is not None:  # ViTMAE's random patch masking: no integer model reproduces it, nor can it be checked
+        raise ExportError(f"{drawn.describe()}: the model draws random numbers at inference ({drawn.op}); export it "
+                          f"with the randomness as an input or fixed (ViTMAE: pass `noise`, or export the encoder "
+                          f"without its random masking)")
     batch_dependent_uses(g)
     return g
 
