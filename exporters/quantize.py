@@ -446,9 +446,13 @@ class Walker:
         blocks = {}
         if self.options.ita:
             # Unmasked self-attention goes through ITA's attention-block graph form (docs/ITA.md).
-            # Attention over several sequences at once (Swin's windows) keeps the plain form.
+            # Attention over several sequences at once (Swin's windows) keeps the plain form, and so
+            # does attention whose keys and values come from a sequence of another length (PVT's spatial
+            # reduction): the block reads one [seq, width] input for Q and for K/V.
             for match in match_attention(self.g):
-                if match.mask is None and self.g.concrete_shape(match.q.x)[0] == 1:
+                same_sequence = self.g.concrete_shape(match.k.x) == self.g.concrete_shape(match.q.x) \
+                    and self.g.concrete_shape(match.v.x) == self.g.concrete_shape(match.q.x)
+                if match.mask is None and self.g.concrete_shape(match.q.x)[0] == 1 and same_sequence:
                     for n in match.nodes:
                         blocks[n.name] = match
             # Feed-forward layers on ITA go through ITA's feed-forward-block form (docs/ITA.md).

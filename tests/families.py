@@ -148,6 +148,43 @@ def _swin():
     return transformers.SwinForImageClassification(cfg)
 
 
+def _swinv2():
+    """Swin-v2 as `_swin`: cosine attention with a learned logit scale, continuous position bias."""
+    import transformers
+
+    cfg = transformers.Swinv2Config(image_size=IMAGE, patch_size=2, num_channels=3, embed_dim=32, depths=[2, 1],
+                                    num_heads=[2, 4], window_size=4, mlp_ratio=2.0, num_labels=LABELS)
+    return transformers.Swinv2ForImageClassification(cfg)
+
+
+def _pvt():
+    """PVT: 2 stages (patches of 4, then 2; hidden 32 -> 64), the first with keys and values from a
+    stride-2 reduction of the 4x4 patch grid."""
+    import transformers
+
+    cfg = transformers.PvtConfig(image_size=IMAGE, num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1],
+                                 hidden_sizes=[32, 64], patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[2, 4],
+                                 mlp_ratios=[2, 2], num_labels=LABELS)
+    return transformers.PvtForImageClassification(cfg)
+
+
+def _hidden(build_model):
+    """An encoder without a classification head (NomicBERT's), called by keyword, its last hidden state out."""
+    def build():
+        import torch
+
+        class Hidden(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        return Hidden(build_model())
+    return build
+
+
 def _minilm_example():
     """examples/minilm/export_onnx.py: the real model's folder and its mean-pooling wrapper."""
     sys.path.insert(0, str(ROOT / "examples" / "minilm"))
@@ -256,6 +293,19 @@ FAMILIES = {f.name: f for f in (
                                           "attention_mask", "bbox"), inputs=("input_ids", "attention_mask", "bbox")),
     Family("bert-ids-only", "text", _logits_of(_text("BertConfig", "BertForSequenceClassification"), "input_ids"),
            inputs=("input_ids",)),
+    # Swin-v2's cosine attention (F.normalize of q and k: frontend.rewrites.l2_normalize; its log-spaced position
+    # bias MLP folds), NomicBERT's SwiGLU (a Sigmoid table), XLM-RoBERTa-XL's pre-LayerNorm blocks, PVT's
+    # spatial-reduction attention (keys and values from a strided Conv, a patch embedding), DINOv2 with registers
+    # (TorchScript cannot export its bicubic position interpolation).
+    Family("swinv2", "image", _swinv2, inputs=("pixel_values",),
+           refused=(("dynamo", "dynamic", "depends on the batch size.*fixed batch size"),)),
+    Family("nomic-bert", "text", _hidden(_text("NomicBertConfig", "NomicBertModel", n_embd=64, n_layer=2, n_head=4,
+                                               n_inner=128)), output="last_hidden_state", classes=False),
+    Family("xlm-roberta-xl", "text", _text("XLMRobertaXLConfig", "XLMRobertaXLForSequenceClassification", pad_token_id=1)),
+    Family("pvt", "image", _pvt, inputs=("pixel_values",)),
+    Family("dinov2-registers", "image", _image("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification",
+                                               mlp_ratio=2, num_register_tokens=2),
+           inputs=("pixel_values",), torch_fails=("torchscript",)),
     # The real all-MiniLM-L6-v2 (`minilm` is its architecture, random): an extra, stricter check
     # on real outlier weights.
     Family("minilm-real", "text", _minilm_real, output="sentence_embedding", classes=False,
@@ -537,12 +587,18 @@ def cases(full: bool) -> list[tuple[str, str, str, str]]:
     # The real MiniLM's weights (6 layers, hidden 384: the slowest case) are no family of their
     # own: `minilm` is its architecture, and CI checks the real weights in ibert to the same floor
     # against their fake-quant model in tests/test_export_real.py (TorchScript, dynamic shapes).
-    for i, f in enumerate(f for f in FAMILIES if FAMILIES[f].pretrained is None):
-        e, s = forms[i % len(forms)]  # the first 12 families take every (form, mode) pair once
-        out.append((f, e, s, MODES[i % len(MODES)]))
-    # Swin refuses a dynamic batch (`refused`).
-    patched = {"swin": ("swin", "torchscript", "fixed", "ita")}
-    return [patched.get(c[0], c) for c in out] + [("swin", "torchscript", "dynamic", "ibert")]  # the refusal
-
+    for i, name in enumerate(f for f in FAMILIES if FAMILIES[f].pretrained is None):
+        family = FAMILIES[name]
+        # the first 12 families take every (form, mode) pair once; a family the exporter fails on or that
+        # refuses the form (Swin's dynamic batch) takes the next form it can
+        e, s = next(form for k in range(len(forms)) for form in [forms[(i + k) % len(forms)]]
+                    if form[0] not in family.torch_fails and family.refusal(*form) is None)
+        out.append((name, e, s, MODES[i % len(MODES)]))
+    # and each refusal once (Swin's, Swin-v2's dynamic batch)
+    for name, family in FAMILIES.items():
+        refused = [(e, s) for e, s, _ in family.refused if e not in family.torch_fails]
+        if refused:
+            out.append((name, *refused[0], "ibert"))
+    return out
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -259,3 +259,42 @@ def test_a_sigmoid_is_a_table_and_silu_a_product(tmp_path, dynamo):
     assert np.all(np.diff(table) >= 0) and table.min() >= 0  # sigmoid: increasing, positive
     pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
     assert pair["cosine"] >= 0.999, pair
+
+
+class _ReducedKvAttention(torch.nn.Module):
+    """PVT's spatial-reduction attention: queries from the 16 tokens, keys and values from a
+    LayerNorm of 8 tokens that merge pairs of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+        self.reduce, self.norm = torch.nn.Linear(64, 32), torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        kv = self.norm(self.reduce(x.reshape(x.shape[0], 8, 64)))
+
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], 2, 16).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(kv)), heads(self.v(kv))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+        return self.o((a @ v).transpose(1, 2).reshape(x.shape[0], 16, 32))
+
+
+def test_attention_over_a_reduced_sequence_keeps_the_plain_form_on_ita(tmp_path):
+    from refsim.exporters import compare, export
+
+    torch.manual_seed(0)
+    path = tmp_path / "reduced.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ReducedKvAttention().eval(), (torch.randn(1, 16, 32),), path, input_names=["x"],
+                          output_names=["y"], dynamo=False, opset_version=17)
+    assert len(match_attention(canonicalize(load_onnx(path), {"x": [1, 16, 32]}))) == 1
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 16, 32)).astype(np.float32))
+    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 16, 32)).astype(np.float32))
+    export(path, tmp_path / "ita.intq", tmp_path / "calib.npy", mode="ita")  # was: internal: ... no integer form yet
+    assert not refsim.load(tmp_path / "ita.intq").metadata.get("attention_blocks")
+    pair = compare(path, tmp_path / "ita.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    assert pair["cosine"] >= 0.999, pair
