@@ -71,7 +71,8 @@ def activation_type(bits: int) -> tuple[str, int | None, int | None]:
 
 def unsupported(node: Node, why: str = "") -> ExportError:
     reason = f" ({why})" if why else ""
-    return ExportError(f"{node.describe()}: op {node.op} is not supported here{reason}; supported: {SUPPORTED}")
+    return ExportError(f"{node.describe()}: op {node.op} is not supported here{reason} (no --config setting gives it an "
+                       f"integer form: export the model without it, or please report it); supported: {SUPPORTED}")
 
 
 @dataclass

@@ -168,6 +168,21 @@ def _pvt():
     return transformers.PvtForImageClassification(cfg)
 
 
+def _vitmae():
+    """ViTMAE's encoder as a feature extractor (mask_ratio 0: it still shuffles the patches with random noise)."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values=pixel_values).last_hidden_state
+
+    return Encoder(_image("ViTMAEConfig", "ViTMAEModel", mask_ratio=0.0)())
+
+
 def _hidden(build_model):
     """An encoder without a classification head (NomicBERT's), called by keyword, its last hidden state out."""
     def build():
@@ -306,6 +321,18 @@ FAMILIES = {f.name: f for f in (
     Family("dinov2-registers", "image", _image("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification",
                                                mlp_ratio=2, num_register_tokens=2),
            inputs=("pixel_values",), torch_fails=("torchscript",)),
+    # Refused, each form with one line naming the node and what to do: ConvBERT's depthwise span convolution
+    # (and, with a dynamic batch, its reshape of [batch*seq, ...] into more than one batch-sized axis), FNet's
+    # Fourier transform (DFT; TorchScript cannot export aten::fft_fftn), ViTMAE's random patch masking.
+    Family("convbert", "text", _text("ConvBertConfig", "ConvBertForSequenceClassification", embedding_size=64),
+           refused=tuple((e, s, "only a 2-D Conv .*export the model without them" if s == "fixed" else
+                          "merges the batch size into more than one dimension; export the model with a fixed batch")
+                         for e in EXPORTERS for s in SHAPES)),
+    Family("fnet", "text", _text("FNetConfig", "FNetForSequenceClassification"), inputs=("input_ids",),
+           torch_fails=("torchscript",), refused=tuple(("dynamo", s, r"\(DFT\): op DFT is not supported here \(no --config")
+                                                       for s in SHAPES)),
+    Family("vitmae", "image", _vitmae, inputs=("pixel_values",), output="last_hidden_state", classes=False,
+           refused=tuple((e, s, "RandomUniformLike.*draws random numbers") for e in EXPORTERS for s in SHAPES)),
     # The real all-MiniLM-L6-v2 (`minilm` is its architecture, random): an extra, stricter check
     # on real outlier weights.
     Family("minilm-real", "text", _minilm_real, output="sentence_embedding", classes=False,
@@ -591,10 +618,11 @@ def cases(full: bool) -> list[tuple[str, str, str, str]]:
         family = FAMILIES[name]
         # the first 12 families take every (form, mode) pair once; a family the exporter fails on or that
         # refuses the form (Swin's dynamic batch) takes the next form it can
-        e, s = next(form for k in range(len(forms)) for form in [forms[(i + k) % len(forms)]]
-                    if form[0] not in family.torch_fails and family.refusal(*form) is None)
-        out.append((name, e, s, MODES[i % len(MODES)]))
-    # and each refusal once (Swin's, Swin-v2's dynamic batch)
+        taken = next((form for k in range(len(forms)) for form in [forms[(i + k) % len(forms)]]
+                      if form[0] not in family.torch_fails and family.refusal(*form) is None), None)
+        if taken is not None:  # a family refused in every form is its refusal alone
+            out.append((name, *taken, MODES[i % len(MODES)]))
+    # and each refusal once (Swin's, Swin-v2's dynamic batch; ConvBERT, FNet, ViTMAE)
     for name, family in FAMILIES.items():
         refused = [(e, s) for e, s, _ in family.refused if e not in family.torch_fails]
         if refused:

@@ -410,7 +410,9 @@ def conv_patches(g: Graph) -> None:
                 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise ExportError(
                 f"{node.describe()}: only a 2-D Conv with stride equal to its kernel, no padding, no dilation "
-                f"and one group (a patch embedding) is supported"
+                f"and one group (a patch embedding) is supported; other convolutions (ConvBERT's depthwise span "
+                f"convolution, a convolutional stem) have no integer form here and no --config setting changes that: "
+                f"export the model without them, or please report it"
             )
         _, c, h, wd = g.concrete_shape(x)
         e, _, p, q = w.shape
