@@ -529,3 +529,38 @@ def test_a_model_drawing_random_numbers_is_one_line():
     with pytest.raises(ExportError, match=r"^node .*\(RandomUniformLike\): the model draws random numbers") as e:
         canonicalize(model)
     assert "\n" not in str(e.value)
+
+
+def whole_selection_model(keep: bool):
+    """X-MOD's adapter routing at a fixed batch of 2, as TorchScript writes `x[mask]` and
+    `y[mask] = f(x[mask])`: GatherND by the mask's NonZero, ScatterND by every element's index
+    into zeros; `keep`: the mask keeps every sample (else none)."""
+    mask = np.array([keep, keep])
+    rows = np.argwhere(mask).astype(np.int64)  # [n, 1]
+    every = np.indices((2, 3)).reshape(2, -1).T.astype(np.int64)[: 6 if keep else 0]  # [n * 3, 2]
+    nodes = [helper.make_node("GatherND", ["x", "rows"], ["picked"]),
+             helper.make_node("Mul", ["picked", "two"], ["adapted"]),
+             helper.make_node("Reshape", ["adapted", "flat"], ["updates"]),
+             helper.make_node("ScatterND", ["zeros", "every", "updates"], ["scattered"]),
+             helper.make_node("Add", ["scattered", "x"], ["y"])]
+    inits = {"rows": rows, "two": np.array(2.0, np.float32), "flat": np.array([-1], np.int64),
+             "zeros": np.zeros((2, 3), np.float32), "every": every}
+    return model_of(nodes, [vi("x", F, [2, 3])], [vi("y", F, None)], inits)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_constant_selection_of_every_sample_or_none_is_a_reshape_or_nothing(keep):
+    model = whole_selection_model(keep)
+    g = graph_of(model)
+    rewrites.whole_selections(g)
+    assert not {"GatherND", "ScatterND"} & set(ops(g)), ops(g)
+    assert ops(g) == ({"Reshape": 3, "Mul": 1, "Add": 1} if keep else {"Add": 1})
+    assert_same(model, g, rng_feeds(x=(2, 3)))
+
+
+def test_a_selection_of_some_samples_is_left_alone():
+    model = whole_selection_model(True)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([[1], [0]], np.int64), "rows"))
+    g = graph_of(model)
+    rewrites.whole_selections(g)
+    assert ops(g)["GatherND"] == 1

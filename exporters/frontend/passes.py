@@ -8,6 +8,7 @@ symbolic batch and sequence) into a `Graph` in the quantizer's vocabulary, by ru
 | pass | what it does |
 |---|---|
 | `fold_constants` | shape arithmetic, `Constant`s and every other node on constants folded; batch-dependent Reshape/Expand targets made fixed (`frontend.fold`) |
+| `whole_selections` | `x[mask]`, `y[mask] = v` with a constant mask keeping every sample (X-MOD's language adapters at a fixed batch) -> Reshape; with an empty mask, nothing |
 | `canonical_masks` | HF attention masks, whatever their chain, replaced by canonical expressions (`frontend.masks`) |
 | `remove_identities` | Identity, Dropout, softmax NaN guards removed |
 | `fuse_layernorm`, `fuse_gelu` | decomposed LayerNorm and GELU (erf or tanh form) -> `LayerNormalization`, `Gelu` |
@@ -58,6 +59,7 @@ from .rewrites import (
     pointwise_convs,
     remove_identities,
     split_to_slices,
+    whole_selections,
 )
 from .shapes import bind_inputs, infer_shapes
 
@@ -74,6 +76,7 @@ Pass = Callable[[Graph], None]
 
 EXPORT_PASSES: tuple[Pass, ...] = (
     fold_constants,
+    whole_selections,
     canonical_masks,
     remove_identities,
     fuse_layernorm,

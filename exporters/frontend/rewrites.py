@@ -57,6 +57,41 @@ def global_pools(g: Graph) -> None:
         node.inputs = [node.inputs[0], g.add_const(np.array(axes, np.int64), "axes")]
 
 
+def _enumerates(indices: np.ndarray, shape: tuple) -> bool:
+    """Whether constant ND indices [..., k] list every position of shape[:k], in order."""
+    k = indices.shape[-1] if indices.ndim else 0
+    lead = shape[:k]
+    if k == 0 or len(lead) < k or not all(isinstance(d, int) for d in lead):
+        return False
+    every = np.indices(lead).reshape(k, -1).T
+    return indices.reshape(-1, k).shape == every.shape and bool(np.all(indices.reshape(-1, k) == every))
+
+
+def whole_selections(g: Graph) -> None:
+    """`x[mask]` and `y[mask] = v` with a constant mask that keeps every sample or none
+    (X-MOD's per-language adapters at a fixed batch: every sample has the default language,
+    so one adapter takes the whole batch and the others nothing): a GatherND or ScatterND
+    whose constant indices list every position in order is a Reshape; a ScatterND with no
+    indices is its data (the empty branch feeding it is then dead)."""
+    for node in list(g.nodes):
+        if node.op not in ("GatherND", "ScatterND") or node.inputs[1] not in g.consts or node.outputs[0] in g.outputs:
+            continue
+        indices = g.consts[node.inputs[1]]
+        data_shape = g.shape(node.inputs[0])
+        if node.op == "ScatterND" and node.attrs.get("reduction", "none") == "none":
+            if indices.size == 0:
+                g.bypass(node, node.inputs[0])
+            elif _enumerates(indices, data_shape):
+                node.op, node.attrs = "Reshape", {}
+                node.inputs = [node.inputs[2], g.add_const(np.array(data_shape, np.int64), "shape")]
+        elif node.op == "GatherND" and not node.attrs.get("batch_dims", 0) and _enumerates(indices, data_shape):
+            out_shape = list(indices.shape[:-1]) + list(data_shape[indices.shape[-1]:])
+            if all(isinstance(d, int) for d in out_shape):
+                node.op, node.attrs = "Reshape", {}
+                node.inputs = [node.inputs[0], g.add_const(np.array(out_shape, np.int64), "shape")]
+    g.prune()
+
+
 # --- decompositions -----------------------------------------------------------------------------
 
 
