@@ -214,6 +214,17 @@ def test_identities_dropout_and_nan_guards_are_removed():
     assert_same(model, g, rng_feeds(x=(2, 4)))
 
 
+@pytest.mark.parametrize("target, removed", [([2, 4], True), ([1, 4], True), ([3, 2, 4], False)])
+def test_an_expand_to_the_shape_a_tensor_has_is_removed(target, removed):
+    """X-MOD's index_put of a whole tensor, as dynamo writes it; an Expand that adds an axis stays."""
+    model = model_of([helper.make_node("Expand", ["x", "shape"], ["e"]), helper.make_node("Relu", ["e"], ["y"])],
+                     [vi("x", F, [2, 4])], [vi("y", F, None)], {"shape": np.array(target, np.int64)})
+    g = graph_of(model)
+    rewrites.remove_identities(g)
+    assert ("Expand" not in ops(g)) == removed
+    assert_same(model, g, rng_feeds(x=(2, 4)))
+
+
 def decomposed_layernorm(width=6, form="div"):
     """x's LayerNorm as exporters decompose it: `div` y = d / sqrt(var + eps); `reciprocal`
     d * Reciprocal(sqrt(eps + var)); `no_eps` d / sqrt(var) (the eps dropped)."""

@@ -16,14 +16,29 @@ from .graph import Graph, Node
 # --- no-ops ------------------------------------------------------------------------------------
 
 
+def _expands_to_itself(g: Graph, node: Node) -> bool:
+    """An Expand whose constant target broadcasts to the input's own (known) shape: X-MOD's
+    `index_put` of a whole tensor, as dynamo writes it."""
+    if node.op != "Expand" or node.inputs[1] not in g.consts:
+        return False
+    shape = g.shape(node.inputs[0])
+    if not all(isinstance(d, int) for d in shape):
+        return False
+    try:
+        return tuple(np.broadcast_shapes(shape, tuple(int(d) for d in g.consts[node.inputs[1]].reshape(-1)))) == tuple(shape)
+    except ValueError:
+        return False
+
+
 def remove_identities(g: Graph) -> None:
-    """Identity, Dropout, a Cast to the type the tensor already has, and `Where(IsNaN(p), 0,
-    p)` (a guard of fully masked softmax rows, a no-op otherwise) are removed."""
+    """Identity, Dropout, a Cast to the type the tensor already has, an Expand to the shape
+    the tensor already has, and `Where(IsNaN(p), 0, p)` (a guard of fully masked softmax rows,
+    a no-op otherwise) are removed."""
     for node in list(g.nodes):
         if node.outputs[0] in g.outputs:
             continue
         same_type = node.op == "Cast" and node.attrs.get("to") == g.elem_type(node.inputs[0])
-        if node.op in ("Identity", "Dropout") or same_type:
+        if node.op in ("Identity", "Dropout") or same_type or _expands_to_itself(g, node):
             g.bypass(node, node.inputs[0])
     producers = g.producers()
     for node in list(g.nodes):
