@@ -575,3 +575,14 @@ def test_a_selection_of_some_samples_is_left_alone():
     g = graph_of(model)
     rewrites.whole_selections(g)
     assert ops(g)["GatherND"] == 1
+
+
+def test_a_size_from_the_data_is_one_line_naming_its_nonzero():
+    """Boolean-mask indexing by a mask computed at run time (X-MOD at a free batch): not a shape-inference
+    puzzle for the user, but the NonZero it comes from and the fixed-batch hint."""
+    nodes = [helper.make_node("NonZero", ["m"], ["nz"]), helper.make_node("Transpose", ["nz"], ["idx"], perm=[1, 0]),
+             helper.make_node("GatherND", ["x", "idx"], ["y"])]
+    g = graph_of(model_of(nodes, [vi("x", F, ["N", 4]), vi("m", B, ["N"])], [vi("y", F, None)]))
+    with pytest.raises(ExportError, match=r"^node .*\(NonZero\): the size of 'idx' depends on the data .*fixed batch") as e:
+        g.concrete_shape("idx")
+    assert "\n" not in str(e.value)

@@ -330,7 +330,28 @@ class Graph:
         """The shape with the batch dimension set to `batch` (see frontend.shapes)."""
         from .shapes import concrete
 
-        return concrete(self.shape(name), batch, name)
+        try:
+            return concrete(self.shape(name), batch, name)
+        except ExportError:
+            sized = self.data_sized(name)
+            if sized is None:
+                raise
+            raise ExportError(f"{sized.describe()}: the size of {name!r} depends on the data ({sized.op}: boolean-mask "
+                              f"indexing, X-MOD's language adapters), which refsim takes only where it folds; export "
+                              f"the model with a fixed batch size (no dynamic axes)") from None
+
+    def data_sized(self, name: str) -> Node | None:
+        """The NonZero (or Unique) that `name`'s size comes from, when one is among its producers."""
+        producers, seen, todo = self.producers(), set(), [name]
+        while todo:
+            node = producers.get(todo.pop())
+            if node is None or node.name in seen:
+                continue
+            if node.op in ("NonZero", "Unique"):
+                return node
+            seen.add(node.name)
+            todo.extend(node.inputs)
+        return None
 
     def elem_type(self, name: str) -> int | None:
         """The ONNX element type of a tensor, when known."""
