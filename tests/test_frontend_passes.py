@@ -586,3 +586,7 @@ def test_a_size_from_the_data_is_one_line_naming_its_nonzero():
     with pytest.raises(ExportError, match=r"^node .*\(NonZero\): the size of 'idx' depends on the data .*fixed batch") as e:
         g.concrete_shape("idx")
     assert "\n" not in str(e.value)
+    # at a fixed batch the mask comes from the data itself (Longformer's global attention): no fixed-batch hint
+    g = graph_of(model_of(nodes, [vi("x", F, [2, 4]), vi("m", B, [2])], [vi("y", F, None)]))
+    with pytest.raises(ExportError, match=r"computed from the input data.*please report") as e:
+        g.concrete_shape("idx")

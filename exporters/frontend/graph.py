@@ -328,7 +328,7 @@ class Graph:
 
     def concrete_shape(self, name: str, batch: int = 1) -> tuple[int, ...]:
         """The shape with the batch dimension set to `batch` (see frontend.shapes)."""
-        from .shapes import concrete
+        from .shapes import concrete, free_batch
 
         try:
             return concrete(self.shape(name), batch, name)
@@ -336,9 +336,13 @@ class Graph:
             sized = self.data_sized(name)
             if sized is None:
                 raise
+            # at a free batch a mask the same for every sample (X-MOD's default language) folds once the batch is
+            # fixed; one computed from the input data (Longformer's global attention) never does
+            todo = ("export the model with a fixed batch size (no dynamic axes)" if free_batch(self) else
+                    "the mask behind it is computed from the input data, and refsim's integer graphs have fixed sizes; "
+                    "please report this model")
             raise ExportError(f"{sized.describe()}: the size of {name!r} depends on the data ({sized.op}: boolean-mask "
-                              f"indexing, X-MOD's language adapters), which refsim takes only where it folds; export "
-                              f"the model with a fixed batch size (no dynamic axes)") from None
+                              f"indexing), which refsim takes only where it folds to a constant; {todo}") from None
 
     def data_sized(self, name: str) -> Node | None:
         """The NonZero (or Unique) that `name`'s size comes from, when one is among its producers."""
