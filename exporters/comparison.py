@@ -184,7 +184,9 @@ def compare(model, intq, data, *, labels=None, batch_size: int = 16, progress: b
     source = meta["source_model"]
     if source.get("sha256") and _file_sha256(model) != source["sha256"]:
         warnings.append(f"{os.fspath(model)} differs from the model the .intq was exported from ({source.get('file')})")
-    encoder, mapping = (encoder_for(m) if "tokenizer" in meta else (None, None))
+    # arrays (.npy/.npz) need no tokenizer: a model with inputs no tokenizer gives (LayoutLM's bbox) takes them so
+    arrays = os.fspath(data).endswith((".npy", ".npz"))
+    encoder, mapping = (encoder_for(m) if "tokenizer" in meta and not arrays else (None, None))
     names = list(m.graph.inputs)
     dataset = load_dataset(os.fspath(data), names, encoder, mapping)
     if max_samples is not None:

@@ -45,6 +45,7 @@ from .frontend.emitter import Emitter
 from .frontend.graph import Graph, Node
 from .frontend.integer_ops import INTEGER_OPS, lower
 from .frontend.patterns import AttentionMatch, FeedForwardMatch, match_attention, match_feedforward
+from .frontend.shapes import parse_dim
 from .ptq.plan import Ptq
 
 # What the walker recognises, for the one-line error on anything else.
@@ -52,7 +53,7 @@ SUPPORTED = (
     "MatMul/Gemm with constant weights (+ bias Add), MatMul of two activations, Add (residual, bias, "
     "embeddings, key-padding mask), Mul by a constant (scalar, per channel: NoNorm, or a table: rotary cos/sin), "
     "by a token mask or of two activations (a gated feed-forward), Neg, "
-    "Div by a token count (mean pooling), LayerNormalization, Gelu, Relu, Tanh, Softmax, Reshape, "
+    "Div by a token count (mean pooling), LayerNormalization, Gelu, Relu, Tanh, Sigmoid, Softmax, Reshape, "
     "Transpose, Squeeze/Unsqueeze/Flatten, Gather (embedding or index), Slice, Concat, Pad (zeros), "
     "ReduceSum, ReduceMean, Conv (patch embedding)"
 )
@@ -71,7 +72,8 @@ def activation_type(bits: int) -> tuple[str, int | None, int | None]:
 
 def unsupported(node: Node, why: str = "") -> ExportError:
     reason = f" ({why})" if why else ""
-    return ExportError(f"{node.describe()}: op {node.op} is not supported here{reason}; supported: {SUPPORTED}")
+    return ExportError(f"{node.describe()}: op {node.op} is not supported here{reason} (no --config setting gives it an "
+                       f"integer form: export the model without it, or please report it); supported: {SUPPORTED}")
 
 
 @dataclass
@@ -405,7 +407,7 @@ class Walker:
                     bits.append(self.options.layer(self.layer_name(user)).abits)
                 else:
                     bits.append(self.options.abits)
-            elif user.op in ("Gelu", "Tanh"):
+            elif user.op in ("Gelu", "Tanh", "Sigmoid"):
                 bits.append(self.modes.activation_input_bits(self, user))
             else:
                 bits.append(self.options.residual_bits)
@@ -446,9 +448,13 @@ class Walker:
         blocks = {}
         if self.options.ita:
             # Unmasked self-attention goes through ITA's attention-block graph form (docs/ITA.md).
-            # Attention over several sequences at once (Swin's windows) keeps the plain form.
+            # Attention over several sequences at once (Swin's windows) keeps the plain form, and so
+            # does attention whose keys and values come from a sequence of another length (PVT's spatial
+            # reduction): the block reads one [seq, width] input for Q and for K/V.
             for match in match_attention(self.g):
-                if match.mask is None and self.g.concrete_shape(match.q.x)[0] == 1:
+                same_sequence = self.g.concrete_shape(match.k.x) == self.g.concrete_shape(match.q.x) \
+                    and self.g.concrete_shape(match.v.x) == self.g.concrete_shape(match.q.x)
+                if match.mask is None and self.g.concrete_shape(match.q.x)[0] == 1 and same_sequence:
                     for n in match.nodes:
                         blocks[n.name] = match
             # Feed-forward layers on ITA go through ITA's feed-forward-block form (docs/ITA.md).
@@ -762,6 +768,10 @@ class Walker:
     def _visit_Tanh(self, node: Node) -> None:
         self.lookup_table(node, np.tanh)
 
+    def _visit_Sigmoid(self, node: Node) -> None:
+        # SiLU / SwiGLU (x * sigmoid(x): NomicBERT's gated feed-forward) is this table and a product of two activations
+        self.lookup_table(node, lambda x: 1 / (1 + np.exp(-x)))
+
     def _visit_Gelu(self, node: Node) -> None:
         self.modes.gelu(self, node)
 
@@ -983,9 +993,27 @@ class Walker:
         if axes is not None:
             attrs["axes"] = [int(a) for a in axes]
         if op == "ReduceMean":
+            count = self._reduced_count(node.inputs[0], axes)
+            if count is not None and v.kind == "int" and not v.per_channel:
+                # The mean of n values at scale s is their exact sum at scale s / n: no rounding
+                # here, one where a consumer requantizes it, as the fake-quant model rounds once
+                # (a mean rounded to s first put half of I-JEPA's pooled features a step off).
+                y = self.em.node("ReduceSum", [v.name], f"{layer}.reducesum", **attrs)
+                self.set_native(node.outputs[0], Value(y, float(v.scale) / count, "acc", bound=count * self.bound_of(v)), layer)
+                return
             attrs["rounding"] = "half_even"
+            y = self.em.node(op, [v.name], f"{layer}.{op.lower()}", **attrs)
+            # rounded to the input's grid: the fake-quant model rounds there too
+            self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer, quantized_bits=self.dtype(y).bits)
+            return
         y = self.em.node(op, [v.name], f"{layer}.{op.lower()}", **attrs)
         self.set_native(node.outputs[0], Value(y, v.scale, v.kind), layer)
+
+    def _reduced_count(self, tensor: str, axes) -> int | None:
+        """How many values a reduction over `axes` of `tensor` sums, when the graph fixes it."""
+        shape = list(self.g.shape(tensor))
+        dims = [parse_dim(d) for d in (shape if axes is None else [shape[a] for a in axes])]
+        return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
 
     # --- masks ---------------------------------------------------------------------------------------
 

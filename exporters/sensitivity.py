@@ -49,7 +49,7 @@ FORMAT = "refsim.sensitivity"
 METHODS = ("pwcca", "svcca", "sqnr")
 DEFAULT_BITS = ("2", "4", "8", "16")
 # Ops whose output is not a linear function of their data input (the canonical graph's vocabulary).
-NONLINEAR = ("Gelu", "LayerNormalization", "Relu", "Softmax", "Tanh", "Clip")
+NONLINEAR = ("Gelu", "LayerNormalization", "Relu", "Softmax", "Tanh", "Sigmoid", "Clip")
 MAX_ROWS = 20000  # rows kept per compared tensor (evenly spaced), bounding the SVDs
 
 

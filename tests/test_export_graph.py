@@ -225,3 +225,112 @@ def test_a_fused_qkv_projection_split_by_unbind_exports(tmp_path, dynamo):
     # split into three projections, the attention is an ITA attention block
     export(path, tmp_path / "ita.intq", tmp_path / "calib.npy", mode="ita")
     assert len(refsim.load(tmp_path / "ita.intq").metadata["attention_blocks"]) == 1
+
+
+class _SwiGluBlock(torch.nn.Module):
+    """NomicBERT's feed-forward: SwiGLU, silu(x W1) * (x W2) W3, with silu(a) = a * sigmoid(a)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_sigmoid_is_a_table_and_silu_a_product(tmp_path, dynamo):
+    from refsim.exporters import compare, export
+    torch.manual_seed(0)
+    model = _SwiGluBlock().eval()
+    path = tmp_path / "swiglu.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {} if dynamo else {"opset_version": 17}
+        torch.onnx.export(model, (torch.randn(1, 8, 16),), path, input_names=["x"], output_names=["y"], dynamo=dynamo, **kwargs)
+    assert ops(canonicalize(load_onnx(path), {"x": [1, 8, 16]}))["Sigmoid"] == 1
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 8, 16)).astype(np.float32))
+    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 8, 16)).astype(np.float32))
+    export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
+    m = refsim.load(tmp_path / "m.intq")
+    (lut,) = [n for n in m.graph.nodes if n.op == "Lut"]
+    table = m.graph.tensors[lut.inputs[1]].data.astype(np.float64)
+    assert np.all(np.diff(table) >= 0) and table.min() >= 0  # sigmoid: increasing, positive
+    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    assert pair["cosine"] >= 0.999, pair
+
+
+class _ReducedKvAttention(torch.nn.Module):
+    """PVT's spatial-reduction attention: queries from the 16 tokens, keys and values from a
+    LayerNorm of 8 tokens that merge pairs of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+        self.reduce, self.norm = torch.nn.Linear(64, 32), torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        kv = self.norm(self.reduce(x.reshape(x.shape[0], 8, 64)))
+
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], 2, 16).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(kv)), heads(self.v(kv))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)
+        return self.o((a @ v).transpose(1, 2).reshape(x.shape[0], 16, 32))
+
+
+def test_attention_over_a_reduced_sequence_keeps_the_plain_form_on_ita(tmp_path):
+    from refsim.exporters import compare, export
+
+    torch.manual_seed(0)
+    path = tmp_path / "reduced.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ReducedKvAttention().eval(), (torch.randn(1, 16, 32),), path, input_names=["x"],
+                          output_names=["y"], dynamo=False, opset_version=17)
+    assert len(match_attention(canonicalize(load_onnx(path), {"x": [1, 16, 32]}))) == 1
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 16, 32)).astype(np.float32))
+    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 16, 32)).astype(np.float32))
+    export(path, tmp_path / "ita.intq", tmp_path / "calib.npy", mode="ita")  # was: internal: ... no integer form yet
+    assert not refsim.load(tmp_path / "ita.intq").metadata.get("attention_blocks")
+    pair = compare(path, tmp_path / "ita.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    assert pair["cosine"] >= 0.999, pair
+
+
+class _MeanPooled(torch.nn.Module if torch else object):
+    """I-JEPA's head: a linear layer on the mean of the tokens (no CLS token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.embed(x).mean(dim=1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_mean_over_fixed_axes_is_an_exact_sum_rounded_once(tmp_path, dynamo):
+    """The mean of n int8 values at scale s is their sum at scale s / n, requantized once by its
+    consumer, as the fake-quant model rounds it. Rounding the mean to s first (the old form) put
+    half of the pooled values a step off the fake-quant model's."""
+    from refsim.exporters import compare, export
+    torch.manual_seed(0)
+    model = _MeanPooled().eval()
+    path = tmp_path / "pooled.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {} if dynamo else {"opset_version": 17}
+        torch.onnx.export(model, (torch.randn(1, 6, 16),), path, input_names=["x"], output_names=["y"], dynamo=dynamo, **kwargs)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 6, 16)).astype(np.float32))
+    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 6, 16)).astype(np.float32))
+    export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
+    m = refsim.load(tmp_path / "m.intq")
+    assert not [n for n in m.graph.nodes if n.op == "ReduceMean"]
+    (pool,) = [n for n in m.graph.nodes if n.op == "ReduceSum"]
+    assert m.graph.tensors[pool.outputs[0]].dtype.bits > 8  # the exact sum of six int8 values
+    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    assert pair["cosine"] >= 0.99999, pair

@@ -214,6 +214,17 @@ def test_identities_dropout_and_nan_guards_are_removed():
     assert_same(model, g, rng_feeds(x=(2, 4)))
 
 
+@pytest.mark.parametrize("target, removed", [([2, 4], True), ([1, 4], True), ([3, 2, 4], False)])
+def test_an_expand_to_the_shape_a_tensor_has_is_removed(target, removed):
+    """X-MOD's index_put of a whole tensor, as dynamo writes it; an Expand that adds an axis stays."""
+    model = model_of([helper.make_node("Expand", ["x", "shape"], ["e"]), helper.make_node("Relu", ["e"], ["y"])],
+                     [vi("x", F, [2, 4])], [vi("y", F, None)], {"shape": np.array(target, np.int64)})
+    g = graph_of(model)
+    rewrites.remove_identities(g)
+    assert ("Expand" not in ops(g)) == removed
+    assert_same(model, g, rng_feeds(x=(2, 4)))
+
+
 def decomposed_layernorm(width=6, form="div"):
     """x's LayerNorm as exporters decompose it: `div` y = d / sqrt(var + eps); `reciprocal`
     d * Reciprocal(sqrt(eps + var)); `no_eps` d / sqrt(var) (the eps dropped)."""
@@ -319,6 +330,48 @@ def test_global_average_pool_becomes_a_mean():
     (mean,) = g.nodes
     assert mean.op == "ReduceMean" and g.consts[mean.inputs[1]].tolist() == [2]
     assert_same(model, g, rng_feeds(x=(2, 4, 6)))
+
+
+def l2_normalized(guard: str):
+    """sentence-transformers' Normalize as the exporters write F.normalize: ReduceL2 over the
+    last axis, kept, clamped from below (Clip or Max) or not, expanded, and a Div."""
+    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["n"], keepdims=1)]
+    norm = "n"
+    if guard == "clip":
+        nodes.append(helper.make_node("Clip", ["n", "eps", ""], ["c"]))
+        norm = "c"
+    elif guard == "max":
+        nodes.append(helper.make_node("Max", ["n", "eps"], ["c"]))
+        norm = "c"
+    nodes += [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Expand", [norm, "s"], ["e"]),
+              helper.make_node("Div", ["x", "e"], ["y"])]
+    inits = {"axes": np.array([-1], np.int64), "eps": np.array(1e-12, np.float32)}
+    return model_of(nodes, [vi("x", F, ["N", 8])], [vi("y", F, None)], inits)
+
+
+@pytest.mark.parametrize("guard", ["clip", "max", "none"])
+def test_an_l2_normalization_becomes_a_layernorm_of_x_and_minus_x(guard):
+    model = l2_normalized(guard)
+    g = graph_of(model)
+    fold.fold_constants(g)
+    rewrites.l2_normalize(g)
+    assert ops(g) == {"Neg": 1, "Concat": 1, "LayerNormalization": 1, "Slice": 1}, ops(g)
+    feeds = rng_feeds(x=(3, 8))
+    feeds["x"][1] *= 1e-3  # a small row: the guard's epsilon stays negligible
+    assert_same(model, g, feeds)
+
+
+def test_a_norm_over_another_axis_or_with_a_large_clamp_is_left_alone():
+    model = l2_normalized("clip")
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array(0.5, np.float32), "eps"))
+    g = graph_of(model)
+    rewrites.l2_normalize(g)
+    assert "LayerNormalization" not in ops(g)
+    model = l2_normalized("none")
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+    g = graph_of(model)
+    rewrites.l2_normalize(g)
+    assert "LayerNormalization" not in ops(g)
 
 
 @pytest.mark.parametrize("groups", [1, 4])
@@ -475,3 +528,65 @@ def test_single_head_attention_is_matched():
     g = graph_of(model_of(nodes, [vi("x", F, ["N", 5, 8])], [vi("y", F, None)], inits))
     (m,) = match_attention(g)
     assert (m.heads, m.head_dim, m.mask) == (1, 8, None) and m.factor == pytest.approx(1 / np.sqrt(8))
+
+
+def test_a_model_drawing_random_numbers_is_one_line():
+    """ViTMAE's random patch masking (torch.rand_like noise) stays in the graph: refused by name, never checked
+    against itself as an internal error."""
+    from refsim.exporters.frontend.passes import canonicalize
+
+    model = model_of([helper.make_node("RandomUniformLike", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])],
+                     [vi("x", F, [1, 4])], [vi("y", F, None)])
+    with pytest.raises(ExportError, match=r"^node .*\(RandomUniformLike\): the model draws random numbers") as e:
+        canonicalize(model)
+    assert "\n" not in str(e.value)
+
+
+def whole_selection_model(keep: bool):
+    """X-MOD's adapter routing at a fixed batch of 2, as TorchScript writes `x[mask]` and
+    `y[mask] = f(x[mask])`: GatherND by the mask's NonZero, ScatterND by every element's index
+    into zeros; `keep`: the mask keeps every sample (else none)."""
+    mask = np.array([keep, keep])
+    rows = np.argwhere(mask).astype(np.int64)  # [n, 1]
+    every = np.indices((2, 3)).reshape(2, -1).T.astype(np.int64)[: 6 if keep else 0]  # [n * 3, 2]
+    nodes = [helper.make_node("GatherND", ["x", "rows"], ["picked"]),
+             helper.make_node("Mul", ["picked", "two"], ["adapted"]),
+             helper.make_node("Reshape", ["adapted", "flat"], ["updates"]),
+             helper.make_node("ScatterND", ["zeros", "every", "updates"], ["scattered"]),
+             helper.make_node("Add", ["scattered", "x"], ["y"])]
+    inits = {"rows": rows, "two": np.array(2.0, np.float32), "flat": np.array([-1], np.int64),
+             "zeros": np.zeros((2, 3), np.float32), "every": every}
+    return model_of(nodes, [vi("x", F, [2, 3])], [vi("y", F, None)], inits)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_constant_selection_of_every_sample_or_none_is_a_reshape_or_nothing(keep):
+    model = whole_selection_model(keep)
+    g = graph_of(model)
+    rewrites.whole_selections(g)
+    assert not {"GatherND", "ScatterND"} & set(ops(g)), ops(g)
+    assert ops(g) == ({"Reshape": 3, "Mul": 1, "Add": 1} if keep else {"Add": 1})
+    assert_same(model, g, rng_feeds(x=(2, 3)))
+
+
+def test_a_selection_of_some_samples_is_left_alone():
+    model = whole_selection_model(True)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([[1], [0]], np.int64), "rows"))
+    g = graph_of(model)
+    rewrites.whole_selections(g)
+    assert ops(g)["GatherND"] == 1
+
+
+def test_a_size_from_the_data_is_one_line_naming_its_nonzero():
+    """Boolean-mask indexing by a mask computed at run time (X-MOD at a free batch): not a shape-inference
+    puzzle for the user, but the NonZero it comes from and the fixed-batch hint."""
+    nodes = [helper.make_node("NonZero", ["m"], ["nz"]), helper.make_node("Transpose", ["nz"], ["idx"], perm=[1, 0]),
+             helper.make_node("GatherND", ["x", "idx"], ["y"])]
+    g = graph_of(model_of(nodes, [vi("x", F, ["N", 4]), vi("m", B, ["N"])], [vi("y", F, None)]))
+    with pytest.raises(ExportError, match=r"^node .*\(NonZero\): the size of 'idx' depends on the data .*fixed batch") as e:
+        g.concrete_shape("idx")
+    assert "\n" not in str(e.value)
+    # at a fixed batch the mask comes from the data itself (Longformer's global attention): no fixed-batch hint
+    g = graph_of(model_of(nodes, [vi("x", F, [2, 4]), vi("m", B, [2])], [vi("y", F, None)]))
+    with pytest.raises(ExportError, match=r"computed from the input data.*please report") as e:
+        g.concrete_shape("idx")

@@ -466,7 +466,7 @@ def _generalise_target(g: Graph, node: Node, symbolic: dict) -> bool:
                 fixed.append(int(t))
         if fixed.count(-1) > 1:
             raise ExportError(f"{node.describe()}: reshapes {_show(in_shape)} to {_show(target)}, which merges the "
-                              f"batch size into more than one dimension")
+                              f"batch size into more than one dimension; export the model with a fixed batch size (no dynamic batch axis)")
         node.attrs["allowzero"] = 0
     else:
         fixed = []

@@ -328,9 +328,34 @@ class Graph:
 
     def concrete_shape(self, name: str, batch: int = 1) -> tuple[int, ...]:
         """The shape with the batch dimension set to `batch` (see frontend.shapes)."""
-        from .shapes import concrete
+        from .shapes import concrete, free_batch
 
-        return concrete(self.shape(name), batch, name)
+        try:
+            return concrete(self.shape(name), batch, name)
+        except ExportError:
+            sized = self.data_sized(name)
+            if sized is None:
+                raise
+            # at a free batch a mask the same for every sample (X-MOD's default language) folds once the batch is
+            # fixed; one computed from the input data (Longformer's global attention) never does
+            todo = ("export the model with a fixed batch size (no dynamic axes)" if free_batch(self) else
+                    "the mask behind it is computed from the input data, and refsim's integer graphs have fixed sizes; "
+                    "please report this model")
+            raise ExportError(f"{sized.describe()}: the size of {name!r} depends on the data ({sized.op}: boolean-mask "
+                              f"indexing), which refsim takes only where it folds to a constant; {todo}") from None
+
+    def data_sized(self, name: str) -> Node | None:
+        """The NonZero (or Unique) that `name`'s size comes from, when one is among its producers."""
+        producers, seen, todo = self.producers(), set(), [name]
+        while todo:
+            node = producers.get(todo.pop())
+            if node is None or node.name in seen:
+                continue
+            if node.op in ("NonZero", "Unique"):
+                return node
+            seen.add(node.name)
+            todo.extend(node.inputs)
+        return None
 
     def elem_type(self, name: str) -> int | None:
         """The ONNX element type of a tensor, when known."""

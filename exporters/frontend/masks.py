@@ -125,7 +125,8 @@ def canonical_masks(g: Graph) -> None:
         else:
             raise ExportError(
                 f"{node.describe()}: uses the mask input {mask!r} in a way refsim does not recognise "
-                f"(supported: an additive key-padding mask before Softmax, a 0/1 token mask, mean pooling)"
+                f"(supported: an additive key-padding mask before Softmax, a 0/1 token mask, mean pooling); for "
+                f"unpadded inputs export the model without the mask input, otherwise please report this model"
             )
     g.toposort()
     g.prune()

@@ -8,9 +8,11 @@ symbolic batch and sequence) into a `Graph` in the quantizer's vocabulary, by ru
 | pass | what it does |
 |---|---|
 | `fold_constants` | shape arithmetic, `Constant`s and every other node on constants folded; batch-dependent Reshape/Expand targets made fixed (`frontend.fold`) |
+| `whole_selections` | `x[mask]`, `y[mask] = v` with a constant mask keeping every sample (X-MOD's language adapters at a fixed batch) -> Reshape; with an empty mask, nothing |
 | `canonical_masks` | HF attention masks, whatever their chain, replaced by canonical expressions (`frontend.masks`) |
 | `remove_identities` | Identity, Dropout, softmax NaN guards removed |
 | `fuse_layernorm`, `fuse_gelu` | decomposed LayerNorm and GELU (erf or tanh form) -> `LayerNormalization`, `Gelu` |
+| `l2_normalize` | x / max(||x||, eps) over the last axis (sentence-transformers' Normalize) -> the first half of `LayerNormalization([x, -x])` |
 | `gemm_to_matmul` | `Gemm` -> `MatMul` + `Add` |
 | `split_to_slices` | `Split` -> one `Slice` per part (TorchScript's `unbind` / `chunk` of a fused QKV projection) |
 | `global_pools` | `GlobalAveragePool` -> `ReduceMean` over the spatial axes |
@@ -40,7 +42,7 @@ import onnx
 
 from ..dyadic import ExportError
 from ..runtime import FloatRunner
-from .fold import batch_dependent_uses, fold_constants
+from .fold import NONDETERMINISTIC, batch_dependent_uses, fold_constants
 from .graph import Graph, load
 from .masks import canonical_masks
 from .movement import compress_movement, split_fused_projections
@@ -53,9 +55,11 @@ from .rewrites import (
     fuse_layernorm,
     gemm_to_matmul,
     global_pools,
+    l2_normalize,
     pointwise_convs,
     remove_identities,
     split_to_slices,
+    whole_selections,
 )
 from .shapes import bind_inputs, infer_shapes
 
@@ -64,7 +68,7 @@ MIN_OPSET = 20  # LayerNormalization (17) and Gelu (20) are ONNX ops from here o
 # The op vocabulary of a canonical graph.
 CANONICAL_OPS = (
     "Add", "Cast", "Clip", "Concat", "Div", "Expand", "Gather", "Gelu", "LayerNormalization",
-    "MatMul", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Slice", "Softmax",
+    "MatMul", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Slice", "Softmax",
     "Tanh", "Transpose", "Unsqueeze", "Where",
 )
 
@@ -72,10 +76,12 @@ Pass = Callable[[Graph], None]
 
 EXPORT_PASSES: tuple[Pass, ...] = (
     fold_constants,
+    whole_selections,
     canonical_masks,
     remove_identities,
     fuse_layernorm,
     fuse_gelu,
+    l2_normalize,
     gemm_to_matmul,
     split_to_slices,
     global_pools,
@@ -124,6 +130,11 @@ def canonicalize(model, input_shapes: dict[str, Iterable[int]] | None = None) ->
                               f"(an already-quantized model? use refsim import)")
     g.bindings = bind_inputs(g, input_shapes, free_batch=True)
     run_passes(g, EXPORT_PASSES)
+    drawn = next((n for n in g.nodes if n.op in NONDETERMINISTIC), None)
+    if drawn is not None:  # ViTMAE's random patch masking: no integer model reproduces it, nor can it be checked
+        raise ExportError(f"{drawn.describe()}: the model draws random numbers at inference ({drawn.op}); export it "
+                          f"with the randomness as an input or fixed (ViTMAE: pass `noise`, or export the encoder "
+                          f"without its random masking)")
     batch_dependent_uses(g)
     return g
 

@@ -16,14 +16,29 @@ from .graph import Graph, Node
 # --- no-ops ------------------------------------------------------------------------------------
 
 
+def _expands_to_itself(g: Graph, node: Node) -> bool:
+    """An Expand whose constant target broadcasts to the input's own (known) shape: X-MOD's
+    `index_put` of a whole tensor, as dynamo writes it."""
+    if node.op != "Expand" or node.inputs[1] not in g.consts:
+        return False
+    shape = g.shape(node.inputs[0])
+    if not all(isinstance(d, int) for d in shape):
+        return False
+    try:
+        return tuple(np.broadcast_shapes(shape, tuple(int(d) for d in g.consts[node.inputs[1]].reshape(-1)))) == tuple(shape)
+    except ValueError:
+        return False
+
+
 def remove_identities(g: Graph) -> None:
-    """Identity, Dropout, a Cast to the type the tensor already has, and `Where(IsNaN(p), 0,
-    p)` (a guard of fully masked softmax rows, a no-op otherwise) are removed."""
+    """Identity, Dropout, a Cast to the type the tensor already has, an Expand to the shape
+    the tensor already has, and `Where(IsNaN(p), 0, p)` (a guard of fully masked softmax rows,
+    a no-op otherwise) are removed."""
     for node in list(g.nodes):
         if node.outputs[0] in g.outputs:
             continue
         same_type = node.op == "Cast" and node.attrs.get("to") == g.elem_type(node.inputs[0])
-        if node.op in ("Identity", "Dropout") or same_type:
+        if node.op in ("Identity", "Dropout") or same_type or _expands_to_itself(g, node):
             g.bypass(node, node.inputs[0])
     producers = g.producers()
     for node in list(g.nodes):
@@ -55,6 +70,41 @@ def global_pools(g: Graph) -> None:
         axes = list(range(2, g.rank(node.inputs[0])))
         node.op, node.attrs = "ReduceMean", {"keepdims": 1}
         node.inputs = [node.inputs[0], g.add_const(np.array(axes, np.int64), "axes")]
+
+
+def _enumerates(indices: np.ndarray, shape: tuple) -> bool:
+    """Whether constant ND indices [..., k] list every position of shape[:k], in order."""
+    k = indices.shape[-1] if indices.ndim else 0
+    lead = shape[:k]
+    if k == 0 or len(lead) < k or not all(isinstance(d, int) for d in lead):
+        return False
+    every = np.indices(lead).reshape(k, -1).T
+    return indices.reshape(-1, k).shape == every.shape and bool(np.all(indices.reshape(-1, k) == every))
+
+
+def whole_selections(g: Graph) -> None:
+    """`x[mask]` and `y[mask] = v` with a constant mask that keeps every sample or none
+    (X-MOD's per-language adapters at a fixed batch: every sample has the default language,
+    so one adapter takes the whole batch and the others nothing): a GatherND or ScatterND
+    whose constant indices list every position in order is a Reshape; a ScatterND with no
+    indices is its data (the empty branch feeding it is then dead)."""
+    for node in list(g.nodes):
+        if node.op not in ("GatherND", "ScatterND") or node.inputs[1] not in g.consts or node.outputs[0] in g.outputs:
+            continue
+        indices = g.consts[node.inputs[1]]
+        data_shape = g.shape(node.inputs[0])
+        if node.op == "ScatterND" and node.attrs.get("reduction", "none") == "none":
+            if indices.size == 0:
+                g.bypass(node, node.inputs[0])
+            elif _enumerates(indices, data_shape):
+                node.op, node.attrs = "Reshape", {}
+                node.inputs = [node.inputs[2], g.add_const(np.array(data_shape, np.int64), "shape")]
+        elif node.op == "GatherND" and not node.attrs.get("batch_dims", 0) and _enumerates(indices, data_shape):
+            out_shape = list(indices.shape[:-1]) + list(data_shape[indices.shape[-1]:])
+            if all(isinstance(d, int) for d in out_shape):
+                node.op, node.attrs = "Reshape", {}
+                node.inputs = [node.inputs[0], g.add_const(np.array(out_shape, np.int64), "shape")]
+    g.prune()
 
 
 # --- decompositions -----------------------------------------------------------------------------
@@ -157,6 +207,65 @@ def fuse_layernorm(g: Graph) -> None:
             g.nodes.remove(n)
         g.nodes.insert(position, ln)
     g.toposort()
+
+
+# The largest clamp of a norm taken as a guard against dividing by zero (F.normalize: 1e-12).
+NORM_GUARD = 1e-6
+
+
+def _norm_of(g: Graph, x: str, name: str, producers) -> float | None:
+    """The epsilon guarding `name` when it is max(||x||_2, eps) over x's last axis, kept as
+    a dimension (ReduceL2 -> optional Clip(min) or Max -> optional Expand): 0.0 for an
+    unguarded norm, None when `name` is no such norm."""
+    eps = 0.0
+    node = producers.get(name)
+    while node is not None and node.op in ("Expand", "Clip", "Max"):
+        if node.op == "Clip":
+            low = g.scalar(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+            if low is None or not 0 <= low <= NORM_GUARD or (len(node.inputs) > 2 and node.inputs[2]):
+                return None
+            eps = max(eps, low)
+        elif node.op == "Max":
+            if len(node.inputs) != 2 or node.inputs[1] not in g.consts or g.consts[node.inputs[1]].size != 1:
+                return None
+            low = g.scalar(node.inputs[1])
+            if low is None or not 0 <= low <= NORM_GUARD:
+                return None
+            eps = max(eps, low)
+        node = producers.get(node.inputs[0])
+    if node is None or node.op != "ReduceL2" or node.inputs[0] != x or not node.attrs.get("keepdims", 1):
+        return None
+    return eps if _last_axis(g, _reduce_axes(g, node), x) else None
+
+
+def l2_normalize(g: Graph) -> None:
+    """x / max(||x||_2, eps) over the last axis (sentence-transformers' Normalize,
+    F.normalize, x / x.norm(dim=-1, keepdim=True)) -> the first half of
+    LayerNormalization([x, -x]) with gamma 1/sqrt(D), D the width of x: [x, -x] has mean 0
+    exactly and mean square ||x||^2 / D, so LayerNorm divides it by ||x|| / sqrt(D), and the
+    integer LayerNorm computes the norm (an epsilon of eps^2 / D stands for the guard)."""
+    producers = g.producers()
+    for div in [n for n in g.nodes if n.op == "Div"]:
+        x, norm = div.inputs
+        eps = _norm_of(g, x, norm, producers)
+        width = g.shape(x)[-1] if g.rank(x) else None
+        if eps is None or not isinstance(width, int) or g.shape(div.outputs[0]) != g.shape(x):
+            continue
+        scope = div.scope
+        neg = g.make_node("Neg", [x], f"{scope or 'normalize'}.negated", scope)
+        both = g.make_node("Concat", [x, neg.outputs[0]], f"{scope or 'normalize'}.signed", scope, axis=-1)
+        gamma = np.full(2 * width, 1 / math.sqrt(width), np.float32)
+        ln = g.make_node("LayerNormalization", [both.outputs[0], g.add_const(gamma, "normalize.weight"),
+                                               g.add_const(np.zeros(2 * width, np.float32), "normalize.bias")],
+                         f"{scope or 'normalize'}.norm", scope, axis=-1, epsilon=float(eps * eps / width))
+        half = g.make_node("Slice", [ln.outputs[0], g.add_const(np.array([0], np.int64), "starts"),
+                                     g.add_const(np.array([width], np.int64), "ends"),
+                                     g.add_const(np.array([g.rank(x) - 1], np.int64), "axes")],
+                           f"{scope or 'normalize'}.half", scope)
+        half.outputs = [div.outputs[0]]
+        position = g.nodes.index(div)
+        g.nodes[position:position + 1] = [neg, both, ln, half]
+    g.prune()
 
 
 def fuse_gelu(g: Graph) -> None:
@@ -351,7 +460,9 @@ def conv_patches(g: Graph) -> None:
                 or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise ExportError(
                 f"{node.describe()}: only a 2-D Conv with stride equal to its kernel, no padding, no dilation "
-                f"and one group (a patch embedding) is supported"
+                f"and one group (a patch embedding) is supported; other convolutions (ConvBERT's depthwise span "
+                f"convolution, a convolutional stem) have no integer form here and no --config setting changes that: "
+                f"export the model without them, or please report it"
             )
         _, c, h, wd = g.concrete_shape(x)
         e, _, p, q = w.shape
