@@ -17,8 +17,8 @@ import numpy as np
 from .. import backend
 from ..jit import njit, prange
 from ..ops import elementwise as spec
-from .registry import kernel
 from ..ops.rounding import HALF_EVEN, HALF_UP
+from .registry import kernel
 from .requant import requant_one
 
 _OP_CODE = {"Add": 0, "Sub": 1, "Mul": 2}
