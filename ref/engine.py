@@ -295,8 +295,7 @@ class Model:
             if name not in self.graph.tensors:
                 raise InputError(f"no tensor named {name!r} in the model")
         keep = set(wanted)
-        if trace is not None:
-            _keep_freed_memory()
+        _keep_freed_memory()
         with backend.single_threaded_blas():
             if backend.use_numba() and warm.mode() == "background":
                 self._cold.run(self, values, keep, shapes, trace)
@@ -372,16 +371,19 @@ _MALLOC_TUNED = False
 
 
 def _keep_freed_memory() -> None:
-    """Let glibc keep the memory a traced run frees, for the next one (once per process).
+    """Let glibc keep the memory a run frees, for the next one (once per process).
 
-    A trace hands out every tensor, so nothing is freed during the run and each of its
-    arrays is fresh memory; when the caller drops them, glibc gives the whole heap top back
-    to the OS (and arrays of a few hundred KiB were mmapped apart, each unmapped on free),
-    so the next traced run page-faults every page in again: 11,800 faults, 46 MB, per
-    MiniLM run, a large part of a trace's cost. Arrays below 16 MiB now come from the heap,
-    which keeps up to 1 GiB of free space for reuse (a traced MiniLM batch 8 holds 450 MB;
-    at 256 MiB its trace still cost 1.7x a plain run, at 1 GiB 1.2x). The memory kept is
-    what the traced run itself needed at its peak. Elsewhere than glibc: nothing."""
+    A run frees each intermediate after its last reader; when glibc gives that memory back
+    to the OS (the heap top beyond its trim threshold, and arrays of a few hundred KiB
+    mmapped apart, each unmapped on free), the next run page-faults every page in again,
+    zeroed by the kernel. MiniLM at batch 8 (int64 intermediates of 3 MB) took 28-39k page
+    faults and 64-77 ms of system time per run, a third of its 200-210 ms on one thread
+    (134-150 ms without them, the same peak RSS); a traced run, which frees nothing until
+    the caller drops its tensors, page-faulted 46 MB per MiniLM run. Arrays below 16 MiB
+    now come from the heap, which keeps up to 1 GiB of free space for reuse (a traced
+    MiniLM batch 8 holds 450 MB; at 256 MiB its trace still cost 1.7x a plain run, at 1 GiB
+    1.2x). The memory kept is what a run itself needed at its peak. Elsewhere than glibc:
+    nothing."""
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return

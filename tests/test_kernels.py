@@ -547,6 +547,27 @@ def test_fused_add_sub_mul_and_requant_match_the_ops(case):
     assert all(seen[n].dtype == expected[n].dtype and np.array_equal(seen[n], expected[n]) for n in seen)
 
 
+@pytest.mark.parametrize("op", ["Add", "Sub"])
+@pytest.mark.parametrize("rounding", ["half_even", "half_up", "half_away", "floor", "trunc"])
+def test_fused_residual_sum_and_requant_round_every_tie_as_the_ops(op, rounding):
+    """The residual sums' Add (and a Sub) with the Requant after it, on sums that are all
+    ties or one away from a tie (shift 1 and 2, per-channel multipliers of both signs):
+    the fused pass's loops of their own per rounding round each as the ops do."""
+    rng = np.random.default_rng(7)
+    cols = 40
+    x = rng.integers(-(1 << 40), 1 << 40, (9, cols)).astype(np.int64)
+    y = rng.integers(-(1 << 40), 1 << 40, (9, cols)).astype(np.int64)
+    for shift in (1, 2):
+        params = [rng.integers(-3, 4, cols).astype(np.int64) | 1, np.zeros(1, np.int64),
+                  np.array([shift], np.int64), np.array([3], np.int64)]
+        results = []
+        for backend_name, fuse in (("numpy", False), ("numba", True)):
+            with backend.use(backend_name):
+                model = _arith_requant_model(op, "int64", "int64", None, *x.shape, params, rounding, "int32", fuse=fuse)
+                results.append(model.run({"x": x, "y": y})["q"])
+        assert np.array_equal(results[0], results[1])
+
+
 def test_fused_add_and_requant_give_the_sum_when_traced():
     params = [np.array([3], np.int64), np.array([5], np.int64), np.array([2], np.int64), np.array([1], np.int64)]
     model = _arith_requant_model("Add", "int64", "int64", None, 4, 8, params, "half_even", "int8")

@@ -183,11 +183,19 @@ def gemm_activations(a, lo, b, plan, out_lo, out_hi, mode, requant, out, acc_out
                 packed[((j // NR) * k_groups + g) * KG * NR + (j % NR) * KG + q] = np.int16(v)
         abuf = np.zeros((blocks * MR, kp), np.int16)
         smallest, largest = np.int64(0), np.int64(0)  # scalars, not fits[t]: the copy vectorizes
-        for i in range(m):
-            for kk in range(k):
-                v = np.int64(a[t, i, kk]) - lo
+        if kp == k:  # rows without padding: one loop over the matrix, as in vnni
+            src, dst = a[t].reshape(-1), abuf.reshape(-1)
+            for i in range(m * k):
+                v = np.int64(src[i]) - lo
                 smallest, largest = min(smallest, v), max(largest, v)
-                abuf[i, kk] = np.int16(v)
+                dst[i] = np.int16(v)
+        else:
+            for i in range(m):
+                row, dst = a[t, i], abuf[i]
+                for kk in range(k):
+                    v = np.int64(row[kk]) - lo
+                    smallest, largest = min(smallest, v), max(largest, v)
+                    dst[kk] = np.int16(v)
         if largest > A_SPAN or smallest < A_LOW:
             fits[t] = False
             continue

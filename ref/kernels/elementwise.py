@@ -17,6 +17,7 @@ import numpy as np
 from .. import backend
 from ..jit import njit, prange
 from ..ops import elementwise as spec
+from ..ops.rounding import HALF_EVEN, HALF_UP
 from .registry import kernel
 from .requant import requant_one
 
@@ -51,6 +52,25 @@ def arith_rows(a, b, op, out):
     return lows_a.min(), highs_a.max(), lows_b.min(), highs_b.max()
 
 
+@njit(cache=True, inline="always")
+def _arith_requant_row(a, b, i, bi, op, plan, lo, hi, mode, out):
+    """Row i of `arith_requant_rows` (without the kept sums): inlined where op and mode are
+    constants, so that LLVM folds the other ops' and roundings' branches out of the vector
+    loop. Returns the row's extremes: of a, of b, and of the results."""
+    cols = a.shape[1]
+    smallest, largest = np.int64(0), np.int64(0)  # kept in scalars: the loop vectorizes
+    a_lo, a_hi = np.int64(a[i, 0]), np.int64(a[i, 0])
+    b_lo, b_hi = np.int64(b[bi, 0]), np.int64(b[bi, 0])
+    row_a, row_b, dst = a[i], b[bi], out[i]
+    for j in range(cols):
+        x, y = np.int64(row_a[j]), np.int64(row_b[j])
+        a_lo, a_hi, b_lo, b_hi = min(a_lo, x), max(a_hi, x), min(b_lo, y), max(b_hi, y)
+        v = x + y if op == 0 else (x - y if op == 1 else x * y)
+        smallest, largest = min(smallest, v), max(largest, v)
+        dst[j] = requant_one(v, plan, j, lo, hi, mode)
+    return a_lo, a_hi, b_lo, b_hi, smallest, largest
+
+
 @njit(cache=True, parallel=True)
 def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out, sums):
     """out[i, j] = requant_one(a[i, j] op b[i or 0, j]) with channel j's parameters: an Add,
@@ -58,7 +78,9 @@ def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out, sums):
     when it has rows (a traced run). Returns whether some |a op b| exceeded `limit`, the
     largest input for which the Requant's x*mul + bias stays within int64 (the caller then
     runs the two ops unfused, and the Requant refuses as it does), and the operands'
-    extremes (as `arith_rows`), from which the caller decides whether the results fitted."""
+    extremes (as `arith_rows`), from which the caller decides whether the results fitted.
+    The residual sums' Add with I-BERT's (half even) and ITA's (half up) roundings run as
+    loops of their own with op and mode constant (one loop for all cost 1.2-1.3x)."""
     rows, cols = a.shape
     b_step = 1 if b.shape[0] > 1 else 0
     keep = sums.shape[0] > 0
@@ -67,15 +89,12 @@ def arith_requant_rows(a, b, op, plan, limit, lo, hi, mode, out, sums):
     lows_b, highs_b = np.empty(rows, np.int64), np.empty(rows, np.int64)
     for i in prange(rows):
         bi = i * b_step
-        smallest, largest = np.int64(0), np.int64(0)  # kept in scalars: the loop vectorizes
-        a_lo, a_hi = np.int64(a[i, 0]), np.int64(a[i, 0])
-        b_lo, b_hi = np.int64(b[bi, 0]), np.int64(b[bi, 0])
-        for j in range(cols):
-            x, y = np.int64(a[i, j]), np.int64(b[bi, j])
-            a_lo, a_hi, b_lo, b_hi = min(a_lo, x), max(a_hi, x), min(b_lo, y), max(b_hi, y)
-            v = x + y if op == 0 else (x - y if op == 1 else x * y)
-            smallest, largest = min(smallest, v), max(largest, v)
-            out[i, j] = requant_one(v, plan, j, lo, hi, mode)
+        if op == 0 and mode == HALF_EVEN:
+            a_lo, a_hi, b_lo, b_hi, smallest, largest = _arith_requant_row(a, b, i, bi, 0, plan, lo, hi, HALF_EVEN, out)
+        elif op == 0 and mode == HALF_UP:
+            a_lo, a_hi, b_lo, b_hi, smallest, largest = _arith_requant_row(a, b, i, bi, 0, plan, lo, hi, HALF_UP, out)
+        else:
+            a_lo, a_hi, b_lo, b_hi, smallest, largest = _arith_requant_row(a, b, i, bi, op, plan, lo, hi, mode, out)
         if keep:
             for j in range(cols):
                 x, y = np.int64(a[i, j]), np.int64(b[bi, j])
