@@ -129,14 +129,25 @@ def canonicalize(model, input_shapes: dict[str, Iterable[int]] | None = None) ->
             raise ExportError(f"{node.describe()}: custom domain {node.domain!r} is not supported by refsim export "
                               f"(an already-quantized model? use refsim import)")
     g.bindings = bind_inputs(g, input_shapes, free_batch=True)
-    run_passes(g, EXPORT_PASSES)
+    drawn = next((n for n in g.nodes if n.op in NONDETERMINISTIC), None)
+    try:
+        run_passes(g, EXPORT_PASSES)
+    except ExportError:
+        if drawn is None:
+            raise
+        # the random op is the cause (ViTMAE's masking at a free batch leaves the shapes unknowable)
+        raise _draws_random_numbers(drawn) from None
     drawn = next((n for n in g.nodes if n.op in NONDETERMINISTIC), None)
     if drawn is not None:  # ViTMAE's random patch masking: no integer model reproduces it, nor can it be checked
-        raise ExportError(f"{drawn.describe()}: the model draws random numbers at inference ({drawn.op}); export it "
-                          f"with the randomness as an input or fixed (ViTMAE: pass `noise`, or export the encoder "
-                          f"without its random masking)")
+        raise _draws_random_numbers(drawn)
     batch_dependent_uses(g)
     return g
+
+
+def _draws_random_numbers(node) -> ExportError:
+    return ExportError(f"{node.describe()}: the model draws random numbers at inference ({node.op}); export it with the "
+                       f"randomness as an input or fixed (ViTMAE: pass `noise`, or export the encoder without its random "
+                       f"masking)")
 
 
 def fixed_batch(g: Graph) -> int | None:
