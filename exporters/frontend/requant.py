@@ -181,17 +181,22 @@ def sum_fraction_bits(terms: list[Term], constants: list[np.ndarray] = (), what:
     count = len(terms) + len(constants) + (1 if any(np.any(t.zero_point) for t in terms) else 0)
     limit = 2.0 ** (PRODUCT_BITS - math.ceil(math.log2(max(count, 1))))
 
+    def reach(t: Term):
+        return t.bound + np.abs(np.asarray(t.zero_point))
+
     def fits(k: int, mul_bits: int) -> bool:
         for t in terms:
             m = np.abs(np.rint(np.asarray(t.ratio, np.float64) * 2.0**k))
-            if np.any(m >= 2.0**mul_bits) or np.any(m * (t.bound + np.abs(np.asarray(t.zero_point))) >= limit):
+            if np.any(m >= 2.0**mul_bits) or np.any(m * reach(t) >= limit):
                 return False
         return all(np.all(np.abs(np.rint(np.asarray(c, np.float64) * 2.0**k)) < limit) for c in constants)
 
-    k = next((k for k in range(PRODUCT_BITS, -1, -1) if fits(k, MAX_MUL_BITS)), None)
-    worst = max((t.bound + int(np.max(np.abs(t.zero_point)))) * 2.0 ** -((k or 0) + 1) for t in terms) if terms else 0.0
-    if k is None or worst > SUM_TOLERANCE:
-        k = next((j for j in range(PRODUCT_BITS, (k or 0), -1) if fits(j, PRODUCT_BITS)), k)
+    def finest(mul_bits: int) -> int | None:
+        return next((k for k in range(PRODUCT_BITS, -1, -1) if fits(k, mul_bits)), None)
+
+    k = finest(MAX_MUL_BITS)
+    if k is None or any(np.max(reach(t)) * 2.0 ** -(k + 1) > SUM_TOLERANCE for t in terms):
+        k = finest(PRODUCT_BITS)  # int64 multipliers: every int32 grid is one too, so k only grows
     if k is None:
         raise ExportError(f"{what}: the operands' scales are too far apart for an exact integer sum")
     return k
