@@ -180,6 +180,13 @@ def test_reshape_targets_for_every_batch():
         reshape_target(("batch", 6), ("batch*2", "batch*3"))
 
 
+def _calib_and_eval(folder, sample_shape) -> None:
+    """calib.npy (16 samples) and eval.npy (8 others) of standard normal `sample_shape` inputs."""
+    rng = np.random.default_rng(0)
+    np.save(folder / "calib.npy", rng.standard_normal((16, *sample_shape)).astype(np.float32))
+    np.save(folder / "eval.npy", rng.standard_normal((8, *sample_shape)).astype(np.float32))
+
+
 class _FusedQkvBlock(torch.nn.Module if torch else object):
     """A pre-norm ViT block with timm's attention: one fused QKV projection, reshaped and
     `unbind` into q, k, v (TorchScript writes the unbind as a Split)."""
@@ -208,19 +215,14 @@ def test_a_fused_qkv_projection_split_by_unbind_exports(tmp_path, dynamo):
     torch.manual_seed(0)
     model = _FusedQkvBlock().eval()
     path = tmp_path / "fused_qkv.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kwargs = {} if dynamo else {"opset_version": 17}
-        torch.onnx.export(model, (torch.randn(1, 8, 32),), path, input_names=["x"], output_names=["y"], dynamo=dynamo, **kwargs)
+    h.export_onnx(model, (torch.randn(1, 8, 32),), path, ["x"], dynamo, None)
     raw = collections.Counter(n.op_type for n in load_onnx(path).graph.node)
     if not dynamo:
         assert raw["Split"] == 1  # what the pass exists for
     assert "Split" not in ops(canonicalize(load_onnx(path), {"x": [1, 8, 32]}))
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 8, 32)).astype(np.float32))
-    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 8, 32)).astype(np.float32))
+    _calib_and_eval(tmp_path, (8, 32))
     export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
-    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["logits"]["integer vs fake-quant"]
     assert pair["cosine"] >= 0.999, pair
     # split into three projections, the attention is an ITA attention block
     export(path, tmp_path / "ita.intq", tmp_path / "calib.npy", mode="ita")
@@ -244,20 +246,15 @@ def test_a_sigmoid_is_a_table_and_silu_a_product(tmp_path, dynamo):
     torch.manual_seed(0)
     model = _SwiGluBlock().eval()
     path = tmp_path / "swiglu.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kwargs = {} if dynamo else {"opset_version": 17}
-        torch.onnx.export(model, (torch.randn(1, 8, 16),), path, input_names=["x"], output_names=["y"], dynamo=dynamo, **kwargs)
+    h.export_onnx(model, (torch.randn(1, 8, 16),), path, ["x"], dynamo, None)
     assert ops(canonicalize(load_onnx(path), {"x": [1, 8, 16]}))["Sigmoid"] == 1
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 8, 16)).astype(np.float32))
-    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 8, 16)).astype(np.float32))
+    _calib_and_eval(tmp_path, (8, 16))
     export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
     m = refsim.load(tmp_path / "m.intq")
     (lut,) = [n for n in m.graph.nodes if n.op == "Lut"]
     table = m.graph.tensors[lut.inputs[1]].data.astype(np.float64)
     assert np.all(np.diff(table) >= 0) and table.min() >= 0  # sigmoid: increasing, positive
-    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["logits"]["integer vs fake-quant"]
     assert pair["cosine"] >= 0.999, pair
 
 
@@ -286,17 +283,12 @@ def test_attention_over_a_reduced_sequence_keeps_the_plain_form_on_ita(tmp_path)
 
     torch.manual_seed(0)
     path = tmp_path / "reduced.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_ReducedKvAttention().eval(), (torch.randn(1, 16, 32),), path, input_names=["x"],
-                          output_names=["y"], dynamo=False, opset_version=17)
+    h.export_onnx(_ReducedKvAttention().eval(), (torch.randn(1, 16, 32),), path, ["x"], False, None)
     assert len(match_attention(canonicalize(load_onnx(path), {"x": [1, 16, 32]}))) == 1
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 16, 32)).astype(np.float32))
-    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 16, 32)).astype(np.float32))
+    _calib_and_eval(tmp_path, (16, 32))
     export(path, tmp_path / "ita.intq", tmp_path / "calib.npy", mode="ita")  # was: internal: ... no integer form yet
     assert not refsim.load(tmp_path / "ita.intq").metadata.get("attention_blocks")
-    pair = compare(path, tmp_path / "ita.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    pair = compare(path, tmp_path / "ita.intq", tmp_path / "eval.npy").outputs["logits"]["integer vs fake-quant"]
     assert pair["cosine"] >= 0.999, pair
 
 
@@ -320,17 +312,12 @@ def test_a_mean_over_fixed_axes_is_an_exact_sum_rounded_once(tmp_path, dynamo):
     torch.manual_seed(0)
     model = _MeanPooled().eval()
     path = tmp_path / "pooled.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kwargs = {} if dynamo else {"opset_version": 17}
-        torch.onnx.export(model, (torch.randn(1, 6, 16),), path, input_names=["x"], output_names=["y"], dynamo=dynamo, **kwargs)
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 6, 16)).astype(np.float32))
-    np.save(tmp_path / "eval.npy", rng.standard_normal((8, 6, 16)).astype(np.float32))
+    h.export_onnx(model, (torch.randn(1, 6, 16),), path, ["x"], dynamo, None)
+    _calib_and_eval(tmp_path, (6, 16))
     export(path, tmp_path / "m.intq", tmp_path / "calib.npy")
     m = refsim.load(tmp_path / "m.intq")
     assert not [n for n in m.graph.nodes if n.op == "ReduceMean"]
     (pool,) = [n for n in m.graph.nodes if n.op == "ReduceSum"]
     assert m.graph.tensors[pool.outputs[0]].dtype.bits > 8  # the exact sum of six int8 values
-    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["y"]["integer vs fake-quant"]
+    pair = compare(path, tmp_path / "m.intq", tmp_path / "eval.npy").outputs["logits"]["integer vs fake-quant"]
     assert pair["cosine"] >= 0.99999, pair
