@@ -8,7 +8,9 @@ and thread pools are its own): onnxruntime on the float model, onnxruntime on it
 `quantize_dynamic` int8 model, the onnx reference evaluator on a `quantize_static` QDQ
 model, refsim's integer model, and refsim with a trace keeping every tensor (what
 `refsim golden` captures). Each reports the median latency over repeated runs after
-warm-up, its first run separately, and its peak resident memory.
+warm-up, its first run separately, and its peak resident memory. The engines take turns
+over several rounds (`--rounds`, a new process each), so that a ratio is of times taken
+minutes, not a quarter of an hour, apart.
 
 Then, for MiniLM: the cold start (a new process with an empty kernel cache: imports,
 loading and the first run, which runs the spec while a background job compiles; against
@@ -178,6 +180,31 @@ def measure(engine: str, model: str, batch: int, repeats: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# The engines a round does not repeat: the reference evaluator takes seconds a run, far
+# from any ratio the noise of a shared machine could change.
+ONCE = {"onnx-ref-qdq", "ort-fp32"}
+
+
+def measure_rounds(engines: list[str], model: str, batch: int, repeats: int, rounds: int) -> dict:
+    """Each engine in `rounds` interleaved rounds (a, b, c, a, b, c, ...), each round a new
+    process: a machine's speed drifts over minutes (other tenants, clocks), and a ratio of
+    two engines measured minutes apart carries that drift. An engine's median is the
+    median of its rounds' medians; the other fields are its first round's."""
+    per: dict = {}
+    for round_index in range(rounds):
+        for e in engines:
+            if round_index and (e in ONCE or "error" in per.get(e, {})):
+                continue
+            r = measure(e, model, batch, repeats)
+            if "error" in r:
+                per[e] = r
+                continue
+            first = per.setdefault(e, {**r, "round_medians_s": []})
+            first["round_medians_s"].append(r["median_s"])
+            first["median_s"] = float(np.median(first["round_medians_s"]))
+    return per
+
+
 FIRST_RESULT = """
 import json, sys, time
 sys.path.insert(0, {here!r})
@@ -341,6 +368,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="MiniLM batch 1 only")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds per engine (a new process each); an engine's time is its rounds' median")
     p.add_argument("--engines", default="refsim,refsim-trace,ort-int8,ort-fp32,onnx-ref-qdq")
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--dataset-worker", nargs=3, help=argparse.SUPPRESS)
@@ -357,15 +386,17 @@ def main() -> int:
     engines = args.engines.split(",")
     results = {}
     for model, batch in configs:
-        per = results[(model, batch)] = {e: measure(e, model, batch, args.repeats) for e in engines}
+        per = results[(model, batch)] = measure_rounds(engines, model, batch, args.repeats, args.rounds)
         base = per.get("refsim", {}).get("median_s")
         for e, r in per.items():
             if "error" in r:
                 print(f"{model:10} b{batch}  {e:14} failed: {r['error']}")
                 continue
             ratio = f"{r['median_s'] / base:7.2f}x" if base else "      -"
+            rounds = r["round_medians_s"]
+            spread = f"  rounds {min(rounds) * 1e3:.2f}-{max(rounds) * 1e3:.2f}" if len(rounds) > 1 else ""
             print(
-                f"{model:10} b{batch}  {e:14} {r['median_s'] * 1e3:9.2f} ms  ratio to refsim {ratio}  "
+                f"{model:10} b{batch}  {e:14} {r['median_s'] * 1e3:9.2f} ms{spread}  ratio to refsim {ratio}  "
                 f"first run {r['first_run_s']:6.2f} s  load {r['load_s']:5.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB"
             )
             if e == "refsim":
