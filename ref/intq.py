@@ -34,6 +34,12 @@ PREAMBLE = struct.Struct("<8sIIQQQI20x")  # magic, version, flags, header, data 
 assert PREAMBLE.size == ALIGN
 MAX_HEADER_BYTES = 256 << 20
 INLINE_SCALES = 8  # per-channel scale lists longer than this are stored as float64 data
+# Constants smaller than this are copied out of the file mapping at load. The page cache
+# may hold the file in large folios, and the first read of a small constant (a per-channel
+# multiplier, a bias) then maps its whole folio: a MiniLM run touched 14 MB of the file
+# that way, 2 MB for each of a few 1.5 KB vectors. Large constants (weights, embedding
+# tables) stay mapped; the small ones add up to little.
+COPY_BELOW_BYTES = 64 << 10
 
 
 def _align(n: int) -> int:
@@ -309,6 +315,9 @@ def from_buffer(buffer, path: str = "<memory>", verify: bool = True) -> Graph:
             view = memoryview(buffer)[start : start + nbytes]
             r.check_crc(view, crc, where)
             data = unpack(view, t, count).reshape(shape)
+            if nbytes < COPY_BELOW_BYTES and not data.flags.owndata:
+                data = data.copy()
+                data.setflags(write=False)  # as read-only as the mapped ones
             if t.packed or t.name == "ternary":
                 try:
                     check_fits(data, t, f"{path}: {where}")

@@ -169,12 +169,19 @@ def test_the_c_reader_in_the_docs_reads_a_real_file(tmp_path):
     assert subprocess.run([str(exe), str(bad)], capture_output=True, text=True).stdout.strip() == "error"
 
 
-def test_load_memory_maps_byte_tensors_without_copying(tmp_path):
+def test_load_memory_maps_large_byte_tensors_and_copies_small_ones(tmp_path):
+    """Weights stay in the file mapping; a constant below COPY_BELOW_BYTES is copied out
+    (the page cache may map a large folio for its first read), read-only all the same."""
+    from refsim.intq import COPY_BELOW_BYTES
+
+    k, n = 256, COPY_BELOW_BYTES // 256 * 2  # twice the threshold
     b = GraphBuilder("mm")
-    x = b.input("x", "int8", [1, 64])
-    w = b.const(np.arange(64 * 8).reshape(64, 8) % 256 - 128, "int8", name="w")
+    x = b.input("x", "int8", [1, k])
+    w = b.const(np.arange(k * n).reshape(k, n) % 256 - 128, "int8", name="w")
     y = b.node("MatMul", [x, w], outputs="y")
-    b.output(y)
+    bias = b.const(np.arange(n) % 7 - 3, "int32", name="bias")
+    z = b.node("Add", [y, bias], outputs="z", dtype="int64")
+    b.output(z)
     path = tmp_path / "mm.intq"
     save(b.build(), path)
     model = refsim.load(path)
@@ -191,8 +198,13 @@ def test_load_memory_maps_byte_tensors_without_copying(tmp_path):
     address = weight.__array_interface__["data"][0]
     assert start <= address < start + len(mapping)
     assert not weight.flags.writeable
-    out = model.run({"x": np.ones((1, 64), np.int8)})["y"]
-    assert out.tolist() == [np.asarray(weight, np.int64).sum(axis=0).tolist()]
+    small = model.graph.tensors["bias"].data
+    assert small.flags.owndata and not small.flags.writeable
+    address = small.__array_interface__["data"][0]
+    assert not start <= address < start + len(mapping)
+    out = model.run({"x": np.ones((1, k), np.int8)})["z"]
+    expected = np.asarray(weight, np.int64).sum(axis=0) + (np.arange(n) % 7 - 3)
+    assert out.tolist() == [expected.tolist()]
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
